@@ -1,0 +1,260 @@
+"""Semantic variance: how much of a tap's feature variance the semantic classes explain.
+
+Definition (ours, exact). For a tap's features ``F`` of shape ``(B, C, h, w)`` and a label mask
+``(B, H, W)`` reduced to the ``(h, w)`` grid (:func:`labels_to_grid`: area vote per cell, cells
+whose winning class covers less than ``purity`` of the cell dropped, ignore index dropped),
+let ``f_i`` in ``R^C`` be the kept feature vectors, ``N`` their number, ``n_k`` and ``mu_k`` the
+count and mean of class ``k`` and ``mu`` the global mean. Then::
+
+    S_B = sum_k n_k |mu_k - mu|^2 / N               (between-class scatter, trace form)
+    S_W = sum_k sum_{i in k} |f_i - mu_k|^2 / N     (within-class scatter)
+    S_T = S_B + S_W = sum_i |f_i - mu|^2 / N        (total variance)
+    SV  = S_B / S_T   in [0, 1]                     (semantic variance)
+
+``SV`` is the correlation ratio eta^2 of the features with the class variable (the trace form
+of Fisher's between / total scatter): the share of feature variance that semantics explain.
+1 = features constant within every class (perfectly organized by class), 0 = class means all
+equal the global mean. Reported beside it: the within-class share ``S_W / S_T = 1 - SV`` and the
+Fisher ratio ``S_B / S_W`` (between over within, the form the interpretation literature often
+quotes), so no direction is ambiguous. Per class, ``SV`` and ``1 - SV`` split exactly into
+class shares ``n_k |mu_k - mu|^2 / (N S_T)`` and ``sum_{i in k} |f_i - mu_k|^2 / (N S_T)``; per
+channel, the same ratio computed on one channel.
+
+Relation to the literature. Chen, Zhou, Deng, "Interpretation on Multi-modal Visual Fusion"
+(arXiv:2308.10019, 2023; later retitled "Dissecting RGB-D Learning for Improved Multi-modal
+Fusion") propose a "semantic variance" measured across modalities and levels to study the
+consistency and speciality of RGB-D features. Only the abstract is available to us, so the
+formula above is our own precise definition in the spirit of the paper, not a reproduction of
+its equations; numbers are not comparable with the paper's.
+
+Streaming: per class the count, the sum of features and the sum of squares per channel are
+accumulated (``O(K * C)`` memory), which gives every quantity above exactly over any dataset
+size. Features are shifted by a fixed reference (the first batch's mean) before accumulating;
+all quantities are shift invariant and the shift keeps float64 sums from cancelling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["labels_to_grid", "SemanticVariance", "SemanticVarianceResult", "semantic_variance"]
+
+
+def labels_to_grid(
+    mask: torch.Tensor,
+    size: tuple[int, int],
+    num_classes: int,
+    ignore_index: int = 255,
+    purity: float = 0.5,
+) -> torch.Tensor:
+    """Reduce a label mask to a feature grid by area vote.
+
+    The ``H x W`` mask is partitioned into ``h x w`` cells (pixel row ``r`` belongs to cell row
+    ``floor(r * h / H)``, likewise for columns). A cell takes the class with the most pixels;
+    it is set to ``ignore_index`` when that class covers less than ``purity`` of the cell's
+    pixels (ignored pixels count in the denominator, so mostly-unlabelled cells are dropped).
+    Ties go to the lower class index. When the grid is finer than the mask (``h > H`` or
+    ``w > W``), the mask is first upsampled by nearest neighbour.
+
+    Args:
+        mask: ``(B, H, W)`` integer labels in ``[0, num_classes)`` or ``ignore_index``.
+        size: ``(h, w)`` of the feature grid.
+        num_classes: ``K``.
+        ignore_index: label of unlabelled pixels.
+        purity: minimum share of the winning class in a cell, in ``[0, 1]``.
+
+    Returns:
+        ``(B, h, w)`` int64 labels with ``ignore_index`` for dropped cells.
+    """
+    if mask.dim() != 3:
+        raise ValueError(f"mask must be (B, H, W), got shape {tuple(mask.shape)}")
+    if not 0.0 <= purity <= 1.0:
+        raise ValueError(f"purity must be in [0, 1], got {purity}")
+    mask = mask.long()
+    valid = mask != ignore_index
+    bad = valid & ((mask < 0) | (mask >= num_classes))
+    if bad.any():
+        raise ValueError(
+            f"mask has labels {sorted(mask[bad].unique().tolist())[:10]} outside [0, {num_classes}) "
+            f"that are not the ignore index {ignore_index}"
+        )
+    b, hh, ww = mask.shape
+    h, w = int(size[0]), int(size[1])
+    if h > hh or w > ww:
+        mask = F.interpolate(mask[:, None].float(), size=(max(h, hh), max(w, ww)), mode="nearest")[:, 0].long()
+        b, hh, ww = mask.shape
+        valid = mask != ignore_index
+    dev = mask.device
+    rows = torch.arange(hh, device=dev) * h // hh  # cell row of each pixel row
+    cols = torch.arange(ww, device=dev) * w // ww
+    cell = (torch.arange(b, device=dev)[:, None, None] * (h * w) + rows[None, :, None] * w + cols[None, None, :])
+    lab = torch.where(valid, mask, torch.full_like(mask, num_classes))  # ignore -> bin K
+    counts = torch.bincount((cell * (num_classes + 1) + lab).reshape(-1), minlength=b * h * w * (num_classes + 1))
+    counts = counts.view(b * h * w, num_classes + 1)
+    best_count, best = counts[:, :num_classes].max(1)
+    total = counts.sum(1)
+    keep = (best_count > 0) & (best_count.double() >= purity * total.double())
+    out = torch.where(keep, best, torch.full_like(best, ignore_index))
+    return out.view(b, h, w)
+
+
+@dataclass
+class SemanticVarianceResult:
+    """Everything :class:`SemanticVariance` knows after streaming.
+
+    Attributes:
+        semantic_variance: ``SV = S_B / S_T`` (nan when there is no variance or no data).
+        within_share: ``S_W / S_T = 1 - SV``.
+        fisher_ratio: ``S_B / S_W`` (inf when ``S_W = 0``).
+        s_between: ``S_B`` (squared feature units per pixel).
+        s_within: ``S_W``.
+        s_total: ``S_T``.
+        num_pixels: ``N``, kept feature cells.
+        class_counts: ``n_k`` per class, length ``K``.
+        class_between_share: ``n_k |mu_k - mu|^2 / (N S_T)``; sums to ``SV``.
+        class_within_share: ``sum_{i in k} |f_i - mu_k|^2 / (N S_T)``; sums to ``1 - SV``.
+        channel_semantic_variance: per channel ``SV_c`` (length ``C``), when tracked.
+    """
+
+    semantic_variance: float
+    within_share: float
+    fisher_ratio: float
+    s_between: float
+    s_within: float
+    s_total: float
+    num_pixels: int
+    class_counts: list[int]
+    class_between_share: list[float]
+    class_within_share: list[float]
+    channel_semantic_variance: list[float] | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class SemanticVariance:
+    """Streaming semantic variance of one tap (see the module docstring for the definition).
+
+    Args:
+        num_classes: ``K``.
+        ignore_index: label dropped from the statistics.
+        purity: area-vote threshold of :func:`labels_to_grid`.
+        per_channel: also keep what per-channel values need (same ``O(K * C)`` memory; off saves
+            nothing asymptotically, only a constant).
+
+    Example:
+        >>> sv = SemanticVariance(num_classes=40)
+        >>> for feats, mask in stream:               # (B, C, h, w), (B, H, W)
+        ...     sv.update(feats, mask)
+        >>> sv.compute().semantic_variance
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, purity: float = 0.5,
+                 per_channel: bool = True) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.ignore_index = int(ignore_index)
+        self.purity = float(purity)
+        self.per_channel = per_channel
+        self._shift: torch.Tensor | None = None
+        self._count: torch.Tensor | None = None  # (K,)
+        self._sum: torch.Tensor | None = None    # (K, C) sum of shifted features
+        self._sq: torch.Tensor | None = None     # (K, C) or (K,) sum of squares of shifted features
+
+    def update(self, features: torch.Tensor, mask: torch.Tensor) -> None:
+        """Add a batch.
+
+        Args:
+            features: ``(B, C, h, w)`` tap output (any float dtype and device).
+            mask: ``(B, H, W)`` labels of the same images at input resolution (or already at
+                ``(h, w)``).
+        """
+        if features.dim() != 4:
+            raise ValueError(f"features must be (B, C, h, w), got shape {tuple(features.shape)}")
+        if mask.dim() != 3 or mask.shape[0] != features.shape[0]:
+            raise ValueError(f"mask must be (B, H, W) with B={features.shape[0]} to match the "
+                             f"features, got shape {tuple(mask.shape)}")
+        b, c, h, w = features.shape
+        grid = labels_to_grid(mask.to(features.device), (h, w), self.num_classes, self.ignore_index, self.purity)
+        lab = grid.reshape(-1)
+        keep = lab != self.ignore_index
+        f = features.detach().permute(0, 2, 3, 1).reshape(-1, c)[keep].to(torch.float64)
+        lab = lab[keep]
+        if self._shift is None:
+            kw = dict(dtype=torch.float64, device=features.device)
+            self._shift = f.mean(0) if f.shape[0] else torch.zeros(c, **kw)
+            self._count = torch.zeros(self.num_classes, **kw)
+            self._sum = torch.zeros(self.num_classes, c, **kw)
+            self._sq = torch.zeros(self.num_classes, c, **kw) if self.per_channel else torch.zeros(self.num_classes, **kw)
+        elif c != self._shift.numel():
+            raise ValueError(f"features changed channel count: {c} vs {self._shift.numel()} before")
+        if f.shape[0] == 0:
+            return
+        z = f - self._shift
+        self._count.index_add_(0, lab, torch.ones_like(lab, dtype=torch.float64))
+        self._sum.index_add_(0, lab, z)
+        self._sq.index_add_(0, lab, z * z if self.per_channel else (z * z).sum(1))
+
+    def compute(self) -> SemanticVarianceResult:
+        """The statistics over everything seen so far."""
+        k = self.num_classes
+        if self._count is None or float(self._count.sum()) == 0:
+            nan = math.nan
+            return SemanticVarianceResult(nan, nan, nan, nan, nan, nan, 0, [0] * k, [nan] * k, [nan] * k, None)
+        cnt, s = self._count, self._sum
+        sq = self._sq.sum(1) if self.per_channel else self._sq
+        n = cnt.sum()
+        present = cnt > 0
+        safe = cnt.clamp(min=1)[:, None]
+        mu = s.sum(0) / n                                    # global mean (shifted)
+        mu_k = s / safe                                       # class means (shifted)
+        between_k = cnt * ((mu_k - mu) ** 2).sum(1)           # n_k |mu_k - mu|^2
+        within_k = (sq - (s * s).sum(1) / safe[:, 0]).clamp(min=0)  # sum |f - mu_k|^2
+        between_k, within_k = between_k * present, within_k * present
+        s_b, s_w = float(between_k.sum() / n), float(within_k.sum() / n)
+        s_t = s_b + s_w
+        sv = s_b / s_t if s_t > 0 else math.nan
+        chan = None
+        if self.per_channel:
+            b_c = (cnt[:, None] * (mu_k - mu) ** 2 * present[:, None]).sum(0)
+            w_c = ((self._sq - s * s / safe) * present[:, None]).clamp(min=0).sum(0)
+            t_c = b_c + w_c
+            chan = torch.where(t_c > 0, b_c / t_c.clamp(min=1e-300), torch.full_like(t_c, math.nan)).tolist()
+        denom = float(n) * s_t
+        return SemanticVarianceResult(
+            semantic_variance=sv,
+            within_share=(s_w / s_t) if s_t > 0 else math.nan,
+            fisher_ratio=(s_b / s_w) if s_w > 0 else (math.inf if s_b > 0 else math.nan),
+            s_between=s_b,
+            s_within=s_w,
+            s_total=s_t,
+            num_pixels=int(n),
+            class_counts=[int(v) for v in cnt.tolist()],
+            class_between_share=[float(v) / denom if denom > 0 else math.nan for v in between_k.tolist()],
+            class_within_share=[float(v) / denom if denom > 0 else math.nan for v in within_k.tolist()],
+            channel_semantic_variance=chan,
+        )
+
+
+def semantic_variance(features: torch.Tensor, mask: torch.Tensor, num_classes: int,
+                      ignore_index: int = 255, purity: float = 0.5) -> SemanticVarianceResult:
+    """One-shot :class:`SemanticVariance` over a single batch.
+
+    Args:
+        features: ``(B, C, h, w)``.
+        mask: ``(B, H, W)`` labels.
+        num_classes: ``K``.
+        ignore_index: dropped label.
+        purity: area-vote threshold.
+
+    Returns:
+        The :class:`SemanticVarianceResult`.
+    """
+    acc = SemanticVariance(num_classes, ignore_index, purity)
+    acc.update(features, mask)
+    return acc.compute()

@@ -1,0 +1,116 @@
+"""Semantic variance: known answers, streaming == one shot, label reduction to the feature grid."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusionzoo.interpret.semantic_variance import SemanticVariance, labels_to_grid, semantic_variance
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _brute_force(features, grid, k, ignore=255):
+    """The definition in the module docstring, written directly."""
+    c = features.shape[1]
+    f = features.permute(0, 2, 3, 1).reshape(-1, c).double()
+    lab = grid.reshape(-1)
+    keep = lab != ignore
+    f, lab = f[keep], lab[keep]
+    mu = f.mean(0)
+    s_b = sum((lab == j).sum() * ((f[lab == j].mean(0) - mu) ** 2).sum() for j in range(k) if (lab == j).any())
+    s_w = sum(((f[lab == j] - f[lab == j].mean(0)) ** 2).sum() for j in range(k) if (lab == j).any())
+    n = f.shape[0]
+    return float(s_b / n), float(s_w / n)
+
+
+def test_labels_to_grid_area_vote_and_purity():
+    m = torch.tensor([[
+        [0, 0, 1, 1],
+        [0, 1, 1, 1],
+        [2, 2, 255, 255],
+        [2, 3, 255, 1],
+    ]])
+    g = labels_to_grid(m, (2, 2), num_classes=4, purity=0.5)
+    # cells: TL {0,0,0,1} -> 0 (3/4); TR {1,1,1,1} -> 1; BL {2,2,2,3} -> 2; BR {255,255,255,1} -> 1/4 < 0.5
+    assert g.tolist() == [[[0, 1], [2, 255]]]
+    g = labels_to_grid(m, (2, 2), num_classes=4, purity=0.8)
+    assert g.tolist() == [[[255, 1], [255, 255]]]
+    # non-divisible sizes: partition still covers every pixel; identity when sizes match
+    assert torch.equal(labels_to_grid(m, (4, 4), 4, purity=1.0), m)
+    g3 = labels_to_grid(torch.zeros(2, 7, 5, dtype=torch.long), (3, 2), 4)
+    assert g3.shape == (2, 3, 2) and (g3 == 0).all()
+    # finer grid than mask: nearest upsampling
+    assert labels_to_grid(m, (8, 8), 4, purity=1.0)[0, ::2, ::2].tolist() == m[0].tolist()
+
+
+def test_bad_labels_raise():
+    with pytest.raises(ValueError, match="outside"):
+        labels_to_grid(torch.tensor([[[0, 7]]]), (1, 2), num_classes=4)
+    sv = SemanticVariance(4)
+    with pytest.raises(ValueError, match=r"\(B, H, W\)"):
+        sv.update(torch.zeros(2, 3, 4, 4), torch.zeros(3, 4, 4, dtype=torch.long))
+
+
+def test_one_hot_features_give_one():
+    k = 5
+    mask = torch.randint(0, k, (3, 16, 16), generator=_gen(0))
+    mask[0, :4] = 255
+    feats = F.one_hot(mask.clamp(max=k - 1), k).permute(0, 3, 1, 2).float()
+    r = semantic_variance(feats, mask, k, purity=1.0)
+    assert r.semantic_variance == pytest.approx(1.0, abs=1e-12)
+    assert r.within_share == pytest.approx(0.0, abs=1e-12)
+    assert r.num_pixels == 3 * 256 - 64
+    assert r.fisher_ratio > 1e10  # S_W is 0 up to float64 rounding
+
+
+def test_label_independent_features_give_about_zero():
+    k = 6
+    mask = torch.randint(0, k, (4, 32, 32), generator=_gen(1))
+    feats = torch.randn(4, 16, 32, 32, generator=_gen(2)) + 5.0
+    r = semantic_variance(feats, mask, k)
+    # E[S_B / S_T] = (K - 1) / (N - 1) for label-independent features
+    assert 0 <= r.semantic_variance < 0.01
+    assert r.within_share == pytest.approx(1 - r.semantic_variance)
+
+
+def test_streaming_equals_one_shot_and_definition():
+    k = 4
+    g = _gen(3)
+    mask = torch.randint(0, k, (6, 24, 24), generator=g)
+    mask[:, :3, :] = 255
+    # features partly driven by class: class mean offsets plus noise, at stride 4
+    grid = labels_to_grid(mask, (6, 6), k)
+    offs = torch.randn(k + 1, 8, generator=g) * 2
+    feats = offs[grid.clamp(max=k)].permute(0, 3, 1, 2) + torch.randn(6, 8, 6, 6, generator=g) + 100.0
+    one = semantic_variance(feats, mask, k)
+    acc = SemanticVariance(k)
+    for i in range(0, 6, 2):
+        acc.update(feats[i:i + 2], mask[i:i + 2])
+    st = acc.compute()
+    s_b, s_w = _brute_force(feats, grid, k)
+    assert one.s_between == pytest.approx(s_b, rel=1e-9)
+    assert one.s_within == pytest.approx(s_w, rel=1e-9)
+    assert st.s_between == pytest.approx(s_b, rel=1e-9)
+    assert st.semantic_variance == pytest.approx(s_b / (s_b + s_w), rel=1e-9)
+    assert 0.2 < st.semantic_variance < 0.95
+    assert sum(st.class_between_share) == pytest.approx(st.semantic_variance, rel=1e-9)
+    assert sum(st.class_within_share) == pytest.approx(st.within_share, rel=1e-9)
+    assert st.class_counts == one.class_counts
+
+
+def test_per_channel_values():
+    k = 3
+    mask = torch.randint(0, k, (2, 20, 20), generator=_gen(4))
+    feats = torch.stack([mask.float() * 3.0, torch.randn(2, 20, 20, generator=_gen(5))], 1)
+    r = semantic_variance(feats, mask, k)
+    assert r.channel_semantic_variance[0] == pytest.approx(1.0, abs=1e-12)
+    assert r.channel_semantic_variance[1] < 0.02
+
+
+def test_empty_accumulator_is_nan():
+    r = SemanticVariance(3).compute()
+    assert math.isnan(r.semantic_variance) and r.num_pixels == 0
