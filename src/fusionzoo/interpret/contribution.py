@@ -1,0 +1,400 @@
+"""Modality contribution: removal, exact Shapley values and the perceptual score.
+
+- **Removal** (:func:`remove_modalities`): a modality is taken away at inference by one of
+  ``REMOVAL_POLICIES``: ``"zero"`` (the tensor is zeros; inputs are normalized per modality,
+  so zero is the dataset mean of a normalized input), ``"mean"`` (each channel set to a given
+  dataset mean, :class:`ModalityStats`), ``"noise"`` (Gaussian noise with the dataset's
+  per-channel mean and std, or N(0, 1) for normalized inputs when no statistics are given) and
+  ``"missing"`` (the model's own ``model(inputs, missing=...)`` path, e.g. late fusion dropping
+  that modality's prediction).
+- **Shapley values** (:func:`shapley_values`): exact, over all ``2^M`` coalitions (Shapley 1953;
+  ``phi_m = sum_{S not containing m} |S|! (M - |S| - 1)! / M! (v(S + m) - v(S))``); the value
+  function is any callable ``frozenset -> number or vector``, so per-class values come for free.
+- **Perceptual score** (Gat, Schwartz, Schwing, "Perceptual Score: What Data Modalities Does
+  Your Model Perceive?", NeurIPS 2021): the metric drop when one modality is permuted across
+  the examples of a batch (a derangement, so no example keeps its own), which breaks its
+  relation to the label while keeping its marginal distribution; reported raw and divided by
+  the unpermuted metric.
+
+The task metric for segmentation is mIoU from one confusion matrix over the whole dataset
+(:class:`fusionzoo.engine.metrics.ConfusionMatrix`); per-class values are the class IoUs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..engine.metrics import ConfusionMatrix
+
+__all__ = [
+    "REMOVAL_POLICIES",
+    "ModalityStats",
+    "remove_modalities",
+    "shapley_values",
+    "derangement",
+    "ContributionResult",
+    "modality_contribution",
+    "perceptual_score",
+]
+
+REMOVAL_POLICIES = ("zero", "mean", "noise", "missing")
+
+
+class ModalityStats:
+    """Streaming per-channel mean and std of each modality (for the ``mean`` / ``noise`` policies).
+
+    Example:
+        >>> stats = ModalityStats()
+        >>> for batch in loader:
+        ...     stats.update({m: batch[m] for m in ("rgb", "depth")})   # (B, C, H, W) each
+        >>> stats.mean["depth"]                                          # (C,)
+    """
+
+    def __init__(self) -> None:
+        self._n: dict[str, int] = {}
+        self._s: dict[str, torch.Tensor] = {}
+        self._sq: dict[str, torch.Tensor] = {}
+
+    def update(self, inputs: Mapping[str, torch.Tensor]) -> None:
+        """Add ``(B, C, H, W)`` tensors, one per modality."""
+        for m, x in inputs.items():
+            if x.dim() != 4:
+                raise ValueError(f"ModalityStats expects (B, C, H, W) for {m!r}, got {tuple(x.shape)}")
+            x = x.detach().double()
+            self._n[m] = self._n.get(m, 0) + x.shape[0] * x.shape[2] * x.shape[3]
+            self._s[m] = self._s.get(m, 0) + x.sum((0, 2, 3)).cpu()
+            self._sq[m] = self._sq.get(m, 0) + (x * x).sum((0, 2, 3)).cpu()
+
+    @property
+    def mean(self) -> dict[str, torch.Tensor]:
+        return {m: (self._s[m] / self._n[m]).float() for m in self._n}
+
+    @property
+    def std(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for m in self._n:
+            mu = self._s[m] / self._n[m]
+            out[m] = (self._sq[m] / self._n[m] - mu * mu).clamp(min=0).sqrt().float()
+        return out
+
+
+def remove_modalities(
+    inputs: Mapping[str, torch.Tensor],
+    removed: Iterable[str],
+    policy: str = "zero",
+    stats: ModalityStats | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """Take modalities away from a batch.
+
+    Args:
+        inputs: modality -> ``(B, C, H, W)``.
+        removed: modalities to remove.
+        policy: one of ``REMOVAL_POLICIES`` (see the module docstring).
+        stats: per-channel statistics, required by ``"mean"``, optional for ``"noise"``.
+        generator: RNG for ``"noise"`` (on the inputs' device).
+
+    Returns:
+        ``(new_inputs, missing)``: pass them as ``model(new_inputs, missing=missing)``;
+        ``missing`` is empty except for the ``"missing"`` policy, which also leaves the keys out.
+    """
+    removed = tuple(removed)
+    unknown = [m for m in removed if m not in inputs]
+    if unknown:
+        raise ValueError(f"cannot remove {unknown}: inputs have modalities {list(inputs)}")
+    if policy not in REMOVAL_POLICIES:
+        raise ValueError(f"removal policy must be one of {REMOVAL_POLICIES}, got {policy!r}")
+    if policy == "missing":
+        return {m: x for m, x in inputs.items() if m not in removed}, removed
+    out = dict(inputs)
+    for m in removed:
+        x = inputs[m]
+        if policy == "zero":
+            out[m] = torch.zeros_like(x)
+        elif policy == "mean":
+            if stats is None or m not in stats.mean:
+                raise ValueError(f"policy 'mean' needs ModalityStats with modality {m!r}; "
+                                 "accumulate them over the dataset first")
+            out[m] = stats.mean[m].to(x)[None, :, None, None].expand_as(x).clone()
+        else:  # noise
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            if stats is not None and m in stats.mean:
+                noise = noise * stats.std[m].to(x)[None, :, None, None] + stats.mean[m].to(x)[None, :, None, None]
+            out[m] = noise
+    return out, ()
+
+
+def shapley_values(
+    players: Sequence[str], value: Callable[[frozenset[str]], Any]
+) -> dict[str, Any]:
+    """Exact Shapley values of a cooperative game.
+
+    Args:
+        players: the ``M`` players (modalities); ``M <= 10`` (``2^M`` value calls, cached).
+        value: ``v(S)`` for a frozenset ``S`` of players; a number or an array (e.g. per-class
+            IoU), the same shape for every ``S``.
+
+    Returns:
+        player -> ``phi`` (float, or ``np.ndarray`` when ``v`` returns vectors). They satisfy
+        efficiency: ``sum_m phi_m = v(all) - v(empty)``.
+
+    Example:
+        >>> shapley_values(["a", "b"], lambda s: float(len(s) == 2))   # pure synergy
+        {'a': 0.5, 'b': 0.5}
+    """
+    players = list(players)
+    if len(set(players)) != len(players):
+        raise ValueError(f"players must be distinct, got {players}")
+    m = len(players)
+    if not 1 <= m <= 10:
+        raise ValueError(f"exact Shapley values need 1..10 players, got {m}")
+    cache: dict[frozenset, np.ndarray] = {}
+
+    def v(s: frozenset) -> np.ndarray:
+        if s not in cache:
+            r = value(s)
+            cache[s] = np.asarray(r.detach().cpu() if isinstance(r, torch.Tensor) else r, dtype=np.float64)
+        return cache[s]
+
+    out: dict[str, Any] = {}
+    for p in players:
+        others = [q for q in players if q != p]
+        phi = 0.0
+        for k in range(m):
+            weight = math.factorial(k) * math.factorial(m - k - 1) / math.factorial(m)
+            for combo in itertools.combinations(others, k):
+                s = frozenset(combo)
+                phi = phi + weight * (v(s | {p}) - v(s))
+        phi = np.asarray(phi, dtype=np.float64)
+        out[p] = float(phi) if phi.ndim == 0 else phi
+    return out
+
+
+def derangement(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random permutation of ``range(n)`` with no fixed point (``n >= 2``).
+
+    Built as ``i -> pi[(pi^-1[i] + 1) mod n]``: a single ``n``-cycle, uniformly relabelled.
+    """
+    if n < 2:
+        raise ValueError(f"a derangement needs n >= 2 elements, got {n}; use a batch size >= 2")
+    pi = torch.randperm(n, generator=generator)
+    inv = torch.argsort(pi)
+    return pi[(inv + 1) % n]
+
+
+# --------------------------------------------------------------------------------------------
+# Model-level evaluation
+# --------------------------------------------------------------------------------------------
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _split(batch: Mapping[str, Any], modalities: Sequence[str], device: torch.device):
+    missing = [m for m in modalities if m not in batch]
+    if missing or "mask" not in batch:
+        raise KeyError(f"batch needs keys {list(modalities)} and 'mask'; got {list(batch)}")
+    return {m: batch[m].to(device) for m in modalities}, batch["mask"].to(device)
+
+
+def _summary(cm: ConfusionMatrix) -> dict[str, Any]:
+    r = cm.compute()
+    # per-class values only for classes present in the ground truth (IoU always defined there)
+    gt = cm.matrix.sum(1)
+    per_class = [float(v) if g > 0 else math.nan for v, g in zip(r["iou"], gt.tolist())]
+    return {"miou": r["miou"], "iou": per_class}
+
+
+def _coalition_key(s: Iterable[str], order: Sequence[str]) -> str:
+    s = set(s)
+    return "+".join(m for m in order if m in s) or "none"
+
+
+@dataclass
+class ContributionResult:
+    """Modality contribution of one model on one dataset.
+
+    Attributes:
+        policy: removal policy used.
+        modalities: the players.
+        coalitions: ``"rgb+depth"`` / ``"rgb"`` / ``"none"`` -> {"miou", "iou" (per class)}:
+            the metric with only those modalities kept.
+        drop: modality -> mIoU(all) - mIoU(all but that modality) (leave-one-out).
+        shapley: modality -> Shapley value of mIoU (sums to mIoU(all) - mIoU(none)).
+        shapley_per_class: modality -> per-class Shapley values of IoU (nan for classes absent
+            from the ground truth).
+        perceptual: modality -> {"drop", "normalized", "per_class_drop"}, when computed.
+        class_names: names for the per-class lists, when known.
+    """
+
+    policy: str
+    modalities: list[str]
+    coalitions: dict[str, dict[str, Any]]
+    drop: dict[str, float]
+    shapley: dict[str, float]
+    shapley_per_class: dict[str, list[float]]
+    perceptual: dict[str, dict[str, Any]] = field(default_factory=dict)
+    class_names: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@torch.no_grad()
+def modality_contribution(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    policy: str = "zero",
+    empty_policy: str | None = None,
+    stats: ModalityStats | None = None,
+    num_classes: int | None = None,
+    ignore_index: int = 255,
+    perceptual: bool = True,
+    seed: int = 0,
+    class_names: list[str] | None = None,
+) -> ContributionResult:
+    """Evaluate every coalition of modalities in one pass and derive drop, Shapley and
+    perceptual scores.
+
+    Per batch this runs ``2^M`` forward passes (plus ``M`` permuted ones when ``perceptual``).
+
+    Args:
+        model: a fusionzoo segmentation model (``model.modalities``, ``model.num_classes``).
+        batches: iterable of collated batches: one ``(B, C_m, H, W)`` tensor per modality and
+            ``"mask"`` ``(B, H, W)``.
+        policy: how a modality outside the coalition is removed (``REMOVAL_POLICIES``).
+        empty_policy: policy for the empty coalition; ``None`` = ``policy``. Required with
+            ``policy="missing"`` (a model cannot run with every modality missing); ``"zero"`` is
+            the natural choice there because the models' missing path fills zeros too.
+        stats: per-channel statistics for the ``"mean"`` / ``"noise"`` policies.
+        num_classes: defaults to ``model.num_classes``.
+        ignore_index: label ignored by the metric.
+        perceptual: also compute the perceptual score (needs batches of >= 2 examples).
+        seed: seed of the noise and of the permutations.
+        class_names: names of the classes for the report.
+
+    Returns:
+        A :class:`ContributionResult`.
+    """
+    mods = list(model.modalities)
+    k = int(num_classes or model.num_classes)
+    if policy not in REMOVAL_POLICIES:
+        raise ValueError(f"removal policy must be one of {REMOVAL_POLICIES}, got {policy!r}")
+    empty_policy = empty_policy or policy
+    if empty_policy == "missing":
+        raise ValueError("the empty coalition cannot use policy 'missing' (a model needs at least one "
+                         "modality); pass empty_policy='zero' (or 'mean' / 'noise')")
+    device = _model_device(model)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    perm_gen = torch.Generator().manual_seed(seed + 1)
+    subsets = [frozenset(c) for r in range(len(mods) + 1) for c in itertools.combinations(mods, r)]
+    cms = {s: ConfusionMatrix(k, ignore_index) for s in subsets}
+    perm_cms = {m: ConfusionMatrix(k, ignore_index) for m in mods} if perceptual else {}
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            inputs, mask = _split(batch, mods, device)
+            # Common random numbers: one replacement per modality and batch, shared by every
+            # coalition, so coalition differences are not blurred by fresh noise draws.
+            filled = {pol: remove_modalities(inputs, mods, pol, stats, gen)[0]
+                      for pol in {policy, empty_policy} if pol != "missing"}
+            for s in subsets:
+                removed = [m for m in mods if m not in s]
+                pol = policy if s else empty_policy
+                if pol == "missing":
+                    x, missing = remove_modalities(inputs, removed, pol)
+                else:
+                    x = {m: (inputs[m] if m in s else filled[pol][m]) for m in mods}
+                    missing = ()
+                cms[s].update(model(x, missing=missing).argmax(1), mask)
+            if perceptual:
+                b = mask.shape[0]
+                for m in mods:
+                    perm = derangement(b, perm_gen).to(device)
+                    x = dict(inputs)
+                    x[m] = inputs[m][perm]
+                    perm_cms[m].update(model(x).argmax(1), mask)
+    finally:
+        model.train(was_training)
+    table = {s: _summary(cm) for s, cm in cms.items()}
+    full = frozenset(mods)
+    phi = shapley_values(mods, lambda s: table[s]["miou"])
+    phi_c = shapley_values(mods, lambda s: np.asarray(table[s]["iou"], dtype=np.float64))
+    result = ContributionResult(
+        policy=policy,
+        modalities=mods,
+        coalitions={_coalition_key(s, mods): v for s, v in table.items()},
+        drop={m: table[full]["miou"] - table[full - {m}]["miou"] for m in mods},
+        shapley=phi,
+        shapley_per_class={m: [float(v) for v in phi_c[m]] for m in mods},
+        class_names=class_names,
+    )
+    if perceptual:
+        base = table[full]
+        for m in mods:
+            r = _summary(perm_cms[m])
+            d = base["miou"] - r["miou"]
+            result.perceptual[m] = {
+                "miou_permuted": r["miou"],
+                "drop": d,
+                "normalized": d / base["miou"] if base["miou"] > 0 else math.nan,
+                "per_class_drop": [a - b for a, b in zip(base["iou"], r["iou"])],
+            }
+    return result
+
+
+@torch.no_grad()
+def perceptual_score(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    num_permutations: int = 1,
+    seed: int = 0,
+    ignore_index: int = 255,
+) -> dict[str, dict[str, float]]:
+    """Perceptual score of every modality (Gat et al. 2021), averaged over permutations.
+
+    Args:
+        model: a fusionzoo segmentation model.
+        batches: a re-iterable of collated batches (a list or a DataLoader), batch size >= 2.
+        num_permutations: independent derangements per batch; the drops are averaged.
+        seed: permutation seed.
+        ignore_index: label ignored by the metric.
+
+    Returns:
+        modality -> ``{"miou": full mIoU, "miou_permuted", "drop", "normalized"}``.
+    """
+    mods = list(model.modalities)
+    device = _model_device(model)
+    k = int(model.num_classes)
+    gen = torch.Generator().manual_seed(seed)
+    base = ConfusionMatrix(k, ignore_index)
+    perm = {m: [ConfusionMatrix(k, ignore_index) for _ in range(num_permutations)] for m in mods}
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            inputs, mask = _split(batch, mods, device)
+            base.update(model(inputs).argmax(1), mask)
+            for m in mods:
+                for cm in perm[m]:
+                    x = dict(inputs)
+                    x[m] = inputs[m][derangement(mask.shape[0], gen).to(device)]
+                    cm.update(model(x).argmax(1), mask)
+    finally:
+        model.train(was_training)
+    full = base.compute()["miou"]
+    out = {}
+    for m in mods:
+        mp = float(np.mean([cm.compute()["miou"] for cm in perm[m]]))
+        out[m] = {"miou": full, "miou_permuted": mp, "drop": full - mp,
+                  "normalized": (full - mp) / full if full > 0 else math.nan}
+    return out

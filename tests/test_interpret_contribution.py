@@ -1,0 +1,147 @@
+"""Modality contribution: Shapley values on hand-written games, removal policies, and a toy
+model whose answer is known (it reads only depth)."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fusionzoo.interpret.contribution import (
+    ModalityStats,
+    derangement,
+    modality_contribution,
+    perceptual_score,
+    remove_modalities,
+    shapley_values,
+)
+
+
+def _by_orderings(players, v):
+    """Shapley values as the mean marginal contribution over all orderings (independent method)."""
+    phi = {p: 0.0 for p in players}
+    perms = list(itertools.permutations(players))
+    for order in perms:
+        s = frozenset()
+        for p in order:
+            phi[p] += v(s | {p}) - v(s)
+            s = s | {p}
+    return {p: x / len(perms) for p, x in phi.items()}
+
+
+def test_shapley_two_player_game():
+    table = {frozenset(): 0.0, frozenset("a"): 1.0, frozenset("b"): 2.0, frozenset("ab"): 5.0}
+    phi = shapley_values(["a", "b"], table.__getitem__)
+    assert phi == pytest.approx({"a": 2.0, "b": 3.0})
+
+
+def test_shapley_three_player_games():
+    majority = shapley_values(["x", "y", "z"], lambda s: float(len(s) >= 2))
+    assert majority == pytest.approx({"x": 1 / 3, "y": 1 / 3, "z": 1 / 3})
+    vals = dict(zip(["", "a", "b", "c", "ab", "ac", "bc", "abc"], [0, 10, 20, 30, 40, 70, 60, 95]))
+    v = lambda s: float(vals["".join(sorted(s))])  # noqa: E731
+    phi = shapley_values(["a", "b", "c"], v)
+    assert phi == pytest.approx(_by_orderings(["a", "b", "c"], v))
+    assert sum(phi.values()) == pytest.approx(95.0)
+    # a dummy player gets 0, an additive game gives each player its own worth
+    add = shapley_values(["a", "b", "c"], lambda s: 3.0 * ("a" in s) + 5.0 * ("c" in s))
+    assert add == pytest.approx({"a": 3.0, "b": 0.0, "c": 5.0})
+
+
+def test_shapley_vector_values():
+    v = lambda s: np.array([len(s), 2.0 * ("a" in s)])  # noqa: E731
+    phi = shapley_values(["a", "b"], v)
+    np.testing.assert_allclose(phi["a"], [1.0, 2.0])
+    np.testing.assert_allclose(phi["b"], [1.0, 0.0])
+
+
+def test_derangement_has_no_fixed_point():
+    g = torch.Generator().manual_seed(0)
+    for n in range(2, 9):
+        p = derangement(n, g)
+        assert sorted(p.tolist()) == list(range(n))
+        assert (p != torch.arange(n)).all()
+    with pytest.raises(ValueError, match="n >= 2"):
+        derangement(1)
+
+
+def test_removal_policies():
+    x = {"rgb": torch.randn(2, 3, 8, 8) + 4, "depth": torch.randn(2, 1, 8, 8) * 3 + 1}
+    z, miss = remove_modalities(x, ["depth"], "zero")
+    assert miss == () and (z["depth"] == 0).all() and z["rgb"] is x["rgb"]
+    stats = ModalityStats()
+    stats.update(x)
+    m, _ = remove_modalities(x, ["rgb"], "mean", stats)
+    assert torch.allclose(m["rgb"][0, :, 0, 0], x["rgb"].mean((0, 2, 3)), atol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    n, _ = remove_modalities({"depth": torch.zeros(64, 1, 16, 16)}, ["depth"], "noise",
+                             _stats_of({"depth": torch.randn(64, 1, 16, 16) * 3 + 1}), g)
+    assert n["depth"].mean().item() == pytest.approx(1, abs=0.1) and n["depth"].std().item() == pytest.approx(3, rel=0.05)
+    dropped, miss = remove_modalities(x, ["depth"], "missing")
+    assert miss == ("depth",) and "depth" not in dropped
+    with pytest.raises(ValueError, match="policy"):
+        remove_modalities(x, ["depth"], "blur")
+    with pytest.raises(ValueError, match="ModalityStats"):
+        remove_modalities(x, ["depth"], "mean")
+
+
+def _stats_of(x):
+    s = ModalityStats()
+    s.update(x)
+    return s
+
+
+class DepthOnlyToy(nn.Module):
+    """Predicts class 1 where depth > 0, class 0 elsewhere; ignores RGB entirely."""
+
+    modalities = ("rgb", "depth")
+    num_classes = 2
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, inputs, missing=()):
+        ref = next(iter(inputs.values()))
+        d = torch.zeros_like(ref[:, :1]) if "depth" in missing else inputs["depth"]
+        logit1 = self.scale * d[:, 0]
+        return torch.stack([torch.zeros_like(logit1), logit1], 1)
+
+
+def _toy_batches(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        depth = torch.randn(4, 1, 8, 8, generator=g)
+        out.append({"rgb": torch.randn(4, 3, 8, 8, generator=g), "depth": depth,
+                    "mask": (depth[:, 0] > 0).long()})
+    return out
+
+
+@pytest.mark.parametrize("policy", ["zero", "noise", "missing"])
+def test_contribution_recovers_depth_only_model(policy):
+    res = modality_contribution(DepthOnlyToy(), _toy_batches(), policy=policy,
+                                empty_policy="zero" if policy == "missing" else None)
+    assert res.coalitions["rgb+depth"]["miou"] == pytest.approx(1.0)
+    assert res.drop["rgb"] == pytest.approx(0.0, abs=1e-12)
+    assert res.drop["depth"] > 0.4
+    assert res.shapley["rgb"] == pytest.approx(0.0, abs=1e-12)
+    assert res.shapley["rgb"] + res.shapley["depth"] == pytest.approx(
+        res.coalitions["rgb+depth"]["miou"] - res.coalitions["none"]["miou"])
+    assert res.perceptual["rgb"]["drop"] == pytest.approx(0.0, abs=1e-12)
+    assert res.perceptual["depth"]["normalized"] > 0.3
+    assert all(abs(v) < 1e-12 for v in res.shapley_per_class["rgb"])
+    assert all(v > 0.2 for v in res.shapley_per_class["depth"])
+
+
+def test_missing_policy_needs_explicit_empty_coalition():
+    with pytest.raises(ValueError, match="empty_policy"):
+        modality_contribution(DepthOnlyToy(), _toy_batches(1), policy="missing")
+
+
+def test_perceptual_score_function():
+    ps = perceptual_score(DepthOnlyToy(), _toy_batches(), num_permutations=2)
+    assert ps["rgb"]["drop"] == pytest.approx(0.0, abs=1e-12)
+    assert ps["depth"]["drop"] > 0.3 and not math.isnan(ps["depth"]["normalized"])
