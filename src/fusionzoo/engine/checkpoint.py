@@ -1,0 +1,439 @@
+"""Checkpoints without pickle, written atomically, read with errors that name the file.
+
+A training checkpoint is a folder::
+
+    <run>/checkpoints/last/
+        model.safetensors       weights (``model.state_dict()`` of the unwrapped model)
+        optimizer.safetensors   every tensor of ``optimizer.state_dict()["state"]``
+        rng.safetensors         torch CPU/CUDA generator states, numpy's MT19937 key
+        state.json              everything else: epoch/step, optimizer param groups, scheduler,
+                                GradScaler, python RNG, callback states, and a manifest with the
+                                size and sha256 of each .safetensors file
+
+Atomicity: the folder is first written as a hidden temporary sibling (every file fsynced), then
+swapped in with two renames (``last`` -> ``.last.old``, temp -> ``last``) and the parent folder
+fsynced. A kill at any moment leaves either the previous or the new checkpoint complete; the one
+window with no ``last`` (between the renames) is covered by :func:`resolve_checkpoint_dir`, which
+falls back to ``.last.old``. Single files (configs, JSON) go through :func:`atomic_write_bytes`
+(temp file in the same folder, fsync, ``os.replace``, fsync of the folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load_bytes
+from safetensors.torch import save as st_save_bytes
+from torch import nn
+
+__all__ = [
+    "CheckpointError",
+    "atomic_write_bytes",
+    "save_tensors",
+    "load_tensors",
+    "unwrap_model",
+    "load_model_weights",
+    "capture_rng_state",
+    "restore_rng_state",
+    "save_checkpoint",
+    "load_checkpoint",
+    "resolve_checkpoint_dir",
+]
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is missing, corrupt, truncated or does not fit the model."""
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic file primitives
+
+
+def _fsync_dir(path: Path) -> None:
+    # Directory fsync makes the rename itself durable (POSIX); not available on Windows.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
+
+    The temporary file lives in the same folder (``os.replace`` is atomic only within one file
+    system), is fsynced before the rename, and the folder is fsynced after it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
+    """Atomically write a flat ``name -> tensor`` dict as safetensors.
+
+    Tensors are moved to CPU and made contiguous; tensors sharing storage (tied weights) are
+    cloned, because safetensors refuses aliased buffers.
+    """
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in tensors.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"save_tensors: value of {k!r} is {type(v).__name__}, expected a tensor")
+        t = v.detach().to("cpu")
+        ptr = t.untyped_storage().data_ptr() if t.numel() else -1
+        if ptr in seen or not t.is_contiguous():
+            t = t.contiguous().clone()
+        elif t.numel():
+            seen.add(ptr)
+        out[k] = t
+    data = st_save_bytes(out, metadata=dict(metadata) if metadata else None)
+    atomic_write_bytes(path, data)
+
+
+def load_tensors(path: str | Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file into CPU tensors (never unpickles anything).
+
+    Raises:
+        CheckpointError: the file is missing, truncated, corrupt, or its sha256 differs from
+            ``expected_sha256``; the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    data = path.read_bytes()
+    if expected_sha256 is not None:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != expected_sha256:
+            raise CheckpointError(
+                f"checkpoint file {path} is corrupt: sha256 {digest[:12]}... differs from the "
+                f"manifest's {expected_sha256[:12]}... (truncated or modified after saving)"
+            )
+    try:
+        return st_load_bytes(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"checkpoint file {path} is corrupt or truncated ({len(data)} bytes): {e}. "
+            "Delete it or resume from another checkpoint."
+        ) from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint file {path} is corrupt or truncated (not valid JSON: {e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint file {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# model weights
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model inside DistributedDataParallel and/or ``torch.compile`` wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _limit(items: list[str], n: int = 12) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def load_model_weights(
+    model: nn.Module, source: str | Path | Mapping[str, torch.Tensor], *, strict: bool = True
+) -> None:
+    """Copy weights from a safetensors file (or a loaded dict) into ``model``.
+
+    Raises:
+        CheckpointError: unreadable file, or (strict) keys that are missing, unexpected, or of
+            another shape; the message lists them (e.g. a checkpoint of another model, or of
+            another class count, which changes the classifier's shape).
+    """
+    where = str(source) if isinstance(source, (str, Path)) else "the given state dict"
+    tensors = load_tensors(source) if isinstance(source, (str, Path)) else dict(source)
+    model = unwrap_model(model)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    mismatched = sorted(
+        f"{k} (checkpoint {tuple(tensors[k].shape)}, model {tuple(own[k].shape)})"
+        for k in set(own) & set(tensors)
+        if tuple(own[k].shape) != tuple(tensors[k].shape)
+    )
+    if mismatched or (strict and (missing or unexpected)):
+        parts = []
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatch(es): {_limit(mismatched)}")
+        if missing and strict:
+            parts.append(f"{len(missing)} key(s) missing from the checkpoint: {_limit(missing)}")
+        if unexpected and strict:
+            parts.append(f"{len(unexpected)} unexpected key(s) in the checkpoint: {_limit(unexpected)}")
+        raise CheckpointError(
+            f"weights in {where} do not fit {type(model).__name__} "
+            f"(a checkpoint of another model, modality set or class count?): " + "; ".join(parts)
+        )
+    with torch.no_grad():
+        for k, v in tensors.items():
+            if k in own:
+                own[k].copy_(v.to(own[k].dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG state
+
+
+def capture_rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every global generator's state, split into tensors (safetensors) and JSON facts."""
+    tensors: dict[str, torch.Tensor] = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, internal, gauss = random.getstate()
+    facts = {
+        "numpy": {"name": name, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+    }
+    return tensors, facts
+
+
+def restore_rng_state(tensors: Mapping[str, torch.Tensor], facts: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    n = facts["numpy"]
+    np.random.set_state(
+        (n["name"], tensors["numpy_keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    p = facts["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizer state <-> tensors + JSON
+
+
+def _split_optimizer_state(sd: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in sd["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer_state(tensors: Mapping[str, torch.Tensor], facts: Mapping[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, t in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = t
+    for idx, entry in facts["scalars"].items():
+        state.setdefault(int(idx), {}).update(entry)
+    return {"state": state, "param_groups": facts["param_groups"]}
+
+
+def _jsonable(obj: Any) -> Any:
+    """State dicts of LambdaLR / GradScaler with tuples and tensors made JSON-safe."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in checkpoint JSON: {obj!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# training checkpoints
+
+
+def _old_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """The complete checkpoint folder at ``path`` (or its ``.old`` twin after a kill mid-swap).
+
+    Raises:
+        CheckpointError: neither exists.
+    """
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return path
+    old = _old_name(path)
+    if (old / "state.json").is_file():
+        return old
+    raise CheckpointError(f"no checkpoint at {path} (expected {path / 'state.json'})")
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    scaler: Any | None = None,
+    state: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a complete training checkpoint folder atomically (see the module docstring).
+
+    Args:
+        path: the checkpoint folder, e.g. ``runs/x/checkpoints/last``; replaced if it exists.
+        model: the (possibly DDP/compiled) model; its unwrapped ``state_dict()`` is saved.
+        optimizer, scheduler, scaler: saved when given (``state_dict()`` of each).
+        state: JSON-able trainer facts (epoch, step, best metric, callback states, ...).
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        files: dict[str, dict[str, Any]] = {}
+
+        def put(name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+            save_tensors(tensors, tmp / name, metadata={"format": "fusionzoo-checkpoint"})
+            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+
+        put("model.safetensors", unwrap_model(model).state_dict())
+        facts: dict[str, Any] = {"format_version": FORMAT_VERSION, "trainer": _jsonable(dict(state or {}))}
+        if optimizer is not None:
+            opt_tensors, opt_facts = _split_optimizer_state(optimizer.state_dict())
+            put("optimizer.safetensors", opt_tensors)
+            facts["optimizer"] = _jsonable(opt_facts)
+        if scheduler is not None:
+            facts["scheduler"] = _jsonable(scheduler.state_dict())
+        if scaler is not None:
+            facts["scaler"] = _jsonable(scaler.state_dict())
+        rng_tensors, rng_facts = capture_rng_state()
+        put("rng.safetensors", rng_tensors)
+        facts["rng"] = rng_facts
+        facts["files"] = files
+        atomic_write_bytes(tmp / "state.json", json.dumps(facts).encode())
+        _fsync_dir(tmp)
+        old = _old_name(path)
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    scaler: Any | None = None,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote into the given objects.
+
+    Every file is checked against the manifest (size and sha256) before anything is loaded, so
+    a corrupt checkpoint fails without half-restoring the model.
+
+    Returns:
+        The trainer facts passed as ``state`` when saving.
+
+    Raises:
+        CheckpointError: a missing/corrupt/truncated file (named), or weights that do not fit.
+    """
+    path = resolve_checkpoint_dir(path)
+    facts = _read_json(path / "state.json")
+    if facts.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path / 'state.json'}: format_version {facts.get('format_version')!r} is not {FORMAT_VERSION}"
+        )
+    loaded: dict[str, dict[str, torch.Tensor]] = {}
+    for name, info in facts.get("files", {}).items():
+        f = path / name
+        if f.is_file() and f.stat().st_size != info["bytes"]:
+            raise CheckpointError(
+                f"checkpoint file {f} is truncated: {f.stat().st_size} bytes, manifest says {info['bytes']}"
+            )
+        loaded[name] = load_tensors(f, expected_sha256=info["sha256"])
+    if model is not None:
+        load_model_weights(model, loaded["model.safetensors"])
+    if optimizer is not None:
+        if "optimizer" not in facts:
+            raise CheckpointError(f"{path} holds no optimizer state")
+        sd = _join_optimizer_state(loaded["optimizer.safetensors"], facts["optimizer"])
+        try:
+            optimizer.load_state_dict(sd)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"optimizer state in {path} does not fit this optimizer: {e}") from None
+    if scheduler is not None and "scheduler" in facts:
+        scheduler.load_state_dict(facts["scheduler"])
+    if scaler is not None and "scaler" in facts:
+        scaler.load_state_dict(facts["scaler"])
+    if restore_rng:
+        restore_rng_state(loaded["rng.safetensors"], facts["rng"])
+    return facts["trainer"]

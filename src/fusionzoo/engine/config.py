@@ -1,0 +1,455 @@
+"""Typed training configuration: one dataclass, a YAML recipe, strict command-line overrides.
+
+Precedence, lowest first: the dataclass defaults (the embedded default run), the YAML recipe
+(``--config zoo/<model>/<dataset>.yaml``), then ``--key value`` overrides. Every key is checked
+against the dataclass fields (an unknown key raises and lists the valid ones) and every value
+against the field's annotation (``"3"`` for an ``int`` field in YAML is an error; on the command
+line strings are parsed by type). A recipe may carry a ``card:`` block with facts that are not
+configuration (paper, published mIoU ``target``, our ``measured`` value, weights file); it is
+validated and returned separately, never passed to training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "TrainConfig",
+    "ConfigError",
+    "CARD_KEYS",
+    "load_config",
+    "parse_args",
+    "config_from_dict",
+    "config_to_dict",
+    "write_config",
+    "validate_card",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message says which and why."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``train.py`` needs; the defaults are the embedded CPU default run.
+
+    Sizes are ``(H, W)``. Step counts are optimizer steps (one batch per rank per step).
+    """
+
+    # --- what to train ---
+    model: str = "esanet_resnet18"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra create_model arguments
+    pretrained: bool = False  # ImageNet encoder weights through the HF cache (needs the cache)
+    dataset: str = "synthetic_rgbd"
+    data_root: str | None = None  # None for synthetic sets
+    dataset_kwargs: dict[str, Any] = field(default_factory=dict)  # extra create_dataset arguments
+    modalities: tuple[str, ...] | None = None  # None = the dataset's modalities
+    num_classes: int | None = None  # None = from the dataset
+    train_split: str = "train"
+    val_split: str = "val"
+    train_samples: int | None = 640  # synthetic sets only: samples generated per split
+    val_samples: int | None = 128
+    image_size: tuple[int, int] | None = (96, 128)  # synthetic render size / resize target; None = native
+    crop_size: tuple[int, int] | None = None  # random training crop; None = no crop
+
+    # --- optimization ---
+    batch_size: int = 8  # per process; the global batch is batch_size * world size
+    eval_batch_size: int | None = None  # None = batch_size
+    epochs: int = 8
+    max_steps_per_epoch: int | None = None  # cap an epoch (smoke tests); None = full pass
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 1e-2
+    momentum: float = 0.9  # SGD only
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW only
+    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    poly_power: float = 0.9  # DeepLab/CMX "poly" decay exponent
+    min_lr: float = 0.0  # the schedule's floor
+    warmup_epochs: float = 0.0  # linear warm-up from warmup_factor * lr, in epochs (fractional ok)
+    warmup_factor: float = 0.1
+    grad_clip: float | None = 1.0  # max global gradient L2 norm; None = off
+    label_smoothing: float = 0.0
+    freeze_bn: bool = False  # BatchNorm in eval mode (running stats fixed, affine still trained)
+    sync_bn: bool = True  # SyncBatchNorm under DDP (GPU only; CPU gloo runs keep local BN)
+
+    # --- speed ---
+    amp: Literal["off", "bf16", "fp16"] = "off"  # autocast on GPU; bf16 needs no loss scaling
+    channels_last: bool = False  # NHWC memory format: faster convs on tensor cores
+    compile: bool = False  # torch.compile the model (first steps pay the compilation)
+    num_workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    # --- robustness / evaluation ---
+    modality_dropout: float = 0.0  # per-batch probability of training with one modality missing
+    modality_dropout_candidates: tuple[str, ...] | None = None  # None = every modality but the first
+    eval_interval: int = 1  # evaluate every N epochs (and always after the last)
+    eval_missing: tuple[str, ...] = ()  # also evaluate with each of these modalities missing
+    tta: bool = False  # multi-scale + horizontal-flip test-time augmentation
+    tta_scales: tuple[float, ...] = (0.75, 1.0, 1.25)
+    tta_flip: bool = True
+
+    # --- bookkeeping ---
+    seed: int = 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
+    out_dir: str = "runs"
+    run_name: str | None = None  # None = "<model>-<dataset>-<timestamp>"
+    resume: str | None = None  # a run folder (or its checkpoint folder) to continue exactly
+    checkpoint_interval: int = 0  # also save "last" every N steps; 0 = at epoch ends only
+    log_interval: int = 10  # steps between JSONL train records
+    progress: bool = True  # tqdm progress bar (rank 0)
+    kill_after_step: int | None = None  # testing aid: SIGKILL this process after global step N
+
+    def __post_init__(self) -> None:
+        check_values(self)
+
+
+# Fields a recipe card may carry (not configuration); `target` is the published metric.
+CARD_KEYS: dict[str, type | tuple[type, ...]] = {
+    "paper": str,
+    "method": str,
+    "reference_code": str,
+    "metric": str,
+    "target": (int, float),
+    "measured": (int, float, type(None)),
+    "eval_protocol": str,
+    "weights": (str, type(None)),
+    "sha256": (str, type(None)),
+    "notes": str,
+}
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def valid_keys() -> list[str]:
+    """Names of every configuration key, in declaration order."""
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _unknown_key_error(keys: Sequence[str], where: str) -> ConfigError:
+    import difflib
+
+    valid = valid_keys()
+    hints = []
+    for k in keys:
+        close = difflib.get_close_matches(k, valid, n=3, cutoff=0.6)
+        hints.append(f"{k!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    return ConfigError(
+        f"unknown configuration key(s) {', '.join(hints)} in {where}. Valid keys: {', '.join(valid)}"
+    )
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check ``value`` against annotation ``tp`` (YAML/JSON-typed input); lists become tuples."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    bad = ConfigError(f"{where}: key {key!r} expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:  # Optional[X]: X's own message is the precise one
+            return _coerce(value, inner[0], key, where)
+        for a in inner:
+            try:
+                return _coerce(value, a, key, where)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where}: key {key!r} must be one of {list(args)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key, where) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(
+                f"{where}: key {key!r} expects {len(args)} values ({_type_name(tp)}), got {list(value)!r}"
+            )
+        return tuple(_coerce(v, a, key, where) for v, a in zip(value, args))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise bad
+        if not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where}: key {key!r} must map string keys, got {dict(value)!r}")
+        return dict(value)
+    raise ConfigError(f"internal: unsupported annotation {tp!r} for key {key!r}")  # pragma: no cover
+
+
+def _parse_cli_value(text: str, tp: Any, key: str) -> Any:
+    """Turn a command-line string into a value of annotation ``tp`` (then checked by ``_coerce``)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    where = f"command line --{key.replace('_', '-')}"
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _parse_cli_value(text, inner[0], key)
+    if tp is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where} expects a boolean (true/false), got {text!r}")
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{where} expects an integer, got {text!r}") from None
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{where} expects a number, got {text!r}") from None
+    if origin is tuple:
+        # "rgb,thermal" or "96x128" or "480,640"; an empty string is the empty tuple
+        parts = [p.strip() for p in text.replace("x", ",").split(",")] if args and args[0] in (int, float) else [
+            p.strip() for p in text.split(",")
+        ]
+        parts = [p for p in parts if p != ""]
+        elem = args[0]
+        return tuple(_parse_cli_value(p, elem, key) for p in parts)
+    if origin is dict:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where} expects a mapping like '{{a: 1}}', got {text!r}: {e}") from None
+        return {} if value is None else value
+    return text
+
+
+def check_values(cfg: TrainConfig) -> None:
+    """Range checks that the type annotations cannot express.
+
+    Raises:
+        ConfigError: naming the key, the value and the allowed range.
+    """
+    def need(cond: bool, key: str, what: str) -> None:
+        if not cond:
+            raise ConfigError(f"key {key!r} {what}, got {getattr(cfg, key)!r}")
+
+    for key in ("batch_size", "epochs", "eval_interval", "log_interval"):
+        need(getattr(cfg, key) >= 1, key, "must be >= 1")
+    for key in ("eval_batch_size", "max_steps_per_epoch", "num_classes", "train_samples", "val_samples"):
+        v = getattr(cfg, key)
+        need(v is None or v >= 1, key, "must be >= 1 or null")
+    need(cfg.lr > 0, "lr", "must be > 0")
+    need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(0 <= cfg.min_lr <= cfg.lr, "min_lr", "must be in [0, lr]")
+    need(cfg.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+    need(0 < cfg.warmup_factor <= 1, "warmup_factor", "must be in (0, 1]")
+    need(cfg.grad_clip is None or cfg.grad_clip > 0, "grad_clip", "must be > 0 or null")
+    need(0 <= cfg.modality_dropout < 1, "modality_dropout", "must be in [0, 1)")
+    need(0 <= cfg.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+    need(cfg.num_workers >= 0, "num_workers", "must be >= 0")
+    need(cfg.checkpoint_interval >= 0, "checkpoint_interval", "must be >= 0")
+    need(len(cfg.tta_scales) >= 1 and all(s > 0 for s in cfg.tta_scales), "tta_scales", "must be positive scales")
+    for key in ("image_size", "crop_size"):
+        v = getattr(cfg, key)
+        need(v is None or (v[0] >= 1 and v[1] >= 1), key, "must be a positive (H, W) or null")
+    if cfg.modalities is not None:
+        need(len(cfg.modalities) >= 1, "modalities", "must name at least one modality")
+        need(len(set(cfg.modalities)) == len(cfg.modalities), "modalities", "must not repeat a modality")
+        for key in ("eval_missing", "modality_dropout_candidates"):
+            v = getattr(cfg, key) or ()
+            unknown = [m for m in v if m not in cfg.modalities]
+            need(not unknown, key, f"must name modalities the model uses {list(cfg.modalities)}")
+    need(
+        cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
+        "device",
+        "must be auto, cpu, cuda or cuda:N",
+    )
+
+
+def validate_card(card: Any, where: str) -> dict[str, Any]:
+    """Check a recipe's ``card:`` block (non-configuration facts).
+
+    Raises:
+        ConfigError: an unknown card key or a value of the wrong type, naming ``where``.
+    """
+    if not isinstance(card, Mapping):
+        raise ConfigError(f"{where}: 'card' must be a mapping of {sorted(CARD_KEYS)}, got {card!r}")
+    unknown = sorted(set(card) - set(CARD_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown card key(s) {unknown}; valid card keys: {sorted(CARD_KEYS)}")
+    for k, v in card.items():
+        if not isinstance(v, CARD_KEYS[k]) or isinstance(v, bool):
+            raise ConfigError(f"{where}: card key {k!r} has the wrong type: {v!r} ({type(v).__name__})")
+    return dict(card)
+
+
+def config_from_dict(
+    values: Mapping[str, Any], base: TrainConfig | None = None, where: str = "config"
+) -> TrainConfig:
+    """Overlay typed ``values`` on ``base`` (default: the dataclass defaults).
+
+    Raises:
+        ConfigError: unknown keys (listing the valid ones) or a value of the wrong type.
+    """
+    hints = _field_types()
+    unknown = [k for k in values if k not in hints]
+    if unknown:
+        raise _unknown_key_error(unknown, where)
+    merged = config_to_dict(base) if base is not None else {}
+    for k, v in values.items():
+        merged[k] = _coerce(v, hints[k], k, where)
+    for k in list(merged):
+        merged[k] = _coerce(merged[k], hints[k], k, where)
+    return TrainConfig(**merged)
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """JSON-able dict of every key (tuples become lists when serialized)."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def load_config(path: str | Path, base: TrainConfig | None = None) -> tuple[TrainConfig, dict[str, Any]]:
+    """Read a YAML recipe; returns the config and its validated ``card`` block (``{}`` if none).
+
+    Raises:
+        ConfigError: the file is missing, not a mapping, or has unknown keys / bad values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+    data = dict(data)
+    card = validate_card(data.pop("card"), str(path)) if "card" in data else {}
+    return config_from_dict(data, base, where=str(path)), card
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict[str, Any]]:
+    """Parse ``[--config FILE] [--key value | --key=value | --flag | --no-flag]...``.
+
+    Keys use ``-`` or ``_`` (``--eval-missing depth`` = ``--eval_missing depth``). A boolean key
+    alone (``--compile``) means true, ``--no-compile`` false. Tuples are comma lists
+    (``--modalities rgb,thermal``, ``--image-size 96,128``); ``none`` clears an optional key.
+
+    Returns:
+        The resolved config and the recipe's card (``{}`` without ``--config``).
+
+    Raises:
+        ConfigError: an unknown key (listing the valid ones), a missing value, or a bad value.
+    """
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    hints = _field_types()
+    config_path: str | None = None
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in ("-h", "--help"):
+            raise SystemExit(help_text())
+        if not tok.startswith("--"):
+            raise ConfigError(f"unexpected argument {tok!r}; options look like --key value")
+        name, eq, inline = tok[2:].partition("=")
+        key = name.replace("-", "_")
+        if key == "config":
+            if eq:
+                config_path = inline
+            else:
+                if i + 1 >= len(argv):
+                    raise ConfigError("--config needs a file path")
+                config_path = argv[i + 1]
+                i += 1
+            i += 1
+            continue
+        negated = False
+        if key not in hints and key.startswith("no_") and hints.get(key[3:]) is bool:
+            key, negated = key[3:], True
+        if key not in hints:
+            raise _unknown_key_error([name], "the command line")
+        tp = hints[key]
+        if negated:
+            if eq:
+                raise ConfigError(f"--no-{name[3:]} takes no value")
+            overrides[key] = False
+            i += 1
+            continue
+        if eq:
+            text = inline
+        elif tp is bool and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
+            text = "true"
+        else:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"--{name} needs a value ({_type_name(tp)})")
+            text = argv[i + 1]
+            i += 1
+        overrides[key] = _parse_cli_value(text, tp, key)
+        i += 1
+    card: dict[str, Any] = {}
+    base = None
+    if config_path is not None:
+        base, card = load_config(config_path)
+    cfg = config_from_dict(overrides, base, where="the command line")
+    return cfg, card
+
+
+def help_text() -> str:
+    """Usage text listing every key with its type and default."""
+    lines = ["usage: train.py [--config zoo/<model>/<dataset>.yaml] [--key value ...]", "", "keys:"]
+    hints = _field_types()
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        lines.append(f"  --{f.name.replace('_', '-'):<30} {_type_name(hints[f.name]):<28} default {getattr(defaults, f.name)!r}")
+    return "\n".join(lines)
+
+
+def write_config(cfg: TrainConfig, path: str | Path, extra: Mapping[str, Any] | None = None) -> None:
+    """Write the resolved config as JSON (atomically), optionally with extra facts (e.g. world size)."""
+    from .checkpoint import atomic_write_bytes
+
+    data: dict[str, Any] = config_to_dict(cfg)
+    if extra:
+        data = {**data, "_resolved": dict(extra)}
+    atomic_write_bytes(Path(path), (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())

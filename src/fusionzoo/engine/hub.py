@@ -1,0 +1,196 @@
+"""Save and load trained fusion models: ``config.json`` + ``model.safetensors``, local or on the Hub.
+
+Loading never executes code from the checkpoint: ``config.json`` may only *name* a model that is
+registered in this installed fusionzoo (``create_model`` rebuilds it from the registry), and
+weights come from safetensors (no pickle). A hub id (``owner/name``) is resolved through
+huggingface-hub's cache, so ``HF_HUB_OFFLINE=1`` works whenever the files were fetched before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .checkpoint import CheckpointError, atomic_write_bytes, load_model_weights, save_tensors, unwrap_model
+
+__all__ = ["save_pretrained", "from_pretrained", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "fusionzoo"
+FORMAT_VERSION = 1
+
+
+def save_pretrained(
+    model: nn.Module,
+    save_directory: str | Path,
+    *,
+    class_names: Sequence[str] | None = None,
+    normalization: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``save_directory``.
+
+    Args:
+        model: a registered fusion model (it must have ``config``, ``num_classes`` and
+            ``modalities``); DDP / compiled wrappers are unwrapped.
+        class_names: ``K`` names, in class-id order (e.g. ``dataset.classes``).
+        normalization: per-modality input statistics, e.g. ``{"rgb": {"mean": [...], "std": [...]}}``.
+        extra: more JSON-able facts (training recipe, metrics).
+
+    Returns:
+        The directory.
+
+    Raises:
+        TypeError: the model has no ``config`` (it was not built by ``fusionzoo.create_model``).
+        ValueError: ``class_names`` has the wrong length.
+    """
+    model = unwrap_model(model)
+    cfg = getattr(model, "config", None)
+    if not isinstance(cfg, Mapping) or "name" not in cfg:
+        raise TypeError(
+            f"{type(model).__name__} has no registry config (model.config with a 'name'); "
+            "only models built by fusionzoo.create_model can be saved with save_pretrained"
+        )
+    num_classes = int(model.num_classes)
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model with {num_classes} classes")
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {k: _json_value(v) for k, v in cfg.items() if k != "pretrained"},
+        "num_classes": num_classes,
+        "modalities": list(model.modalities),
+        "class_names": list(class_names) if class_names is not None else None,
+        "normalization": _json_value(dict(normalization)) if normalization is not None else None,
+    }
+    if extra:
+        config["extra"] = _json_value(dict(extra))
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    # Weights first, config last: a directory with a config.json is a complete one.
+    save_tensors(model.state_dict(), out / WEIGHTS_NAME, metadata={"format": "pt", "fusionzoo": config["model"]["name"]})
+    atomic_write_bytes(out / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    return out
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return {str(k): _json_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise TypeError(f"cannot write {type(v).__name__} ({v!r}) to config.json; model.config must be JSON-able")
+
+
+def _resolve_files(
+    name_or_path: str | os.PathLike, revision: str | None, cache_dir: str | Path | None, local_files_only: bool
+) -> tuple[Path, Path]:
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path / CONFIG_NAME, path / WEIGHTS_NAME
+    text = str(name_or_path)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise FileNotFoundError(
+            f"{text!r} is neither a local directory with {CONFIG_NAME} + {WEIGHTS_NAME} "
+            "nor a Hugging Face Hub id of the form 'owner/name'"
+        )
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    files = []
+    for fname in (CONFIG_NAME, WEIGHTS_NAME):
+        try:
+            files.append(
+                Path(
+                    hf_hub_download(
+                        text, fname, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+                    )
+                )
+            )
+        except LocalEntryNotFoundError as e:
+            raise FileNotFoundError(
+                f"{fname} of hub model {text!r} is not in the Hugging Face cache "
+                f"({cache_dir or 'HF_HUB_CACHE'}) and the hub cannot be reached (offline mode or no "
+                f"network). Download it once online, or pass a local directory. ({e})"
+            ) from None
+        except (RepositoryNotFoundError, EntryNotFoundError) as e:
+            raise FileNotFoundError(f"hub model {text!r} has no {fname}: {e}") from None
+    return files[0], files[1]
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; a fusionzoo model directory needs {CONFIG_NAME}")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated (not valid JSON: {e})") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a fusionzoo config (expected \"format\": \"{FORMAT}\")")
+    if cfg.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {cfg.get('format_version')!r} is not {FORMAT_VERSION}")
+    model = cfg.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        raise CheckpointError(f"{path}: 'model' must be an object with the registered model 'name'")
+    if not isinstance(cfg.get("num_classes"), int) or not isinstance(cfg.get("modalities"), list):
+        raise CheckpointError(f"{path}: 'num_classes' (int) and 'modalities' (list) are required")
+    return cfg
+
+
+def from_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+) -> nn.Module:
+    """Rebuild a saved model from a local directory or a Hugging Face Hub id.
+
+    Args:
+        name_or_path: a directory written by :func:`save_pretrained`, or ``"owner/name"`` on the
+            Hub (resolved through the cache; ``HF_HUB_OFFLINE=1`` uses only the cache).
+        revision: hub branch, tag or commit.
+        cache_dir: hub cache folder (default: huggingface-hub's ``HF_HUB_CACHE``).
+        local_files_only: never contact the Hub.
+
+    Returns:
+        The model in eval mode, with ``model.pretrained_cfg`` holding the loaded ``config.json``
+        (class names, normalization statistics).
+
+    Raises:
+        FileNotFoundError: no such directory / not in the cache while offline.
+        CheckpointError: a corrupt file, or weights that do not fit the named architecture.
+        KeyError: the config names a model that is not registered in this fusionzoo.
+
+    Example:
+        >>> model = from_pretrained("runs/esanet/pretrained")
+        >>> logits = model({"rgb": rgb, "depth": depth})   # (B, K, H, W)
+    """
+    from .. import _registry
+
+    config_path, weights_path = _resolve_files(name_or_path, revision, cache_dir, local_files_only)
+    cfg = _read_config(config_path)
+    kwargs = dict(cfg["model"])
+    name = kwargs.pop("name")
+    _registry.model_entry(name)  # raises KeyError with close matches for an unknown name
+    kwargs["num_classes"] = cfg["num_classes"]
+    kwargs["modalities"] = tuple(cfg["modalities"])
+    kwargs.pop("pretrained", None)  # the saved weights replace any encoder initialization
+    import inspect
+
+    entry = _registry.model_entry(name)
+    params = inspect.signature(entry.builder or entry.fn).parameters
+    if "pretrained" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kwargs["pretrained"] = False
+    model = _registry.create_model(name, **kwargs)
+    load_model_weights(model, weights_path)
+    model.eval()
+    model.pretrained_cfg = cfg
+    return model

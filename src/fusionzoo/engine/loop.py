@@ -1,0 +1,596 @@
+"""Training and evaluation loops for segmentation fusion models.
+
+The model contract (see ``fusionzoo.models``): ``model(inputs, missing=())`` with ``inputs`` a
+dict ``modality -> (B, C_m, H, W)`` float tensor returns logits ``(B, K, H, W)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import unwrap_model
+from .distributed import all_reduce_mean, dist_info
+from .metrics import ConfusionMatrix
+
+__all__ = [
+    "Callback",
+    "CallbackList",
+    "LRSchedule",
+    "build_optimizer",
+    "build_scheduler",
+    "autocast_context",
+    "make_grad_scaler",
+    "split_batch",
+    "sample_missing",
+    "set_bn_eval",
+    "train_one_epoch",
+    "evaluate",
+    "predict",
+    "MetricsLogger",
+    "EpochState",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# callbacks
+
+
+class Callback:
+    """Hooks for training-time measurements; override what you need.
+
+    ``model`` is always the plain model (unwrapped from DDP / ``torch.compile``), so callbacks
+    can use ``model.modality_parameters(m)`` and taps. Gradients seen in
+    :meth:`on_after_backward` are already unscaled (fp16) and not yet clipped.
+    """
+
+    def on_train_start(self, model: nn.Module) -> None:
+        """Called once before the first step (also after a resume)."""
+
+    def on_after_backward(self, model: nn.Module, step: int, epoch: int) -> None:
+        """Called after every backward pass, before clipping and the optimizer step.
+
+        Args:
+            step: the global optimizer step about to be taken (0-based).
+            epoch: the current epoch (0-based).
+        """
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
+        """Called after each epoch (after evaluation when it ran) with that epoch's log record."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state stored in checkpoints (and in the run's callbacks.json)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output on resume (optional)."""
+
+
+class CallbackList(Callback):
+    """Fans every hook out to several callbacks; states are keyed by position and class name."""
+
+    def __init__(self, callbacks: Iterable[Callback] = ()) -> None:
+        self.callbacks = list(callbacks)
+        for cb in self.callbacks:
+            for name in ("on_train_start", "on_after_backward", "on_epoch_end", "state_dict"):
+                if not callable(getattr(cb, name, None)):
+                    raise TypeError(f"callback {type(cb).__name__} lacks the method {name}()")
+
+    def _key(self, i: int, cb: Callback) -> str:
+        return f"{i}:{type(cb).__name__}"
+
+    def on_train_start(self, model: nn.Module) -> None:
+        for cb in self.callbacks:
+            cb.on_train_start(model)
+
+    def on_after_backward(self, model: nn.Module, step: int, epoch: int) -> None:
+        for cb in self.callbacks:
+            cb.on_after_backward(model, step, epoch)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
+        for cb in self.callbacks:
+            cb.on_epoch_end(epoch, logs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {self._key(i, cb): cb.state_dict() for i, cb in enumerate(self.callbacks)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for i, cb in enumerate(self.callbacks):
+            key = self._key(i, cb)
+            if key in state and callable(getattr(cb, "load_state_dict", None)):
+                cb.load_state_dict(state[key])
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizer and schedule
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    name: str = "adamw",
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    momentum: float = 0.9,
+) -> torch.optim.Optimizer:
+    """AdamW (or SGD) with weight decay on weight matrices/kernels only.
+
+    Biases and normalization parameters (every tensor with fewer than 2 dims) get no decay, the
+    grouping used by CMX/SegFormer-style recipes (decaying BN scales fights the normalization).
+    """
+    decay, no_decay = [], []
+    for p in unwrap_model(model).parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {name!r}")
+
+
+class LRSchedule:
+    """Multiplier of the base learning rate at optimizer step ``t`` (a ``LambdaLR`` lambda).
+
+    Linear warm-up from ``warmup_factor`` to 1 over ``warmup_steps``, then ``poly``
+    (``(1 - t'/T')**power``, DeepLab/CMX) or ``cosine`` decay to ``min_ratio`` at ``total_steps``,
+    or ``constant``. Plain attributes only, so ``LambdaLR.state_dict()`` stores it as JSON.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        total_steps: int,
+        warmup_steps: int = 0,
+        warmup_factor: float = 0.1,
+        power: float = 0.9,
+        min_ratio: float = 0.0,
+    ) -> None:
+        if kind not in ("poly", "cosine", "constant"):
+            raise ValueError(f"schedule must be poly, cosine or constant, got {kind!r}")
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        self.kind = kind
+        self.total_steps = int(total_steps)
+        self.warmup_steps = int(min(warmup_steps, total_steps))
+        self.warmup_factor = float(warmup_factor)
+        self.power = float(power)
+        self.min_ratio = float(min_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            alpha = step / self.warmup_steps
+            return self.warmup_factor + (1.0 - self.warmup_factor) * alpha
+        if self.kind == "constant":
+            return 1.0
+        span = max(self.total_steps - self.warmup_steps, 1)
+        progress = min(max(step - self.warmup_steps, 0) / span, 1.0)
+        if self.kind == "poly":
+            decay = (1.0 - progress) ** self.power
+        else:
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_ratio + (1.0 - self.min_ratio) * decay
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    *,
+    kind: str,
+    total_steps: int,
+    warmup_steps: int = 0,
+    warmup_factor: float = 0.1,
+    power: float = 0.9,
+    min_lr: float = 0.0,
+    base_lr: float,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """``LambdaLR`` over :class:`LRSchedule`, stepped once per optimizer step."""
+    schedule = LRSchedule(kind, total_steps, warmup_steps, warmup_factor, power, min_lr / base_lr)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+# ----------------------------------------------------------------------------------------------
+# precision
+
+
+def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``amp`` in (``bf16``, ``fp16``) on CUDA (bf16 also on CPU); else a no-op."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    if amp not in ("bf16", "fp16"):
+        raise ValueError(f"amp must be off, bf16 or fp16, got {amp!r}")
+    if device.type != "cuda" and amp == "fp16":
+        return contextlib.nullcontext()  # fp16 autocast on CPU is slow and unsupported for many ops
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def make_grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16 on CUDA (fp16 underflows without loss scaling); ``None`` otherwise."""
+    if amp == "fp16" and device.type == "cuda":
+        return torch.amp.GradScaler("cuda")
+    if amp == "fp16":
+        warnings.warn("amp='fp16' needs CUDA; training in float32 on this device", stacklevel=2)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# batches
+
+
+def split_batch(
+    batch: Mapping[str, Any],
+    modalities: Sequence[str],
+    device: torch.device,
+    channels_last: bool = False,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Model inputs ``{m: (B, C_m, H, W)}`` on ``device`` and the mask ``(B, H, W)`` (or None).
+
+    Raises:
+        KeyError: a modality the model needs is not in the batch (names what the batch has).
+    """
+    missing = [m for m in modalities if m not in batch]
+    if missing:
+        have = sorted(k for k, v in batch.items() if isinstance(v, torch.Tensor))
+        raise KeyError(f"batch lacks modality {missing} needed by the model; the batch has {have}")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    inputs = {m: batch[m].to(device, non_blocking=True).contiguous(memory_format=fmt) for m in modalities}
+    mask = batch.get("mask")
+    if mask is not None:
+        mask = mask.to(device, non_blocking=True)
+    return inputs, mask
+
+
+def sample_missing(
+    modalities: Sequence[str], candidates: Sequence[str] | None, p: float, step: int, seed: int
+) -> tuple[str, ...]:
+    """Modality dropout: with probability ``p`` one candidate modality is dropped for this batch.
+
+    Drawn from a generator seeded by ``(seed, step)`` rather than the global RNG, so it is the same
+    on every rank (DDP needs one decision per global batch) and after a resume.
+
+    Returns:
+        ``()`` or a 1-tuple naming the dropped modality.
+    """
+    if p <= 0 or len(modalities) < 2:
+        return ()
+    pool = list(candidates) if candidates else list(modalities[1:])
+    if not pool:
+        return ()
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    if float(torch.rand((), generator=g)) >= p:
+        return ()
+    return (pool[int(torch.randint(len(pool), (), generator=g))],)
+
+
+def set_bn_eval(model: nn.Module) -> None:
+    """Put every BatchNorm in eval mode (frozen running statistics; affine parameters still train)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# logging
+
+
+class MetricsLogger:
+    """Appends one JSON object per line to ``metrics.jsonl``; mirrors scalars to TensorBoard.
+
+    Only rank 0 writes (``enabled=False`` elsewhere). TensorBoard is used when
+    ``torch.utils.tensorboard`` imports (the ``tensorboard`` package is installed).
+    """
+
+    def __init__(self, run_dir: str | Path | None, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.enabled = enabled and run_dir is not None
+        self.path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
+        self.tb = None
+        if self.enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.tb = None
+            else:
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:  # append + flush: a killed run keeps every finished line
+            f.write(json.dumps(_finite(record)) + "\n")
+            f.flush()
+        if self.tb is not None:
+            step = int(record.get("step", 0))
+            prefix = record.get("kind", "log")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _finite(obj: Any) -> Any:
+    # JSON has no NaN; absent classes are written as null.
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+class EpochState:
+    """Position inside an epoch, saved in checkpoints so a resume continues with the next batch."""
+
+    def __init__(self, epoch: int = 0, batches_done: int = 0, global_step: int = 0,
+                 loss_sum: float = 0.0, images: int = 0) -> None:
+        self.epoch = epoch
+        self.batches_done = batches_done
+        self.global_step = global_step
+        self.loss_sum = loss_sum
+        self.images = images
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EpochState:
+        return cls(**{k: d[k] for k in ("epoch", "batches_done", "global_step", "loss_sum", "images")})
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    *,
+    modalities: Sequence[str],
+    device: torch.device,
+    state: EpochState,
+    num_batches: int,
+    ignore_index: int = 255,
+    label_smoothing: float = 0.0,
+    grad_clip: float | None = None,
+    amp: str = "off",
+    scaler: torch.amp.GradScaler | None = None,
+    channels_last: bool = False,
+    freeze_bn: bool = False,
+    modality_dropout: float = 0.0,
+    dropout_candidates: Sequence[str] | None = None,
+    seed: int = 0,
+    callbacks: Callback | None = None,
+    logger: MetricsLogger | None = None,
+    log_interval: int = 10,
+    after_step: Callable[[EpochState], None] | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """One pass over ``loader`` (which already skips the batches ``state`` says are done).
+
+    Args:
+        model: the (possibly DDP / compiled) model in any mode; set to train mode here.
+        loader: yields batches ``{modality: (B, C, H, W), "mask": (B, H, W), ...}``.
+        state: epoch position; updated in place after every step (a checkpoint saved from
+            ``after_step`` therefore resumes at the next batch).
+        num_batches: total batches of this epoch (for the progress bar and the step cap).
+        modality_dropout: probability per batch of passing ``missing=(m,)`` for one modality.
+        after_step: called after every optimizer step with the updated ``state`` (checkpoints).
+
+    Returns:
+        ``{"loss": mean training loss over the epoch (all ranks), "img_per_s": throughput}``.
+    """
+    from tqdm.auto import tqdm
+
+    info = dist_info()
+    plain = unwrap_model(model)
+    model.train()
+    if freeze_bn:
+        set_bn_eval(model)
+    cb = callbacks or Callback()
+    bar = tqdm(total=num_batches, initial=state.batches_done, disable=not (progress and info.is_main),
+               desc=f"epoch {state.epoch}", dynamic_ncols=True, leave=False)
+    t_epoch = time.perf_counter()
+    images_this_call = 0
+    for batch in loader:
+        if state.batches_done >= num_batches:
+            break
+        t0 = time.perf_counter()
+        inputs, mask = split_batch(batch, modalities, device, channels_last)
+        if mask is None:
+            raise KeyError("training batch has no 'mask' (segmentation target)")
+        missing = sample_missing(modalities, dropout_candidates, modality_dropout, state.global_step, seed)
+        with autocast_context(device, amp):
+            logits = model(inputs, missing=missing) if missing else model(inputs)
+        # Loss in float32: the softmax over K classes is where half precision loses digits.
+        loss = F.cross_entropy(logits.float(), mask, ignore_index=ignore_index, label_smoothing=label_smoothing)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss {float(loss)} at epoch {state.epoch} step {state.global_step}; "
+                "lower lr, enable grad_clip, or use amp=bf16 instead of fp16"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # callbacks and clipping see true gradient magnitudes
+        else:
+            loss.backward()
+        cb.on_after_backward(plain, state.global_step, state.epoch)
+        grad_norm = None
+        if grad_clip is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(plain.parameters(), grad_clip))
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        batch_images = int(mask.shape[0]) * info.world_size
+        state.global_step += 1
+        state.batches_done += 1
+        state.loss_sum += float(loss) * batch_images
+        state.images += batch_images
+        images_this_call += batch_images
+        dt = time.perf_counter() - t0
+        lr = optimizer.param_groups[0]["lr"]
+        bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}", img_s=f"{batch_images / max(dt, 1e-9):.1f}")
+        bar.update(1)
+        if logger is not None and state.global_step % log_interval == 0:
+            rec = {"kind": "train", "epoch": state.epoch, "step": state.global_step, "loss": float(loss),
+                   "lr": lr, "img_per_s": batch_images / max(dt, 1e-9)}
+            if missing:
+                rec["missing"] = list(missing)
+            if grad_norm is not None:
+                rec["grad_norm"] = grad_norm
+            logger.log(rec)
+        if after_step is not None:
+            after_step(state)
+    bar.close()
+    elapsed = time.perf_counter() - t_epoch
+    mean_loss = state.loss_sum / max(state.images, 1)
+    return {
+        "loss": all_reduce_mean(mean_loss, device if info.distributed and device.type == "cuda" else "cpu"),
+        "img_per_s": images_this_call / max(elapsed, 1e-9),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    *,
+    missing: Sequence[str] = (),
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+) -> torch.Tensor:
+    """Class probabilities ``(B, K, H, W)``, averaged over scales and horizontal flips.
+
+    Multi-scale + flip test-time augmentation as in the evaluation protocols of ESANet/CMX:
+    every modality is resized by the same factor (bilinear; depth/thermal are continuous maps),
+    logits are resized back to ``(H, W)`` and softmax probabilities are averaged.
+    """
+    h, w = next(iter(inputs.values())).shape[-2:]
+    kwargs = {"missing": tuple(missing)} if missing else {}
+    total = None
+    n = 0
+    for s in scales:
+        if s == 1.0:
+            scaled = dict(inputs)
+        else:
+            size = (max(int(round(h * s)), 1), max(int(round(w * s)), 1))
+            scaled = {k: F.interpolate(v, size=size, mode="bilinear", align_corners=False) for k, v in inputs.items()}
+        for flipped in ((False, True) if flip else (False,)):
+            x = {k: v.flip(-1) for k, v in scaled.items()} if flipped else scaled
+            logits = model(x, **kwargs).float()
+            if flipped:
+                logits = logits.flip(-1)
+            if logits.shape[-2:] != (h, w):
+                logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+            prob = logits.softmax(1)
+            total = prob if total is None else total + prob
+            n += 1
+    return total / n
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    *,
+    modalities: Sequence[str],
+    num_classes: int,
+    device: torch.device,
+    missing: Sequence[str] = (),
+    tta: bool = False,
+    tta_scales: Sequence[float] = (0.75, 1.0, 1.25),
+    tta_flip: bool = True,
+    amp: str = "off",
+    channels_last: bool = False,
+    ignore_index: int = 255,
+    class_names: list[str] | None = None,
+    progress: bool = False,
+    desc: str = "eval",
+) -> dict[str, Any]:
+    """Segmentation metrics over ``loader``, reduced across ranks.
+
+    Args:
+        missing: modalities the model must treat as absent (``model(x, missing=...)``), for the
+            missing-modality evaluation; the inputs still carry them, the model ignores them.
+        tta: multi-scale (``tta_scales``) + flip (``tta_flip``) test-time augmentation.
+
+    Returns:
+        The :meth:`ConfusionMatrix.compute` dict plus ``loss`` (mean cross-entropy of the
+        single-scale logits; NaN under TTA) and ``missing``.
+    """
+    from tqdm.auto import tqdm
+
+    info = dist_info()
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(num_classes, ignore_index)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    loss_px = 0
+    scales = tuple(tta_scales) if tta else (1.0,)
+    flip = bool(tta and tta_flip)
+    for batch in tqdm(loader, disable=not (progress and info.is_main), desc=desc, leave=False, dynamic_ncols=True):
+        inputs, mask = split_batch(batch, modalities, device, channels_last)
+        if mask is None:
+            raise KeyError("evaluation batch has no 'mask' (segmentation target)")
+        with autocast_context(device, amp):
+            if tta:
+                prob = predict(model, inputs, missing=missing, scales=scales, flip=flip)
+                pred = prob.argmax(1)
+            else:
+                kwargs = {"missing": tuple(missing)} if missing else {}
+                logits = model(inputs, **kwargs).float()
+                if logits.shape[-2:] != mask.shape[-2:]:
+                    raise ValueError(
+                        f"model returned logits of size {tuple(logits.shape[-2:])} for a mask of "
+                        f"{tuple(mask.shape[-2:])}; segmentation models must predict at input size"
+                    )
+                loss_sum += F.cross_entropy(logits, mask, ignore_index=ignore_index, reduction="sum").double().cpu()
+                loss_px += int((mask != ignore_index).sum())
+                pred = logits.argmax(1)
+        cm.update(pred.cpu(), mask.cpu())
+    cm.all_reduce()
+    out = cm.compute(class_names)
+    if tta:
+        out["loss"] = math.nan
+    else:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and info.world_size > 1:
+            dev = device if device.type == "cuda" else torch.device("cpu")
+            t = torch.tensor([float(loss_sum), float(loss_px)], dtype=torch.float64, device=dev)
+            dist.all_reduce(t)
+            loss_sum, loss_px = t[0].cpu(), int(t[1])
+        out["loss"] = float(loss_sum) / max(loss_px, 1)
+    out["missing"] = list(missing)
+    if was_training:
+        model.train()
+    return out

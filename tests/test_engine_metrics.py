@@ -1,0 +1,108 @@
+"""Confusion-matrix metrics against hand-computed values, and their reduction across ranks."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fusionzoo.engine.metrics import ConfusionMatrix
+
+TARGET = torch.tensor([[[0, 0, 1], [1, 2, 255]]])
+PRED = torch.tensor([[[0, 1, 1], [1, 0, 2]]])
+
+
+def test_hand_computed_case():
+    # valid pixels (gt, pred): (0,0) (0,1) (1,1) (1,1) (2,0); the 255 pixel is skipped.
+    cm = ConfusionMatrix(3)
+    cm.update(PRED, TARGET)
+    assert cm.matrix.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    out = cm.compute(["a", "b", "c"])
+    # IoU: 1/(2+2-1), 2/(2+3-2), 0/(1+0-0)
+    assert out["iou"] == pytest.approx([1 / 3, 2 / 3, 0.0])
+    assert out["miou"] == pytest.approx(1 / 3)
+    assert out["pixel_acc"] == pytest.approx(3 / 5)
+    assert out["acc"] == pytest.approx([0.5, 1.0, 0.0])
+    assert out["mean_acc"] == pytest.approx(0.5)
+    assert out["per_class"]["b"] == pytest.approx(2 / 3)
+    assert out["pixels"] == 5
+
+
+def test_logits_are_argmaxed_and_batches_accumulate():
+    logits = torch.nn.functional.one_hot(PRED.clamp(max=2), 3).permute(0, 3, 1, 2).float()
+    a, b = ConfusionMatrix(3), ConfusionMatrix(3)
+    a.update(logits, TARGET)
+    a.update(logits, TARGET)
+    b.update(torch.cat([PRED, PRED]), torch.cat([TARGET, TARGET]))
+    assert torch.equal(a.matrix, b.matrix)
+    assert a.matrix.sum() == 10
+
+
+def test_absent_class_is_excluded_from_the_mean():
+    cm = ConfusionMatrix(4)
+    cm.update(PRED, TARGET)
+    out = cm.compute()
+    assert math.isnan(out["iou"][3]) and math.isnan(out["acc"][3])
+    assert out["miou"] == pytest.approx(1 / 3)  # same as with K=3
+    assert out["present"] == 3
+
+
+def test_predicted_but_absent_class_counts_as_zero_iou():
+    cm = ConfusionMatrix(2)
+    cm.update(torch.tensor([[1, 1]]), torch.tensor([[0, 0]]))
+    out = cm.compute()
+    assert out["iou"] == [0.0, 0.0]
+    assert math.isnan(out["acc"][1])  # no ground truth of class 1
+    assert out["miou"] == 0.0
+
+
+def test_empty_and_bad_inputs():
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([[0]]), torch.tensor([[255]]))
+    assert math.isnan(cm.compute()["miou"])
+    with pytest.raises(ValueError, match="outside"):
+        cm.update(torch.tensor([[0]]), torch.tensor([[3]]))
+    with pytest.raises(ValueError, match="shape"):
+        cm.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="classes"):
+        cm.update(torch.zeros(1, 5, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cm = ConfusionMatrix(3)
+        # rank 0 sees the first row of the image, rank 1 the second
+        cm.update(PRED[:, rank : rank + 1], TARGET[:, rank : rank + 1])
+        cm.all_reduce()
+        queue.put((rank, cm.matrix.tolist()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_sums_ranks():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    single = ConfusionMatrix(3)
+    single.update(PRED, TARGET)
+    assert results[0] == results[1] == single.matrix.tolist()
