@@ -44,6 +44,9 @@ class StageFusion(nn.Module):
 
     max_modalities: ClassVar[int | None] = None
     feeds_back: ClassVar[bool] = False
+    # Details that are global vectors (B, C, 1, 1), e.g. channel-attention weights; their taps
+    # get reduction 0 instead of the stage's stride.
+    global_details: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, channels: int, num_modalities: int) -> None:
         super().__init__()

@@ -1,0 +1,38 @@
+"""fusionzoo: RGB-D and RGB-T fusion models for segmentation and detection, with uniform taps for
+interpretation.
+
+>>> import fusionzoo as fz
+>>> fz.list_models("cmx_*")
+['cmx_pvt_v2_b2', 'cmx_resnet18', 'cmx_resnet50']
+>>> model = fz.create_model("cmx_resnet50", num_classes=40)
+>>> with fz.capture(model, "fused.*") as acts:
+...     logits = model({"rgb": rgb, "depth": depth})
+"""
+
+from __future__ import annotations
+
+from . import models  # noqa: F401  (registers every model)
+from ._registry import ModelEntry, create_model, list_models, model_entry, register_model
+from .encoders import Encoder, PretrainedWeightsError
+from .modalities import DEFAULT_CHANNELS
+from .models import FusionModel
+from .taps import Captured, Tap, TapInfo, capture
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_CHANNELS",
+    "Captured",
+    "Encoder",
+    "FusionModel",
+    "ModelEntry",
+    "PretrainedWeightsError",
+    "Tap",
+    "TapInfo",
+    "__version__",
+    "capture",
+    "create_model",
+    "list_models",
+    "model_entry",
+    "register_model",
+]

@@ -1,0 +1,226 @@
+"""Strict model registry: names -> entry points + metadata, filterable without building anything.
+
+Names follow ``{method}_{encoder}`` (``cmx_resnet50``) for a named variant whose encoder is fixed,
+or ``{method}`` (``late_mean``) for a family entry that takes ``encoder=`` for any timm model. An
+optional ``.tag`` names the training data of released weights (``cmx_resnet50.nyuv2``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+TASKS = ("segmentation", "detection")
+FUSIONS = ("early", "middle", "late", "hybrid")
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*(\.[a-z0-9][a-z0-9_]*)?$")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """What the registry knows about a model before building it."""
+
+    name: str
+    fn: Callable[..., nn.Module] = field(repr=False)
+    task: str
+    fusion: str
+    method: str
+    encoder: str  # the default (family) or fixed (named variant) timm encoder
+    modalities: tuple[str, ...]  # default modalities
+    paper: str
+    max_modalities: int | None  # 2 for methods defined on exactly two streams, None = any number
+    encoder_fixed: bool  # True for named variants: `encoder=` is then rejected
+    accepts: frozenset[str] | None = None  # keywords the entry takes (None: read its signature)
+
+    @property
+    def module(self) -> str:
+        return self.fn.__module__
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(
+    *,
+    task: str,
+    fusion: str,
+    method: str,
+    encoder: str,
+    paper: str,
+    modalities: tuple[str, ...] = ("rgb", "depth"),
+    max_modalities: int | None = None,
+    name: str | None = None,
+    accepts: Iterable[str] | None = None,
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register an entry point with its metadata.
+
+    A function whose name equals ``method`` is a family entry (accepts ``encoder=``); any other name
+    must be ``f"{method}_{encoder}"`` with ``.`` in the timm name replaced by ``_``. Entry points
+    that forward ``**kwargs`` list the keywords they take in ``accepts``, so unknown keywords are
+    rejected up front with the entry point's name.
+
+    Raises:
+        ValueError: a duplicate name, bad metadata, or a name that breaks the grammar.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+
+    def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        model_name = name or fn.__name__
+        if model_name in _REGISTRY:
+            raise ValueError(
+                f"model {model_name!r} is already registered by {_REGISTRY[model_name].module}; "
+                "names must be unique"
+            )
+        if not NAME_PATTERN.match(model_name):
+            raise ValueError(f"model name {model_name!r} breaks the grammar {NAME_PATTERN.pattern}")
+        base = model_name.split(".")[0]
+        fixed = base != method
+        if fixed and base != f"{method}_{encoder_key(encoder)}":
+            raise ValueError(
+                f"model name {model_name!r} must be {method!r} (family entry) or "
+                f"{method}_{encoder_key(encoder)!r} (named variant)"
+            )
+        _REGISTRY[model_name] = ModelEntry(
+            name=model_name,
+            fn=fn,
+            task=task,
+            fusion=fusion,
+            method=method,
+            encoder=encoder,
+            modalities=tuple(modalities),
+            paper=paper,
+            max_modalities=max_modalities,
+            encoder_fixed=fixed,
+            accepts=frozenset(accepts) if accepts is not None else None,
+        )
+        return fn
+
+    return decorator
+
+
+def encoder_key(encoder: str) -> str:
+    """The part of a model name that stands for a timm encoder (``convnext_tiny.fb_in1k`` -> ``convnext_tiny_fb_in1k``)."""
+    return encoder.replace(".", "_").replace("-", "_").lower()
+
+
+def _as_list(patterns: str | Iterable[str] | None) -> list[str]:
+    if patterns is None:
+        return []
+    return [patterns] if isinstance(patterns, str) else list(patterns)
+
+
+def list_models(
+    filter: str | Iterable[str] | None = None,
+    *,
+    exclude: str | Iterable[str] | None = None,
+    task: str | None = None,
+    fusion: str | Iterable[str] | None = None,
+    modalities: Iterable[str] | None = None,
+    method: str | None = None,
+) -> list[str]:
+    """Registered model names, sorted, filtered by fnmatch patterns and metadata.
+
+    Args:
+        filter: one or more fnmatch patterns a name must match (any of them).
+        exclude: patterns that remove names.
+        task: ``"segmentation"`` or ``"detection"``.
+        fusion: a fusion family (``early``, ``middle``, ``late``, ``hybrid``) or several.
+        modalities: keep models that can run on exactly these streams (e.g. three streams drop
+            the methods defined for two).
+        method: the method part of the name (``"cmx"``).
+
+    Example:
+        >>> list_models("*_resnet50", task="segmentation", fusion="late", modalities=("rgb", "thermal"))
+        ['late_gate_resnet50', 'late_mean_resnet50', 'late_weighted_resnet50']
+    """
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    fusions = _as_list(fusion)
+    for f in fusions:
+        if f not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {f!r}")
+    include, excluded = _as_list(filter), _as_list(exclude)
+    wanted = tuple(modalities) if modalities is not None else None
+    if wanted is not None:
+        from .modalities import check_modality_names
+
+        check_modality_names(wanted)
+    names = []
+    for name, entry in _REGISTRY.items():
+        if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in excluded):
+            continue
+        if task is not None and entry.task != task:
+            continue
+        if fusions and entry.fusion not in fusions:
+            continue
+        if method is not None and entry.method != method:
+            continue
+        if wanted is not None and entry.max_modalities is not None and len(wanted) != entry.max_modalities:
+            continue
+        names.append(name)
+    return sorted(names)
+
+
+def model_entry(name: str) -> ModelEntry:
+    """Metadata of a registered model.
+
+    Raises:
+        KeyError: unknown name; the message lists close matches and a ``list_models`` hint.
+    """
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.6)
+    prefix = name.split("_")[0]
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise KeyError(
+        f"unknown model {name!r}.{hint} See fusionzoo.list_models({prefix + '*'!r}) "
+        f"({len(_REGISTRY)} models registered)."
+    )
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered model by name.
+
+    Args:
+        name: a registered name (``fusionzoo.list_models()``).
+        **kwargs: entry-point arguments, e.g. ``num_classes``, ``modalities``, ``decoder``,
+            ``pretrained``; family entries also take ``encoder``.
+
+    Returns:
+        The model; ``model({"rgb": (B, 3, H, W), "depth": (B, 1, H, W)})`` gives ``(B, K, H, W)``.
+
+    Raises:
+        KeyError: unknown name. TypeError: an argument the entry point does not take.
+
+    Example:
+        >>> m = create_model("cmx_resnet50", num_classes=9, modalities=("rgb", "thermal"))
+    """
+    entry = model_entry(name)
+    if entry.encoder_fixed and "encoder" in kwargs:
+        raise TypeError(
+            f"{name}() fixes encoder={entry.encoder!r}; use create_model({entry.method!r}, "
+            f"encoder={kwargs['encoder']!r}) for another encoder"
+        )
+    if entry.accepts is not None:
+        accepted = set(entry.accepts)
+    else:
+        params = inspect.signature(entry.fn).parameters
+        has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        accepted = None if has_var_kw else set(params)
+    if accepted is not None:
+        accepted -= {"encoder"} if entry.encoder_fixed else set()
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            raise TypeError(f"{name}() got unexpected keyword argument(s) {unknown}; it takes {sorted(accepted)}")
+    return entry.fn(**kwargs)

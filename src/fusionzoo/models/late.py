@@ -1,0 +1,114 @@
+"""Late fusion: one full network per modality; their predictions are fused."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..encoders import Encoder
+from .base import FusionModel, register_family
+
+LATE_RULES = ("mean", "weighted", "gate")
+
+
+def decision_fusion(logits: Sequence[torch.Tensor], scores: torch.Tensor, present: Sequence[bool]) -> torch.Tensor:
+    """Softmax-weighted sum of predictions, absent predictions excluded.
+
+    Args:
+        logits: ``P`` predictions, each ``(B, K, h, w)``.
+        scores: unnormalized weights broadcastable to ``(B, P, K, h, w)``: ``(P, 1, 1, 1)`` for a
+            mean, ``(P, K, 1, 1)`` for per-class weights, ``(B, P, 1, h, w)`` for per-pixel gates.
+        present: which predictions may take part (missing modalities get weight 0).
+
+    Returns:
+        ``(B, K, h, w)``; the weights (softmax over ``P``) sum to 1 over the present predictions.
+    """
+    stacked = torch.stack(list(logits), dim=1)  # (B, P, K, h, w)
+    mask = torch.tensor(present, device=stacked.device).view(1, -1, 1, 1, 1)
+    scores = scores.expand(stacked.shape[0], *scores.shape[-4:]) if scores.dim() == 4 else scores
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=1)
+    return (weights * stacked).sum(dim=1)
+
+
+class LateFusionModel(FusionModel):
+    """One encoder + decoder per modality; per-modality logits (taps ``{m}.head``) are fused by
+
+    - ``"mean"``: the average of the modalities' logits;
+    - ``"weighted"``: learned per-class modality weights, softmax over modalities per class
+      (parameter ``class_weights`` of shape ``(M, K)``, initialized to the mean);
+    - ``"gate"``: per-pixel confidence gates: a 1x1 conv over the concatenated decoder
+      embeddings predicts one score per modality and pixel, softmax over modalities (tap
+      ``head.gate``, ``M`` channels).
+
+    Missing modalities are excluded from the fusion (weight 0, the others renormalized).
+
+    Taps: ``{m}.stage1..4`` and ``{m}.head`` for every modality, ``[head.gate,] head.logits``.
+    """
+
+    def __init__(
+        self,
+        encoder: str,
+        *,
+        num_classes: int = 40,
+        modalities: Sequence[str] = ("rgb", "depth"),
+        in_chans: Mapping[str, int] | None = None,
+        pretrained: bool = False,
+        decoder: str = "segformer",
+        decoder_channels: int | None = None,
+        dropout: float = 0.1,
+        rule: str = "mean",
+    ) -> None:
+        super().__init__(modalities, num_classes, in_chans)
+        if rule not in LATE_RULES:
+            raise ValueError(f"unknown late-fusion rule {rule!r}; choose one of {LATE_RULES}")
+        self.rule = rule
+        self.encoders = nn.ModuleDict()
+        self.decoders = nn.ModuleDict()
+        for m in self.modalities:
+            enc = Encoder(encoder, in_chans=self.in_chans[m], pretrained=pretrained)
+            self.encoders[m] = enc
+            for stage, channels, reduction in zip(enc.stage_names, enc.channels, enc.reductions):
+                self.taps.declare(f"{m}.{stage}", channels, reduction)
+            self.decoders[m] = self.build_decoder(enc.channels, decoder, decoder_channels, dropout, tapped=False)
+            self.taps.declare(f"{m}.head", num_classes, 4, "logits")
+        num = len(self.modalities)
+        if rule == "weighted":
+            self.class_weights = nn.Parameter(torch.zeros(num, num_classes))
+        if rule == "gate":
+            embed = self.decoders[self.modalities[0]].out_channels
+            self.gate = nn.Conv2d(embed * num, num, 1)
+            self.taps.declare("head.gate", num, 4, "gate")
+        self.taps.declare("head.logits", num_classes, 4, "logits")
+
+    def modality_parameters(self, modality: str):
+        """The modality's encoder and decoder."""
+        yield from super().modality_parameters(modality)
+        yield from self.decoders[modality].parameters()
+
+    def forward_logits(self, xs: dict[str, torch.Tensor], missing: tuple[str, ...]) -> torch.Tensor:
+        logits, embeddings = [], []
+        for m in self.modalities:
+            feats = [self.taps(f"{m}.{s}", f) for s, f in zip(self.encoders[m].stage_names, self.encoders[m](xs[m]))]
+            embedding = self.decoders[m](feats)
+            embeddings.append(embedding)
+            logits.append(self.taps(f"{m}.head", self.decoders[m].classify(embedding)))
+        present = [m not in missing for m in self.modalities]
+        if self.rule == "mean":
+            scores = logits[0].new_zeros(len(logits), 1, 1, 1)
+        elif self.rule == "weighted":
+            scores = self.class_weights[:, :, None, None]
+        else:
+            scores = self.taps("head.gate", self.gate(torch.cat(embeddings, dim=1))).unsqueeze(2)
+        return self.taps("head.logits", decision_fusion(logits, scores, present))
+
+
+_PAPER_LATE = "late (decision-level) fusion of per-modality networks, cf. Valada et al., 'AdapNet', ICRA 2017"
+register_family(method="late_mean", model_cls=LateFusionModel, fusion="late", fixed={"rule": "mean"},
+                paper=_PAPER_LATE + " (mean of logits)")
+register_family(method="late_weighted", model_cls=LateFusionModel, fusion="late", fixed={"rule": "weighted"},
+                paper=_PAPER_LATE + " (learned per-class weights)")
+register_family(method="late_gate", model_cls=LateFusionModel, fusion="late", fixed={"rule": "gate"},
+                paper="Valada et al., 'Deep Multispectral Semantic Scene Understanding of Forested Environments "
+                      "using Multimodal Fusion', ISER 2016 / AdapNet ICRA 2017 (per-pixel convoluted mixture of experts gates)")

@@ -1,0 +1,160 @@
+"""Middle fusion: one encoder per modality, features fused at every stage by a
+:class:`~fusionzoo.fusion.StageFusion` operator, one decoder on the fused features."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..encoders import Encoder
+from ..fusion import FUSION_OPS
+from .base import FusionModel, register_family
+
+
+class MiddleFusionModel(FusionModel):
+    """Per-modality timm encoders run stage by stage; after each stage a fusion operator merges
+    the streams, the fused feature goes to the decoder and, for methods that feed back (FuseNet,
+    ESANet, SA-Gate, CMX), the operator's rectified streams enter the next encoder stage.
+
+    Args:
+        encoder: timm model name; every modality gets its own copy (weights not shared).
+        fusion_op: key of ``fusionzoo.fusion.FUSION_OPS``.
+        fuse_stem: also fuse after the stride-2 stem when the encoder has one (ESANet, ACNet).
+        feedback: feed the operator's ``streams`` back into the encoders (the published design
+            of feed-back methods); hybrid models switch it off to keep modality-specific streams.
+        fusion_kwargs: extra keyword arguments for every stage's operator (e.g. CMX's
+            ``{"preset": "resnet"}`` or ``{"num_heads": 4}``).
+
+    Taps, per stage: ``{m}.{stage}`` for every modality (encoder output before fusion),
+    ``fused.{stage}`` and the operator's internals ``fused.{stage}.{detail}``; then
+    ``decoder.out`` and ``head.logits``.
+    """
+
+    def __init__(
+        self,
+        encoder: str,
+        *,
+        num_classes: int = 40,
+        modalities: Sequence[str] = ("rgb", "depth"),
+        in_chans: Mapping[str, int] | None = None,
+        pretrained: bool = False,
+        decoder: str = "segformer",
+        decoder_channels: int | None = None,
+        dropout: float = 0.1,
+        fusion_op: str = "crossattn",
+        fuse_stem: bool = False,
+        feedback: bool = True,
+        fusion_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(modalities, num_classes, in_chans)
+        if fusion_op not in FUSION_OPS:
+            raise ValueError(f"unknown fusion_op {fusion_op!r}; choose one of {sorted(FUSION_OPS)}")
+        op_cls = FUSION_OPS[fusion_op]
+        if len(self.modalities) < 2:
+            raise ValueError(f"middle fusion needs at least two modalities, got {self.modalities}")
+        if op_cls.max_modalities is not None and len(self.modalities) != op_cls.max_modalities:
+            raise ValueError(
+                f"fusion {fusion_op!r} is defined for exactly {op_cls.max_modalities} modalities, got "
+                f"{self.modalities}; use a generic method (crossattn, early_concat, late_*, hybrid_gate) for more"
+            )
+        self.encoders = nn.ModuleDict({
+            m: Encoder(encoder, in_chans=self.in_chans[m], pretrained=pretrained, with_stem=fuse_stem)
+            for m in self.modalities
+        })
+        first = self.encoders[self.modalities[0]]
+        self.stage_names = first.stage_names
+        self.feedback = feedback and op_cls.feeds_back
+        self.stagewise = all(e.stagewise for e in self.encoders.values())
+        if self.feedback and not self.stagewise:
+            raise ValueError(
+                f"fusion {fusion_op!r} feeds fused features back into the encoders, which needs an encoder that "
+                f"runs stage by stage; timm {encoder!r} does not"
+            )
+        self.decoder_stages = [s for s in self.stage_names if s != "stem"]
+        offset = len(self.stage_names) - len(self.decoder_stages)
+        self.fusion_kwargs = dict(fusion_kwargs or {})
+        self.fusions = nn.ModuleDict()
+        self._detail_names: dict[str, list[str]] = {}
+        for k, (stage, channels, reduction) in enumerate(zip(self.stage_names, first.channels, first.reductions)):
+            for m in self.modalities:
+                self.taps.declare(f"{m}.{stage}", channels, reduction)
+            # The stem shares the first stage's hyper-parameters (stage_index 0).
+            stage_index = max(k - offset, 0)
+            op = op_cls(channels, len(self.modalities), stage_index=stage_index, **self.op_kwargs(first.channels[offset:]))
+            self.fusions[stage] = op
+            self.declare_fused_taps(stage, channels, reduction, op)
+        self.stage_channels = [c for s, c in zip(self.stage_names, first.channels) if s != "stem"]
+        self.pretrained = pretrained
+        self.build_extra()
+        self.decoder = self.build_decoder(self.stage_channels, decoder, decoder_channels, dropout)
+        self.build_late_heads(decoder, decoder_channels, dropout)
+        self.taps.declare("head.logits", num_classes, 4, "logits")
+
+    def declare_fused_taps(self, stage: str, channels: int, reduction: int, op: nn.Module) -> None:
+        self.taps.declare(f"fused.{stage}", channels, reduction)
+        global_details = getattr(op, "global_details", frozenset())
+        self._detail_names[stage] = list(op.detail_channels)
+        for detail, detail_channels in op.detail_channels.items():
+            kind = detail if detail in ("gate", "attn") else "feature"
+            self.taps.declare(f"fused.{stage}.{detail}", detail_channels, 0 if detail in global_details else reduction, kind)
+
+    # Hooks for subclasses (CMX's presets, ACNet's merged branch, hybrid heads).
+    def op_kwargs(self, stage_channels: Sequence[int]) -> dict[str, Any]:
+        """Keyword arguments for every stage's fusion operator."""
+        return self.fusion_kwargs
+
+    def build_extra(self) -> None:
+        pass
+
+    def build_late_heads(self, decoder: str, decoder_channels: int | None, dropout: float) -> None:
+        pass
+
+    def merge(self, index: int, fused: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        """Combine the operator's output with the previous fused feature (ACNet's merged branch)."""
+        return fused
+
+    def forward_streams(self, xs: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+        """Run encoders and fusion.
+
+        Returns:
+            The fused feature of each decoder stage (strides 4..32) and, per modality, its own
+            encoder outputs at those stages (before fusion).
+        """
+        streams = [xs[m] for m in self.modalities]
+        if not self.stagewise:  # no feedback: run each encoder whole, then fuse stage by stage
+            per_modality = [self.encoders[m](xs[m]) for m in self.modalities]
+        fused_feats: list[torch.Tensor] = []
+        own: dict[str, list[torch.Tensor]] = {m: [] for m in self.modalities}
+        previous = None
+        for k, stage in enumerate(self.stage_names):
+            if self.stagewise:
+                feats = [self.encoders[m].forward_stage(k, s) for m, s in zip(self.modalities, streams)]
+            else:
+                feats = [f[k] for f in per_modality]
+            feats = [self.taps(f"{m}.{stage}", f) for m, f in zip(self.modalities, feats)]
+            result = self.fusions[stage](feats)
+            fused = self.taps(f"fused.{stage}", self.merge(k, result.fused, previous))
+            for detail in self._detail_names[stage]:
+                self.taps(f"fused.{stage}.{detail}", result.details[detail])
+            streams = result.streams if self.feedback and result.streams is not None else feats
+            previous = fused
+            if stage != "stem":
+                fused_feats.append(fused)
+                for m, f in zip(self.modalities, feats):
+                    own[m].append(f)
+        return fused_feats, own
+
+    def forward_logits(self, xs: dict[str, torch.Tensor], missing: tuple[str, ...]) -> torch.Tensor:
+        fused_feats, _ = self.forward_streams(xs)
+        return self.taps("head.logits", self.decode(self.decoder, fused_feats))
+
+
+PAPER_CROSSATTN = (
+    "per-stage multi-head cross-attention between modality tokens with spatially reduced keys "
+    "(PVT, Wang et al. ICCV 2021; cf. CMX's cross-attention, Zhang et al. T-ITS 2023)"
+)
+register_family(method="crossattn", model_cls=MiddleFusionModel, fusion="middle", paper=PAPER_CROSSATTN,
+                fixed={"fusion_op": "crossattn", "fuse_stem": False, "feedback": False})
