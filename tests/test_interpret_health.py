@@ -1,0 +1,95 @@
+"""Effective rank, feature norms, Grad-CAM and gate maps on cases with known answers."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fusionzoo.interpret.gradcam import gate_maps, grad_cam, split_gate_channels
+from fusionzoo.interpret.health import EffectiveRank, FeatureNorm, effective_rank
+from fusionzoo.taps import TapSet
+
+
+def _g(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_effective_rank_known_values():
+    assert effective_rank(torch.eye(6), center=False) == pytest.approx(6.0)
+    # rank one: one nonzero singular value
+    u = torch.randn(50, 1, generator=_g(0))
+    assert effective_rank(u @ torch.randn(1, 8, generator=_g(1)), center=False) == pytest.approx(1.0)
+    # two equal singular values and one at half: p = (0.4, 0.4, 0.2)
+    x = torch.diag(torch.tensor([2.0, 2.0, 1.0]))
+    h = -(2 * 0.4 * math.log(0.4) + 0.2 * math.log(0.2))
+    assert effective_rank(x, center=False) == pytest.approx(math.exp(h))
+    assert math.isnan(effective_rank(torch.zeros(4, 3)))
+
+
+def test_streaming_effective_rank_matches_exact():
+    x = torch.randn(3, 12, 5, 5, generator=_g(2)) * torch.linspace(0.1, 3, 12)[None, :, None, None] + 7
+    acc = EffectiveRank()
+    for i in range(3):
+        acc.update(x[i:i + 1])
+    assert acc.compute() == pytest.approx(effective_rank(x), rel=1e-9)
+    assert 1 < acc.compute() < 12
+
+
+def test_feature_norm():
+    fn = FeatureNorm()
+    fn.update(torch.full((2, 4, 3, 3), 0.5))  # |(0.5, 0.5, 0.5, 0.5)| = 1 per pixel
+    fn.update(torch.full((1, 4, 3, 3), 1.0))  # 2 per pixel
+    assert fn.compute() == pytest.approx((18 * 1 + 9 * 2) / 27)
+
+
+class TinyTapped(nn.Module):
+    """Logit of class 1 = channel 0 of the RGB feature; depth is tapped but unused."""
+
+    modalities = ("rgb", "depth")
+    num_classes = 2
+
+    def __init__(self):
+        super().__init__()
+        self.taps = TapSet()
+        self.taps.declare("rgb.stage1", 3, 1)
+        self.taps.declare("depth.stage1", 1, 1)
+        self.taps.declare("fused.stage1.gate", 2, 1, "gate")
+        self.w = nn.Parameter(torch.ones(()))
+
+    def tap_info(self):
+        return self.taps.info()
+
+    def forward(self, inputs, missing=()):
+        a = self.taps("rgb.stage1", inputs["rgb"] * self.w)
+        self.taps("depth.stage1", inputs["depth"] * self.w)
+        self.taps("fused.stage1.gate", torch.cat([torch.ones_like(a[:, :1]), torch.zeros_like(a[:, :1])], 1))
+        return torch.cat([torch.zeros_like(a[:, :1]), a[:, :1]], 1)
+
+
+def test_grad_cam_known_answer():
+    model = TinyTapped()
+    rgb = torch.randn(2, 3, 8, 8, generator=_g(3))
+    x = {"rgb": rgb, "depth": torch.randn(2, 1, 8, 8, generator=_g(4))}
+    cams = grad_cam(model, x, ["rgb.stage1", "depth.stage1"], target_class=1,
+                    region=torch.ones(2, 8, 8, dtype=torch.bool))
+    expected = rgb[:, 0].clamp(min=0)
+    expected = expected / expected.flatten(1).amax(1)[:, None, None]
+    assert torch.allclose(cams["rgb.stage1"], expected, atol=1e-6)
+    assert (cams["depth.stage1"] == 0).all()  # the score does not depend on the depth branch
+    assert all(p.grad is None for p in model.parameters())  # no gradient left on the model
+    with pytest.raises(ValueError, match="target_class"):
+        grad_cam(model, x, "rgb.stage1", target_class=5)
+
+
+def test_gate_maps_and_channel_split():
+    model = TinyTapped()
+    x = {"rgb": torch.randn(1, 3, 4, 4), "depth": torch.randn(1, 1, 4, 4)}
+    maps = gate_maps(model, x)
+    assert set(maps) == {"fused.stage1.gate"}
+    assert (maps["fused.stage1.gate"]["rgb"] == 1).all() and (maps["fused.stage1.gate"]["depth"] == 0).all()
+    attn = torch.cat([torch.full((1, 4, 1, 1), 0.2), torch.full((1, 4, 1, 1), 0.8)], 1)
+    split = split_gate_channels(attn, ("rgb", "depth"))
+    assert split["rgb"].item() == pytest.approx(0.2) and split["depth"].item() == pytest.approx(0.8)
+    three = split_gate_channels(torch.arange(3.0).view(1, 3, 1, 1), ("rgb", "depth"))
+    assert list(three) == ["fused", "rgb", "depth"] and three["depth"].item() == 2.0
