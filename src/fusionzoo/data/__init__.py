@@ -1,0 +1,52 @@
+"""Datasets, synthetic data and joint transforms for RGB-D / RGB-T fusion.
+
+>>> from fusionzoo import data
+>>> data.list_datasets("synthetic_*")
+['synthetic_rgbd', 'synthetic_rgbt']
+>>> ds = data.create_dataset("synthetic_rgbd", num_samples=8, image_size=(64, 80))
+>>> batch = data.collate([ds[0], ds[1]])
+>>> batch["rgb"].shape, batch["depth"].shape, batch["mask"].shape
+(torch.Size([2, 3, 64, 80]), torch.Size([2, 1, 64, 80]), torch.Size([2, 64, 80]))
+
+See ``docs/data.md`` for the sample format, prepared layouts and policies.
+"""
+
+from ._registry import DatasetEntry, create_dataset, dataset_entry, list_datasets, register_dataset
+from .base import DetectionDataset, PreparedDataset, SegmentationDataset
+from .benchmarks import KAIST, LLVIP, M3FD, PST900, SUNRGBD, FLIRAligned, MFNet, NYUv2
+from .collate import collate
+from .io import DataError
+from .synthetic import SyntheticConfig, SyntheticDataset, SyntheticGenerator, SyntheticRGBD, SyntheticRGBT
+from .transforms import JointTransform, ModalityStats, Normalize, compute_stats, eval_transforms, train_transforms
+
+__all__ = [
+    "DataError",
+    "DatasetEntry",
+    "DetectionDataset",
+    "FLIRAligned",
+    "JointTransform",
+    "KAIST",
+    "LLVIP",
+    "M3FD",
+    "MFNet",
+    "ModalityStats",
+    "NYUv2",
+    "Normalize",
+    "PST900",
+    "PreparedDataset",
+    "SUNRGBD",
+    "SegmentationDataset",
+    "SyntheticConfig",
+    "SyntheticDataset",
+    "SyntheticGenerator",
+    "SyntheticRGBD",
+    "SyntheticRGBT",
+    "collate",
+    "compute_stats",
+    "create_dataset",
+    "dataset_entry",
+    "eval_transforms",
+    "list_datasets",
+    "register_dataset",
+    "train_transforms",
+]

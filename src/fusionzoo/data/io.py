@@ -1,0 +1,282 @@
+"""File readers that fail loudly, naming the file.
+
+Every reader returns a plain numpy array in the dataset's *raw* convention (documented in
+``docs/data.md``), which the transforms turn into normalized tensors:
+
+==========  ==============================  =============================================
+modality    array                           meaning
+==========  ==============================  =============================================
+rgb / hha   uint8 ``(H, W, 3)``             8-bit colour (HHA is stored as an image)
+depth       float32 ``(H, W)``              metres; ``0`` marks an invalid pixel
+thermal     float32 ``(H, W)``              intensity scaled to ``[0, 1]`` (8 bit / 255,
+                                            16 bit / 65535)
+mask        uint8 ``(H, W)``                class index, ``255`` = ignore
+==========  ==============================  =============================================
+
+Invalid depth policy (the only place it is decided): a depth of 0 is the sensor's "no
+measurement" and stays 0. NaN, +-inf and negative values (they appear in float depth maps
+written by other tools) are corrupt; with ``nonfinite="invalid"`` (default) they become 0
+as well, with ``nonfinite="raise"`` they raise :class:`DataError` naming the file. After
+normalization invalid pixels are set to exactly 0 (see ``transforms.Normalize``), so a NaN
+never reaches a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "DataError",
+    "read_image",
+    "read_rgb",
+    "read_depth",
+    "read_thermal",
+    "read_label",
+    "read_boxes",
+    "check_label_range",
+    "clean_depth",
+]
+
+IGNORE_INDEX = 255
+
+
+class DataError(ValueError):
+    """A data file exists but its content is wrong (undecodable, wrong shape, bad values)."""
+
+
+def _open(path: Path) -> Image.Image:
+    """Open and fully decode an image, turning every decoder failure into a DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        img = Image.open(path)
+        img.load()  # PIL decodes lazily; force it so a truncated file fails here, not later
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(
+            f"{path}: cannot decode image ({err}); the file is truncated or not an image. "
+            "Re-create it with the dataset's prepare.py or remove its id from the split file."
+        ) from err
+    return img
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode any image file to a numpy array without changing its values.
+
+    Args:
+        path: Image file.
+
+    Returns:
+        ``(H, W)`` or ``(H, W, C)`` array in the file's own dtype.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        DataError: The file cannot be decoded (truncated, not an image).
+    """
+    img = _open(Path(path))
+    if img.mode == "I;16B":
+        img = img.convert("I;16")
+    return np.asarray(img)
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Read a colour image.
+
+    Returns:
+        uint8 ``(H, W, 3)``.
+    """
+    img = _open(Path(path))
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img)
+
+
+def clean_depth(depth: np.ndarray, path: str | Path, nonfinite: str = "invalid") -> np.ndarray:
+    """Apply the invalid-depth policy (see module docstring).
+
+    Args:
+        depth: Depth in metres, ``(H, W)``.
+        path: File it came from (named in errors).
+        nonfinite: ``"invalid"`` turns NaN/inf/negative into 0; ``"raise"`` raises.
+
+    Returns:
+        float32 ``(H, W)`` with every value finite and ``>= 0``.
+    """
+    if nonfinite not in ("invalid", "raise"):
+        raise ValueError(f"nonfinite must be 'invalid' or 'raise', got {nonfinite!r}")
+    depth = np.asarray(depth, dtype=np.float32)
+    bad = ~np.isfinite(depth) | (depth < 0)
+    if bad.any():
+        if nonfinite == "raise":
+            raise DataError(
+                f"{path}: depth has {int(bad.sum())} NaN/inf/negative pixels; expected metres >= 0 "
+                "with 0 for invalid. Pass nonfinite='invalid' to treat them as invalid (0)."
+            )
+        depth = np.where(bad, np.float32(0), depth)
+    return depth
+
+
+def read_depth(path: str | Path, *, scale: float = 1000.0, nonfinite: str = "invalid") -> np.ndarray:
+    """Read a depth map in metres.
+
+    16-bit PNG/TIFF files hold integer depth in ``1/scale`` metres (millimetres by default,
+    the convention of NYUDv2 / SUN RGB-D prepared layouts); ``.npy`` files and 32-bit float
+    TIFFs already hold metres.
+
+    Args:
+        path: Depth file (``.png``, ``.tif``, ``.npy``).
+        scale: Integer units per metre.
+        nonfinite: Invalid-depth policy for NaN/inf/negative (see :func:`clean_depth`).
+
+    Returns:
+        float32 ``(H, W)`` metres, 0 = invalid.
+
+    Raises:
+        DataError: Undecodable file, more than one channel, or (``nonfinite="raise"``) corrupt
+            values.
+    """
+    path = Path(path)
+    if path.suffix == ".npy":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: file not found")
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise DataError(f"{path}: cannot read .npy depth ({err}); the file is truncated") from err
+        metres = arr.astype(np.float32, copy=False)
+    else:
+        arr = read_image(path)
+        if np.issubdtype(arr.dtype, np.floating):
+            metres = arr.astype(np.float32)
+        else:
+            metres = arr.astype(np.float32) / np.float32(scale)
+    if metres.ndim == 3 and metres.shape[2] == 1:
+        metres = metres[..., 0]
+    if metres.ndim != 2:
+        raise DataError(f"{path}: depth must be one channel (H, W), got shape {tuple(arr.shape)}")
+    return clean_depth(metres, path, nonfinite)
+
+
+def read_thermal(path: str | Path) -> np.ndarray:
+    """Read a thermal image as intensity in ``[0, 1]``.
+
+    Thermal frames are often saved as 3-channel JPEGs with equal channels (KAIST, LLVIP); they
+    are reduced to one channel. 8-bit files are divided by 255, 16-bit files by 65535.
+
+    Returns:
+        float32 ``(H, W)``.
+    """
+    path = Path(path)
+    arr = read_image(path)
+    if arr.ndim == 3:
+        if arr.shape[2] == 4:  # drop alpha
+            arr = arr[..., :3]
+        arr = arr[..., 0] if arr.shape[2] == 1 else _to_gray(arr)
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / np.float32(255.0)
+    if arr.dtype in (np.uint16, np.int32):
+        return arr.astype(np.float32) / np.float32(65535.0)
+    return clean_depth(arr, path, "invalid")  # float thermal: same finiteness policy, values kept
+
+
+def _to_gray(arr: np.ndarray) -> np.ndarray:
+    # Equal channels (the usual case) are returned exactly; otherwise ITU-R 601 luma.
+    first = arr[..., 0]
+    if np.array_equal(first, arr[..., 1]) and np.array_equal(first, arr[..., 2]):
+        return first
+    gray = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return gray.round().astype(arr.dtype)
+
+
+def check_label_range(mask: np.ndarray, num_classes: int, path: str | Path) -> None:
+    """Raise if a mask holds a value that is neither a class index nor the ignore index.
+
+    Args:
+        mask: ``(H, W)`` integer mask.
+        num_classes: Valid indices are ``0 .. num_classes - 1`` and 255.
+        path: File named in the error.
+
+    Raises:
+        DataError: With the offending values and the valid range.
+    """
+    if mask.size == 0 or int(mask.max()) < num_classes:
+        return  # fast path: one reduction
+    values = np.unique(mask)
+    bad = values[(values >= num_classes) & (values != IGNORE_INDEX)]
+    if bad.size:
+        raise DataError(
+            f"{path}: label values {bad.tolist()[:10]} out of range; expected 0..{num_classes - 1} "
+            f"or {IGNORE_INDEX} (ignore). Is this the raw label file instead of the prepared one "
+            "(see datasets/<name>/prepare.py)?"
+        )
+
+
+def read_label(path: str | Path, num_classes: int) -> np.ndarray:
+    """Read a single-channel class-index PNG (palette or grayscale).
+
+    Returns:
+        uint8 ``(H, W)``; 255 = ignore.
+
+    Raises:
+        DataError: Undecodable file, a colour (RGB) mask, or out-of-range values.
+    """
+    path = Path(path)
+    arr = read_image(path)
+    if arr.ndim != 2:
+        raise DataError(
+            f"{path}: label must be a single-channel index image (mode L or P), got shape "
+            f"{tuple(arr.shape)}; colour-coded masks must be converted by prepare.py"
+        )
+    check_label_range(arr, num_classes, path)
+    return arr.astype(np.uint8, copy=False)
+
+
+def read_boxes(path: str | Path, num_classes: int, image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Read a prepared box file: one ``<class> <x1> <y1> <x2> <y2>`` line per object.
+
+    Coordinates are pixels, xyxy, in the image's own resolution; they are clipped to the image.
+    An empty file means no objects.
+
+    Args:
+        path: ``boxes/<id>.txt``.
+        num_classes: Valid class indices are ``0 .. num_classes - 1``.
+        image_size: ``(H, W)`` of the image, for clipping.
+
+    Returns:
+        ``boxes`` float32 ``(N, 4)`` and ``labels`` int64 ``(N,)``.
+
+    Raises:
+        DataError: Malformed line, class out of range, or x2 <= x1 / y2 <= y1, naming file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: box file not found")
+    boxes, labels = [], []
+    height, width = image_size
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        try:
+            if len(parts) != 5:
+                raise ValueError(f"{len(parts)} fields")
+            cls = int(parts[0])
+            x1, y1, x2, y2 = (float(p) for p in parts[1:])
+        except ValueError as err:
+            raise DataError(
+                f"{path}:{lineno}: expected '<class> <x1> <y1> <x2> <y2>' ({err}): {line!r}"
+            ) from err
+        if not 0 <= cls < num_classes:
+            raise DataError(f"{path}:{lineno}: class {cls} out of range 0..{num_classes - 1}")
+        if not (np.isfinite([x1, y1, x2, y2]).all() and x2 > x1 and y2 > y1):
+            raise DataError(f"{path}:{lineno}: degenerate box {[x1, y1, x2, y2]}; need x2 > x1, y2 > y1")
+        boxes.append([min(max(x1, 0.0), width), min(max(y1, 0.0), height),
+                      min(max(x2, 0.0), width), min(max(y2, 0.0), height)])
+        labels.append(cls)
+    box_arr = np.asarray(boxes, np.float32).reshape(-1, 4)
+    keep = (box_arr[:, 2] > box_arr[:, 0]) & (box_arr[:, 3] > box_arr[:, 1])  # fully outside -> dropped
+    return box_arr[keep], np.asarray(labels, np.int64)[keep]
