@@ -41,6 +41,7 @@ __all__ = [
     "shapley_values",
     "derangement",
     "ContributionResult",
+    "ContributionAccumulator",
     "modality_contribution",
     "perceptual_score",
 ]
@@ -248,6 +249,112 @@ class ContributionResult:
         return dict(self.__dict__)
 
 
+class ContributionAccumulator:
+    """Streams the per-coalition and permuted confusion matrices behind :class:`ContributionResult`.
+
+    Per batch, iterate :meth:`coalitions` (``2^M`` inputs: every subset of kept modalities)
+    and :meth:`permutations` (``M`` inputs: one modality deranged across the batch), run the
+    model on each, and :meth:`add` the logits. Used by :func:`modality_contribution` and by
+    :func:`fusionzoo.interpret.run` (which also captures taps on some of these passes).
+
+    Args:
+        modalities: the model's modalities (players).
+        num_classes: ``K``.
+        policy: removal policy for modalities outside a coalition.
+        empty_policy: policy for the empty coalition (``None`` = ``policy``; must not be
+            ``"missing"``).
+        stats: statistics for ``"mean"`` / ``"noise"``.
+        ignore_index: label ignored by the metric.
+        perceptual: also accumulate the permuted passes.
+        seed: noise and permutation seed.
+        device: device of the noise generator (the inputs' device).
+    """
+
+    def __init__(self, modalities: Sequence[str], num_classes: int, policy: str = "zero",
+                 empty_policy: str | None = None, stats: ModalityStats | None = None,
+                 ignore_index: int = 255, perceptual: bool = True, seed: int = 0,
+                 device: torch.device | str = "cpu") -> None:
+        if policy not in REMOVAL_POLICIES:
+            raise ValueError(f"removal policy must be one of {REMOVAL_POLICIES}, got {policy!r}")
+        empty_policy = empty_policy or policy
+        if empty_policy not in REMOVAL_POLICIES or empty_policy == "missing":
+            raise ValueError("the empty coalition needs a policy other than 'missing' (a model needs at least "
+                             "one modality); pass empty_policy='zero' (or 'mean' / 'noise')")
+        self.modalities = list(modalities)
+        self.policy, self.empty_policy, self.stats = policy, empty_policy, stats
+        self.perceptual = perceptual
+        self.subsets = [frozenset(c) for r in range(len(self.modalities) + 1)
+                        for c in itertools.combinations(self.modalities, r)]
+        self.cms = {s: ConfusionMatrix(num_classes, ignore_index) for s in self.subsets}
+        self.perm_cms = {m: ConfusionMatrix(num_classes, ignore_index) for m in self.modalities}
+        self._gen = torch.Generator(device=device).manual_seed(seed)
+        self._perm_gen = torch.Generator().manual_seed(seed + 1)
+
+    @property
+    def full(self) -> frozenset:
+        return frozenset(self.modalities)
+
+    def coalitions(self, inputs: Mapping[str, torch.Tensor]):
+        """Yield ``(subset, inputs, missing)`` for every coalition of one batch (full set first)."""
+        # Common random numbers: one replacement per modality and batch, shared by every
+        # coalition, so coalition differences are not blurred by fresh noise draws.
+        filled = {pol: remove_modalities(inputs, self.modalities, pol, self.stats, self._gen)[0]
+                  for pol in dict.fromkeys((self.policy, self.empty_policy)) if pol != "missing"}
+        for s in sorted(self.subsets, key=len, reverse=True):
+            removed = [m for m in self.modalities if m not in s]
+            pol = self.policy if s else self.empty_policy
+            if pol == "missing" and removed:
+                x, missing = remove_modalities(inputs, removed, pol)
+            else:
+                x = {m: (inputs[m] if m in s else filled[pol][m]) for m in self.modalities}
+                missing = ()
+            yield s, x, missing
+
+    def permutations(self, inputs: Mapping[str, torch.Tensor]):
+        """Yield ``(modality, inputs)`` with that modality deranged across the batch."""
+        b = next(iter(inputs.values())).shape[0]
+        for m in self.modalities:
+            perm = derangement(b, self._perm_gen).to(inputs[m].device)
+            x = dict(inputs)
+            x[m] = inputs[m][perm]
+            yield m, x
+
+    def add(self, subset: frozenset, logits: torch.Tensor, mask: torch.Tensor) -> None:
+        """Add the logits ``(B, K, H, W)`` of one coalition's pass."""
+        self.cms[subset].update(logits.argmax(1), mask)
+
+    def add_permuted(self, modality: str, logits: torch.Tensor, mask: torch.Tensor) -> None:
+        """Add the logits of the pass with ``modality`` permuted."""
+        self.perm_cms[modality].update(logits.argmax(1), mask)
+
+    def result(self, class_names: list[str] | None = None) -> ContributionResult:
+        mods, full = self.modalities, self.full
+        table = {s: _summary(cm) for s, cm in self.cms.items()}
+        phi = shapley_values(mods, lambda s: table[s]["miou"])
+        phi_c = shapley_values(mods, lambda s: np.asarray(table[s]["iou"], dtype=np.float64))
+        result = ContributionResult(
+            policy=self.policy,
+            modalities=list(mods),
+            coalitions={_coalition_key(s, mods): v for s, v in table.items()},
+            drop={m: table[full]["miou"] - table[full - {m}]["miou"] for m in mods},
+            shapley=phi,
+            shapley_per_class={m: [float(v) for v in phi_c[m]] for m in mods},
+            class_names=class_names,
+        )
+        if self.perceptual:
+            base = table[full]
+            for m in mods:
+                r = _summary(self.perm_cms[m])
+                d = base["miou"] - r["miou"]
+                result.perceptual[m] = {
+                    "miou_permuted": r["miou"],
+                    "drop": d,
+                    "normalized": d / base["miou"] if base["miou"] > 0 else math.nan,
+                    "per_class_drop": [a - b for a, b in zip(base["iou"], r["iou"])],
+                }
+        return result
+
+
 @torch.no_grad()
 def modality_contribution(
     model: nn.Module,
@@ -285,71 +392,22 @@ def modality_contribution(
         A :class:`ContributionResult`.
     """
     mods = list(model.modalities)
-    k = int(num_classes or model.num_classes)
-    if policy not in REMOVAL_POLICIES:
-        raise ValueError(f"removal policy must be one of {REMOVAL_POLICIES}, got {policy!r}")
-    empty_policy = empty_policy or policy
-    if empty_policy == "missing":
-        raise ValueError("the empty coalition cannot use policy 'missing' (a model needs at least one "
-                         "modality); pass empty_policy='zero' (or 'mean' / 'noise')")
     device = _model_device(model)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    perm_gen = torch.Generator().manual_seed(seed + 1)
-    subsets = [frozenset(c) for r in range(len(mods) + 1) for c in itertools.combinations(mods, r)]
-    cms = {s: ConfusionMatrix(k, ignore_index) for s in subsets}
-    perm_cms = {m: ConfusionMatrix(k, ignore_index) for m in mods} if perceptual else {}
+    acc = ContributionAccumulator(mods, int(num_classes or model.num_classes), policy, empty_policy, stats,
+                                  ignore_index, perceptual, seed, device)
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
             inputs, mask = _split(batch, mods, device)
-            # Common random numbers: one replacement per modality and batch, shared by every
-            # coalition, so coalition differences are not blurred by fresh noise draws.
-            filled = {pol: remove_modalities(inputs, mods, pol, stats, gen)[0]
-                      for pol in {policy, empty_policy} if pol != "missing"}
-            for s in subsets:
-                removed = [m for m in mods if m not in s]
-                pol = policy if s else empty_policy
-                if pol == "missing":
-                    x, missing = remove_modalities(inputs, removed, pol)
-                else:
-                    x = {m: (inputs[m] if m in s else filled[pol][m]) for m in mods}
-                    missing = ()
-                cms[s].update(model(x, missing=missing).argmax(1), mask)
+            for s, x, missing in acc.coalitions(inputs):
+                acc.add(s, model(x, missing=missing), mask)
             if perceptual:
-                b = mask.shape[0]
-                for m in mods:
-                    perm = derangement(b, perm_gen).to(device)
-                    x = dict(inputs)
-                    x[m] = inputs[m][perm]
-                    perm_cms[m].update(model(x).argmax(1), mask)
+                for m, x in acc.permutations(inputs):
+                    acc.add_permuted(m, model(x), mask)
     finally:
         model.train(was_training)
-    table = {s: _summary(cm) for s, cm in cms.items()}
-    full = frozenset(mods)
-    phi = shapley_values(mods, lambda s: table[s]["miou"])
-    phi_c = shapley_values(mods, lambda s: np.asarray(table[s]["iou"], dtype=np.float64))
-    result = ContributionResult(
-        policy=policy,
-        modalities=mods,
-        coalitions={_coalition_key(s, mods): v for s, v in table.items()},
-        drop={m: table[full]["miou"] - table[full - {m}]["miou"] for m in mods},
-        shapley=phi,
-        shapley_per_class={m: [float(v) for v in phi_c[m]] for m in mods},
-        class_names=class_names,
-    )
-    if perceptual:
-        base = table[full]
-        for m in mods:
-            r = _summary(perm_cms[m])
-            d = base["miou"] - r["miou"]
-            result.perceptual[m] = {
-                "miou_permuted": r["miou"],
-                "drop": d,
-                "normalized": d / base["miou"] if base["miou"] > 0 else math.nan,
-                "per_class_drop": [a - b for a, b in zip(base["iou"], r["iou"])],
-            }
-    return result
+    return acc.result(class_names)
 
 
 @torch.no_grad()
