@@ -18,6 +18,10 @@ Why the targets are declared the way they are (albumentations ``additional_targe
   one shared mask fill value (0) becomes 255 = ignore for the label and 0 = invalid for depth:
   pixels rotated in from outside the image are "unknown" in both.
 * ``thermal`` and ``hha`` are image targets (bilinear, fill 0).
+* Resizes use ``cv2.INTER_NEAREST_EXACT`` for mask targets: OpenCV's plain ``INTER_NEAREST``
+  picks ``floor(i * s)`` instead of the pixel centre, which shifts mask and depth by up to
+  half an input pixel against the bilinear RGB when downscaling (the sub-pixel test in
+  ``tests/test_data_transforms.py`` catches it). Custom pipelines should do the same.
 
 Normalization statistics live in :data:`STATS` with their source; depth is in metres
 (``depth_mode="metric"``) or normalized inverse depth (``depth_mode="inverse"``:
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 
@@ -312,7 +317,10 @@ def train_transforms(
     for m in modalities:
         if m != "depth":
             norm._get(m)
-    geo: list[A.BasicTransform] = [A.RandomResizedCrop(size=tuple(size), scale=scale, ratio=(0.75, 1.333), p=1.0)]
+    geo: list[A.BasicTransform] = [
+        A.RandomResizedCrop(size=tuple(size), scale=scale, ratio=(0.75, 1.333), p=1.0,
+                            mask_interpolation=cv2.INTER_NEAREST_EXACT)
+    ]
     if hflip > 0:
         geo.append(A.HorizontalFlip(p=hflip))
     if rotate > 0:
@@ -333,7 +341,8 @@ def eval_transforms(
     for m in modalities:
         if m != "depth":
             norm._get(m)
-    geo = [A.Resize(height=size[0], width=size[1], p=1.0)] if size is not None else []
+    geo = ([A.Resize(height=size[0], width=size[1], p=1.0, mask_interpolation=cv2.INTER_NEAREST_EXACT)]
+           if size is not None else [])
     return JointTransform(geo, [], norm)
 
 
