@@ -54,7 +54,9 @@ class SumFusion(StageFusion):
     def forward(self, features: list[torch.Tensor]) -> FusionResult:
         """``M`` tensors ``(B, C, h, w)`` -> ``fused`` ``(B, C, h, w)``, ``streams`` ``[fused, *rest]``."""
         check_features(self, features)
-        fused = torch.stack(list(features), dim=0).sum(dim=0)
+        fused = features[0]
+        for x in features[1:]:  # pairwise adds: no (M, B, C, h, w) stack in memory
+            fused = fused + x
         return FusionResult(fused=fused, streams=[fused, *features[1:]])
 
 
