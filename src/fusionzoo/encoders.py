@@ -41,11 +41,11 @@ def _create_timm(name: str, in_chans: int, pretrained: bool) -> nn.Module:
 def _weights_error(name: str, err: Exception) -> PretrainedWeightsError:
     try:
         cfg = timm.get_pretrained_cfg(name)
-        source = cfg.hf_hub_id or cfg.url or "unknown source" if cfg is not None else "unknown source"
     except Exception:  # noqa: BLE001 - only used to enrich the message
-        source = "unknown source"
+        cfg = None
+    source = (cfg.hf_hub_id or cfg.url) if cfg is not None else None
     return PretrainedWeightsError(
-        f"could not load pretrained weights for timm encoder {name!r} (from {source}): "
+        f"could not load pretrained weights for timm encoder {name!r} (from {source or 'an unknown source'}): "
         f"{type(err).__name__}: {err}. If offline, put the weights in the huggingface-hub cache "
         "(HF_HOME) first, or pass pretrained=False."
     )

@@ -198,6 +198,13 @@ def register_family(
         def entry(**kwargs: Any) -> FusionModel:
             encoder = encoder_fixed or kwargs.pop("encoder", default_encoder)
             options = {**defaults, **kwargs}
+            streams = tuple(options.get("modalities", ("rgb", "depth")))
+            if max_modalities is not None and len(streams) != max_modalities:
+                raise ValueError(
+                    f"{name} is defined for exactly {max_modalities} modalities (RGB plus one auxiliary "
+                    f"stream), got {streams}; for more use a generic method: "
+                    "early_concat, early_stem, crossattn, late_*, hybrid_gate"
+                )
             model = model_cls(encoder, **options, **fixed)
             model.config = {"name": name, **({} if encoder_fixed else {"encoder": encoder}), **_jsonable(options)}
             model.encoder_name = encoder

@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tests never touch the network: timm/huggingface-hub must answer from the local cache or fail fast.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

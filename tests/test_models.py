@@ -1,0 +1,227 @@
+"""Registry-driven tests: every registered segmentation model, on tiny inputs, no network.
+
+Ids are model names, so ``pytest -k cmx`` selects one method.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import fusionzoo as fz
+
+SIZE = 64
+NUM_CLASSES = 3
+ALL = fz.list_models(task="segmentation")
+FAMILIES = [n for n in ALL if not fz.model_entry(n).encoder_fixed]
+VARIANTS = [n for n in ALL if fz.model_entry(n).encoder_fixed]
+SMALL_ENCODER = "convnext_atto"  # any timm encoder with strides 4..32 must work in a family entry
+
+
+def make_inputs(modalities: tuple[str, ...], batch: int = 2, size: int = SIZE) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {m: torch.randn(batch, fz.DEFAULT_CHANNELS[m], size, size, generator=g) for m in modalities}
+
+
+def build(name: str, modalities: tuple[str, ...] = ("rgb", "depth")) -> nn.Module:
+    torch.manual_seed(0)
+    kwargs = {} if fz.model_entry(name).encoder_fixed else {"encoder": SMALL_ENCODER}
+    return fz.create_model(name, num_classes=NUM_CLASSES, modalities=modalities, **kwargs)
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def name(request: pytest.FixtureRequest) -> str:
+    """Module-scoped, so pytest runs every test of one model before building the next."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def built(name: str) -> nn.Module:
+    return build(name)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def test_zoo_size_and_families() -> None:
+    assert len(VARIANTS) >= 24
+    assert {fz.model_entry(n).fusion for n in VARIANTS} == {"early", "middle", "late", "hybrid"}
+    for encoder in ("resnet18", "resnet50", "pvt_v2_b2"):
+        assert {fz.model_entry(n).fusion for n in fz.list_models(f"*_{encoder}")} == {"early", "middle", "late", "hybrid"}
+
+
+def test_forward_shape_and_finite(built: nn.Module) -> None:
+    model = built.eval()
+    with torch.no_grad():
+        out = model(make_inputs(model.modalities))
+    assert out.shape == (2, NUM_CLASSES, SIZE, SIZE)
+    assert torch.isfinite(out).all()
+
+
+def test_backward_reaches_every_parameter(built: nn.Module) -> None:
+    model = built.train()
+    model.zero_grad(set_to_none=True)
+    out = model(make_inputs(model.modalities))
+    out.square().mean().backward()
+    dead = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not dead, f"parameters without gradient (a dead branch?): {dead[:10]}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+
+
+def test_taps_declared_equal_observed(name: str, built: nn.Module) -> None:
+    model = built.eval()
+    info = model.tap_info()
+    with torch.no_grad(), fz.capture(model) as acts:
+        model(make_inputs(model.modalities))
+    assert list(acts) == list(info), "taps must fire in their declared (execution) order"
+    for tap, value in acts.items():
+        meta = info[tap]
+        assert value.shape[1] == meta.channels, tap
+        if meta.reduction == 0:
+            assert value.shape[-2:] == (1, 1), tap
+        else:
+            assert value.shape[-2:] == (SIZE // meta.reduction, SIZE // meta.reduction), tap
+    streams = {meta.stream for meta in info.values()}
+    assert "head" in streams and "fused" in streams or any(m in streams for m in model.modalities)
+    assert info["head.logits"].kind == "logits"
+
+
+def test_capture_is_observational_and_leaves_no_hooks(name: str, built: nn.Module) -> None:
+    model = built.eval()
+    inputs = make_inputs(model.modalities)
+    with torch.no_grad():
+        before = model(inputs)
+        with fz.capture(model, "*") as acts:
+            during = model(inputs)
+        after = model(inputs)
+    assert acts
+    assert torch.equal(before, during) and torch.equal(before, after)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_bad_inputs_raise_clear_errors(name: str, built: nn.Module) -> None:
+    model = built
+    good = make_inputs(model.modalities)
+    aux = model.modalities[1]
+    with pytest.raises(ValueError, match=aux):
+        model({k: v for k, v in good.items() if k != aux})
+    with pytest.raises(ValueError, match="thermal"):
+        model({**good, "thermal": torch.randn(2, 1, SIZE, SIZE)})
+    with pytest.raises(ValueError, match=r"rgb.*\(2, 4, 64, 64\).*\(B, 3, H, W\)"):
+        model({**good, "rgb": torch.randn(2, 4, SIZE, SIZE)})
+    with pytest.raises(ValueError, match=rf"{aux}.*\(2, 1, 32, 32\)"):
+        model({**good, aux: torch.randn(2, 1, 32, 32)})
+
+
+def test_missing_modality_policy(name: str, built: nn.Module) -> None:
+    model = built.eval()
+    inputs = make_inputs(model.modalities)
+    aux = model.modalities[1]
+    heads = ["head.logits"] + [f"{m}.head" for m in model.modalities if f"{m}.head" in model.tap_info()]
+    with torch.no_grad(), fz.capture(model, *heads) as acts:
+        out = model({"rgb": inputs["rgb"]}, missing=(aux,))
+    assert out.shape == (2, NUM_CLASSES, SIZE, SIZE)
+    fusion = fz.model_entry(name).fusion
+    with torch.no_grad():
+        zero_filled = model({**inputs, aux: torch.zeros_like(inputs[aux])})
+    if fusion in ("early", "middle"):
+        # Documented policy: the absent stream is zeros (the normalized mean).
+        assert torch.equal(out, zero_filled)
+    else:
+        # Late/hybrid decision fusion also drops the absent modality's own prediction.
+        assert not torch.allclose(out, zero_filled)
+        if fusion == "late":
+            assert torch.allclose(acts["head.logits"], acts["rgb.head"], atol=1e-5)
+
+
+def test_safetensors_round_trip(built: nn.Module, tmp_path) -> None:
+    model = built.eval()
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    torch.manual_seed(123)  # different init, so equality below proves the load
+    clone = fz.create_model(**model.config).eval()
+    clone.load_state_dict(load_file(str(path)))
+    inputs = make_inputs(model.modalities)
+    with torch.no_grad():
+        assert torch.equal(model(inputs), clone(inputs))
+
+
+@pytest.mark.parametrize("small", [n for n in VARIANTS if n.endswith("_resnet18")])
+def test_rgb_thermal(small: str) -> None:
+    name = small
+    model = build(name, ("rgb", "thermal")).eval()
+    assert model.modalities == ("rgb", "thermal")
+    assert any(t.startswith("thermal.") for t in model.tap_info()) or fz.model_entry(name).fusion == "early"
+    with torch.no_grad():
+        out = model(make_inputs(("rgb", "thermal")))
+    assert out.shape == (2, NUM_CLASSES, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("small", [n for n in VARIANTS if n.endswith("_resnet18")])
+def test_three_modalities_or_clear_error(small: str) -> None:
+    name = small
+    three = ("rgb", "depth", "thermal")
+    entry = fz.model_entry(name)
+    if entry.max_modalities == 2:
+        with pytest.raises(ValueError, match="exactly 2"):
+            fz.create_model(name, num_classes=NUM_CLASSES, modalities=three)
+        assert name not in fz.list_models(modalities=three)
+        return
+    assert name in fz.list_models(modalities=three)
+    model = build(name, three).eval()
+    with torch.no_grad():
+        out = model(make_inputs(three))
+    assert out.shape == (2, NUM_CLASSES, SIZE, SIZE)
+
+
+def test_capture_gradients_and_patterns() -> None:
+    model = build("late_gate_resnet18").train()
+    with fz.capture(model, "depth.stage*", "head.gate", grads=True) as acts:
+        model(make_inputs(model.modalities)).square().mean().backward()
+    assert list(acts) == ["depth.stage1", "depth.stage2", "depth.stage3", "depth.stage4", "head.gate"]
+    assert set(acts.grads) == set(acts)
+    assert all(acts.grads[k].shape == acts[k].shape for k in acts)
+    with pytest.raises(KeyError, match="no tap"):
+        with fz.capture(model, "thermal.*"):
+            pass
+    # Two forward passes inside one capture are refused: each tap must fire exactly once.
+    with pytest.raises(RuntimeError, match="fired twice"):
+        with torch.no_grad(), fz.capture(model, "head.logits"):
+            model(make_inputs(model.modalities))
+            model(make_inputs(model.modalities))
+    with pytest.raises(RuntimeError, match="did not fire"):
+        with fz.capture(model, "head.logits"):
+            pass
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_capture_survives_inplace_ops() -> None:
+    model = build("early_concat_resnet18").eval()
+    with torch.no_grad(), fz.capture(model, "fused.stage1") as acts:
+        model(make_inputs(model.modalities))
+        first = acts["fused.stage1"].clone()
+    with torch.no_grad(), fz.capture(model, "fused.stage1") as again:
+        model(make_inputs(model.modalities))
+    assert torch.equal(first, again["fused.stage1"])
+
+
+def test_family_entries_forward_backward(family: str) -> None:
+    model = build(family).train()
+    assert model.config["encoder"] == SMALL_ENCODER
+    out = model(make_inputs(model.modalities))
+    assert out.shape == (2, NUM_CLASSES, SIZE, SIZE)
+    out.square().mean().backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None]
+
+
+def test_family_entry_takes_any_timm_encoder() -> None:
+    model = fz.create_model("late_mean", encoder="convnext_atto", num_classes=9)
+    assert model.config["encoder"] == "convnext_atto"
+    assert model.tap_info()["rgb.stage4"].channels == 320  # read from timm's feature_info
+    with pytest.raises(TypeError, match="cmx_resnet50.*fixes encoder"):
+        fz.create_model("cmx_resnet50", encoder="convnext_atto")
