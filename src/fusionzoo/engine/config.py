@@ -60,7 +60,10 @@ class TrainConfig:
     train_samples: int | None = 640  # synthetic sets only: samples generated per split
     val_samples: int | None = 128
     image_size: tuple[int, int] | None = (96, 128)  # synthetic render size / resize target; None = native
-    crop_size: tuple[int, int] | None = None  # random training crop; None = no crop
+    crop_size: tuple[int, int] | None = None  # training crop (H, W); None = image_size
+    augment: bool = False  # random resized crop + flip + rotation + colour jitter (fusionzoo.data)
+    aug_scale: tuple[float, float] = (0.25, 1.0)  # area fraction range of the random crop
+    aug_rotate: float = 10.0  # max rotation in degrees (0 = off)
 
     # --- optimization ---
     batch_size: int = 8  # per process; the global batch is batch_size * world size
@@ -87,9 +90,11 @@ class TrainConfig:
     channels_last: bool = False  # NHWC memory format: faster convs on tensor cores
     compile: bool = False  # torch.compile the model (first steps pay the compilation)
     num_workers: int = 0
+    threads: int | None = None  # CPU intra-op threads; None = auto (cores not busy, at least 1)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
     # --- robustness / evaluation ---
+    train_missing: tuple[str, ...] = ()  # withheld in training and evaluation (single-modality baselines)
     modality_dropout: float = 0.0  # per-batch probability of training with one modality missing
     modality_dropout_candidates: tuple[str, ...] | None = None  # None = every modality but the first
     eval_interval: int = 1  # evaluate every N epochs (and always after the last)
@@ -119,7 +124,7 @@ CARD_KEYS: dict[str, type | tuple[type, ...]] = {
     "method": str,
     "reference_code": str,
     "metric": str,
-    "target": (int, float),
+    "target": (int, float, type(None)),  # null where the authors published no figure for this dataset
     "measured": (int, float, type(None)),
     "eval_protocol": str,
     "weights": (str, type(None)),
@@ -283,7 +288,10 @@ def check_values(cfg: TrainConfig) -> None:
     need(0 <= cfg.modality_dropout < 1, "modality_dropout", "must be in [0, 1)")
     need(0 <= cfg.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
     need(cfg.num_workers >= 0, "num_workers", "must be >= 0")
+    need(cfg.threads is None or cfg.threads >= 1, "threads", "must be >= 1 or null")
     need(cfg.checkpoint_interval >= 0, "checkpoint_interval", "must be >= 0")
+    need(0 < cfg.aug_scale[0] <= cfg.aug_scale[1] <= 1, "aug_scale", "must satisfy 0 < min <= max <= 1")
+    need(cfg.aug_rotate >= 0, "aug_rotate", "must be >= 0")
     need(len(cfg.tta_scales) >= 1 and all(s > 0 for s in cfg.tta_scales), "tta_scales", "must be positive scales")
     for key in ("image_size", "crop_size"):
         v = getattr(cfg, key)
@@ -291,10 +299,12 @@ def check_values(cfg: TrainConfig) -> None:
     if cfg.modalities is not None:
         need(len(cfg.modalities) >= 1, "modalities", "must name at least one modality")
         need(len(set(cfg.modalities)) == len(cfg.modalities), "modalities", "must not repeat a modality")
-        for key in ("eval_missing", "modality_dropout_candidates"):
+        for key in ("eval_missing", "modality_dropout_candidates", "train_missing"):
             v = getattr(cfg, key) or ()
             unknown = [m for m in v if m not in cfg.modalities]
             need(not unknown, key, f"must name modalities the model uses {list(cfg.modalities)}")
+    if cfg.modalities is not None:
+        need(len(set(cfg.train_missing)) < len(cfg.modalities), "train_missing", "must leave one modality")
     need(
         cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
         "device",

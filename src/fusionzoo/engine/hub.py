@@ -125,6 +125,21 @@ def _resolve_files(
     return files[0], files[1]
 
 
+def accepted_kwargs(name: str) -> set[str] | None:
+    """Keyword arguments the registered entry ``name`` takes (``None``: it takes any)."""
+    import inspect
+
+    from .. import _registry
+
+    entry = _registry.model_entry(name)
+    if getattr(entry, "accepts", None) is not None:
+        return set(entry.accepts)
+    params = inspect.signature(entry.fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params)
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; a fusionzoo model directory needs {CONFIG_NAME}")
@@ -183,12 +198,9 @@ def from_pretrained(
     kwargs["num_classes"] = cfg["num_classes"]
     kwargs["modalities"] = tuple(cfg["modalities"])
     kwargs.pop("pretrained", None)  # the saved weights replace any encoder initialization
-    import inspect
-
-    entry = _registry.model_entry(name)
-    params = inspect.signature(entry.builder or entry.fn).parameters
-    if "pretrained" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        kwargs["pretrained"] = False
+    accepted = accepted_kwargs(name)
+    if accepted is None or "pretrained" in accepted:
+        kwargs["pretrained"] = False  # never fetch encoder weights that the file overwrites anyway
     model = _registry.create_model(name, **kwargs)
     load_model_weights(model, weights_path)
     model.eval()

@@ -269,7 +269,7 @@ def sample_missing(
     """
     if p <= 0 or len(modalities) < 2:
         return ()
-    pool = list(candidates) if candidates else list(modalities[1:])
+    pool = list(modalities[1:]) if candidates is None else list(candidates)
     if not pool:
         return ()
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -379,6 +379,7 @@ def train_one_epoch(
     freeze_bn: bool = False,
     modality_dropout: float = 0.0,
     dropout_candidates: Sequence[str] | None = None,
+    always_missing: Sequence[str] = (),
     seed: int = 0,
     callbacks: Callback | None = None,
     logger: MetricsLogger | None = None,
@@ -395,6 +396,7 @@ def train_one_epoch(
             ``after_step`` therefore resumes at the next batch).
         num_batches: total batches of this epoch (for the progress bar and the step cap).
         modality_dropout: probability per batch of passing ``missing=(m,)`` for one modality.
+        always_missing: modalities withheld on every batch (``train_missing``).
         after_step: called after every optimizer step with the updated ``state`` (checkpoints).
 
     Returns:
@@ -419,14 +421,18 @@ def train_one_epoch(
         inputs, mask = split_batch(batch, modalities, device, channels_last)
         if mask is None:
             raise KeyError("training batch has no 'mask' (segmentation target)")
-        missing = sample_missing(modalities, dropout_candidates, modality_dropout, state.global_step, seed)
+        missing = tuple(always_missing)
+        pool = [m for m in (dropout_candidates or modalities[1:]) if m not in missing]
+        if len(modalities) - len(missing) >= 2:  # dropout must leave a modality to train on
+            missing += sample_missing(modalities, pool, modality_dropout, state.global_step, seed)
         with autocast_context(device, amp):
             logits = model(inputs, missing=missing) if missing else model(inputs)
         # Loss in float32: the softmax over K classes is where half precision loses digits.
         loss = F.cross_entropy(logits.float(), mask, ignore_index=ignore_index, label_smoothing=label_smoothing)
-        if not torch.isfinite(loss):
+        loss_value = float(loss.detach())  # one host sync per step, reused below
+        if not math.isfinite(loss_value):
             raise FloatingPointError(
-                f"non-finite training loss {float(loss)} at epoch {state.epoch} step {state.global_step}; "
+                f"non-finite training loss {loss_value} at epoch {state.epoch} step {state.global_step}; "
                 "lower lr, enable grad_clip, or use amp=bf16 instead of fp16"
             )
         optimizer.zero_grad(set_to_none=True)
@@ -449,15 +455,15 @@ def train_one_epoch(
         batch_images = int(mask.shape[0]) * info.world_size
         state.global_step += 1
         state.batches_done += 1
-        state.loss_sum += float(loss) * batch_images
+        state.loss_sum += loss_value * batch_images
         state.images += batch_images
         images_this_call += batch_images
         dt = time.perf_counter() - t0
         lr = optimizer.param_groups[0]["lr"]
-        bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}", img_s=f"{batch_images / max(dt, 1e-9):.1f}")
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{batch_images / max(dt, 1e-9):.1f}")
         bar.update(1)
         if logger is not None and state.global_step % log_interval == 0:
-            rec = {"kind": "train", "epoch": state.epoch, "step": state.global_step, "loss": float(loss),
+            rec = {"kind": "train", "epoch": state.epoch, "step": state.global_step, "loss": loss_value,
                    "lr": lr, "img_per_s": batch_images / max(dt, 1e-9)}
             if missing:
                 rec["missing"] = list(missing)

@@ -1,0 +1,253 @@
+#!/usr/bin/env python
+"""Train and evaluate a fusionzoo segmentation model; one script for CPU, GPU and torchrun.
+
+    python train.py                                   # embedded default: ESANet-ResNet18, synthetic RGB-D, CPU
+    python train.py --train-missing depth             # the same recipe on RGB alone (depth withheld)
+    python train.py --config zoo/cmx_resnet50/nyuv2.yaml --data-root datasets/nyuv2
+    torchrun --nproc-per-node 8 train.py --config zoo/cmx_resnet50/nyuv2.yaml --data-root ...
+    python train.py --resume runs/<run>               # continue exactly where a run stopped
+
+Every field of ``fusionzoo.engine.config.TrainConfig`` is a flag (``python train.py --help``).
+A run folder holds ``config.json`` (the resolved config), ``metrics.jsonl``, ``checkpoints/last``
+(full training state, safetensors + JSON), ``best/`` (``fz.from_pretrained``-loadable weights of
+the best validation epoch) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fusionzoo.engine.builders import (
+    build_datasets,
+    build_eval_loader,
+    build_model,
+    build_train_loader,
+    config_for_resume,
+    find_comparable_runs,
+    make_run_dir,
+    normalization_of,
+    resolve_modalities,
+)
+from fusionzoo.engine.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from fusionzoo.engine.config import ConfigError, parse_args, write_config
+from fusionzoo.engine.distributed import auto_threads, broadcast_object, cleanup_distributed, init_distributed
+from fusionzoo.engine.hub import save_pretrained
+from fusionzoo.engine.loop import (
+    Callback,
+    CallbackList,
+    EpochState,
+    MetricsLogger,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    make_grad_scaler,
+    train_one_epoch,
+)
+
+
+def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None) -> dict[str, Any]:
+    """Run training as configured by ``argv`` (``sys.argv[1:]`` when None); returns the summary."""
+    t_start = time.perf_counter()
+
+    # 1. Configuration: defaults <- YAML recipe <- command line; a resume takes the run's own config.
+    cfg, card = parse_args(argv)
+    info, device = init_distributed(cfg.device)
+    torch.set_num_threads(auto_threads(cfg.threads))
+    run_dir = Path(broadcast_object(str(make_run_dir(cfg)) if info.is_main else None))
+    if cfg.resume:
+        cfg = config_for_resume(cfg, run_dir)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+
+    # 2. Data.
+    train_set, val_set = build_datasets(cfg)
+    modalities = resolve_modalities(cfg, train_set)
+    num_classes = cfg.num_classes or train_set.num_classes
+    if num_classes < train_set.num_classes:
+        raise ConfigError(f"num_classes={num_classes} is below the dataset's {train_set.num_classes} classes")
+    class_names = list(train_set.classes) if len(train_set.classes) == num_classes else None
+    train_loader, sampler = build_train_loader(train_set, cfg, info)
+    val_loader = build_eval_loader(val_set, cfg, info)
+    steps_per_epoch = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} x {info.world_size} process(es) exceeds the {len(train_set)} "
+            "training samples: no full batch per epoch"
+        )
+
+    # 3. Model.
+    model = build_model(cfg, modalities, num_classes).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if info.distributed and cfg.sync_bn and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
+    plain = model  # what gets saved, evaluated and handed to callbacks
+    if info.distributed:
+        # A withheld or dropped modality can leave parameters without gradient (late fusion heads).
+        unused = cfg.modality_dropout > 0 or bool(cfg.train_missing)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=unused
+        )
+    if cfg.compile:
+        model = torch.compile(model)
+
+    # 4. Optimizer, schedule, precision.
+    optimizer = build_optimizer(plain, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                betas=cfg.betas, momentum=cfg.momentum)
+    scheduler = build_scheduler(optimizer, kind=cfg.schedule, total_steps=steps_per_epoch * cfg.epochs,
+                                warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+                                warmup_factor=cfg.warmup_factor, power=cfg.poly_power, min_lr=cfg.min_lr, base_lr=cfg.lr)
+    scaler = make_grad_scaler(device, cfg.amp)
+    hooks = CallbackList(callbacks or [])
+
+    # 5. Fresh start or exact resume (weights, optimizer, schedule, scaler, RNG, epoch position).
+    state, best = EpochState(), {"miou": -1.0, "epoch": None}
+    if cfg.resume:
+        trainer = load_checkpoint(run_dir / "checkpoints" / "last", model=plain, optimizer=optimizer,
+                                  scheduler=scheduler, scaler=scaler)
+        state, best = EpochState.from_dict(trainer["position"]), trainer["best"]
+        hooks.load_state_dict(trainer.get("callbacks", {}))
+        if info.is_main:
+            _drop_records_after(run_dir / "metrics.jsonl", state)
+            print(f"resumed {run_dir} at epoch {state.epoch}, batch {state.batches_done}, step {state.global_step}")
+    elif info.is_main:
+        write_config(cfg, run_dir / "config.json", extra={
+            "world_size": info.world_size, "modalities": list(modalities), "num_classes": num_classes,
+            "steps_per_epoch": steps_per_epoch, "device": str(device), "card": card,
+        })
+    logger = MetricsLogger(run_dir, enabled=info.is_main)
+
+    def save_last(st: EpochState) -> None:
+        if info.is_main:
+            save_checkpoint(run_dir / "checkpoints" / "last", model=plain, optimizer=optimizer, scheduler=scheduler,
+                            scaler=scaler, state={"position": st.state_dict(), "best": best,
+                                                  "callbacks": hooks.state_dict()})
+
+    def after_step(st: EpochState) -> None:
+        if cfg.checkpoint_interval and st.global_step % cfg.checkpoint_interval == 0:
+            save_last(st)
+        if cfg.kill_after_step is not None and st.global_step >= cfg.kill_after_step:
+            os.kill(os.getpid(), signal.SIGKILL)  # testing aid: die like a preempted job
+
+    # 6. Training loop, with validation every eval_interval epochs.
+    eval_kwargs = dict(modalities=modalities, num_classes=num_classes, device=device, amp=cfg.amp,
+                       channels_last=cfg.channels_last, class_names=class_names)
+    hooks.on_train_start(plain)
+    for epoch in range(state.epoch, cfg.epochs):
+        state.epoch = epoch
+        sampler.set_epoch(epoch, skip=state.batches_done * cfg.batch_size)
+        stats = train_one_epoch(
+            model, train_loader, optimizer, scheduler, modalities=modalities, device=device, state=state,
+            num_batches=steps_per_epoch, label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip, amp=cfg.amp,
+            scaler=scaler, channels_last=cfg.channels_last, freeze_bn=cfg.freeze_bn,
+            modality_dropout=cfg.modality_dropout, dropout_candidates=cfg.modality_dropout_candidates,
+            always_missing=cfg.train_missing, seed=cfg.seed, callbacks=hooks, logger=logger,
+            log_interval=cfg.log_interval, after_step=after_step, progress=cfg.progress,
+        )
+        logs: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "step": state.global_step,
+                                "train_loss": stats["loss"], "img_per_s": stats["img_per_s"],
+                                "lr": optimizer.param_groups[0]["lr"], "time_s": time.perf_counter() - t_start}
+        if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs:
+            val = evaluate(plain, val_loader, missing=cfg.train_missing, progress=cfg.progress, **eval_kwargs)
+            logs.update(val_miou=val["miou"], val_pixel_acc=val["pixel_acc"], val_mean_acc=val["mean_acc"],
+                        val_loss=val["loss"], val_iou=val["iou"])
+            if val["miou"] > best["miou"]:
+                best = {"miou": val["miou"], "epoch": epoch, "pixel_acc": val["pixel_acc"], "iou": val["iou"]}
+                if info.is_main:
+                    save_pretrained(plain, run_dir / "best", class_names=class_names,
+                                    normalization=normalization_of(cfg, modalities),
+                                    extra={"epoch": epoch, "val_miou": val["miou"], "dataset": cfg.dataset})
+            if info.is_main:
+                print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats['loss']:.4f}, val mIoU {val['miou']:.4f}, "
+                      f"{stats['img_per_s']:.1f} img/s, {logs['time_s']:.0f}s", flush=True)
+        hooks.on_epoch_end(epoch, logs)
+        logger.log(logs)
+        state = EpochState(epoch + 1, 0, state.global_step)
+        save_last(state)
+
+    # 7. Final evaluation of the last weights: missing modalities and test-time augmentation.
+    final: dict[str, Any] = {}
+    for m in cfg.eval_missing:
+        res = evaluate(plain, val_loader, missing=tuple(dict.fromkeys((*cfg.train_missing, m))), **eval_kwargs)
+        final[f"missing_{m}"] = {"miou": res["miou"], "pixel_acc": res["pixel_acc"], "iou": res["iou"]}
+    if cfg.tta:
+        res = evaluate(plain, val_loader, missing=cfg.train_missing, tta=True, tta_scales=cfg.tta_scales,
+                       tta_flip=cfg.tta_flip, **eval_kwargs)
+        final["tta"] = {"miou": res["miou"], "pixel_acc": res["pixel_acc"], "iou": res["iou"]}
+    if final:
+        logger.log({"kind": "final", "step": state.global_step, **final})
+    logger.close()
+
+    summary = {
+        "run_dir": str(run_dir), "model": cfg.model, "dataset": cfg.dataset, "modalities": list(modalities),
+        "train_missing": list(cfg.train_missing), "epochs": cfg.epochs, "steps": state.global_step,
+        "world_size": info.world_size, "device": str(device), "wall_time_s": time.perf_counter() - t_start,
+        "best_val_miou": best["miou"], "best_epoch": best["epoch"], "best_val_iou": best.get("iou"),
+        "class_names": class_names, **final,
+    }
+    if info.is_main:
+        atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+        print_summary(summary, find_comparable_runs(cfg, run_dir))
+    cleanup_distributed()
+    return summary
+
+
+def _drop_records_after(path: Path, state: EpochState) -> None:
+    """Forget log lines written after the checkpoint we resume from (they will be written again)."""
+    if not path.is_file():
+        return
+
+    def kept(rec: dict[str, Any]) -> bool:
+        if rec.get("kind") == "epoch":
+            return rec["epoch"] < state.epoch
+        return rec.get("kind") == "train" and rec["step"] <= state.global_step
+
+    keep = [line for line in path.read_text().splitlines() if line.strip() and kept(json.loads(line))]
+    atomic_write_bytes(path, ("\n".join(keep) + "\n").encode() if keep else b"")
+
+
+def print_summary(summary: dict[str, Any], comparable: list[dict[str, Any]]) -> None:
+    """Human-readable end of a run, with comparable runs (same recipe, other streams) beside it."""
+    streams = [m for m in summary["modalities"] if m not in summary["train_missing"]]
+    minutes, seconds = divmod(int(round(summary["wall_time_s"])), 60)
+    lines = [
+        "",
+        f"== {summary['model']} on {summary['dataset']} [{'+'.join(streams)}] ==",
+        f"{summary['epochs']} epochs, {summary['steps']} steps, {summary['world_size']} process(es) on "
+        f"{summary['device']}, wall time {minutes}m{seconds:02d}s",
+        f"best val mIoU {summary['best_val_miou']:.4f} (epoch {summary['best_epoch'] + 1})",
+    ]
+    if summary.get("class_names") and summary.get("best_val_iou"):
+        lines.append("  per class: " + ", ".join(
+            f"{n} {v:.3f}" if v == v else f"{n} n/a" for n, v in zip(summary["class_names"], summary["best_val_iou"])))
+    for key, res in summary.items():
+        if key.startswith("missing_"):
+            lines.append(f"without {key[8:]} (same weights): mIoU {res['miou']:.4f}")
+    if "tta" in summary:
+        lines.append(f"multi-scale + flip TTA: mIoU {summary['tta']['miou']:.4f}")
+    for other in comparable:
+        lines.append(f"same recipe on [{'+'.join(other['streams'])}] ({other['run_dir']}): "
+                     f"best val mIoU {other['best_val_miou']:.4f}")
+    lines.append(f"run folder: {summary['run_dir']}")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as e:
+        sys.exit(f"train.py: configuration error: {e}")
