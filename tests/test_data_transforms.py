@@ -198,7 +198,8 @@ def test_inverse_depth_mode():
     d = np.array([[0.0, 0.25, 0.5, 1.0, 4.0, np.inf]], np.float32)
     d[0, 5] = 0  # readers never pass inf; invalid is 0
     out = norm("depth", d)
-    assert np.allclose(out, [[0.0, 1.0, 1.0, 0.5, 0.125, 0.0]])
+    assert out.shape == (1, 1, 6)  # channels first
+    assert np.allclose(out[0], [[0.0, 1.0, 1.0, 0.5, 0.125, 0.0]])
 
 
 def test_outputs_never_nan():

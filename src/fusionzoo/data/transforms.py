@@ -125,35 +125,37 @@ class Normalize:
         self.near = float(near)
 
     def __call__(self, key: str, arr: np.ndarray) -> np.ndarray:
-        """Normalize one modality.
+        """Normalize one modality and move channels first.
 
         Args:
             key: Modality name.
-            arr: ``(H, W)`` or ``(H, W, C)`` raw array.
+            arr: Raw ``(H, W)`` or ``(H, W, C)`` array (uint8 images are scaled to [0, 1]).
 
         Returns:
-            float32 array of the same shape, finite everywhere.
+            float32 ``(C, H, W)``, contiguous, finite everywhere.
         """
+        chw = _chw_float(arr)
         if key == "depth":
-            valid = arr > 0
+            valid = chw > 0
             if self.depth_mode == "inverse":
-                out = np.minimum(self.near / np.where(valid, arr, np.float32(1)), 1).astype(np.float32)
+                out = np.minimum(np.float32(self.near) / np.where(valid, chw, np.float32(1)), np.float32(1))
             else:
                 st = self._get(key)
-                out = (arr.astype(np.float32) - np.float32(st.mean[0])) * np.float32(1.0 / st.std[0])
+                out = chw
+                out -= np.float32(st.mean[0])
+                out *= np.float32(1.0 / st.std[0])
             out[~valid] = 0  # policy: invalid depth is exactly 0 after normalization
             return out
         st = self._get(key)
-        x = arr.astype(np.float32)
-        if arr.dtype == np.uint8:
-            x *= np.float32(1.0 / 255.0)
-        mean = np.asarray(st.mean, np.float32)
-        inv_std = 1.0 / np.asarray(st.std, np.float32)
-        x -= mean
-        x *= inv_std
+        if len(st.mean) != chw.shape[0]:
+            raise ValueError(f"Normalize: {key!r} has {chw.shape[0]} channels but its statistics have {len(st.mean)}")
+        # (C, 1, 1) broadcasting keeps numpy's inner loop contiguous; a trailing axis of 3 is
+        # several times slower.
+        chw -= np.asarray(st.mean, np.float32)[:, None, None]
+        chw *= (1.0 / np.asarray(st.std, np.float32))[:, None, None]
         if key not in IMAGE_MODALITIES:
-            np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-        return x
+            np.nan_to_num(chw, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        return chw
 
     def _get(self, key: str) -> ModalityStats:
         if key not in self.stats:
@@ -161,16 +163,27 @@ class Normalize:
         return self.stats[key]
 
 
+def _chw_float(arr: np.ndarray) -> np.ndarray:
+    """``(H, W)`` / ``(H, W, C)`` -> new float32 ``(C, H, W)`` array; uint8 is scaled to [0, 1]."""
+    chw = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    out = np.empty(chw.shape, np.float32)
+    if arr.dtype == np.uint8:
+        np.multiply(chw, np.float32(1.0 / 255.0), out=out)
+    else:
+        out[...] = chw
+    return out
+
+
 def to_tensor_sample(sample: Mapping[str, Any], modalities: Sequence[str]) -> dict[str, Any]:
     """Convert a raw numpy sample into the tensor sample of the data contract (no scaling
     beyond what the arrays already have: uint8 images become float in ``[0, 1]``)."""
+    out = {key: torch.from_numpy(_chw_float(sample[key])) for key in modalities}
+    out.update(_targets_to_tensors(sample))
+    return out
+
+
+def _targets_to_tensors(sample: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in modalities:
-        arr = sample[key]
-        if arr.dtype == np.uint8:
-            arr = arr.astype(np.float32) * np.float32(1.0 / 255.0)
-        arr = np.asarray(arr, np.float32)
-        out[key] = torch.from_numpy(np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)))
     if "mask" in sample:
         out["mask"] = torch.from_numpy(np.asarray(sample["mask"]).astype(np.int64))
     if "boxes" in sample:
@@ -247,16 +260,17 @@ class JointTransform:
             boxes, labels = sample.get("boxes"), sample.get("labels")
         if self._photo is not None and "rgb" in data:
             data["rgb"] = self._photo(image=data["rgb"])["image"]
-        if self.normalize is not None:
-            data = {k: self.normalize(k, v) for k, v in data.items()}
-        raw: dict[str, Any] = dict(data)
+        convert = self.normalize if self.normalize is not None else (lambda _key, arr: _chw_float(arr))
+        out: dict[str, Any] = {k: torch.from_numpy(convert(k, v)) for k, v in data.items()}
+        targets: dict[str, Any] = {}
         if has_mask:
-            raw["mask"] = mask
+            targets["mask"] = mask
         if has_boxes:
-            raw["boxes"], raw["labels"] = boxes, labels
+            targets["boxes"], targets["labels"] = boxes, labels
         if "meta" in sample:
-            raw["meta"] = sample["meta"]
-        return to_tensor_sample(raw, modalities)
+            targets["meta"] = sample["meta"]
+        out.update(_targets_to_tensors(targets))
+        return out
 
     def _apply_geometric(self, sample, data, modalities):
         first = modalities[0]
