@@ -1,0 +1,77 @@
+"""Interpretation of fusion models through their taps (DESIGN section 5).
+
+>>> import fusionzoo as fz
+>>> res = fz.interpret.run(model, dataset, metrics=["cka", "semantic_variance", "contribution"])
+>>> fz.interpret.write_report(res, "report/")
+>>> cmp = fz.interpret.compare([res_a, res_b, res_c])
+
+Building blocks (pure functions and streaming accumulators over captured tensors):
+:mod:`.cka`, :mod:`.semantic_variance`, :mod:`.contribution`, :mod:`.health`, :mod:`.gradcam`,
+and the training callback :class:`ModalityBalanceCallback`. See ``docs/interpret.md``.
+"""
+
+from .api import METRICS, ComparisonResult, InterpretResult, compare, load_result, run
+from .callbacks import ModalityBalanceCallback
+from .cka import (
+    MinibatchCKA,
+    StreamingCKA,
+    center_gram,
+    cka_from_gram,
+    gram_linear,
+    hsic_biased,
+    hsic_unbiased,
+    linear_cka,
+    reduce_spatial,
+)
+from .contribution import (
+    REMOVAL_POLICIES,
+    ContributionAccumulator,
+    ContributionResult,
+    ModalityStats,
+    derangement,
+    modality_contribution,
+    perceptual_score,
+    remove_modalities,
+    shapley_values,
+)
+from .gradcam import gate_maps, grad_cam, split_gate_channels
+from .health import EffectiveRank, FeatureNorm, effective_rank
+from .semantic_variance import SemanticVariance, SemanticVarianceResult, labels_to_grid, semantic_variance
+
+__all__ = [
+    "METRICS",
+    "REMOVAL_POLICIES",
+    "ComparisonResult",
+    "ContributionAccumulator",
+    "ContributionResult",
+    "EffectiveRank",
+    "FeatureNorm",
+    "InterpretResult",
+    "MinibatchCKA",
+    "ModalityBalanceCallback",
+    "ModalityStats",
+    "SemanticVariance",
+    "SemanticVarianceResult",
+    "StreamingCKA",
+    "center_gram",
+    "cka_from_gram",
+    "compare",
+    "derangement",
+    "effective_rank",
+    "gate_maps",
+    "grad_cam",
+    "gram_linear",
+    "hsic_biased",
+    "hsic_unbiased",
+    "labels_to_grid",
+    "linear_cka",
+    "load_result",
+    "modality_contribution",
+    "perceptual_score",
+    "reduce_spatial",
+    "remove_modalities",
+    "run",
+    "semantic_variance",
+    "shapley_values",
+    "split_gate_channels",
+]

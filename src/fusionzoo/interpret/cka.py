@@ -307,6 +307,7 @@ class StreamingCKA:
         self._pairs: list[tuple[str, str]] | None = [tuple(p) for p in pairs] if pairs is not None else None
         self._self: dict[str, _SelfMoments] = {}
         self._cross: dict[tuple[str, str], _CrossMoments] = {}
+        self._cache: dict[tuple[str, str, bool], float] = {}  # HSIC values, cleared by update()
 
     @property
     def names(self) -> list[str]:
@@ -331,6 +332,7 @@ class StreamingCKA:
         rows = {k: _as_rows(v, f"features[{k!r}]").detach() for k, v in features.items()}
         if not rows:
             raise ValueError("StreamingCKA.update got no features")
+        self._cache.clear()
         ns = {k: v.shape[0] for k, v in rows.items()}
         if len(set(ns.values())) != 1:
             raise ValueError(f"every tap must give the same number of rows in a batch, got {ns}")
@@ -393,6 +395,12 @@ class StreamingCKA:
         Returns:
             The unbiased estimate (Song et al. 2012) or the biased ``||C_ab||_F^2 / (n-1)^2``.
         """
+        key = (a, b, debiased)
+        if key not in self._cache:
+            self._cache[key] = self._hsic(a, b, debiased)
+        return self._cache[key]
+
+    def _hsic(self, a: str, b: str, debiased: bool) -> float:
         n, s_a, s_b, m, u, v, w, tr_a, tr_b = self._terms(a, b)
         if not debiased:
             c = m - torch.outer(s_a, s_b) / n

@@ -1,0 +1,120 @@
+"""fusionzoo.interpret.run / compare: known structural answers, JSON round trip, and a
+registry-driven check that every registered model runs through every metric on tiny inputs."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import fusionzoo as fz
+from fusionzoo import interpret
+from fusionzoo.data import collate, create_dataset
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # CPU tests share 2 cores with other jobs: one intra-op thread avoids oversubscription,
+    # which made these forwards ~20x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+@pytest.fixture(scope="module")
+def tiny_batch():
+    ds = create_dataset("synthetic_rgbd", split="val", num_samples=2, image_size=(32, 32), seed=0)
+    return collate([ds[0], ds[1]]), ds.num_classes, list(ds.classes)
+
+
+@pytest.fixture(scope="module")
+def late_result(tiny_batch):
+    batch, k, names = tiny_batch
+    torch.manual_seed(0)
+    model = fz.create_model("late_mean", encoder="resnet10t", num_classes=k)
+    return interpret.run(model, [batch, batch], class_names=names, samples_per_image=4)
+
+
+def test_late_fusion_structure_is_recovered(late_result):
+    r = late_result
+    assert r.model == "late_mean" and r.fusion == "late" and r.num_images == 4
+    # a late model's rgb branch never sees depth: removing depth leaves rgb taps unchanged
+    for stage in ("stage1", "stage2", "stage3", "stage4"):
+        assert r.reliance[f"rgb.{stage}"]["depth"] == pytest.approx(0.0, abs=1e-9)
+        assert r.reliance[f"depth.{stage}"]["rgb"] == pytest.approx(0.0, abs=1e-9)
+        assert r.reliance[f"rgb.{stage}"]["rgb"] > 0.05
+    kinds = {p["kind"] for p in r.cka_pairs()}
+    assert kinds == {"cross_modal", "within"}  # no fused stream in late fusion
+    assert len(r.cka_pairs("cross_modal")) == 4
+    assert set(r.semantic_variance) >= {"rgb.stage1", "depth.head", "head.logits"}
+    for v in r.semantic_variance.values():
+        assert 0.0 <= v["semantic_variance"] <= 1.0
+    sh = r.contribution["shapley"]
+    co = r.contribution["coalitions"]
+    assert sh["rgb"] + sh["depth"] == pytest.approx(co["rgb+depth"]["miou"] - co["none"]["miou"])
+    assert set(r.artifacts["gradcam"]) == {"rgb.stage4", "depth.stage4"}
+    assert r.artifacts["gradcam"]["rgb.stage4"].shape == (2, 32, 32)
+
+
+def test_json_round_trip_and_compare(late_result, tmp_path):
+    path = late_result.save(tmp_path / "metrics.json")
+    data = json.loads(path.read_text())  # strict JSON (NaN written as null)
+    back = interpret.load_result(tmp_path)
+    assert back.to_json() == data
+    assert back.miou() == pytest.approx(late_result.miou())
+    cmp = interpret.compare([late_result, back])
+    assert cmp.models == ["late_mean", "late_mean#2"]
+    assert cmp.stages == ["stage1", "stage2", "stage3", "stage4"]
+    assert cmp.cka_cross_modal["late_mean"] == cmp.cka_cross_modal["late_mean#2"]
+    assert cmp.reliance["late_mean"]["head.logits"]["rgb"] > 0
+    json.dumps(cmp.to_json(), allow_nan=False)
+    with pytest.raises(ValueError, match="unknown keys"):
+        interpret.InterpretResult.from_json({**data, "bogus": 1})
+
+
+def test_bad_arguments(tiny_batch):
+    batch, k, _ = tiny_batch
+    model = fz.create_model("early_concat", encoder="resnet10t", num_classes=k)
+    with pytest.raises(ValueError, match="unknown metric"):
+        interpret.run(model, [batch], metrics=["cka", "vibes"])
+    with pytest.raises(KeyError, match="matches no tap"):
+        interpret.run(model, [batch], taps="rgb.*")
+    with pytest.raises(KeyError, match="lacks modalities"):
+        interpret.run(model, [{"rgb": batch["rgb"], "mask": batch["mask"]}])
+
+
+def _check_runs(model, batch):
+    r = interpret.run(model, [batch], samples_per_image=4, gradcam_images=1)
+    info = model.tap_info()
+    assert r.num_images == 2
+    assert set(r.semantic_variance) == {n for n, t in info.items() if t.kind in ("feature", "logits") and t.reduction > 0}
+    assert all(math.isfinite(v) for v in r.health["effective_rank"].values())
+    assert set(r.contribution["shapley"]) == set(model.modalities)
+    assert "head.logits" in r.reliance
+    fused = any(t.stream == "fused" and t.kind == "feature" for t in info.values())
+    per_modality = all(f"{m}.stage1" in info for m in model.modalities)
+    assert bool(r.cka_pairs("cross_modal")) == per_modality
+    assert bool(r.cka_pairs("modality_fused")) == (per_modality and fused)
+    assert r.artifacts["gradcam"]
+    json.dumps(r.to_json(), allow_nan=False)
+
+
+FAMILIES = [n for n in fz.list_models() if not fz.model_entry(n).encoder_fixed]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_metrics_run_on_every_fusion_method(family, tiny_batch):
+    """Every registered method (family entry) with the smallest encoder: fast, default tier."""
+    batch, k, _ = tiny_batch
+    torch.manual_seed(0)
+    _check_runs(fz.create_model(family, encoder="resnet10t", num_classes=k), batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", fz.list_models())
+def test_metrics_run_on_every_registered_model(name, tiny_batch):
+    """Every registered name as registered (resnet50 / pvt_v2_b2 encoders: minutes on CPU)."""
+    batch, k, _ = tiny_batch
+    torch.manual_seed(0)
+    _check_runs(fz.create_model(name, num_classes=k), batch)
