@@ -20,6 +20,20 @@ from .taps import Captured, Tap, TapInfo, capture
 
 __version__ = "0.1.0"
 
+_LAZY_SUBMODULES = ("data", "interpret", "engine")  # heavier imports (albumentations, matplotlib)
+
+
+def __getattr__(name: str):  # PEP 562: fz.data / fz.interpret / fz.from_pretrained on first use
+    import importlib
+
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name == "from_pretrained":
+        from .engine.hub import from_pretrained
+
+        return from_pretrained
+    raise AttributeError(f"module 'fusionzoo' has no attribute {name!r}")
+
 __all__ = [
     "DEFAULT_CHANNELS",
     "Captured",
@@ -32,6 +46,7 @@ __all__ = [
     "__version__",
     "capture",
     "create_model",
+    "from_pretrained",
     "list_models",
     "model_entry",
     "register_model",

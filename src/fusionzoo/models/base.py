@@ -4,7 +4,9 @@ the missing-modality policy; subclasses implement :meth:`FusionModel.forward_log
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,6 +82,13 @@ class FusionModel(nn.Module):
     def forward_logits(self, xs: dict[str, torch.Tensor], missing: tuple[str, ...]) -> torch.Tensor:
         """Logits at decoder resolution from checked, filled inputs; passes ``head.logits``."""
         raise NotImplementedError
+
+    def save_pretrained(self, directory: str | os.PathLike, **kwargs: Any) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (see ``fusionzoo.engine.hub.save_pretrained``
+        for ``class_names``, ``normalization`` and ``extra``); reload with ``fz.from_pretrained``."""
+        from ..engine.hub import save_pretrained
+
+        return save_pretrained(self, directory, **kwargs)
 
     # -- shared decoder tail ---------------------------------------------------------------
     def build_decoder(
