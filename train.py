@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
         if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs:
             val = evaluate(plain, val_loader, missing=cfg.train_missing, progress=cfg.progress, **eval_kwargs)
             logs.update(val_miou=val["miou"], val_pixel_acc=val["pixel_acc"], val_mean_acc=val["mean_acc"],
-                        val_loss=val["loss"], val_iou=val["iou"])
+                        val_loss=val["loss"], val_iou=val["iou"], val_pixels=val["pixels"])
             if val["miou"] > best["miou"]:
                 best = {"miou": val["miou"], "epoch": epoch, "pixel_acc": val["pixel_acc"], "iou": val["iou"]}
                 if info.is_main:

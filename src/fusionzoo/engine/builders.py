@@ -231,7 +231,10 @@ def config_for_resume(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
         raise ConfigError(
             f"cannot change {diffs} when resuming {run_dir} (exact resume); only {list(RESUME_MUTABLE)} may differ"
         )
-    merged = {**old, **{k: given[k] for k in RESUME_MUTABLE}}
+    # Harmless keys: what the command line set explicitly (differs from the default), else the run's.
+    merged = {**old, **{k: given[k] for k in RESUME_MUTABLE if given[k] != defaults[k]}}
+    for k in ("resume", "kill_after_step"):  # per invocation, never inherited from the run
+        merged[k] = given[k]
     return TrainConfig(**merged)
 
 
