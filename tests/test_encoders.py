@@ -86,3 +86,15 @@ def test_pretrained_offline_without_cache_fails_fast_and_names_the_weights(tmp_p
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "ERROR:" in done.stdout, done.stdout + done.stderr
     assert "resnet18" in done.stdout and "pretrained=False" in done.stdout
+
+
+def test_mean_rule_for_one_channel_first_conv() -> None:
+    from fusionzoo.encoders import average_mono_first_conv
+
+    body = timm.create_model("resnet18", features_only=True, in_chans=1)
+    before = body.conv1.weight.detach().clone()
+    conv = average_mono_first_conv(body)
+    assert conv is body.conv1
+    assert torch.allclose(body.conv1.weight, before / 3)
+    with pytest.raises(ValueError, match="mono_init"):
+        Encoder("resnet18", mono_init="median")

@@ -51,6 +51,20 @@ def _weights_error(name: str, err: Exception) -> PretrainedWeightsError:
     )
 
 
+def average_mono_first_conv(module: nn.Module, rgb_channels: int = 3) -> nn.Conv2d:
+    """Turn timm's summed 1-channel first-conv filters into the mean over the RGB filters.
+
+    Returns:
+        The convolution changed (the first ``Conv2d`` with one input channel).
+    """
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d) and layer.in_channels == 1:
+            with torch.no_grad():
+                layer.weight.div_(rgb_channels)
+            return layer
+    raise ValueError(f"{type(module).__name__} has no 1-channel first convolution to rescale")
+
+
 class Encoder(nn.Module):
     """A timm ``features_only`` backbone cut into stages at strides 4, 8, 16, 32.
 
@@ -61,6 +75,9 @@ class Encoder(nn.Module):
         pretrained: load timm's ImageNet weights through huggingface-hub's cache.
         with_stem: also expose the stride-2 stem as a stage named ``stem`` when the encoder has
             one (ResNets do, PVT does not; see :attr:`has_stem`).
+        mono_init: how pretrained RGB first-conv filters become 1-channel filters: ``"sum"``
+            (timm's rule, kept by ESANet) or ``"mean"`` (ACNet and FuseNet average them, so the
+            depth response has the scale of one colour channel).
 
     Attributes:
         stage_names: ``["stem"?, "stage1", ..., "stage4"]``.
@@ -77,11 +94,16 @@ class Encoder(nn.Module):
         pretrained: bool = False,
         with_stem: bool = False,
         reductions: Sequence[int] = STAGE_REDUCTIONS,
+        mono_init: str = "sum",
     ) -> None:
         super().__init__()
+        if mono_init not in ("sum", "mean"):
+            raise ValueError(f"mono_init must be 'sum' or 'mean', got {mono_init!r}")
         self.name = name
         self.in_chans = in_chans
         body = _create_timm(name, in_chans, pretrained)
+        if pretrained and in_chans == 1 and mono_init == "mean":
+            average_mono_first_conv(body)
         info = body.feature_info
         available = list(info.reduction())
         missing = [r for r in reductions if r not in available]

@@ -5,7 +5,9 @@ Three branches: an RGB and a depth encoder, and a merged branch with its own cop
 stages. After the stem and every stage, attention complementary modules (ACM: channel attention)
 re-weight each modality and their sum is added to the merged branch:
 ``m_k = stage_k^merged(m_{k-1}) + ACM_rgb(rgb_k) + ACM_depth(depth_k)``. The modality streams
-are not modified (no feedback). ACNet's decoder is replaced by a fusionzoo decoder.
+are not modified (no feedback). With pretrained weights the depth stem averages the RGB
+filters and the merged branch starts from the same ImageNet stages, as in the reference code.
+ACNet's decoder is replaced by a fusionzoo decoder.
 """
 
 from __future__ import annotations
@@ -40,6 +42,6 @@ register_family(
     model_cls=ACNetModel,
     fusion="middle",
     paper="Hu et al., 'ACNet: Attention Based Network to Exploit Complementary Features for RGBD Semantic Segmentation', ICIP 2019",
-    fixed={"fusion_op": "acnet", "fuse_stem": True, "feedback": False},
+    fixed={"fusion_op": "acnet", "fuse_stem": True, "feedback": False, "mono_init": "mean"},
     max_modalities=2,
 )

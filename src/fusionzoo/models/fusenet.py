@@ -4,7 +4,8 @@ Segmentation via Fusion-based CNN Architecture", ACCV 2016, section 3.1).
 The depth branch's feature maps are added element-wise into the RGB branch after every block;
 the sum continues in the RGB encoder (sparse fusion). FuseNet's VGG-16 encoder and SegNet-style
 unpooling decoder are replaced by any timm encoder and a fusionzoo decoder; the fusion itself
-(``fusionzoo.fusion.SumFusion``) is the paper's.
+(``fusionzoo.fusion.SumFusion``) is the paper's, and so is the depth branch's first layer: with
+pretrained weights it is the mean of the RGB filters (``mono_init="mean"``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,6 @@ register_family(
     model_cls=MiddleFusionModel,
     fusion="middle",
     paper="Hazirbas et al., 'FuseNet', ACCV 2016",
-    fixed={"fusion_op": "sum", "fuse_stem": False, "feedback": True},
+    fixed={"fusion_op": "sum", "fuse_stem": False, "feedback": True, "mono_init": "mean"},
     max_modalities=2,
 )

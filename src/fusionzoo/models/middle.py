@@ -27,6 +27,8 @@ class MiddleFusionModel(FusionModel):
             of feed-back methods); hybrid models switch it off to keep modality-specific streams.
         fusion_kwargs: extra keyword arguments for every stage's operator (e.g. CMX's
             ``{"preset": "resnet"}`` or ``{"num_heads": 4}``).
+        mono_init: pretrained first-conv rule for 1-channel modalities (``"sum"`` as timm,
+            ``"mean"`` as ACNet and FuseNet); see :class:`~fusionzoo.encoders.Encoder`.
 
     Taps, per stage: ``{m}.{stage}`` for every modality (encoder output before fusion),
     ``fused.{stage}`` and the operator's internals ``fused.{stage}.{detail}``; then
@@ -48,6 +50,7 @@ class MiddleFusionModel(FusionModel):
         fuse_stem: bool = False,
         feedback: bool = True,
         fusion_kwargs: Mapping[str, Any] | None = None,
+        mono_init: str = "sum",
     ) -> None:
         super().__init__(modalities, num_classes, in_chans)
         if fusion_op not in FUSION_OPS:
@@ -61,7 +64,7 @@ class MiddleFusionModel(FusionModel):
                 f"{self.modalities}; use a generic method (crossattn, early_concat, late_*, hybrid_gate) for more"
             )
         self.encoders = nn.ModuleDict({
-            m: Encoder(encoder, in_chans=self.in_chans[m], pretrained=pretrained, with_stem=fuse_stem)
+            m: Encoder(encoder, in_chans=self.in_chans[m], pretrained=pretrained, with_stem=fuse_stem, mono_init=mono_init)
             for m in self.modalities
         })
         first = self.encoders[self.modalities[0]]
@@ -81,6 +84,8 @@ class MiddleFusionModel(FusionModel):
         for k, (stage, channels, reduction) in enumerate(zip(self.stage_names, first.channels, first.reductions)):
             for m in self.modalities:
                 self.taps.declare(f"{m}.{stage}", channels, reduction)
+            if not self.fuses_stage(stage):
+                continue
             # The stem shares the first stage's hyper-parameters (stage_index 0).
             stage_index = max(k - offset, 0)
             op = op_cls(channels, len(self.modalities), stage_index=stage_index, **self.op_kwargs(first.channels[offset:]))
@@ -89,9 +94,14 @@ class MiddleFusionModel(FusionModel):
         self.stage_channels = [c for s, c in zip(self.stage_names, first.channels) if s != "stem"]
         self.pretrained = pretrained
         self.build_extra()
+        self.build_head(decoder, decoder_channels, dropout)
+
+    def build_head(self, decoder: str, decoder_channels: int | None, dropout: float) -> None:
+        """The task head over the fused stage features: here the segmentation decoder (+ late heads)
+        and ``head.logits``; detection models (``fusionzoo.detection``) build an FPN + box head."""
         self.decoder = self.build_decoder(self.stage_channels, decoder, decoder_channels, dropout)
         self.build_late_heads(decoder, decoder_channels, dropout)
-        self.taps.declare("head.logits", num_classes, 4, "logits")
+        self.taps.declare("head.logits", self.num_classes, 4, "logits")
 
     def declare_fused_taps(self, stage: str, channels: int, reduction: int, op: nn.Module) -> None:
         self.taps.declare(f"fused.{stage}", channels, reduction)
@@ -101,7 +111,12 @@ class MiddleFusionModel(FusionModel):
             kind = detail if detail in ("gate", "attn") else "feature"
             self.taps.declare(f"fused.{stage}.{detail}", detail_channels, 0 if detail in global_details else reduction, kind)
 
-    # Hooks for subclasses (CMX's presets, ACNet's merged branch, hybrid heads).
+    # Hooks for subclasses (CMX's presets, ACNet's merged branch, hybrid heads, detection).
+    def fuses_stage(self, stage: str) -> bool:
+        """Whether a fusion operator follows ``stage`` (all stages here; a detector whose FPN skips
+        stride 4 leaves that stage unfused when the operator does not feed back)."""
+        return True
+
     def op_kwargs(self, stage_channels: Sequence[int]) -> dict[str, Any]:
         """Keyword arguments for every stage's fusion operator."""
         return self.fusion_kwargs
@@ -135,6 +150,12 @@ class MiddleFusionModel(FusionModel):
             else:
                 feats = [f[k] for f in per_modality]
             feats = [self.taps(f"{m}.{stage}", f) for m, f in zip(self.modalities, feats)]
+            if stage not in self.fusions:  # unfused stage (see fuses_stage): streams go on as they are
+                streams = feats
+                if stage != "stem":
+                    for m, f in zip(self.modalities, feats):
+                        own[m].append(f)
+                continue
             result = self.fusions[stage](feats)
             fused = self.taps(f"fused.{stage}", self.merge(k, result.fused, previous))
             for detail in self._detail_names[stage]:
