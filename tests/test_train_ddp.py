@@ -1,0 +1,73 @@
+"""torchrun with 2 CPU processes (gloo) equals one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from fusionzoo.engine.checkpoint import load_tensors
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# BatchNorm statistics are per process on CPU (SyncBatchNorm needs a GPU), so BN runs frozen and
+# decoder dropout is off: then the two set-ups compute the same averaged gradient. Modality
+# dropout is on, to check that every rank takes the same decision per step.
+COMMON = ["--model", "esanet_resnet18", "--image-size", "32,32", "--train-samples", "8", "--val-samples", "3",
+          "--epochs", "2", "--threads", "1", "--no-progress", "--seed", "1", "--freeze-bn",
+          "--model-kwargs", "{dropout: 0.0}", "--modality-dropout", "0.5", "--log-interval", "1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+
+def _check(proc: subprocess.CompletedProcess) -> None:
+    if proc.returncode != 0:
+        raise AssertionError(f"failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
+
+
+def test_two_process_ddp_equals_single_process(tmp_path):
+    single = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *COMMON, "--batch-size", "4", "--out-dir", str(tmp_path),
+         "--run-name", "single"], capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
+    _check(single)
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(_free_port()), str(ROOT / "train.py"), *COMMON, "--batch-size", "2",
+         "--out-dir", str(tmp_path), "--run-name", "ddp"],
+        capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
+    _check(ddp)
+
+    a = load_tensors(tmp_path / "single" / "checkpoints" / "last" / "model.safetensors")
+    b = load_tensors(tmp_path / "ddp" / "checkpoints" / "last" / "model.safetensors")
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst < 1e-4, f"largest weight difference {worst}"
+
+    recs = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("single", "ddp")}
+    train = {n: [r for r in rs if r["kind"] == "train"] for n, rs in recs.items()}
+    assert [r["step"] for r in train["ddp"]] == [r["step"] for r in train["single"]] == [1, 2, 3, 4]
+    # same modality-dropout decisions; logged loss is rank 0's half-batch, so only the decisions are compared
+    assert [r.get("missing") for r in train["ddp"]] == [r.get("missing") for r in train["single"]]
+    ep = {n: [r for r in rs if r["kind"] == "epoch"] for n, rs in recs.items()}
+    # the validation confusion matrix is summed over ranks: every one of the 3 images counted once
+    assert [r["val_pixels"] for r in ep["ddp"]] == [r["val_pixels"] for r in ep["single"]] == [3 * 32 * 32] * 2
+    for rs, rd in zip(ep["single"], ep["ddp"]):
+        assert abs(rs["train_loss"] - rd["train_loss"]) < 1e-4  # mean over all ranks' samples
+        assert abs(rs["val_miou"] - rd["val_miou"]) < 1e-3
+    assert not (tmp_path / "ddp" / "checkpoints" / "last" / ".last.old").exists()
+    # only rank 0 wrote: one config, one summary
+    assert json.loads((tmp_path / "ddp" / "config.json").read_text())["_resolved"]["world_size"] == 2
