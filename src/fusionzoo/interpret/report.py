@@ -1,0 +1,631 @@
+"""Reports: ``metrics.json``, PNG plots and one self-contained ``report.html``.
+
+:func:`write_report` renders one :class:`InterpretResult`; :func:`write_comparison` lays
+several side by side. Plots use matplotlib's object API (``Figure``, no pyplot state), so they
+work headless and never touch a global backend. Every axis is labelled with its unit (CKA,
+semantic variance and shares are unitless in [0, 1]; mIoU and its changes are in percentage
+points; gradient norms are L2 norms of the loss gradient).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .api import ComparisonResult, InterpretResult, _clean, _stage_index, compare, load_result
+
+__all__ = ["write_report", "write_comparison"]
+
+_STREAM_COLORS = {"rgb": "#d62728", "depth": "#1f77b4", "thermal": "#ff7f0e", "hha": "#9467bd",
+                  "fused": "#2ca02c", "decoder": "#7f7f7f", "head": "#17becf"}
+
+
+def _color(stream: str, i: int = 0) -> str:
+    return _STREAM_COLORS.get(stream, f"C{i % 10}")
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _nan(v: Any) -> float:
+    return math.nan if v is None else float(v)
+
+
+def _stages(res: InterpretResult) -> list[str]:
+    st = {t["stage"] for t in res.taps.values() if _stage_index(t["stage"]) is not None}
+    return sorted(st, key=_stage_index)
+
+
+def _streams(res: InterpretResult) -> list[str]:
+    present = {t["stream"] for t in res.taps.values()}
+    return [s for s in [*res.modalities, "fused"] if s in present]
+
+
+# --------------------------------------------------------------------------------------------
+# single-run plots
+# --------------------------------------------------------------------------------------------
+def _plot_cka_stages(res: InterpretResult, path: Path) -> Path | None:
+    rows = [r for r in res.cka_pairs() if r["kind"] in ("cross_modal", "modality_fused")]
+    if not rows:
+        return None
+    stages = [s for s in _stages(res) if any(r["stage"] == s for r in rows)]
+    fig = Figure(figsize=(3.2 * len(stages) + 1, 3.4))
+    axes = fig.subplots(1, len(stages), squeeze=False)[0]
+    im = None
+    for ax, stage in zip(axes, stages):
+        streams = [s for s in _streams(res) if f"{s}.{stage}" in res.taps]
+        mat = np.eye(len(streams))
+        idx = {f"{s}.{stage}": i for i, s in enumerate(streams)}
+        for r in rows:
+            if r["stage"] == stage and r["a"] in idx and r["b"] in idx:
+                mat[idx[r["a"]], idx[r["b"]]] = mat[idx[r["b"]], idx[r["a"]]] = _nan(r["cka"])
+        im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(streams)), streams, rotation=30)
+        ax.set_yticks(range(len(streams)), streams)
+        ax.set_title(f"{stage}")
+        for i in range(len(streams)):
+            for j in range(len(streams)):
+                v = mat[i, j]
+                ax.text(j, i, "n/a" if math.isnan(v) else f"{v:.2f}", ha="center", va="center",
+                        color="white" if (not math.isnan(v) and v < 0.6) else "black", fontsize=9)
+        ax.set_xlabel("stream")
+    axes[0].set_ylabel("stream")
+    fig.colorbar(im, ax=list(axes), label="debiased linear CKA (unitless)", shrink=0.85)
+    fig.suptitle(f"{res.model}: feature similarity between streams, per stage")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def _plot_cka_within(res: InterpretResult, path: Path) -> Path | None:
+    rows = res.cka_pairs("within")
+    if not rows:
+        return None
+    streams = [s for s in _streams(res) if any(r["a"].startswith(s + ".") for r in rows)]
+    fig = Figure(figsize=(3.2 * len(streams) + 1, 3.4))
+    axes = fig.subplots(1, len(streams), squeeze=False)[0]
+    im = None
+    for ax, stream in zip(axes, streams):
+        stages = [s for s in _stages(res) if f"{stream}.{s}" in res.taps]
+        idx = {f"{stream}.{s}": i for i, s in enumerate(stages)}
+        mat = np.eye(len(stages))
+        for r in rows:
+            if r["a"] in idx and r["b"] in idx:
+                mat[idx[r["a"]], idx[r["b"]]] = mat[idx[r["b"]], idx[r["a"]]] = _nan(r["cka"])
+        im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(stages)), stages, rotation=30)
+        ax.set_yticks(range(len(stages)), stages)
+        ax.set_title(stream)
+        ax.set_xlabel("stage")
+        for i in range(len(stages)):
+            for j in range(len(stages)):
+                v = mat[i, j]
+                ax.text(j, i, "n/a" if math.isnan(v) else f"{v:.2f}", ha="center", va="center",
+                        color="white" if (not math.isnan(v) and v < 0.6) else "black", fontsize=9)
+    axes[0].set_ylabel("stage")
+    fig.colorbar(im, ax=list(axes), label="debiased linear CKA (unitless)", shrink=0.85)
+    fig.suptitle(f"{res.model}: how each stream's representation evolves across stages")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def _stage_curve(res: InterpretResult, values: Mapping[str, Any], key: str | None, ylabel: str, title: str,
+                 path: Path, ylim: tuple[float, float] | None = None) -> Path | None:
+    stages = _stages(res)
+    fig = Figure(figsize=(6, 3.8))
+    ax = fig.subplots()
+    drawn = False
+    for i, stream in enumerate(_streams(res)):
+        xs, ys = [], []
+        for s in stages:
+            v = values.get(f"{stream}.{s}")
+            if v is not None:
+                v = v.get(key) if key else v
+                xs.append(_stage_index(s))
+                ys.append(_nan(v))
+        if xs:
+            ax.plot(xs, ys, marker="o", label=stream, color=_color(stream, i))
+            drawn = True
+    if not drawn:
+        return None
+    ax.set_xticks([_stage_index(s) for s in stages], stages)
+    ax.set_xlabel("encoder stage (stride 4, 8, 16, 32)")
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    ax.legend(title="stream")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def _plot_contribution(res: InterpretResult, path: Path) -> Path | None:
+    c = res.contribution
+    if not c:
+        return None
+    mods = c["modalities"]
+    groups = [("leave-one-out drop", c["drop"]), ("Shapley value", c["shapley"])]
+    if c.get("perceptual"):
+        groups.append(("perceptual drop", {m: v["drop"] for m, v in c["perceptual"].items()}))
+    fig = Figure(figsize=(6.5, 3.8))
+    ax = fig.subplots()
+    width = 0.8 / len(mods)
+    for j, m in enumerate(mods):
+        ys = [100 * _nan(g[1].get(m)) for g in groups]
+        ax.bar(np.arange(len(groups)) + (j - (len(mods) - 1) / 2) * width, ys, width, label=m, color=_color(m, j))
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(groups)), [g[0] for g in groups])
+    ax.set_ylabel("mIoU change (percentage points)")
+    full = c["coalitions"].get("+".join(mods), {}).get("miou")
+    ax.set_title(f"{res.model}: modality contribution (policy '{c['policy']}', mIoU {100 * _nan(full):.1f}%)")
+    ax.legend(title="modality")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def _plot_contribution_classes(res: InterpretResult, path: Path) -> Path | None:
+    c = res.contribution
+    if not c or not c.get("shapley_per_class"):
+        return None
+    mods = c["modalities"]
+    k = len(next(iter(c["shapley_per_class"].values())))
+    names = res.class_names or [str(i) for i in range(k)]
+    fig = Figure(figsize=(max(6.0, 0.55 * k + 2), 3.8))
+    ax = fig.subplots()
+    width = 0.8 / len(mods)
+    for j, m in enumerate(mods):
+        ys = [100 * _nan(v) for v in c["shapley_per_class"][m]]
+        ax.bar(np.arange(k) + (j - (len(mods) - 1) / 2) * width, ys, width, label=m, color=_color(m, j))
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(k), names, rotation=35, ha="right")
+    ax.set_xlabel("class (missing bars: class absent from the ground truth)")
+    ax.set_ylabel("Shapley value of class IoU (points)")
+    ax.set_title(f"{res.model}: per-class modality contribution")
+    ax.legend(title="modality")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def _plot_training(res: InterpretResult, path: Path) -> Path | None:
+    hist = res.training or {}
+    epochs = hist.get("epochs") or []
+    steps = hist.get("steps") or []
+    use_epochs = len(epochs) >= 2
+    rows = epochs if use_epochs else steps
+    if not rows:
+        return None
+    xs = [r["epoch" if use_epochs else "step"] for r in rows]
+    xlabel = "epoch" if use_epochs else "training step"
+    mods = hist.get("modalities") or res.modalities
+    has_conf = any(r.get("confidence") for r in rows)
+    fig = Figure(figsize=(11 if has_conf else 6, 3.8))
+    axes = fig.subplots(1, 3 if has_conf else 2, squeeze=False)[0]
+    for i, m in enumerate(mods):
+        axes[0].plot(xs, [_nan((r.get("grad_norm") or {}).get(m)) for r in rows], marker=".", label=m, color=_color(m, i))
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel(xlabel)
+    axes[0].set_ylabel("encoder gradient L2 norm (log)")
+    axes[0].set_title("per-modality gradient norm")
+    axes[0].legend(title="modality")
+    ratio_keys = sorted({k for r in rows for k in (r.get("grad_ratio") or {})})
+    for key in ratio_keys:
+        axes[1].plot(xs, [_nan((r.get("grad_ratio") or {}).get(key)) for r in rows], marker=".", label=key)
+    axes[1].axhline(1, color="black", lw=0.8, ls="--")
+    axes[1].set_xlabel(xlabel)
+    axes[1].set_ylabel("gradient-norm ratio (unitless)")
+    axes[1].set_title("gradient ratio (1 = balanced)")
+    if ratio_keys:
+        axes[1].legend()
+    if has_conf:
+        ax = axes[2]
+        for i, m in enumerate(hist.get("heads") or mods):
+            ax.plot(xs, [_nan((r.get("confidence") or {}).get(m)) for r in rows], marker=".", label=m, color=_color(m, i))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("unimodal confidence (probability)")
+        ax.set_ylim(0, 1)
+        ax.set_title("per-modality head confidence")
+        ax.legend(title="head")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{res.model}: optimization balance during training (OGM-GE signals)")
+    return _save(fig, path)
+
+
+def _plot_gradcam(res: InterpretResult, path: Path) -> Path | None:
+    cams = res.artifacts.get("gradcam")
+    images = res.artifacts.get("images")
+    if not cams or not images:
+        return None
+    taps = list(cams)
+    n = min(len(next(iter(cams.values()))), len(next(iter(images.values()))))
+    cols = len(res.modalities) + len(taps)
+    fig = Figure(figsize=(2.4 * cols, 2.5 * n + 0.4))
+    axes = fig.subplots(n, cols, squeeze=False)
+    base = images[res.modalities[0]]
+    for i in range(n):
+        for j, m in enumerate(res.modalities):
+            img = images[m][i]
+            ax = axes[i, j]
+            if img.shape[0] == 3:
+                ax.imshow(img.permute(1, 2, 0).numpy())
+            else:
+                ax.imshow(img[0].numpy(), cmap="gray")
+            ax.set_title(f"{m} input" if i == 0 else "")
+        for j, t in enumerate(taps):
+            ax = axes[i, len(res.modalities) + j]
+            b = base[i]
+            ax.imshow(b.permute(1, 2, 0).numpy() if b.shape[0] == 3 else b[0].numpy(), cmap=None if b.shape[0] == 3 else "gray")
+            ax.imshow(cams[t][i].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            ax.set_title(f"Grad-CAM {t}" if i == 0 else "", fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{res.model}: Grad-CAM of the predicted classes (colour: relative attribution 0-1, "
+                 f"over {res.modalities[0]})", fontsize=10)
+    return _save(fig, path)
+
+
+def _plot_gates(res: InterpretResult, path: Path) -> Path | None:
+    maps = res.artifacts.get("gate_maps") or {}
+    spatial = {t: d for t, d in maps.items() if next(iter(d.values())).shape[-1] > 1}
+    if not res.gates and not spatial:
+        return None
+    ncols = max(1, sum(len(d) for d in spatial.values()))
+    fig = Figure(figsize=(max(7.0, 2.4 * ncols), 3.6 + (2.6 if spatial else 0)))
+    if spatial:
+        gs = fig.add_gridspec(2, ncols)
+        ax_bar = fig.add_subplot(gs[0, :])
+    else:
+        ax_bar = fig.subplots()
+    if res.gates:
+        taps = list(res.gates)
+        streams = list(dict.fromkeys(s for d in res.gates.values() for s in d))
+        width = 0.8 / max(1, len(streams))
+        for j, s in enumerate(streams):
+            ax_bar.bar(np.arange(len(taps)) + (j - (len(streams) - 1) / 2) * width,
+                       [_nan(res.gates[t].get(s)) for t in taps], width, label=s, color=_color(s, j))
+        ax_bar.set_xticks(range(len(taps)), taps, rotation=20, ha="right", fontsize=8)
+        ax_bar.set_ylabel("mean gate / attention value\n(as emitted by the tap)")
+        ax_bar.legend(title="stream", fontsize=8)
+        ax_bar.grid(axis="y", alpha=0.3)
+        ax_bar.set_title(f"{res.model}: fusion gates and attention, dataset mean")
+    col = 0
+    for t, d in spatial.items():
+        for s, v in d.items():
+            ax = fig.add_subplot(gs[1, col])
+            im = ax.imshow(v[0].numpy(), cmap="magma")
+            ax.set_title(f"{t}\n{s}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            fig.colorbar(im, ax=ax, fraction=0.046, label="value")
+            col += 1
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------------------------
+def _img(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if isinstance(v, (int, float)):
+        return f"{100 * v:.1f}" if pct else f"{v:.3f}"
+    return html.escape(str(v))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    h = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:0.6em 0 1.4em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}figure{margin:1em 0}
+img{max-width:100%}figcaption{color:#555;font-size:0.9em}h2{border-bottom:1px solid #ddd;padding-bottom:0.2em}
+code{background:#f5f5f5;padding:0 3px}"""
+
+
+def _page(title: str, sections: Sequence[str]) -> str:
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>\n")
+
+
+def _summary_tables(res: InterpretResult) -> list[str]:
+    out = []
+    c = res.contribution
+    if c:
+        rows = []
+        for m in c["modalities"]:
+            p = (c.get("perceptual") or {}).get(m, {})
+            rows.append([m, _fmt(c["drop"][m], True), _fmt(c["shapley"][m], True), _fmt(p.get("drop"), True),
+                         _fmt(p.get("normalized"))])
+        out.append("<h3>Modality contribution (mIoU points)</h3>" + _table(
+            ["modality", "drop when removed", "Shapley value", "perceptual drop", "perceptual (normalized)"], rows))
+        co = [[html.escape(k), _fmt(v["miou"], True)] for k, v in c["coalitions"].items()]
+        out.append(_table(["modalities kept", "mIoU (%)"], co))
+    stages = _stages(res)
+    if res.cka:
+        kinds = [("cross_modal", "between modalities"), ("modality_fused", "modality vs fused")]
+        rows = []
+        for kind, label in kinds:
+            for r in res.cka_pairs(kind):
+                rows.append([f"{html.escape(r['a'])} / {html.escape(r['b'])}", label, _fmt(r["cka"]), _fmt(r["cka_biased"])])
+        if rows:
+            out.append("<h3>Linear CKA per stage</h3>" + _table(["pair", "kind", "debiased", "biased"], rows))
+    if res.semantic_variance:
+        rows = []
+        for stream in _streams(res):
+            rows.append([stream] + [_fmt((res.semantic_variance.get(f"{stream}.{s}") or {}).get("semantic_variance"))
+                                    for s in stages])
+        for t in ("decoder.out", "head.logits"):
+            if t in res.semantic_variance:
+                rows.append([t] + [_fmt(res.semantic_variance[t]["semantic_variance"])] + [""] * (len(stages) - 1))
+        out.append("<h3>Semantic variance S_B / (S_B + S_W)</h3>" + _table(["stream", *stages], rows))
+    if res.reliance:
+        rows = [[html.escape(t)] + [_fmt(v.get(m)) for m in res.modalities] for t, v in res.reliance.items()]
+        out.append("<h3>Reliance 1 - CKA(tap, tap with the modality removed)</h3>"
+                   + _table(["tap", *res.modalities], rows))
+    if res.health:
+        rows = [[html.escape(t), _fmt(res.health["effective_rank"].get(t)), _fmt(res.health["feature_norm"].get(t))]
+                for t in res.health["effective_rank"]]
+        out.append("<h3>Representation health</h3>" + _table(["tap", "effective rank", "mean feature norm"], rows))
+    return out
+
+
+def write_report(result: InterpretResult, out_dir: str | Path, title: str | None = None) -> dict[str, Path]:
+    """Write ``metrics.json``, the PNG plots and ``report.html`` for one result.
+
+    Args:
+        result: from :func:`fusionzoo.interpret.run` (Grad-CAM / gate maps need its in-memory
+            ``artifacts``; a result loaded from JSON renders without them).
+        out_dir: created if needed.
+        title: page title (default: the model name).
+
+    Returns:
+        name -> path of every file written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {"metrics": result.save(out / "metrics.json")}
+    res = result
+    plots = [
+        ("cka_stages", _plot_cka_stages, "Debiased linear CKA between streams at each stage (1 = same "
+         "representation up to rotation and scale, 0 = unrelated)."),
+        ("cka_within", _plot_cka_within, "CKA between the stages of one stream: how the representation evolves."),
+        ("semantic_variance", lambda r, p: _stage_curve(
+            r, r.semantic_variance or {}, "semantic_variance", "semantic variance S_B/(S_B+S_W) (unitless)",
+            f"{r.model}: semantic variance across stages", p, (0, 1)),
+         "Share of feature variance explained by the semantic classes, per stream and stage."),
+        ("contribution", _plot_contribution, "mIoU change when a modality is removed, its Shapley value and "
+         "the perceptual-score drop (modality permuted across the batch)."),
+        ("contribution_classes", _plot_contribution_classes, "Per-class Shapley values of IoU."),
+        ("reliance", _plot_reliance, "Reliance of each stage on each modality: 1 - CKA between the tap on "
+         "the full input and with the modality removed."),
+        ("effective_rank", lambda r, p: _stage_curve(
+            r, (r.health or {}).get("effective_rank", {}), None, "effective rank (dimensions)",
+            f"{r.model}: effective rank of the features", p),
+         "Effective rank (Roy & Vetterli 2007) of each stream's features per stage."),
+        ("training", _plot_training, "Per-modality encoder gradient norms, their ratio and the unimodal "
+         "confidence of modality heads over training."),
+        ("gradcam", _plot_gradcam, "Grad-CAM on the deepest stage of each stream for the predicted classes."),
+        ("gates", _plot_gates, "Fusion gates / attention weights per stream."),
+    ]
+    sections = [f"<p>Model <code>{html.escape(res.model)}</code> (fusion: {html.escape(str(res.fusion))}), "
+                f"modalities {', '.join(res.modalities)}, {res.num_images} images, {res.num_classes} classes. "
+                f"Rows for CKA / effective rank: <code>{html.escape(str(res.settings.get('rows')))}</code>; removal "
+                f"policy <code>{html.escape(str(res.settings.get('policy')))}</code>. All numbers are in "
+                f"<code>metrics.json</code>.</p>"]
+    sections += _summary_tables(res)
+    figs = []
+    for name, fn, caption in plots:
+        p = fn(res, out / f"{name}.png")
+        if p is not None:
+            files[name] = p
+            figs.append(_img(p, caption))
+    sections.append("<h2>Plots</h2>" + "".join(figs))
+    page = out / "report.html"
+    page.write_text(_page(title or f"fusionzoo interpretation: {res.model}", sections))
+    files["report"] = page
+    return files
+
+
+def _plot_reliance(res: InterpretResult, path: Path) -> Path | None:
+    rel = res.reliance or {}
+    stages = _stages(res)
+    fig = Figure(figsize=(6, 3.8))
+    ax = fig.subplots()
+    drawn = False
+    for i, m in enumerate(res.modalities):
+        for stream, ls in (("fused", "-"), *((s, ":") for s in res.modalities)):
+            xs, ys = [], []
+            for s in stages:
+                v = rel.get(f"{stream}.{s}")
+                if v is not None and (stream == "fused" or stream != m):
+                    xs.append(_stage_index(s))
+                    ys.append(_nan(v.get(m)))
+            if xs and (stream == "fused" or "fused" not in {t.split(".")[0] for t in rel}):
+                ax.plot(xs, ys, ls=ls, marker="o", color=_color(m, i), label=f"{stream} taps on {m}")
+                drawn = True
+        if "head.logits" in rel:
+            ax.axhline(_nan(rel["head.logits"].get(m)), color=_color(m, i), lw=1, ls="--",
+                       label=f"final logits on {m}")
+            drawn = True
+    if not drawn:
+        return None
+    ax.set_xticks([_stage_index(s) for s in stages], stages)
+    ax.set_xlabel("stage")
+    ax.set_ylabel("reliance 1 - CKA (unitless)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{res.model}: reliance on each modality")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# comparison
+# --------------------------------------------------------------------------------------------
+def write_comparison(results: Sequence[InterpretResult | str | Path], out_dir: str | Path,
+                     title: str = "fusionzoo comparison") -> dict[str, Path]:
+    """Write ``comparison.json``, comparison plots and ``report.html`` for several results.
+
+    Args:
+        results: results or paths to their ``metrics.json`` / output folders.
+        out_dir: created if needed.
+
+    Returns:
+        name -> path of every file written.
+    """
+    res = [r if isinstance(r, InterpretResult) else load_result(r) for r in results]
+    cmp = compare(res)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    path = out / "comparison.json"
+    path.write_text(json.dumps(cmp.to_json(), indent=1, allow_nan=False) + "\n")
+    files["comparison"] = path
+    figs = []
+    for name, fn, caption in [
+        ("cmp_contribution", _cmp_contribution, "Shapley value of mIoU per modality, per model."),
+        ("cmp_cka", _cmp_cka, "Debiased CKA between modalities (left) and between each modality and the "
+         "fused stream (right) across stages."),
+        ("cmp_semantic_variance", _cmp_sv, "Semantic variance per stream across stages, per model."),
+        ("cmp_reliance", _cmp_reliance, "Reliance of the final logits on each modality, per model."),
+    ]:
+        p = fn(cmp, out / f"{name}.png")
+        if p is not None:
+            files[name] = p
+            figs.append(_img(p, caption))
+    rows = []
+    mods = list(dict.fromkeys(m for r in res for m in r.modalities))
+    for lab in cmp.models:
+        rows.append([html.escape(lab), html.escape(str(cmp.fusion[lab])), _fmt(cmp.miou[lab], True)]
+                    + [_fmt(cmp.shapley[lab].get(m), True) for m in mods]
+                    + [_fmt(cmp.drop[lab].get(m), True) for m in mods]
+                    + [_fmt((cmp.reliance[lab].get("head.logits") or {}).get(m)) for m in mods])
+    table = _table(["model", "fusion", "mIoU (%)", *[f"Shapley {m}" for m in mods], *[f"drop {m}" for m in mods],
+                    *[f"logit reliance {m}" for m in mods]], rows)
+    cka_rows = [[html.escape(lab)] + [_fmt(cmp.cka_cross_modal[lab].get(s)) for s in cmp.stages] for lab in cmp.models]
+    sv_rows = []
+    for lab in cmp.models:
+        for stream, d in cmp.semantic_variance[lab].items():
+            sv_rows.append([html.escape(lab), html.escape(stream)] + [_fmt(d.get(s)) for s in cmp.stages])
+    sections = [
+        "<h2>Summary</h2>" + table,
+        "<h3>Cross-modal CKA per stage</h3>" + _table(["model", *cmp.stages], cka_rows),
+        "<h3>Semantic variance per stream and stage</h3>" + _table(["model", "stream", *cmp.stages], sv_rows),
+        "<h2>Plots</h2>" + "".join(figs),
+    ]
+    page = out / "report.html"
+    page.write_text(_page(title, sections))
+    files["report"] = page
+    return files
+
+
+def _cmp_contribution(cmp: ComparisonResult, path: Path) -> Path | None:
+    mods = list(dict.fromkeys(m for d in cmp.shapley.values() for m in d))
+    if not mods:
+        return None
+    fig = Figure(figsize=(max(6.0, 1.3 * len(cmp.models) + 2), 4))
+    ax = fig.subplots()
+    width = 0.8 / len(mods)
+    for j, m in enumerate(mods):
+        ax.bar(np.arange(len(cmp.models)) + (j - (len(mods) - 1) / 2) * width,
+               [100 * _nan(cmp.shapley[lab].get(m)) for lab in cmp.models], width, label=m, color=_color(m, j))
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(cmp.models)), [f"{lab}\n({cmp.fusion[lab]})" for lab in cmp.models], fontsize=8)
+    ax.set_ylabel("Shapley value of mIoU (points)")
+    ax.set_title("modality contribution by architecture")
+    ax.legend(title="modality")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def _cmp_cka(cmp: ComparisonResult, path: Path) -> Path | None:
+    if not any(cmp.cka_cross_modal.values()) and not any(cmp.cka_modality_fused.values()):
+        return None
+    fig = Figure(figsize=(11, 4))
+    ax1, ax2 = fig.subplots(1, 2)
+    xs_all = [_stage_index(s) for s in cmp.stages]
+    for i, lab in enumerate(cmp.models):
+        d = cmp.cka_cross_modal[lab]
+        if d:
+            ax1.plot([_stage_index(s) for s in cmp.stages if s in d], [_nan(d[s]) for s in cmp.stages if s in d],
+                     marker="o", label=lab, color=f"C{i % 10}")
+        mf = cmp.cka_modality_fused[lab]
+        mods = list(dict.fromkeys(m for v in mf.values() for m in v))
+        for m, ls in zip(mods, ("-", "--", ":")):
+            ax2.plot([_stage_index(s) for s in cmp.stages if s in mf],
+                     [_nan(mf[s].get(m)) for s in cmp.stages if s in mf], marker="o", ls=ls,
+                     label=f"{lab}: {m}", color=f"C{i % 10}")
+    for ax, t in ((ax1, "between modalities"), (ax2, "modality vs fused stream")):
+        ax.set_xticks(xs_all, cmp.stages)
+        ax.set_xlabel("stage")
+        ax.set_ylabel("debiased linear CKA (unitless)")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(t)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _cmp_sv(cmp: ComparisonResult, path: Path) -> Path | None:
+    streams = list(dict.fromkeys(s for d in cmp.semantic_variance.values() for s in d
+                                 if s in _STREAM_COLORS and s not in ("decoder", "head")))
+    if not streams:
+        return None
+    fig = Figure(figsize=(3.8 * len(streams) + 1, 3.8))
+    axes = fig.subplots(1, len(streams), squeeze=False)[0]
+    for ax, stream in zip(axes, streams):
+        for i, lab in enumerate(cmp.models):
+            d = cmp.semantic_variance[lab].get(stream)
+            if d:
+                st = [s for s in cmp.stages if s in d]
+                ax.plot([_stage_index(s) for s in st], [_nan(d[s]) for s in st], marker="o", label=lab, color=f"C{i % 10}")
+        ax.set_xticks([_stage_index(s) for s in cmp.stages], cmp.stages)
+        ax.set_xlabel("stage")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{stream} stream")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    axes[0].set_ylabel("semantic variance (unitless)")
+    return _save(fig, path)
+
+
+def _cmp_reliance(cmp: ComparisonResult, path: Path) -> Path | None:
+    mods = list(dict.fromkeys(m for d in cmp.reliance.values() for m in (d.get("head.logits") or {})))
+    if not mods:
+        return None
+    fig = Figure(figsize=(max(6.0, 1.3 * len(cmp.models) + 2), 4))
+    ax = fig.subplots()
+    width = 0.8 / len(mods)
+    for j, m in enumerate(mods):
+        ax.bar(np.arange(len(cmp.models)) + (j - (len(mods) - 1) / 2) * width,
+               [_nan((cmp.reliance[lab].get("head.logits") or {}).get(m)) for lab in cmp.models], width,
+               label=m, color=_color(m, j))
+    ax.set_xticks(range(len(cmp.models)), [f"{lab}\n({cmp.fusion[lab]})" for lab in cmp.models], fontsize=8)
+    ax.set_ylabel("reliance of final logits, 1 - CKA (unitless)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("how much the prediction changes without each modality")
+    ax.legend(title="modality removed")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)

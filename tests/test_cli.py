@@ -1,0 +1,97 @@
+"""The ``fusionzoo`` console script: list, interpret (model name and run folder), compare."""
+
+import json
+
+import pytest
+import torch
+
+import fusionzoo as fz
+from fusionzoo.cli import main
+from fusionzoo.data import collate, create_dataset
+from fusionzoo.engine.config import TrainConfig, write_config
+from fusionzoo.engine.hub import save_pretrained
+from fusionzoo.engine.metrics import ConfusionMatrix
+
+TINY = ["--num-samples", "4", "--image-size", "32", "32", "--batch-size", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # CPU tests share 2 cores with other jobs: one intra-op thread avoids oversubscription.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_list_filters(capsys):
+    assert main(["list", "cmx_*"]) == 0
+    names = capsys.readouterr().out.split()
+    assert names == fz.list_models("cmx_*") and names
+    assert main(["list", "--fusion", "late", "--long"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines and all(" late " in line for line in lines)
+    assert main(["list", "no_such_model_*"]) == 1
+
+
+def test_interpret_model_name(tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert main(["interpret", "early_concat_resnet18", "--out", str(out), "--metrics",
+                 "cka,semantic_variance,contribution", *TINY]) == 0
+    data = json.loads((out / "metrics.json").read_text())
+    assert data["model"] == "early_concat_resnet18" and data["num_images"] == 4
+    assert data["cka"]["pairs"] and all(p["kind"] == "within" for p in data["cka"]["pairs"])
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<script" not in html  # self-contained, static
+    assert (out / "semantic_variance.png").is_file() and (out / "contribution.png").is_file()
+
+
+def test_interpret_run_folder_uses_run_weights_data_and_history(tmp_path):
+    # a run folder as train.py writes it: config.json (training config), best/ (weights),
+    # checkpoints/last/state.json (callback states)
+    torch.manual_seed(0)
+    run = tmp_path / "runs" / "r1"
+    cfg = TrainConfig(model="late_mean_resnet18", image_size=(32, 32), val_samples=4)
+    run.mkdir(parents=True)
+    write_config(cfg, run / "config.json", extra={"modalities": ["rgb", "depth"]})
+    val = create_dataset("synthetic_rgbd", split=cfg.val_split, num_samples=4, image_size=(32, 32))
+    model = fz.create_model("late_mean_resnet18", num_classes=val.num_classes).eval()
+    save_pretrained(model, run / "best", class_names=val.classes)
+    history = {"modalities": ["rgb", "depth"], "heads": ["rgb", "depth"], "steps": [],
+               "epochs": [{"epoch": e, "grad_norm": {"rgb": 1.0, "depth": 0.5 + e}} for e in range(3)]}
+    (run / "checkpoints" / "last").mkdir(parents=True)
+    (run / "checkpoints" / "last" / "state.json").write_text(
+        json.dumps({"trainer": {"callbacks": {"0:ModalityBalanceCallback": history}}}))
+    out = tmp_path / "rep"
+    assert main(["interpret", str(run), "--out", str(out), "--metrics", "contribution", "--no-progress",
+                 "--batch-size", "2"]) == 0
+    data = json.loads((out / "metrics.json").read_text())
+    assert data["training"]["epochs"][2]["grad_norm"]["depth"] == 2.5
+    assert (out / "training.png").is_file()
+    # the full-input mIoU equals an independent evaluation of the saved weights on the run's val set
+    cm = ConfusionMatrix(val.num_classes)
+    with torch.no_grad():
+        batch = collate([val[i] for i in range(4)])
+        cm.update(model({m: batch[m] for m in model.modalities}).argmax(1), batch["mask"])
+    assert data["contribution"]["coalitions"]["rgb+depth"]["miou"] == pytest.approx(cm.compute()["miou"])
+
+
+def test_compare_reuses_and_builds(tmp_path):
+    first = tmp_path / "a"
+    assert main(["interpret", "late_mean_resnet18", "--out", str(first), "--metrics", "cka,contribution", *TINY]) == 0
+    out = tmp_path / "cmp"
+    assert main(["compare", str(first), "esanet_resnet18", "--out", str(out), "--metrics", "cka,contribution", *TINY]) == 0
+    cmp = json.loads((out / "comparison.json").read_text())
+    assert cmp["models"] == ["late_mean_resnet18", "esanet_resnet18"]
+    assert cmp["fusion"] == {"late_mean_resnet18": "late", "esanet_resnet18": "middle"}
+    assert set(cmp["cka_modality_fused"]["esanet_resnet18"]) == {"stage1", "stage2", "stage3", "stage4"}
+    assert cmp["cka_modality_fused"]["late_mean_resnet18"] == {}
+    assert (out / "01_esanet_resnet18" / "metrics.json").is_file()
+    assert (out / "report.html").is_file() and (out / "cmp_contribution.png").is_file()
+
+
+def test_bad_target(tmp_path):
+    with pytest.raises(SystemExit, match="no trained weights"):
+        main(["interpret", str(tmp_path), "--out", str(tmp_path / "o"), *TINY])
+    with pytest.raises(KeyError):
+        main(["interpret", "no_such_model", "--out", str(tmp_path / "o"), *TINY])
