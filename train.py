@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from fusionzoo.engine.builders import (
+    build_callbacks,
     build_datasets,
     build_eval_loader,
     build_model,
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
                                 warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
                                 warmup_factor=cfg.warmup_factor, power=cfg.poly_power, min_lr=cfg.min_lr, base_lr=cfg.lr)
     scaler = make_grad_scaler(device, cfg.amp)
-    hooks = CallbackList(callbacks or [])
+    hooks = CallbackList([*build_callbacks(cfg.callbacks), *(callbacks or [])])
 
     # 5. Fresh start or exact resume (weights, optimizer, schedule, scaler, RNG, epoch position).
     state, best = EpochState(), {"miou": -1.0, "epoch": None}
@@ -178,6 +179,10 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
         logger.log(logs)
         state = EpochState(epoch + 1, 0, state.global_step)
         save_last(state)
+
+    hooks.on_train_end(plain)
+    if info.is_main and hooks.callbacks:
+        atomic_write_bytes(run_dir / "callbacks.json", (json.dumps(hooks.state_dict()) + "\n").encode())
 
     # 7. Final evaluation of the last weights: missing modalities and test-time augmentation.
     final: dict[str, Any] = {}

@@ -28,7 +28,28 @@ __all__ = [
     "config_for_resume",
     "normalization_of",
     "find_comparable_runs",
+    "build_callbacks",
+    "CALLBACKS",
 ]
+
+# Named training callbacks (``--callbacks a,b``): "module:Class", imported on use.
+CALLBACKS = {
+    "modality_balance": "fusionzoo.interpret.callbacks:ModalityBalanceCallback",
+}
+
+
+def build_callbacks(names: Sequence[str]) -> list[Any]:
+    """Instantiate the named callbacks (see :data:`CALLBACKS`)."""
+    import importlib
+
+    out = []
+    for name in names:
+        if name not in CALLBACKS:
+            raise ConfigError(f"unknown callback {name!r}; known: {sorted(CALLBACKS)}")
+        module, cls = CALLBACKS[name].split(":")
+        out.append(getattr(importlib.import_module(module), cls)())
+    return out
+
 
 # Keys that may differ when resuming: they change neither the data stream nor the arithmetic.
 RESUME_MUTABLE = ("resume", "progress", "kill_after_step", "num_workers", "device", "log_interval", "out_dir")
@@ -189,13 +210,25 @@ def make_run_dir(cfg: TrainConfig) -> Path:
     """``out_dir/run_name`` (default ``<model>-<dataset>-<modalities>-<UTC time>``), created."""
     if cfg.resume:
         return resume_run_dir(cfg.resume)
+    if cfg.run_name:
+        path = Path(cfg.out_dir) / cfg.run_name
+        if (path / "checkpoints").exists() or (path / "config.json").exists():
+            raise ConfigError(f"run folder {path} is already used; pass --resume {path} or another --run-name")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
     mods = "+".join(cfg.modalities) if cfg.modalities else "all"
-    name = cfg.run_name or f"{cfg.model}-{cfg.dataset}-{mods}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-    path = Path(cfg.out_dir) / name
-    if (path / "checkpoints").exists():
-        raise ConfigError(f"run folder {path} already holds checkpoints; pass --resume {path} or another --run-name")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    if cfg.train_missing:
+        mods += "-no-" + "+".join(cfg.train_missing)
+    stem = f"{cfg.model}-{cfg.dataset}-{mods}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    for i in range(1, 1000):  # two runs started in the same second get distinct folders
+        path = Path(cfg.out_dir) / (stem if i == 1 else f"{stem}-{i}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise ConfigError(f"could not create a fresh run folder for {stem} in {cfg.out_dir}")
 
 
 def resume_run_dir(path: str | Path) -> Path:

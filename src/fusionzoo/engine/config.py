@@ -57,9 +57,9 @@ class TrainConfig:
     num_classes: int | None = None  # None = from the dataset
     train_split: str = "train"
     val_split: str = "val"
-    train_samples: int | None = 640  # synthetic sets only: samples generated per split
-    val_samples: int | None = 128
-    image_size: tuple[int, int] | None = (96, 128)  # synthetic render size / resize target; None = native
+    train_samples: int | None = 320  # synthetic sets only: samples generated per split
+    val_samples: int | None = 96
+    image_size: tuple[int, int] | None = (64, 80)  # synthetic render size / resize target; None = native
     crop_size: tuple[int, int] | None = None  # training crop (H, W); None = image_size
     augment: bool = False  # random resized crop + flip + rotation + colour jitter (fusionzoo.data)
     aug_scale: tuple[float, float] = (0.25, 1.0)  # area fraction range of the random crop
@@ -68,7 +68,7 @@ class TrainConfig:
     # --- optimization ---
     batch_size: int = 8  # per process; the global batch is batch_size * world size
     eval_batch_size: int | None = None  # None = batch_size
-    epochs: int = 8
+    epochs: int = 4
     max_steps_per_epoch: int | None = None  # cap an epoch (smoke tests); None = full pass
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 2e-3
@@ -102,6 +102,9 @@ class TrainConfig:
     tta: bool = False  # multi-scale + horizontal-flip test-time augmentation
     tta_scales: tuple[float, ...] = (0.75, 1.0, 1.25)
     tta_flip: bool = True
+
+    # --- training-time measurements (fusionzoo.engine.builders.CALLBACKS) ---
+    callbacks: tuple[str, ...] = ("modality_balance",)  # per-modality gradient norms etc. -> callbacks.json
 
     # --- bookkeeping ---
     seed: int = 0
@@ -303,6 +306,10 @@ def check_values(cfg: TrainConfig) -> None:
             v = getattr(cfg, key) or ()
             unknown = [m for m in v if m not in cfg.modalities]
             need(not unknown, key, f"must name modalities the model uses {list(cfg.modalities)}")
+    from .builders import CALLBACKS
+
+    unknown_cb = [c for c in cfg.callbacks if c not in CALLBACKS]
+    need(not unknown_cb, "callbacks", f"must name known callbacks {sorted(CALLBACKS)}")
     if cfg.modalities is not None:
         need(len(set(cfg.train_missing)) < len(cfg.modalities), "train_missing", "must leave one modality")
     need(

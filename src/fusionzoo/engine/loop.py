@@ -57,6 +57,9 @@ class Callback:
     def on_train_start(self, model: nn.Module) -> None:
         """Called once before the first step (also after a resume)."""
 
+    def on_batch_start(self, batch: Mapping[str, Any]) -> None:
+        """Optional: called with each training batch (CPU tensors) before the forward pass."""
+
     def on_after_backward(self, model: nn.Module, step: int, epoch: int) -> None:
         """Called after every backward pass, before clipping and the optimizer step.
 
@@ -67,6 +70,9 @@ class Callback:
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
         """Called after each epoch (after evaluation when it ran) with that epoch's log record."""
+
+    def on_train_end(self, model: nn.Module) -> None:
+        """Optional: called once after the last epoch (release hooks here)."""
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state stored in checkpoints (and in the run's callbacks.json)."""
@@ -93,9 +99,19 @@ class CallbackList(Callback):
         for cb in self.callbacks:
             cb.on_train_start(model)
 
+    def on_batch_start(self, batch: Mapping[str, Any]) -> None:
+        for cb in self.callbacks:
+            if callable(getattr(cb, "on_batch_start", None)):  # optional hook
+                cb.on_batch_start(batch)
+
     def on_after_backward(self, model: nn.Module, step: int, epoch: int) -> None:
         for cb in self.callbacks:
             cb.on_after_backward(model, step, epoch)
+
+    def on_train_end(self, model: nn.Module) -> None:
+        for cb in self.callbacks:
+            if callable(getattr(cb, "on_train_end", None)):  # optional hook
+                cb.on_train_end(model)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
         for cb in self.callbacks:
@@ -421,6 +437,7 @@ def train_one_epoch(
         inputs, mask = split_batch(batch, modalities, device, channels_last)
         if mask is None:
             raise KeyError("training batch has no 'mask' (segmentation target)")
+        cb.on_batch_start(batch)
         missing = tuple(always_missing)
         pool = [m for m in (dropout_candidates or modalities[1:]) if m not in missing]
         if len(modalities) - len(missing) >= 2:  # dropout must leave a modality to train on
