@@ -15,7 +15,7 @@ def test_every_name_follows_the_grammar() -> None:
         base = name.split(".")[0]
         expected = f"{entry.method}_{encoder_key(entry.encoder)}" if entry.encoder_fixed else entry.method
         assert base == expected, name
-        assert entry.paper and entry.task == "segmentation"
+        assert entry.paper and entry.task in ("segmentation", "detection")
         assert entry.fusion in ("early", "middle", "late", "hybrid")
 
 
@@ -31,7 +31,11 @@ def test_list_is_sorted_and_filters_compose() -> None:
     three = fz.list_models(modalities=("rgb", "depth", "thermal"))
     assert "crossattn_resnet18" in three and "cmx_resnet18" not in three
     assert fz.list_models(method="esanet") == ["esanet", "esanet_pvt_v2_b2", "esanet_resnet18", "esanet_resnet50"]
-    assert fz.list_models(task="detection") == []
+    import fusionzoo.detection  # noqa: F401  (registers the detectors; idempotent once fusionzoo imports it)
+
+    detection = fz.list_models(task="detection")
+    assert {fz.model_entry(n).fusion for n in detection} == {"early", "middle", "late", "hybrid"}
+    assert not set(detection) & set(fz.list_models(task="segmentation"))
 
 
 def test_bad_filters_raise() -> None:

@@ -1,0 +1,132 @@
+"""FPN + torchvision box heads (FCOS, RetinaNet) over fusion features.
+
+torchvision's ``FCOS`` / ``RetinaNet`` classes take one image tensor and run their own backbone
+and resizing transform. A fusion detector has several input tensors and its own (fused)
+backbone, so :class:`BoxDetector` keeps the torchvision model only for its parts (head,
+anchor generator, box coder, matcher, ``compute_loss``, ``postprocess_detections``) and calls
+them the way torchvision's own ``forward`` does; losses, anchors, NMS and post-processing are
+therefore torchvision's. Its backbone and transform are dropped: inputs are already normalized
+per modality (fusionzoo.data) and are never resized, only zero-padded to a multiple of 32 as
+torchvision's ``batch_images`` does.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torchvision.models.detection import FCOS, RetinaNet
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
+
+HEADS = ("fcos", "retinanet")
+LEVELS = ("p3", "p4", "p5", "p6", "p7")
+LEVEL_REDUCTIONS = (8, 16, 32, 64, 128)
+# torchvision's published defaults per head (fcos_resnet50_fpn, retinanet_resnet50_fpn).
+HEAD_DEFAULTS = {
+    "fcos": {"score_thresh": 0.2, "nms_thresh": 0.6},
+    "retinanet": {"score_thresh": 0.05, "nms_thresh": 0.5},
+}
+
+
+class _OutChannels:
+    """Stands in for torchvision's backbone argument, which must only tell ``out_channels``."""
+
+    def __init__(self, channels: int) -> None:
+        self.out_channels = channels
+
+
+class BoxDetector(nn.Module):
+    """FPN (P3-P7) over stride-8/16/32 features + a torchvision FCOS or RetinaNet head.
+
+    The FPN is torchvision's ``FeaturePyramidNetwork`` with ``LastLevelP6P7`` computed from P5,
+    as in torchvision's ``fcos_resnet50_fpn`` and ``retinanet_resnet50_fpn`` (Lin et al., "Focal
+    Loss for Dense Object Detection", ICCV 2017, Sec. 4; Tian et al., "FCOS", ICCV 2019, Sec. 3.2).
+
+    Args:
+        head: ``"fcos"`` or ``"retinanet"``.
+        in_channels: channels of the stride-8, 16 and 32 features.
+        num_classes: ``K``; labels are ``0..K-1`` (torchvision's sigmoid heads have no
+            background output: label 0 is an ordinary class).
+        fpn_channels: FPN width (256 in both papers); the heads' GroupNorm needs a multiple of 32.
+        score_thresh, nms_thresh: post-processing (defaults: torchvision's per head).
+        detections_per_img: boxes kept per image after NMS.
+        topk_candidates: boxes kept per level before NMS.
+    """
+
+    def __init__(
+        self,
+        head: str,
+        in_channels: Sequence[int],
+        num_classes: int,
+        fpn_channels: int = 256,
+        score_thresh: float | None = None,
+        nms_thresh: float | None = None,
+        detections_per_img: int = 100,
+        topk_candidates: int = 1000,
+    ) -> None:
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"unknown detection head {head!r}; choose one of {HEADS}")
+        if len(in_channels) != 3:
+            raise ValueError(f"BoxDetector takes the stride-8, 16 and 32 features, got {len(in_channels)} channel counts")
+        if fpn_channels < 32 or fpn_channels % 32:
+            raise ValueError(f"fpn_channels must be a positive multiple of 32 (the heads use GroupNorm(32, C)), got {fpn_channels}")
+        self.head_name = head
+        self.fpn = FeaturePyramidNetwork(list(in_channels), fpn_channels, extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
+        options = {**HEAD_DEFAULTS[head], "detections_per_img": detections_per_img, "topk_candidates": topk_candidates}
+        if score_thresh is not None:
+            options["score_thresh"] = score_thresh
+        if nms_thresh is not None:
+            options["nms_thresh"] = nms_thresh
+        cls = FCOS if head == "fcos" else RetinaNet
+        model = cls(_OutChannels(fpn_channels), num_classes, **options)
+        # Only the head and the box machinery are used (module docstring).
+        del model.backbone, model.transform
+        self.torchvision = model
+        self.out_channels = fpn_channels
+
+    def forward(
+        self,
+        features: Sequence[torch.Tensor],
+        images: ImageList,
+        targets: list[dict[str, torch.Tensor]] | None,
+        tap: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+        tap_prefix: str = "fpn",
+    ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+        """Losses (training) or detections (eval).
+
+        Args:
+            features: stride-8, 16, 32 features ``(B, C_i, H_pad / s, W_pad / s)``.
+            images: ``ImageList`` of the padded input ``(B, *, H_pad, W_pad)`` and the true sizes.
+            targets: checked targets (``boxes`` ``(N, 4)`` xyxy, ``labels`` ``(N,)``) when training.
+            tap: the model's tap call; FPN levels pass ``{tap_prefix}.p3`` .. ``.p7``.
+
+        Returns:
+            Training: torchvision's loss dict (FCOS: classification, bbox_regression,
+            bbox_ctrness; RetinaNet: classification, bbox_regression). Eval: per image a dict
+            with ``boxes`` ``(N, 4)`` xyxy in input pixels, ``scores`` ``(N,)``, ``labels`` ``(N,)``.
+        """
+        pyramid = self.fpn(OrderedDict(zip(LEVELS[:3], features)))
+        levels = list(pyramid.values())
+        if tap is not None:
+            levels = [tap(f"{tap_prefix}.{name}", x) for name, x in zip(LEVELS, levels)]
+        tv = self.torchvision
+        head_outputs = tv.head(levels)
+        anchors = tv.anchor_generator(images, levels)
+        locations = [x.size(2) * x.size(3) for x in levels]
+        if self.training:
+            if targets is None:
+                raise ValueError("training mode needs targets")
+            if self.head_name == "fcos":
+                return tv.compute_loss(targets, head_outputs, anchors, locations)
+            return tv.compute_loss(targets, head_outputs, anchors)
+        # As torchvision's forward: split the flat anchor dimension per level (RetinaNet has A
+        # anchors per location), then decode, threshold, NMS.
+        per_location = head_outputs["cls_logits"].size(1) // sum(locations)
+        split = [n * per_location for n in locations]
+        split_outputs = {k: list(v.split(split, dim=1)) for k, v in head_outputs.items()}
+        split_anchors = [list(a.split(split)) for a in anchors]
+        return tv.postprocess_detections(split_outputs, split_anchors, images.image_sizes)

@@ -1,0 +1,406 @@
+"""Fusion detectors: early, middle, late and hybrid fusion under torchvision FCOS / RetinaNet heads.
+
+Every detector shares the segmentation zoo's parts: timm encoders (:class:`~fusionzoo.encoders.Encoder`),
+stage-fusion operators (``fusionzoo.fusion.FUSION_OPS``), taps and input checks
+(:class:`~fusionzoo.models.base.FusionModel`). The box side is :class:`~.heads.BoxDetector`
+(FPN P3-P7 + torchvision head); late and hybrid models merge per-detector boxes with a rule of
+:mod:`.boxes` (``nms``, ``wbf``, ``proben``).
+
+Call convention (torchvision's): ``model(inputs, targets)`` in training returns a loss dict
+(sum its values to train), ``model(inputs)`` in eval returns one dict per image with ``boxes``
+``(N, 4)`` xyxy pixels, ``scores`` ``(N,)`` and ``labels`` ``(N,)``.
+
+Names: ``{head}_{fusion}_{encoder}``, e.g. ``fcos_cmx_resnet18``, ``retinanet_late_nms_resnet50``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection.image_list import ImageList
+
+from .._registry import encoder_key, register_model
+from ..encoders import Encoder
+from ..models.base import FusionModel, _jsonable
+from ..models.cmx import CMXModel
+from ..models.middle import MiddleFusionModel
+from .boxes import BOX_FUSIONS, Detections, check_targets
+from .heads import HEADS, LEVEL_REDUCTIONS, LEVELS, BoxDetector
+
+SIZE_DIVISIBLE = 32  # inputs are zero-padded (bottom/right) to a multiple of this, as torchvision's batch_images
+FPN_STAGES = ("stage2", "stage3", "stage4")  # strides 8, 16, 32 feed P3-P5
+DETECTION_ENCODERS = ("resnet18", "resnet50")
+
+Output = dict[str, torch.Tensor] | list[Detections]
+
+
+class DetectorMixin:
+    """The detection call convention on top of :class:`FusionModel` (input checks, taps, missing policy).
+
+    Subclasses implement :meth:`detect`. Mixed in before the FusionModel base so that its
+    ``forward`` replaces the segmentation one.
+    """
+
+    task = "detection"
+
+    def forward(  # type: ignore[override]
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        targets: Sequence[Mapping[str, torch.Tensor]] | None = None,
+        missing: Iterable[str] = (),
+    ) -> Output:
+        """Detect objects, or compute training losses.
+
+        Args:
+            inputs: one tensor per modality ``(B, C_m, H, W)``, same ``B, H, W`` for all, normalized.
+            targets: training only (ignored in eval, as torchvision): per image ``boxes`` ``(N, 4)``
+                xyxy pixels and ``labels`` ``(N,)`` in ``[0, num_classes)``; ``N = 0`` is allowed.
+                Boxes partly outside the image are clipped; degenerate boxes raise.
+            missing: modalities absent at inference (filled with zeros; late and hybrid models
+                also drop that modality's own boxes from the box fusion).
+
+        Returns:
+            Training: a dict of scalar losses. Eval: ``B`` dicts with ``boxes`` ``(N, 4)``,
+            ``scores`` ``(N,)``, ``labels`` ``(N,)`` in input pixel coordinates.
+        """
+        missing = self._check_missing(missing)
+        xs = self.check_inputs(inputs, missing)
+        ref = xs[self.modalities[0]]
+        batch, size = ref.shape[0], (int(ref.shape[-2]), int(ref.shape[-1]))
+        checked = check_targets(targets, batch, size, self.num_classes, ref.device) if self.training else None
+        pad_h, pad_w = (-size[0]) % SIZE_DIVISIBLE, (-size[1]) % SIZE_DIVISIBLE
+        if pad_h or pad_w:
+            xs = {m: F.pad(x, (0, pad_w, 0, pad_h)) for m, x in xs.items()}
+        images = ImageList(xs[self.modalities[0]], [size] * batch)
+        return self.detect(xs, images, checked, missing)
+
+    def detect(
+        self, xs: dict[str, torch.Tensor], images: ImageList, targets: list[Detections] | None, missing: tuple[str, ...]
+    ) -> Output:
+        raise NotImplementedError
+
+    def declare_levels(self, prefix: str, channels: int) -> None:
+        """Declare the FPN taps ``{prefix}.p3`` .. ``{prefix}.p7``."""
+        for level, reduction in zip(LEVELS, LEVEL_REDUCTIONS):
+            self.taps.declare(f"{prefix}.{level}", channels, reduction)
+
+    def fuse_boxes(self, per_detector: list[list[Detections]], present: list[bool]) -> list[Detections]:
+        """Merge, image by image, the detections of several detectors with ``self.box_fusion``."""
+        rule = BOX_FUSIONS[self.box_fusion]
+        kwargs: dict[str, Any] = {"max_detections": self.detections_per_img}
+        if self.fusion_iou is not None:
+            kwargs["iou_thresh"] = self.fusion_iou
+        used = [d for d, p in zip(per_detector, present) if p]
+        return [rule([d[i] for d in used], **kwargs) for i in range(len(used[0]))]
+
+
+def _check_box_fusion(box_fusion: str) -> None:
+    if box_fusion not in BOX_FUSIONS:
+        raise ValueError(f"unknown box_fusion {box_fusion!r}; choose one of {sorted(BOX_FUSIONS)}")
+
+
+class EarlyFusionDetector(DetectorMixin, FusionModel):
+    """Early fusion: the modalities are concatenated along channels into one timm encoder
+    (``sum(C_m)`` input channels), whose stride-8/16/32 stages feed the FPN and box head.
+
+    Args:
+        encoder: timm encoder name.
+        num_classes: ``K`` object classes (labels ``0..K-1``).
+        modalities: input streams, RGB first.
+        in_chans: per-modality channel overrides.
+        pretrained: timm ImageNet weights for the encoder.
+        head: ``"fcos"`` or ``"retinanet"`` (torchvision).
+        fpn_channels: FPN / head width (256 as published; a multiple of 32).
+        score_thresh, nms_thresh: post-processing (None: torchvision's default for the head).
+        detections_per_img: boxes kept per image.
+
+    Taps: ``fused.stage1..4``, ``fpn.p3..p7``.
+    """
+
+    def __init__(
+        self,
+        encoder: str,
+        *,
+        num_classes: int = 3,
+        modalities: Sequence[str] = ("rgb", "thermal"),
+        in_chans: Mapping[str, int] | None = None,
+        pretrained: bool = False,
+        head: str = "fcos",
+        fpn_channels: int = 256,
+        score_thresh: float | None = None,
+        nms_thresh: float | None = None,
+        detections_per_img: int = 100,
+    ) -> None:
+        super().__init__(modalities, num_classes, in_chans)
+        self.encoder = Encoder(encoder, in_chans=sum(self.in_chans.values()), pretrained=pretrained)
+        for stage, channels, reduction in zip(self.encoder.stage_names, self.encoder.channels, self.encoder.reductions):
+            self.taps.declare(f"fused.{stage}", channels, reduction)
+        self.detector = BoxDetector(head, self.encoder.channels[1:], num_classes, fpn_channels, score_thresh, nms_thresh,
+                                    detections_per_img)
+        self.declare_levels("fpn", fpn_channels)
+
+    def detect(self, xs, images, targets, missing):  # noqa: ANN001, ANN201 - see DetectorMixin.detect
+        x = torch.cat([xs[m] for m in self.modalities], dim=1)
+        feats = [self.taps(f"fused.{s}", f) for s, f in zip(self.encoder.stage_names, self.encoder(x))]
+        return self.detector(feats[1:], images, targets, self.taps, "fpn")
+
+
+class MiddleFusionDetector(DetectorMixin, MiddleFusionModel):
+    """Middle fusion: one encoder per modality, a stage-fusion operator after the stride-8, 16
+    and 32 stages (the FPN inputs; the stride-4 stage stays unfused because P3-P7 never read
+    it), one FPN + box head on the fused features. Operators that feed back (``sum``: FuseNet,
+    ``cmx``: CMX's rectified streams) replace the streams entering the next stage.
+
+    With ``fusion_op="crossattn"`` this is the CFT pattern (Qingyun, Dapeng, Zhaokui,
+    "Cross-Modality Fusion Transformer for Multispectral Object Detection", 2021): cross-modal
+    attention between RGB and thermal tokens at the three backbone levels that feed the neck,
+    here with fusionzoo's PVT-style spatially reduced cross-attention operator.
+
+    Args: as :class:`EarlyFusionDetector`, plus
+        fusion_op: key of ``fusionzoo.fusion.FUSION_OPS``.
+        feedback: feed the operator's streams back into the encoders (where it has them).
+        fusion_kwargs: extra keyword arguments for every stage's operator; for ``cmx`` the preset
+            is picked from the encoder's channels as in :class:`~fusionzoo.models.cmx.CMXModel`.
+
+    Taps: ``{m}.stage1..4``, ``fused.stage2..4`` (+ operator details), ``fpn.p3..p7``.
+    """
+
+    def __init__(
+        self,
+        encoder: str,
+        *,
+        num_classes: int = 3,
+        modalities: Sequence[str] = ("rgb", "thermal"),
+        in_chans: Mapping[str, int] | None = None,
+        pretrained: bool = False,
+        head: str = "fcos",
+        fpn_channels: int = 256,
+        score_thresh: float | None = None,
+        nms_thresh: float | None = None,
+        detections_per_img: int = 100,
+        fusion_op: str = "crossattn",
+        feedback: bool = True,
+        fusion_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        # Read by build_head, which MiddleFusionModel.__init__ calls.
+        self.head_options = dict(head=head, fpn_channels=fpn_channels, score_thresh=score_thresh,
+                                 nms_thresh=nms_thresh, detections_per_img=detections_per_img)
+        self.detections_per_img = detections_per_img
+        self.fusion_op = fusion_op
+        super().__init__(encoder, num_classes=num_classes, modalities=modalities, in_chans=in_chans,
+                         pretrained=pretrained, fusion_op=fusion_op, fuse_stem=False, feedback=feedback,
+                         fusion_kwargs=fusion_kwargs)
+
+    def fuses_stage(self, stage: str) -> bool:
+        return stage in FPN_STAGES
+
+    def op_kwargs(self, stage_channels: Sequence[int]) -> dict[str, Any]:
+        if self.fusion_op == "cmx":
+            return CMXModel.op_kwargs(self, stage_channels)  # the same preset rule as the segmentation CMX
+        return self.fusion_kwargs
+
+    def build_head(self, decoder: str, decoder_channels: int | None, dropout: float) -> None:
+        o = self.head_options
+        self.detector = BoxDetector(o["head"], self.stage_channels[1:], self.num_classes, o["fpn_channels"],
+                                    o["score_thresh"], o["nms_thresh"], o["detections_per_img"])
+        self.declare_levels("fpn", o["fpn_channels"])
+
+    def detect(self, xs, images, targets, missing):  # noqa: ANN001, ANN201 - see DetectorMixin.detect
+        fused, _ = self.forward_streams(xs)
+        return self.detector(fused, images, targets, self.taps, "fpn")
+
+
+class HybridFusionDetector(MiddleFusionDetector):
+    """Hybrid fusion: middle fusion (modality streams kept separate, fused after the stride-8/16/32
+    stages) with a fused FPN + head, plus one FPN + head per modality on its own stage features;
+    the ``1 + M`` box sets are merged by a box-fusion rule. Training sums every head's losses
+    (keys ``fused.*`` and ``{m}.*``), so each modality keeps a detector of its own, in the spirit
+    of ProbEn's ensembling of fused and single-modality detectors (Chen et al., ECCV 2022, Sec. 4).
+
+    Args: as :class:`MiddleFusionDetector`, plus
+        box_fusion: ``"nms"``, ``"wbf"`` or ``"proben"`` (:mod:`fusionzoo.detection.boxes`).
+        fusion_iou: IoU threshold of the box fusion (None: the rule's published default).
+
+    Missing modalities: their own boxes are left out of the box fusion; the fused head stays.
+
+    Taps: ``{m}.stage1..4``, ``fused.stage2..4`` (+ details), ``fpn.p3..p7``, ``{m}.p3..p7``.
+    """
+
+    def __init__(self, encoder: str, *, box_fusion: str = "wbf", fusion_iou: float | None = None, **kwargs: Any) -> None:
+        _check_box_fusion(box_fusion)
+        self.box_fusion = box_fusion
+        self.fusion_iou = fusion_iou
+        super().__init__(encoder, **kwargs)
+
+    def build_head(self, decoder: str, decoder_channels: int | None, dropout: float) -> None:
+        super().build_head(decoder, decoder_channels, dropout)
+        o = self.head_options
+        self.modality_detectors = nn.ModuleDict()
+        for m in self.modalities:
+            self.modality_detectors[m] = BoxDetector(o["head"], self.stage_channels[1:], self.num_classes,
+                                                     o["fpn_channels"], o["score_thresh"], o["nms_thresh"],
+                                                     o["detections_per_img"])
+            self.declare_levels(m, o["fpn_channels"])
+
+    def modality_parameters(self, modality: str) -> Iterator[nn.Parameter]:
+        """The modality's encoder and its own FPN + head."""
+        yield from super().modality_parameters(modality)
+        yield from self.modality_detectors[modality].parameters()
+
+    def detect(self, xs, images, targets, missing):  # noqa: ANN001, ANN201 - see DetectorMixin.detect
+        fused, own = self.forward_streams(xs)
+        outputs = [self.detector(fused, images, targets, self.taps, "fpn")]
+        for m in self.modalities:
+            outputs.append(self.modality_detectors[m](own[m][1:], images, targets, self.taps, m))
+        names = ["fused", *self.modalities]
+        if self.training:
+            return {f"{n}.{k}": v for n, out in zip(names, outputs) for k, v in out.items()}
+        return self.fuse_boxes(outputs, [True] + [m not in missing for m in self.modalities])
+
+
+class LateFusionDetector(DetectorMixin, FusionModel):
+    """Late fusion: one complete detector (encoder + FPN + head) per modality; their boxes are
+    merged by a box-fusion rule (``nms`` over the union, ``wbf`` or ``proben``; see
+    :mod:`fusionzoo.detection.boxes`). Training sums the detectors' losses (keys ``{m}.*``).
+
+    Args: as :class:`EarlyFusionDetector`, plus
+        box_fusion: ``"nms"``, ``"wbf"`` or ``"proben"``.
+        fusion_iou: IoU threshold of the box fusion (None: the rule's published default).
+
+    Missing modalities: that detector still runs (its taps fire) but its boxes are left out.
+
+    Taps, per modality in order: ``{m}.stage1..4``, ``{m}.p3..p7``.
+    """
+
+    def __init__(
+        self,
+        encoder: str,
+        *,
+        num_classes: int = 3,
+        modalities: Sequence[str] = ("rgb", "thermal"),
+        in_chans: Mapping[str, int] | None = None,
+        pretrained: bool = False,
+        head: str = "fcos",
+        fpn_channels: int = 256,
+        score_thresh: float | None = None,
+        nms_thresh: float | None = None,
+        detections_per_img: int = 100,
+        box_fusion: str = "wbf",
+        fusion_iou: float | None = None,
+    ) -> None:
+        super().__init__(modalities, num_classes, in_chans)
+        _check_box_fusion(box_fusion)
+        self.box_fusion = box_fusion
+        self.fusion_iou = fusion_iou
+        self.detections_per_img = detections_per_img
+        self.encoders = nn.ModuleDict()
+        self.detectors = nn.ModuleDict()
+        for m in self.modalities:
+            enc = Encoder(encoder, in_chans=self.in_chans[m], pretrained=pretrained)
+            self.encoders[m] = enc
+            for stage, channels, reduction in zip(enc.stage_names, enc.channels, enc.reductions):
+                self.taps.declare(f"{m}.{stage}", channels, reduction)
+            self.detectors[m] = BoxDetector(head, enc.channels[1:], num_classes, fpn_channels, score_thresh, nms_thresh,
+                                            detections_per_img)
+            self.declare_levels(m, fpn_channels)
+
+    def modality_parameters(self, modality: str) -> Iterator[nn.Parameter]:
+        """The modality's encoder and its FPN + head."""
+        yield from super().modality_parameters(modality)
+        yield from self.detectors[modality].parameters()
+
+    def detect(self, xs, images, targets, missing):  # noqa: ANN001, ANN201 - see DetectorMixin.detect
+        outputs = []
+        for m in self.modalities:
+            enc = self.encoders[m]
+            feats = [self.taps(f"{m}.{s}", f) for s, f in zip(enc.stage_names, enc(xs[m]))]
+            outputs.append(self.detectors[m](feats[1:], images, targets, self.taps, m))
+        if self.training:
+            return {f"{m}.{k}": v for m, out in zip(self.modalities, outputs) for k, v in out.items()}
+        return self.fuse_boxes(outputs, [m not in missing for m in self.modalities])
+
+
+# -- registration -----------------------------------------------------------------------------
+def register_detector_family(
+    *,
+    method: str,
+    model_cls: type[nn.Module],
+    fusion: str,
+    paper: str,
+    fixed: Mapping[str, Any],
+    max_modalities: int | None = None,
+    encoders: Sequence[str] = DETECTION_ENCODERS,
+    default_encoder: str = "resnet50",
+) -> None:
+    """Register ``{method}`` (family entry, takes ``encoder=``) and ``{method}_{encoder}`` per
+    encoder with ``task="detection"`` and default modalities RGB + thermal; as
+    :func:`fusionzoo.models.base.register_family`, ``model.config`` rebuilds the architecture."""
+    params = inspect.signature(model_cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        params = {**inspect.signature(MiddleFusionDetector.__init__).parameters, **params}
+    accepts = frozenset(p for p, v in params.items() if p not in ("self", *fixed) and v.kind is not inspect.Parameter.VAR_KEYWORD)
+    doc = (model_cls.__doc__ or "").strip()
+
+    def make_entry(name: str, encoder_fixed: str | None) -> Callable[..., nn.Module]:
+        def entry(**kwargs: Any) -> nn.Module:
+            encoder = encoder_fixed or kwargs.pop("encoder", default_encoder)
+            streams = tuple(kwargs.get("modalities", ("rgb", "thermal")))
+            if max_modalities is not None and len(streams) != max_modalities:
+                raise ValueError(
+                    f"{name} is defined for exactly {max_modalities} modalities (RGB plus one auxiliary stream), "
+                    f"got {streams}; for more use fcos_sum, fcos_crossattn, fcos_early, fcos_late_* or fcos_hybrid_wbf"
+                )
+            model = model_cls(encoder, **kwargs, **fixed)
+            model.config = {"name": name, **({} if encoder_fixed else {"encoder": encoder}), **_jsonable(kwargs)}
+            model.encoder_name = encoder
+            return model
+
+        entry.__name__ = entry.__qualname__ = name
+        where = f"timm {encoder_fixed!r}" if encoder_fixed else f"any timm encoder (default {default_encoder!r})"
+        entry.__doc__ = f"{method} detector on {where}; paper: {paper}.\n\n{doc}"
+        entry.__module__ = model_cls.__module__
+        return entry
+
+    meta = dict(task="detection", fusion=fusion, method=method, paper=paper, modalities=("rgb", "thermal"),
+                max_modalities=max_modalities, accepts=accepts)
+    register_model(encoder=default_encoder, **meta)(make_entry(method, None))
+    for encoder in encoders:
+        register_model(encoder=encoder, **meta)(make_entry(f"{method}_{encoder_key(encoder)}", encoder))
+
+
+_HEAD_PAPERS = {
+    "fcos": "FCOS (Tian et al., ICCV 2019) head from torchvision",
+    "retinanet": "RetinaNet (Lin et al., ICCV 2017) head from torchvision",
+}
+_WBF = "weighted boxes fusion (Solovyev et al., Image and Vision Computing 2021)"
+_PROBEN = "ProbEn (Chen, Li, Kong, Ramanan, 'Multimodal Object Detection via Probabilistic Ensembling', ECCV 2022)"
+
+for _head in HEADS:
+    _hp = _HEAD_PAPERS[_head]
+    register_detector_family(method=f"{_head}_early", model_cls=EarlyFusionDetector, fusion="early", fixed={"head": _head},
+                             paper=f"{_hp}; input channel concatenation (Wagner et al., 'Multispectral Pedestrian "
+                                   "Detection using Deep Fusion Convolutional Neural Networks', ESANN 2016, early fusion)")
+    register_detector_family(method=f"{_head}_sum", model_cls=MiddleFusionDetector, fusion="middle",
+                             fixed={"head": _head, "fusion_op": "sum", "feedback": True},
+                             paper=f"{_hp}; FuseNet element-wise sum fusion (Hazirbas et al., ACCV 2016)")
+    register_detector_family(method=f"{_head}_cmx", model_cls=MiddleFusionDetector, fusion="middle", max_modalities=2,
+                             fixed={"head": _head, "fusion_op": "cmx", "feedback": True},
+                             paper=f"{_hp}; CMX rectification + fusion (Zhang et al., 'CMX: Cross-Modal Fusion for RGB-X "
+                                   "Semantic Segmentation with Transformers', T-ITS 2023)")
+    register_detector_family(method=f"{_head}_crossattn", model_cls=MiddleFusionDetector, fusion="middle",
+                             fixed={"head": _head, "fusion_op": "crossattn", "feedback": False},
+                             paper=f"{_hp}; cross-modality attention fusion at three backbone levels as in CFT (Qingyun "
+                                   "et al., 'Cross-Modality Fusion Transformer for Multispectral Object Detection', 2021)")
+    for _rule, _rp in (("nms", "NMS over the union of per-modality boxes"), ("wbf", _WBF), ("proben", _PROBEN)):
+        register_detector_family(method=f"{_head}_late_{_rule}", model_cls=LateFusionDetector, fusion="late",
+                                 fixed={"head": _head, "box_fusion": _rule},
+                                 paper=f"{_hp}; one detector per modality, boxes fused by {_rp}")
+    register_detector_family(method=f"{_head}_hybrid_wbf", model_cls=HybridFusionDetector, fusion="hybrid",
+                             fixed={"head": _head, "box_fusion": "wbf", "fusion_op": "se_add", "feedback": False},
+                             paper=f"{_hp}; ESANet SE-add stage fusion (Seichter et al., ICRA 2021) + per-modality "
+                                   f"detectors, boxes of all heads fused by {_WBF}")
