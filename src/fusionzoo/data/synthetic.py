@@ -55,6 +55,7 @@ Determinism: sample ``i`` of split ``s`` with seed ``k`` is a pure function of
 from __future__ import annotations
 
 import colorsys
+import threading
 import zlib
 from dataclasses import dataclass, replace
 from statistics import NormalDist
@@ -239,6 +240,17 @@ def _colour(rng: np.random.Generator, kind: str) -> np.ndarray:
     return np.asarray(rgb, np.float32)
 
 
+def _put(dst: np.ndarray, value: np.ndarray | float | int, m: np.ndarray | None) -> None:
+    """``dst[m] = value`` in place; ``m`` is a uint8 0/1 window mask or None (all of ``dst``).
+    cv2.copyTo is used because numpy's masked assignment is 10-20x slower."""
+    if m is None:
+        dst[...] = value
+        return
+    if not isinstance(value, np.ndarray) or value.shape != dst.shape:
+        value = np.full(dst.shape, value, dst.dtype)
+    cv2.copyTo(value, m, dst)
+
+
 class SyntheticGenerator:
     """Callable producing raw synthetic samples.
 
@@ -256,6 +268,28 @@ class SyntheticGenerator:
     def __init__(self, config: SyntheticConfig | None = None, seed: int = 0) -> None:
         self.config = config or SyntheticConfig()
         self.seed = int(seed)
+        self._local = threading.local()
+
+    def _buffers(self) -> dict[str, Any]:
+        """Work arrays of this thread (DataLoader workers are processes, each with its own)."""
+        bufs = getattr(self._local, "bufs", None)
+        h, w = self.config.image_size
+        if bufs is None or bufs["shade"].shape != (h, w):
+            f32 = lambda: np.empty((h, w), np.float32)  # noqa: E731
+            bufs = {"shade": f32(), "planes": [f32() for _ in range(3)], "second_bg": f32(), "tmp": f32(),
+                    "inst": np.empty((h, w), np.uint8), "invalid": np.empty((h, w), np.uint8),
+                    "flag": np.empty((h, w), bool)}
+            self._local.bufs = bufs
+        return bufs
+
+    def __getstate__(self) -> dict[str, Any]:  # thread-local buffers do not pickle (DataLoader workers)
+        state = dict(self.__dict__)
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     @property
     def banks(self) -> _Banks:
@@ -289,27 +323,38 @@ class SyntheticGenerator:
         # --- background -------------------------------------------------------------------
         # RGB is built as three contiguous planes and merged at the end: numpy ops on a
         # trailing axis of 3 and np.copyto(where=) are 10-20x slower than plane-wise ops and
-        # cv2.copyTo, which is what keeps a 480x640 sample at a few milliseconds.
+        # cv2.copyTo. Intermediates live in per-thread work buffers: fresh multi-megabyte
+        # temporaries cost thousands of page faults per sample, as much as the arithmetic.
+        buf = self._buffers()
         grey = rng.uniform(0.35, 0.7)
         base = np.float32(grey) + rng.uniform(-0.05, 0.05, 3).astype(np.float32)
-        shade = (np.float32(1) + np.float32(rng.uniform(-0.3, 0.3)) * banks.yy) + np.float32(rng.uniform(-0.3, 0.3)) * banks.xx
-        shade = cv2.scaleAdd(banks.crop(banks.texture, rng, h, w), float(rng.uniform(0.08, 0.2)), shade)
-        planes = [shade * base[c] for c in range(3)]
+        shade = buf["shade"]
+        np.add(np.float32(1) + np.float32(rng.uniform(-0.3, 0.3)) * banks.yy,
+               np.float32(rng.uniform(-0.3, 0.3)) * banks.xx, out=shade)
+        cv2.scaleAdd(banks.crop(banks.texture, rng, h, w), float(rng.uniform(0.08, 0.2)), shade, dst=shade)
+        planes = buf["planes"]
+        for c in range(3):
+            np.multiply(shade, base[c], out=planes[c])
         mask = np.zeros((h, w), np.uint8)
-        inst = np.zeros((h, w), np.uint8)
+        inst = buf["inst"]
+        inst.fill(0)
 
         thermal_mode = cfg.second == "thermal"
+        second_bg = buf["second_bg"]
         if thermal_mode:
-            second_bg = (np.float32(rng.uniform(0.3, 0.55)) + np.float32(rng.uniform(-0.1, 0.1)) * banks.yy) \
-                + np.float32(rng.uniform(-0.1, 0.1)) * banks.xx
-            second_bg = cv2.scaleAdd(banks.crop(banks.texture_b, rng, h, w), 0.03, second_bg)
+            np.add(np.float32(rng.uniform(0.3, 0.55)) + np.float32(rng.uniform(-0.1, 0.1)) * banks.yy,
+                   np.float32(rng.uniform(-0.1, 0.1)) * banks.xx, out=second_bg)
+            cv2.scaleAdd(banks.crop(banks.texture_b, rng, h, w), 0.03, second_bg, dst=second_bg)
         else:
             # A tilted wall/floor plane 0.8-7 m away.
-            second_bg = (np.float32(rng.uniform(2.0, 5.0)) + np.float32(rng.uniform(-1.2, 1.2)) * banks.yy) \
-                + np.float32(rng.uniform(-0.8, 0.8)) * banks.xx
+            np.add(np.float32(rng.uniform(2.0, 5.0)) + np.float32(rng.uniform(-1.2, 1.2)) * banks.yy,
+                   np.float32(rng.uniform(-0.8, 0.8)) * banks.xx, out=second_bg)
             np.maximum(second_bg, np.float32(0.8), out=second_bg)
-        second = second_bg.copy()
-        invalid = None if thermal_mode else np.zeros((h, w), np.uint8)
+        second = second_bg.copy()  # an output: fresh memory
+        invalid = None
+        if not thermal_mode:
+            invalid = buf["invalid"]
+            invalid.fill(0)
 
         # --- objects ----------------------------------------------------------------------
         objects = self._place_objects(rng)
@@ -321,47 +366,54 @@ class SyntheticGenerator:
             if obj["cls"] in hidden:
                 continue
             y0, y1, x0, x1 = obj["win"]
-            m, r2 = self._shape(obj, y0, y1, x0, x1)
+            win = (slice(y0, y1), slice(x0, x1))
+            m, r2 = self._shape(obj, y0, y1, x0, x1)  # m is None for a rectangle: it fills its window
             family, appearance, signal = _KINDS[obj["cls"]]
-            cv2.copyTo(np.full(m.shape, obj["cls"], np.uint8), m, mask[y0:y1, x0:x1])
-            cv2.copyTo(np.full(m.shape, k, np.uint8), m, inst[y0:y1, x0:x1])
+            _put(mask[win], obj["cls"], m)
+            _put(inst[win], k, m)
             if appearance is not None:
-                sh = shade[y0:y1, x0:x1]
+                sh = shade[win]
                 for c in range(3):
-                    cv2.copyTo(sh * obj["colour"][c], m, planes[c][y0:y1, x0:x1])
+                    _put(planes[c][win], sh * obj["colour"][c], m)
             if signal is None:
                 continue
-            bg = second_bg[y0:y1, x0:x1]
+            bg = second_bg[win]
             if signal == "flat":
                 profile = np.float32(obj["lift"])
             else:
                 profile = np.sqrt(np.maximum(1 - r2, 0)) * np.float32(0.5 * obj["lift"]) + np.float32(0.5 * obj["lift"])
-            val = bg + profile if thermal_mode else bg - profile
-            cv2.copyTo(val, m, second[y0:y1, x0:x1])
+            _put(second[win], bg + profile if thermal_mode else bg - profile, m)
             if not thermal_mode:
-                invalid[y0:y1, x0:x1] &= ~m.view(bool)
-                self._shadow(invalid, m.view(bool), y0, y1, x0, int(round(obj["shadow"] * shadow_scale)))
+                _put(invalid[win], 0, m)
+                self._shadow(invalid, m, y0, y1, x0, int(round(obj["shadow"] * shadow_scale)))
 
         # --- sensor noise ------------------------------------------------------------------
         sigma_rgb = float(rng.uniform(*cfg.rgb_noise))
         noise = banks.crop(banks.gauss3, rng, h, w)
-        rgb = cv2.merge([cv2.scaleAdd(noise[c], sigma_rgb, planes[c]) for c in range(3)])
+        for c in range(3):
+            cv2.scaleAdd(noise[c], sigma_rgb, planes[c], dst=planes[c])
+        rgb = cv2.merge(planes)  # an output: fresh memory
         np.clip(rgb, 0, 1, out=rgb)
         if thermal_mode:
-            second = cv2.scaleAdd(banks.crop(banks.gauss, rng, h, w), float(rng.uniform(*cfg.thermal_noise)), second)
+            cv2.scaleAdd(banks.crop(banks.gauss, rng, h, w), float(rng.uniform(*cfg.thermal_noise)), second, dst=second)
             second += (rng.standard_normal(w).astype(np.float32) * np.float32(0.004))[None, :]  # column noise
             np.clip(second, 0, 1, out=second)
         else:
-            sigma = second - np.float32(0.4)
-            sigma *= sigma
-            sigma *= np.float32(0.0019)
-            sigma += np.float32(0.0012)
-            second += cv2.multiply(sigma, banks.crop(banks.gauss, rng, h, w))
+            sigma = buf["tmp"]
+            np.subtract(second, np.float32(0.4), out=sigma)
+            np.multiply(sigma, sigma, out=sigma)
+            np.multiply(sigma, np.float32(0.0019), out=sigma)
+            np.add(sigma, np.float32(0.0012), out=sigma)
+            cv2.multiply(sigma, banks.crop(banks.gauss, rng, h, w), dst=sigma)
+            np.add(second, sigma, out=second)
+            flag = buf["flag"]
             frac = rng.uniform(*cfg.invalid_fraction)
             if frac > 0:
                 z = np.float32(NormalDist().inv_cdf(1.0 - frac))
-                invalid |= banks.crop(banks.gauss_b, rng, h, w) > z
-            invalid |= second > np.float32(cfg.max_depth)
+                np.greater(banks.crop(banks.gauss_b, rng, h, w), z, out=flag)
+                invalid |= flag.view(np.uint8)
+            np.greater(second, np.float32(cfg.max_depth), out=flag)
+            invalid |= flag.view(np.uint8)
             cv2.copyTo(banks.zeros, invalid, second)
 
         boxes, labels = self._boxes(objects, inst)
@@ -429,25 +481,32 @@ class SyntheticGenerator:
         return ih * iw / smaller
 
     @staticmethod
-    def _shape(obj: dict[str, Any], y0: int, y1: int, x0: int, x1: int) -> tuple[np.ndarray, np.ndarray]:
+    def _shape(obj: dict[str, Any], y0: int, y1: int, x0: int, x1: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Window mask (uint8 0/1, or None for a rectangle filling the window) and the squared
+        normalized radius ``r2`` (None for a rectangle)."""
+        if not obj["ellipse"]:
+            return None, None
         by0, by1, bx0, bx1 = obj["box"]
         cy, cx = (by0 + by1) / 2, (bx0 + bx1) / 2
         ry, rx = (by1 - by0) / 2, (bx1 - bx0) / 2
         dy = ((np.arange(y0, y1, dtype=np.float32) + np.float32(0.5 - cy)) / np.float32(ry))[:, None]
         dx = ((np.arange(x0, x1, dtype=np.float32) + np.float32(0.5 - cx)) / np.float32(rx))[None, :]
         r2 = dy * dy + dx * dx
-        if obj["ellipse"]:
-            return (r2 <= 1).view(np.uint8), r2
-        return np.ones(r2.shape, np.uint8), r2
+        return (r2 <= 1).view(np.uint8), r2
 
     @staticmethod
-    def _shadow(invalid: np.ndarray, m: np.ndarray, y0: int, y1: int, x0: int, width: int) -> None:
-        """Mark (uint8 0/1 ``invalid``) a band of ``width`` px left of the bool window mask ``m``."""
+    def _shadow(invalid: np.ndarray, m: np.ndarray | None, y0: int, y1: int, x0: int, width: int) -> None:
+        """Mark (uint8 0/1 ``invalid``) a band of ``width`` px left of the window mask ``m``
+        (``None``: the whole window)."""
         # Structured-light shadow: pixels just left of a raised object see the background but
         # not the projector, so they have no depth.
         if width <= 0:
             return
         xs = max(0, x0 - width)
+        if m is None:
+            invalid[y0:y1, xs:x0] = 1
+            return
+        m = m.view(bool)
         ext = np.zeros((m.shape[0], m.shape[1] + x0 - xs), bool)
         ext[:, x0 - xs :] = m
         shifted = np.zeros_like(ext)
