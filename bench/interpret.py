@@ -1,0 +1,245 @@
+"""Benchmarks of the interpretation suite (prints tables; nothing here is asserted).
+
+    python bench/interpret.py                       # all three sections
+    python bench/interpret.py --only capture        # tap capture overhead
+    python bench/interpret.py --only cka --sizes 2500 5000 10000 --dim 2048
+    python bench/interpret.py --only report --run runs/<run>   # wall time of a full report
+
+1. **Capture overhead**: forward pass of a model with no listener vs ``fz.capture(model)`` on
+   every tap, interleaved in the same process (median of ``--reps`` each; ratio = with / without).
+2. **Streaming vs naive CKA**: exact full-dataset linear CKA (debiased and biased) of ``n``
+   samples of ``d``-dimensional features, by :class:`fusionzoo.interpret.StreamingCKA` (batches of
+   500 generated on the fly, memory ``O(d^2)``) and by a naive implementation that materializes
+   both ``n x n`` Gram matrices (Kornblith et al.'s formulation). Each measurement runs in its own
+   subprocess; its peak resident memory above the start of the computation is sampled every 2 ms.
+   Both see identical data (per-batch seeded) and their values are printed side by side.
+3. **Report wall time**: ``interpret.run`` + ``write_report`` over the embedded default run's
+   validation set (``esanet_resnet18`` on 96 synthetic 64x80 images; untrained weights unless
+   ``--run`` points at a run folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+BATCH = 500
+
+
+def _rss_mb() -> float:
+    """Current resident set size (Linux /proc), MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+class PeakRSS:
+    """Samples the resident set size every 2 ms in a thread; ``peak_mb`` = max above the start.
+
+    (ru_maxrss cannot be used: the import of torch/timm peaks higher than small workloads.)
+    """
+
+    def __enter__(self) -> "PeakRSS":
+        import threading
+
+        self.base = _rss_mb()
+        self.peak = self.base
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self.peak = max(self.peak, _rss_mb())
+                time.sleep(0.002)
+
+        self._t = threading.Thread(target=sample, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss_mb())
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak - self.base
+
+
+def _batch(i: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch ``i`` of a fixed dataset: y depends on half of x's coordinates (CKA well inside (0, 1))."""
+    g = torch.Generator().manual_seed(seed * 100003 + i)
+    x = torch.randn(BATCH, dim, generator=g, dtype=torch.float64)
+    y = torch.tanh(torch.roll(x, 7, dims=1)) * (torch.arange(dim) < dim // 2) + torch.randn(BATCH, dim, generator=g,
+                                                                                               dtype=torch.float64)
+    return x, y
+
+
+# ---------------------------------------------------------------------------------------------
+# workers (run in subprocesses)
+# ---------------------------------------------------------------------------------------------
+def _worker_streaming(n: int, dim: int) -> dict:
+    from fusionzoo.interpret import StreamingCKA
+
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        acc = StreamingCKA([("x", "y")])
+        for i in range(n // BATCH):
+            x, y = _batch(i, dim)
+            acc.update({"x": x, "y": y})
+        deb, bia = acc.cka("x", "y", True), acc.cka("x", "y", False)
+        dt = time.perf_counter() - t
+    return {"time_s": dt, "peak_mb": mem.peak_mb, "debiased": deb, "biased": bia}
+
+
+def _worker_naive(n: int, dim: int) -> dict:
+    from fusionzoo.interpret import cka_from_gram
+
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        xs, ys = zip(*(_batch(i, dim) for i in range(n // BATCH)))
+        x, y = torch.cat(xs), torch.cat(ys)
+        del xs, ys
+        kx, ky = x @ x.T, y @ y.T
+        deb = cka_from_gram(kx, ky, debiased=True)
+        bia = cka_from_gram(kx, ky, debiased=False)
+        dt = time.perf_counter() - t
+    return {"time_s": dt, "peak_mb": mem.peak_mb, "debiased": deb, "biased": bia}
+
+
+def _worker_minibatch(n: int, dim: int) -> dict:
+    from fusionzoo.interpret import MinibatchCKA
+
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        acc = MinibatchCKA([("x", "y")])
+        for i in range(n // BATCH):
+            x, y = _batch(i, dim)
+            acc.update({"x": x, "y": y})
+        deb = acc.cka("x", "y")
+        dt = time.perf_counter() - t
+    return {"time_s": dt, "peak_mb": mem.peak_mb, "debiased": deb, "biased": float("nan")}
+
+
+WORKERS = {"streaming": _worker_streaming, "naive": _worker_naive, "minibatch": _worker_minibatch}
+
+
+# ---------------------------------------------------------------------------------------------
+# sections
+# ---------------------------------------------------------------------------------------------
+def bench_capture(models: list[str], reps: int, size: tuple[int, int], batch: int) -> None:
+    import fusionzoo as fz
+
+    print(f"\n## Capture overhead: forward pass, batch {batch} x {size[0]}x{size[1]}, CPU, "
+          f"{torch.get_num_threads()} thread(s), median of {reps}\n")
+    print("| model | taps | no capture (ms) | capture all taps (ms) | ratio |")
+    print("|---|---:|---:|---:|---:|")
+    for name in models:
+        torch.manual_seed(0)
+        model = fz.create_model(name, num_classes=5).eval()
+        x = {m: torch.randn(batch, model.in_chans[m], *size) for m in model.modalities}
+        plain, cap = [], []
+        with torch.no_grad():
+            for _ in range(3):  # warm-up: first calls create oneDNN primitives
+                model(x)
+                with fz.capture(model):
+                    model(x)
+            for _ in range(reps):  # interleaved, so drift hits both equally
+                t = time.perf_counter()
+                model(x)
+                plain.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                with fz.capture(model):
+                    model(x)
+                cap.append(time.perf_counter() - t)
+        a, b = statistics.median(plain), statistics.median(cap)
+        print(f"| {name} | {len(model.tap_info())} | {1e3 * a:.1f} | {1e3 * b:.1f} | {b / a:.3f} |", flush=True)
+
+
+def bench_cka(sizes: list[int], dim: int, methods: list[str]) -> None:
+    print(f"\n## Exact linear CKA over n samples of {dim}-d features (float64, CPU, {torch.get_num_threads()} "
+          f"thread(s)); peak = max resident memory (sampled every 2 ms) above the start of the computation\n")
+    print("| method | n | time (s) | peak memory (MiB) | debiased CKA | biased CKA |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for method in methods:
+        for n in sizes:
+            cmd = [sys.executable, __file__, "--_worker", method, "--_n", str(n), "--dim", str(dim),
+                   "--threads", str(torch.get_num_threads())]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"| {method} | {n} | failed: {proc.stderr.strip().splitlines()[-1:]} | | | |")
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"| {method} | {n} | {r['time_s']:.1f} | {r['peak_mb']:.0f} | {r['debiased']:.6f} | "
+                  f"{r['biased']:.6f} |", flush=True)
+
+
+def bench_report(run: str | None, samples: int) -> None:
+    import fusionzoo as fz
+    from fusionzoo import interpret
+    from fusionzoo.data import create_dataset
+    from fusionzoo.interpret.report import write_report
+
+    if run:
+        from fusionzoo.engine.hub import from_pretrained
+
+        model = from_pretrained(Path(run) / "best")
+    else:
+        model = fz.create_model("esanet_resnet18", num_classes=5)
+    ds = create_dataset("synthetic_rgbd", split="val", num_samples=samples, image_size=(64, 80))
+    t = time.perf_counter()
+    res = interpret.run(model, ds, batch_size=8)
+    t_run = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as d:
+        t = time.perf_counter()
+        files = write_report(res, d)
+        t_rep = time.perf_counter() - t
+    print(f"\n## Full report, {res.model} on {samples} synthetic 64x80 images, CPU, {torch.get_num_threads()} thread(s)\n")
+    print("| phase | wall time (s) |")
+    print("|---|---:|")
+    print(f"| interpret.run (all metrics, one pass) | {t_run:.1f} |")
+    for k, v in res.timings.items():
+        print(f"| &nbsp;&nbsp;{k} | {v:.1f} |")
+    print(f"| write_report ({len(files)} files) | {t_rep:.1f} |")
+    print(f"| total | {t_run + t_rep:.1f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=("capture", "cka", "report"), action="append")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = stable timings on shared CPUs)")
+    p.add_argument("--models", nargs="+", default=["esanet_resnet18", "cmx_resnet18", "late_mean_resnet18",
+                                                   "early_concat_resnet18"])
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--size", type=int, nargs=2, default=(128, 160))
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--sizes", type=int, nargs="+", default=[2500, 5000, 10000])
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--methods", nargs="+", default=["streaming", "naive", "minibatch"])
+    p.add_argument("--run", default=None, help="run folder for the report timing")
+    p.add_argument("--samples", type=int, default=96)
+    p.add_argument("--_worker", choices=tuple(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--_n", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args._worker:
+        print(json.dumps(WORKERS[args._worker](args._n, args.dim)))
+        return
+    sections = args.only or ["capture", "cka", "report"]
+    if "capture" in sections:
+        bench_capture(args.models, args.reps, tuple(args.size), args.batch)
+    if "cka" in sections:
+        bench_cka(args.sizes, args.dim, args.methods)
+    if "report" in sections:
+        bench_report(args.run, args.samples)
+
+
+if __name__ == "__main__":
+    main()
