@@ -14,8 +14,16 @@ from fusionzoo.data import DataError, collate, create_dataset, list_datasets
 from fusionzoo.data.fixtures import write_fixture
 
 BENCHMARKS = ["nyuv2", "sunrgbd", "mfnet", "pst900", "llvip", "flir_aligned", "kaist", "m3fd"]
-EXPECTED_CLASSES = {"nyuv2": 40, "sunrgbd": 37, "mfnet": 9, "pst900": 5, "llvip": 1, "flir_aligned": 3,
-                    "kaist": 1, "m3fd": 6}
+EXPECTED_CLASSES = {
+    "nyuv2": 40,
+    "sunrgbd": 37,
+    "mfnet": 9,
+    "pst900": 5,
+    "llvip": 1,
+    "flir_aligned": 3,
+    "kaist": 1,
+    "m3fd": 6,
+}
 
 
 @pytest.fixture
@@ -31,8 +39,14 @@ def test_registry_lists_every_dataset():
     assert set(BENCHMARKS + ["synthetic_rgbd", "synthetic_rgbt"]) <= set(names)
     assert names == sorted(names)
     assert list_datasets("synthetic_*") == ["synthetic_rgbd", "synthetic_rgbt"]
-    assert set(list_datasets(task="detection")) == {"llvip", "flir_aligned", "kaist", "m3fd",
-                                                    "synthetic_rgbd", "synthetic_rgbt"}
+    assert set(list_datasets(task="detection")) == {
+        "llvip",
+        "flir_aligned",
+        "kaist",
+        "m3fd",
+        "synthetic_rgbd",
+        "synthetic_rgbt",
+    }
     assert "mfnet" in list_datasets(modality="thermal") and "nyuv2" not in list_datasets(modality="thermal")
 
 
@@ -140,7 +154,9 @@ def test_not_an_image_names_the_file(nyu):
 
 def test_modality_size_mismatch_names_both_files(nyu):
     Image.fromarray(np.zeros((20, 32), np.uint16)).save(nyu / "depth" / "train_0000.png")
-    with pytest.raises(DataError, match=r"depth/train_0000\.png.*\(20, 32\).*rgb/train_0000\.png.*\(24, 32\)"):
+    with pytest.raises(
+        DataError, match=r"depth/train_0000\.png.*\(20, 32\).*rgb/train_0000\.png.*\(24, 32\)"
+    ):
         create_dataset("nyuv2", root=nyu)[0]
 
 
@@ -240,8 +256,9 @@ def test_bad_box_files(tmp_path):
 
 
 def test_thermal_three_channel_jpeg_becomes_one_channel(tmp_path):
-    root = write_fixture(tmp_path / "kaist", "kaist", num_samples=1, image_size=(24, 32), splits=("train",),
-                         rgb_ext=".jpg")
+    root = write_fixture(
+        tmp_path / "kaist", "kaist", num_samples=1, image_size=(24, 32), splits=("train",), rgb_ext=".jpg"
+    )
     t = np.asarray(Image.open(root / "thermal" / "train_0000.jpg"))
     Image.fromarray(np.repeat(t[:, :, None], 3, 2)).save(root / "thermal" / "train_0000.jpg", quality=100)
     s = create_dataset("kaist", root=root)[0]

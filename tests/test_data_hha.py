@@ -17,7 +17,9 @@ def room(tilt_deg: float, camera_height: float = 1.2, wall: float = 4.0):
     fx, fy, cx, cy = K
     v, u = np.mgrid[0:H, 0:W].astype(np.float64)
     a = np.deg2rad(tilt_deg)
-    rot = np.array([[1, 0, 0], [0, np.cos(a), np.sin(a)], [0, -np.sin(a), np.cos(a)]])  # camera -> level frame
+    rot = np.array(
+        [[1, 0, 0], [0, np.cos(a), np.sin(a)], [0, -np.sin(a), np.cos(a)]]
+    )  # camera -> level frame
     rays = np.stack([(u - cx) / fx, (v - cy) / fy, np.ones_like(u)], -1) @ rot.T
     t_floor = np.where(rays[..., 1] > 1e-6, camera_height / np.maximum(rays[..., 1], 1e-6), np.inf)
     t_wall = np.where(rays[..., 2] > 1e-6, wall / np.maximum(rays[..., 2], 1e-6), np.inf)

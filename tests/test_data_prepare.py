@@ -31,7 +31,8 @@ def voc(path: Path, objects: list[tuple[str, int, int, int, int]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     objs = "".join(
         f"<object><name>{n}</name><bndbox><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax><ymax>{d}</ymax>"
-        "</bndbox></object>" for n, a, b, c, d in objects
+        "</bndbox></object>"
+        for n, a, b, c, d in objects
     )
     path.write_text(f"<annotation><size><width>{W}</width><height>{H}</height></size>{objs}</annotation>")
 
@@ -65,7 +66,9 @@ def test_mfnet(tmp_path, monkeypatch):
     four = np.asarray(Image.open(src / "images" / "00005N.png"))
     s = ds[0]
     assert torch.allclose(s["thermal"][0], torch.from_numpy(four[..., 3] / 255.0).float())
-    assert torch.equal(s["mask"], torch.from_numpy(np.array(Image.open(src / "labels" / "00005N.png"))).long())
+    assert torch.equal(
+        s["mask"], torch.from_numpy(np.array(Image.open(src / "labels" / "00005N.png"))).long()
+    )
     assert len(create_dataset("mfnet", root=tmp_path / "out", split="train")) == 2
 
 
@@ -157,16 +160,34 @@ def test_nyuv2_from_matlab_v73(tmp_path, monkeypatch):
         f["labels"] = labels894
     mapping = rng.integers(1, 41, (1, 894))
     scipy_io.savemat(tmp_path / "classMapping40.mat", {"mapClass": mapping})
-    scipy_io.savemat(tmp_path / "splits.mat", {"trainNdxs": np.array([[1], [3]]), "testNdxs": np.array([[2]])})
-    run_prepare("nyuv2", "--out", tmp_path / "out", "--mat", tmp_path / "nyu.mat", "--splits", tmp_path / "splits.mat",
-                "--mapping", tmp_path / "classMapping40.mat", "--hha", monkeypatch=monkeypatch)
+    scipy_io.savemat(
+        tmp_path / "splits.mat", {"trainNdxs": np.array([[1], [3]]), "testNdxs": np.array([[2]])}
+    )
+    run_prepare(
+        "nyuv2",
+        "--out",
+        tmp_path / "out",
+        "--mat",
+        tmp_path / "nyu.mat",
+        "--splits",
+        tmp_path / "splits.mat",
+        "--mapping",
+        tmp_path / "classMapping40.mat",
+        "--hha",
+        monkeypatch=monkeypatch,
+    )
     ds = create_dataset("nyuv2", root=tmp_path / "out", split="train", modalities=("rgb", "depth", "hha"))
     assert ds.ids == ["0001", "0003"]
     s = ds[1]  # frame 3 = index 2
     expected = mapping[0][labels894[2].T.astype(int) - 1] - 1
     expected[labels894[2].T == 0] = 255
     assert torch.equal(s["mask"], torch.from_numpy(expected).long())
-    assert torch.allclose(s["depth"][0], torch.from_numpy(np.round(np.asarray(
-        h5py.File(tmp_path / "nyu.mat")["depths"][2]).T * 1000) / 1000).float(), atol=1e-6)
+    assert torch.allclose(
+        s["depth"][0],
+        torch.from_numpy(
+            np.round(np.asarray(h5py.File(tmp_path / "nyu.mat")["depths"][2]).T * 1000) / 1000
+        ).float(),
+        atol=1e-6,
+    )
     assert s["hha"].shape == (3, H, W)
     assert len(create_dataset("nyuv2", root=tmp_path / "out", split="test")) == 1

@@ -21,12 +21,16 @@ BENCHMARKS = [n for n in list_datasets() if dataset_entry(n).needs_root]
 def test_real_samples(name):
     root = REAL / name
     if not root.is_dir():
-        pytest.skip(f"no real {name} samples: {root} is absent (optional; prepared layout, see datasets/{name}/README.md)")
+        pytest.skip(
+            f"no real {name} samples: {root} is absent (optional; prepared layout, see datasets/{name}/README.md)"
+        )
     splits = sorted(p.stem for p in (root / "splits").glob("*.txt"))
     if not splits:
         pytest.skip(f"{root}/splits has no split files")
     entry = dataset_entry(name)
-    ds = create_dataset(name, root=root, split=splits[0], transforms=eval_transforms(entry.modalities, stats=name))
+    ds = create_dataset(
+        name, root=root, split=splits[0], transforms=eval_transforms(entry.modalities, stats=name)
+    )
     samples = [ds[i] for i in range(min(3, len(ds)))]
     for s in samples:
         for m in entry.modalities:

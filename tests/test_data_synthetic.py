@@ -89,7 +89,9 @@ def test_sensor_effects_depth():
     g = SyntheticGenerator(SyntheticConfig(image_size=(96, 128)), seed=0)
     invalid = [(g(i)["depth"] == 0).mean() for i in range(8)]
     assert 0 < np.mean(invalid) < 0.1  # speckles + shadows, never most of the image
-    clean = SyntheticGenerator(SyntheticConfig(image_size=(96, 128), invalid_fraction=(0, 0), shadow_px=(0, 0)))
+    clean = SyntheticGenerator(
+        SyntheticConfig(image_size=(96, 128), invalid_fraction=(0, 0), shadow_px=(0, 0))
+    )
     assert all((clean(i)["depth"] > 0).all() for i in range(4))
 
 
@@ -132,3 +134,14 @@ def test_normalized_statistics_are_close_to_standard():
     assert rgb.mean().abs() < 0.5 and 0.5 < rgb.std() < 2
     valid = depth != 0
     assert depth[valid].mean().abs() < 0.5 and 0.4 < depth[valid].std() < 2
+
+
+def test_dataset_pickles_for_spawned_workers():
+    import pickle
+
+    ds = create_dataset("synthetic_rgbt", num_samples=3, image_size=SIZE, seed=4)
+    ds[0]  # creates the thread-local work buffers, which must not travel
+    clone = pickle.loads(pickle.dumps(ds))
+    a, b = ds[2], clone[2]
+    assert torch.equal(a["rgb"], b["rgb"]) and torch.equal(a["thermal"], b["thermal"])
+    assert torch.equal(a["mask"], b["mask"])

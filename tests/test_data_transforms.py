@@ -190,7 +190,9 @@ def test_normalization_statistics_and_invalid_depth():
     assert torch.allclose(out["depth"][0, 1:], expected[1:], atol=1e-5)
     assert (out["depth"][0, 0, :4] == 0).all()
     th = STATS["default"]["thermal"]
-    assert torch.allclose(out["thermal"][0], (torch.from_numpy(s["thermal"]) - th.mean[0]) / th.std[0], atol=1e-5)
+    assert torch.allclose(
+        out["thermal"][0], (torch.from_numpy(s["thermal"]) - th.mean[0]) / th.std[0], atol=1e-5
+    )
 
 
 def test_inverse_depth_mode():

@@ -34,8 +34,12 @@ def main() -> None:
     dropped: Counter[str] = Counter()
     for split, listname in (("train", args.train_list), ("test", args.test_list)):
         lines = (args.source / listname).read_text().split()
-        ids = sorted({line.rsplit("/", 1)[-1].split(".")[0].removesuffix("_PreviewData").removesuffix("_RGB")
-                      for line in lines})
+        ids = sorted(
+            {
+                line.rsplit("/", 1)[-1].split(".")[0].removesuffix("_PreviewData").removesuffix("_RGB")
+                for line in lines
+            }
+        )
         for sid in ids:
             rgb_ext = Path(args.rgb).suffix
             th_ext = Path(args.thermal).suffix

@@ -28,7 +28,9 @@ def main() -> None:
             raise SystemExit(f"{args.source / 'visible' / split}: no .jpg files")
         for name in names:
             link_or_copy(args.source / "visible" / split / f"{name}.jpg", args.out / "rgb" / f"{name}.jpg")
-            link_or_copy(args.source / "infrared" / split / f"{name}.jpg", args.out / "thermal" / f"{name}.jpg")
+            link_or_copy(
+                args.source / "infrared" / split / f"{name}.jpg", args.out / "thermal" / f"{name}.jpg"
+            )
             boxes, labels, _ = read_voc_xml(args.source / "Annotations" / f"{name}.xml", class_map)
             write_boxes(args.out / "boxes" / f"{name}.txt", boxes, labels)
         write_split(args.out, split, names)

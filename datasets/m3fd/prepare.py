@@ -38,7 +38,7 @@ def main() -> None:
             raise SystemExit(f"{args.source / 'Annotation' / sid}.xml: unknown classes {skipped}")
         write_boxes(args.out / "boxes" / f"{sid}.txt", boxes, labels)
     order = np.random.default_rng(args.seed).permutation(len(ids))
-    n_test = int(round(args.test_fraction * len(ids)))
+    n_test = round(args.test_fraction * len(ids))
     splits = {"test": sorted(ids[i] for i in order[:n_test]), "train": sorted(ids[i] for i in order[n_test:])}
     (args.out / "splits").mkdir(parents=True, exist_ok=True)
     for split, lst in splits.items():

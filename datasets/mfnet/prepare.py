@@ -31,7 +31,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     src = args.source
-    splits = {s: read_list(src / f"{s}.txt") for s in ("train", "val", "test") if (src / f"{s}.txt").is_file()}
+    splits = {
+        s: read_list(src / f"{s}.txt") for s in ("train", "val", "test") if (src / f"{s}.txt").is_file()
+    }
     if "train" not in splits or "test" not in splits:
         raise SystemExit(f"{src}: expected train.txt and test.txt (the official MFNet split lists)")
     for part, suffix in (("test_day", "D"), ("test_night", "N")):
@@ -41,7 +43,9 @@ def main() -> None:
     for n, sid in enumerate(all_ids):
         four = np.asarray(Image.open(src / "images" / f"{sid}.png"))
         if four.ndim != 3 or four.shape[2] != 4:
-            raise SystemExit(f"{src / 'images' / sid}.png: expected a 4-channel RGB+thermal PNG, got {four.shape}")
+            raise SystemExit(
+                f"{src / 'images' / sid}.png: expected a 4-channel RGB+thermal PNG, got {four.shape}"
+            )
         save_rgb(args.out / "rgb" / f"{sid}.png", four[..., :3])
         save_thermal(args.out / "thermal" / f"{sid}.png", four[..., 3])
         label = np.asarray(Image.open(src / "labels" / f"{sid}.png"))

@@ -53,7 +53,9 @@ def main() -> None:
     h5py = require("h5py", "h5py", "reading the NYUDv2 MATLAB v7.3 file")
     scipy_io = require("scipy.io", "scipy", "reading splits.mat / classMapping40.mat")
     splits = scipy_io.loadmat(paths["splits"])
-    mapping = scipy_io.loadmat(paths["mapping"])["mapClass"].reshape(-1).astype(np.int64)  # 894 entries, 1..40
+    mapping = (
+        scipy_io.loadmat(paths["mapping"])["mapClass"].reshape(-1).astype(np.int64)
+    )  # 894 entries, 1..40
     # 0 (unlabeled) -> 255; class c (1..894) -> mapClass[c-1] - 1 in 0..39
     lut = np.full(max(895, mapping.size + 1), 255, np.uint8)
     lut[1 : mapping.size + 1] = np.where(mapping > 0, mapping - 1, 255)

@@ -37,8 +37,10 @@ def main() -> None:
             save_thermal(args.out / "thermal" / f"{sid}.png", thermal)
             label = np.asarray(Image.open(folder / "labels" / f"{name}.png"))
             if label.ndim != 2 or label.max() >= 5:
-                raise SystemExit(f"{folder / 'labels' / name}.png: expected indices 0..4, got shape "
-                                 f"{label.shape} max {label.max()}")
+                raise SystemExit(
+                    f"{folder / 'labels' / name}.png: expected indices 0..4, got shape "
+                    f"{label.shape} max {label.max()}"
+                )
             save_label(args.out / "label" / f"{sid}.png", label.astype(np.uint8), PST900.palette)
             ids.append(sid)
         write_split(args.out, split, ids)

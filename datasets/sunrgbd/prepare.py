@@ -37,7 +37,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", type=Path, required=True, help="folder holding SUNRGBD/ and SUNRGBDtoolbox/")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--download", action="store_true", help="fetch and unzip the official archives into --source")
+    ap.add_argument(
+        "--download", action="store_true", help="fetch and unzip the official archives into --source"
+    )
     args = ap.parse_args()
 
     if args.download:
@@ -49,9 +51,13 @@ def main() -> None:
     h5py = require("h5py", "h5py", "reading SUNRGBD2Dseg.mat")
     scipy_io = require("scipy.io", "scipy", "reading SUNRGBDMeta.mat")
     tb = args.source / "SUNRGBDtoolbox"
-    meta = scipy_io.loadmat(tb / "Metadata" / "SUNRGBDMeta.mat", squeeze_me=True, struct_as_record=False)["SUNRGBDMeta"]
-    train_dirs = {str(p).rstrip("/") for p in scipy_io.loadmat(tb / "traintestSUNRGBD" / "allsplit.mat",
-                                                                  squeeze_me=True)["alltrain"]}
+    meta = scipy_io.loadmat(tb / "Metadata" / "SUNRGBDMeta.mat", squeeze_me=True, struct_as_record=False)[
+        "SUNRGBDMeta"
+    ]
+    train_dirs = {
+        str(p).rstrip("/")
+        for p in scipy_io.loadmat(tb / "traintestSUNRGBD" / "allsplit.mat", squeeze_me=True)["alltrain"]
+    }
     seg = h5py.File(tb / "Metadata" / "SUNRGBD2Dseg.mat", "r")
     seglabel = seg["SUNRGBD2Dseg"]["seglabel"]
     lut = np.full(256, 255, np.uint8)
@@ -75,7 +81,9 @@ def main() -> None:
     for split, lst in ids.items():
         write_split(args.out, split, lst)
     if (len(ids["train"]), len(ids["test"])) != (5285, 5050):
-        print(f"warning: split sizes {len(ids['train'])}/{len(ids['test'])} differ from the official 5285/5050")
+        print(
+            f"warning: split sizes {len(ids['train'])}/{len(ids['test'])} differ from the official 5285/5050"
+        )
 
 
 if __name__ == "__main__":

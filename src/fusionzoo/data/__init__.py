@@ -17,24 +17,31 @@ from .benchmarks import KAIST, LLVIP, M3FD, PST900, SUNRGBD, FLIRAligned, MFNet,
 from .collate import collate
 from .io import DataError
 from .synthetic import SyntheticConfig, SyntheticDataset, SyntheticGenerator, SyntheticRGBD, SyntheticRGBT
-from .transforms import JointTransform, ModalityStats, Normalize, compute_stats, eval_transforms, train_transforms
+from .transforms import (
+    JointTransform,
+    ModalityStats,
+    Normalize,
+    compute_stats,
+    eval_transforms,
+    train_transforms,
+)
 
 __all__ = [
+    "KAIST",
+    "LLVIP",
+    "M3FD",
+    "PST900",
+    "SUNRGBD",
     "DataError",
     "DatasetEntry",
     "DetectionDataset",
     "FLIRAligned",
     "JointTransform",
-    "KAIST",
-    "LLVIP",
-    "M3FD",
     "MFNet",
     "ModalityStats",
     "NYUv2",
     "Normalize",
-    "PST900",
     "PreparedDataset",
-    "SUNRGBD",
     "SegmentationDataset",
     "SyntheticConfig",
     "SyntheticDataset",

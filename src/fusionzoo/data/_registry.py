@@ -11,11 +11,12 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-__all__ = ["DatasetEntry", "register_dataset", "list_datasets", "dataset_entry", "create_dataset"]
+__all__ = ["DatasetEntry", "create_dataset", "dataset_entry", "list_datasets", "register_dataset"]
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,7 @@ def register_dataset(
     def decorator(factory: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY:
             raise ValueError(
-                f"dataset {name!r} is already registered (by {_REGISTRY[name].factory!r}); "
-                "pick another name"
+                f"dataset {name!r} is already registered (by {_REGISTRY[name].factory!r}); pick another name"
             )
         _REGISTRY[name] = DatasetEntry(
             name=name,
@@ -96,7 +96,9 @@ def register_dataset(
     return decorator
 
 
-def list_datasets(pattern: str | None = None, *, task: str | None = None, modality: str | None = None) -> list[str]:
+def list_datasets(
+    pattern: str | None = None, *, task: str | None = None, modality: str | None = None
+) -> list[str]:
     """Sorted names of registered datasets.
 
     Args:
@@ -175,8 +177,7 @@ def create_dataset(
         if unknown:
             valid = sorted(k for k in params if k not in ("self", "root", "split", "transforms"))
             raise TypeError(
-                f"create_dataset({name!r}) got unexpected keyword argument(s) {unknown}; "
-                f"valid: {valid}"
+                f"create_dataset({name!r}) got unexpected keyword argument(s) {unknown}; valid: {valid}"
             )
     if entry.needs_root:
         return entry.factory(root=root, split=split, transforms=transforms, **kwargs)

@@ -18,8 +18,9 @@ normalization).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -27,7 +28,7 @@ from torch.utils.data import Dataset
 from .io import DataError, read_boxes, read_depth, read_label, read_rgb, read_thermal
 from .transforms import to_tensor_sample
 
-__all__ = ["PreparedDataset", "SegmentationDataset", "DetectionDataset", "read_split"]
+__all__ = ["DetectionDataset", "PreparedDataset", "SegmentationDataset", "read_split"]
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".bmp")
 
@@ -169,8 +170,14 @@ class PreparedDataset(Dataset):
                         f"{size}; modalities of one sample must be pixel-aligned and the same size"
                     )
         self._read_target(sample_id, sample, paths, size)
-        sample["meta"] = {"id": sample_id, "index": index, "paths": paths, "orig_size": tuple(size),
-                          "dataset": self.name, "split": self.split}
+        sample["meta"] = {
+            "id": sample_id,
+            "index": index,
+            "paths": paths,
+            "orig_size": tuple(size),
+            "dataset": self.name,
+            "split": self.split,
+        }
         return sample
 
     def _read_target(self, sample_id: str, sample: dict, paths: dict, size: tuple[int, int]) -> None:
@@ -185,8 +192,10 @@ class PreparedDataset(Dataset):
         return self.transforms(sample)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, "
-                f"modalities={self.modalities})")
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, "
+            f"modalities={self.modalities})"
+        )
 
 
 class SegmentationDataset(PreparedDataset):

@@ -62,13 +62,17 @@ def write_fixture(
             s = gen(i, split)
             Image.fromarray((s["rgb"] * 255).round().astype(np.uint8)).save(root / "rgb" / f"{sid}{rgb_ext}")
             if second == "depth":
-                Image.fromarray((s["depth"] * 1000).round().astype(np.uint16)).save(root / "depth" / f"{sid}.png")
+                Image.fromarray((s["depth"] * 1000).round().astype(np.uint16)).save(
+                    root / "depth" / f"{sid}.png"
+                )
             else:
                 t8 = (s["thermal"] * 255).round().astype(np.uint8)
                 Image.fromarray(t8).save(root / "thermal" / f"{sid}{rgb_ext}")
             if "detection" in entry.task:
-                lines = [f"{int(lab) % k} {b[0]:.1f} {b[1]:.1f} {b[2]:.1f} {b[3]:.1f}"
-                         for b, lab in zip(s["boxes"], s["labels"])]
+                lines = [
+                    f"{int(lab) % k} {b[0]:.1f} {b[1]:.1f} {b[2]:.1f} {b[3]:.1f}"
+                    for b, lab in zip(s["boxes"], s["labels"])
+                ]
                 (root / "boxes" / f"{sid}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
             else:
                 label = lut[s["mask"]].astype(np.uint8)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-__all__ = ["NYU_INTRINSICS", "backproject", "surface_normals", "estimate_gravity", "compute_hha"]
+__all__ = ["NYU_INTRINSICS", "backproject", "compute_hha", "estimate_gravity", "surface_normals"]
 
 #: NYUDv2 Kinect colour-camera intrinsics (fx, fy, cx, cy) from the dataset toolbox
 #: (camera_params.m), for the 480x640 labeled frames.
@@ -62,7 +62,9 @@ def surface_normals(points: np.ndarray, valid: np.ndarray, smooth: int = 5) -> n
     """
     w = valid.astype(np.float32)
     norm = cv2.boxFilter(w, -1, (smooth, smooth), normalize=False)
-    p = np.stack([cv2.boxFilter(points[..., i] * w, -1, (smooth, smooth), normalize=False) for i in range(3)], -1)
+    p = np.stack(
+        [cv2.boxFilter(points[..., i] * w, -1, (smooth, smooth), normalize=False) for i in range(3)], -1
+    )
     p /= np.maximum(norm, 1e-6)[..., None]
     du = np.zeros_like(p)
     dv = np.zeros_like(p)
@@ -106,7 +108,9 @@ def estimate_gravity(normals: np.ndarray, valid: np.ndarray, init=(0.0, -1.0, 0.
     return g / np.linalg.norm(g)
 
 
-def compute_hha(depth: np.ndarray, intrinsics: tuple[float, float, float, float] = NYU_INTRINSICS) -> np.ndarray:
+def compute_hha(
+    depth: np.ndarray, intrinsics: tuple[float, float, float, float] = NYU_INTRINSICS
+) -> np.ndarray:
     """HHA image of a depth map.
 
     Args:

@@ -30,14 +30,14 @@ from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "DataError",
-    "read_image",
-    "read_rgb",
-    "read_depth",
-    "read_thermal",
-    "read_label",
-    "read_boxes",
     "check_label_range",
     "clean_depth",
+    "read_boxes",
+    "read_depth",
+    "read_image",
+    "read_label",
+    "read_rgb",
+    "read_thermal",
 ]
 
 IGNORE_INDEX = 255
@@ -234,7 +234,9 @@ def read_label(path: str | Path, num_classes: int) -> np.ndarray:
     return arr.astype(np.uint8, copy=False)
 
 
-def read_boxes(path: str | Path, num_classes: int, image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def read_boxes(
+    path: str | Path, num_classes: int, image_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Read a prepared box file: one ``<class> <x1> <y1> <x2> <y2>`` line per object.
 
     Coordinates are pixels, xyxy, in the image's own resolution; they are clipped to the image.
@@ -274,8 +276,14 @@ def read_boxes(path: str | Path, num_classes: int, image_size: tuple[int, int]) 
             raise DataError(f"{path}:{lineno}: class {cls} out of range 0..{num_classes - 1}")
         if not (np.isfinite([x1, y1, x2, y2]).all() and x2 > x1 and y2 > y1):
             raise DataError(f"{path}:{lineno}: degenerate box {[x1, y1, x2, y2]}; need x2 > x1, y2 > y1")
-        boxes.append([min(max(x1, 0.0), width), min(max(y1, 0.0), height),
-                      min(max(x2, 0.0), width), min(max(y2, 0.0), height)])
+        boxes.append(
+            [
+                min(max(x1, 0.0), width),
+                min(max(y1, 0.0), height),
+                min(max(x2, 0.0), width),
+                min(max(y2, 0.0), height),
+            ]
+        )
         labels.append(cls)
     box_arr = np.asarray(boxes, np.float32).reshape(-1, 4)
     keep = (box_arr[:, 2] > box_arr[:, 0]) & (box_arr[:, 3] > box_arr[:, 1])  # fully outside -> dropped

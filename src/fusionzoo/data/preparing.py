@@ -11,24 +11,24 @@ import shutil
 import sys
 import urllib.request
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 from PIL import Image
 
 __all__ = [
     "download",
-    "sha256sum",
-    "write_split",
-    "save_rgb",
-    "save_depth_mm",
-    "save_thermal",
-    "save_label",
-    "write_boxes",
-    "read_voc_xml",
     "link_or_copy",
+    "read_voc_xml",
     "require",
+    "save_depth_mm",
+    "save_label",
+    "save_rgb",
+    "save_thermal",
+    "sha256sum",
+    "write_boxes",
+    "write_split",
 ]
 
 
@@ -68,7 +68,7 @@ def download(url: str, dest: Path, sha256: str | None = None) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_suffix(dest.suffix + ".part")
         print(f"downloading {url} -> {dest}", file=sys.stderr)
-        with urllib.request.urlopen(url) as resp, open(tmp, "wb") as out:  # noqa: S310 (official URL)
+        with urllib.request.urlopen(url) as resp, open(tmp, "wb") as out:
             shutil.copyfileobj(resp, out, length=1 << 20)
         tmp.rename(dest)
     if sha256 is not None:
@@ -127,7 +127,9 @@ def save_label(path: Path, label: np.ndarray, palette: list[tuple[int, int, int]
 
 def write_boxes(path: Path, boxes: np.ndarray, labels: np.ndarray) -> None:
     """Write ``<class> <x1> <y1> <x2> <y2>`` lines (pixels, xyxy)."""
-    lines = [f"{int(c)} {b[0]:.2f} {b[1]:.2f} {b[2]:.2f} {b[3]:.2f}" for b, c in zip(np.asarray(boxes), labels)]
+    lines = [
+        f"{int(c)} {b[0]:.2f} {b[1]:.2f} {b[2]:.2f} {b[3]:.2f}" for b, c in zip(np.asarray(boxes), labels)
+    ]
     _ensure(path).write_text("\n".join(lines) + ("\n" if lines else ""))
 
 

@@ -57,9 +57,10 @@ from __future__ import annotations
 import colorsys
 import threading
 import zlib
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from statistics import NormalDist
-from typing import Any, Callable, Collection
+from typing import Any
 
 import cv2
 import numpy as np
@@ -71,8 +72,8 @@ from .transforms import eval_transforms
 __all__ = [
     "SyntheticClass",
     "SyntheticConfig",
-    "SyntheticGenerator",
     "SyntheticDataset",
+    "SyntheticGenerator",
     "SyntheticRGBD",
     "SyntheticRGBT",
 ]
@@ -144,7 +145,9 @@ class SyntheticConfig:
             raise ValueError(f"SyntheticConfig.image_size must be at least (16, 16), got {self.image_size}")
         lo, hi = self.num_objects
         if not 0 <= lo <= hi:
-            raise ValueError(f"SyntheticConfig.num_objects must be (min, max) with 0 <= min <= max, got {self.num_objects}")
+            raise ValueError(
+                f"SyntheticConfig.num_objects must be (min, max) with 0 <= min <= max, got {self.num_objects}"
+            )
 
     @property
     def modalities(self) -> tuple[str, str]:
@@ -158,11 +161,21 @@ class SyntheticConfig:
         n = _NAMES[x]
         return (
             SyntheticClass(n[0], ("rgb", x), "background", f"grey textured background, smooth {x}"),
-            SyntheticClass(n[1], ("rgb",), "rgb_only", f"warm-coloured block, {x} equal to what is behind it"),
-            SyntheticClass(n[2], (x,), f"{x}_only", f"block visible only in {x}; RGB equal to what is behind it"),
-            SyntheticClass(n[3], ("rgb", x), "either", f"cool-coloured disk with a {x} dome; either modality suffices"),
-            SyntheticClass(n[4], ("rgb", x), "both_required",
-                           f"colour of class 1 and {x} of class 2: needs both modalities"),
+            SyntheticClass(
+                n[1], ("rgb",), "rgb_only", f"warm-coloured block, {x} equal to what is behind it"
+            ),
+            SyntheticClass(
+                n[2], (x,), f"{x}_only", f"block visible only in {x}; RGB equal to what is behind it"
+            ),
+            SyntheticClass(
+                n[3], ("rgb", x), "either", f"cool-coloured disk with a {x} dome; either modality suffices"
+            ),
+            SyntheticClass(
+                n[4],
+                ("rgb", x),
+                "both_required",
+                f"colour of class 1 and {x} of class 2: needs both modalities",
+            ),
         )
 
     @property
@@ -185,7 +198,12 @@ class SyntheticConfig:
 # Object families: classes 1, 2, 4 share the "block" family (rectangle or ellipse), class 3 is
 # a disk. Appearance: "warm" / "cool" colour or None (camouflaged in RGB). Signal in the second
 # modality: "flat", "dome" or None (invisible there).
-_KINDS = {1: ("block", "warm", None), 2: ("block", None, "flat"), 3: ("disk", "cool", "dome"), 4: ("block", "warm", "flat")}
+_KINDS = {
+    1: ("block", "warm", None),
+    2: ("block", None, "flat"),
+    3: ("disk", "cool", "dome"),
+    4: ("block", "warm", "flat"),
+}
 
 _PALETTE = [(40, 40, 40), (230, 120, 30), (60, 160, 220), (120, 60, 200), (200, 40, 60)]
 
@@ -240,7 +258,7 @@ def _colour(rng: np.random.Generator, kind: str) -> np.ndarray:
     return np.asarray(rgb, np.float32)
 
 
-def _put(dst: np.ndarray, value: np.ndarray | float | int, m: np.ndarray | None) -> None:
+def _put(dst: np.ndarray, value: np.ndarray | float, m: np.ndarray | None) -> None:
     """``dst[m] = value`` in place; ``m`` is a uint8 0/1 window mask or None (all of ``dst``).
     cv2.copyTo is used because numpy's masked assignment is 10-20x slower."""
     if m is None:
@@ -275,10 +293,16 @@ class SyntheticGenerator:
         bufs = getattr(self._local, "bufs", None)
         h, w = self.config.image_size
         if bufs is None or bufs["shade"].shape != (h, w):
-            f32 = lambda: np.empty((h, w), np.float32)  # noqa: E731
-            bufs = {"shade": f32(), "planes": [f32() for _ in range(3)], "second_bg": f32(), "tmp": f32(),
-                    "inst": np.empty((h, w), np.uint8), "invalid": np.empty((h, w), np.uint8),
-                    "flag": np.empty((h, w), bool)}
+            f32 = lambda: np.empty((h, w), np.float32)
+            bufs = {
+                "shade": f32(),
+                "planes": [f32() for _ in range(3)],
+                "second_bg": f32(),
+                "tmp": f32(),
+                "inst": np.empty((h, w), np.uint8),
+                "invalid": np.empty((h, w), np.uint8),
+                "flag": np.empty((h, w), bool),
+            }
             self._local.bufs = bufs
         return bufs
 
@@ -329,8 +353,11 @@ class SyntheticGenerator:
         grey = rng.uniform(0.35, 0.7)
         base = np.float32(grey) + rng.uniform(-0.05, 0.05, 3).astype(np.float32)
         shade = buf["shade"]
-        np.add(np.float32(1) + np.float32(rng.uniform(-0.3, 0.3)) * banks.yy,
-               np.float32(rng.uniform(-0.3, 0.3)) * banks.xx, out=shade)
+        np.add(
+            np.float32(1) + np.float32(rng.uniform(-0.3, 0.3)) * banks.yy,
+            np.float32(rng.uniform(-0.3, 0.3)) * banks.xx,
+            out=shade,
+        )
         cv2.scaleAdd(banks.crop(banks.texture, rng, h, w), float(rng.uniform(0.08, 0.2)), shade, dst=shade)
         planes = buf["planes"]
         for c in range(3):
@@ -342,13 +369,19 @@ class SyntheticGenerator:
         thermal_mode = cfg.second == "thermal"
         second_bg = buf["second_bg"]
         if thermal_mode:
-            np.add(np.float32(rng.uniform(0.3, 0.55)) + np.float32(rng.uniform(-0.1, 0.1)) * banks.yy,
-                   np.float32(rng.uniform(-0.1, 0.1)) * banks.xx, out=second_bg)
+            np.add(
+                np.float32(rng.uniform(0.3, 0.55)) + np.float32(rng.uniform(-0.1, 0.1)) * banks.yy,
+                np.float32(rng.uniform(-0.1, 0.1)) * banks.xx,
+                out=second_bg,
+            )
             cv2.scaleAdd(banks.crop(banks.texture_b, rng, h, w), 0.03, second_bg, dst=second_bg)
         else:
             # A tilted wall/floor plane 0.8-7 m away.
-            np.add(np.float32(rng.uniform(2.0, 5.0)) + np.float32(rng.uniform(-1.2, 1.2)) * banks.yy,
-                   np.float32(rng.uniform(-0.8, 0.8)) * banks.xx, out=second_bg)
+            np.add(
+                np.float32(rng.uniform(2.0, 5.0)) + np.float32(rng.uniform(-1.2, 1.2)) * banks.yy,
+                np.float32(rng.uniform(-0.8, 0.8)) * banks.xx,
+                out=second_bg,
+            )
             np.maximum(second_bg, np.float32(0.8), out=second_bg)
         second = second_bg.copy()  # an output: fresh memory
         invalid = None
@@ -368,7 +401,7 @@ class SyntheticGenerator:
             y0, y1, x0, x1 = obj["win"]
             win = (slice(y0, y1), slice(x0, x1))
             m, r2 = self._shape(obj, y0, y1, x0, x1)  # m is None for a rectangle: it fills its window
-            family, appearance, signal = _KINDS[obj["cls"]]
+            _, appearance, signal = _KINDS[obj["cls"]]
             _put(mask[win], obj["cls"], m)
             _put(inst[win], k, m)
             if appearance is not None:
@@ -381,11 +414,13 @@ class SyntheticGenerator:
             if signal == "flat":
                 profile = np.float32(obj["lift"])
             else:
-                profile = np.sqrt(np.maximum(1 - r2, 0)) * np.float32(0.5 * obj["lift"]) + np.float32(0.5 * obj["lift"])
+                profile = np.sqrt(np.maximum(1 - r2, 0)) * np.float32(0.5 * obj["lift"]) + np.float32(
+                    0.5 * obj["lift"]
+                )
             _put(second[win], bg + profile if thermal_mode else bg - profile, m)
             if not thermal_mode:
                 _put(invalid[win], 0, m)
-                self._shadow(invalid, m, y0, y1, x0, int(round(obj["shadow"] * shadow_scale)))
+                self._shadow(invalid, m, y0, y1, x0, round(obj["shadow"] * shadow_scale))
 
         # --- sensor noise ------------------------------------------------------------------
         sigma_rgb = float(rng.uniform(*cfg.rgb_noise))
@@ -395,7 +430,9 @@ class SyntheticGenerator:
         rgb = cv2.merge(planes)  # an output: fresh memory
         np.clip(rgb, 0, 1, out=rgb)
         if thermal_mode:
-            cv2.scaleAdd(banks.crop(banks.gauss, rng, h, w), float(rng.uniform(*cfg.thermal_noise)), second, dst=second)
+            cv2.scaleAdd(
+                banks.crop(banks.gauss, rng, h, w), float(rng.uniform(*cfg.thermal_noise)), second, dst=second
+            )
             second += (rng.standard_normal(w).astype(np.float32) * np.float32(0.004))[None, :]  # column noise
             np.clip(second, 0, 1, out=second)
         else:
@@ -423,8 +460,14 @@ class SyntheticGenerator:
             "mask": mask,
             "boxes": boxes,
             "labels": labels,
-            "meta": {"id": f"{split}-{index:06d}", "index": int(index), "split": split, "seed": self.seed,
-                     "orig_size": (h, w), "dataset": f"synthetic_rgb{cfg.second[0]}"},
+            "meta": {
+                "id": f"{split}-{index:06d}",
+                "index": int(index),
+                "split": split,
+                "seed": self.seed,
+                "orig_size": (h, w),
+                "dataset": f"synthetic_rgb{cfg.second[0]}",
+            },
         }
 
     def _class_indices(self, classes: Collection[int | str]) -> set[int]:
@@ -458,19 +501,29 @@ class SyntheticGenerator:
                     break
             else:
                 continue
-            win = (max(0, int(box[0])), min(h, int(np.ceil(box[1]))), max(0, int(box[2])), min(w, int(np.ceil(box[3]))))
+            win = (
+                max(0, int(box[0])),
+                min(h, int(np.ceil(box[1]))),
+                max(0, int(box[2])),
+                min(w, int(np.ceil(box[3]))),
+            )
             if win[1] - win[0] < 2 or win[3] - win[2] < 2:
                 continue
-            objects.append({
-                "cls": cls,
-                "box": box,
-                "win": win,
-                "ellipse": family == "disk" or rng.random() < 0.5,
-                "colour": _colour(rng, appearance) if appearance else None,
-                "lift": (rng.uniform(*(cfg.heat_range if cfg.second == "thermal" else cfg.height_range))
-                         if signal else 0.0),
-                "shadow": int(rng.integers(cfg.shadow_px[0], cfg.shadow_px[1], endpoint=True)),
-            })
+            objects.append(
+                {
+                    "cls": cls,
+                    "box": box,
+                    "win": win,
+                    "ellipse": family == "disk" or rng.random() < 0.5,
+                    "colour": _colour(rng, appearance) if appearance else None,
+                    "lift": (
+                        rng.uniform(*(cfg.heat_range if cfg.second == "thermal" else cfg.height_range))
+                        if signal
+                        else 0.0
+                    ),
+                    "shadow": int(rng.integers(cfg.shadow_px[0], cfg.shadow_px[1], endpoint=True)),
+                }
+            )
         return objects
 
     @staticmethod
@@ -481,7 +534,9 @@ class SyntheticGenerator:
         return ih * iw / smaller
 
     @staticmethod
-    def _shape(obj: dict[str, Any], y0: int, y1: int, x0: int, x1: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def _shape(
+        obj: dict[str, Any], y0: int, y1: int, x0: int, x1: int
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Window mask (uint8 0/1, or None for a rectangle filling the window) and the squared
         normalized radius ``r2`` (None for a rectangle)."""
         if not obj["ellipse"]:
@@ -558,17 +613,21 @@ class SyntheticDataset(Dataset):
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        config = replace(config or SyntheticConfig(), image_size=tuple(int(v) for v in image_size), second=second)
+        config = replace(
+            config or SyntheticConfig(), image_size=tuple(int(v) for v in image_size), second=second
+        )
         self.config = config
         self.split = split
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.generator = SyntheticGenerator(config, seed)
         self.name = f"synthetic_rgb{second[0]}"
-        self.transforms = transforms if transforms is not None else eval_transforms(config.modalities, stats=self.name)
+        self.transforms = (
+            transforms if transforms is not None else eval_transforms(config.modalities, stats=self.name)
+        )
 
     classes = property(lambda self: self.config.class_names, doc="Class names in label order.")
-    modalities = property(lambda self: self.config.modalities, doc="``(\"rgb\", second)``.")
+    modalities = property(lambda self: self.config.modalities, doc='``("rgb", second)``.')
     num_classes = property(lambda self: len(self.config.class_names), doc="Number of classes (5).")
     palette = property(lambda self: list(_PALETTE), doc="RGB colour per class.")
     class_visibility = property(lambda self: self.config.class_visibility, doc="See SyntheticConfig.")
@@ -580,32 +639,64 @@ class SyntheticDataset(Dataset):
     def raw(self, index: int) -> dict[str, Any]:
         """Raw numpy sample ``index`` (see :meth:`SyntheticGenerator.__call__`)."""
         if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for {self.name} {self.split} ({self.num_samples} samples)")
+            raise IndexError(
+                f"index {index} out of range for {self.name} {self.split} ({self.num_samples} samples)"
+            )
         return self.generator(index, self.split)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.transforms(self.raw(index))
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(split={self.split!r}, num_samples={self.num_samples}, "
-                f"image_size={self.config.image_size}, seed={self.seed})")
+        return (
+            f"{type(self).__name__}(split={self.split!r}, num_samples={self.num_samples}, "
+            f"image_size={self.config.image_size}, seed={self.seed})"
+        )
 
 
-@register_dataset("synthetic_rgbd", task="segmentation+detection", modalities=("rgb", "depth"), num_classes=5,
-                  needs_root=False, splits=("train", "val", "test"), paper="fusionzoo synthetic world (docs/data.md)")
+@register_dataset(
+    "synthetic_rgbd",
+    task="segmentation+detection",
+    modalities=("rgb", "depth"),
+    num_classes=5,
+    needs_root=False,
+    splits=("train", "val", "test"),
+    paper="fusionzoo synthetic world (docs/data.md)",
+)
 class SyntheticRGBD(SyntheticDataset):
     """Synthetic RGB-D scenes (see module docstring)."""
 
-    def __init__(self, split: str = "train", transforms: Callable | None = None, num_samples: int = 1000,
-                 image_size: tuple[int, int] = (240, 320), seed: int = 0, config: SyntheticConfig | None = None) -> None:
+    def __init__(
+        self,
+        split: str = "train",
+        transforms: Callable | None = None,
+        num_samples: int = 1000,
+        image_size: tuple[int, int] = (240, 320),
+        seed: int = 0,
+        config: SyntheticConfig | None = None,
+    ) -> None:
         super().__init__(split, transforms, num_samples, image_size, seed, "depth", config)
 
 
-@register_dataset("synthetic_rgbt", task="segmentation+detection", modalities=("rgb", "thermal"), num_classes=5,
-                  needs_root=False, splits=("train", "val", "test"), paper="fusionzoo synthetic world (docs/data.md)")
+@register_dataset(
+    "synthetic_rgbt",
+    task="segmentation+detection",
+    modalities=("rgb", "thermal"),
+    num_classes=5,
+    needs_root=False,
+    splits=("train", "val", "test"),
+    paper="fusionzoo synthetic world (docs/data.md)",
+)
 class SyntheticRGBT(SyntheticDataset):
     """Synthetic RGB-T scenes (see module docstring)."""
 
-    def __init__(self, split: str = "train", transforms: Callable | None = None, num_samples: int = 1000,
-                 image_size: tuple[int, int] = (240, 320), seed: int = 0, config: SyntheticConfig | None = None) -> None:
+    def __init__(
+        self,
+        split: str = "train",
+        transforms: Callable | None = None,
+        num_samples: int = 1000,
+        image_size: tuple[int, int] = (240, 320),
+        seed: int = 0,
+        config: SyntheticConfig | None = None,
+    ) -> None:
         super().__init__(split, transforms, num_samples, image_size, seed, "thermal", config)

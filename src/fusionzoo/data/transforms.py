@@ -31,8 +31,9 @@ normalization in both modes, and every output is finite.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import albumentations as A
 import cv2
@@ -40,14 +41,14 @@ import numpy as np
 import torch
 
 __all__ = [
-    "ModalityStats",
     "STATS",
-    "Normalize",
     "JointTransform",
-    "train_transforms",
+    "ModalityStats",
+    "Normalize",
+    "compute_stats",
     "eval_transforms",
     "to_tensor_sample",
-    "compute_stats",
+    "train_transforms",
 ]
 
 IMAGE_MODALITIES = ("rgb", "hha")
@@ -86,10 +87,14 @@ STATS: dict[str, dict[str, ModalityStats]] = {
     "flir_aligned": {"rgb": IMAGENET, "thermal": ModalityStats((0.45,), (0.22,))},
     "kaist": {"rgb": IMAGENET, "thermal": ModalityStats((0.40,), (0.18,))},
     "m3fd": {"rgb": IMAGENET, "thermal": ModalityStats((0.38,), (0.20,))},
-    "synthetic_rgbd": {"rgb": ModalityStats((0.5, 0.46, 0.42), (0.2, 0.2, 0.2)),
-                       "depth": ModalityStats((3.6,), (1.3,))},
-    "synthetic_rgbt": {"rgb": ModalityStats((0.5, 0.46, 0.42), (0.2, 0.2, 0.2)),
-                       "thermal": ModalityStats((0.47,), (0.14,))},
+    "synthetic_rgbd": {
+        "rgb": ModalityStats((0.5, 0.46, 0.42), (0.2, 0.2, 0.2)),
+        "depth": ModalityStats((3.6,), (1.3,)),
+    },
+    "synthetic_rgbt": {
+        "rgb": ModalityStats((0.5, 0.46, 0.42), (0.2, 0.2, 0.2)),
+        "thermal": ModalityStats((0.47,), (0.14,)),
+    },
 }
 
 
@@ -148,7 +153,9 @@ class Normalize:
             return out
         st = self._get(key)
         if len(st.mean) != chw.shape[0]:
-            raise ValueError(f"Normalize: {key!r} has {chw.shape[0]} channels but its statistics have {len(st.mean)}")
+            raise ValueError(
+                f"Normalize: {key!r} has {chw.shape[0]} channels but its statistics have {len(st.mean)}"
+            )
         # (C, 1, 1) broadcasting keeps numpy's inner loop contiguous; a trailing axis of 3 is
         # several times slower.
         chw -= np.asarray(st.mean, np.float32)[:, None, None]
@@ -227,7 +234,10 @@ class JointTransform:
             A.Compose(
                 self.geometric,
                 bbox_params=A.BboxParams(
-                    format="pascal_voc", label_fields=["box_labels"], min_visibility=min_box_visibility, clip=True
+                    format="pascal_voc",
+                    label_fields=["box_labels"],
+                    min_visibility=min_box_visibility,
+                    clip=True,
                 ),
                 additional_targets={"depth": "mask", "thermal": "image", "hha": "image", "label": "mask"},
             )
@@ -332,14 +342,21 @@ def train_transforms(
         if m != "depth":
             norm._get(m)
     geo: list[A.BasicTransform] = [
-        A.RandomResizedCrop(size=tuple(size), scale=scale, ratio=(0.75, 1.333), p=1.0,
-                            mask_interpolation=cv2.INTER_NEAREST_EXACT)
+        A.RandomResizedCrop(
+            size=tuple(size),
+            scale=scale,
+            ratio=(0.75, 1.333),
+            p=1.0,
+            mask_interpolation=cv2.INTER_NEAREST_EXACT,
+        )
     ]
     if hflip > 0:
         geo.append(A.HorizontalFlip(p=hflip))
     if rotate > 0:
         geo.append(A.Affine(rotate=(-rotate, rotate), fill=0, fill_mask=0, p=0.5))
-    photo = [A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.8)] if photometric else []
+    photo = (
+        [A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.8)] if photometric else []
+    )
     return JointTransform(geo, photo, norm)
 
 
@@ -355,8 +372,11 @@ def eval_transforms(
     for m in modalities:
         if m != "depth":
             norm._get(m)
-    geo = ([A.Resize(height=size[0], width=size[1], p=1.0, mask_interpolation=cv2.INTER_NEAREST_EXACT)]
-           if size is not None else [])
+    geo = (
+        [A.Resize(height=size[0], width=size[1], p=1.0, mask_interpolation=cv2.INTER_NEAREST_EXACT)]
+        if size is not None
+        else []
+    )
     return JointTransform(geo, [], norm)
 
 
@@ -388,8 +408,8 @@ def compute_stats(dataset, num_samples: int = 256) -> dict[str, ModalityStats]:
             sq[key] = sq.get(key, 0) + (x * x).sum(0)
             cnt[key] = cnt.get(key, 0) + x.shape[0]
     out = {}
-    for key in sums:
-        mean = sums[key] / cnt[key]
+    for key, total in sums.items():
+        mean = total / cnt[key]
         std = np.sqrt(np.maximum(sq[key] / cnt[key] - mean**2, 1e-12))
         out[key] = ModalityStats(tuple(float(v) for v in mean), tuple(float(v) for v in std))
     return out
