@@ -213,6 +213,10 @@ class JointTransform:
         min_box_visibility: Boxes keeping less than this fraction of their area after a crop
             are dropped.
 
+    Randomness: each call draws one seed from numpy's global generator and reseeds the
+    albumentations pipelines with it, so ``np.random.seed`` (which PyTorch's DataLoader sets per
+    worker, and ``SeededDataset`` per sample) makes augmentation reproducible.
+
     Example:
         >>> t = train_transforms(("rgb", "depth"), size=(240, 320), stats="nyuv2")
         >>> out = t({"rgb": rgb_u8, "depth": depth_m, "mask": mask_u8})  # doctest: +SKIP
@@ -260,6 +264,7 @@ class JointTransform:
         unknown = [k for k in sample if k not in (*modalities, "mask", "boxes", "labels", "meta")]
         if unknown:
             raise KeyError(f"JointTransform: unknown sample keys {unknown}")
+        self._reseed()
         data = {k: sample[k] for k in modalities}
         has_mask = "mask" in sample
         has_boxes = "boxes" in sample
@@ -281,6 +286,18 @@ class JointTransform:
             targets["meta"] = sample["meta"]
         out.update(_targets_to_tensors(targets))
         return out
+
+    def _reseed(self) -> None:
+        # albumentations 2 keeps private generators seeded from OS entropy at construction, so
+        # by default every forked DataLoader worker replays the same augmentation stream and no
+        # run is reproducible. One draw from numpy's global generator per sample ties the
+        # augmentation to the seeding that PyTorch does per worker and that the training loop
+        # does per sample (engine.distributed.SeededDataset).
+        seed = int(np.random.randint(0, 2**31 - 1))
+        if self._geo is not None:
+            self._geo.set_random_seed(seed)
+        if self._photo is not None:
+            self._photo.set_random_seed(seed + 1)
 
     def _apply_geometric(self, sample, data, modalities):
         first = modalities[0]
