@@ -358,7 +358,7 @@ class StreamingCKA:
             n2 = (zz * zz).sum(1)
             st.n += zz.shape[0]
             st.s += zz.sum(0)
-            st.g += zz.T @ zz
+            st.g.addmm_(zz.T, zz)  # in place: no d x d temporary per batch
             st.r += n2 @ zz
             st.f += (n2 * n2).sum()
             z[name], sq[name] = zz, n2
@@ -366,7 +366,7 @@ class StreamingCKA:
             cr = self._cross.get((a, b))
             if cr is None:
                 cr = self._cross[(a, b)] = _CrossMoments(z[a].shape[1], z[b].shape[1], z[a].device)
-            cr.m += z[a].T @ z[b]
+            cr.m.addmm_(z[a].T, z[b])
             cr.u += sq[b] @ z[a]
             cr.v += sq[a] @ z[b]
             cr.w += (sq[a] * sq[b]).sum()
