@@ -44,6 +44,7 @@ from fusionzoo.engine.checkpoint import atomic_write_bytes, load_checkpoint, sav
 from fusionzoo.engine.config import ConfigError, parse_args, write_config
 from fusionzoo.engine.distributed import auto_threads, broadcast_object, cleanup_distributed, init_distributed
 from fusionzoo.engine.hub import save_pretrained
+from fusionzoo.engine.sync_bn import convert_sync_batchnorm
 from fusionzoo.engine.loop import (
     Callback,
     CallbackList,
@@ -94,8 +95,8 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
     model = build_model(cfg, modalities, num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if info.distributed and cfg.sync_bn and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
+    if info.distributed and cfg.sync_bn:  # BN statistics over the global batch
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else convert_sync_batchnorm(model)
     plain = model  # what gets saved, evaluated and handed to callbacks
     if info.distributed:
         # A withheld or dropped modality can leave parameters without gradient (late fusion heads).

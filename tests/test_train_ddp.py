@@ -15,12 +15,17 @@ from fusionzoo.engine.checkpoint import load_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# BatchNorm statistics are per process on CPU (SyncBatchNorm needs a GPU), so BN runs frozen and
-# decoder dropout is off: then the two set-ups compute the same averaged gradient. Modality
-# dropout is on, to check that every rank takes the same decision per step.
+# BatchNorm statistics cover the global batch (sync_bn, all-reduce BN on gloo) and decoder dropout
+# is off (its masks are per process): then the two set-ups compute the same averaged gradient.
+# Modality dropout stays off here: a withheld stream feeds BatchNorm a constant, where the
+# variance is ~0 and 1/sqrt(var + eps) magnifies rounding differences (its decisions are a pure
+# function of (seed, step), tested in test_engine_loop.py). SGD, not
+# Adam: parameters in front of a BatchNorm (the decoder's linear biases) have an analytically zero
+# gradient, i.e. float noise of ~1e-9 that differs with the reduction order, and Adam's first
+# steps turn any non-zero gradient into a +-lr update; SGD keeps the noise at noise level.
 COMMON = ["--model", "esanet_resnet18", "--image-size", "32,32", "--train-samples", "8", "--val-samples", "3",
-          "--epochs", "2", "--threads", "1", "--no-progress", "--seed", "1", "--freeze-bn",
-          "--model-kwargs", "{dropout: 0.0}", "--modality-dropout", "0.5", "--log-interval", "1"]
+          "--epochs", "2", "--threads", "1", "--no-progress", "--seed", "1", "--optimizer", "sgd", "--lr", "0.05",
+          "--model-kwargs", "{dropout: 0.0}", "--log-interval", "1"]
 
 
 def _free_port() -> int:
@@ -60,8 +65,6 @@ def test_two_process_ddp_equals_single_process(tmp_path):
             for name in ("single", "ddp")}
     train = {n: [r for r in rs if r["kind"] == "train"] for n, rs in recs.items()}
     assert [r["step"] for r in train["ddp"]] == [r["step"] for r in train["single"]] == [1, 2, 3, 4]
-    # same modality-dropout decisions; logged loss is rank 0's half-batch, so only the decisions are compared
-    assert [r.get("missing") for r in train["ddp"]] == [r.get("missing") for r in train["single"]]
     ep = {n: [r for r in rs if r["kind"] == "epoch"] for n, rs in recs.items()}
     # the validation confusion matrix is summed over ranks: every one of the 3 images counted once
     assert [r["val_pixels"] for r in ep["ddp"]] == [r["val_pixels"] for r in ep["single"]] == [3 * 32 * 32] * 2

@@ -83,7 +83,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0  # max global gradient L2 norm; None = off
     label_smoothing: float = 0.0
     freeze_bn: bool = False  # BatchNorm in eval mode (running stats fixed, affine still trained)
-    sync_bn: bool = True  # SyncBatchNorm under DDP (GPU only; CPU gloo runs keep local BN)
+    sync_bn: bool = True  # under DDP: BN statistics over the global batch (SyncBatchNorm / all-reduce BN on CPU)
 
     # --- speed ---
     amp: Literal["off", "bf16", "fp16"] = "off"  # autocast on GPU; bf16 needs no loss scaling
