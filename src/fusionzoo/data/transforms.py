@@ -87,13 +87,14 @@ STATS: dict[str, dict[str, ModalityStats]] = {
     "flir_aligned": {"rgb": IMAGENET, "thermal": ModalityStats((0.45,), (0.22,))},
     "kaist": {"rgb": IMAGENET, "thermal": ModalityStats((0.40,), (0.18,))},
     "m3fd": {"rgb": IMAGENET, "thermal": ModalityStats((0.38,), (0.20,))},
+    # measured: compute_stats(create_dataset(name, num_samples=256, image_size=(240, 320)))
     "synthetic_rgbd": {
-        "rgb": ModalityStats((0.5, 0.46, 0.42), (0.2, 0.2, 0.2)),
-        "depth": ModalityStats((3.6,), (1.3,)),
+        "rgb": ModalityStats((0.550, 0.508, 0.490), (0.190, 0.159, 0.201)),
+        "depth": ModalityStats((3.468,), (0.943,)),
     },
     "synthetic_rgbt": {
-        "rgb": ModalityStats((0.5, 0.46, 0.42), (0.2, 0.2, 0.2)),
-        "thermal": ModalityStats((0.47,), (0.14,)),
+        "rgb": ModalityStats((0.546, 0.510, 0.493), (0.189, 0.158, 0.201)),
+        "thermal": ModalityStats((0.495,), (0.147,)),
     },
 }
 
