@@ -80,7 +80,8 @@ class InterpretResult:
         semantic_variance: tap -> :class:`SemanticVarianceResult` fields.
         health: ``{"effective_rank": {tap: v}, "feature_norm": {tap: v},
             "norm_ratio": {stage: {"a/b": v}}}``.
-        contribution: :class:`ContributionResult` fields.
+        contribution: :class:`ContributionResult` fields, plus ``unimodal_heads`` (modality ->
+            ``{"miou", "iou"}`` of that modality's own prediction) for models with ``{m}.head`` taps.
         reliance: tap -> modality -> ``1 - CKA(tap, tap with that modality removed)``.
         gates: tap -> stream -> mean value over the dataset.
         training: a training history (:class:`ModalityBalanceCallback` state), when known.
@@ -345,6 +346,11 @@ def run(
     # one accumulator per removed modality, so each sees every example exactly once
     rel = ({m: StreamingCKA(pairs=[(f"full::{t}", f"removed::{t}") for t in plan.reliance_taps]) for m in mods}
            if "reliance" in want and plan.reliance_taps else None)
+    # unimodal heads of late / hybrid models ({m}.head taps): their own mIoU per class
+    head_taps = {m: f"{m}.head" for m in mods if f"{m}.head" in plan.features} if "contribution" in want else {}
+    from ..engine.metrics import ConfusionMatrix
+
+    head_cms = {m: ConfusionMatrix(k, ignore_index) for m in head_taps}
     gate_sum: dict[str, dict[str, float]] = {}
     gate_n = 0
     capture_names = list(dict.fromkeys(plan.features + (plan.gates if "gates" in want else [])))
@@ -390,6 +396,11 @@ def run(
                 for n, acc in svs.items():
                     if mask is not None:
                         acc.update(acts[n], mask)
+                if mask is not None:
+                    for m, t in head_taps.items():
+                        up = torch.nn.functional.interpolate(acts[t].float(), size=mask.shape[-2:], mode="bilinear",
+                                                             align_corners=False)
+                        head_cms[m].update(up.argmax(1), mask)
                 for n in eranks:
                     eranks[n].update(full_rows[n])
                     norms[n].update(acts[n])
@@ -482,6 +493,10 @@ def run(
                          "norm_ratio": ratio}
     if contrib is not None and has_mask:
         result.contribution = contrib.result(class_names).to_dict()
+        if head_cms:
+            from .contribution import _summary
+
+            result.contribution["unimodal_heads"] = {m: _summary(cm) for m, cm in head_cms.items()}
     if rel is not None and all(acc.num_examples >= 4 for acc in rel.values()):
         result.reliance = {t: {m: _reliance_value(rel[m], t) for m in mods} for t in plan.reliance_taps}
     if gate_sum:

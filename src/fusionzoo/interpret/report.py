@@ -360,6 +360,14 @@ def _summary_tables(res: InterpretResult) -> list[str]:
             ["modality", "drop when removed", "Shapley value", "perceptual drop", "perceptual (normalized)"], rows))
         co = [[html.escape(k), _fmt(v["miou"], True)] for k, v in c["coalitions"].items()]
         out.append(_table(["modalities kept", "mIoU (%)"], co))
+        heads = c.get("unimodal_heads")
+        if heads:
+            k = len(next(iter(heads.values()))["iou"])
+            names = res.class_names or [str(i) for i in range(k)]
+            rows = [[f"{html.escape(m)}.head", _fmt(v["miou"], True)] + [_fmt(x, True) for x in v["iou"]]
+                    for m, v in heads.items()]
+            out.append("<h3>Unimodal heads (each modality's own prediction), IoU %</h3>"
+                       + _table(["head", "mIoU", *names], rows))
     stages = _stages(res)
     if res.cka:
         kinds = [("cross_modal", "between modalities"), ("modality_fused", "modality vs fused")]
