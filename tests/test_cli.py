@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fusionzoo as fz
+from fusionzoo import interpret
 from fusionzoo.cli import main
 from fusionzoo.data import collate, create_dataset
 from fusionzoo.engine.config import TrainConfig, write_config
@@ -74,6 +75,9 @@ def test_interpret_run_folder_uses_run_weights_data_and_history(tmp_path):
         batch = collate([val[i] for i in range(4)])
         cm.update(model({m: batch[m] for m in model.modalities}).argmax(1), batch["mask"])
     assert data["contribution"]["coalitions"]["rgb+depth"]["miou"] == pytest.approx(cm.compute()["miou"])
+    # the library entry point train.py can call at the end of a run
+    files = interpret.report_run(run, metrics=["semantic_variance"], batch_size=2)
+    assert files["report"] == run / "report" / "report.html" and files["report"].is_file()
 
 
 def test_compare_reuses_and_builds(tmp_path):

@@ -16,7 +16,6 @@ reused, nothing is recomputed).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,46 +91,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # resolving a target
 # --------------------------------------------------------------------------------------------
-def _is_pretrained_dir(p: Path) -> bool:
-    cfg = p / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text()).get("format") == "fusionzoo"
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def _training_history(run_dir: Path) -> dict[str, Any] | None:
-    """The ModalityBalanceCallback state of a run (callbacks.json, else the last checkpoint)."""
-    candidates = [run_dir / "callbacks.json", run_dir / "checkpoints" / "last" / "state.json"]
-    for path in candidates:
-        if not path.is_file():
-            continue
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if path.name == "state.json":
-            data = (data.get("trainer") or {}).get("callbacks") or {}
-        for key, value in data.items():
-            if key.endswith("ModalityBalanceCallback") and isinstance(value, dict):
-                return value
-    return None
-
-
 def _dataset_for(args: argparse.Namespace, run_cfg: dict[str, Any] | None, modalities: Sequence[str] | None):
     from .data import create_dataset, dataset_entry
 
     if run_cfg is not None and args.dataset is None and args.data_root is None and args.num_samples is None:
-        # the run's own validation set, exactly as training built it
-        from .engine.builders import build_datasets
-        from .engine.config import config_from_dict
+        from .interpret.runs import validation_set
 
-        saved = {k: v for k, v in run_cfg.items() if not k.startswith("_")}
-        cfg = config_from_dict(saved, None, where="run config.json")
-        _, val = build_datasets(cfg)
-        return val
+        return validation_set(run_cfg)  # the run's own validation set, exactly as training built it
     name = args.dataset or (run_cfg or {}).get("dataset") or "synthetic_rgbd"
     entry = dataset_entry(name)
     kwargs: dict[str, Any] = {}
@@ -157,28 +123,23 @@ def _resolve(target: str, args: argparse.Namespace, device):
     """(model, dataset, training history, label) for a run folder / pretrained folder / model name."""
     import fusionzoo as fz
     from .engine.hub import from_pretrained
+    from .interpret.runs import find_weights, is_pretrained_dir, run_config, training_history
 
     path = Path(target)
     run_cfg, history = None, None
     if path.is_dir():
-        if _is_pretrained_dir(path):
+        if is_pretrained_dir(path):
             weights = path
-            if (path.parent / "config.json").is_file() and not _is_pretrained_dir(path.parent):
-                run_dir = path.parent
-            else:
-                run_dir = None
+            run_dir = path.parent if run_config(path.parent) is not None else None
         else:
             run_dir = path
-            weights = next((c for c in (path / "best", path / "pretrained", path / "final") if _is_pretrained_dir(c)), None)
-            if weights is None:
-                raise SystemExit(f"{path}: no trained weights found (expected best/config.json written by train.py, "
-                                 "or a save_pretrained folder)")
-        if run_dir is not None:
             try:
-                run_cfg = json.loads((run_dir / "config.json").read_text())
-            except (OSError, json.JSONDecodeError):
-                run_cfg = None
-            history = _training_history(run_dir)
+                weights = find_weights(path)
+            except FileNotFoundError as e:
+                raise SystemExit(str(e)) from None
+        if run_dir is not None:
+            run_cfg = run_config(run_dir)
+            history = training_history(run_dir)
         model = from_pretrained(weights)
         label = model.config.get("name", path.name)
         dataset = _dataset_for(args, run_cfg, model.modalities)

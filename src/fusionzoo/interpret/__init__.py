@@ -36,6 +36,8 @@ from .contribution import (
 )
 from .gradcam import gate_maps, grad_cam, split_gate_channels
 from .health import EffectiveRank, FeatureNorm, effective_rank
+from .report import write_comparison, write_report
+from .runs import interpret_run, load_run, report_run
 from .semantic_variance import SemanticVariance, SemanticVarianceResult, labels_to_grid, semantic_variance
 
 __all__ = [
@@ -63,15 +65,20 @@ __all__ = [
     "gram_linear",
     "hsic_biased",
     "hsic_unbiased",
+    "interpret_run",
     "labels_to_grid",
     "linear_cka",
     "load_result",
+    "load_run",
     "modality_contribution",
     "perceptual_score",
     "reduce_spatial",
     "remove_modalities",
+    "report_run",
     "run",
     "semantic_variance",
     "shapley_values",
     "split_gate_channels",
+    "write_comparison",
+    "write_report",
 ]

@@ -1,0 +1,132 @@
+"""Interpret a training run folder: its best weights, its validation set, its training history.
+
+A run folder is what ``train.py`` writes: ``config.json`` (the resolved training config),
+``best/`` (``save_pretrained`` weights of the best validation epoch), ``callbacks.json`` and
+``checkpoints/last/state.json`` (callback states, including :class:`ModalityBalanceCallback`).
+
+>>> from fusionzoo.interpret.runs import report_run
+>>> files = report_run("runs/esanet_resnet18-synthetic_rgbd-...")   # -> <run>/report/report.html
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .api import METRICS, InterpretResult, run
+
+__all__ = ["is_pretrained_dir", "find_weights", "training_history", "load_run", "interpret_run", "report_run"]
+
+WEIGHT_DIRS = ("best", "pretrained", "final")
+
+
+def is_pretrained_dir(path: str | Path) -> bool:
+    """True for a folder written by ``save_pretrained`` (its config.json has format 'fusionzoo')."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == "fusionzoo"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def find_weights(run_dir: str | Path) -> Path:
+    """The ``save_pretrained`` folder of a run (``best/``, else ``pretrained/`` or ``final/``).
+
+    Raises:
+        FileNotFoundError: none of them exists.
+    """
+    run_dir = Path(run_dir)
+    for name in WEIGHT_DIRS:
+        if is_pretrained_dir(run_dir / name):
+            return run_dir / name
+    raise FileNotFoundError(f"{run_dir}: no trained weights found (expected one of {list(WEIGHT_DIRS)} with a "
+                            "config.json written by save_pretrained, as train.py writes best/)")
+
+
+def training_history(run_dir: str | Path) -> dict[str, Any] | None:
+    """The :class:`ModalityBalanceCallback` state of a run (``callbacks.json``, else the last
+    checkpoint's trainer state), or None."""
+    run_dir = Path(run_dir)
+    for path in (run_dir / "callbacks.json", run_dir / "checkpoints" / "last" / "state.json"):
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if path.name == "state.json":
+            data = (data.get("trainer") or {}).get("callbacks") or {}
+        for key, value in data.items():
+            if key.endswith("ModalityBalanceCallback") and isinstance(value, dict):
+                return value
+    return None
+
+
+def run_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's training config as a dict (None when the folder has none)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file() or is_pretrained_dir(run_dir):
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def validation_set(run_cfg: dict[str, Any]):
+    """The run's validation set, built exactly as training built it."""
+    from ..engine.builders import build_datasets
+    from ..engine.config import config_from_dict
+
+    saved = {k: v for k, v in run_cfg.items() if not k.startswith("_")}
+    cfg = config_from_dict(saved, None, where="run config.json")
+    _, val = build_datasets(cfg)
+    return val
+
+
+def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> tuple[nn.Module, Any, dict | None]:
+    """``(model, validation set, training history)`` of a run folder.
+
+    Args:
+        run_dir: the folder ``train.py`` wrote.
+        device: where to put the model (default: CUDA when available).
+    """
+    from ..engine.hub import from_pretrained
+
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    if cfg is None:
+        raise FileNotFoundError(f"{run_dir}/config.json (the training config written by train.py) is missing")
+    model = from_pretrained(find_weights(run_dir))
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device), validation_set(cfg), training_history(run_dir)
+
+
+def interpret_run(run_dir: str | Path, metrics: Sequence[str] = METRICS, device: str | torch.device | None = None,
+                  **run_kwargs: Any) -> InterpretResult:
+    """:func:`fusionzoo.interpret.run` on a run's best weights and validation set, with the
+    run's training history attached (``result.training``)."""
+    model, val, history = load_run(run_dir, device)
+    result = run(model, val, metrics=metrics, **run_kwargs)
+    result.training = history
+    return result
+
+
+def report_run(run_dir: str | Path, out_dir: str | Path | None = None, metrics: Sequence[str] = METRICS,
+               device: str | torch.device | None = None, **run_kwargs: Any) -> dict[str, Path]:
+    """Interpret a run and write its report (default ``<run_dir>/report``).
+
+    Returns:
+        name -> path of every file written (``"report"`` is the HTML page).
+    """
+    from .report import write_report
+
+    result = interpret_run(run_dir, metrics, device, **run_kwargs)
+    return write_report(result, Path(out_dir) if out_dir is not None else Path(run_dir) / "report")
