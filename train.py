@@ -15,6 +15,7 @@ the best validation epoch) and ``summary.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -65,10 +66,12 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
     # 1. Configuration: defaults <- YAML recipe <- command line; a resume takes the run's own config.
     cfg, card = parse_args(argv)
     info, device = init_distributed(cfg.device)
-    torch.set_num_threads(auto_threads(cfg.threads))
     run_dir = Path(broadcast_object(str(make_run_dir(cfg)) if info.is_main else None))
     if cfg.resume:
         cfg = config_for_resume(cfg, run_dir)
+    if cfg.threads is None:  # resolve "the free cores" once; the run's config (and a resume) keeps the number
+        cfg = dataclasses.replace(cfg, threads=broadcast_object(auto_threads() if info.is_main else None))
+    torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank

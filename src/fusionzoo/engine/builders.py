@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .config import ConfigError, TrainConfig, config_to_dict, load_config
+from .config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from .distributed import DistInfo, EpochSampler, SeededDataset
 
 __all__ = [
@@ -52,7 +52,8 @@ def build_callbacks(names: Sequence[str]) -> list[Any]:
 
 
 # Keys that may differ when resuming: they change neither the data stream nor the arithmetic.
-RESUME_MUTABLE = ("resume", "progress", "kill_after_step", "num_workers", "device", "log_interval", "out_dir")
+RESUME_MUTABLE = ("resume", "progress", "kill_after_step", "num_workers", "device", "log_interval", "out_dir",
+                  "threads")
 
 
 def _is_synthetic(name: str) -> bool:
@@ -247,14 +248,13 @@ def config_for_resume(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
         ConfigError: ``cfg`` changes a key that would make the continuation differ from an
             uninterrupted run (listing the keys and both values).
     """
-    saved_data = json.loads((run_dir / "config.json").read_text())
-    saved_data.pop("_resolved", None)
-    tmp = run_dir / ".config_resume.yaml"
+    path = run_dir / "config.json"
     try:
-        tmp.write_text(json.dumps(saved_data))
-        saved, _ = load_config(tmp)
-    finally:
-        tmp.unlink(missing_ok=True)
+        saved_data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the run's resolved config ({e})") from None
+    saved_data.pop("_resolved", None)
+    saved = config_from_dict(saved_data, where=str(path))  # every rank reads; nothing is written
     defaults = config_to_dict(TrainConfig())
     given = config_to_dict(cfg)
     old = config_to_dict(saved)

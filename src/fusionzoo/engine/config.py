@@ -68,7 +68,7 @@ class TrainConfig:
     # --- optimization ---
     batch_size: int = 8  # per process; the global batch is batch_size * world size
     eval_batch_size: int | None = None  # None = batch_size
-    epochs: int = 4
+    epochs: int = 3
     max_steps_per_epoch: int | None = None  # cap an epoch (smoke tests); None = full pass
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 2e-3
