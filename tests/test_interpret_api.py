@@ -12,7 +12,6 @@ from fusionzoo import interpret
 from fusionzoo.data import collate, create_dataset
 
 
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     # CPU tests share 2 cores with other jobs: one intra-op thread avoids oversubscription,

@@ -10,7 +10,6 @@ import fusionzoo as fz
 from fusionzoo.interpret.callbacks import ModalityBalanceCallback
 
 
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     # CPU tests share 2 cores with other jobs: one intra-op thread avoids oversubscription,

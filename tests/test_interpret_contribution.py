@@ -41,7 +41,7 @@ def test_shapley_three_player_games():
     majority = shapley_values(["x", "y", "z"], lambda s: float(len(s) >= 2))
     assert majority == pytest.approx({"x": 1 / 3, "y": 1 / 3, "z": 1 / 3})
     vals = dict(zip(["", "a", "b", "c", "ab", "ac", "bc", "abc"], [0, 10, 20, 30, 40, 70, 60, 95]))
-    v = lambda s: float(vals["".join(sorted(s))])  # noqa: E731
+    v = lambda s: float(vals["".join(sorted(s))])
     phi = shapley_values(["a", "b", "c"], v)
     assert phi == pytest.approx(_by_orderings(["a", "b", "c"], v))
     assert sum(phi.values()) == pytest.approx(95.0)
@@ -51,7 +51,7 @@ def test_shapley_three_player_games():
 
 
 def test_shapley_vector_values():
-    v = lambda s: np.array([len(s), 2.0 * ("a" in s)])  # noqa: E731
+    v = lambda s: np.array([len(s), 2.0 * ("a" in s)])
     phi = shapley_values(["a", "b"], v)
     np.testing.assert_allclose(phi["a"], [1.0, 2.0])
     np.testing.assert_allclose(phi["b"], [1.0, 0.0])

@@ -122,6 +122,7 @@ def _dataset_for(args: argparse.Namespace, run_cfg: dict[str, Any] | None, modal
 def _resolve(target: str, args: argparse.Namespace, device):
     """(model, dataset, training history, label) for a run folder / pretrained folder / model name."""
     import fusionzoo as fz
+
     from .engine.hub import from_pretrained
     from .interpret.runs import find_weights, is_pretrained_dir, run_config, training_history
 

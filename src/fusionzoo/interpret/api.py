@@ -36,7 +36,7 @@ from .gradcam import grad_cam, split_gate_channels
 from .health import EffectiveRank, FeatureNorm
 from .semantic_variance import SemanticVariance
 
-__all__ = ["METRICS", "InterpretResult", "ComparisonResult", "run", "compare", "load_result"]
+__all__ = ["METRICS", "ComparisonResult", "InterpretResult", "compare", "load_result", "run"]
 
 METRICS = ("cka", "semantic_variance", "health", "contribution", "reliance", "gradcam", "gates")
 _STAGE_RE = re.compile(r"^stage(\d+)$")
@@ -172,7 +172,7 @@ def _fusion_of(name: str) -> str | None:
         from .._registry import model_entry
 
         return model_entry(name).fusion
-    except Exception:  # not a registered name (a hand-built model): no family to report
+    except KeyError:  # not a registered name (a hand-built model): no family to report
         return None
 
 
@@ -219,9 +219,9 @@ def _plan(model: nn.Module, taps: str | Sequence[str]) -> _Plan:
     stage_taps: dict[str, dict[str, str]] = {}
     for n in chosen:
         t = info[n]
-        if t.kind == "feature" and _stage_index(t.stage) is not None and n == f"{t.stream}.{t.stage}":
-            if t.stream in mods or t.stream == "fused":
-                stage_taps.setdefault(t.stage, {})[t.stream] = n
+        is_stage = t.kind == "feature" and _stage_index(t.stage) is not None and n == f"{t.stream}.{t.stage}"
+        if is_stage and (t.stream in mods or t.stream == "fused"):
+            stage_taps.setdefault(t.stage, {})[t.stream] = n
     stage_taps = dict(sorted(stage_taps.items(), key=lambda kv: _stage_index(kv[0])))
     pairs: list[tuple[str, str, str, str]] = []
     for stage, streams in stage_taps.items():
@@ -401,8 +401,8 @@ def run(
                         up = torch.nn.functional.interpolate(acts[t].float(), size=mask.shape[-2:], mode="bilinear",
                                                              align_corners=False)
                         head_cms[m].update(up.argmax(1), mask)
-                for n in eranks:
-                    eranks[n].update(full_rows[n])
+                for n, er in eranks.items():
+                    er.update(full_rows[n])
                     norms[n].update(acts[n])
                 if "gates" in want:
                     for n in plan.gates:

@@ -34,7 +34,7 @@ __all__ = ["ModalityBalanceCallback"]
 def _unwrap(model: nn.Module) -> nn.Module:
     # DistributedDataParallel / torch.compile keep the fusionzoo model as .module / ._orig_mod
     while not hasattr(model, "modalities") and (hasattr(model, "module") or hasattr(model, "_orig_mod")):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+        model = getattr(model, "module", None) or model._orig_mod
     return model
 
 

@@ -51,15 +51,15 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 __all__ = [
-    "reduce_spatial",
-    "gram_linear",
+    "MinibatchCKA",
+    "StreamingCKA",
     "center_gram",
+    "cka_from_gram",
+    "gram_linear",
     "hsic_biased",
     "hsic_unbiased",
-    "cka_from_gram",
     "linear_cka",
-    "StreamingCKA",
-    "MinibatchCKA",
+    "reduce_spatial",
 ]
 
 
@@ -267,7 +267,7 @@ class _SelfMoments:
 
     def __init__(self, shift: torch.Tensor) -> None:
         p = shift.numel()
-        kw = dict(dtype=torch.float64, device=shift.device)
+        kw = {"dtype": torch.float64, "device": shift.device}
         self.shift = shift
         self.n = 0
         self.s = torch.zeros(p, **kw)          # sum z
@@ -278,7 +278,7 @@ class _SelfMoments:
 
 class _CrossMoments:
     def __init__(self, p: int, q: int, device: torch.device) -> None:
-        kw = dict(dtype=torch.float64, device=device)
+        kw = {"dtype": torch.float64, "device": device}
         self.m = torch.zeros(p, q, **kw)       # sum z_x z_y^T
         self.u = torch.zeros(p, **kw)          # sum |z_y|^2 z_x
         self.v = torch.zeros(q, **kw)          # sum |z_x|^2 z_y

@@ -36,14 +36,14 @@ from ..engine.metrics import ConfusionMatrix
 
 __all__ = [
     "REMOVAL_POLICIES",
-    "ModalityStats",
-    "remove_modalities",
-    "shapley_values",
-    "derangement",
-    "ContributionResult",
     "ContributionAccumulator",
+    "ContributionResult",
+    "ModalityStats",
+    "derangement",
     "modality_contribution",
     "perceptual_score",
+    "remove_modalities",
+    "shapley_values",
 ]
 
 REMOVAL_POLICIES = ("zero", "mean", "noise", "missing")

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..taps import capture, select_taps
 
-__all__ = ["grad_cam", "gate_maps", "split_gate_channels"]
+__all__ = ["gate_maps", "grad_cam", "split_gate_channels"]
 
 
 def grad_cam(

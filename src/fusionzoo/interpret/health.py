@@ -18,7 +18,7 @@ import math
 
 import torch
 
-__all__ = ["effective_rank", "EffectiveRank", "FeatureNorm", "pixel_rows"]
+__all__ = ["EffectiveRank", "FeatureNorm", "effective_rank", "pixel_rows"]
 
 
 def pixel_rows(features: torch.Tensor) -> torch.Tensor:

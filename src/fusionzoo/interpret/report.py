@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from .api import ComparisonResult, InterpretResult, _clean, _stage_index, compare, load_result
+from .api import ComparisonResult, InterpretResult, _stage_index, compare, load_result
 
-__all__ = ["write_report", "write_comparison"]
+__all__ = ["write_comparison", "write_report"]
 
 _STREAM_COLORS = {"rgb": "#d62728", "depth": "#1f77b4", "thermal": "#ff7f0e", "hha": "#9467bd",
                   "fused": "#2ca02c", "decoder": "#7f7f7f", "head": "#17becf"}
@@ -414,32 +414,33 @@ def write_report(result: InterpretResult, out_dir: str | Path, title: str | None
     files: dict[str, Path] = {"metrics": result.save(out / "metrics.json")}
     res = result
     plots = [
-        ("cka_stages", _plot_cka_stages, "Debiased linear CKA between streams at each stage (1 = same "
-         "representation up to rotation and scale, 0 = unrelated)."),
+        ("cka_stages", _plot_cka_stages, ("Debiased linear CKA between streams at each stage (1 = same "
+                                           "representation up to rotation and scale, 0 = unrelated).")),
         ("cka_within", _plot_cka_within, "CKA between the stages of one stream: how the representation evolves."),
         ("semantic_variance", lambda r, p: _stage_curve(
             r, r.semantic_variance or {}, "semantic_variance", "semantic variance S_B/(S_B+S_W) (unitless)",
             f"{r.model}: semantic variance across stages", p, (0, 1)),
          "Share of feature variance explained by the semantic classes, per stream and stage."),
-        ("contribution", _plot_contribution, "mIoU change when a modality is removed, its Shapley value and "
-         "the perceptual-score drop (modality permuted across the batch)."),
+        ("contribution", _plot_contribution, ("mIoU change when a modality is removed, its Shapley value and "
+                                               "the perceptual-score drop (modality permuted across the batch).")),
         ("contribution_classes", _plot_contribution_classes, "Per-class Shapley values of IoU."),
-        ("reliance", _plot_reliance, "Reliance of each stage on each modality: 1 - CKA between the tap on "
-         "the full input and with the modality removed."),
+        ("reliance", _plot_reliance, ("Reliance of each stage on each modality: 1 - CKA between the tap "
+                                       "on the full input and with the modality removed.")),
         ("effective_rank", lambda r, p: _stage_curve(
             r, (r.health or {}).get("effective_rank", {}), None, "effective rank (dimensions)",
             f"{r.model}: effective rank of the features", p),
          "Effective rank (Roy & Vetterli 2007) of each stream's features per stage."),
-        ("training", _plot_training, "Per-modality encoder gradient norms, their ratio and the unimodal "
-         "confidence of modality heads over training."),
+        ("training", _plot_training, ("Per-modality encoder gradient norms, their ratio and the unimodal "
+                                       "confidence of modality heads over training.")),
         ("gradcam", _plot_gradcam, "Grad-CAM on the deepest stage of each stream for the predicted classes."),
         ("gates", _plot_gates, "Fusion gates / attention weights per stream."),
     ]
-    sections = [f"<p>Model <code>{html.escape(res.model)}</code> (fusion: {html.escape(str(res.fusion))}), "
+    intro = (f"<p>Model <code>{html.escape(res.model)}</code> (fusion: {html.escape(str(res.fusion))}), "
                 f"modalities {', '.join(res.modalities)}, {res.num_images} images, {res.num_classes} classes. "
                 f"Rows for CKA / effective rank: <code>{html.escape(str(res.settings.get('rows')))}</code>; removal "
                 f"policy <code>{html.escape(str(res.settings.get('policy')))}</code>. All numbers are in "
-                f"<code>metrics.json</code>.</p>"]
+                f"<code>metrics.json</code>.</p>")
+    sections = [intro]
     sections += _summary_tables(res)
     figs = []
     for name, fn, caption in plots:
@@ -512,8 +513,8 @@ def write_comparison(results: Sequence[InterpretResult | str | Path], out_dir: s
     figs = []
     for name, fn, caption in [
         ("cmp_contribution", _cmp_contribution, "Shapley value of mIoU per modality, per model."),
-        ("cmp_cka", _cmp_cka, "Debiased CKA between modalities (left) and between each modality and the "
-         "fused stream (right) across stages."),
+        ("cmp_cka", _cmp_cka, ("Debiased CKA between modalities (left) and between each modality "
+                                 "and the fused stream (right) across stages.")),
         ("cmp_semantic_variance", _cmp_sv, "Semantic variance per stream across stages, per model."),
         ("cmp_reliance", _cmp_reliance, "Reliance of the final logits on each modality, per model."),
     ]:

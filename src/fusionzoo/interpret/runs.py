@@ -20,7 +20,7 @@ from torch import nn
 
 from .api import METRICS, InterpretResult, run
 
-__all__ = ["is_pretrained_dir", "find_weights", "training_history", "load_run", "interpret_run", "report_run"]
+__all__ = ["find_weights", "interpret_run", "is_pretrained_dir", "load_run", "report_run", "training_history"]
 
 WEIGHT_DIRS = ("best", "pretrained", "final")
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-__all__ = ["labels_to_grid", "SemanticVariance", "SemanticVarianceResult", "semantic_variance"]
+__all__ = ["SemanticVariance", "SemanticVarianceResult", "labels_to_grid", "semantic_variance"]
 
 
 def labels_to_grid(
@@ -179,14 +179,14 @@ class SemanticVariance:
         if mask.dim() != 3 or mask.shape[0] != features.shape[0]:
             raise ValueError(f"mask must be (B, H, W) with B={features.shape[0]} to match the "
                              f"features, got shape {tuple(mask.shape)}")
-        b, c, h, w = features.shape
+        _, c, h, w = features.shape
         grid = labels_to_grid(mask.to(features.device), (h, w), self.num_classes, self.ignore_index, self.purity)
         lab = grid.reshape(-1)
         keep = lab != self.ignore_index
         f = features.detach().permute(0, 2, 3, 1).reshape(-1, c)[keep].to(torch.float64)
         lab = lab[keep]
         if self._shift is None:
-            kw = dict(dtype=torch.float64, device=features.device)
+            kw = {"dtype": torch.float64, "device": features.device}
             self._shift = f.mean(0) if f.shape[0] else torch.zeros(c, **kw)
             self._count = torch.zeros(self.num_classes, **kw)
             self._sum = torch.zeros(self.num_classes, c, **kw)
