@@ -145,3 +145,12 @@ def test_perceptual_score_function():
     ps = perceptual_score(DepthOnlyToy(), _toy_batches(), num_permutations=2)
     assert ps["rgb"]["drop"] == pytest.approx(0.0, abs=1e-12)
     assert ps["depth"]["drop"] > 0.3 and not math.isnan(ps["depth"]["normalized"])
+
+
+def test_single_example_batch_is_skipped_by_the_perceptual_score():
+    batches = _toy_batches(2)
+    one = {k: v[:1] for k, v in _toy_batches(1, seed=5)[0].items()}
+    res = modality_contribution(DepthOnlyToy(), [*batches, one], policy="zero")
+    assert res.perceptual["rgb"]["drop"] == pytest.approx(0.0, abs=1e-12)
+    assert res.perceptual["depth"]["drop"] > 0.3
+    assert res.coalitions["rgb+depth"]["miou"] == pytest.approx(1.0)

@@ -432,8 +432,8 @@ def run(
                             contrib.add(s, _reliance_pass(model, x, miss, rel[dropped[0]], plan, full_rows, to_rows), mask)
                         else:
                             contrib.add(s, model(x, missing=miss), mask)
-                    if perceptual and next(iter(inputs.values())).shape[0] >= 2:
-                        for m, x in contrib.permutations(inputs):
+                    if perceptual:
+                        for m, x in contrib.permutations(inputs, logits, mask):
                             contrib.add_permuted(m, model(x), mask)
                 elif rel is not None:
                     gen = torch.Generator(device=device).manual_seed(seed + bi)

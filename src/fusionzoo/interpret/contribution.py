@@ -287,6 +287,9 @@ class ContributionAccumulator:
                         for c in itertools.combinations(self.modalities, r)]
         self.cms = {s: ConfusionMatrix(num_classes, ignore_index) for s in self.subsets}
         self.perm_cms = {m: ConfusionMatrix(num_classes, ignore_index) for m in self.modalities}
+        # the unpermuted reference over exactly the batches that were permuted (a batch of one
+        # example cannot be permuted and is skipped by both)
+        self.perm_base = ConfusionMatrix(num_classes, ignore_index)
         self._gen = torch.Generator(device=device).manual_seed(seed)
         self._perm_gen = torch.Generator().manual_seed(seed + 1)
 
@@ -310,9 +313,13 @@ class ContributionAccumulator:
                 missing = ()
             yield s, x, missing
 
-    def permutations(self, inputs: Mapping[str, torch.Tensor]):
-        """Yield ``(modality, inputs)`` with that modality deranged across the batch."""
+    def permutations(self, inputs: Mapping[str, torch.Tensor], full_logits: torch.Tensor, mask: torch.Tensor):
+        """Yield ``(modality, inputs)`` with that modality deranged across the batch; nothing for a
+        batch of one. ``full_logits`` (the unpermuted pass) becomes the reference of this batch."""
         b = next(iter(inputs.values())).shape[0]
+        if b < 2:
+            return
+        self.perm_base.update(full_logits.argmax(1), mask)
         for m in self.modalities:
             perm = derangement(b, self._perm_gen).to(inputs[m].device)
             x = dict(inputs)
@@ -342,7 +349,7 @@ class ContributionAccumulator:
             class_names=class_names,
         )
         if self.perceptual:
-            base = table[full]
+            base = _summary(self.perm_base)
             for m in mods:
                 r = _summary(self.perm_cms[m])
                 d = base["miou"] - r["miou"]
@@ -400,10 +407,14 @@ def modality_contribution(
     try:
         for batch in batches:
             inputs, mask = _split(batch, mods, device)
+            full_logits = None
             for s, x, missing in acc.coalitions(inputs):
-                acc.add(s, model(x, missing=missing), mask)
+                logits = model(x, missing=missing)
+                acc.add(s, logits, mask)
+                if s == acc.full:
+                    full_logits = logits
             if perceptual:
-                for m, x in acc.permutations(inputs):
+                for m, x in acc.permutations(inputs, full_logits, mask):
                     acc.add_permuted(m, model(x), mask)
     finally:
         model.train(was_training)
