@@ -47,7 +47,7 @@ def test_records_gradients_confidence_and_ratios(late_model):
     assert cb.heads == ["rgb", "depth"]
     _step(model, cb, _batch(0), 0, 0)
     _step(model, cb, _batch(1), 1, 0, missing=("depth",))  # depth prediction dropped -> no gradient
-    cb.on_epoch_end(0, {"loss": 1.5})
+    cb.on_epoch_end(0, {"loss": 1.5, "iou": [0.5, 0.25], "kind": "epoch"})
     cb.on_train_end(model)
     first, second = cb.steps
     assert first["grad_norm"]["rgb"] > 0 and first["grad_norm"]["depth"] > 0
@@ -56,7 +56,7 @@ def test_records_gradients_confidence_and_ratios(late_model):
     for m in ("rgb", "depth"):
         assert 0.0 < first["confidence"][m] < 1.0
     ep = cb.epochs[0]
-    assert ep["num_steps"] == 2 and ep["logs"] == {"loss": 1.5}
+    assert ep["num_steps"] == 2 and ep["logs"] == {"loss": 1.5, "iou": [0.5, 0.25], "kind": "epoch"}
     assert ep["grad_norm"]["rgb"] == pytest.approx((first["grad_norm"]["rgb"] + second["grad_norm"]["rgb"]) / 2)
     state = cb.state_dict()
     json.loads(json.dumps(state, allow_nan=False))  # strict JSON

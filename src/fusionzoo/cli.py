@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="modality removal policy for contribution and reliance")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
         sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
         sp.add_argument("--no-progress", action="store_true")
 
     it = sub.add_parser("interpret", help="interpret one model: metrics.json, PNG plots, report.html")
@@ -205,6 +206,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fusionzoo`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.command == "list":
         return _cmd_list(args)
     if args.command == "interpret":

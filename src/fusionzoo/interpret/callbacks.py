@@ -147,7 +147,7 @@ class ModalityBalanceCallback:
             if keys:
                 entry[key] = {k: _nanmean([r[key].get(k, math.nan) for r in rows if key in r]) for k in sorted(keys)}
         if logs:
-            entry["logs"] = {k: (float(v) if isinstance(v, (int, float)) else str(v)) for k, v in logs.items()}
+            entry["logs"] = {k: _jsonable(v) for k, v in logs.items()}
         self.epochs.append(entry)
 
     def on_train_end(self, model: nn.Module | None = None) -> None:
@@ -202,6 +202,19 @@ class ModalityBalanceCallback:
                 self._conf.setdefault(modality, []).append(float(prob.amax(1).mean()))
 
         return hook
+
+
+def _jsonable(v: Any) -> Any:
+    """Numbers stay numbers (lists of them stay lists), anything else becomes its string."""
+    if isinstance(v, bool) or v is None:
+        return v
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        return [float(x) for x in v]
+    return str(v)
 
 
 def _nanmean(values: list[float]) -> float:
