@@ -34,7 +34,7 @@ def _color(stream: str, i: int = 0) -> str:
 
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # keeps long suptitles inside the image
     return path
 
 
@@ -204,6 +204,11 @@ def _plot_training(res: InterpretResult, path: Path) -> Path | None:
     rows = epochs if use_epochs else steps
     if not rows:
         return None
+    def finite(key: str) -> bool:
+        return any(v is not None and math.isfinite(v) for r in rows for v in (r.get(key) or {}).values())
+
+    if not finite("grad_norm") and not finite("confidence"):
+        return None  # e.g. early fusion: no modality owns parameters and there are no modality heads
     xs = [r["epoch" if use_epochs else "step"] for r in rows]
     xlabel = "epoch" if use_epochs else "training step"
     mods = hist.get("modalities") or res.modalities
