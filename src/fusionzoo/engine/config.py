@@ -406,7 +406,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict[str
     while i < len(argv):
         tok = argv[i]
         if tok in ("-h", "--help"):
-            raise SystemExit(help_text())
+            print(help_text())
+            raise SystemExit(0)
         if not tok.startswith("--"):
             raise ConfigError(f"unexpected argument {tok!r}; options look like --key value")
         name, eq, inline = tok[2:].partition("=")
