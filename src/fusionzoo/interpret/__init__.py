@@ -36,7 +36,6 @@ from .contribution import (
 )
 from .gradcam import gate_maps, grad_cam, split_gate_channels
 from .health import EffectiveRank, FeatureNorm, effective_rank
-from .report import write_comparison, write_report
 from .runs import interpret_run, load_run, report_run
 from .semantic_variance import SemanticVariance, SemanticVarianceResult, labels_to_grid, semantic_variance
 
@@ -82,3 +81,12 @@ __all__ = [
     "write_comparison",
     "write_report",
 ]
+
+
+def __getattr__(name: str):
+    # The report pulls in matplotlib (~0.5 s); load it on first use so `import fusionzoo` stays light.
+    if name in ("write_report", "write_comparison"):
+        from . import report
+
+        return getattr(report, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
