@@ -240,8 +240,11 @@ def _plot_training(res: InterpretResult, path: Path) -> Path | None:
         ax.set_ylim(0, 1)
         ax.set_title("per-modality head confidence")
         ax.legend(title="head")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs / steps are whole numbers
     fig.suptitle(f"{res.model}: optimization balance during training (OGM-GE signals)")
     return _save(fig, path)
 
