@@ -1,0 +1,210 @@
+"""Registry-driven tests of every detection model (resnet18 variants), tiny inputs, no network.
+
+Ids are model names, so ``pytest tests/test_detection.py -k cmx`` selects one method.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import fusionzoo as fz
+import fusionzoo.detection  # noqa: F401  (registers the detectors until fusionzoo imports them itself)
+from fusionzoo.data import collate, create_dataset
+
+SIZE = 64
+NUM_CLASSES = 3
+SMALL = {"fpn_channels": 32, "score_thresh": 0.0, "detections_per_img": 10}  # tiny head; keep boxes at init
+ALL = fz.list_models(task="detection")
+VARIANTS = [n for n in ALL if n.endswith("_resnet18")]
+
+
+def make_inputs(modalities: tuple[str, ...] = ("rgb", "thermal"), batch: int = 2, size: int = SIZE) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {m: torch.randn(batch, fz.DEFAULT_CHANNELS[m], size, size, generator=g) for m in modalities}
+
+
+def make_targets() -> list[dict[str, torch.Tensor]]:
+    return [
+        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [30.0, 20.0, 60.0, 62.0]]), "labels": torch.tensor([1, 2])},
+        {"boxes": torch.tensor([[10.0, 10.0, 50.0, 30.0]]), "labels": torch.tensor([0])},
+    ]
+
+
+def build(name: str, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return fz.create_model(name, **{"num_classes": NUM_CLASSES, **SMALL, **kwargs})
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def name(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def built(name: str) -> nn.Module:
+    return build(name)
+
+
+def test_zoo_covers_every_family_on_two_encoders() -> None:
+    for encoder in ("resnet18", "resnet50"):
+        names = fz.list_models(f"*_{encoder}", task="detection")
+        assert {fz.model_entry(n).fusion for n in names} == {"early", "middle", "late", "hybrid"}
+        for head in ("fcos", "retinanet"):
+            assert {f"{head}_cmx_{encoder}", f"{head}_crossattn_{encoder}", f"{head}_sum_{encoder}",
+                    f"{head}_late_proben_{encoder}", f"{head}_hybrid_wbf_{encoder}"} <= set(names)
+    for n in ALL:
+        entry = fz.model_entry(n)
+        assert entry.task == "detection" and entry.modalities == ("rgb", "thermal") and entry.paper
+    assert not set(ALL) & set(fz.list_models(task="segmentation"))
+
+
+def test_train_mode_returns_losses_and_every_parameter_learns(name: str, built: nn.Module) -> None:
+    model = built.train()
+    model.zero_grad(set_to_none=True)
+    losses = model(make_inputs(), make_targets())
+    assert isinstance(losses, dict) and losses
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
+    fusion = fz.model_entry(name).fusion
+    if fusion == "late":
+        assert {k.split(".")[0] for k in losses} == {"rgb", "thermal"}
+    elif fusion == "hybrid":
+        assert {k.split(".")[0] for k in losses} == {"fused", "rgb", "thermal"}
+    else:
+        assert "classification" in losses and "bbox_regression" in losses
+    sum(losses.values()).backward()
+    dead = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not dead, f"parameters without gradient (a dead branch?): {dead[:10]}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+
+
+def test_eval_detections_and_taps(name: str, built: nn.Module) -> None:
+    """Eval output follows torchvision's convention; taps declared = observed, in order."""
+    model = built.eval()
+    info = model.tap_info()
+    with torch.no_grad(), fz.capture(model) as acts:
+        out = model(make_inputs(), make_targets())  # targets are ignored in eval, as in torchvision
+    assert isinstance(out, list) and len(out) == 2
+    for d in out:
+        n = d["boxes"].shape[0]
+        assert 0 < n <= SMALL["detections_per_img"]
+        assert d["boxes"].shape == (n, 4) and d["scores"].shape == (n,) and d["labels"].shape == (n,)
+        assert d["labels"].dtype == torch.long and ((d["labels"] >= 0) & (d["labels"] < NUM_CLASSES)).all()
+        assert ((d["scores"] >= 0) & (d["scores"] <= 1)).all()
+        assert (d["boxes"] >= 0).all() and (d["boxes"] <= SIZE).all()
+        assert (d["scores"][:-1] >= d["scores"][1:]).all()
+    assert list(acts) == list(info), "taps must fire in their declared (execution) order"
+    for tap, value in acts.items():
+        meta = info[tap]
+        assert value.shape[1] == meta.channels, tap
+        if meta.reduction:
+            side = math.ceil(SIZE / meta.reduction)
+            assert value.shape[-2:] == (side, side), tap
+    fusion = fz.model_entry(name).fusion
+    levels = [f"fpn.p{k}" for k in range(3, 8)]
+    if fusion in ("early", "middle", "hybrid"):
+        assert set(levels) <= set(info) and {"fused.stage2", "fused.stage3", "fused.stage4"} <= set(info)
+    if fusion in ("middle", "late", "hybrid"):
+        assert {"rgb.stage1", "thermal.stage4"} <= set(info)
+    if fusion in ("late", "hybrid"):
+        assert {"rgb.p3", "thermal.p7"} <= set(info)
+    if fusion == "early":
+        assert not any(t.startswith(("rgb.", "thermal.")) for t in info)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_bad_inputs_and_targets(built: nn.Module) -> None:
+    model = built.train()
+    good = make_inputs()
+    with pytest.raises(ValueError, match="thermal"):
+        model({"rgb": good["rgb"]}, make_targets())
+    with pytest.raises(ValueError, match=r"rgb.*\(2, 4, 64, 64\).*\(B, 3, H, W\)"):
+        model({**good, "rgb": torch.randn(2, 4, SIZE, SIZE)}, make_targets())
+    with pytest.raises(ValueError, match="needs targets"):
+        model(good)
+    degenerate = make_targets()
+    degenerate[1]["boxes"] = torch.tensor([[10.0, 10.0, 5.0, 30.0]])
+    with pytest.raises(ValueError, match=r"targets\[1\]\['boxes'\]\[0\].*degenerate"):
+        model(good, degenerate)
+
+
+@pytest.mark.parametrize("model_name", ["fcos_early_resnet18", "retinanet_late_nms_resnet18"])
+def test_empty_and_out_of_image_targets(model_name: str) -> None:
+    model = build(model_name).train()
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)} for _ in range(2)]
+    losses = model(make_inputs(), empty)
+    assert all(torch.isfinite(v) for v in losses.values())
+    # Boxes partly outside the image are clipped: the same losses as the clipped boxes.
+    outside, clipped = make_targets(), make_targets()
+    outside[0]["boxes"][1] = torch.tensor([30.0, 20.0, 90.0, 70.0])
+    clipped[0]["boxes"][1] = torch.tensor([30.0, 20.0, 64.0, 64.0])
+    a, b = model(make_inputs(), outside), model(make_inputs(), clipped)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_missing_modality_policy(name: str, built: nn.Module) -> None:
+    model = built.eval()
+    inputs = make_inputs()
+    with torch.no_grad():
+        out = model({"rgb": inputs["rgb"]}, missing=("thermal",))
+        zero_filled = model({**inputs, "thermal": torch.zeros_like(inputs["thermal"])})
+    same = all(torch.equal(a[k], b[k]) for a, b in zip(out, zero_filled) for k in a)
+    fusion = fz.model_entry(name).fusion
+    # Early/middle: the absent stream is zeros. Late/hybrid also drop its own boxes from the fusion.
+    assert same == (fusion in ("early", "middle"))
+
+
+def test_safetensors_round_trip(built: nn.Module, tmp_path) -> None:
+    model = built.eval()
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    torch.manual_seed(123)  # different init, so equality below proves the load
+    clone = fz.create_model(**model.config).eval()
+    clone.load_state_dict(load_file(str(path)))
+    with torch.no_grad():
+        a, b = model(make_inputs()), clone(make_inputs())
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+def test_modality_parameters() -> None:
+    early, late = build("fcos_early_resnet18"), build("retinanet_late_nms_resnet18")
+    assert list(early.modality_parameters("thermal")) == []
+    own = {id(p) for p in late.modality_parameters("thermal")}
+    assert own == {id(p) for p in late.encoders["thermal"].parameters()} | {id(p) for p in late.detectors["thermal"].parameters()}
+
+
+def test_two_modality_methods_and_three_streams() -> None:
+    three = ("rgb", "depth", "thermal")
+    with pytest.raises(ValueError, match="exactly 2"):
+        fz.create_model("fcos_cmx_resnet18", modalities=three)
+    model = build("fcos_crossattn_resnet18", modalities=three).eval()
+    with torch.no_grad():
+        out = model(make_inputs(three))
+    assert len(out) == 2
+    with pytest.raises(TypeError, match="fusion_op"):
+        fz.create_model("fcos_sum_resnet18", fusion_op="cmx")
+    family = fz.create_model("retinanet_late_wbf", encoder="resnet18", num_classes=2, fpn_channels=32)
+    assert family.config["encoder"] == "resnet18" and family.box_fusion == "wbf"
+
+
+@pytest.mark.parametrize("model_name", ["fcos_sum_resnet18", "retinanet_late_proben_resnet18"])
+def test_a_few_steps_on_synthetic_boxes_lower_the_loss(model_name: str) -> None:
+    data = create_dataset("synthetic_rgbt", num_samples=2, image_size=(SIZE, SIZE), seed=0)
+    batch = collate([data[0], data[1]])
+    inputs = {m: batch[m] for m in data.modalities}
+    targets = [{"boxes": b, "labels": l} for b, l in zip(batch["boxes"], batch["labels"])]
+    model = build(model_name, num_classes=data.num_classes).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(8):
+        loss = sum(model(inputs, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
