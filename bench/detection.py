@@ -14,6 +14,7 @@ only in RGB, only in thermal, in either, and only in both, so fusion is needed f
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import torch
@@ -69,7 +70,10 @@ def run(name: str, args: argparse.Namespace) -> dict[str, object]:
     model = fz.create_model(name, num_classes=train.num_classes, modalities=train.modalities,
                             fpn_channels=args.fpn_channels, score_thresh=0.05).to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
+    warmup = max(1, args.steps // 10)  # linear warm-up, then cosine decay to 0
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, args.steps - warmup)))
+    )
     model.train()
     start, first, recent = time.time(), None, []
     for step, batch in enumerate(batches(train, args.batch_size, args.steps, args.seed)):
@@ -80,10 +84,10 @@ def run(name: str, args: argparse.Namespace) -> dict[str, object]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         optimizer.step()
         schedule.step()
-        first = float(loss) if first is None else first
-        recent = (recent + [float(loss)])[-10:]
+        first = loss.item() if first is None else first
+        recent = (recent + [loss.item()])[-10:]
         if args.verbose and step % 20 == 0:
-            print(f"  {name} step {step} loss {float(loss):.3f}", flush=True)
+            print(f"  {name} step {step} loss {loss.item():.3f}", flush=True)
     seconds = time.time() - start
     stats = evaluate(model, val, args.batch_size, args.device)
     return {"model": name, "fusion": fz.model_entry(name).fusion, "params": sum(p.numel() for p in model.parameters()) / 1e6,
@@ -93,10 +97,10 @@ def run(name: str, args: argparse.Namespace) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--train-samples", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--train-samples", type=int, default=128)
     parser.add_argument("--val-samples", type=int, default=64)
     parser.add_argument("--fpn-channels", type=int, default=64, help="FPN/head width (256 as published; 64 for CPU)")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -111,7 +115,7 @@ def main() -> None:
         list_zoo()
         return
     print(f"synthetic_rgbt {args.image_size}x{args.image_size}, {args.train_samples} train / {args.val_samples} val images, "
-          f"{args.steps} steps x batch {args.batch_size}, AdamW lr {args.lr} one-cycle, fpn_channels {args.fpn_channels}, "
+          f"{args.steps} steps x batch {args.batch_size}, AdamW lr {args.lr} warm-up + cosine, fpn_channels {args.fpn_channels}, "
           f"seed {args.seed}, from scratch, {args.device}")
     print(f"| {'model':30s} | fusion | params (M) | train s | loss start -> end | AP    | AP50  | AP75  |")
     print(f"|{'-' * 32}|--------|-----------:|--------:|------------------:|------:|------:|------:|")

@@ -18,7 +18,7 @@ from fusionzoo.data import collate, create_dataset
 
 SIZE = 64
 NUM_CLASSES = 3
-SMALL = {"fpn_channels": 32, "score_thresh": 0.0, "detections_per_img": 10}  # tiny head; keep boxes at init
+SMALL = {"fpn_channels": 64, "score_thresh": 0.0, "detections_per_img": 10}  # small head; keep boxes at init
 ALL = fz.list_models(task="detection")
 VARIANTS = [n for n in ALL if n.endswith("_resnet18")]
 
@@ -171,6 +171,23 @@ def test_safetensors_round_trip(built: nn.Module, tmp_path) -> None:
     assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
 
 
+def test_any_input_size_batch_one_and_save_pretrained(tmp_path) -> None:
+    model = build("fcos_early_resnet18").eval()
+    x = {"rgb": torch.randn(1, 3, 70, 50), "thermal": torch.randn(1, 1, 70, 50)}
+    with torch.no_grad(), fz.capture(model, "fpn.p3", "fpn.p7") as acts:
+        out = model(x)
+    # Zero-padded to 96x64 (multiples of 32) as torchvision does; boxes stay inside the 50x70 image.
+    assert acts["fpn.p3"].shape[-2:] == (12, 8) and acts["fpn.p7"].shape[-2:] == (1, 1)
+    assert (out[0]["boxes"][:, 0::2] <= 50).all() and (out[0]["boxes"][:, 1::2] <= 70).all()
+    model.save_pretrained(tmp_path)
+    clone = fz.from_pretrained(tmp_path)
+    with torch.no_grad():
+        again = clone(x)
+    assert all(torch.equal(out[0][k], again[0][k]) for k in out[0])
+    with pytest.raises(ValueError, match="fpn_channels must be a multiple of 32 and at least 64"):
+        fz.create_model("fcos_early_resnet18", fpn_channels=32)
+
+
 def test_modality_parameters() -> None:
     early, late = build("fcos_early_resnet18"), build("retinanet_late_nms_resnet18")
     assert list(early.modality_parameters("thermal")) == []
@@ -188,7 +205,7 @@ def test_two_modality_methods_and_three_streams() -> None:
     assert len(out) == 2
     with pytest.raises(TypeError, match="fusion_op"):
         fz.create_model("fcos_sum_resnet18", fusion_op="cmx")
-    family = fz.create_model("retinanet_late_wbf", encoder="resnet18", num_classes=2, fpn_channels=32)
+    family = fz.create_model("retinanet_late_wbf", encoder="resnet18", num_classes=2, fpn_channels=64)
     assert family.config["encoder"] == "resnet18" and family.box_fusion == "wbf"
 
 

@@ -50,7 +50,7 @@ class BoxDetector(nn.Module):
         in_channels: channels of the stride-8, 16 and 32 features.
         num_classes: ``K``; labels are ``0..K-1`` (torchvision's sigmoid heads have no
             background output: label 0 is an ordinary class).
-        fpn_channels: FPN width (256 in both papers); the heads' GroupNorm needs a multiple of 32.
+        fpn_channels: FPN width (256 in both papers); the heads' GroupNorm(32, C) needs a multiple of 32, >= 64.
         score_thresh, nms_thresh: post-processing (defaults: torchvision's per head).
         detections_per_img: boxes kept per image after NMS.
         topk_candidates: boxes kept per level before NMS.
@@ -72,8 +72,10 @@ class BoxDetector(nn.Module):
             raise ValueError(f"unknown detection head {head!r}; choose one of {HEADS}")
         if len(in_channels) != 3:
             raise ValueError(f"BoxDetector takes the stride-8, 16 and 32 features, got {len(in_channels)} channel counts")
-        if fpn_channels < 32 or fpn_channels % 32:
-            raise ValueError(f"fpn_channels must be a positive multiple of 32 (the heads use GroupNorm(32, C)), got {fpn_channels}")
+        if fpn_channels < 64 or fpn_channels % 32:
+            # GroupNorm(32, C) with one channel per group cannot normalize a 1x1 level (P7 of a small
+            # image, batch 1), so at least two channels per group.
+            raise ValueError(f"fpn_channels must be a multiple of 32 and at least 64 (the heads use GroupNorm(32, C)), got {fpn_channels}")
         self.head_name = head
         self.fpn = FeaturePyramidNetwork(list(in_channels), fpn_channels, extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
         options = {**HEAD_DEFAULTS[head], "detections_per_img": detections_per_img, "topk_candidates": topk_candidates}
