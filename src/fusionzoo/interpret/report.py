@@ -168,6 +168,7 @@ def _plot_contribution(res: InterpretResult, path: Path) -> Path | None:
     ax.set_ylabel("mIoU change (percentage points)")
     full = c["coalitions"].get("+".join(mods), {}).get("miou")
     ax.set_title(f"{res.model}: modality contribution (policy '{c['policy']}', mIoU {100 * _nan(full):.1f}%)")
+    ax.margins(y=0.15)  # headroom so the legend does not cover bars
     ax.legend(title="modality")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
@@ -191,6 +192,7 @@ def _plot_contribution_classes(res: InterpretResult, path: Path) -> Path | None:
     ax.set_xlabel("class (missing bars: class absent from the ground truth)")
     ax.set_ylabel("Shapley value of class IoU (points)")
     ax.set_title(f"{res.model}: per-class modality contribution")
+    ax.margins(y=0.15)  # headroom so the legend does not cover bars
     ax.legend(title="modality")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
@@ -570,6 +572,7 @@ def _cmp_contribution(cmp: ComparisonResult, path: Path) -> Path | None:
     ax.set_xticks(range(len(cmp.models)), [f"{lab}\n({cmp.fusion[lab]})" for lab in cmp.models], fontsize=8)
     ax.set_ylabel("Shapley value of mIoU (points)")
     ax.set_title("modality contribution by architecture")
+    ax.margins(y=0.15)  # headroom so the legend does not cover bars
     ax.legend(title="modality")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
