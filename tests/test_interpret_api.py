@@ -83,19 +83,37 @@ def test_bad_arguments(tiny_batch):
         interpret.run(model, [{"rgb": batch["rgb"], "mask": batch["mask"]}])
 
 
+_RGBT_BATCH = None
+
+
+def _batch_for(model, rgbd_batch):
+    """The tiny RGB-D batch, or an RGB-T one for models on thermal."""
+    global _RGBT_BATCH
+    if "thermal" not in model.modalities:
+        return rgbd_batch
+    if _RGBT_BATCH is None:
+        ds = create_dataset("synthetic_rgbt", split="val", num_samples=2, image_size=(32, 32), seed=0)
+        _RGBT_BATCH = collate([ds[0], ds[1]])
+    return _RGBT_BATCH
+
+
 def _check_runs(model, batch):
+    batch = _batch_for(model, batch)
     r = interpret.run(model, [batch], samples_per_image=4, gradcam_images=1)
     info = model.tap_info()
     assert r.num_images == 2
     assert set(r.semantic_variance) == {n for n, t in info.items() if t.kind in ("feature", "logits") and t.reduction > 0}
     assert all(math.isfinite(v) for v in r.health["effective_rank"].values())
-    assert set(r.contribution["shapley"]) == set(model.modalities)
-    assert "head.logits" in r.reliance
     fused = any(t.stream == "fused" and t.kind == "feature" for t in info.values())
     per_modality = all(f"{m}.stage1" in info for m in model.modalities)
     assert bool(r.cka_pairs("cross_modal")) == per_modality
     assert bool(r.cka_pairs("modality_fused")) == (per_modality and fused)
-    assert r.artifacts["gradcam"]
+    if getattr(model, "task", "segmentation") == "segmentation":
+        assert set(r.contribution["shapley"]) == set(model.modalities)
+        assert "head.logits" in r.reliance
+        assert r.artifacts["gradcam"]
+    else:
+        assert r.contribution is None and set(r.settings["skipped"]) == {"contribution", "gradcam"}
     json.dumps(r.to_json(), allow_nan=False)
 
 
@@ -117,3 +135,20 @@ def test_metrics_run_on_every_registered_model(name, tiny_batch):
     batch, k, _ = tiny_batch
     torch.manual_seed(0)
     _check_runs(fz.create_model(name, num_classes=k), batch)
+
+
+@pytest.mark.parametrize("name", ["fcos_early", "fcos_cmx", "retinanet_late_nms", "fcos_hybrid_wbf"])
+def test_tap_metrics_run_on_detectors(name):
+    pytest.importorskip("fusionzoo.detection")
+    if name not in fz.list_models(task="detection"):
+        pytest.skip(f"{name} is not registered")
+    ds = create_dataset("synthetic_rgbt", split="val", num_samples=2, image_size=(64, 64), seed=0)
+    batch = collate([ds[0], ds[1]])
+    torch.manual_seed(0)
+    model = fz.create_model(name, encoder="resnet10t", num_classes=ds.num_classes - 1)
+    r = interpret.run(model, ds, batch_size=2, samples_per_image=4)
+    assert r.settings["task"] == "detection"
+    assert set(r.settings["skipped"]) == {"contribution", "gradcam"} and r.contribution is None
+    assert r.semantic_variance and r.health and r.reliance and r.cka_pairs()
+    assert batch["mask"].max() < ds.num_classes
+    json.dumps(r.to_json(), allow_nan=False)

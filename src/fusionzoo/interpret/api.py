@@ -324,6 +324,10 @@ def run(
         empty_policy = "zero"  # the models' own missing path fills zeros too
     mods = list(model.modalities)
     k = int(model.num_classes)
+    # label classes of the masks: the dataset's when it says (a detector's num_classes may count
+    # foreground classes only), else the model's
+    data_k = getattr(data, "num_classes", None) or getattr(getattr(data, "dataset", None), "num_classes", None)
+    mask_k = int(data_k) if data_k is not None else k
     if class_names is None:
         class_names = getattr(data, "classes", None)
         if class_names is None:
@@ -337,8 +341,17 @@ def run(
         return reduce_spatial(x, rows, samples_per_image, seed)
 
     want = set(metrics)
+    task = getattr(model, "task", "segmentation")
+    skipped: dict[str, str] = {}
+    if task != "segmentation":
+        # Contribution needs a task metric (mIoU here; detection mAP is not implemented yet) and
+        # Grad-CAM a per-pixel class score; the tap metrics work for any task.
+        for m in ("contribution", "gradcam"):
+            if m in want:
+                want.discard(m)
+                skipped[m] = f"not available for task {task!r} models (segmentation only for now)"
     cka = StreamingCKA(pairs=[(a, b) for a, b, _, _ in plan.pairs]) if "cka" in want and plan.pairs else None
-    svs = {n: SemanticVariance(k, ignore_index, purity) for n in plan.spatial} if "semantic_variance" in want else {}
+    svs = {n: SemanticVariance(mask_k, ignore_index, purity) for n in plan.spatial} if "semantic_variance" in want else {}
     eranks = {n: EffectiveRank() for n in plan.features} if "health" in want else {}
     norms = {n: FeatureNorm() for n in plan.features} if "health" in want else {}
     contrib = (ContributionAccumulator(mods, k, policy, empty_policy, stats, ignore_index, perceptual, seed, device)
@@ -418,7 +431,8 @@ def run(
                                            for m in mods}
                     if mask is not None:
                         artifacts["masks"] = mask[:gradcam_images].cpu()
-                    artifacts["predictions"] = logits[:gradcam_images].argmax(1).cpu()
+                    if task == "segmentation":
+                        artifacts["predictions"] = logits[:gradcam_images].argmax(1).cpu()
                 del acts
 
                 # removal passes: contribution coalitions; the "all but m" ones also feed reliance
@@ -466,7 +480,8 @@ def run(
         taps={n: asdict(t) for n, t in info.items()},
         settings={"metrics": metrics, "taps": taps, "rows": rows, "samples_per_image": samples_per_image,
                   "policy": policy, "empty_policy": empty_policy, "purity": purity, "seed": seed,
-                  "ignore_index": ignore_index, "cka_estimator": "exact streaming linear CKA (debiased; biased beside)"},
+                  "ignore_index": ignore_index, "cka_estimator": "exact streaming linear CKA (debiased; biased beside)",
+                  "task": task, "skipped": skipped},
         timings=timings,
         artifacts=artifacts,
     )
