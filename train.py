@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import signal
@@ -45,7 +46,6 @@ from fusionzoo.engine.checkpoint import atomic_write_bytes, load_checkpoint, sav
 from fusionzoo.engine.config import ConfigError, parse_args, write_config
 from fusionzoo.engine.distributed import auto_threads, broadcast_object, cleanup_distributed, init_distributed
 from fusionzoo.engine.hub import save_pretrained
-from fusionzoo.engine.sync_bn import convert_sync_batchnorm
 from fusionzoo.engine.loop import (
     Callback,
     CallbackList,
@@ -57,6 +57,7 @@ from fusionzoo.engine.loop import (
     make_grad_scaler,
     train_one_epoch,
 )
+from fusionzoo.engine.sync_bn import convert_sync_batchnorm
 
 
 def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None) -> dict[str, Any]:
@@ -149,8 +150,8 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
             os.kill(os.getpid(), signal.SIGKILL)  # testing aid: die like a preempted job
 
     # 6. Training loop, with validation every eval_interval epochs.
-    eval_kwargs = dict(modalities=modalities, num_classes=num_classes, device=device, amp=cfg.amp,
-                       channels_last=cfg.channels_last, class_names=class_names)
+    eval_kwargs = {"modalities": modalities, "num_classes": num_classes, "device": device, "amp": cfg.amp,
+                   "channels_last": cfg.channels_last, "class_names": class_names}
     hooks.on_train_start(plain)
     for epoch in range(state.epoch, cfg.epochs):
         state.epoch = epoch
@@ -232,17 +233,17 @@ def _drop_records_after(path: Path, state: EpochState) -> None:
 def print_summary(summary: dict[str, Any], comparable: list[dict[str, Any]]) -> None:
     """Human-readable end of a run, with comparable runs (same recipe, other streams) beside it."""
     streams = [m for m in summary["modalities"] if m not in summary["train_missing"]]
-    minutes, seconds = divmod(int(round(summary["wall_time_s"])), 60)
+    minutes, seconds = divmod(round(summary["wall_time_s"]), 60)
     lines = [
         "",
         f"== {summary['model']} on {summary['dataset']} [{'+'.join(streams)}] ==",
-        f"{summary['epochs']} epochs, {summary['steps']} steps, {summary['world_size']} process(es) on "
-        f"{summary['device']}, wall time {minutes}m{seconds:02d}s",
+        (f"{summary['epochs']} epochs, {summary['steps']} steps, {summary['world_size']} process(es) on "
+         f"{summary['device']}, wall time {minutes}m{seconds:02d}s"),
         f"best val mIoU {summary['best_val_miou']:.4f} (epoch {summary['best_epoch'] + 1})",
     ]
     if summary.get("class_names") and summary.get("best_val_iou"):
         lines.append("  per class: " + ", ".join(
-            f"{n} {v:.3f}" if v == v else f"{n} n/a" for n, v in zip(summary["class_names"], summary["best_val_iou"])))
+            f"{n} {v:.3f}" if v is not None and not math.isnan(v) else f"{n} n/a" for n, v in zip(summary["class_names"], summary["best_val_iou"])))
     for key, res in summary.items():
         if key.startswith("missing_"):
             lines.append(f"without {key[8:]} (same weights): mIoU {res['miou']:.4f}")

@@ -107,7 +107,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_kill_between_renames_falls_back_to_old(tmp_path):
-    model, opt, _ = _setup()
+    model, _opt, _ = _setup()
     save_checkpoint(tmp_path / "last", model=model, state={"step": 7})
     os.replace(tmp_path / "last", tmp_path / ".last.old")  # state right after the first rename
     assert resolve_checkpoint_dir(tmp_path / "last") == tmp_path / ".last.old"

@@ -59,7 +59,7 @@ def _hub_cache(root, repo_id: str, folder) -> str:
 def test_hub_id_resolves_offline_through_the_cache(saved, tmp_path, monkeypatch):
     import huggingface_hub.constants as hf_constants
 
-    model, folder, x, y = saved
+    _, folder, x, y = saved
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     cache = _hub_cache(tmp_path / "hub", "someone/tiny-fusion", folder)

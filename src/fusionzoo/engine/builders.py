@@ -19,17 +19,17 @@ from .config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from .distributed import DistInfo, EpochSampler, SeededDataset
 
 __all__ = [
+    "CALLBACKS",
+    "build_callbacks",
     "build_datasets",
-    "resolve_modalities",
-    "build_train_loader",
     "build_eval_loader",
     "build_model",
-    "make_run_dir",
+    "build_train_loader",
     "config_for_resume",
-    "normalization_of",
     "find_comparable_runs",
-    "build_callbacks",
-    "CALLBACKS",
+    "make_run_dir",
+    "normalization_of",
+    "resolve_modalities",
 ]
 
 # Named training callbacks (``--callbacks a,b``): "module:Class", imported on use.

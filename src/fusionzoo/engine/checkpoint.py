@@ -40,15 +40,15 @@ from torch import nn
 __all__ = [
     "CheckpointError",
     "atomic_write_bytes",
-    "save_tensors",
-    "load_tensors",
-    "unwrap_model",
-    "load_model_weights",
     "capture_rng_state",
+    "load_checkpoint",
+    "load_model_weights",
+    "load_tensors",
+    "resolve_checkpoint_dir",
     "restore_rng_state",
     "save_checkpoint",
-    "load_checkpoint",
-    "resolve_checkpoint_dir",
+    "save_tensors",
+    "unwrap_model",
 ]
 
 FORMAT_VERSION = 1

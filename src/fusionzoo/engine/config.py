@@ -23,15 +23,15 @@ from typing import Any, Literal
 import yaml
 
 __all__ = [
-    "TrainConfig",
-    "ConfigError",
     "CARD_KEYS",
-    "load_config",
-    "parse_args",
+    "ConfigError",
+    "TrainConfig",
     "config_from_dict",
     "config_to_dict",
-    "write_config",
+    "load_config",
+    "parse_args",
     "validate_card",
+    "write_config",
 ]
 
 

@@ -17,16 +17,16 @@ import torch.distributed as dist
 
 __all__ = [
     "DistInfo",
-    "dist_info",
-    "init_distributed",
-    "cleanup_distributed",
-    "is_main_process",
-    "barrier",
-    "all_reduce_mean",
-    "broadcast_object",
     "EpochSampler",
     "SeededDataset",
+    "all_reduce_mean",
     "auto_threads",
+    "barrier",
+    "broadcast_object",
+    "cleanup_distributed",
+    "dist_info",
+    "init_distributed",
+    "is_main_process",
 ]
 
 
@@ -48,9 +48,9 @@ class DistInfo:
 def dist_info() -> DistInfo:
     """Rank facts from an initialized process group, else from torchrun's variables."""
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), int(os.environ.get("LOCAL_RANK", dist.get_rank())), dist.get_world_size())
+        return DistInfo(dist.get_rank(), int(os.environ.get("LOCAL_RANK", str(dist.get_rank()))), dist.get_world_size())
     return DistInfo(
-        int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     )
 
 
@@ -100,7 +100,7 @@ def auto_threads(requested: int | None = None) -> int:
         load = os.getloadavg()[0]
     except OSError:
         load = 0.0
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     # round, not floor: an idle machine's background load (0.1-0.4) must not cost a core
     return max(1, min(cores, round((cores - load) / local)))
 

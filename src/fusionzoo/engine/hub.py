@@ -18,7 +18,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, atomic_write_bytes, load_model_weights, save_tensors, unwrap_model
 
-__all__ = ["save_pretrained", "from_pretrained", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "from_pretrained", "save_pretrained"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -26,19 +26,19 @@ from .metrics import ConfusionMatrix
 __all__ = [
     "Callback",
     "CallbackList",
+    "EpochState",
     "LRSchedule",
+    "MetricsLogger",
+    "autocast_context",
     "build_optimizer",
     "build_scheduler",
-    "autocast_context",
+    "evaluate",
     "make_grad_scaler",
-    "split_batch",
+    "predict",
     "sample_missing",
     "set_bn_eval",
+    "split_batch",
     "train_one_epoch",
-    "evaluate",
-    "predict",
-    "MetricsLogger",
-    "EpochState",
 ]
 
 
@@ -525,7 +525,7 @@ def predict(
         if s == 1.0:
             scaled = dict(inputs)
         else:
-            size = (max(int(round(h * s)), 1), max(int(round(w * s)), 1))
+            size = (max(round(h * s), 1), max(round(w * s), 1))
             scaled = {k: F.interpolate(v, size=size, mode="bilinear", align_corners=False) for k, v in inputs.items()}
         for flipped in ((False, True) if flip else (False,)):
             x = {k: v.flip(-1) for k, v in scaled.items()} if flipped else scaled
