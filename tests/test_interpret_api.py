@@ -152,3 +152,14 @@ def test_tap_metrics_run_on_detectors(name):
     assert r.semantic_variance and r.health and r.reliance and r.cka_pairs()
     assert batch["mask"].max() < ds.num_classes
     json.dumps(r.to_json(), allow_nan=False)
+
+
+def test_compare_accepts_model_names_with_a_dataset(tiny_batch):
+    ds = create_dataset("synthetic_rgbd", split="val", num_samples=2, image_size=(32, 32), seed=0)
+    cmp = interpret.compare(["early_concat_resnet18", "late_mean_resnet18"], dataset=ds,
+                            metrics=["cka", "contribution"], batch_size=2, samples_per_image=4)
+    assert cmp.models == ["early_concat_resnet18", "late_mean_resnet18"]
+    assert cmp.fusion == {"early_concat_resnet18": "early", "late_mean_resnet18": "late"}
+    assert set(cmp.shapley["late_mean_resnet18"]) == {"rgb", "depth"}
+    with pytest.raises(ValueError, match="dataset"):
+        interpret.compare(["esanet_resnet18"])

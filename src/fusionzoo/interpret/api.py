@@ -598,14 +598,55 @@ def _per_stream_stage(res: InterpretResult, values: Mapping[str, Any] | None, ke
     return out
 
 
-def compare(results: Sequence[InterpretResult | str | Path]) -> ComparisonResult:
-    """Align several results (or paths to their ``metrics.json``) stage by stage.
+def _to_result(item: InterpretResult | nn.Module | str | Path, dataset: Any, metrics: Sequence[str],
+               run_kwargs: dict[str, Any]) -> InterpretResult:
+    if isinstance(item, InterpretResult):
+        return item
+    if isinstance(item, nn.Module):
+        if dataset is None:
+            raise ValueError("compare got a model; pass dataset=... to interpret it")
+        return run(item, dataset, metrics=metrics, **run_kwargs)
+    path = Path(item)
+    if path.is_file() or (path / "metrics.json").is_file():
+        return load_result(path)
+    if path.is_dir():
+        from .runs import interpret_run
+
+        return interpret_run(path, metrics, **run_kwargs)
+    # a registered model name: built untrained for the dataset (architecture-level comparison)
+    if dataset is None:
+        raise ValueError(f"compare got the model name {item!r}; pass dataset=... to interpret it")
+    from .._registry import create_model
+
+    model = create_model(str(item), num_classes=int(dataset.num_classes), modalities=tuple(dataset.modalities))
+    return run(model, dataset, metrics=metrics, **run_kwargs)
+
+
+def compare(
+    results: Sequence[InterpretResult | nn.Module | str | Path],
+    dataset: Any = None,
+    metrics: Sequence[str] = METRICS,
+    **run_kwargs: Any,
+) -> ComparisonResult:
+    """Align several models' interpretations stage by stage.
+
+    Args:
+        results: any mix of :class:`InterpretResult`, ``metrics.json`` files or folders,
+            training run folders (interpreted on their validation sets), models, and registered
+            model names (built untrained; needs ``dataset``).
+        dataset: data for the items that still need :func:`run`.
+        metrics: metrics for those runs.
+        **run_kwargs: more :func:`run` options for those runs.
 
     Returns:
         A :class:`ComparisonResult`; a metric a model does not have (e.g. cross-modal CKA of an
         early-fusion model) is absent from that model's entry.
+
+    Example:
+        >>> cmp = compare(["early_concat_resnet18", "esanet_resnet18", "late_mean_resnet18"],
+        ...               dataset=ds, metrics=["cka", "semantic_variance", "contribution"])
     """
-    res = [r if isinstance(r, InterpretResult) else load_result(r) for r in results]
+    res = [_to_result(r, dataset, metrics, run_kwargs) for r in results]
     if not res:
         raise ValueError("compare needs at least one result")
     labels, seen = [], {}
