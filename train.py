@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train and evaluate a fusionzoo segmentation model; one script for CPU, GPU and torchrun.
+"""Train and evaluate a fusionzoo model (segmentation or detection); one script for CPU, GPU and torchrun.
 
     python train.py                                   # embedded default: ESANet-ResNet18, synthetic RGB-D, CPU
     python train.py --train-missing depth             # the same recipe on RGB alone (depth withheld)
@@ -54,6 +54,7 @@ from fusionzoo.engine.loop import (
     build_optimizer,
     build_scheduler,
     evaluate,
+    evaluate_detection,
     make_grad_scaler,
     train_one_epoch,
 )
@@ -102,6 +103,11 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
     if info.distributed and cfg.sync_bn:  # BN statistics over the global batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else convert_sync_batchnorm(model)
     plain = model  # what gets saved, evaluated and handed to callbacks
+    task = getattr(plain, "task", "segmentation")
+    if task == "detection" and cfg.tta:
+        raise ConfigError("tta (multi-scale + flip) is implemented for segmentation only")
+    # The validation metric that picks best/: mIoU (segmentation) or COCO box AP (detection).
+    metric, run_eval = ("miou", evaluate) if task == "segmentation" else ("ap", evaluate_detection)
     if info.distributed:
         # A withheld or dropped modality can leave parameters without gradient (late fusion heads).
         unused = cfg.modality_dropout > 0 or bool(cfg.train_missing)
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
     hooks = CallbackList([*build_callbacks(cfg.callbacks), *(callbacks or [])])
 
     # 5. Fresh start or exact resume (weights, optimizer, schedule, scaler, RNG, epoch position).
-    state, best = EpochState(), {"miou": -1.0, "epoch": None}
+    state, best = EpochState(), {"metric": metric, "value": -1.0, "epoch": None}
     if cfg.resume:
         trainer = load_checkpoint(run_dir / "checkpoints" / "last", model=plain, optimizer=optimizer,
                                   scheduler=scheduler, scaler=scaler)
@@ -162,24 +168,28 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
             scaler=scaler, channels_last=cfg.channels_last, freeze_bn=cfg.freeze_bn,
             modality_dropout=cfg.modality_dropout, dropout_candidates=cfg.modality_dropout_candidates,
             always_missing=cfg.train_missing, seed=cfg.seed, callbacks=hooks, logger=logger,
-            log_interval=cfg.log_interval, after_step=after_step, progress=cfg.progress,
+            log_interval=cfg.log_interval, after_step=after_step, progress=cfg.progress, task=task,
         )
         logs: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "step": state.global_step,
                                 "train_loss": stats["loss"], "img_per_s": stats["img_per_s"],
                                 "lr": optimizer.param_groups[0]["lr"], "time_s": time.perf_counter() - t_start}
         if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs:
-            val = evaluate(plain, val_loader, missing=cfg.train_missing, progress=cfg.progress, **eval_kwargs)
-            logs.update(val_miou=val["miou"], val_pixel_acc=val["pixel_acc"], val_mean_acc=val["mean_acc"],
-                        val_loss=val["loss"], val_iou=val["iou"], val_pixels=val["pixels"])
-            if val["miou"] > best["miou"]:
-                best = {"miou": val["miou"], "epoch": epoch, "pixel_acc": val["pixel_acc"], "iou": val["iou"]}
+            val = run_eval(plain, val_loader, missing=cfg.train_missing, progress=cfg.progress, **eval_kwargs)
+            if task == "segmentation":
+                logs.update(val_miou=val["miou"], val_pixel_acc=val["pixel_acc"], val_mean_acc=val["mean_acc"],
+                            val_loss=val["loss"], val_iou=val["iou"], val_pixels=val["pixels"])
+            else:
+                logs.update(val_ap=val["ap"], val_ap50=val["ap50"], val_ap75=val["ap75"], val_images=val["images"])
+            score = val[metric]
+            if not math.isnan(score) and score > best["value"]:
+                best = {"metric": metric, "value": score, "epoch": epoch, "iou": val.get("iou")}
                 if info.is_main:
                     save_pretrained(plain, run_dir / "best", class_names=class_names,
                                     normalization=normalization_of(cfg, modalities),
-                                    extra={"epoch": epoch, "val_miou": val["miou"], "dataset": cfg.dataset})
+                                    extra={"epoch": epoch, f"val_{metric}": score, "dataset": cfg.dataset})
             if info.is_main:
-                print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats['loss']:.4f}, val mIoU {val['miou']:.4f}, "
-                      f"{stats['img_per_s']:.1f} img/s, {logs['time_s']:.0f}s", flush=True)
+                print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats['loss']:.4f}, val {LABEL[metric]} "
+                      f"{score:.4f}, {stats['img_per_s']:.1f} img/s, {logs['time_s']:.0f}s", flush=True)
         hooks.on_epoch_end(epoch, logs)
         logger.log(logs)
         state = EpochState(epoch + 1, 0, state.global_step)
@@ -192,8 +202,8 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
     # 7. Final evaluation of the last weights: missing modalities and test-time augmentation.
     final: dict[str, Any] = {}
     for m in cfg.eval_missing:
-        res = evaluate(plain, val_loader, missing=tuple(dict.fromkeys((*cfg.train_missing, m))), **eval_kwargs)
-        final[f"missing_{m}"] = {"miou": res["miou"], "pixel_acc": res["pixel_acc"], "iou": res["iou"]}
+        res = run_eval(plain, val_loader, missing=tuple(dict.fromkeys((*cfg.train_missing, m))), **eval_kwargs)
+        final[f"missing_{m}"] = {k: res[k] for k in (metric, "pixel_acc", "iou", "ap50") if k in res}
     if cfg.tta:
         res = evaluate(plain, val_loader, missing=cfg.train_missing, tta=True, tta_scales=cfg.tta_scales,
                        tta_flip=cfg.tta_flip, **eval_kwargs)
@@ -203,10 +213,11 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
     logger.close()
 
     summary = {
-        "run_dir": str(run_dir), "model": cfg.model, "dataset": cfg.dataset, "modalities": list(modalities),
+        "run_dir": str(run_dir), "model": cfg.model, "task": task, "dataset": cfg.dataset, "modalities": list(modalities),
         "train_missing": list(cfg.train_missing), "epochs": cfg.epochs, "steps": state.global_step,
         "world_size": info.world_size, "device": str(device), "wall_time_s": time.perf_counter() - t_start,
-        "best_val_miou": best["miou"], "best_epoch": best["epoch"], "best_val_iou": best.get("iou"),
+        "metric": metric, "best_value": best["value"], f"best_val_{metric}": best["value"],
+        "best_epoch": best["epoch"], "best_val_iou": best.get("iou"),
         "class_names": class_names, **final,
     }
     if info.is_main:
@@ -214,6 +225,9 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
         print_summary(summary, find_comparable_runs(cfg, run_dir))
     cleanup_distributed()
     return summary
+
+
+LABEL = {"miou": "mIoU", "ap": "AP"}
 
 
 def _drop_records_after(path: Path, state: EpochState) -> None:
@@ -233,25 +247,27 @@ def _drop_records_after(path: Path, state: EpochState) -> None:
 def print_summary(summary: dict[str, Any], comparable: list[dict[str, Any]]) -> None:
     """Human-readable end of a run, with comparable runs (same recipe, other streams) beside it."""
     streams = [m for m in summary["modalities"] if m not in summary["train_missing"]]
+    label = LABEL[summary["metric"]]
+    best_epoch = "n/a" if summary["best_epoch"] is None else summary["best_epoch"] + 1
     minutes, seconds = divmod(round(summary["wall_time_s"]), 60)
     lines = [
         "",
         f"== {summary['model']} on {summary['dataset']} [{'+'.join(streams)}] ==",
         (f"{summary['epochs']} epochs, {summary['steps']} steps, {summary['world_size']} process(es) on "
          f"{summary['device']}, wall time {minutes}m{seconds:02d}s"),
-        f"best val mIoU {summary['best_val_miou']:.4f} (epoch {summary['best_epoch'] + 1})",
+        f"best val {label} {summary['best_value']:.4f} (epoch {best_epoch})",
     ]
     if summary.get("class_names") and summary.get("best_val_iou"):
         lines.append("  per class: " + ", ".join(
             f"{n} {v:.3f}" if v is not None and not math.isnan(v) else f"{n} n/a" for n, v in zip(summary["class_names"], summary["best_val_iou"])))
     for key, res in summary.items():
         if key.startswith("missing_"):
-            lines.append(f"without {key[8:]} (same weights): mIoU {res['miou']:.4f}")
+            lines.append(f"without {key[8:]} (same weights): {label} {res[summary['metric']]:.4f}")
     if "tta" in summary:
         lines.append(f"multi-scale + flip TTA: mIoU {summary['tta']['miou']:.4f}")
     for other in comparable:
         lines.append(f"same recipe on [{'+'.join(other['streams'])}] ({other['run_dir']}): "
-                     f"best val mIoU {other['best_val_miou']:.4f}")
+                     f"best val {label} {other['best_value']:.4f}")
     lines.append(f"run folder: {summary['run_dir']}")
     print("\n".join(lines), flush=True)
 

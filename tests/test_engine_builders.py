@@ -57,7 +57,7 @@ def test_comparable_runs_differ_only_in_streams(tmp_path):
     _finished_run(tmp_path, "other_lr", TrainConfig(out_dir=str(tmp_path), train_missing=("depth",), lr=0.1), 0.4, None)
     _finished_run(tmp_path, "same_streams", TrainConfig(out_dir=str(tmp_path), run_name="again"), 0.79, None)
     found = builders.find_comparable_runs(base, fusion)
-    assert [(f["streams"], f["best_val_miou"]) for f in found] == [(["rgb"], 0.5)]
+    assert [(f["streams"], f["best_value"]) for f in found] == [(["rgb"], 0.5)]
 
 
 def test_modalities_are_checked_against_the_dataset():

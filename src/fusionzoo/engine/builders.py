@@ -182,6 +182,7 @@ def build_model(cfg: TrainConfig, modalities: Sequence[str], num_classes: int) -
     """
     import fusionzoo as fz
 
+    _register_detectors()
     entry = fz.model_entry(cfg.model)
     kwargs: dict[str, Any] = dict(cfg.model_kwargs)
     for k in ("num_classes", "modalities"):
@@ -197,6 +198,14 @@ def build_model(cfg: TrainConfig, modalities: Sequence[str], num_classes: int) -
             f"model and withhold the other stream with --train-missing."
         )
     return fz.create_model(cfg.model, num_classes=num_classes, modalities=tuple(modalities), **kwargs)
+
+
+def _register_detectors() -> None:
+    """Detection entries live in ``fusionzoo.detection``; importing it registers them."""
+    try:
+        import fusionzoo.detection  # noqa: F401
+    except ImportError:  # the detection extra (torchvision detection ops) is not available
+        pass
 
 
 def normalization_of(cfg: TrainConfig, modalities: Sequence[str]) -> dict[str, Any] | None:
@@ -304,6 +313,7 @@ def find_comparable_runs(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]
             continue
         same = all(theirs.get(k) == v for k, v in here.items() if k not in _COMPARE_IGNORED and k != "_resolved")
         streams = _streams(theirs)
-        if same and streams != mine and summary.get("best_val_miou") is not None:
-            out.append({"run_dir": str(folder), "streams": streams, "best_val_miou": summary["best_val_miou"]})
+        value = summary.get("best_value", summary.get("best_val_miou"))
+        if same and streams != mine and value is not None:
+            out.append({"run_dir": str(folder), "streams": streams, "best_value": value})
     return out

@@ -32,7 +32,9 @@ __all__ = [
     "autocast_context",
     "build_optimizer",
     "build_scheduler",
+    "detection_targets",
     "evaluate",
+    "evaluate_detection",
     "make_grad_scaler",
     "predict",
     "sample_missing",
@@ -272,6 +274,17 @@ def split_batch(
     return inputs, mask
 
 
+def detection_targets(batch: Mapping[str, Any], device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Per-image ``{"boxes": (N, 4), "labels": (N,)}`` on ``device`` from a collated batch.
+
+    Raises:
+        KeyError: the batch carries no boxes/labels (not a detection dataset).
+    """
+    if "boxes" not in batch or "labels" not in batch:
+        raise KeyError(f"detection needs 'boxes' and 'labels' in every batch; this batch has {sorted(batch)}")
+    return [{"boxes": b.to(device), "labels": lab.to(device)} for b, lab in zip(batch["boxes"], batch["labels"])]
+
+
 def sample_missing(
     modalities: Sequence[str], candidates: Sequence[str] | None, p: float, step: int, seed: int
 ) -> tuple[str, ...]:
@@ -402,6 +415,7 @@ def train_one_epoch(
     log_interval: int = 10,
     after_step: Callable[[EpochState], None] | None = None,
     progress: bool = False,
+    task: str = "segmentation",
 ) -> dict[str, float]:
     """One pass over ``loader`` (which already skips the batches ``state`` says are done).
 
@@ -414,6 +428,9 @@ def train_one_epoch(
         modality_dropout: probability per batch of passing ``missing=(m,)`` for one modality.
         always_missing: modalities withheld on every batch (``train_missing``).
         after_step: called after every optimizer step with the updated ``state`` (checkpoints).
+        task: ``"segmentation"`` (cross-entropy on ``batch["mask"]``) or ``"detection"`` (the
+            model's own loss dict from ``model(inputs, targets)``, summed; targets from the
+            batch's ``boxes``/``labels`` lists).
 
     Returns:
         ``{"loss": mean training loss over the epoch (all ranks), "img_per_s": throughput}``.
@@ -435,17 +452,23 @@ def train_one_epoch(
             break
         t0 = time.perf_counter()
         inputs, mask = split_batch(batch, modalities, device, channels_last)
-        if mask is None:
+        if task == "segmentation" and mask is None:
             raise KeyError("training batch has no 'mask' (segmentation target)")
         cb.on_batch_start(batch)
         missing = tuple(always_missing)
         pool = [m for m in (dropout_candidates or modalities[1:]) if m not in missing]
         if len(modalities) - len(missing) >= 2:  # dropout must leave a modality to train on
             missing += sample_missing(modalities, pool, modality_dropout, state.global_step, seed)
-        with autocast_context(device, amp):
-            logits = model(inputs, missing=missing) if missing else model(inputs)
-        # Loss in float32: the softmax over K classes is where half precision loses digits.
-        loss = F.cross_entropy(logits.float(), mask, ignore_index=ignore_index, label_smoothing=label_smoothing)
+        if task == "detection":
+            targets = detection_targets(batch, device)
+            with autocast_context(device, amp):
+                losses = model(inputs, targets, missing=missing) if missing else model(inputs, targets)
+            loss = sum(v.float() for v in losses.values())
+        else:
+            with autocast_context(device, amp):
+                logits = model(inputs, missing=missing) if missing else model(inputs)
+            # Loss in float32: the softmax over K classes is where half precision loses digits.
+            loss = F.cross_entropy(logits.float(), mask, ignore_index=ignore_index, label_smoothing=label_smoothing)
         loss_value = float(loss.detach())  # one host sync per step, reused below
         if not math.isfinite(loss_value):
             raise FloatingPointError(
@@ -469,7 +492,7 @@ def train_one_epoch(
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        batch_images = int(mask.shape[0]) * info.world_size
+        batch_images = int(next(iter(inputs.values())).shape[0]) * info.world_size
         state.global_step += 1
         state.batches_done += 1
         state.loss_sum += loss_value * batch_images
@@ -617,3 +640,59 @@ def evaluate(
     if was_training:
         model.train()
     return out
+
+
+@torch.no_grad()
+def evaluate_detection(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    *,
+    modalities: Sequence[str],
+    num_classes: int,
+    device: torch.device,
+    missing: Sequence[str] = (),
+    amp: str = "off",
+    channels_last: bool = False,
+    progress: bool = False,
+    desc: str = "eval",
+    **_: Any,
+) -> dict[str, Any]:
+    """COCO box AP (pycocotools, via ``fusionzoo.detection.metrics.coco_ap``) over ``loader``.
+
+    Every rank predicts its shard; predictions and targets are gathered to all ranks before AP
+    is computed (AP is not a sum over images, so there is no cheaper reduction).
+
+    Returns:
+        ``ap`` (AP at IoU 0.50:0.95), ``ap50``, ``ap75``, ``coco`` (all twelve COCO numbers),
+        ``images`` and ``missing``.
+    """
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    from ..detection.metrics import coco_ap
+
+    info = dist_info()
+    was_training = model.training
+    model.eval()
+    preds: list[dict[str, torch.Tensor]] = []
+    gts: list[dict[str, torch.Tensor]] = []
+    kwargs = {"missing": tuple(missing)} if missing else {}
+    for batch in tqdm(loader, disable=not (progress and info.is_main), desc=desc, leave=False, dynamic_ncols=True):
+        inputs, _ = split_batch(batch, modalities, device, channels_last)
+        targets = detection_targets(batch, torch.device("cpu"))
+        with autocast_context(device, amp):
+            out = model(inputs, **kwargs)
+        for o, t in zip(out, targets):
+            preds.append({"boxes": o["boxes"].float().cpu(), "scores": o["scores"].float().cpu(),
+                          "labels": o["labels"].long().cpu()})
+            gts.append(t)
+    if dist.is_available() and dist.is_initialized() and info.world_size > 1:
+        gathered: list[Any] = [None] * info.world_size
+        dist.all_gather_object(gathered, (preds, gts))
+        preds = [p for part in gathered for p in part[0]]
+        gts = [g for part in gathered for g in part[1]]
+    res = coco_ap(preds, gts, num_classes=num_classes)
+    if was_training:
+        model.train()
+    return {"ap": res["AP"], "ap50": res["AP50"], "ap75": res["AP75"], "coco": res, "images": len(preds),
+            "missing": list(missing)}
