@@ -225,3 +225,27 @@ def test_a_few_steps_on_synthetic_boxes_lower_the_loss(model_name: str) -> None:
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("name, builder", [("fcos_early_resnet50", "fcos_resnet50_fpn"),
+                                           ("retinanet_early_resnet50", "retinanet_resnet50_fpn")])
+def test_one_stream_early_detector_is_torchvisions_detector(name: str, builder: str) -> None:
+    """With RGB only, early fusion is torchvision's FCOS / RetinaNet ResNet-50 FPN: the same
+    parameter shapes in the same order, and with its weights the same losses and detections."""
+    import torchvision.models.detection as tvd
+
+    ours = fz.create_model(name, num_classes=5, modalities=("rgb",), score_thresh=0.0).eval()
+    reference = getattr(tvd, builder)(weights=None, weights_backbone=None, num_classes=5, score_thresh=0.0,
+                                      min_size=SIZE, max_size=SIZE, image_mean=[0.0] * 3, image_std=[1.0] * 3).eval()
+    mine, theirs = ours.state_dict(), reference.state_dict()
+    assert [v.shape for v in mine.values()] == [v.shape for v in theirs.values()]
+    ours.load_state_dict(dict(zip(mine, theirs.values())))
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        a, b = ours({"rgb": x}), reference(list(x))
+    for d, e in zip(a, b):
+        assert all(torch.allclose(d[k].float(), e[k].float(), atol=1e-5) for k in d)
+    ours.train()
+    reference.train()
+    la, lb = ours({"rgb": x}, make_targets()), reference(list(x), make_targets())
+    assert la.keys() == lb.keys() and all(torch.allclose(la[k], lb[k]) for k in la)

@@ -26,8 +26,8 @@ LEVELS = ("p3", "p4", "p5", "p6", "p7")
 LEVEL_REDUCTIONS = (8, 16, 32, 64, 128)
 # torchvision's published defaults per head (fcos_resnet50_fpn, retinanet_resnet50_fpn).
 HEAD_DEFAULTS = {
-    "fcos": {"score_thresh": 0.2, "nms_thresh": 0.6},
-    "retinanet": {"score_thresh": 0.05, "nms_thresh": 0.5},
+    "fcos": {"score_thresh": 0.2, "nms_thresh": 0.6, "detections_per_img": 100},
+    "retinanet": {"score_thresh": 0.05, "nms_thresh": 0.5, "detections_per_img": 300},
 }
 
 
@@ -51,8 +51,8 @@ class BoxDetector(nn.Module):
         num_classes: ``K``; labels are ``0..K-1`` (torchvision's sigmoid heads have no
             background output: label 0 is an ordinary class).
         fpn_channels: FPN width (256 in both papers); the heads' GroupNorm(32, C) needs a multiple of 32, >= 64.
-        score_thresh, nms_thresh: post-processing (defaults: torchvision's per head).
-        detections_per_img: boxes kept per image after NMS.
+        score_thresh, nms_thresh, detections_per_img: post-processing; None takes torchvision's
+            default for the head (FCOS 0.2, 0.6, 100; RetinaNet 0.05, 0.5, 300).
         topk_candidates: boxes kept per level before NMS.
     """
 
@@ -64,7 +64,7 @@ class BoxDetector(nn.Module):
         fpn_channels: int = 256,
         score_thresh: float | None = None,
         nms_thresh: float | None = None,
-        detections_per_img: int = 100,
+        detections_per_img: int | None = None,
         topk_candidates: int = 1000,
     ) -> None:
         super().__init__()
@@ -78,17 +78,15 @@ class BoxDetector(nn.Module):
             raise ValueError(f"fpn_channels must be a multiple of 32 and at least 64 (the heads use GroupNorm(32, C)), got {fpn_channels}")
         self.head_name = head
         self.fpn = FeaturePyramidNetwork(list(in_channels), fpn_channels, extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
-        options = {**HEAD_DEFAULTS[head], "detections_per_img": detections_per_img, "topk_candidates": topk_candidates}
-        if score_thresh is not None:
-            options["score_thresh"] = score_thresh
-        if nms_thresh is not None:
-            options["nms_thresh"] = nms_thresh
+        given = {"score_thresh": score_thresh, "nms_thresh": nms_thresh, "detections_per_img": detections_per_img}
+        options = {**HEAD_DEFAULTS[head], **{k: v for k, v in given.items() if v is not None}, "topk_candidates": topk_candidates}
         cls = FCOS if head == "fcos" else RetinaNet
         model = cls(_OutChannels(fpn_channels), num_classes, **options)
         # Only the head and the box machinery are used (module docstring).
         del model.backbone, model.transform
         self.torchvision = model
         self.out_channels = fpn_channels
+        self.detections_per_img = options["detections_per_img"]
 
     def forward(
         self,

@@ -92,7 +92,7 @@ class DetectorMixin:
     def fuse_boxes(self, per_detector: list[list[Detections]], present: list[bool]) -> list[Detections]:
         """Merge, image by image, the detections of several detectors with ``self.box_fusion``."""
         rule = BOX_FUSIONS[self.box_fusion]
-        kwargs: dict[str, Any] = {"max_detections": self.detections_per_img}
+        kwargs: dict[str, Any] = {"max_detections": self.detections_per_img}  # the heads' resolved cap
         if self.fusion_iou is not None:
             kwargs["iou_thresh"] = self.fusion_iou
         used = [d for d, p in zip(per_detector, present) if p]
@@ -116,8 +116,8 @@ class EarlyFusionDetector(DetectorMixin, FusionModel):
         pretrained: timm ImageNet weights for the encoder.
         head: ``"fcos"`` or ``"retinanet"`` (torchvision).
         fpn_channels: FPN / head width (256 as published; a multiple of 32).
-        score_thresh, nms_thresh: post-processing (None: torchvision's default for the head).
-        detections_per_img: boxes kept per image.
+        score_thresh, nms_thresh, detections_per_img: post-processing (None: torchvision's default
+            for the head: FCOS 0.2, 0.6, 100; RetinaNet 0.05, 0.5, 300).
 
     Taps: ``fused.stage1..4``, ``fpn.p3..p7``.
     """
@@ -134,7 +134,7 @@ class EarlyFusionDetector(DetectorMixin, FusionModel):
         fpn_channels: int = 256,
         score_thresh: float | None = None,
         nms_thresh: float | None = None,
-        detections_per_img: int = 100,
+        detections_per_img: int | None = None,
     ) -> None:
         super().__init__(modalities, num_classes, in_chans)
         self.encoder = Encoder(encoder, in_chans=sum(self.in_chans.values()), pretrained=pretrained)
@@ -182,7 +182,7 @@ class MiddleFusionDetector(DetectorMixin, MiddleFusionModel):
         fpn_channels: int = 256,
         score_thresh: float | None = None,
         nms_thresh: float | None = None,
-        detections_per_img: int = 100,
+        detections_per_img: int | None = None,
         fusion_op: str = "crossattn",
         feedback: bool = True,
         fusion_kwargs: Mapping[str, Any] | None = None,
@@ -190,7 +190,6 @@ class MiddleFusionDetector(DetectorMixin, MiddleFusionModel):
         # Read by build_head, which MiddleFusionModel.__init__ calls.
         self.head_options = dict(head=head, fpn_channels=fpn_channels, score_thresh=score_thresh,
                                  nms_thresh=nms_thresh, detections_per_img=detections_per_img)
-        self.detections_per_img = detections_per_img
         self.fusion_op = fusion_op
         super().__init__(encoder, num_classes=num_classes, modalities=modalities, in_chans=in_chans,
                          pretrained=pretrained, fusion_op=fusion_op, fuse_stem=False, feedback=feedback,
@@ -209,6 +208,7 @@ class MiddleFusionDetector(DetectorMixin, MiddleFusionModel):
         self.detector = BoxDetector(o["head"], self.stage_channels[1:], self.num_classes, o["fpn_channels"],
                                     o["score_thresh"], o["nms_thresh"], o["detections_per_img"])
         self.declare_levels("fpn", o["fpn_channels"])
+        self.detections_per_img = self.detector.detections_per_img
 
     def detect(self, xs, images, targets, missing):  # noqa: ANN001, ANN201 - see DetectorMixin.detect
         fused, _ = self.forward_streams(xs)
@@ -289,7 +289,7 @@ class LateFusionDetector(DetectorMixin, FusionModel):
         fpn_channels: int = 256,
         score_thresh: float | None = None,
         nms_thresh: float | None = None,
-        detections_per_img: int = 100,
+        detections_per_img: int | None = None,
         box_fusion: str = "wbf",
         fusion_iou: float | None = None,
     ) -> None:
@@ -297,7 +297,6 @@ class LateFusionDetector(DetectorMixin, FusionModel):
         _check_box_fusion(box_fusion)
         self.box_fusion = box_fusion
         self.fusion_iou = fusion_iou
-        self.detections_per_img = detections_per_img
         self.encoders = nn.ModuleDict()
         self.detectors = nn.ModuleDict()
         for m in self.modalities:
@@ -308,6 +307,7 @@ class LateFusionDetector(DetectorMixin, FusionModel):
             self.detectors[m] = BoxDetector(head, enc.channels[1:], num_classes, fpn_channels, score_thresh, nms_thresh,
                                             detections_per_img)
             self.declare_levels(m, fpn_channels)
+        self.detections_per_img = self.detectors[self.modalities[0]].detections_per_img
 
     def modality_parameters(self, modality: str) -> Iterator[nn.Parameter]:
         """The modality's encoder and its FPN + head."""
