@@ -96,3 +96,10 @@ def test_auto_threads(monkeypatch):
 def test_config_dict_round_trip():
     cfg = TrainConfig(modalities=("rgb",), image_size=(32, 48))
     assert builders.config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_benchmark_split_and_root_are_checked():
+    with pytest.raises(ConfigError, match="has no split 'val'.*--val-split"):
+        builders.build_datasets(TrainConfig(dataset="llvip", data_root="/nonexistent"))
+    with pytest.raises(ConfigError, match="needs --data-root"):
+        builders.build_datasets(TrainConfig(dataset="nyuv2", val_split="test"))

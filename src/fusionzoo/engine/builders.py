@@ -105,6 +105,12 @@ def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
         val = create_dataset(cfg.dataset, split=cfg.val_split, transforms=val_tf,
                              num_samples=cfg.val_samples, **common, **kwargs)
     else:
+        for key in ("train_split", "val_split"):
+            if getattr(cfg, key) not in entry.splits:
+                raise ConfigError(
+                    f"dataset {cfg.dataset!r} has no split {getattr(cfg, key)!r} (splits: {list(entry.splits)}); "
+                    f"pass --{key.replace('_', '-')} <one of them>"
+                )
         if cfg.data_root is None:
             raise ConfigError(
                 f"dataset {cfg.dataset!r} needs --data-root (the prepared layout; see datasets/{cfg.dataset}/README.md)"
