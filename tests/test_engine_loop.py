@@ -287,3 +287,36 @@ def test_interpret_gradient_callback_runs_in_the_loop():
     hist = hooks.state_dict()["0:ModalityBalanceCallback"]
     assert [row["step"] for row in hist["steps"]] == [0, 1]
     assert all(row["grad_norm"]["depth"] > 0 for row in hist["steps"])
+
+
+def test_metrics_logger_writes_jsonl_and_mirrors_to_tensorboard(tmp_path, monkeypatch):
+    import json
+    import sys
+    import types
+
+    from fusionzoo.engine.loop import MetricsLogger
+
+    scalars = []
+
+    class FakeWriter:
+        def __init__(self, logdir):
+            self.logdir = logdir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def close(self):
+            scalars.append("closed")
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    log = MetricsLogger(tmp_path)
+    log.log({"kind": "epoch", "epoch": 0, "step": 5, "val_miou": 0.5, "val_iou": [float("nan"), 1.0]})
+    log.close()
+    rec = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert rec["val_iou"] == [None, 1.0]  # NaN is not JSON: absent classes become null
+    assert scalars == [("epoch/val_miou", 0.5, 5), "closed"]
+    silent = MetricsLogger(tmp_path / "other", enabled=False)  # ranks other than 0
+    silent.log({"kind": "train", "step": 1})
+    assert not (tmp_path / "other").exists()
