@@ -128,11 +128,15 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
 
     # 5. Fresh start or exact resume (weights, optimizer, schedule, scaler, RNG, epoch position).
     state, best = EpochState(), {"metric": metric, "value": -1.0, "epoch": None}
+    elapsed_before = 0.0  # wall time of earlier invocations (up to their last checkpoint)
     if cfg.resume:
         trainer = load_checkpoint(run_dir / "checkpoints" / "last", model=plain, optimizer=optimizer,
                                   scheduler=scheduler, scaler=scaler)
-        state, best = EpochState.from_dict(trainer["position"]), trainer["best"]
+        state, best = EpochState.from_dict(trainer["position"]), dict(trainer["best"])
+        if "value" not in best:  # checkpoints written before detection support stored {"miou": ...}
+            best = {"metric": metric, "value": best.get(metric, -1.0), "epoch": best.get("epoch"), "iou": best.get("iou")}
         hooks.load_state_dict(trainer.get("callbacks", {}))
+        elapsed_before = float(trainer.get("elapsed_s", 0.0))
         if info.is_main:
             _drop_records_after(run_dir / "metrics.jsonl", state)
             print(f"resumed {run_dir} at epoch {state.epoch}, batch {state.batches_done}, step {state.global_step}")
@@ -147,7 +151,8 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
         if info.is_main:
             save_checkpoint(run_dir / "checkpoints" / "last", model=plain, optimizer=optimizer, scheduler=scheduler,
                             scaler=scaler, state={"position": st.state_dict(), "best": best,
-                                                  "callbacks": hooks.state_dict()})
+                                                  "callbacks": hooks.state_dict(),
+                                                  "elapsed_s": elapsed_before + time.perf_counter() - t_start})
 
     def after_step(st: EpochState) -> None:
         if cfg.checkpoint_interval and st.global_step % cfg.checkpoint_interval == 0:
@@ -172,7 +177,7 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
         )
         logs: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "step": state.global_step,
                                 "train_loss": stats["loss"], "img_per_s": stats["img_per_s"],
-                                "lr": optimizer.param_groups[0]["lr"], "time_s": time.perf_counter() - t_start}
+                                "lr": optimizer.param_groups[0]["lr"], "time_s": elapsed_before + time.perf_counter() - t_start}
         if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs:
             val = run_eval(plain, val_loader, missing=cfg.train_missing, progress=cfg.progress, **eval_kwargs)
             if task == "segmentation":
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
     summary = {
         "run_dir": str(run_dir), "model": cfg.model, "task": task, "dataset": cfg.dataset, "modalities": list(modalities),
         "train_missing": list(cfg.train_missing), "epochs": cfg.epochs, "steps": state.global_step,
-        "world_size": info.world_size, "device": str(device), "wall_time_s": time.perf_counter() - t_start,
+        "world_size": info.world_size, "device": str(device), "wall_time_s": elapsed_before + time.perf_counter() - t_start,
         "metric": metric, "best_value": best["value"], f"best_val_{metric}": best["value"],
         "best_epoch": best["epoch"], "best_val_iou": best.get("iou"),
         "class_names": class_names, **final,
