@@ -225,3 +225,19 @@ def test_family_entry_takes_any_timm_encoder() -> None:
     assert model.tap_info()["rgb.stage4"].channels == 320  # read from timm's feature_info
     with pytest.raises(TypeError, match="cmx_resnet50.*fixes encoder"):
         fz.create_model("cmx_resnet50", encoder="convnext_atto")
+
+
+@pytest.mark.parametrize("gated", ["late_gate_resnet18", "hybrid_gate_resnet18"])
+def test_decision_gates_are_weights_and_drop_missing_modalities(gated: str) -> None:
+    model = build(gated).eval()
+    inputs = make_inputs(model.modalities)
+    with torch.no_grad(), fz.capture(model, "head.gate") as full:
+        model(inputs)
+    with torch.no_grad(), fz.capture(model, "head.gate") as partial:
+        model({"rgb": inputs["rgb"]}, missing=("depth",))
+    gate, gate_missing = full["head.gate"], partial["head.gate"]
+    assert gate.shape[1] == model.tap_info()["head.gate"].channels
+    assert torch.allclose(gate.sum(dim=1), torch.ones_like(gate[:, 0]), atol=1e-5) and (gate > 0).all()
+    depth_index = gate.shape[1] - 1  # predictions are ordered [fused?] + modalities; depth is last
+    assert torch.equal(gate_missing[:, depth_index], torch.zeros_like(gate_missing[:, depth_index]))
+    assert torch.allclose(gate_missing.sum(dim=1), torch.ones_like(gate[:, 0]), atol=1e-5)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .base import register_family
-from .late import decision_fusion
+from .late import decision_fusion, decision_weights
 from .middle import MiddleFusionModel
 
 
@@ -15,7 +15,8 @@ class HybridFusionModel(MiddleFusionModel):
     """Middle fusion (modality streams kept separate, fused per stage) with a fused decoder, plus
     one decoder per modality on its own stage features; the ``1 + M`` predictions (taps
     ``fused.head``, ``{m}.head``) are combined by per-pixel softmax gates predicted from the
-    concatenated decoder embeddings (tap ``head.gate``, ``1 + M`` channels), in the spirit of
+    concatenated decoder embeddings (tap ``head.gate``: the weights, ``1 + M`` channels summing
+    to 1 per pixel), in the spirit of
     the per-modality experts of Valada et al. (AdapNet, ICRA 2017) on top of ESANet-style
     squeeze-excitation fusion (Seichter et al., ICRA 2021) generalized to any number of streams.
 
@@ -46,9 +47,10 @@ class HybridFusionModel(MiddleFusionModel):
             e = self.decoders[m](own[m])
             embeddings.append(e)
             logits.append(self.taps(f"{m}.head", self.decoders[m].classify(e)))
-        scores = self.taps("head.gate", self.gate(torch.cat(embeddings, dim=1))).unsqueeze(2)
+        scores = self.gate(torch.cat(embeddings, dim=1)).unsqueeze(2)  # (B, 1 + M, 1, h, w)
         present = [True] + [m not in missing for m in self.modalities]
-        return self.taps("head.logits", decision_fusion(logits, scores, present))
+        weights = self.taps("head.gate", decision_weights(scores, present).squeeze(2)).unsqueeze(2)
+        return self.taps("head.logits", decision_fusion(logits, weights))
 
 
 register_family(

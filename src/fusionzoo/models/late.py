@@ -13,22 +13,27 @@ from .base import FusionModel, register_family
 LATE_RULES = ("mean", "weighted", "gate")
 
 
-def decision_fusion(logits: Sequence[torch.Tensor], scores: torch.Tensor, present: Sequence[bool]) -> torch.Tensor:
-    """Softmax-weighted sum of predictions, absent predictions excluded.
+def decision_weights(scores: torch.Tensor, present: Sequence[bool]) -> torch.Tensor:
+    """Softmax over predictions of unnormalized scores, absent predictions given weight 0.
 
     Args:
-        logits: ``P`` predictions, each ``(B, K, h, w)``.
-        scores: unnormalized weights broadcastable to ``(B, P, K, h, w)``: ``(P, 1, 1, 1)`` for a
-            mean, ``(P, K, 1, 1)`` for per-class weights, ``(B, P, 1, h, w)`` for per-pixel gates.
-        present: which predictions may take part (missing modalities get weight 0).
+        scores: ``(P, 1, 1, 1)`` for a mean, ``(P, K, 1, 1)`` for per-class weights,
+            ``(B, P, 1, h, w)`` for per-pixel gates.
+        present: which of the ``P`` predictions may take part (missing modalities may not).
 
     Returns:
-        ``(B, K, h, w)``; the weights (softmax over ``P``) sum to 1 over the present predictions.
+        Weights of the same shape, summing to 1 over ``P`` (dim 0, or dim 1 for gates).
     """
+    dim = 1 if scores.dim() == 5 else 0
+    shape = [1] * scores.dim()
+    shape[dim] = len(present)
+    mask = torch.tensor(present, device=scores.device).view(shape)
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=dim)
+
+
+def decision_fusion(logits: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of ``P`` predictions ``(B, K, h, w)`` with weights from :func:`decision_weights`."""
     stacked = torch.stack(list(logits), dim=1)  # (B, P, K, h, w)
-    mask = torch.tensor(present, device=stacked.device).view(1, -1, 1, 1, 1)
-    scores = scores.expand(stacked.shape[0], *scores.shape[-4:]) if scores.dim() == 4 else scores
-    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=1)
     return (weights * stacked).sum(dim=1)
 
 
@@ -40,7 +45,7 @@ class LateFusionModel(FusionModel):
       (parameter ``class_weights`` of shape ``(M, K)``, initialized to the mean);
     - ``"gate"``: per-pixel confidence gates: a 1x1 conv over the concatenated decoder
       embeddings predicts one score per modality and pixel, softmax over modalities (tap
-      ``head.gate``, ``M`` channels).
+      ``head.gate``: the weights, ``M`` channels summing to 1 per pixel).
 
     Missing modalities are excluded from the fusion (weight 0, the others renormalized).
 
@@ -96,12 +101,13 @@ class LateFusionModel(FusionModel):
             logits.append(self.taps(f"{m}.head", self.decoders[m].classify(embedding)))
         present = [m not in missing for m in self.modalities]
         if self.rule == "mean":
-            scores = logits[0].new_zeros(len(logits), 1, 1, 1)
+            weights = decision_weights(logits[0].new_zeros(len(logits), 1, 1, 1), present)
         elif self.rule == "weighted":
-            scores = self.class_weights[:, :, None, None]
+            weights = decision_weights(self.class_weights[:, :, None, None], present)
         else:
-            scores = self.taps("head.gate", self.gate(torch.cat(embeddings, dim=1))).unsqueeze(2)
-        return self.taps("head.logits", decision_fusion(logits, scores, present))
+            scores = self.gate(torch.cat(embeddings, dim=1)).unsqueeze(2)  # (B, M, 1, h, w)
+            weights = self.taps("head.gate", decision_weights(scores, present).squeeze(2)).unsqueeze(2)
+        return self.taps("head.logits", decision_fusion(logits, weights))
 
 
 _PAPER_LATE = "late (decision-level) fusion of per-modality networks, cf. Valada et al., 'AdapNet', ICRA 2017"
