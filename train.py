@@ -228,6 +228,14 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
     if info.is_main:
         atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
         print_summary(summary, find_comparable_runs(cfg, run_dir))
+
+    # 8. Interpretation (fusionzoo.interpret): CKA, semantic variance, modality contribution,
+    # gradient balance, Grad-CAM of the best weights on the validation split, as one HTML page.
+    if info.is_main and cfg.report and task == "segmentation":
+        from fusionzoo.interpret.runs import report_run
+
+        files = report_run(run_dir, device=device)
+        print(f"interpretability report: {files['report']}")
     cleanup_distributed()
     return summary
 

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # steps turn any non-zero gradient into a +-lr update; SGD keeps the noise at noise level.
 COMMON = ["--model", "esanet_resnet18", "--image-size", "32,32", "--train-samples", "8", "--val-samples", "3",
           "--epochs", "2", "--threads", "1", "--no-progress", "--seed", "1", "--optimizer", "sgd", "--lr", "0.05",
-          "--model-kwargs", "{dropout: 0.0}", "--log-interval", "1"]
+          "--model-kwargs", "{dropout: 0.0}", "--log-interval", "1", "--no-report"]
 
 
 def _free_port() -> int:

@@ -105,6 +105,7 @@ class TrainConfig:
 
     # --- training-time measurements (fusionzoo.engine.builders.CALLBACKS) ---
     callbacks: tuple[str, ...] = ("modality_balance",)  # per-modality gradient norms etc. -> callbacks.json
+    report: bool = True  # end by writing the interpretability report <run>/report/report.html (segmentation)
 
     # --- bookkeeping ---
     seed: int = 0
