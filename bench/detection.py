@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--fpn-channels", type=int, default=64, help="FPN/head width (256 as published; 64 for CPU)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--list", action="store_true", help="print the detection zoo and exit")
