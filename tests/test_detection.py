@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fusionzoo as fz
-import fusionzoo.detection  # noqa: F401  (registers the detectors until fusionzoo imports them itself)
+import fusionzoo.detection  # registers the detectors (until fusionzoo imports it itself)
 from fusionzoo.data import collate, create_dataset
 
 SIZE = 64

@@ -144,7 +144,9 @@ class EarlyFusionDetector(DetectorMixin, FusionModel):
                                     detections_per_img)
         self.declare_levels("fpn", fpn_channels)
 
-    def detect(self, xs, images, targets, missing):  # noqa: ANN001, ANN201 - see DetectorMixin.detect
+    def detect(
+        self, xs: dict[str, torch.Tensor], images: ImageList, targets: list[Detections] | None, missing: tuple[str, ...]
+    ) -> Output:
         x = torch.cat([xs[m] for m in self.modalities], dim=1)
         feats = [self.taps(f"fused.{s}", f) for s, f in zip(self.encoder.stage_names, self.encoder(x))]
         return self.detector(feats[1:], images, targets, self.taps, "fpn")
@@ -188,8 +190,8 @@ class MiddleFusionDetector(DetectorMixin, MiddleFusionModel):
         fusion_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         # Read by build_head, which MiddleFusionModel.__init__ calls.
-        self.head_options = dict(head=head, fpn_channels=fpn_channels, score_thresh=score_thresh,
-                                 nms_thresh=nms_thresh, detections_per_img=detections_per_img)
+        self.head_options = {"head": head, "fpn_channels": fpn_channels, "score_thresh": score_thresh,
+                             "nms_thresh": nms_thresh, "detections_per_img": detections_per_img}
         self.fusion_op = fusion_op
         super().__init__(encoder, num_classes=num_classes, modalities=modalities, in_chans=in_chans,
                          pretrained=pretrained, fusion_op=fusion_op, fuse_stem=False, feedback=feedback,
@@ -210,7 +212,9 @@ class MiddleFusionDetector(DetectorMixin, MiddleFusionModel):
         self.declare_levels("fpn", o["fpn_channels"])
         self.detections_per_img = self.detector.detections_per_img
 
-    def detect(self, xs, images, targets, missing):  # noqa: ANN001, ANN201 - see DetectorMixin.detect
+    def detect(
+        self, xs: dict[str, torch.Tensor], images: ImageList, targets: list[Detections] | None, missing: tuple[str, ...]
+    ) -> Output:
         fused, _ = self.forward_streams(xs)
         return self.detector(fused, images, targets, self.taps, "fpn")
 
@@ -252,7 +256,9 @@ class HybridFusionDetector(MiddleFusionDetector):
         yield from super().modality_parameters(modality)
         yield from self.modality_detectors[modality].parameters()
 
-    def detect(self, xs, images, targets, missing):  # noqa: ANN001, ANN201 - see DetectorMixin.detect
+    def detect(
+        self, xs: dict[str, torch.Tensor], images: ImageList, targets: list[Detections] | None, missing: tuple[str, ...]
+    ) -> Output:
         fused, own = self.forward_streams(xs)
         outputs = [self.detector(fused, images, targets, self.taps, "fpn")]
         for m in self.modalities:
@@ -314,7 +320,9 @@ class LateFusionDetector(DetectorMixin, FusionModel):
         yield from super().modality_parameters(modality)
         yield from self.detectors[modality].parameters()
 
-    def detect(self, xs, images, targets, missing):  # noqa: ANN001, ANN201 - see DetectorMixin.detect
+    def detect(
+        self, xs: dict[str, torch.Tensor], images: ImageList, targets: list[Detections] | None, missing: tuple[str, ...]
+    ) -> Output:
         outputs = []
         for m in self.modalities:
             enc = self.encoders[m]
@@ -366,8 +374,8 @@ def register_detector_family(
         entry.__module__ = model_cls.__module__
         return entry
 
-    meta = dict(task="detection", fusion=fusion, method=method, paper=paper, modalities=("rgb", "thermal"),
-                max_modalities=max_modalities, accepts=accepts)
+    meta = {"task": "detection", "fusion": fusion, "method": method, "paper": paper, "modalities": ("rgb", "thermal"),
+            "max_modalities": max_modalities, "accepts": accepts}
     register_model(encoder=default_encoder, **meta)(make_entry(method, None))
     for encoder in encoders:
         register_model(encoder=encoder, **meta)(make_entry(f"{method}_{encoder_key(encoder)}", encoder))
