@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--train-samples", type=int, default=128)
     parser.add_argument("--val-samples", type=int, default=64)
     parser.add_argument("--fpn-channels", type=int, default=64, help="FPN/head width (256 as published; 64 for CPU)")

@@ -150,13 +150,35 @@ def test_empty_and_out_of_image_targets(model_name: str) -> None:
 def test_missing_modality_policy(name: str, built: nn.Module) -> None:
     model = built.eval()
     inputs = make_inputs()
-    with torch.no_grad():
-        out = model({"rgb": inputs["rgb"]}, missing=("thermal",))
-        zero_filled = model({**inputs, "thermal": torch.zeros_like(inputs["thermal"])})
-    same = all(torch.equal(a[k], b[k]) for a, b in zip(out, zero_filled) for k in a)
     fusion = fz.model_entry(name).fusion
-    # Early/middle: the absent stream is zeros. Late/hybrid also drop its own boxes from the fusion.
-    assert same == (fusion in ("early", "middle"))
+    if fusion in ("early", "middle"):
+        # Documented policy: the absent stream is zeros (the normalized mean).
+        with torch.no_grad():
+            out = model({"rgb": inputs["rgb"]}, missing=("thermal",))
+            zero_filled = model({**inputs, "thermal": torch.zeros_like(inputs["thermal"])})
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(out, zero_filled) for k in a)
+        return
+    # Late / hybrid: the absent modality's own boxes are left out of the box fusion.
+    seen = []
+    fuse = model.fuse_boxes
+
+    def spy(per_detector: list, present: list[bool]) -> list:  # records what the model fuses
+        seen.append((per_detector, present))
+        return fuse(per_detector, present)
+
+    model.fuse_boxes = spy
+    try:
+        with torch.no_grad():
+            out = model({"rgb": inputs["rgb"]}, missing=("thermal",))
+    finally:
+        del model.fuse_boxes
+    per_detector, present = seen[0]
+    assert present == ([True, True, False] if fusion == "hybrid" else [True, False])
+    kept = [d for d, p in zip(per_detector, present) if p]
+    rule = fusionzoo.detection.BOX_FUSIONS[model.box_fusion]
+    for i, d in enumerate(out):
+        expected = rule([k[i] for k in kept], max_detections=model.detections_per_img)
+        assert all(torch.equal(d[k], expected[k]) for k in d)
 
 
 def test_safetensors_round_trip(built: nn.Module, tmp_path) -> None:
