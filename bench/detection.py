@@ -24,7 +24,7 @@ import fusionzoo.detection  # registers the detectors
 from fusionzoo.data import collate, create_dataset
 from fusionzoo.detection import coco_ap
 
-DEFAULT_MODELS = ["fcos_early_resnet18", "fcos_cmx_resnet18", "fcos_late_proben_resnet18", "fcos_hybrid_wbf_resnet18"]
+DEFAULT_MODELS = ["fcos_early_resnet18", "fcos_cmx_resnet18", "fcos_late_wbf_resnet18", "fcos_hybrid_wbf_resnet18"]
 
 
 def list_zoo() -> None:
