@@ -80,7 +80,7 @@ def test_interpret_run_folder_uses_run_weights_data_and_history(tmp_path):
     assert files["report"] == run / "report" / "report.html" and files["report"].is_file()
 
 
-def test_compare_reuses_and_builds(tmp_path):
+def test_compare_reuses_and_builds(tmp_path, capsys):
     first = tmp_path / "a"
     assert main(["interpret", "late_mean_resnet18", "--out", str(first), "--metrics", "cka,contribution", *TINY]) == 0
     out = tmp_path / "cmp"
@@ -92,6 +92,16 @@ def test_compare_reuses_and_builds(tmp_path):
     assert cmp["cka_modality_fused"]["late_mean_resnet18"] == {}
     assert (out / "01_esanet_resnet18" / "metrics.json").is_file()
     assert (out / "report.html").is_file() and (out / "cmp_contribution.png").is_file()
+    # the markdown tables are printed and written, one summary row per model, class names as columns
+    md = (out / "comparison.md").read_text()
+    assert md in capsys.readouterr().out
+    summary = md.split("### Summary")[1].split("###")[0]
+    assert "| late_mean_resnet18 | late |" in summary and "| esanet_resnet18 | middle |" in summary
+    per_class = md.split("### Shapley value of class IoU per modality")[1].split("###")[0]
+    header = next(line for line in per_class.splitlines() if line.startswith("| model"))
+    class_names = json.loads((first / "metrics.json").read_text())["class_names"]
+    assert [c.strip() for c in header.strip("| ").split("|")] == ["model", "modality", *class_names]
+    assert sum(line.startswith("| esanet_resnet18 | ") for line in per_class.splitlines()) == 2  # rgb, depth
 
 
 def test_bad_target(tmp_path):

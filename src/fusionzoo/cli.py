@@ -199,7 +199,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in (p.name or target))
             results.append(_interpret_one(target, args, out / f"{i:02d}_{safe}"))
     files = write_comparison(results, out)
-    print(f"wrote {files['report']}")
+    print(files["markdown"].read_text())
+    print(f"wrote {files['report']} and {files['markdown']}")
     return 0
 
 

@@ -331,12 +331,18 @@ def _img(path: Path, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def _fmt(v: Any, pct: bool = False) -> str:
+def _num(v: Any, pct: bool = False) -> str:
+    """Plain-text cell: fractions as 0.123, or as percentage points with ``pct``."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     if isinstance(v, (int, float)):
         return f"{100 * v:.1f}" if pct else f"{v:.3f}"
-    return html.escape(str(v))
+    return str(v)
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    """HTML cell of :func:`_num`."""
+    return html.escape(_num(v, pct))
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -503,7 +509,7 @@ def _plot_reliance(res: InterpretResult, path: Path) -> Path | None:
 # --------------------------------------------------------------------------------------------
 def write_comparison(results: Sequence[InterpretResult | str | Path], out_dir: str | Path,
                      title: str = "fusionzoo comparison") -> dict[str, Path]:
-    """Write ``comparison.json``, comparison plots and ``report.html`` for several results.
+    """Write ``comparison.json``, ``comparison.md``, comparison plots and ``report.html``.
 
     Args:
         results: results or paths to their ``metrics.json`` / output folders.
@@ -532,30 +538,66 @@ def write_comparison(results: Sequence[InterpretResult | str | Path], out_dir: s
         if p is not None:
             files[name] = p
             figs.append(_img(p, caption))
-    rows = []
-    mods = list(dict.fromkeys(m for r in res for m in r.modalities))
-    for lab in cmp.models:
-        rows.append([html.escape(lab), html.escape(str(cmp.fusion[lab])), _fmt(cmp.miou[lab], True)]
-                    + [_fmt(cmp.shapley[lab].get(m), True) for m in mods]
-                    + [_fmt(cmp.drop[lab].get(m), True) for m in mods]
-                    + [_fmt((cmp.reliance[lab].get("head.logits") or {}).get(m)) for m in mods])
-    table = _table(["model", "fusion", "mIoU (%)", *[f"Shapley {m}" for m in mods], *[f"drop {m}" for m in mods],
-                    *[f"logit reliance {m}" for m in mods]], rows)
-    cka_rows = [[html.escape(lab)] + [_fmt(cmp.cka_cross_modal[lab].get(s)) for s in cmp.stages] for lab in cmp.models]
-    sv_rows = []
-    for lab in cmp.models:
-        for stream, d in cmp.semantic_variance[lab].items():
-            sv_rows.append([html.escape(lab), html.escape(stream)] + [_fmt(d.get(s)) for s in cmp.stages])
-    sections = [
-        "<h2>Summary</h2>" + table,
-        "<h3>Cross-modal CKA per stage</h3>" + _table(["model", *cmp.stages], cka_rows),
-        "<h3>Semantic variance per stream and stage</h3>" + _table(["model", "stream", *cmp.stages], sv_rows),
-        "<h2>Plots</h2>" + "".join(figs),
-    ]
+    tables = comparison_tables(cmp, res)
+    sections = [f"<h{2 if i == 0 else 3}>{html.escape(heading)}</h{2 if i == 0 else 3}>"
+                + _table(header, [[html.escape(c) for c in row] for row in rows])
+                for i, (heading, header, rows) in enumerate(tables)]
+    sections.append("<h2>Plots</h2>" + "".join(figs))
+    path = out / "comparison.md"
+    path.write_text(comparison_markdown(cmp, res))
+    files["markdown"] = path
     page = out / "report.html"
     page.write_text(_page(title, sections))
     files["report"] = page
     return files
+
+
+Table = tuple[str, list[str], list[list[str]]]  # (title, header, rows of plain-text cells)
+
+
+def comparison_tables(cmp: ComparisonResult, results: Sequence[InterpretResult]) -> list[Table]:
+    """The comparison as plain-text tables, shared by ``report.html`` and ``comparison.md``.
+
+    Contribution numbers are mIoU / IoU points (percent); CKA, semantic variance and reliance are
+    fractions in [0, 1]. Per-class Shapley values are given for every model with a contribution
+    pass, so a depth-only class can be read off directly (its depth value should carry its IoU).
+    """
+    mods = list(dict.fromkeys(m for r in results for m in r.modalities))
+    summary = [[lab, str(cmp.fusion[lab]), _num(cmp.miou[lab], True)]
+               + [_num(cmp.shapley[lab].get(m), True) for m in mods]
+               + [_num(cmp.drop[lab].get(m), True) for m in mods]
+               + [_num((cmp.reliance[lab].get("head.logits") or {}).get(m)) for m in mods]
+               for lab in cmp.models]
+    tables: list[Table] = [("Summary", ["model", "fusion", "mIoU (%)", *[f"Shapley {m}" for m in mods],
+                                        *[f"drop {m}" for m in mods], *[f"logit reliance {m}" for m in mods]],
+                            summary)]
+    names = next((r.class_names for r in results if r.class_names), None)
+    per_class = []
+    for lab, r in zip(cmp.models, results):
+        for m, values in ((r.contribution or {}).get("shapley_per_class") or {}).items():
+            per_class.append([lab, m] + [_num(v, True) for v in values])
+    if per_class:
+        k = max(len(row) - 2 for row in per_class)
+        header = list(names) if names and len(names) == k else [str(i) for i in range(k)]
+        tables.append(("Shapley value of class IoU per modality (IoU points)", ["model", "modality", *header],
+                       per_class))
+    tables.append(("Cross-modal CKA per stage (debiased)", ["model", *cmp.stages],
+                   [[lab] + [_num(cmp.cka_cross_modal[lab].get(s)) for s in cmp.stages] for lab in cmp.models]))
+    tables.append(("Semantic variance per stream and stage", ["model", "stream", *cmp.stages],
+                   [[lab, stream] + [_num(d.get(s)) for s in cmp.stages]
+                    for lab in cmp.models for stream, d in cmp.semantic_variance[lab].items()]))
+    return tables
+
+
+def comparison_markdown(cmp: ComparisonResult, results: Sequence[InterpretResult]) -> str:
+    """:func:`comparison_tables` as GitHub markdown (what ``fusionzoo compare`` prints)."""
+    parts = []
+    for title, header, rows in comparison_tables(cmp, results):
+        lines = [f"### {title}", "", "| " + " | ".join(header) + " |",
+                 "|" + "|".join(["---"] * min(len(header), 2) + ["---:"] * max(len(header) - 2, 0)) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
 
 
 def _cmp_contribution(cmp: ComparisonResult, path: Path) -> Path | None:
