@@ -1,16 +1,30 @@
 #!/usr/bin/env python
 """Training and inference throughput (images/s) and peak memory of registered models.
 
-    python bench/train.py                                   # every named model, 480x640, CPU (slow)
-    python bench/train.py --models "*_resnet18" --steps 3   # a subset
+    python bench/train.py                                   # every named segmentation model, 480x640, CPU
+    python bench/train.py --models "*_resnet18" --steps 3   # a subset (segmentation and detection)
+    python bench/train.py --task detection --size 512,640   # every named detector
     python bench/train.py --device cuda --amp bf16 --batch-size 8 --channels-last
+
+Models: ``--task segmentation`` (the zoo of ``list_models(task="segmentation")``), ``detection``
+(``list_models(task="detection")``, registered by ``import fusionzoo.detection``) or ``all``.
+Without ``--task``, ``--models`` patterns are matched against both tasks (so
+``--models fcos_cmx_resnet18`` needs no ``--task``; each model's task is ``model_entry(name).task``)
+and no patterns means every segmentation model, as before detectors existed. Family entries
+(``cmx`` = ``cmx_resnet50``) are skipped unless ``--include-families``.
 
 Each model is measured in a fresh subprocess, so peak memory belongs to that model alone: on
 CPU the peak resident set size of the process (``ru_maxrss`` from ``wait4``) minus the RSS the
 process had before the model was built; on CUDA ``torch.cuda.max_memory_allocated``. Inference
-is measured first (``torch.inference_mode``, eval mode), then training (forward, cross-entropy,
-backward, AdamW step), each after ``--warmup`` untimed steps. Numbers are medians over
-``--steps`` timed steps. Nothing here is asserted: it prints a table (and ``--json`` writes the rows).
+is measured first (``torch.inference_mode``, eval mode), then training (forward, loss,
+backward, AdamW step), each after ``--warmup`` untimed steps. The tasks differ only in the call
+and the loss: a segmentation model maps the inputs to logits and trains on cross-entropy against
+random labels (``--num-classes`` default 40); a detector (``--num-classes`` default 3) is called
+torchvision's way, ``model(inputs)`` in eval returning one dict of boxes/scores/labels per image
+(after its own score threshold and NMS) and ``model(inputs, targets)`` in training returning a
+loss dict, summed, with 3 random valid xyxy boxes and labels per image (seeded, fixed for all
+steps). Inputs are random normal, also seeded. Numbers are medians over ``--steps`` timed steps.
+Nothing here is asserted: it prints one table per device and task (and ``--json`` writes the rows).
 """
 
 from __future__ import annotations
@@ -26,6 +40,34 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("segmentation", "detection")
+NUM_CLASSES = {"segmentation": 40, "detection": 3}  # default --num-classes per task
+BOXES_PER_IMAGE = 3
+
+
+def _zoo():
+    """``fusionzoo`` with the detectors registered too."""
+    sys.path.insert(0, str(ROOT / "src"))
+    import fusionzoo as fz
+    import fusionzoo.detection  # registers the detectors
+
+    return fz
+
+
+def _random_targets(batch: int, size: tuple[int, int], num_classes: int, device) -> list[dict]:
+    """``BOXES_PER_IMAGE`` random valid xyxy pixel boxes (sides 5-50 % of the image) and labels per image."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    h, w = size
+    scale = torch.tensor([w, h], dtype=torch.float32)
+    targets = []
+    for _ in range(batch):
+        wh = (0.05 + 0.45 * torch.rand(BOXES_PER_IMAGE, 2, generator=g)) * scale
+        xy = torch.rand(BOXES_PER_IMAGE, 2, generator=g) * (scale - wh)
+        labels = torch.randint(0, num_classes, (BOXES_PER_IMAGE,), generator=g)
+        targets.append({"boxes": torch.cat([xy, xy + wh], dim=1).to(device), "labels": labels.to(device)})
+    return targets
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -33,8 +75,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     import torch
 
-    import fusionzoo as fz
-
+    fz = _zoo()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -49,7 +90,6 @@ def _worker(args: argparse.Namespace) -> None:
     h, w = args.size
     chans = {"rgb": 3, "hha": 3, "depth": 1, "thermal": 1}
     x = {m: torch.randn(args.batch_size, chans[m], h, w, device=device).contiguous(memory_format=fmt) for m in mods}
-    y = torch.randint(0, args.num_classes, (args.batch_size, h, w), device=device)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
 
     def sync() -> None:
@@ -69,7 +109,23 @@ def _worker(args: argparse.Namespace) -> None:
             out.append(time.perf_counter() - t)
         return out
 
-    row = {"model": args.worker, "fusion": entry.fusion, "modalities": list(mods),
+    # The only task-specific part: how the model is called in training and how the loss is formed.
+    if entry.task == "detection":
+        targets = _random_targets(args.batch_size, (h, w), args.num_classes, device)
+
+        def forward_loss() -> torch.Tensor:
+            with autocast():
+                losses = model(x, targets)
+            return sum(v.float() for v in losses.values())
+    else:
+        y = torch.randint(0, args.num_classes, (args.batch_size, h, w), device=device)
+
+        def forward_loss() -> torch.Tensor:
+            with autocast():
+                logits = model(x)
+            return torch.nn.functional.cross_entropy(logits.float(), y)
+
+    row = {"model": args.worker, "task": entry.task, "fusion": entry.fusion, "modalities": list(mods),
            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
     model.eval()
@@ -92,9 +148,7 @@ def _worker(args: argparse.Namespace) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def train_step() -> None:
-        with autocast():
-            logits = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        loss = forward_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -112,24 +166,31 @@ def _worker(args: argparse.Namespace) -> None:
     print("BENCH_ROW " + json.dumps(row), flush=True)
 
 
-def _models(patterns: list[str] | None, include_families: bool) -> list[str]:
-    sys.path.insert(0, str(ROOT / "src"))
-    import fusionzoo as fz
-
-    names = fz.list_models(task="segmentation")
+def _models(patterns: list[str] | None, include_families: bool, task: str | None) -> list[str]:
+    """Names to measure: ``task`` None searches both tasks when patterns are given, else segmentation."""
+    fz = _zoo()
+    if task is None:
+        tasks = TASKS if patterns else ("segmentation",)
+    else:
+        tasks = TASKS if task == "all" else (task,)
+    names = [n for t in tasks for n in fz.list_models(task=t)]
     if not include_families:
         names = [n for n in names if fz.model_entry(n).encoder_fixed]  # family entries repeat a variant
     if patterns:
         names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     if not names:
-        raise SystemExit(f"no registered model matches {patterns}; see fusionzoo.list_models()")
+        raise SystemExit(f"no {'/'.join(tasks)} model matches {patterns}; see fusionzoo.list_models()")
     return names
 
 
-def _measure(name: str, args: argparse.Namespace, device: str) -> dict:
+def _num_classes(task: str, args: argparse.Namespace) -> int:
+    return args.num_classes if args.num_classes is not None else NUM_CLASSES[task]
+
+
+def _measure(name: str, task: str, args: argparse.Namespace, device: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--device", device, "--size", f"{args.size[0]},{args.size[1]}",
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--num-classes", str(args.num_classes), "--amp", args.amp]
+           "--num-classes", str(_num_classes(task, args)), "--amp", args.amp]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.modalities:
@@ -143,17 +204,18 @@ def _measure(name: str, args: argparse.Namespace, device: str) -> dict:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        return {"model": name, "error": f"timeout after {args.timeout}s"}
+        return {"model": name, "task": task, "error": f"timeout after {args.timeout}s"}
     for line in out.splitlines():
         if line.startswith("BENCH_ROW "):
             return json.loads(line[len("BENCH_ROW "):])
     tail = (err or out).strip().splitlines()[-1:] or ["no output"]
-    return {"model": name, "error": tail[0][:120]}
+    return {"model": name, "task": task, "error": tail[0][:120]}
 
 
-def _table(rows: list[dict], device: str, args: argparse.Namespace) -> str:
-    head = (f"device {device}, input {args.size[0]}x{args.size[1]}, batch {args.batch_size}, amp {args.amp}, "
-            f"median of {args.steps} steps after {args.warmup} warm-up")
+def _table(rows: list[dict], task: str, device: str, args: argparse.Namespace) -> str:
+    size = f"{args.size[0]}x{args.size[1]}"
+    head = (f"{task}, {_num_classes(task, args)} classes, device {device}, input {size}, "
+            f"batch {args.batch_size}, amp {args.amp}, median of {args.steps} steps after {args.warmup} warm-up")
     lines = [head, "",
              "| model | fusion | params (M) | train img/s | infer img/s | train peak MB | infer peak MB |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -168,13 +230,15 @@ def _table(rows: list[dict], device: str, args: argparse.Namespace) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="*", help="fnmatch patterns (default: every named variant)")
+    p.add_argument("--models", nargs="*", help="fnmatch patterns (default: every named variant of --task)")
+    p.add_argument("--task", default=None, choices=[*TASKS, "all"],
+                   help="default: both tasks when --models is given, else segmentation")
     p.add_argument("--include-families", action="store_true", help="also family entries (cmx = cmx_resnet50)")
     p.add_argument("--size", default="480,640", help="H,W (default 480,640)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed steps per phase")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per phase")
-    p.add_argument("--num-classes", type=int, default=40)
+    p.add_argument("--num-classes", type=int, default=None, help="default: 40 segmentation, 3 detection")
     p.add_argument("--modalities", default=None, help="e.g. rgb,thermal (default: each model's default)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, or 'all' (CPU, then CUDA when available)")
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="autocast dtype (GPU)")
@@ -199,16 +263,23 @@ def main() -> None:
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     if not devices:
         raise SystemExit(f"--device {args.device}: CUDA is not available here")
-    names = _models(args.models, args.include_families)
+    names = _models(args.models, args.include_families, args.task)
+    fz = _zoo()
+    by_task = {t: [n for n in names if fz.model_entry(n).task == t] for t in TASKS}
     results = {}
     for device in devices:
         rows = []
-        for name in names:
-            rows.append(_measure(name, args, device))
-            print(f"  measured {name} on {device}", file=sys.stderr, flush=True)
+        for task, task_names in by_task.items():
+            if not task_names:
+                continue
+            task_rows = []
+            for name in task_names:
+                task_rows.append(_measure(name, task, args, device))
+                print(f"  measured {name} on {device}", file=sys.stderr, flush=True)
+            print(_table(task_rows, task, device, args), flush=True)
+            print()
+            rows += task_rows
         results[device] = rows
-        print(_table(rows, device, args), flush=True)
-        print()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
