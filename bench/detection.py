@@ -20,7 +20,6 @@ import time
 import torch
 
 import fusionzoo as fz
-import fusionzoo.detection  # registers the detectors
 from fusionzoo.data import collate, create_dataset
 from fusionzoo.detection import coco_ap
 

@@ -7,7 +7,7 @@
     python bench/train.py --device cuda --amp bf16 --batch-size 8 --channels-last
 
 Models: ``--task segmentation`` (the zoo of ``list_models(task="segmentation")``), ``detection``
-(``list_models(task="detection")``, registered by ``import fusionzoo.detection``) or ``all``.
+(``list_models(task="detection")``) or ``all``.
 Without ``--task``, ``--models`` patterns are matched against both tasks (so
 ``--models fcos_cmx_resnet18`` needs no ``--task``; each model's task is ``model_entry(name).task``)
 and no patterns means every segmentation model, as before detectors existed. Family entries
@@ -46,10 +46,9 @@ BOXES_PER_IMAGE = 3
 
 
 def _zoo():
-    """``fusionzoo`` with the detectors registered too."""
+    """``fusionzoo`` from this checkout (its import registers segmentation and detection models)."""
     sys.path.insert(0, str(ROOT / "src"))
     import fusionzoo as fz
-    import fusionzoo.detection  # registers the detectors
 
     return fz
 

@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fusionzoo as fz
-import fusionzoo.detection  # registers the detectors (until fusionzoo imports it itself)
 from fusionzoo.data import collate, create_dataset
 
 SIZE = 64
@@ -175,7 +174,7 @@ def test_missing_modality_policy(name: str, built: nn.Module) -> None:
     per_detector, present = seen[0]
     assert present == ([True, True, False] if fusion == "hybrid" else [True, False])
     kept = [d for d, p in zip(per_detector, present) if p]
-    rule = fusionzoo.detection.BOX_FUSIONS[model.box_fusion]
+    rule = fz.detection.BOX_FUSIONS[model.box_fusion]
     for i, d in enumerate(out):
         expected = rule([k[i] for k in kept], max_detections=model.detections_per_img)
         assert all(torch.equal(d[k], expected[k]) for k in d)

@@ -11,7 +11,7 @@ interpretation.
 
 from __future__ import annotations
 
-from . import models  # noqa: F401  (registers every model)
+from . import detection, models  # noqa: F401  (registers every segmentation and detection model)
 from ._registry import ModelEntry, create_model, list_models, model_entry, register_model
 from .encoders import Encoder, PretrainedWeightsError
 from .modalities import DEFAULT_CHANNELS

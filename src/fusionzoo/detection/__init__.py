@@ -1,6 +1,7 @@
 """Detection zoo: RGB-T / RGB-D object detectors across early, middle, late and hybrid fusion.
 
-Importing this package registers the detectors (``fusionzoo.list_models(task="detection")``).
+``import fusionzoo`` imports this package, which registers the detectors
+(``fusionzoo.list_models(task="detection")``).
 See docs/detection.md for the models, box formats and metric protocols.
 """
 

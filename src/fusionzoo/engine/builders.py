@@ -188,7 +188,6 @@ def build_model(cfg: TrainConfig, modalities: Sequence[str], num_classes: int) -
     """
     import fusionzoo as fz
 
-    _register_detectors()
     entry = fz.model_entry(cfg.model)
     kwargs: dict[str, Any] = dict(cfg.model_kwargs)
     for k in ("num_classes", "modalities"):
@@ -204,14 +203,6 @@ def build_model(cfg: TrainConfig, modalities: Sequence[str], num_classes: int) -
             f"model and withhold the other stream with --train-missing."
         )
     return fz.create_model(cfg.model, num_classes=num_classes, modalities=tuple(modalities), **kwargs)
-
-
-def _register_detectors() -> None:
-    """Detection entries live in ``fusionzoo.detection``; importing it registers them."""
-    try:
-        import fusionzoo.detection  # noqa: F401
-    except ImportError:  # the detection extra (torchvision detection ops) is not available
-        pass
 
 
 def normalization_of(cfg: TrainConfig, modalities: Sequence[str]) -> dict[str, Any] | None:

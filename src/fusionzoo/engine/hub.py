@@ -189,9 +189,6 @@ def from_pretrained(
         >>> logits = model({"rgb": rgb, "depth": depth})   # (B, K, H, W)
     """
     from .. import _registry
-    from .builders import _register_detectors
-
-    _register_detectors()
     config_path, weights_path = _resolve_files(name_or_path, revision, cache_dir, local_files_only)
     cfg = _read_config(config_path)
     kwargs = dict(cfg["model"])
