@@ -591,10 +591,17 @@ def comparison_tables(cmp: ComparisonResult, results: Sequence[InterpretResult])
 
 def comparison_markdown(cmp: ComparisonResult, results: Sequence[InterpretResult]) -> str:
     """:func:`comparison_tables` as GitHub markdown (what ``fusionzoo compare`` prints)."""
+    def numeric(column: list[str]) -> bool:
+        try:
+            [float(c) for c in column if c != "n/a"]
+        except ValueError:
+            return False
+        return True
+
     parts = []
     for title, header, rows in comparison_tables(cmp, results):
-        lines = [f"### {title}", "", "| " + " | ".join(header) + " |",
-                 "|" + "|".join(["---"] * min(len(header), 2) + ["---:"] * max(len(header) - 2, 0)) + "|"]
+        align = ["---:" if numeric([r[i] for r in rows]) else "---" for i in range(len(header))]
+        lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
