@@ -8,7 +8,10 @@ permuted across the batch (perceptual score). Grad-CAM runs on the first batch. 
 bounded by accumulators (:mod:`.cka`, :mod:`.semantic_variance`, :mod:`.health`), never by
 stored activations. Because it only sees taps, it works unchanged for early, middle, late and
 hybrid models: metrics whose taps a model lacks (e.g. cross-modal CKA for early fusion) are
-simply absent from its result.
+simply absent from its result. Detectors (``model.task == "detection"``) take the same path;
+only the task metric (COCO AP, :mod:`.detection`), the Grad-CAM score (top detections), the
+semantic-variance labels (box masks when batches have no mask) and the default CKA rows (one
+per ground-truth object) differ.
 
 :func:`compare` aligns several results stage by stage (``stage1..4``) into one
 :class:`ComparisonResult`.
@@ -30,15 +33,23 @@ import torch
 from torch import nn
 
 from ..taps import capture
-from .cka import StreamingCKA, reduce_spatial
-from .contribution import REMOVAL_POLICIES, ContributionAccumulator, ModalityStats, remove_modalities
+from .cka import StreamingCKA, object_rows, reduce_spatial
+from .contribution import (
+    REMOVAL_POLICIES,
+    ContributionAccumulator,
+    ModalityStats,
+    contribution_keys,
+    remove_modalities,
+)
+from .detection import DetectionContributionAccumulator, DetectionScore, detection_targets
 from .gradcam import grad_cam, split_gate_channels
 from .health import EffectiveRank, FeatureNorm
-from .semantic_variance import SemanticVariance
+from .semantic_variance import SemanticVariance, box_masks
 
 __all__ = ["METRICS", "ComparisonResult", "InterpretResult", "compare", "load_result", "run"]
 
 METRICS = ("cka", "semantic_variance", "health", "contribution", "reliance", "gradcam", "gates")
+ROW_RULES = ("sample", "pool", "object")
 _STAGE_RE = re.compile(r"^stage(\d+)$")
 
 
@@ -80,14 +91,17 @@ class InterpretResult:
         semantic_variance: tap -> :class:`SemanticVarianceResult` fields.
         health: ``{"effective_rank": {tap: v}, "feature_norm": {tap: v},
             "norm_ratio": {stage: {"a/b": v}}}``.
-        contribution: :class:`ContributionResult` fields, plus ``unimodal_heads`` (modality ->
-            ``{"miou", "iou"}`` of that modality's own prediction) for models with ``{m}.head`` taps.
+        contribution: :class:`ContributionResult` fields (``metric``: ``"mIoU"`` for
+            segmentation, ``"AP"`` for detection), plus ``unimodal_heads`` (modality ->
+            ``{"miou", "iou"}`` of that modality's own prediction) for segmentation models with
+            ``{m}.head`` taps.
         reliance: tap -> modality -> ``1 - CKA(tap, tap with that modality removed)``.
         gates: tap -> stream -> mean value over the dataset.
         training: a training history (:class:`ModalityBalanceCallback` state), when known.
         timings: seconds per phase.
         artifacts: in-memory extras for plots (Grad-CAM maps, first-batch gate maps, display
-            images); not written to JSON.
+            images; for detectors also the first images' ``detections``, ``targets`` and the
+            ``gradcam_detections`` explained); not written to JSON.
     """
 
     model: str
@@ -135,11 +149,19 @@ class InterpretResult:
         rows = (self.cka or {}).get("pairs", [])
         return [r for r in rows if kind is None or r["kind"] == kind]
 
-    def miou(self) -> float | None:
-        """mIoU with every modality present (from the contribution pass)."""
+    def score(self) -> float | None:
+        """The task metric with every modality present (from the contribution pass): mIoU for
+        segmentation, COCO AP for detection (``contribution["metric"]`` says which)."""
         if not self.contribution:
             return None
-        return self.contribution["coalitions"]["+".join(self.modalities)]["miou"]
+        _, key, _ = contribution_keys(self.contribution)
+        return self.contribution["coalitions"]["+".join(self.modalities)][key]
+
+    def miou(self) -> float | None:
+        """mIoU with every modality present (None for detectors: see :meth:`score`)."""
+        if not self.contribution or contribution_keys(self.contribution)[0] != "mIoU":
+            return None
+        return self.score()
 
 
 def load_result(path: str | Path) -> InterpretResult:
@@ -259,8 +281,9 @@ def run(
     *,
     batch_size: int = 8,
     max_batches: int | None = None,
-    rows: str = "sample",
+    rows: str | None = None,
     samples_per_image: int = 16,
+    sv_labels: str = "auto",
     policy: str = "zero",
     empty_policy: str | None = None,
     stats: ModalityStats | None = None,
@@ -275,19 +298,37 @@ def run(
 ) -> InterpretResult:
     """Measure a model's interpretability metrics over a dataset in one streaming pass.
 
+    Segmentation models and detectors (``model.task == "detection"``) get the same metrics;
+    for detectors the task metric is COCO box AP (contribution), Grad-CAM explains the
+    highest-scoring detection of each image, semantic variance can use ground-truth boxes in
+    place of masks, and CKA / effective rank / reliance rows default to one row per
+    ground-truth object (docs/interpret.md, "Detection models").
+
     Args:
         model: a fusionzoo model (its device is used; it is put in eval mode and restored).
         data: a map-style dataset of sample dicts (batched here with ``fusionzoo.data.collate``),
             a DataLoader, or any iterable of collated batches (``{modality: (B, C, H, W),
-            "mask": (B, H, W)}``).
+            "mask": (B, H, W)}``; detection batches carry ``"boxes"`` / ``"labels"`` lists,
+            one ``(N_i, 4)`` xyxy / ``(N_i,)`` tensor per image, with or without a mask).
         metrics: any of ``METRICS``.
         taps: fnmatch pattern(s) selecting the taps measured.
         batch_size: batch size when ``data`` is a dataset (the perceptual score needs >= 2).
         max_batches: stop after this many batches.
-        rows: how CKA and effective rank turn maps into example rows: ``"sample"`` (the same
-            ``samples_per_image`` relative pixel positions in every image and tap) or ``"pool"``
-            (global average pool, one row per image); see :func:`.cka.reduce_spatial`.
+        rows: how CKA, effective rank and reliance turn maps into example rows: ``"sample"`` (the
+            same ``samples_per_image`` relative pixel positions in every image and tap),
+            ``"pool"`` (global average pool, one row per image; see :func:`.cka.reduce_spatial`)
+            or ``"object"`` (one row per ground-truth box, the tap pooled over the box with
+            ``roi_align``, :func:`.cka.object_rows`; needs batches with ``boxes``). Default:
+            ``"object"`` for detectors, ``"sample"`` otherwise. Objects are the natural rows of a
+            detector: its output is a function of the features in and around object regions,
+            while fixed pixel positions mostly land on background (pedestrians cover a few
+            percent of an LLVIP frame), and one row per object stays aligned across taps of
+            any stride because every tap is pooled over the same boxes.
         samples_per_image: ``k`` for ``rows="sample"``.
+        sv_labels: labels of semantic variance: ``"mask"`` (the batches' masks), ``"boxes"``
+            (ground-truth boxes painted into masks with a background class of its own, index
+            ``K``: :func:`.semantic_variance.box_masks`) or ``"auto"`` (masks when the first batch
+            has one, else boxes when it has those).
         policy: modality removal policy for contribution and reliance (``REMOVAL_POLICIES``).
         empty_policy: policy of the empty coalition (default ``policy``, or ``"zero"`` when
             ``policy="missing"``).
@@ -302,7 +343,10 @@ def run(
         progress: show a progress bar.
 
     Returns:
-        An :class:`InterpretResult`.
+        An :class:`InterpretResult`. ``settings["task"]`` is the model's task,
+        ``settings["rows"]`` / ``settings["sv_labels"]`` the row rule and label source used and
+        ``settings["skipped"]`` metric -> reason for requested metrics the data could not give
+        (e.g. contribution without masks or boxes).
 
     Example:
         >>> ds = fusionzoo.data.create_dataset("synthetic_rgbd", split="val", num_samples=16, image_size=(64, 80))
@@ -315,8 +359,10 @@ def run(
         raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
     if policy not in REMOVAL_POLICIES:
         raise ValueError(f"policy must be one of {REMOVAL_POLICIES}, got {policy!r}")
-    if rows not in ("sample", "pool"):
-        raise ValueError(f"rows must be 'sample' or 'pool', got {rows!r}")
+    if rows not in (None, *ROW_RULES):
+        raise ValueError(f"rows must be one of {ROW_RULES} (or None for the task's default), got {rows!r}")
+    if sv_labels not in ("auto", "mask", "boxes"):
+        raise ValueError(f"sv_labels must be 'auto', 'mask' or 'boxes', got {sv_labels!r}")
     if not hasattr(model, "tap_info") or not hasattr(model, "modalities"):
         raise TypeError(f"{type(model).__name__} is not a fusionzoo model (needs tap_info() and modalities)")
     metrics = list(dict.fromkeys(metrics))
@@ -324,10 +370,16 @@ def run(
         empty_policy = "zero"  # the models' own missing path fills zeros too
     mods = list(model.modalities)
     k = int(model.num_classes)
+    task = getattr(model, "task", "segmentation")
+    detection = task == "detection"
+    if rows is None:
+        rows = "object" if detection else "sample"
     # label classes of the masks: the dataset's when it says (a detector's num_classes may count
     # foreground classes only), else the model's
     data_k = getattr(data, "num_classes", None) or getattr(getattr(data, "dataset", None), "num_classes", None)
     mask_k = int(data_k) if data_k is not None else k
+    # detection labels 0..box_k-1 (AP categories, box-mask classes); box masks add background box_k
+    box_k = max(k, mask_k)
     if class_names is None:
         class_names = getattr(data, "classes", None)
         if class_names is None:
@@ -336,31 +388,35 @@ def run(
     plan = _plan(model, taps)
     info = model.tap_info()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    batch_boxes: list[torch.Tensor] = []  # the current batch's ground-truth boxes (rows="object")
 
-    def to_rows(x: torch.Tensor) -> torch.Tensor:
+    def to_rows(name: str, x: torch.Tensor) -> torch.Tensor:
+        if rows == "object":
+            return object_rows(x, batch_boxes, info[name].reduction)
         return reduce_spatial(x, rows, samples_per_image, seed)
 
     want = set(metrics)
-    task = getattr(model, "task", "segmentation")
     skipped: dict[str, str] = {}
-    if task != "segmentation":
-        # Contribution needs a task metric (mIoU here; detection mAP is not implemented yet) and
-        # Grad-CAM a per-pixel class score; the tap metrics work for any task.
-        for m in ("contribution", "gradcam"):
-            if m in want:
-                want.discard(m)
-                skipped[m] = f"not available for task {task!r} models (segmentation only for now)"
     cka = StreamingCKA(pairs=[(a, b) for a, b, _, _ in plan.pairs]) if "cka" in want and plan.pairs else None
-    svs = {n: SemanticVariance(mask_k, ignore_index, purity) for n in plan.spatial} if "semantic_variance" in want else {}
+    # semantic variance accumulators are made on the first batch, once the label source is known
+    svs: dict[str, SemanticVariance] = {}
+    sv_source: str | None = None
     eranks = {n: EffectiveRank() for n in plan.features} if "health" in want else {}
     norms = {n: FeatureNorm() for n in plan.features} if "health" in want else {}
-    contrib = (ContributionAccumulator(mods, k, policy, empty_policy, stats, ignore_index, perceptual, seed, device)
-               if "contribution" in want else None)
+    contrib: ContributionAccumulator | None = None
+    if "contribution" in want:
+        if detection:
+            contrib = DetectionContributionAccumulator(mods, box_k, policy, empty_policy, stats, perceptual, seed,
+                                                       device)
+        else:
+            contrib = ContributionAccumulator(mods, k, policy, empty_policy, stats, ignore_index, perceptual, seed,
+                                              device)
     # one accumulator per removed modality, so each sees every example exactly once
     rel = ({m: StreamingCKA(pairs=[(f"full::{t}", f"removed::{t}") for t in plan.reliance_taps]) for m in mods}
            if "reliance" in want and plan.reliance_taps else None)
-    # unimodal heads of late / hybrid models ({m}.head taps): their own mIoU per class
-    head_taps = {m: f"{m}.head" for m in mods if f"{m}.head" in plan.features} if "contribution" in want else {}
+    # unimodal heads of late / hybrid segmentation models ({m}.head taps): their own mIoU per class
+    head_taps = ({m: f"{m}.head" for m in mods if f"{m}.head" in plan.features}
+                 if "contribution" in want and not detection else {})
     from ..engine.metrics import ConfusionMatrix
 
     head_cms = {m: ConfusionMatrix(k, ignore_index) for m in head_taps}
@@ -370,7 +426,7 @@ def run(
     artifacts: dict[str, Any] = {}
     timings: dict[str, float] = {}
     num_images = 0
-    has_mask = True
+    has_target = True  # every batch had the contribution's target (mask, or boxes for detectors)
     batches = _as_batches(data, batch_size, num_workers)
     total = None
     try:
@@ -394,28 +450,63 @@ def run(
                     raise KeyError(f"batch {bi} lacks modalities {missing_keys}; the model takes {mods}, "
                                    f"the batch has {list(batch)}")
                 inputs = {m: batch[m].to(device) for m in mods}
+                b = next(iter(inputs.values())).shape[0]
+                size = tuple(next(iter(inputs.values())).shape[-2:])
                 mask = batch.get("mask")
                 if mask is not None:
                     mask = mask.to(device)
-                else:
-                    has_mask = False
-                num_images += next(iter(inputs.values())).shape[0]
+                # ground-truth boxes: the detectors' targets, and object rows / box masks for any model
+                use_boxes = detection or rows == "object" or sv_labels == "boxes" or (
+                    sv_labels == "auto" and mask is None)
+                targets = (detection_targets(batch, box_k if detection else None)
+                           if use_boxes and "boxes" in batch and "labels" in batch else None)
+                sv_mask = None
+                if targets is not None and len(targets) != b:
+                    raise ValueError(f"batch {bi} has {len(targets)} box lists for {b} images")
+                if rows == "object":
+                    if targets is None:
+                        raise KeyError(f"rows='object' needs ground-truth boxes, but batch {bi} has no 'boxes' / "
+                                       f"'labels' (keys {list(batch)}); use rows='sample' or 'pool'")
+                    batch_boxes[:] = [t["boxes"].to(device) for t in targets]
+                ctarget = targets if detection else mask
+                if ctarget is None:
+                    has_target = False
+                num_images += b
+
+                # semantic variance labels: the batch's mask, or its boxes painted into one
+                if "semantic_variance" in want and plan.spatial:
+                    if sv_source is None:
+                        sv_source = sv_labels if sv_labels != "auto" else (
+                            "mask" if mask is not None else "boxes" if targets is not None else "none")
+                        n_sv = box_k + 1 if sv_source == "boxes" else mask_k
+                        svs = {n: SemanticVariance(n_sv, ignore_index, purity) for n in plan.spatial}
+                    if sv_source == "mask":
+                        sv_mask = mask
+                    elif sv_source == "boxes" and targets is not None:
+                        sv_mask = box_masks([t["boxes"] for t in targets], [t["labels"] for t in targets], size,
+                                            background=box_k, ignore_index=ignore_index).to(device)
+                    if sv_mask is None and sv_source != "none":
+                        skipped.setdefault("semantic_variance", f"batch {bi} has no {sv_source} (sv_labels="
+                                                                f"{sv_labels!r}); semantic variance needs it in every batch")
 
                 with capture(model, *capture_names) as acts:
                     logits = model(inputs)
-                full_rows = {n: to_rows(acts[n]) for n in plan.features} if (cka or rel or eranks) else {}
-                if cka is not None:
+                full_rows = {n: to_rows(n, acts[n]) for n in plan.features} if (cka or rel or eranks) else {}
+                # rows="object": a batch without objects gives no rows (nothing to add)
+                have_rows = bool(full_rows) and next(iter(full_rows.values())).shape[0] > 0
+                if cka is not None and have_rows:
                     cka.update({n: full_rows[n] for n in _cka_names(cka)})
-                for n, acc in svs.items():
-                    if mask is not None:
-                        acc.update(acts[n], mask)
+                if sv_mask is not None:
+                    for n, acc in svs.items():
+                        acc.update(acts[n], sv_mask)
                 if mask is not None:
                     for m, t in head_taps.items():
                         up = torch.nn.functional.interpolate(acts[t].float(), size=mask.shape[-2:], mode="bilinear",
                                                              align_corners=False)
                         head_cms[m].update(up.argmax(1), mask)
                 for n, er in eranks.items():
-                    er.update(full_rows[n])
+                    if have_rows:
+                        er.update(full_rows[n])
                     norms[n].update(acts[n])
                 if "gates" in want:
                     for n in plan.gates:
@@ -425,35 +516,42 @@ def run(
                             dst[s] = dst.get(s, 0.0) + float(v.double().mean()) * v.shape[0]
                         if bi == 0:
                             artifacts.setdefault("gate_maps", {})[n] = {s: v[:gradcam_images].cpu() for s, v in split.items()}
-                    gate_n += next(iter(inputs.values())).shape[0]
+                    gate_n += b
                 if bi == 0:
                     artifacts["images"] = {m: [_display(inputs[m][i]) for i in range(min(gradcam_images, inputs[m].shape[0]))]
                                            for m in mods}
                     if mask is not None:
                         artifacts["masks"] = mask[:gradcam_images].cpu()
-                    if task == "segmentation":
+                    if detection:
+                        artifacts["detections"] = [{key: d[key].cpu() for key in ("boxes", "scores", "labels")}
+                                                   for d in logits[:gradcam_images]]
+                        if targets is not None:
+                            artifacts["targets"] = targets[:gradcam_images]
+                    else:
                         artifacts["predictions"] = logits[:gradcam_images].argmax(1).cpu()
                 del acts
 
                 # removal passes: contribution coalitions; the "all but m" ones also feed reliance
-                if contrib is not None and mask is not None:
+                rel_rows = full_rows if have_rows else None
+                if contrib is not None and ctarget is not None:
                     for s, x, miss in contrib.coalitions(inputs):
                         if s == contrib.full:
-                            contrib.add(s, logits, mask)
+                            contrib.add(s, logits, ctarget)
                             continue
                         dropped = [m for m in mods if m not in s]
                         if rel is not None and len(dropped) == 1:
-                            contrib.add(s, _reliance_pass(model, x, miss, rel[dropped[0]], plan, full_rows, to_rows), mask)
+                            out = _reliance_pass(model, x, miss, rel[dropped[0]], plan, rel_rows, to_rows)
+                            contrib.add(s, out, ctarget)
                         else:
-                            contrib.add(s, model(x, missing=miss), mask)
+                            contrib.add(s, model(x, missing=miss), ctarget)
                     if perceptual:
-                        for m, x in contrib.permutations(inputs, logits, mask):
-                            contrib.add_permuted(m, model(x), mask)
+                        for m, x in contrib.permutations(inputs, logits, ctarget):
+                            contrib.add_permuted(m, model(x), ctarget)
                 elif rel is not None:
                     gen = torch.Generator(device=device).manual_seed(seed + bi)
                     for m in mods:
                         x, miss = remove_modalities(inputs, [m], policy, stats, gen)
-                        _reliance_pass(model, x, miss, rel[m], plan, full_rows, to_rows)
+                        _reliance_pass(model, x, miss, rel[m], plan, rel_rows, to_rows)
 
                 if bi == 0 and "gradcam" in want:
                     tg = time.perf_counter()
@@ -461,13 +559,23 @@ def run(
                     if gtaps:
                         with torch.enable_grad():
                             sub = {m: v[:gradcam_images] for m, v in inputs.items()}
-                            artifacts["gradcam"] = grad_cam(model, sub, gtaps)
+                            if detection:
+                                score = DetectionScore()
+                                artifacts["gradcam"] = grad_cam(model, sub, gtaps, score_fn=score)
+                                artifacts["gradcam_detections"] = score.selected
+                            else:
+                                artifacts["gradcam"] = grad_cam(model, sub, gtaps)
                     timings["gradcam_s"] = time.perf_counter() - tg
     finally:
         model.train(was_training)
     timings["pass_s"] = time.perf_counter() - t0
     if num_images == 0:
         raise ValueError("the data yielded no batches")
+    if contrib is not None and not has_target:
+        skipped["contribution"] = (f"some batches carry no {'boxes' if detection else 'mask'}; the "
+                                   f"{contrib.metric} of every coalition needs the ground truth of every image")
+    if sv_source == "none":
+        skipped["semantic_variance"] = "the batches carry neither masks nor boxes"
 
     result = InterpretResult(
         model=_model_name(model),
@@ -481,7 +589,9 @@ def run(
         settings={"metrics": metrics, "taps": taps, "rows": rows, "samples_per_image": samples_per_image,
                   "policy": policy, "empty_policy": empty_policy, "purity": purity, "seed": seed,
                   "ignore_index": ignore_index, "cka_estimator": "exact streaming linear CKA (debiased; biased beside)",
-                  "task": task, "skipped": skipped},
+                  "task": task, "sv_labels": sv_source,
+                  **({"box_background": box_k} if sv_source == "boxes" else {}),
+                  "skipped": skipped},
         timings=timings,
         artifacts=artifacts,
     )
@@ -493,7 +603,7 @@ def run(
                         "cka": cka.cka(a, b, True) if cka.num_examples >= 4 else math.nan,
                         "cka_biased": cka.cka(a, b, False)})
         result.cka = {"pairs": out, "num_rows": cka.num_examples}
-    if svs and has_mask:
+    if svs and "semantic_variance" not in skipped:
         result.semantic_variance = {n: acc.compute().to_dict() for n, acc in svs.items()}
     if eranks:
         fn = {n: norms[n].compute() for n in norms}
@@ -506,7 +616,7 @@ def run(
                     ratio.setdefault(stage, {})[f"{a}/{b}"] = fn[streams[a]] / nb if nb > 0 else math.nan
         result.health = {"effective_rank": {n: e.compute() for n, e in eranks.items()}, "feature_norm": fn,
                          "norm_ratio": ratio}
-    if contrib is not None and has_mask:
+    if contrib is not None and has_target:
         result.contribution = contrib.result(class_names).to_dict()
         if head_cms:
             from .contribution import _summary
@@ -535,15 +645,18 @@ def _reliance_value(acc: StreamingCKA, tap: str) -> float:
     return 1.0 - acc.cka(a, b)
 
 
-def _reliance_pass(model, x, miss, acc: StreamingCKA, plan: _Plan, full_rows, to_rows) -> torch.Tensor:
-    """Run the model with one modality removed, capture the reliance taps, update ``acc``."""
+def _reliance_pass(model, x, miss, acc: StreamingCKA, plan: _Plan, full_rows, to_rows) -> Any:
+    """Run the model with one modality removed, capture the reliance taps, update ``acc``
+    (unless ``full_rows`` is None: a batch without example rows, e.g. no objects); returns the
+    model's output."""
     with capture(model, *plan.reliance_taps) as acts:
         logits = model(x, missing=miss)
-    upd = {}
-    for t in plan.reliance_taps:
-        upd[f"full::{t}"] = full_rows[t]
-        upd[f"removed::{t}"] = to_rows(acts[t])
-    acc.update(upd)
+    if full_rows is not None:
+        upd = {}
+        for t in plan.reliance_taps:
+            upd[f"full::{t}"] = full_rows[t]
+            upd[f"removed::{t}"] = to_rows(t, acts[t])
+        acc.update(upd)
     return logits
 
 
@@ -558,9 +671,10 @@ class ComparisonResult:
         models: labels (model names, suffixed ``#2`` ... when repeated).
         fusion: label -> fusion family.
         stages: the union of stage names (``stage1``..``stage4``).
-        miou: label -> mIoU with all modalities.
-        shapley: label -> modality -> Shapley value of mIoU.
-        drop: label -> modality -> mIoU drop when that modality is removed.
+        miou: label -> the task metric with all modalities (:meth:`InterpretResult.score`):
+            mIoU for segmentation, COCO AP for detection; ``metric`` says which.
+        shapley: label -> modality -> Shapley value of that metric.
+        drop: label -> modality -> metric drop when that modality is removed.
         perceptual: label -> modality -> normalized perceptual score.
         cka_cross_modal: label -> stage -> mean debiased CKA between modality pairs.
         cka_modality_fused: label -> stage -> modality -> debiased CKA with the fused stream.
@@ -568,6 +682,7 @@ class ComparisonResult:
         effective_rank: label -> stream -> stage -> effective rank.
         reliance: label -> stage (or ``"head.logits"``) -> modality -> reliance of the fused
             stage tap (models with a fused stream) and of the final logits (every model).
+        metric: label -> ``"mIoU"`` or ``"AP"`` (None without a contribution pass).
     """
 
     models: list[str]
@@ -582,6 +697,7 @@ class ComparisonResult:
     semantic_variance: dict[str, dict[str, dict[str, float]]]
     effective_rank: dict[str, dict[str, dict[str, float]]]
     reliance: dict[str, dict[str, dict[str, float]]]
+    metric: dict[str, str | None] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return _clean(asdict(self))
@@ -657,8 +773,9 @@ def compare(
     out = ComparisonResult(labels, {}, [], {}, {}, {}, {}, {}, {}, {}, {}, {})
     for lab, r in zip(labels, res):
         out.fusion[lab] = r.fusion
-        out.miou[lab] = r.miou()
+        out.miou[lab] = r.score()
         c = r.contribution or {}
+        out.metric[lab] = contribution_keys(c)[0] if c else None
         out.shapley[lab] = dict(c.get("shapley", {}))
         out.drop[lab] = dict(c.get("drop", {}))
         out.perceptual[lab] = {m: v.get("normalized") for m, v in c.get("perceptual", {}).items()}

@@ -20,7 +20,10 @@ Three estimators, all for the linear kernel ``K = X X^T``:
 Spatial features ``(B, C, h, w)`` become example rows by :func:`reduce_spatial`: global
 average pooling (one row per image, ``mode="pool"``) or a fixed, seeded set of pixel positions
 (``mode="sample"``, ``k`` rows per image, the same *relative* positions for every image and
-every tap, so taps of different resolutions stay aligned row by row).
+every tap, so taps of different resolutions stay aligned row by row). For detectors,
+:func:`object_rows` gives one row per ground-truth object: the tap's features average-pooled
+over the object's box (``torchvision.ops.roi_align``, one bin), the same boxes for every tap,
+so the rows describe the same objects in every tap.
 
 Derivation of the streaming debiased estimator. With ``K~`` = ``K`` with a zeroed diagonal,
 Song et al.'s unbiased HSIC is::
@@ -59,6 +62,7 @@ __all__ = [
     "hsic_biased",
     "hsic_unbiased",
     "linear_cka",
+    "object_rows",
     "reduce_spatial",
 ]
 
@@ -115,6 +119,50 @@ def reduce_spatial(
         picked = features[:, :, rows, cols]  # (B, C, k)
         return picked.permute(0, 2, 1).reshape(b * num_samples, c)
     raise ValueError(f"reduce_spatial mode must be 'pool' or 'sample', got {mode!r}")
+
+
+def object_rows(features: torch.Tensor, boxes: Sequence[torch.Tensor], reduction: int) -> torch.Tensor:
+    """One example row per object: a tap's features pooled over each ground-truth box.
+
+    ``torchvision.ops.roi_align`` with one output bin, ``spatial_scale = 1 / reduction``,
+    ``aligned=True`` (box corners in continuous pixel coordinates, as xyxy boxes are) and an
+    adaptive sampling grid (``ceil`` of the box size in feature cells per side) averages the
+    bilinearly interpolated features inside the box: roughly the mean feature of the box region,
+    at any stride. A box smaller than a cell still gets a row (the interpolated feature at its
+    centre). Taps without a spatial map (``(B, C)``, or ``reduction == 0``) give each object its
+    image's (pooled) vector.
+
+    Args:
+        features: ``(B, C, h, w)`` tap output (``(B, C)`` vectors also accepted).
+        boxes: per image ``(N_i, 4)`` xyxy boxes in input pixels (``N_i = 0`` allowed).
+        reduction: the tap's input-to-feature stride (``TapInfo.reduction``).
+
+    Returns:
+        ``(sum_i N_i, C)`` rows, image-major and in box order within an image, with the dtype
+        and device of ``features``.
+
+    Example:
+        >>> f = torch.arange(16.0).view(1, 1, 4, 4)                 # stride 2 over an 8x8 image
+        >>> object_rows(f, [torch.tensor([[0.0, 0.0, 4.0, 4.0]])], 2)  # mean of the top-left 2x2 cells
+        tensor([[2.5000]])
+    """
+    if features.dim() not in (2, 4):
+        raise ValueError(f"object_rows expects (B, C, h, w) or (B, C) features, got shape {tuple(features.shape)}")
+    b = features.shape[0]
+    if len(boxes) != b:
+        raise ValueError(f"object_rows got {len(boxes)} box tensors for a batch of {b}; give one (N_i, 4) per image")
+    bx = [torch.as_tensor(x, dtype=torch.float32, device=features.device).reshape(-1, 4) for x in boxes]
+    if features.dim() == 2 or reduction <= 0:
+        vec = features if features.dim() == 2 else features.mean(dim=(2, 3))
+        counts = torch.tensor([x.shape[0] for x in bx], device=features.device)
+        return vec.repeat_interleave(counts, dim=0)
+    from torchvision.ops import roi_align
+
+    if sum(x.shape[0] for x in bx) == 0:
+        return features.new_zeros(0, features.shape[1])
+    pooled = roi_align(features, [x.to(features.dtype) for x in bx], output_size=1,
+                       spatial_scale=1.0 / reduction, sampling_ratio=-1, aligned=True)  # (N, C, 1, 1)
+    return pooled.flatten(1)
 
 
 def _as_rows(x: torch.Tensor, name: str) -> torch.Tensor:

@@ -17,7 +17,11 @@
   the unpermuted metric.
 
 The task metric for segmentation is mIoU from one confusion matrix over the whole dataset
-(:class:`fusionzoo.engine.metrics.ConfusionMatrix`); per-class values are the class IoUs.
+(:class:`fusionzoo.engine.metrics.ConfusionMatrix`); per-class values are the class IoUs. For
+detectors (``model.task == "detection"``) it is COCO box AP (IoU 0.50:0.95, pycocotools) with
+per-class AP, through :class:`fusionzoo.interpret.detection.DetectionContributionAccumulator`,
+which reuses the coalitions, removal and permutations here and changes only the metric
+(:attr:`ContributionAccumulator.metric`). :attr:`ContributionResult.metric` says which it is.
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ from torch import nn
 from ..engine.metrics import ConfusionMatrix
 
 __all__ = [
+    "METRIC_KEYS",
     "REMOVAL_POLICIES",
     "ContributionAccumulator",
     "ContributionResult",
     "ModalityStats",
+    "contribution_keys",
     "derangement",
     "modality_contribution",
     "perceptual_score",
@@ -47,6 +53,23 @@ __all__ = [
 ]
 
 REMOVAL_POLICIES = ("zero", "mean", "noise", "missing")
+# task metric -> (key of its dataset value, key of its per-class list) in a coalition entry
+METRIC_KEYS = {"mIoU": ("miou", "iou"), "AP": ("ap", "ap_per_class")}
+
+
+def contribution_keys(contribution: Mapping[str, Any]) -> tuple[str, str, str]:
+    """``(metric, value key, per-class key)`` of a :class:`ContributionResult` dict.
+
+    Results written before the ``metric`` field existed are segmentation results (mIoU).
+
+    Example:
+        >>> contribution_keys({"metric": "AP"})
+        ('AP', 'ap', 'ap_per_class')
+    """
+    metric = contribution.get("metric") or "mIoU"
+    if metric not in METRIC_KEYS:
+        raise ValueError(f"unknown contribution metric {metric!r}; known: {sorted(METRIC_KEYS)}")
+    return (metric, *METRIC_KEYS[metric])
 
 
 class ModalityStats:
@@ -223,17 +246,24 @@ def _coalition_key(s: Iterable[str], order: Sequence[str]) -> str:
 class ContributionResult:
     """Modality contribution of one model on one dataset.
 
+    The same structure for every task; ``metric`` names the task metric and the keys of its
+    entries (:data:`METRIC_KEYS`): ``"mIoU"`` (segmentation: ``"miou"`` and per-class ``"iou"``)
+    or ``"AP"`` (detection: COCO ``"ap"`` and per-class ``"ap_per_class"``, plus ``"ap50"``,
+    ``"ap75"`` and ``"ap50_per_class"``). Below, "metric" is that value.
+
     Attributes:
         policy: removal policy used.
         modalities: the players.
-        coalitions: ``"rgb+depth"`` / ``"rgb"`` / ``"none"`` -> {"miou", "iou" (per class)}:
-            the metric with only those modalities kept.
-        drop: modality -> mIoU(all) - mIoU(all but that modality) (leave-one-out).
-        shapley: modality -> Shapley value of mIoU (sums to mIoU(all) - mIoU(none)).
-        shapley_per_class: modality -> per-class Shapley values of IoU (nan for classes absent
-            from the ground truth).
-        perceptual: modality -> {"drop", "normalized", "per_class_drop"}, when computed.
+        coalitions: ``"rgb+depth"`` / ``"rgb"`` / ``"none"`` -> the metric and its per-class
+            values with only those modalities kept.
+        drop: modality -> metric(all) - metric(all but that modality) (leave-one-out).
+        shapley: modality -> Shapley value of the metric (sums to metric(all) - metric(none)).
+        shapley_per_class: modality -> per-class Shapley values (nan for classes absent from
+            the ground truth).
+        perceptual: modality -> {"<value key>_permuted", "drop", "normalized", "per_class_drop"},
+            when computed.
         class_names: names for the per-class lists, when known.
+        metric: ``"mIoU"`` or ``"AP"``.
     """
 
     policy: str
@@ -244,18 +274,24 @@ class ContributionResult:
     shapley_per_class: dict[str, list[float]]
     perceptual: dict[str, dict[str, Any]] = field(default_factory=dict)
     class_names: list[str] | None = None
+    metric: str = "mIoU"
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
 class ContributionAccumulator:
-    """Streams the per-coalition and permuted confusion matrices behind :class:`ContributionResult`.
+    """Streams the per-coalition and permuted scores behind :class:`ContributionResult`.
 
     Per batch, iterate :meth:`coalitions` (``2^M`` inputs: every subset of kept modalities)
     and :meth:`permutations` (``M`` inputs: one modality deranged across the batch), run the
-    model on each, and :meth:`add` the logits. Used by :func:`modality_contribution` and by
+    model on each, and :meth:`add` the outputs. Used by :func:`modality_contribution` and by
     :func:`fusionzoo.interpret.run` (which also captures taps on some of these passes).
+
+    The task metric lives in three hooks, :meth:`new_store`, :meth:`update_store` and
+    :meth:`summarize` (here: one confusion matrix per coalition, mIoU and class IoUs);
+    :class:`fusionzoo.interpret.detection.DetectionContributionAccumulator` overrides only
+    those (COCO AP) and :meth:`split_batch`.
 
     Args:
         modalities: the model's modalities (players).
@@ -270,6 +306,8 @@ class ContributionAccumulator:
         device: device of the noise generator (the inputs' device).
     """
 
+    metric = "mIoU"
+
     def __init__(self, modalities: Sequence[str], num_classes: int, policy: str = "zero",
                  empty_policy: str | None = None, stats: ModalityStats | None = None,
                  ignore_index: int = 255, perceptual: bool = True, seed: int = 0,
@@ -281,18 +319,38 @@ class ContributionAccumulator:
             raise ValueError("the empty coalition needs a policy other than 'missing' (a model needs at least "
                              "one modality); pass empty_policy='zero' (or 'mean' / 'noise')")
         self.modalities = list(modalities)
+        self.num_classes, self.ignore_index = int(num_classes), int(ignore_index)
         self.policy, self.empty_policy, self.stats = policy, empty_policy, stats
         self.perceptual = perceptual
         self.subsets = [frozenset(c) for r in range(len(self.modalities) + 1)
                         for c in itertools.combinations(self.modalities, r)]
-        self.cms = {s: ConfusionMatrix(num_classes, ignore_index) for s in self.subsets}
-        self.perm_cms = {m: ConfusionMatrix(num_classes, ignore_index) for m in self.modalities}
+        self.stores = {s: self.new_store() for s in self.subsets}
+        self.perm_stores = {m: self.new_store() for m in self.modalities}
         # the unpermuted reference over exactly the batches that were permuted (a batch of one
         # example cannot be permuted and is skipped by both)
-        self.perm_base = ConfusionMatrix(num_classes, ignore_index)
+        self.perm_base = self.new_store()
         self._gen = torch.Generator(device=device).manual_seed(seed)
         self._perm_gen = torch.Generator().manual_seed(seed + 1)
 
+    # -- the task metric (overridden for detection) ----------------------------------------------
+    def new_store(self) -> Any:
+        """An empty score store of one coalition (here a :class:`ConfusionMatrix`)."""
+        return ConfusionMatrix(self.num_classes, self.ignore_index)
+
+    def update_store(self, store: Any, output: Any, target: Any) -> None:
+        """Add one pass: ``output`` logits ``(B, K, H, W)``, ``target`` mask ``(B, H, W)``."""
+        store.update(output.argmax(1), target)
+
+    def summarize(self, store: Any) -> dict[str, Any]:
+        """``{value key: metric, per-class key: [...]}`` of a store (here ``miou`` and ``iou``)."""
+        return _summary(store)
+
+    def split_batch(self, batch: Mapping[str, Any], modalities: Sequence[str],
+                    device: torch.device) -> tuple[dict[str, torch.Tensor], Any]:
+        """``(inputs, target)`` of a collated batch (here the target is its ``mask``)."""
+        return _split(batch, modalities, device)
+
+    # -- passes ------------------------------------------------------------------------------------
     @property
     def full(self) -> frozenset:
         return frozenset(self.modalities)
@@ -313,51 +371,55 @@ class ContributionAccumulator:
                 missing = ()
             yield s, x, missing
 
-    def permutations(self, inputs: Mapping[str, torch.Tensor], full_logits: torch.Tensor, mask: torch.Tensor):
+    def permutations(self, inputs: Mapping[str, torch.Tensor], full_logits: Any, mask: Any):
         """Yield ``(modality, inputs)`` with that modality deranged across the batch; nothing for a
-        batch of one. ``full_logits`` (the unpermuted pass) becomes the reference of this batch."""
+        batch of one. ``full_logits`` (the unpermuted pass's output) and ``mask`` (the batch's
+        target) become the reference of this batch."""
         b = next(iter(inputs.values())).shape[0]
         if b < 2:
             return
-        self.perm_base.update(full_logits.argmax(1), mask)
+        self.update_store(self.perm_base, full_logits, mask)
         for m in self.modalities:
             perm = derangement(b, self._perm_gen).to(inputs[m].device)
             x = dict(inputs)
             x[m] = inputs[m][perm]
             yield m, x
 
-    def add(self, subset: frozenset, logits: torch.Tensor, mask: torch.Tensor) -> None:
-        """Add the logits ``(B, K, H, W)`` of one coalition's pass."""
-        self.cms[subset].update(logits.argmax(1), mask)
+    def add(self, subset: frozenset, logits: Any, mask: Any) -> None:
+        """Add the output of one coalition's pass (segmentation: logits ``(B, K, H, W)``) and
+        the batch's target (segmentation: mask ``(B, H, W)``)."""
+        self.update_store(self.stores[subset], logits, mask)
 
-    def add_permuted(self, modality: str, logits: torch.Tensor, mask: torch.Tensor) -> None:
-        """Add the logits of the pass with ``modality`` permuted."""
-        self.perm_cms[modality].update(logits.argmax(1), mask)
+    def add_permuted(self, modality: str, logits: Any, mask: Any) -> None:
+        """Add the output of the pass with ``modality`` permuted."""
+        self.update_store(self.perm_stores[modality], logits, mask)
 
     def result(self, class_names: list[str] | None = None) -> ContributionResult:
         mods, full = self.modalities, self.full
-        table = {s: _summary(cm) for s, cm in self.cms.items()}
-        phi = shapley_values(mods, lambda s: table[s]["miou"])
-        phi_c = shapley_values(mods, lambda s: np.asarray(table[s]["iou"], dtype=np.float64))
+        vk, ck = METRIC_KEYS[self.metric]
+        table = {s: self.summarize(st) for s, st in self.stores.items()}
+        phi = shapley_values(mods, lambda s: table[s][vk])
+        phi_c = shapley_values(mods, lambda s: np.asarray(table[s][ck], dtype=np.float64))
         result = ContributionResult(
             policy=self.policy,
             modalities=list(mods),
             coalitions={_coalition_key(s, mods): v for s, v in table.items()},
-            drop={m: table[full]["miou"] - table[full - {m}]["miou"] for m in mods},
+            drop={m: table[full][vk] - table[full - {m}][vk] for m in mods},
             shapley=phi,
             shapley_per_class={m: [float(v) for v in phi_c[m]] for m in mods},
             class_names=class_names,
+            metric=self.metric,
         )
         if self.perceptual:
-            base = _summary(self.perm_base)
+            base = self.summarize(self.perm_base)
             for m in mods:
-                r = _summary(self.perm_cms[m])
-                d = base["miou"] - r["miou"]
+                r = self.summarize(self.perm_stores[m])
+                d = base[vk] - r[vk]
                 result.perceptual[m] = {
-                    "miou_permuted": r["miou"],
+                    f"{vk}_permuted": r[vk],
                     "drop": d,
-                    "normalized": d / base["miou"] if base["miou"] > 0 else math.nan,
-                    "per_class_drop": [a - b for a, b in zip(base["iou"], r["iou"])],
+                    "normalized": d / base[vk] if base[vk] > 0 else math.nan,
+                    "per_class_drop": [a - b for a, b in zip(base[ck], r[ck])],
                 }
         return result
 
@@ -379,34 +441,45 @@ def modality_contribution(
     perceptual scores.
 
     Per batch this runs ``2^M`` forward passes (plus ``M`` permuted ones when ``perceptual``).
+    Segmentation models are scored by mIoU; detectors (``model.task == "detection"``) by COCO
+    AP (:class:`fusionzoo.interpret.detection.DetectionContributionAccumulator`).
 
     Args:
-        model: a fusionzoo segmentation model (``model.modalities``, ``model.num_classes``).
+        model: a fusionzoo segmentation model or detector (``model.modalities``,
+            ``model.num_classes``).
         batches: iterable of collated batches: one ``(B, C_m, H, W)`` tensor per modality and
-            ``"mask"`` ``(B, H, W)``.
+            ``"mask"`` ``(B, H, W)`` (segmentation) or ``"boxes"`` / ``"labels"`` lists of
+            ``(N_i, 4)`` xyxy / ``(N_i,)`` tensors (detection).
         policy: how a modality outside the coalition is removed (``REMOVAL_POLICIES``).
         empty_policy: policy for the empty coalition; ``None`` = ``policy``. Required with
             ``policy="missing"`` (a model cannot run with every modality missing); ``"zero"`` is
             the natural choice there because the models' missing path fills zeros too.
         stats: per-channel statistics for the ``"mean"`` / ``"noise"`` policies.
-        num_classes: defaults to ``model.num_classes``.
-        ignore_index: label ignored by the metric.
+        num_classes: defaults to ``model.num_classes`` (detection: the AP categories are
+            ``0..num_classes-1``).
+        ignore_index: label ignored by the metric (segmentation).
         perceptual: also compute the perceptual score (needs batches of >= 2 examples).
         seed: seed of the noise and of the permutations.
         class_names: names of the classes for the report.
 
     Returns:
-        A :class:`ContributionResult`.
+        A :class:`ContributionResult` (``metric`` ``"mIoU"`` or ``"AP"``).
     """
     mods = list(model.modalities)
     device = _model_device(model)
-    acc = ContributionAccumulator(mods, int(num_classes or model.num_classes), policy, empty_policy, stats,
-                                  ignore_index, perceptual, seed, device)
+    k = int(num_classes or model.num_classes)
+    if getattr(model, "task", "segmentation") == "detection":
+        from .detection import DetectionContributionAccumulator
+
+        acc: ContributionAccumulator = DetectionContributionAccumulator(mods, k, policy, empty_policy, stats,
+                                                                        perceptual, seed, device)
+    else:
+        acc = ContributionAccumulator(mods, k, policy, empty_policy, stats, ignore_index, perceptual, seed, device)
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
-            inputs, mask = _split(batch, mods, device)
+            inputs, mask = acc.split_batch(batch, mods, device)
             full_logits = None
             for s, x, missing in acc.coalitions(inputs):
                 logits = model(x, missing=missing)

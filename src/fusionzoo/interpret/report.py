@@ -3,8 +3,9 @@
 :func:`write_report` renders one :class:`InterpretResult`; :func:`write_comparison` lays
 several side by side. Plots use matplotlib's object API (``Figure``, no pyplot state), so they
 work headless and never touch a global backend. Every axis is labelled with its unit (CKA,
-semantic variance and shares are unitless in [0, 1]; mIoU and its changes are in percentage
-points; gradient norms are L2 norms of the loss gradient).
+semantic variance and shares are unitless in [0, 1]; mIoU / AP and their changes are in
+percentage points; gradient norms are L2 norms of the loss gradient). Detectors' contribution
+is in COCO AP (``contribution["metric"]``), and the labels say so.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from .api import ComparisonResult, InterpretResult, _stage_index, compare, load_result
+from .contribution import contribution_keys
 
 __all__ = ["write_comparison", "write_report"]
 
@@ -149,6 +152,11 @@ def _stage_curve(res: InterpretResult, values: Mapping[str, Any], key: str | Non
     return _save(fig, path)
 
 
+def _class_metric(c: Mapping[str, Any]) -> str:
+    """The per-class metric of a contribution: ``IoU`` or ``AP``."""
+    return "AP" if contribution_keys(c)[0] == "AP" else "IoU"
+
+
 def _plot_contribution(res: InterpretResult, path: Path) -> Path | None:
     c = res.contribution
     if not c:
@@ -165,9 +173,10 @@ def _plot_contribution(res: InterpretResult, path: Path) -> Path | None:
         ax.bar(np.arange(len(groups)) + (j - (len(mods) - 1) / 2) * width, ys, width, label=m, color=_color(m, j))
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(groups)), [g[0] for g in groups])
-    ax.set_ylabel("mIoU change (percentage points)")
-    full = c["coalitions"].get("+".join(mods), {}).get("miou")
-    ax.set_title(f"{res.model}: modality contribution (policy '{c['policy']}', mIoU {100 * _nan(full):.1f}%)")
+    metric, key, _ = contribution_keys(c)
+    ax.set_ylabel(f"{metric} change (percentage points)")
+    full = c["coalitions"].get("+".join(mods), {}).get(key)
+    ax.set_title(f"{res.model}: modality contribution (policy '{c['policy']}', {metric} {100 * _nan(full):.1f}%)")
     ax.margins(y=0.15)  # headroom so the legend does not cover bars
     ax.legend(title="modality")
     ax.grid(axis="y", alpha=0.3)
@@ -190,7 +199,7 @@ def _plot_contribution_classes(res: InterpretResult, path: Path) -> Path | None:
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(k), names, rotation=35, ha="right")
     ax.set_xlabel("class (missing bars: class absent from the ground truth)")
-    ax.set_ylabel("Shapley value of class IoU (points)")
+    ax.set_ylabel(f"Shapley value of class {_class_metric(c)} (points)")
     ax.set_title(f"{res.model}: per-class modality contribution")
     ax.margins(y=0.15)  # headroom so the legend does not cover bars
     ax.legend(title="modality")
@@ -257,6 +266,7 @@ def _plot_gradcam(res: InterpretResult, path: Path) -> Path | None:
     if not cams or not images:
         return None
     taps = list(cams)
+    explained = res.artifacts.get("gradcam_detections") or []  # detectors: per image the explained boxes
     n = min(len(next(iter(cams.values()))), len(next(iter(images.values()))))
     cols = len(res.modalities) + len(taps)
     fig = Figure(figsize=(2.4 * cols, 2.5 * n + 0.4))
@@ -276,11 +286,15 @@ def _plot_gradcam(res: InterpretResult, path: Path) -> Path | None:
             b = base[i]
             ax.imshow(b.permute(1, 2, 0).numpy() if b.shape[0] == 3 else b[0].numpy(), cmap=None if b.shape[0] == 3 else "gray")
             ax.imshow(cams[t][i].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            if i < len(explained):
+                for x1, y1, x2, y2 in explained[i]["boxes"].tolist():  # the detection explained
+                    ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, ec="white", lw=1.5))
             ax.set_title(f"Grad-CAM {t}" if i == 0 else "", fontsize=9)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{res.model}: Grad-CAM of the predicted classes (colour: relative attribution 0-1, "
+    what = "the top detection (white box)" if explained else "the predicted classes"
+    fig.suptitle(f"{res.model}: Grad-CAM of {what} (colour: relative attribution 0-1, "
                  f"over {res.modalities[0]})", fontsize=10)
     return _save(fig, path)
 
@@ -372,10 +386,15 @@ def _summary_tables(res: InterpretResult) -> list[str]:
             p = (c.get("perceptual") or {}).get(m, {})
             rows.append([m, _fmt(c["drop"][m], True), _fmt(c["shapley"][m], True), _fmt(p.get("drop"), True),
                          _fmt(p.get("normalized"))])
-        out.append("<h3>Modality contribution (mIoU points)</h3>" + _table(
+        metric, key, _ = contribution_keys(c)
+        out.append(f"<h3>Modality contribution ({metric} points)</h3>" + _table(
             ["modality", "drop when removed", "Shapley value", "perceptual drop", "perceptual (normalized)"], rows))
-        co = [[html.escape(k), _fmt(v["miou"], True)] for k, v in c["coalitions"].items()]
-        out.append(_table(["modalities kept", "mIoU (%)"], co))
+        if metric == "AP":  # COCO AP (IoU .50:.95) and AP50 of every coalition
+            co = [[html.escape(k), _fmt(v["ap"], True), _fmt(v.get("ap50"), True)] for k, v in c["coalitions"].items()]
+            out.append(_table(["modalities kept", "AP (%)", "AP50 (%)"], co))
+        else:
+            co = [[html.escape(k), _fmt(v[key], True)] for k, v in c["coalitions"].items()]
+            out.append(_table(["modalities kept", f"{metric} (%)"], co))
         heads = c.get("unimodal_heads")
         if heads:
             k = len(next(iter(heads.values()))["iou"])
@@ -429,6 +448,11 @@ def write_report(result: InterpretResult, out_dir: str | Path, title: str | None
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {"metrics": result.save(out / "metrics.json")}
     res = result
+    c = res.contribution or {}
+    metric = contribution_keys(c)[0] if c else "mIoU"
+    detector = res.settings.get("task") == "detection"
+    sv_note = (" Labels: ground-truth boxes painted into masks, background a class of its own."
+               if res.settings.get("sv_labels") == "boxes" else "")
     plots = [
         ("cka_stages", _plot_cka_stages, ("Debiased linear CKA between streams at each stage (1 = same "
                                            "representation up to rotation and scale, 0 = unrelated).")),
@@ -436,10 +460,11 @@ def write_report(result: InterpretResult, out_dir: str | Path, title: str | None
         ("semantic_variance", lambda r, p: _stage_curve(
             r, r.semantic_variance or {}, "semantic_variance", "semantic variance S_B/(S_B+S_W) (unitless)",
             f"{r.model}: semantic variance across stages", p, (0, 1)),
-         "Share of feature variance explained by the semantic classes, per stream and stage."),
-        ("contribution", _plot_contribution, ("mIoU change when a modality is removed, its Shapley value and "
+         "Share of feature variance explained by the semantic classes, per stream and stage." + sv_note),
+        ("contribution", _plot_contribution, (f"{metric} change when a modality is removed, its Shapley value and "
                                                "the perceptual-score drop (modality permuted across the batch).")),
-        ("contribution_classes", _plot_contribution_classes, "Per-class Shapley values of IoU."),
+        ("contribution_classes", _plot_contribution_classes,
+         f"Per-class Shapley values of {_class_metric(c) if c else 'IoU'}."),
         ("reliance", _plot_reliance, ("Reliance of each stage on each modality: 1 - CKA between the tap "
                                        "on the full input and with the modality removed.")),
         ("effective_rank", lambda r, p: _stage_curve(
@@ -448,7 +473,9 @@ def write_report(result: InterpretResult, out_dir: str | Path, title: str | None
          "Effective rank (Roy & Vetterli 2007) of each stream's features per stage."),
         ("training", _plot_training, ("Per-modality encoder gradient norms, their ratio and the unimodal "
                                        "confidence of modality heads over training.")),
-        ("gradcam", _plot_gradcam, "Grad-CAM on the deepest stage of each stream for the predicted classes."),
+        ("gradcam", _plot_gradcam, ("Grad-CAM on the deepest stage of each stream for the highest-scoring "
+                                     "detection of each image (white box)." if detector else
+                                     "Grad-CAM on the deepest stage of each stream for the predicted classes.")),
         ("gates", _plot_gates, "Fusion gates / attention weights per stream."),
     ]
     intro = (f"<p>Model <code>{html.escape(res.model)}</code> (fusion: {html.escape(str(res.fusion))}), "
@@ -568,7 +595,10 @@ def comparison_tables(cmp: ComparisonResult, results: Sequence[InterpretResult])
                + [_num(cmp.drop[lab].get(m), True) for m in mods]
                + [_num((cmp.reliance[lab].get("head.logits") or {}).get(m)) for m in mods]
                for lab in cmp.models]
-    tables: list[Table] = [("Summary", ["model", "fusion", "mIoU (%)", *[f"Shapley {m}" for m in mods],
+    # the task metric of the summary column: mIoU (segmentation), AP (detection), or both
+    task_metrics = sorted({v for v in cmp.metric.values() if v}, key=["mIoU", "AP"].index) or ["mIoU"]
+    tables: list[Table] = [("Summary", ["model", "fusion", f"{' / '.join(task_metrics)} (%)",
+                                        *[f"Shapley {m}" for m in mods],
                                         *[f"drop {m}" for m in mods], *[f"logit reliance {m}" for m in mods]],
                             summary)]
     names = next((r.class_names for r in results if r.class_names), None)

@@ -27,6 +27,17 @@ consistency and speciality of RGB-D features. Only the abstract is available to 
 formula above is our own precise definition in the spirit of the paper, not a reproduction of
 its equations; numbers are not comparable with the paper's.
 
+Detection data (boxes, no masks). :func:`box_masks` paints the ground-truth boxes into a label
+mask that the same definition then uses: each box's pixels get its detection label, smaller
+boxes are painted over larger ones, and every pixel outside all boxes gets a *background class
+of its own*, index ``K`` (one past the ``K`` object classes), rather than the ignore index. Two
+reasons: detection label 0 is an ordinary object class, so background cannot be 0; and
+ignoring the background would make SV meaningless on the most common detection sets, which
+have one object class (LLVIP and KAIST pedestrians): one class gives ``S_B = 0``. Keeping
+background asks whether the features separate object classes *and* objects from background,
+which is what a detector's features must do; the purity vote drops the mixed cells at box
+borders.
+
 Streaming: per class the count, the sum of features and the sum of squares per channel are
 accumulated (``O(K * C)`` memory), which gives every quantity above exactly over any dataset
 size. Features are shifted by a fixed reference (the first batch's mean) before accumulating;
@@ -41,7 +52,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SemanticVariance", "SemanticVarianceResult", "labels_to_grid", "semantic_variance"]
+__all__ = ["SemanticVariance", "SemanticVarianceResult", "box_mask", "box_masks", "labels_to_grid",
+           "semantic_variance"]
 
 
 def labels_to_grid(
@@ -100,6 +112,89 @@ def labels_to_grid(
     keep = (best_count > 0) & (best_count.double() >= purity * total.double())
     out = torch.where(keep, best, torch.full_like(best, ignore_index))
     return out.view(b, h, w)
+
+
+def box_mask(
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    size: tuple[int, int],
+    background: int | None,
+    ignore_index: int = 255,
+) -> torch.Tensor:
+    """Paint one image's boxes into a label mask (see the module docstring for why).
+
+    Pixel ``(r, c)`` covers ``[c, c + 1) x [r, r + 1)``; it belongs to a box ``(x1, y1, x2, y2)``
+    (xyxy pixels, exclusive right / bottom edge as torchvision) when its centre lies inside:
+    ``x1 <= c + 0.5 < x2`` and ``y1 <= r + 0.5 < y2``. An integer box thus covers columns
+    ``x1 .. x2 - 1`` and rows ``y1 .. y2 - 1``. Boxes are painted by decreasing area (the area
+    of the box as given, before cutting it to the image; stable: equal areas in list order, the
+    later one on top), so where boxes overlap the smaller one (the object in front, usually)
+    keeps its label.
+
+    Args:
+        boxes: ``(N, 4)`` xyxy pixels (parts outside the image are cut off; ``N = 0`` is fine).
+        labels: ``(N,)`` integer class labels.
+        size: ``(H, W)`` of the image.
+        background: label of pixels outside every box; ``None`` gives them ``ignore_index``.
+        ignore_index: label of ignored pixels.
+
+    Returns:
+        ``(H, W)`` int64 mask on the device of ``boxes``.
+
+    Example:
+        >>> box_mask(torch.tensor([[0., 0., 4., 2.], [1., 0., 3., 1.]]), torch.tensor([0, 2]), (3, 4), 9)
+        tensor([[0, 2, 2, 0],
+                [0, 0, 0, 0],
+                [9, 9, 9, 9]])
+    """
+    boxes = torch.as_tensor(boxes)
+    labels = torch.as_tensor(labels, device=boxes.device)
+    if boxes.numel() == 0:
+        boxes = boxes.reshape(0, 4)
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must be (N, 4) xyxy pixels, got shape {tuple(boxes.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != boxes.shape[0]:
+        raise ValueError(f"labels must be ({boxes.shape[0]},), one per box, got shape {tuple(labels.shape)}")
+    if labels.is_floating_point():
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    h, w = int(size[0]), int(size[1])
+    fill = ignore_index if background is None else int(background)
+    mask = torch.full((h, w), fill, dtype=torch.long, device=boxes.device)
+    b = boxes.double()
+    area = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    rows = torch.arange(h, device=boxes.device, dtype=torch.float64) + 0.5  # pixel centres
+    cols = torch.arange(w, device=boxes.device, dtype=torch.float64) + 0.5
+    for i in torch.argsort(area, descending=True, stable=True).tolist():
+        x1, y1, x2, y2 = b[i].tolist()
+        inside = ((rows >= y1) & (rows < y2))[:, None] & ((cols >= x1) & (cols < x2))[None, :]
+        mask[inside] = int(labels[i])
+    return mask
+
+
+def box_masks(
+    boxes: list[torch.Tensor],
+    labels: list[torch.Tensor],
+    size: tuple[int, int],
+    background: int | None,
+    ignore_index: int = 255,
+) -> torch.Tensor:
+    """:func:`box_mask` for a batch.
+
+    Args:
+        boxes: per image ``(N_i, 4)`` xyxy pixels (a collated detection batch's ``"boxes"``).
+        labels: per image ``(N_i,)`` labels.
+        size: ``(H, W)`` of the images.
+        background: label outside every box (``None``: ``ignore_index``).
+        ignore_index: label of ignored pixels.
+
+    Returns:
+        ``(B, H, W)`` int64 masks.
+    """
+    if len(boxes) != len(labels):
+        raise ValueError(f"got {len(boxes)} box tensors for {len(labels)} label tensors; give one of each per image")
+    if not boxes:
+        raise ValueError("box_masks needs at least one image")
+    return torch.stack([box_mask(b, lab, size, background, ignore_index) for b, lab in zip(boxes, labels)])
 
 
 @dataclass
