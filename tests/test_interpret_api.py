@@ -112,8 +112,9 @@ def _check_runs(model, batch):
         assert set(r.contribution["shapley"]) == set(model.modalities)
         assert "head.logits" in r.reliance
         assert r.artifacts["gradcam"]
-    else:
-        assert r.contribution is None and set(r.settings["skipped"]) == {"contribution", "gradcam"}
+    else:  # detectors: contribution in COCO AP, Grad-CAM of the top detection
+        assert r.contribution["metric"] == "AP" and set(r.contribution["shapley"]) == set(model.modalities)
+        assert r.settings["skipped"] == {} and r.artifacts["gradcam"]
     json.dumps(r.to_json(), allow_nan=False)
 
 
@@ -138,17 +139,14 @@ def test_metrics_run_on_every_registered_model(name, tiny_batch):
 
 
 @pytest.mark.parametrize("name", ["fcos_early", "fcos_cmx", "retinanet_late_nms", "fcos_hybrid_wbf"])
-def test_tap_metrics_run_on_detectors(name):
-    pytest.importorskip("fusionzoo.detection")
-    if name not in fz.list_models(task="detection"):
-        pytest.skip(f"{name} is not registered")
+def test_every_metric_runs_on_detectors(name):
     ds = create_dataset("synthetic_rgbt", split="val", num_samples=2, image_size=(64, 64), seed=0)
     batch = collate([ds[0], ds[1]])
     torch.manual_seed(0)
     model = fz.create_model(name, encoder="resnet10t", num_classes=ds.num_classes - 1)
     r = interpret.run(model, ds, batch_size=2, samples_per_image=4)
     assert r.settings["task"] == "detection"
-    assert set(r.settings["skipped"]) == {"contribution", "gradcam"} and r.contribution is None
+    assert r.settings["skipped"] == {} and r.contribution["metric"] == "AP"
     assert r.semantic_variance and r.health and r.reliance and r.cka_pairs()
     assert batch["mask"].max() < ds.num_classes
     json.dumps(r.to_json(), allow_nan=False)

@@ -353,3 +353,16 @@ def test_run_errors_on_detection_data():
         interpret.run(model, [bad], metrics=["contribution"])
     with pytest.raises(ValueError, match="rows must be"):
         interpret.run(model, [batch], rows="boxes")
+
+
+def test_comparison_of_detectors_is_in_ap(dataset, tmp_path):
+    from fusionzoo.interpret.report import write_comparison
+
+    batches = [collate([dataset[i] for i in range(2)])]
+    results = [interpret.run(_detector(n, score_thresh=0.0), batches, metrics=["cka", "contribution"],
+                             class_names=dataset.classes) for n in ("fcos_early", "fcos_late_nms")]
+    files = write_comparison(results, tmp_path)
+    md = files["markdown"].read_text()
+    assert "| model | fusion | AP (%) |" in md and "mIoU" not in md
+    assert "### Shapley value of class AP per modality (AP points)" in md
+    assert files["cmp_contribution"].is_file()

@@ -25,6 +25,8 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .interpret.api import ROW_RULES
+
     p = argparse.ArgumentParser(prog="fusionzoo", description="RGB-D / RGB-T fusion model zoo with uniform interpretation.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -46,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-batches", type=int, default=None)
         sp.add_argument("--metrics", default=None, help="comma-separated subset of the metrics (default: all)")
         sp.add_argument("--taps", default="*", help="fnmatch pattern of the taps to measure")
-        sp.add_argument("--rows", choices=("sample", "pool"), default="sample",
-                        help="CKA rows: fixed pixel sample per image, or global average pool")
+        sp.add_argument("--rows", choices=ROW_RULES, default=None,
+                        help="CKA rows: fixed pixel sample per image, global average pool, or one row per "
+                             "ground-truth box (default: object for detectors, sample otherwise)")
         sp.add_argument("--samples-per-image", type=int, default=16)
         sp.add_argument("--policy", choices=("zero", "noise", "missing"), default="zero",
                         help="modality removal policy for contribution and reliance")

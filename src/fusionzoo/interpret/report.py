@@ -555,7 +555,7 @@ def write_comparison(results: Sequence[InterpretResult | str | Path], out_dir: s
     files["comparison"] = path
     figs = []
     for name, fn, caption in [
-        ("cmp_contribution", _cmp_contribution, "Shapley value of mIoU per modality, per model."),
+        ("cmp_contribution", _cmp_contribution, f"Shapley value of {_cmp_metric(cmp)} per modality, per model."),
         ("cmp_cka", _cmp_cka, ("Debiased CKA between modalities (left) and between each modality "
                                  "and the fused stream (right) across stages.")),
         ("cmp_semantic_variance", _cmp_sv, "Semantic variance per stream across stages, per model."),
@@ -595,9 +595,7 @@ def comparison_tables(cmp: ComparisonResult, results: Sequence[InterpretResult])
                + [_num(cmp.drop[lab].get(m), True) for m in mods]
                + [_num((cmp.reliance[lab].get("head.logits") or {}).get(m)) for m in mods]
                for lab in cmp.models]
-    # the task metric of the summary column: mIoU (segmentation), AP (detection), or both
-    task_metrics = sorted({v for v in cmp.metric.values() if v}, key=["mIoU", "AP"].index) or ["mIoU"]
-    tables: list[Table] = [("Summary", ["model", "fusion", f"{' / '.join(task_metrics)} (%)",
+    tables: list[Table] = [("Summary", ["model", "fusion", f"{_cmp_metric(cmp)} (%)",
                                         *[f"Shapley {m}" for m in mods],
                                         *[f"drop {m}" for m in mods], *[f"logit reliance {m}" for m in mods]],
                             summary)]
@@ -609,8 +607,9 @@ def comparison_tables(cmp: ComparisonResult, results: Sequence[InterpretResult])
     if per_class:
         k = max(len(row) - 2 for row in per_class)
         header = list(names) if names and len(names) == k else [str(i) for i in range(k)]
-        tables.append(("Shapley value of class IoU per modality (IoU points)", ["model", "modality", *header],
-                       per_class))
+        per_class_metric = _cmp_metric(cmp, per_class=True)
+        tables.append((f"Shapley value of class {per_class_metric} per modality ({per_class_metric} points)",
+                       ["model", "modality", *header], per_class))
     tables.append(("Cross-modal CKA per stage (debiased)", ["model", *cmp.stages],
                    [[lab] + [_num(cmp.cka_cross_modal[lab].get(s)) for s in cmp.stages] for lab in cmp.models]))
     tables.append(("Semantic variance per stream and stage", ["model", "stream", *cmp.stages],
@@ -637,6 +636,17 @@ def comparison_markdown(cmp: ComparisonResult, results: Sequence[InterpretResult
     return "\n\n".join(parts) + "\n"
 
 
+def _cmp_metric(cmp: ComparisonResult, per_class: bool = False) -> str:
+    """The task metric of the compared contributions: ``mIoU`` (segmentation), ``AP`` (detection) or both.
+
+    With ``per_class``, the per-class metric (``IoU`` / ``AP``).
+    """
+    metrics = sorted({v for v in cmp.metric.values() if v}, key=["mIoU", "AP"].index) or ["mIoU"]
+    if per_class:
+        metrics = [{"mIoU": "IoU"}.get(m, m) for m in metrics]
+    return " / ".join(metrics)
+
+
 def _cmp_contribution(cmp: ComparisonResult, path: Path) -> Path | None:
     mods = list(dict.fromkeys(m for d in cmp.shapley.values() for m in d))
     if not mods:
@@ -649,7 +659,7 @@ def _cmp_contribution(cmp: ComparisonResult, path: Path) -> Path | None:
                [100 * _nan(cmp.shapley[lab].get(m)) for lab in cmp.models], width, label=m, color=_color(m, j))
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(cmp.models)), [f"{lab}\n({cmp.fusion[lab]})" for lab in cmp.models], fontsize=8)
-    ax.set_ylabel("Shapley value of mIoU (points)")
+    ax.set_ylabel(f"Shapley value of {_cmp_metric(cmp)} (points)")
     ax.set_title("modality contribution by architecture")
     ax.margins(y=0.15)  # headroom so the legend does not cover bars
     ax.legend(title="modality")
