@@ -229,9 +229,9 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
         atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
         print_summary(summary, find_comparable_runs(cfg, run_dir))
 
-    # 8. Interpretation (fusionzoo.interpret): CKA, semantic variance, modality contribution,
-    # gradient balance, Grad-CAM of the best weights on the validation split, as one HTML page.
-    if info.is_main and cfg.report and task == "segmentation":
+    # 8. Interpretation (fusionzoo.interpret): CKA, semantic variance, modality contribution (mIoU, or
+    # COCO AP for detectors), gradient balance, Grad-CAM of the best weights on the validation split.
+    if info.is_main and cfg.report:
         from fusionzoo.interpret.runs import report_run
 
         files = report_run(run_dir, device=device)

@@ -34,6 +34,10 @@ def test_detector_trains_and_reports_ap(tmp_path):
     epochs = [r for r in epochs if r["kind"] == "epoch"]
     assert [r["val_images"] for r in epochs] == [4, 4] and all("val_ap50" in r for r in epochs)
     assert epochs[1]["train_loss"] < epochs[0]["train_loss"] * 1.5  # finite, same order of magnitude
+    # the run ends with its interpretability report, contribution measured in COCO AP
+    report = json.loads((run / "report" / "metrics.json").read_text())
+    assert (run / "report" / "report.html").is_file() and report["contribution"]["metric"] == "AP"
+    assert set(report["contribution"]["shapley"]) == {"rgb", "depth"}
     model = from_pretrained(run / "best")
     assert model.task == "detection"
     with torch.no_grad():

@@ -105,7 +105,7 @@ class TrainConfig:
 
     # --- training-time measurements (fusionzoo.engine.builders.CALLBACKS) ---
     callbacks: tuple[str, ...] = ("modality_balance",)  # per-modality gradient norms etc. -> callbacks.json
-    report: bool = True  # end by writing the interpretability report <run>/report/report.html (segmentation)
+    report: bool = True  # end by writing the interpretability report <run>/report/report.html
 
     # --- bookkeeping ---
     seed: int = 0
