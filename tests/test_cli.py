@@ -16,13 +16,7 @@ from fusionzoo.engine.metrics import ConfusionMatrix
 TINY = ["--num-samples", "4", "--image-size", "32", "32", "--batch-size", "2", "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # CPU tests share 2 cores with other jobs: one intra-op thread avoids oversubscription.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def test_list_filters(capsys):

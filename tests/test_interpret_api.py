@@ -11,15 +11,8 @@ import fusionzoo as fz
 from fusionzoo import interpret
 from fusionzoo.data import collate, create_dataset
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # CPU tests share 2 cores with other jobs: one intra-op thread avoids oversubscription,
-    # which made these forwards ~20x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 @pytest.fixture(scope="module")
 def tiny_batch():

@@ -9,15 +9,8 @@ import torch
 import fusionzoo as fz
 from fusionzoo.interpret.callbacks import ModalityBalanceCallback
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # CPU tests share 2 cores with other jobs: one intra-op thread avoids oversubscription,
-    # which made these forwards ~20x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 @pytest.fixture(scope="module")
 def late_model():

@@ -26,13 +26,7 @@ pytest.importorskip("fusionzoo.detection")
 SIZE = (64, 64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # CPU tests share 2 cores with other jobs: one intra-op thread avoids oversubscription.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
