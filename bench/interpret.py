@@ -47,7 +47,7 @@ class PeakRSS:
     (ru_maxrss cannot be used: the import of torch/timm peaks higher than small workloads.)
     """
 
-    def __enter__(self) -> PeakRSS:
+    def __enter__(self) -> PeakRSS:  # noqa: PYI034 - typing.Self needs Python 3.11; the project supports 3.10
         import threading
 
         self.base = _rss_mb()

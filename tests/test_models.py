@@ -186,17 +186,14 @@ def test_capture_gradients_and_patterns() -> None:
     assert list(acts) == ["depth.stage1", "depth.stage2", "depth.stage3", "depth.stage4", "head.gate"]
     assert set(acts.grads) == set(acts)
     assert all(acts.grads[k].shape == acts[k].shape for k in acts)
-    with pytest.raises(KeyError, match="no tap"):
-        with fz.capture(model, "thermal.*"):
-            pass
+    with pytest.raises(KeyError, match="no tap"), fz.capture(model, "thermal.*"):
+        pass
     # Two forward passes inside one capture are refused: each tap must fire exactly once.
-    with pytest.raises(RuntimeError, match="fired twice"):
-        with torch.no_grad(), fz.capture(model, "head.logits"):
-            model(make_inputs(model.modalities))
-            model(make_inputs(model.modalities))
-    with pytest.raises(RuntimeError, match="did not fire"):
-        with fz.capture(model, "head.logits"):
-            pass
+    with pytest.raises(RuntimeError, match="fired twice"), torch.no_grad(), fz.capture(model, "head.logits"):
+        model(make_inputs(model.modalities))
+        model(make_inputs(model.modalities))
+    with pytest.raises(RuntimeError, match="did not fire"), fz.capture(model, "head.logits"):
+        pass
     assert not any(m._forward_hooks for m in model.modules())
 
 

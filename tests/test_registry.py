@@ -68,19 +68,19 @@ def test_unknown_kwargs_raise_type_error_naming_the_entry() -> None:
 
 
 def test_duplicate_and_malformed_names_raise() -> None:
-    def esanet_resnet18():  # noqa: ANN202 - a dummy entry point
+    def esanet_resnet18():
         raise AssertionError("never built")
 
     with pytest.raises(ValueError, match="already registered"):
         register_model(task="segmentation", fusion="middle", method="esanet", encoder="resnet18", paper="x")(esanet_resnet18)
 
-    def BadName():  # noqa: ANN202, N802
+    def BadName():
         raise AssertionError("never built")
 
     with pytest.raises(ValueError, match="grammar"):
         register_model(task="segmentation", fusion="middle", method="BadName", encoder="resnet18", paper="x")(BadName)
 
-    def mymethod_resnet50():  # noqa: ANN202
+    def mymethod_resnet50():
         raise AssertionError("never built")
 
     with pytest.raises(ValueError, match="must be 'mymethod'"):

@@ -16,7 +16,8 @@ def check_modality_names(modalities: Iterable[str]) -> tuple[str, ...]:
         ValueError: naming the offending entry and the known modalities.
     """
     if isinstance(modalities, str):
-        raise ValueError(f"modalities must be a tuple of names such as ('rgb', 'depth'), got the string {modalities!r}")
+        # ValueError, not TypeError: every bad `modalities` argument raises ValueError (documented above)
+        raise ValueError(f"modalities must be a tuple of names such as ('rgb', 'depth'), got the string {modalities!r}")  # noqa: TRY004
     mods = tuple(modalities)
     if not mods:
         raise ValueError("modalities is empty; give at least one, e.g. ('rgb', 'depth')")

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._registry import encoder_key, register_model
-from ..modalities import check_modality_names, resolve_in_chans
 from ..heads import create_decoder
+from ..modalities import check_modality_names, resolve_in_chans
 from ..taps import TapInfo, TapSet
 
 MIN_INPUT_SIZE = 32  # stride-32 features need at least one cell
@@ -225,8 +225,8 @@ def register_family(
         entry.__module__ = model_cls.__module__
         return entry
 
-    meta = dict(task=task, fusion=fusion, method=method, paper=paper, modalities=("rgb", "depth"),
-                max_modalities=max_modalities, accepts=accepts)
+    meta = {"task": task, "fusion": fusion, "method": method, "paper": paper, "modalities": ("rgb", "depth"),
+            "max_modalities": max_modalities, "accepts": accepts}
     register_model(encoder=default_encoder, **meta)(make_entry(method, None))
     for encoder in encoders:
         name = f"{method}_{encoder_key(encoder)}"
