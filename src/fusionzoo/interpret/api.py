@@ -36,12 +36,12 @@ from ..taps import capture
 from .cka import StreamingCKA, object_rows, reduce_spatial
 from .contribution import (
     REMOVAL_POLICIES,
-    ContributionAccumulator,
     ModalityStats,
+    contribution_accumulator,
     contribution_keys,
     remove_modalities,
 )
-from .detection import DetectionContributionAccumulator, DetectionScore, detection_targets
+from .detection import DetectionScore, detection_targets
 from .gradcam import grad_cam, split_gate_channels
 from .health import EffectiveRank, FeatureNorm
 from .semantic_variance import SemanticVariance, box_masks
@@ -403,14 +403,9 @@ def run(
     sv_source: str | None = None
     eranks = {n: EffectiveRank() for n in plan.features} if "health" in want else {}
     norms = {n: FeatureNorm() for n in plan.features} if "health" in want else {}
-    contrib: ContributionAccumulator | None = None
-    if "contribution" in want:
-        if detection:
-            contrib = DetectionContributionAccumulator(mods, box_k, policy, empty_policy, stats, perceptual, seed,
-                                                       device)
-        else:
-            contrib = ContributionAccumulator(mods, k, policy, empty_policy, stats, ignore_index, perceptual, seed,
-                                              device)
+    contrib = (contribution_accumulator(task, mods, box_k if detection else k, policy, empty_policy, stats,
+                                        ignore_index, perceptual, seed, device)
+               if "contribution" in want else None)
     # one accumulator per removed modality, so each sees every example exactly once
     rel = ({m: StreamingCKA(pairs=[(f"full::{t}", f"removed::{t}") for t in plan.reliance_taps]) for m in mods}
            if "reliance" in want and plan.reliance_taps else None)

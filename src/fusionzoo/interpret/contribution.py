@@ -44,6 +44,7 @@ __all__ = [
     "ContributionAccumulator",
     "ContributionResult",
     "ModalityStats",
+    "contribution_accumulator",
     "contribution_keys",
     "derangement",
     "modality_contribution",
@@ -220,6 +221,22 @@ def derangement(n: int, generator: torch.Generator | None = None) -> torch.Tenso
 def _model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def contribution_accumulator(task: str, modalities: Sequence[str], num_classes: int, policy: str = "zero",
+                             empty_policy: str | None = None, stats: ModalityStats | None = None,
+                             ignore_index: int = 255, perceptual: bool = True, seed: int = 0,
+                             device: torch.device | str = "cpu") -> ContributionAccumulator:
+    """The accumulator of a task's metric: :class:`ContributionAccumulator` (mIoU) for
+    ``"segmentation"``, :class:`~.detection.DetectionContributionAccumulator` (COCO AP) for
+    ``"detection"`` (which has no ignore index). Arguments as :class:`ContributionAccumulator`."""
+    if task == "detection":
+        from .detection import DetectionContributionAccumulator  # detection.py imports this module
+
+        return DetectionContributionAccumulator(modalities, num_classes, policy, empty_policy, stats, perceptual,
+                                                seed, device)
+    return ContributionAccumulator(modalities, num_classes, policy, empty_policy, stats, ignore_index, perceptual,
+                                   seed, device)
 
 
 def _split(batch: Mapping[str, Any], modalities: Sequence[str], device: torch.device):
@@ -467,14 +484,8 @@ def modality_contribution(
     """
     mods = list(model.modalities)
     device = _model_device(model)
-    k = int(num_classes or model.num_classes)
-    if getattr(model, "task", "segmentation") == "detection":
-        from .detection import DetectionContributionAccumulator
-
-        acc: ContributionAccumulator = DetectionContributionAccumulator(mods, k, policy, empty_policy, stats,
-                                                                        perceptual, seed, device)
-    else:
-        acc = ContributionAccumulator(mods, k, policy, empty_policy, stats, ignore_index, perceptual, seed, device)
+    acc = contribution_accumulator(getattr(model, "task", "segmentation"), mods, int(num_classes or model.num_classes),
+                                   policy, empty_policy, stats, ignore_index, perceptual, seed, device)
     was_training = model.training
     model.eval()
     try:
