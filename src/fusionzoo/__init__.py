@@ -12,10 +12,19 @@ interpretation.
 from __future__ import annotations
 
 from . import detection, models  # noqa: F401  (registers every segmentation and detection model)
-from ._registry import ModelEntry, create_model, list_models, model_entry, register_model
+from ._registry import (
+    ModelEntry,
+    ReleasedWeights,
+    create_model,
+    list_models,
+    list_pretrained,
+    model_entry,
+    register_model,
+    released_weights,
+)
 from .encoders import Encoder, PretrainedWeightsError
 from .modalities import DEFAULT_CHANNELS
-from .models import FusionModel
+from .models import ConversionError, FusionModel, convert_checkpoint
 from .taps import Captured, Tap, TapInfo, capture
 
 __version__ = "0.1.0"
@@ -37,17 +46,22 @@ def __getattr__(name: str):  # PEP 562: fz.data / fz.interpret / fz.from_pretrai
 __all__ = [
     "DEFAULT_CHANNELS",
     "Captured",
+    "ConversionError",
     "Encoder",
     "FusionModel",
     "ModelEntry",
     "PretrainedWeightsError",
+    "ReleasedWeights",
     "Tap",
     "TapInfo",
     "__version__",
     "capture",
+    "convert_checkpoint",
     "create_model",
     "from_pretrained",
     "list_models",
+    "list_pretrained",
     "model_entry",
     "register_model",
+    "released_weights",
 ]

@@ -37,6 +37,11 @@ class ModelEntry:
     max_modalities: int | None  # 2 for methods defined on exactly two streams, None = any number
     encoder_fixed: bool  # True for named variants: `encoder=` is then rejected
     accepts: frozenset[str] | None = None  # keywords the entry takes (None: read its signature)
+    # A published entry is the authors' whole network, to the parameter (DESIGN.md section 3): its
+    # released checkpoints convert one-to-one and golden outputs of the authors' code prove it.
+    published: bool = False
+    reference_repo: str | None = None  # the authors' repository (URL)
+    reference_commit: str | None = None  # the commit our parity fixtures were computed at
 
     @property
     def module(self) -> str:
@@ -57,6 +62,9 @@ def register_model(
     max_modalities: int | None = None,
     name: str | None = None,
     accepts: Iterable[str] | None = None,
+    published: bool = False,
+    reference_repo: str | None = None,
+    reference_commit: str | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Register an entry point with its metadata.
 
@@ -65,6 +73,11 @@ def register_model(
     that forward ``**kwargs`` list the keywords they take in ``accepts``, so unknown keywords are
     rejected up front with the entry point's name.
 
+    A published entry (``published=True``) is the authors' network to the parameter and must name
+    its ``reference_repo`` and the ``reference_commit`` that its parity fixtures come from; its
+    name may follow the paper (``cmx_mit_b2``, ``esanet_r34_nbt1d``), the encoder part being the
+    paper's backbone name rather than a timm name.
+
     Raises:
         ValueError: a duplicate name, bad metadata, or a name that breaks the grammar.
     """
@@ -72,6 +85,10 @@ def register_model(
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+    if published and not (reference_repo and reference_commit):
+        raise ValueError("a published entry must name its reference_repo and reference_commit")
+    if not published and (reference_repo or reference_commit):
+        raise ValueError("reference_repo/reference_commit are for published entries (published=True)")
 
     def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         model_name = name or fn.__name__
@@ -101,6 +118,9 @@ def register_model(
             max_modalities=max_modalities,
             encoder_fixed=fixed,
             accepts=frozenset(accepts) if accepts is not None else None,
+            published=published,
+            reference_repo=reference_repo,
+            reference_commit=reference_commit,
         )
         return fn
 
@@ -126,6 +146,7 @@ def list_models(
     fusion: str | Iterable[str] | None = None,
     modalities: Iterable[str] | None = None,
     method: str | None = None,
+    published: bool | None = None,
 ) -> list[str]:
     """Registered model names, sorted, filtered by fnmatch patterns and metadata.
 
@@ -137,6 +158,8 @@ def list_models(
         modalities: keep models that can run on exactly these streams (e.g. three streams drop
             the methods defined for two).
         method: the method part of the name (``"cmx"``).
+        published: ``True`` keeps the authors' networks (``published=True`` entries), ``False``
+            keeps fusionzoo's families and their named variants.
 
     Example:
         >>> list_models("*_resnet50", task="segmentation", fusion="late", modalities=("rgb", "thermal"))
@@ -165,6 +188,8 @@ def list_models(
         if fusions and entry.fusion not in fusions:
             continue
         if method is not None and entry.method != method:
+            continue
+        if published is not None and entry.published != published:
             continue
         if wanted is not None and entry.max_modalities is not None and len(wanted) != entry.max_modalities:
             continue
@@ -224,3 +249,68 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         if unknown:
             raise TypeError(f"{name}() got unexpected keyword argument(s) {unknown}; it takes {sorted(accepted)}")
     return entry.fn(**kwargs)
+
+
+@dataclass(frozen=True)
+class ReleasedWeights:
+    """A checkpoint the authors of a published entry released, known as ``{name}.{tag}``.
+
+    fusionzoo never redistributes it: ``fusionzoo convert`` maps the downloaded file into a
+    ``from_pretrained`` folder, and ``create_model(name, pretrained=tag)`` loads that folder.
+    """
+
+    name: str  # the registered published entry (``cmx_mit_b2``)
+    tag: str  # the training data (``nyuv2``)
+    url: str  # where the authors publish the file
+    filename: str  # the file as the authors name it
+    num_classes: int
+    modalities: tuple[str, ...]
+    reported: str  # what the paper reports for these weights, e.g. "mIoU 54.1 (NYUDv2, MS+flip)"
+    sha256: str | None = None  # only where the authors publish one; never computed by us
+    class_names: tuple[str, ...] | None = None
+    normalization: dict[str, dict[str, tuple[float, ...]]] | None = None  # per modality mean/std
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.name}.{self.tag}"
+
+
+_RELEASED: dict[str, ReleasedWeights] = {}
+
+
+def register_weights(weights: ReleasedWeights) -> ReleasedWeights:
+    """Make a released checkpoint known as ``{name}.{tag}``.
+
+    Raises:
+        ValueError: the tag is registered twice, breaks the name grammar, or its model is not a
+            registered published entry.
+    """
+    full = weights.full_name
+    if full in _RELEASED:
+        raise ValueError(f"released weights {full!r} are already registered")
+    if not NAME_PATTERN.match(full) or "." in weights.tag:
+        raise ValueError(f"released weights name {full!r} breaks the grammar {NAME_PATTERN.pattern}")
+    if not model_entry(weights.name).published:
+        raise ValueError(f"{weights.name!r} is not a published entry; only the authors' networks carry released weights")
+    _RELEASED[full] = weights
+    return weights
+
+
+def released_weights(name: str, tag: str) -> ReleasedWeights:
+    """The released checkpoint ``{name}.{tag}``.
+
+    Raises:
+        KeyError: unknown tag; the message lists the tags this model has.
+    """
+    full = f"{name}.{tag}"
+    if full in _RELEASED:
+        return _RELEASED[full]
+    model_entry(name)  # an unknown model name raises with close matches first
+    tags = sorted(w.tag for w in _RELEASED.values() if w.name == name)
+    raise KeyError(f"{name!r} has no released weights tagged {tag!r}; known tags: {tags or 'none'}")
+
+
+def list_pretrained(filter: str | Iterable[str] | None = None) -> list[str]:
+    """Released checkpoints as ``{name}.{tag}``, sorted, filtered by fnmatch patterns."""
+    include = _as_list(filter)
+    return sorted(n for n in _RELEASED if not include or any(fnmatch.fnmatchcase(n, p) for p in include))

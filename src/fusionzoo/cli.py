@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--fusion", action="append", default=None, help="early / middle / late / hybrid (repeatable)")
     ls.add_argument("--modalities", default=None, help="comma-separated, e.g. rgb,thermal")
     ls.add_argument("--long", action="store_true", help="also print fusion family, encoder and paper")
+    ls.add_argument("--published", action="store_true", help="only the authors' networks (published entries)")
 
     def data_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--dataset", default=None, help="dataset name (default: the run's, else synthetic_rgbd)")
@@ -68,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("targets", nargs="+", help="run folders, interpret output folders, or model names")
     cp.add_argument("--out", required=True, help="output folder")
     data_args(cp)
+
+    cv = sub.add_parser("convert", help="convert an authors' released checkpoint of a published entry")
+    cv.add_argument("name", help="published entry, e.g. cmx_mit_b2 (fusionzoo list --published)")
+    cv.add_argument("checkpoint", help="the authors' file as downloaded (.pth / .pt / .safetensors)")
+    cv.add_argument("--tag", default=None, help="registered release, e.g. nyuv2 (class names, sha256, cache folder)")
+    cv.add_argument("--out", default=None, help="output folder (default: the cache folder that pretrained=TAG reads)")
+    cv.add_argument("--num-classes", type=int, default=None, help="without --tag: class count (default: from the classifier)")
     return p
 
 
@@ -79,11 +87,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     mods = [m.strip() for m in args.modalities.split(",")] if args.modalities else None
     names = fz.list_models(args.patterns or None, exclude=args.exclude, task=args.task, fusion=args.fusion,
-                           modalities=mods)
+                           modalities=mods, published=True if args.published else None)
     for n in names:
         if args.long:
             e = fz.model_entry(n)
-            print(f"{n:32s} {e.fusion:7s} {e.encoder:16s} {e.paper}")
+            origin = f" [published: {e.reference_repo}@{e.reference_commit[:8]}]" if e.published else ""
+            print(f"{n:32s} {e.fusion:7s} {e.encoder:16s} {e.paper}{origin}")
         else:
             print(n)
     if not names:
@@ -207,6 +216,21 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .models.convert import ConversionError, convert_checkpoint
+
+    if args.out is None and args.tag is None:
+        print("fusionzoo convert: give --tag (a registered release) or --out (an output folder)", file=sys.stderr)
+        return 2
+    try:
+        out = convert_checkpoint(args.name, args.checkpoint, args.out, tag=args.tag, num_classes=args.num_classes)
+    except (ConversionError, FileNotFoundError, KeyError) as e:
+        print(f"fusionzoo convert: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} (load it with fusionzoo.from_pretrained({str(out)!r}))")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fusionzoo`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -220,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_interpret(args)
     if args.command == "compare":
         return _cmd_compare(args)
+    if args.command == "convert":
+        return _cmd_convert(args)
     raise ValueError(f"unknown command {args.command!r}")  # argparse rejects these first
 
 

@@ -2,9 +2,19 @@
 
 from . import acnet, cmx, early, esanet, fusenet, hybrid, late, middle, sagate  # noqa: F401  (registration)
 from .base import FusionModel
+from .convert import ConversionError, convert_checkpoint, load_released
 from .early import EarlyFusionModel
 from .hybrid import HybridFusionModel
 from .late import LateFusionModel
 from .middle import MiddleFusionModel
 
-__all__ = ["EarlyFusionModel", "FusionModel", "HybridFusionModel", "LateFusionModel", "MiddleFusionModel"]
+__all__ = [
+    "ConversionError",
+    "EarlyFusionModel",
+    "FusionModel",
+    "HybridFusionModel",
+    "LateFusionModel",
+    "MiddleFusionModel",
+    "convert_checkpoint",
+    "load_released",
+]

@@ -1,0 +1,297 @@
+"""Authors' checkpoints -> fusionzoo: strict, one-to-one conversion for published entries.
+
+A published entry (``published=True``) is the authors' network to the parameter, so its released
+state dict maps onto ours tensor for tensor. A converter for it is a function of the authors'
+state dict that returns ours; it is registered with :func:`register_converter` beside the entry
+point. :func:`convert_checkpoint` then checks the mapping strictly:
+
+- every authors' tensor is used (:func:`rename_keys` raises on the first key no rule maps);
+- no tensor of the model is missing, none is left over, every shape matches;
+- folds that change values (e.g. a conv bias folded into BatchNorm statistics) are written out
+  in the converter, with the reason, never done silently.
+
+The result is a :func:`fusionzoo.from_pretrained` folder (``config.json`` with class names and
+normalization, ``model.safetensors``). ``create_model(name, pretrained=tag)`` loads the folder
+that ``fusionzoo convert NAME FILE --tag TAG`` wrote into the cache (:func:`released_dir`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file as load_safetensors
+from torch import nn
+
+from .._registry import ReleasedWeights, create_model, model_entry, released_weights
+from ..engine.checkpoint import load_model_weights
+from ..engine.hub import CONFIG_NAME, from_pretrained, save_pretrained
+
+__all__ = [
+    "ConversionError",
+    "Converter",
+    "build_or_load",
+    "convert_checkpoint",
+    "convert_state_dict",
+    "load_released",
+    "read_authors_checkpoint",
+    "register_converter",
+    "released_dir",
+    "rename_keys",
+]
+
+StateDict = dict[str, torch.Tensor]
+
+
+class ConversionError(ValueError):
+    """An authors' checkpoint that does not map onto the published entry."""
+
+
+@dataclass(frozen=True)
+class Converter:
+    """How one published entry reads its authors' state dict.
+
+    Attributes:
+        fn: authors' state dict (prefixes such as ``module.`` already stripped) -> ours.
+        classifier_key: the authors' key of the final classifier weight, whose first dimension is
+            the class count (read when no ``num_classes`` and no tag are given).
+    """
+
+    fn: Callable[[Mapping[str, torch.Tensor]], StateDict]
+    classifier_key: str
+
+
+_CONVERTERS: dict[str, Converter] = {}
+
+
+def register_converter(
+    *names: str, classifier_key: str
+) -> Callable[[Callable[[Mapping[str, torch.Tensor]], StateDict]], Callable[[Mapping[str, torch.Tensor]], StateDict]]:
+    """Register ``fn(authors_state_dict) -> our_state_dict`` for published entries ``names``.
+
+    Raises:
+        ValueError: a name registered twice, or a name that is not a published entry.
+    """
+
+    def decorator(fn: Callable[[Mapping[str, torch.Tensor]], StateDict]) -> Callable[[Mapping[str, torch.Tensor]], StateDict]:
+        for name in names:
+            if name in _CONVERTERS:
+                raise ValueError(f"a converter for {name!r} is already registered")
+            if not model_entry(name).published:
+                raise ValueError(f"{name!r} is not a published entry; only the authors' networks convert one-to-one")
+            _CONVERTERS[name] = Converter(fn=fn, classifier_key=classifier_key)
+        return fn
+
+    return decorator
+
+
+def rename_keys(
+    state_dict: Mapping[str, torch.Tensor], rules: Sequence[tuple[str, str]], *, where: str = "the checkpoint"
+) -> StateDict:
+    """Rename every key by the first ``(regex, replacement)`` rule whose regex matches it fully.
+
+    Raises:
+        ConversionError: a key that no rule maps (the first one is named), or two keys mapped
+            onto the same name.
+    """
+    compiled = [(re.compile(pattern), replacement) for pattern, replacement in rules]
+    out: StateDict = {}
+    source_of: dict[str, str] = {}
+    for key, tensor in state_dict.items():
+        for pattern, replacement in compiled:
+            if pattern.fullmatch(key):
+                new = pattern.sub(replacement, key)
+                break
+        else:
+            raise ConversionError(f"{where}: key {key!r} (shape {tuple(tensor.shape)}) is not part of the published network")
+        if new in out:
+            raise ConversionError(f"{where}: keys {source_of[new]!r} and {key!r} both map to {new!r}")
+        out[new], source_of[new] = tensor, key
+    return out
+
+
+def _unwrap(obj: Any, where: str) -> StateDict:
+    """The state dict inside a training checkpoint (``{"model": ...}``, ``{"state_dict": ...}``),
+    with DataParallel's ``module.`` prefix removed."""
+    for key in ("model", "state_dict", "model_state_dict", "net"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConversionError(
+            f"{where} holds no state dict (expected a mapping of tensors, or one under 'model'/'state_dict')"
+        )
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_authors_checkpoint(path: str | Path) -> StateDict:
+    """Tensors of an authors' checkpoint file (``.pth``/``.pt``/``.tar`` via ``torch.load`` with
+    ``weights_only=True``, so no pickled code runs; or ``.safetensors``).
+
+    Raises:
+        FileNotFoundError: no such file. ConversionError: unreadable, or not a state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (the authors' checkpoint to convert)")
+    try:
+        if path.suffix == ".safetensors":
+            obj: Any = load_safetensors(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (torch.load raises many types on a wrong or truncated file)
+        raise ConversionError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    return _unwrap(obj, str(path))
+
+
+def convert_state_dict(name: str, authors_state_dict: Mapping[str, torch.Tensor], model: nn.Module, *, where: str = "the checkpoint") -> StateDict:
+    """Map an authors' state dict onto ``model`` (an instance of published entry ``name``) strictly.
+
+    Raises:
+        ConversionError: no converter for ``name``, or a key that did not match (the first is named).
+    """
+    if name not in _CONVERTERS:
+        known = sorted(_CONVERTERS)
+        raise ConversionError(f"no converter for {name!r}; published entries with one: {known}")
+    ours = _CONVERTERS[name].fn(authors_state_dict)
+    own = model.state_dict()
+    for key in own:
+        if key not in ours:
+            raise ConversionError(f"{where}: {name} needs {key!r} {tuple(own[key].shape)}, which no authors' key provides")
+    for key, tensor in ours.items():
+        if key not in own:
+            raise ConversionError(f"{where}: converted key {key!r} is not a parameter or buffer of {name}")
+        if tuple(tensor.shape) != tuple(own[key].shape):
+            raise ConversionError(
+                f"{where}: {key!r} has shape {tuple(tensor.shape)} in the checkpoint, {tuple(own[key].shape)} in {name}"
+            )
+    return ours
+
+
+def released_dir(name: str, tag: str) -> Path:
+    """Where ``fusionzoo convert NAME FILE --tag TAG`` writes and ``pretrained=TAG`` reads:
+    ``$FUSIONZOO_CACHE/{name}.{tag}``, by default under huggingface-hub's home
+    (``$HF_HOME/fusionzoo``)."""
+    root = os.environ.get("FUSIONZOO_CACHE")
+    if root is None:
+        hf_home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
+        root = os.path.join(hf_home, "fusionzoo")
+    return Path(root) / f"{name}.{tag}"
+
+
+def convert_checkpoint(
+    name: str,
+    checkpoint: str | Path,
+    out: str | Path | None = None,
+    *,
+    tag: str | None = None,
+    num_classes: int | None = None,
+    modalities: Iterable[str] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> Path:
+    """Convert the authors' released checkpoint of published entry ``name`` into a
+    :func:`fusionzoo.from_pretrained` folder.
+
+    Args:
+        name: a published entry (``fusionzoo.list_models(published=True)``).
+        checkpoint: the authors' file, as downloaded.
+        out: output folder (default: :func:`released_dir` of ``name`` and ``tag``, where
+            ``create_model(name, pretrained=tag)`` finds it).
+        tag: a registered release (``"nyuv2"``): its class count, modalities, class names and
+            normalization are used, and its sha256 is checked where the authors publish one.
+        num_classes: class count when no tag is given (default: read from the classifier).
+        modalities: the streams, when no tag is given (default: the entry's).
+        class_names: names written into ``config.json`` when no tag is given.
+
+    Returns:
+        The output folder.
+
+    Raises:
+        ConversionError: a wrong file (the first key that did not match is named), or a sha256
+            that differs from the authors'.
+
+    Example:
+        >>> convert_checkpoint("cmx_mit_b2", "NYUDV2_CMX+Segformer-B2.pth", tag="nyuv2")
+    """
+    entry = model_entry(name)
+    if not entry.published:
+        raise ConversionError(f"{name!r} is a fusionzoo family entry; only published entries convert authors' checkpoints")
+    path = Path(checkpoint)
+    release: ReleasedWeights | None = released_weights(name, tag) if tag is not None else None
+    authors = read_authors_checkpoint(path)
+    if release is not None and release.sha256 is not None:
+        digest = _sha256(path)
+        if digest != release.sha256:
+            raise ConversionError(
+                f"{path}: sha256 {digest} differs from the authors' {release.sha256} for {release.full_name} "
+                f"(a partial download or another file; get {release.filename} from {release.url})"
+            )
+    if release is not None:
+        num_classes = release.num_classes
+        modalities = release.modalities
+        class_names = release.class_names
+    if num_classes is None:
+        key = _CONVERTERS[name].classifier_key if name in _CONVERTERS else None
+        if key is None or key not in authors:
+            raise ConversionError(f"{path}: no classifier {key!r} to read the class count from; pass num_classes")
+        num_classes = int(authors[key].shape[0])
+    model = create_model(name, num_classes=num_classes, modalities=tuple(modalities or entry.modalities))
+    ours = convert_state_dict(name, authors, model, where=str(path))
+    load_model_weights(model, ours)
+    if out is None:
+        if tag is None:
+            raise ValueError("give out= (an output folder) or tag= (then the cache folder is used)")
+        out = released_dir(name, tag)
+    extra = {"converted_from": path.name, "reference_repo": entry.reference_repo, "reference_commit": entry.reference_commit}
+    if release is not None:
+        extra.update(release=release.full_name, source=release.url, reported=release.reported)
+    return save_pretrained(
+        model,
+        out,
+        class_names=class_names,
+        normalization=release.normalization if release is not None else None,
+        extra=extra,
+    )
+
+
+def load_released(name: str, tag: str) -> nn.Module:
+    """The published entry ``name`` with the authors' weights ``tag``, converted beforehand.
+
+    Nothing is downloaded: the authors host their files where no script can fetch them reliably
+    (Google Drive, Baidu), so the error says which file to get and which command converts it.
+
+    Raises:
+        KeyError: unknown tag. FileNotFoundError: not converted yet (the message gives the fix).
+    """
+    release = released_weights(name, tag)
+    folder = released_dir(name, tag)
+    if not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(
+            f"{release.full_name} is not converted yet ({folder} has no {CONFIG_NAME}): download "
+            f"{release.filename} from {release.url}, then run `fusionzoo convert {name} {release.filename} --tag {tag}`"
+        )
+    return from_pretrained(folder, local_files_only=True)
+
+
+def build_or_load(name: str, pretrained: bool | str, build: Callable[[], nn.Module]) -> nn.Module:
+    """Published entry points' handling of ``pretrained``: a tag loads the authors' released
+    weights (:func:`load_released`); ``True``/``False`` is passed to ``build`` (ImageNet encoder)."""
+    if isinstance(pretrained, str):
+        return load_released(name, pretrained)
+    return build()
