@@ -1,6 +1,6 @@
 """Model families; importing this package registers every entry point."""
 
-from . import acnet, cmx, early, esanet, fusenet, hybrid, late, middle, sagate  # noqa: F401  (registration)
+from . import acnet, cmx, early, esanet, fusenet, hybrid, late, middle, published, sagate  # noqa: F401  (registration)
 from .base import FusionModel
 from .convert import ConversionError, convert_checkpoint, load_released
 from .early import EarlyFusionModel
