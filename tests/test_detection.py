@@ -20,6 +20,9 @@ NUM_CLASSES = 3
 SMALL = {"fpn_channels": 64, "score_thresh": 0.0, "detections_per_img": 10}  # small head; keep boxes at init
 ALL = fz.list_models(task="detection")
 VARIANTS = [n for n in ALL if n.endswith("_resnet18")]
+# Detectors on heavier encoders share every line but the encoder with their resnet18 sibling; they are
+# built on the meta device (no memory, no arithmetic) and checked for the same taps (issue 12: suite time).
+HEAVY = [n for n in ALL if fz.model_entry(n).encoder_fixed and n not in VARIANTS]
 
 
 def make_inputs(modalities: tuple[str, ...] = ("rgb", "thermal"), batch: int = 2, size: int = SIZE) -> dict[str, torch.Tensor]:
@@ -60,6 +63,20 @@ def test_zoo_covers_every_family_on_two_encoders() -> None:
         entry = fz.model_entry(n)
         assert entry.task == "detection" and entry.modalities == ("rgb", "thermal") and entry.paper
     assert not set(ALL) & set(fz.list_models(task="segmentation"))
+
+
+@pytest.mark.parametrize("heavy", HEAVY)
+def test_heavy_variant_builds_on_meta_with_its_siblings_taps(heavy: str) -> None:
+    entry = fz.model_entry(heavy)
+    sibling = heavy[: -len(entry.encoder)] + "resnet18"
+    with torch.device("meta"):
+        model = fz.create_model(heavy, num_classes=NUM_CLASSES)
+        light = fz.create_model(sibling, num_classes=NUM_CLASSES)
+    info, light_info = model.tap_info(), light.tap_info()
+    assert list(info) == list(light_info)
+    assert [t.reduction for t in info.values()] == [t.reduction for t in light_info.values()]
+    widths = {t.channels for name, t in info.items() if name.endswith(".stage4")}
+    assert widths and widths != {t.channels for name, t in light_info.items() if name.endswith(".stage4")}
 
 
 def test_train_mode_returns_losses_and_every_parameter_learns(name: str, built: nn.Module) -> None:
