@@ -153,7 +153,7 @@ def _inputs(batch: int, size: int, dtype: torch.dtype = torch.float32) -> dict[s
 
 
 def test_float64_input_is_refused_with_the_fix(tiny):
-    with pytest.raises(TypeError, match=r"input 'rgb' has dtype torch\.float64 but the model's weights are torch\.float32.*\.float\(\)"):
+    with pytest.raises(ValueError, match=r"input 'rgb' has dtype torch\.float64 but the model's weights are torch\.float32.*\.float\(\)"):
         tiny.eval()(_inputs(1, 32, torch.float64))
 
 
