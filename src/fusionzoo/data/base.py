@@ -162,11 +162,12 @@ class PreparedDataset(Dataset):
         # A missing file must stop the run here, not crash it mid-epoch when its id is drawn.
         missing = []
         for folder, ext in self._ext.items():
-            for i in self.ids:
-                name = f"{i}{ext}"
-                # ids with a "/" name files in subfolders, which the listing does not show: stat them.
-                if name not in listings[folder] and not ("/" in i and (self.root / folder / name).is_file()):
-                    missing.append(f"{folder}/{name}")
+            names = [f"{i}{ext}" for i in self.ids]
+            absent = set(names).difference(listings[folder])
+            # ids with a "/" name files in subfolders, which the listing does not show: stat them.
+            missing += [
+                f"{folder}/{n}" for n in names if n in absent and not ("/" in n and (self.root / folder / n).is_file())
+            ]
         if missing:
             shown = ", ".join(missing[:20]) + (f", ... ({len(missing) - 20} more)" if len(missing) > 20 else "")
             raise FileNotFoundError(
