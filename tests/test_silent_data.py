@@ -95,6 +95,15 @@ def test_8bit_depth_png_is_refused_naming_the_file(nyu):
         create_dataset("nyuv2", root=nyu).raw(0)
 
 
+def test_millimetres_in_npy_depth_are_caught(nyu):
+    _replace(nyu, "depth", ".npy", lambda i: np.full(SIZE, 2500, np.uint16))
+    with pytest.raises(DataError, match=r"train_0000\.npy: \.npy depth holds uint16.*millimetres"):
+        create_dataset("nyuv2", root=nyu).raw(0)
+    _replace(nyu, "depth", ".npy", lambda i: np.full(SIZE, 2500.0, np.float32))
+    with pytest.warns(UserWarning, match=r"train_0000\.npy: float depth up to 2500 m.*millimetres"):
+        create_dataset("nyuv2", root=nyu).raw(0)
+
+
 def test_12bit_thermal_in_16bit_warns_once_and_thermal_bits_fixes_it(mfnet):
     _replace(mfnet, "thermal", ".png", lambda i: np.full(SIZE, 2000 + i, np.uint16))
     ds = create_dataset("mfnet", root=mfnet)

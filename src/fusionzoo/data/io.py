@@ -51,6 +51,9 @@ __all__ = [
 ]
 
 IGNORE_INDEX = 255
+# Float depth above this is not metres from any RGB-D sensor or stereo rig (Kinect ~10 m); it is
+# almost surely millimetres written as float.
+MAX_FLOAT_DEPTH_M = 1000.0
 
 
 class DataError(ValueError):
@@ -156,7 +159,9 @@ def read_depth(path: str | Path, *, scale: float = 1000.0, nonfinite: str = "inv
 
     16-bit PNG/TIFF files hold integer depth in ``1/scale`` metres (millimetres by default,
     the convention of NYUDv2 / SUN RGB-D prepared layouts); ``.npy`` files and 32-bit float
-    TIFFs already hold metres.
+    TIFFs already hold metres. Encodings that contradict this are refused (8-bit images,
+    integer ``.npy``) or warned about once per folder (16-bit values that fit in 8 bits, float
+    depth above 1000 m).
 
     Args:
         path: Depth file (``.png``, ``.tif``, ``.npy``).
@@ -167,8 +172,8 @@ def read_depth(path: str | Path, *, scale: float = 1000.0, nonfinite: str = "inv
         float32 ``(H, W)`` metres, 0 = invalid.
 
     Raises:
-        DataError: Undecodable file, more than one channel, or (``nonfinite="raise"``) corrupt
-            values.
+        DataError: Undecodable file, more than one channel, an 8-bit image or integer ``.npy``,
+            or (``nonfinite="raise"``) corrupt values.
     """
     path = Path(path)
     if path.suffix == ".npy":
@@ -178,6 +183,11 @@ def read_depth(path: str | Path, *, scale: float = 1000.0, nonfinite: str = "inv
             arr = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as err:
             raise DataError(f"{path}: cannot read .npy depth ({err}); the file is truncated") from err
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise DataError(
+                f"{path}: .npy depth holds {arr.dtype}, but .npy depth is float metres; an integer array is "
+                "usually millimetres: save (arr / 1000).astype('float32'), or a uint16 millimetre PNG"
+            )
         metres = arr.astype(np.float32, copy=False)
     else:
         arr = read_image(path)
@@ -190,7 +200,14 @@ def read_depth(path: str | Path, *, scale: float = 1000.0, nonfinite: str = "inv
         metres = metres[..., 0]
     if metres.ndim != 2:
         raise DataError(f"{path}: depth must be one channel (H, W), got shape {tuple(arr.shape)}")
-    return clean_depth(metres, path, nonfinite)
+    depth = clean_depth(metres, path, nonfinite)
+    if np.issubdtype(arr.dtype, np.floating) and depth.size and depth.max() > MAX_FLOAT_DEPTH_M:
+        _warn_once(
+            "depth_mm", path,
+            f"{path}: float depth up to {depth.max():.0f} m; float depth is metres, and values above "
+            f"{MAX_FLOAT_DEPTH_M:.0f} m look like millimetres: divide by 1000 when writing the file",
+        )
+    return depth
 
 
 def _check_depth_encoding(arr: np.ndarray, path: Path, scale: float) -> None:
