@@ -19,14 +19,16 @@ written by other tools) are corrupt; with ``nonfinite="invalid"`` (default) they
 as well, with ``nonfinite="raise"`` they raise :class:`DataError` naming the file. After
 normalization invalid pixels are set to exactly 0 (see ``transforms.Normalize``), so a NaN
 never reaches a model. Float thermal follows the same flag (NaN/inf become 0). A repair is
-never silent: the first repaired file of each folder raises a :class:`DataWarning` with its
+never silent: the first repaired file of each folder emits a :class:`DataWarning` with its
 count of bad pixels (once per folder and process, so a dataset full of NaN does not flood the
-log; ``nonfinite="raise"`` lists every file).
+log; ``nonfinite="raise"`` stops at the first bad file instead).
 
 Encodings are checked against the prepared layout's declaration (``docs/data.md``): an 8-bit
-depth image is refused (it would read as 0-0.255 m), 16-bit depth whose values all fit in 8 bits
-and 16-bit thermal whose values fit in 12 or 14 bits (a 12/14-bit sensor divided by 65535 spans
-only [0, 0.06] / [0, 0.25]) warn once per folder, naming the file and the fix (``thermal_bits``).
+depth image or an integer ``.npy`` depth is refused (they would read as 0-0.255 m, or as
+millimetres taken for metres); 16-bit depth whose values all fit in 8 bits, float depth above
+1000 m, and 16-bit thermal whose values fit in 12 or 14 bits (a 12/14-bit sensor divided by 65535
+spans only [0, 0.06] / [0, 0.25]) warn once per folder, naming the file and the fix
+(``thermal_bits`` for thermal).
 """
 
 from __future__ import annotations
