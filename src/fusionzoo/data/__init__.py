@@ -15,7 +15,7 @@ from ._registry import DatasetEntry, create_dataset, dataset_entry, list_dataset
 from .base import DetectionDataset, PreparedDataset, SegmentationDataset
 from .benchmarks import KAIST, LLVIP, M3FD, PST900, SUNRGBD, FLIRAligned, MFNet, NYUv2
 from .collate import collate
-from .io import DataError
+from .io import DataError, DataWarning
 from .synthetic import SyntheticConfig, SyntheticDataset, SyntheticGenerator, SyntheticRGBD, SyntheticRGBT
 from .transforms import (
     JointTransform,
@@ -33,6 +33,7 @@ __all__ = [
     "PST900",
     "SUNRGBD",
     "DataError",
+    "DataWarning",
     "DatasetEntry",
     "DetectionDataset",
     "FLIRAligned",

@@ -18,6 +18,7 @@ normalization).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -70,8 +71,15 @@ class PreparedDataset(Dataset):
             :class:`~fusionzoo.data.transforms.JointTransform`); ``None``: tensors without
             normalization.
         modalities: Subset/ordering of :attr:`available_modalities` to load.
-        nonfinite: Invalid-depth policy for NaN/inf/negative depth (``"invalid"`` or ``"raise"``).
+        nonfinite: Policy for NaN/inf/negative depth and NaN/inf float thermal: ``"invalid"``
+            sets them to 0 and warns once per folder with the count; ``"raise"`` raises.
         check_size: Raise when modality files of one sample differ in size.
+        thermal_bits: Significant bits of integer thermal files (12 or 14 for radiometric
+            cameras stored in 16-bit PNG/TIFF); ``None``: the file's own bit depth.
+
+    Raises:
+        FileNotFoundError: Missing root, split file or folder, or files missing for some ids
+            (one error listing them; checked here, not when the sample is first read).
     """
 
     name: ClassVar[str] = ""
@@ -91,6 +99,7 @@ class PreparedDataset(Dataset):
         modalities: Sequence[str] | None = None,
         nonfinite: str = "invalid",
         check_size: bool = True,
+        thermal_bits: int | None = None,
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
@@ -107,26 +116,40 @@ class PreparedDataset(Dataset):
         self.transforms = transforms
         self.nonfinite = nonfinite
         self.check_size = check_size
+        if thermal_bits is not None and not (isinstance(thermal_bits, int) and 1 <= thermal_bits <= 16):
+            raise ValueError(f"thermal_bits must be an int in 1..16 or None, got {thermal_bits!r}")
+        self.thermal_bits = thermal_bits
         self.ids = read_split(self.root, split)
         self._ext: dict[str, str] = {}
+        listings: dict[str, set[str]] = {}
         for folder in (*self.modalities, self.target_folder):
             if not (self.root / folder).is_dir():
                 raise FileNotFoundError(
                     f"{self.root / folder}: modality folder {folder!r} missing from the prepared layout "
                     f"of {self.name} (expected {self.root}/{folder}/<id>.*); see datasets/{self.name}/README.md"
                 )
-            self._ext[folder] = self._find_ext(folder, self.ids[0])
+            # One directory listing per folder (cheaper than a stat per file, also on network file
+            # systems) finds the extension and every missing file before training starts.
+            listings[folder] = set(os.listdir(self.root / folder))
+            self._ext[folder] = self._find_ext(folder, self.ids[0], listings[folder])
+        self._check_files_exist(listings)
 
     @property
     def num_classes(self) -> int:
         """Number of classes (ignore index not counted)."""
         return len(self.classes)
 
-    def _find_ext(self, folder: str, sample_id: str) -> str:
-        # The extension is resolved once per folder from the first id (one stat per
-        # candidate), not per sample: a prepared layout uses one format per folder.
+    def _find_ext(self, folder: str, sample_id: str, listing: set[str] | None = None) -> str:
+        # The extension is resolved once per folder, not per sample: a prepared layout uses one
+        # format per folder. With the folder's listing, the first id that has a file decides, so
+        # a missing first file is reported with all the others by _check_files_exist.
         if folder == "boxes":
             return ".txt"
+        if listing is not None:
+            for sid in self.ids:
+                for ext in EXTENSIONS:
+                    if f"{sid}{ext}" in listing:
+                        return ext
         for ext in EXTENSIONS:
             if (self.root / folder / f"{sample_id}{ext}").is_file():
                 return ext
@@ -134,6 +157,24 @@ class PreparedDataset(Dataset):
             f"{self.root / folder / sample_id}.*: no file for id {sample_id!r} in folder {folder!r} "
             f"(tried {', '.join(EXTENSIONS)})"
         )
+
+    def _check_files_exist(self, listings: dict[str, set[str]]) -> None:
+        # A missing file must stop the run here, not crash it mid-epoch when its id is drawn.
+        missing = []
+        for folder, ext in self._ext.items():
+            names = [f"{i}{ext}" for i in self.ids]
+            absent = set(names).difference(listings[folder])
+            # ids with a "/" name files in subfolders, which the listing does not show: stat them.
+            missing += [
+                f"{folder}/{n}" for n in names if n in absent and not ("/" in n and (self.root / folder / n).is_file())
+            ]
+        if missing:
+            shown = ", ".join(missing[:20]) + (f", ... ({len(missing) - 20} more)" if len(missing) > 20 else "")
+            raise FileNotFoundError(
+                f"{self.root}: {len(missing)} file(s) missing for ids of split {self.split!r}: {shown}. "
+                f"Re-run datasets/{self.name}/prepare.py, or remove those ids from "
+                f"{self.root / 'splits' / f'{self.split}.txt'}"
+            )
 
     def path(self, folder: str, sample_id: str) -> Path:
         """File of ``sample_id`` in ``folder``."""
@@ -148,7 +189,7 @@ class PreparedDataset(Dataset):
         if key == "depth":
             return read_depth(path, scale=self.depth_scale, nonfinite=self.nonfinite)
         if key == "thermal":
-            return read_thermal(path)
+            return read_thermal(path, bits=self.thermal_bits, nonfinite=self.nonfinite)
         raise KeyError(key)
 
     def raw(self, index: int) -> dict[str, Any]:

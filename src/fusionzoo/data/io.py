@@ -18,11 +18,22 @@ measurement" and stays 0. NaN, +-inf and negative values (they appear in float d
 written by other tools) are corrupt; with ``nonfinite="invalid"`` (default) they become 0
 as well, with ``nonfinite="raise"`` they raise :class:`DataError` naming the file. After
 normalization invalid pixels are set to exactly 0 (see ``transforms.Normalize``), so a NaN
-never reaches a model.
+never reaches a model. Float thermal follows the same flag (NaN/inf become 0). A repair is
+never silent: the first repaired file of each folder emits a :class:`DataWarning` with its
+count of bad pixels (once per folder and process, so a dataset full of NaN does not flood the
+log; ``nonfinite="raise"`` stops at the first bad file instead).
+
+Encodings are checked against the prepared layout's declaration (``docs/data.md``): an 8-bit
+depth image or an integer ``.npy`` depth is refused (they would read as 0-0.255 m, or as
+millimetres taken for metres); 16-bit depth whose values all fit in 8 bits, float depth above
+1000 m, and 16-bit thermal whose values fit in 12 or 14 bits (a 12/14-bit sensor divided by 65535
+spans only [0, 0.06] / [0, 0.25]) warn once per folder, naming the file and the fix
+(``thermal_bits`` for thermal).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +41,7 @@ from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "DataError",
+    "DataWarning",
     "check_label_range",
     "clean_depth",
     "read_boxes",
@@ -41,10 +53,30 @@ __all__ = [
 ]
 
 IGNORE_INDEX = 255
+# Float depth above this is not metres from any RGB-D sensor or stereo rig (Kinect ~10 m); it is
+# almost surely millimetres written as float.
+MAX_FLOAT_DEPTH_M = 1000.0
 
 
 class DataError(ValueError):
     """A data file exists but its content is wrong (undecodable, wrong shape, bad values)."""
+
+
+class DataWarning(UserWarning):
+    """A data file was repaired or looks mis-encoded (``warnings.simplefilter("error", DataWarning)``
+    turns every one into an error)."""
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_once(kind: str, path: Path, message: str) -> None:
+    # Once per (problem, folder) and process: a prepared folder is written by one tool, so its
+    # first file speaks for the rest, and a DataLoader worker must not print a line per sample.
+    key = (kind, str(Path(path).parent))
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"{message} (reported for the first such file of {key[1]} only)", DataWarning, stacklevel=3)
 
 
 def _open(path: Path) -> Image.Image:
@@ -116,6 +148,11 @@ def clean_depth(depth: np.ndarray, path: str | Path, nonfinite: str = "invalid")
                 "with 0 for invalid. Pass nonfinite='invalid' to treat them as invalid (0)."
             )
         depth = np.where(bad, np.float32(0), depth)
+        _warn_once(
+            "nonfinite", Path(path),
+            f"{path}: {int(bad.sum())} NaN/inf/negative depth pixels set to 0 (invalid) by the invalid-depth "
+            "policy nonfinite='invalid'; pass nonfinite='raise' to stop on them instead",
+        )
     return depth
 
 
@@ -124,7 +161,9 @@ def read_depth(path: str | Path, *, scale: float = 1000.0, nonfinite: str = "inv
 
     16-bit PNG/TIFF files hold integer depth in ``1/scale`` metres (millimetres by default,
     the convention of NYUDv2 / SUN RGB-D prepared layouts); ``.npy`` files and 32-bit float
-    TIFFs already hold metres.
+    TIFFs already hold metres. Encodings that contradict this are refused (8-bit images,
+    integer ``.npy``) or warned about once per folder (16-bit values that fit in 8 bits, float
+    depth above 1000 m).
 
     Args:
         path: Depth file (``.png``, ``.tif``, ``.npy``).
@@ -135,8 +174,8 @@ def read_depth(path: str | Path, *, scale: float = 1000.0, nonfinite: str = "inv
         float32 ``(H, W)`` metres, 0 = invalid.
 
     Raises:
-        DataError: Undecodable file, more than one channel, or (``nonfinite="raise"``) corrupt
-            values.
+        DataError: Undecodable file, more than one channel, an 8-bit image or integer ``.npy``,
+            or (``nonfinite="raise"``) corrupt values.
     """
     path = Path(path)
     if path.suffix == ".npy":
@@ -146,28 +185,75 @@ def read_depth(path: str | Path, *, scale: float = 1000.0, nonfinite: str = "inv
             arr = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as err:
             raise DataError(f"{path}: cannot read .npy depth ({err}); the file is truncated") from err
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise DataError(
+                f"{path}: .npy depth holds {arr.dtype}, but .npy depth is float metres; an integer array is "
+                "usually millimetres: save (arr / 1000).astype('float32'), or a uint16 millimetre PNG"
+            )
         metres = arr.astype(np.float32, copy=False)
     else:
         arr = read_image(path)
         if np.issubdtype(arr.dtype, np.floating):
             metres = arr.astype(np.float32)
         else:
+            _check_depth_encoding(arr, path, scale)
             metres = arr.astype(np.float32) / np.float32(scale)
     if metres.ndim == 3 and metres.shape[2] == 1:
         metres = metres[..., 0]
     if metres.ndim != 2:
         raise DataError(f"{path}: depth must be one channel (H, W), got shape {tuple(arr.shape)}")
-    return clean_depth(metres, path, nonfinite)
+    depth = clean_depth(metres, path, nonfinite)
+    if np.issubdtype(arr.dtype, np.floating) and depth.size and depth.max() > MAX_FLOAT_DEPTH_M:
+        _warn_once(
+            "depth_mm", path,
+            f"{path}: float depth up to {depth.max():.0f} m; float depth is metres, and values above "
+            f"{MAX_FLOAT_DEPTH_M:.0f} m look like millimetres: divide by 1000 when writing the file",
+        )
+    return depth
 
 
-def read_thermal(path: str | Path) -> np.ndarray:
+def _check_depth_encoding(arr: np.ndarray, path: Path, scale: float) -> None:
+    """Integer depth must be 16-bit ``1/scale`` metres (the prepared layout's declaration)."""
+    if arr.dtype in (np.uint8, np.int8, np.bool_):
+        raise DataError(
+            f"{path}: depth is an 8-bit image (values {int(arr.min())}..{int(arr.max())}), but depth PNGs "
+            f"hold uint16 in 1/{scale:g} m (millimetres by default), so it would read as "
+            f"0..{255 / scale:.3f} m. 8-bit depth is a visualisation that lost the metric scale: re-create "
+            "the file with the dataset's prepare.py (fusionzoo.data.preparing.save_depth_mm) or save "
+            "float metres as .npy"
+        )
+    top = int(arr.max()) if arr.size else 0
+    if 0 < top <= 255:
+        _warn_once(
+            "depth8", path,
+            f"{path}: 16-bit depth whose largest value is {top} ({top / scale:.3f} m at {scale:g} units per "
+            "metre): this looks like 8-bit data stored in 16 bits, not millimetres; re-create it with the "
+            "dataset's prepare.py",
+        )
+
+
+def read_thermal(path: str | Path, *, bits: int | None = None, nonfinite: str = "invalid") -> np.ndarray:
     """Read a thermal image as intensity in ``[0, 1]``.
 
     Thermal frames are often saved as 3-channel JPEGs with equal channels (KAIST, LLVIP); they
-    are reduced to one channel. 8-bit files are divided by 255, 16-bit files by 65535.
+    are reduced to one channel. Integer files are divided by ``2**bits - 1``; by default
+    ``bits`` is the file's own depth (8-bit / 255, 16-bit / 65535). Float files (TIFF) are
+    kept as they are.
+
+    Args:
+        path: Thermal image.
+        bits: Significant bits of the sensor (12 or 14 for radiometric cameras stored in 16-bit
+            files); ``None``: the file's bit depth. A 16-bit file whose values all fit in 12 or
+            14 bits warns once per folder, naming this option.
+        nonfinite: Float thermal with NaN/inf: ``"invalid"`` sets them to 0 (warned once per
+            folder, with the count), ``"raise"`` raises.
 
     Returns:
         float32 ``(H, W)``.
+
+    Raises:
+        DataError: Undecodable file, a value above ``2**bits - 1``, ``bits`` above the file's
+            bit depth, or (``nonfinite="raise"``) NaN/inf.
     """
     path = Path(path)
     arr = read_image(path)
@@ -175,11 +261,56 @@ def read_thermal(path: str | Path) -> np.ndarray:
         if arr.shape[2] == 4:  # drop alpha
             arr = arr[..., :3]
         arr = arr[..., 0] if arr.shape[2] == 1 else _to_gray(arr)
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / np.float32(255.0)
-    if arr.dtype in (np.uint16, np.int32):
-        return arr.astype(np.float32) / np.float32(65535.0)
-    return clean_depth(arr, path, "invalid")  # float thermal: same finiteness policy, values kept
+    if np.issubdtype(arr.dtype, np.floating):
+        return _clean_thermal(arr, path, nonfinite)
+    file_bits = 8 if arr.dtype == np.uint8 else 16
+    top = int(arr.max()) if arr.size else 0
+    if bits is None:
+        if file_bits == 16 and 0 < top < 1 << 14:
+            fits = 12 if top < 1 << 12 else 14
+            _warn_once(
+                "thermal_bits", path,
+                f"{path}: 16-bit thermal whose values (max {top}) fit in {fits} bits; divided by 65535 they "
+                f"span only [0, {top / 65535:.3f}]. If the camera is a {fits}-bit sensor, pass "
+                f"thermal_bits={fits} to the dataset (dataset_kwargs in training) so values are divided by "
+                f"{(1 << fits) - 1}",
+            )
+        bits = file_bits
+    if bits > file_bits:
+        raise DataError(f"{path}: thermal_bits={bits} but the file is {file_bits}-bit")
+    full = (1 << bits) - 1
+    if top > full:
+        raise DataError(
+            f"{path}: thermal value {top} exceeds {full}, the largest {bits}-bit value (thermal_bits={bits}); "
+            "set thermal_bits to the sensor's bit depth (None: the file's own)"
+        )
+    return arr.astype(np.float32) / np.float32(full)
+
+
+def _clean_thermal(arr: np.ndarray, path: Path, nonfinite: str) -> np.ndarray:
+    # Float thermal has no "invalid" value; NaN/inf become 0 (the bottom of the [0, 1] range).
+    if nonfinite not in ("invalid", "raise"):
+        raise ValueError(f"nonfinite must be 'invalid' or 'raise', got {nonfinite!r}")
+    arr = arr.astype(np.float32)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        if nonfinite == "raise":
+            raise DataError(
+                f"{path}: thermal has {int(bad.sum())} NaN/inf pixels. Pass nonfinite='invalid' to set them to 0."
+            )
+        arr[bad] = 0
+        _warn_once(
+            "nonfinite", path,
+            f"{path}: {int(bad.sum())} NaN/inf thermal pixels set to 0 by the policy nonfinite='invalid'; "
+            "pass nonfinite='raise' to stop on them instead",
+        )
+    if arr.size and (arr.min() < 0 or arr.max() > 1):
+        _warn_once(
+            "thermal_range", path,
+            f"{path}: float thermal spans [{arr.min():.4g}, {arr.max():.4g}], outside the declared [0, 1] "
+            "(values kept); store intensity scaled to [0, 1], or 8/16-bit integers",
+        )
+    return arr
 
 
 def _to_gray(arr: np.ndarray) -> np.ndarray:

@@ -4,19 +4,32 @@ Loading never executes code from the checkpoint: ``config.json`` may only *name*
 registered in this installed fusionzoo (``create_model`` rebuilds it from the registry), and
 weights come from safetensors (no pickle). A hub id (``owner/name``) is resolved through
 huggingface-hub's cache, so ``HF_HUB_OFFLINE=1`` works whenever the files were fetched before.
+
+``config.json`` carries a manifest of the weights file, ``"files": {"model.safetensors":
+{"bytes": ..., "sha256": ...}}`` (the schema of a training checkpoint's ``state.json``, see
+:mod:`fusionzoo.engine.checkpoint`); :func:`from_pretrained` checks it before loading, so a
+truncated or bit-flipped file is refused, naming it, instead of loading wrong weights.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .checkpoint import CheckpointError, atomic_write_bytes, load_model_weights, save_tensors, unwrap_model
+from .checkpoint import (
+    CheckpointError,
+    _sha256,
+    atomic_write_bytes,
+    load_model_weights,
+    save_tensors,
+    unwrap_model,
+)
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "from_pretrained", "save_pretrained"]
 
@@ -35,6 +48,9 @@ def save_pretrained(
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into ``save_directory``.
+
+    ``config.json`` records the size and sha256 of ``model.safetensors`` (checked by
+    :func:`from_pretrained`).
 
     Args:
         model: a registered fusion model (it must have ``config``, ``num_classes`` and
@@ -75,6 +91,8 @@ def save_pretrained(
     out.mkdir(parents=True, exist_ok=True)
     # Weights first, config last: a directory with a config.json is a complete one.
     save_tensors(model.state_dict(), out / WEIGHTS_NAME, metadata={"format": "pt", "fusionzoo": config["model"]["name"]})
+    weights = out / WEIGHTS_NAME
+    config["files"] = {WEIGHTS_NAME: {"bytes": weights.stat().st_size, "sha256": _sha256(weights)}}
     atomic_write_bytes(out / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
     return out
 
@@ -156,7 +174,47 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: 'model' must be an object with the registered model 'name'")
     if not isinstance(cfg.get("num_classes"), int) or not isinstance(cfg.get("modalities"), list):
         raise CheckpointError(f"{path}: 'num_classes' (int) and 'modalities' (list) are required")
+    files = cfg.get("files")
+    if files is not None:
+        info = files.get(WEIGHTS_NAME) if isinstance(files, dict) else None
+        if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)):
+            raise CheckpointError(
+                f"{path}: 'files' must map {WEIGHTS_NAME!r} to {{\"bytes\": int, \"sha256\": str}}, got {files!r}"
+            )
     return cfg
+
+
+def _verify_weights(config_path: Path, weights_path: Path, cfg: dict[str, Any]) -> None:
+    """Check ``weights_path`` against the manifest in ``config.json`` (size, then sha256).
+
+    A config without a manifest (written before fusionzoo recorded one) warns and is not checked.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, or its sha256 differs; names the file.
+    """
+    info = (cfg.get("files") or {}).get(WEIGHTS_NAME)
+    if info is None:
+        warnings.warn(
+            f"{config_path} has no sha256 manifest ('files'), so {weights_path} is loaded unverified; "
+            "load and save_pretrained it again to add one",
+            stacklevel=3,
+        )
+        return
+    if not weights_path.is_file():
+        raise CheckpointError(f"checkpoint file {weights_path} does not exist (listed in {config_path})")
+    size = weights_path.stat().st_size
+    if size != info["bytes"]:
+        raise CheckpointError(
+            f"checkpoint file {weights_path} is corrupt or truncated: {size} bytes, the manifest in "
+            f"{config_path} says {info['bytes']}. Save or download it again."
+        )
+    digest = _sha256(weights_path)
+    if digest != info["sha256"]:
+        raise CheckpointError(
+            f"checkpoint file {weights_path} is corrupt: sha256 {digest[:12]}... differs from the manifest's "
+            f"{info['sha256'][:12]}... in {config_path} (modified after saving, e.g. a bad disk or copy). "
+            "Save or download it again."
+        )
 
 
 def from_pretrained(
@@ -181,7 +239,8 @@ def from_pretrained(
 
     Raises:
         FileNotFoundError: no such directory / not in the cache while offline.
-        CheckpointError: a corrupt file, or weights that do not fit the named architecture.
+        CheckpointError: a corrupt file (the weights' size or sha256 differs from the manifest in
+            ``config.json``), or weights that do not fit the named architecture.
         KeyError: the config names a model that is not registered in this fusionzoo.
 
     Example:
@@ -191,6 +250,7 @@ def from_pretrained(
     from .. import _registry
     config_path, weights_path = _resolve_files(name_or_path, revision, cache_dir, local_files_only)
     cfg = _read_config(config_path)
+    _verify_weights(config_path, weights_path, cfg)  # before building: a corrupt file fails fast
     kwargs = dict(cfg["model"])
     name = kwargs.pop("name")
     _registry.model_entry(name)  # raises KeyError with close matches for an unknown name

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._registry import encoder_key, register_model
 from ..heads import create_decoder
@@ -19,6 +21,7 @@ from ..modalities import check_modality_names, resolve_in_chans
 from ..taps import TapInfo, TapSet
 
 MIN_INPUT_SIZE = 32  # stride-32 features need at least one cell
+BN_STRIDE = 32  # deepest stride with BatchNorm (ResNet stage 4, fusion blocks on it)
 
 DEFAULT_ENCODERS = ("resnet18", "resnet50", "pvt_v2_b2")
 
@@ -124,8 +127,10 @@ class FusionModel(nn.Module):
         """Validate inputs and fill absent modalities; returns tensors in ``self.modalities`` order.
 
         Raises:
-            ValueError: a missing or extra key, a wrong rank or channel count, a non-float dtype,
-                modalities with different batch or spatial sizes, or an input smaller than 32x32;
+            ValueError: a missing or extra key, a wrong rank or channel count, a non-float dtype or
+                one other than the weights' (float64 from numpy into a float32 model), modalities
+                with different batch or spatial sizes, an input smaller than 32x32, or batch size
+                1 in train mode at 32x32 (BatchNorm cannot take batch statistics of one value);
                 the message names the key, the shape received and the shape expected.
         """
         if not isinstance(inputs, Mapping):
@@ -152,6 +157,7 @@ class FusionModel(nn.Module):
                 raise ValueError(f"input {m!r} has shape {tuple(x.shape)}; expected {expected[m]}")
             if not x.is_floating_point():
                 raise ValueError(f"input {m!r} has dtype {x.dtype}; expected a floating-point tensor (normalized image)")
+            self._check_dtype(m, x)
             if reference is None:
                 reference = m
                 if min(x.shape[-2:]) < MIN_INPUT_SIZE:
@@ -167,6 +173,7 @@ class FusionModel(nn.Module):
                         f"expected (B, H, W) = {(ref.shape[0], *ref.shape[-2:])} for every modality (align and resize first)"
                     )
         ref = inputs[reference]
+        self._check_batch_statistics(ref)
         out = {}
         for m in self.modalities:
             if m in missing:
@@ -174,6 +181,42 @@ class FusionModel(nn.Module):
             else:
                 out[m] = inputs[m]
         return out
+
+    def _check_dtype(self, key: str, x: torch.Tensor) -> None:
+        # A float64 input (numpy's default) into float32 weights fails deep inside the first conv
+        # with "expected scalar type Double but found Float"; refuse it here, naming the fix.
+        weight = next((p for p in self.parameters() if p.is_floating_point()), None)
+        if weight is None or x.dtype == weight.dtype:
+            return
+        try:  # under autocast, conv/matmul cast float16/bfloat16/float32 inputs themselves (not float64)
+            autocast = x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type)
+        except (RuntimeError, ValueError):  # a device type autocast does not know
+            autocast = False
+        if not autocast:
+            raise ValueError(
+                f"input {key!r} has dtype {x.dtype} but the model's weights are {weight.dtype}; cast the "
+                f"inputs (x.float() for float32 weights; numpy arrays are float64 by default) or the model "
+                f"(model.to({x.dtype}))"
+            )
+
+    def _check_batch_statistics(self, ref: torch.Tensor) -> None:
+        # BatchNorm in train mode needs more than one value per channel; at batch size 1 the
+        # stride-32 features of a 32x32 input are one cell, and torch raises a bare "Expected more
+        # than 1 value per channel" from deep inside the encoder.
+        h, w = ref.shape[-2:]
+        if not self.training or ref.shape[0] != 1 or -(-h // BN_STRIDE) * -(-w // BN_STRIDE) != 1:
+            return
+        # Synchronized BN (SyncBatchNorm, AllReduceBatchNorm) takes statistics over every rank.
+        synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+        if any(isinstance(mod, _BatchNorm) and mod.training and (not synced or isinstance(mod, plain)) for mod in self.modules()):
+            raise ValueError(
+                f"batch size 1 in train mode with a {h}x{w} input: the stride-{BN_STRIDE} features are one "
+                "cell, so BatchNorm sees a single value per channel and cannot take batch statistics. Fix: "
+                "batch size >= 2, an input larger than 32 px on one side (e.g. 64x64), model.eval() for "
+                "inference, or BatchNorm in eval mode (training config freeze_bn=True; "
+                "fusionzoo.engine.loop.set_bn_eval(model))"
+            )
 
 
 def register_family(
