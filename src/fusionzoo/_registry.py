@@ -44,6 +44,27 @@ class ModelEntry:
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
+_ZOO_LOADED = False
+
+
+def _load_zoo() -> None:
+    """Import the model modules (they register themselves) before the first lookup.
+
+    ``import fusionzoo`` is lazy (no torch for ``fusionzoo --help``), so the registry fills
+    itself here, once, whichever way it is reached (``fz.list_models``, ``engine.hub``, ...).
+    """
+    global _ZOO_LOADED
+    if _ZOO_LOADED:
+        return
+    _ZOO_LOADED = True  # set first: a model module that looks names up while importing must not recurse
+    import importlib
+
+    try:
+        for module in ("fusionzoo.models", "fusionzoo.detection"):
+            importlib.import_module(module)
+    except BaseException:
+        _ZOO_LOADED = False
+        raise
 
 
 def register_model(
@@ -142,6 +163,7 @@ def list_models(
         >>> list_models("*_resnet50", task="segmentation", fusion="late", modalities=("rgb", "thermal"))
         ['late_gate_resnet50', 'late_mean_resnet50', 'late_weighted_resnet50']
     """
+    _load_zoo()
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     fusions = _as_list(fusion)
@@ -178,6 +200,7 @@ def model_entry(name: str) -> ModelEntry:
     Raises:
         KeyError: unknown name; the message lists close matches and a ``list_models`` hint.
     """
+    _load_zoo()
     if name in _REGISTRY:
         return _REGISTRY[name]
     close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.6)
