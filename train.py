@@ -164,9 +164,10 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
             best = {"metric": metric, "value": best.get(metric, -1.0), "epoch": best.get("epoch"), "iou": best.get("iou")}
         hooks.load_state_dict(trainer.get("callbacks", {}))
         elapsed_before = float(trainer.get("elapsed_s", 0.0))
-        if cfg.epochs < state.epoch:
-            raise ConfigError(f"--epochs {cfg.epochs}: {run_dir} has already completed {state.epoch} epochs; "
-                              f"pass --epochs {state.epoch} or more")
+        started = state.epoch + (1 if state.batches_done else 0)  # epochs completed or under way
+        if cfg.epochs < started:
+            raise ConfigError(f"--epochs {cfg.epochs}: {run_dir} has already trained into epoch {started}; "
+                              f"pass --epochs {started} or more")
         if scheduler.lr_lambdas[0].total_steps != steps_per_epoch * cfg.epochs:  # --epochs changed on resume
             lr_before, lr_after = retarget_schedule(scheduler, steps_per_epoch * cfg.epochs)
             saved = json.loads((run_dir / "config.json").read_text())

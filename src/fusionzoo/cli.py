@@ -12,7 +12,7 @@ a registered model name (built untrained: useful to inspect an architecture, and
 ``compare`` also accepts folders written by ``fusionzoo interpret`` (their ``metrics.json`` is
 reused, nothing is recomputed).
 
-Adding a subcommand (keep ``fusionzoo --help`` free of torch, ~0.1 s instead of seconds):
+Adding a subcommand (keep ``fusionzoo --help`` free of torch; tests/test_silent_engine.py checks it):
 
 1. Module level imports only the standard library. ``import fusionzoo`` itself is lazy (PEP 562
    in ``fusionzoo/__init__.py``), so importing this module costs nothing heavy.
