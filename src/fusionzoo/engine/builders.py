@@ -156,6 +156,19 @@ def resolve_modalities(cfg: TrainConfig, dataset: Dataset) -> tuple[str, ...]:
     return mods
 
 
+def _worker_ignores_ctrl_c(worker_id: int) -> None:
+    """A terminal's Ctrl-C reaches DataLoader workers too; they leave it to the training process.
+
+    Otherwise a worker dies of KeyboardInterrupt and the loader fails ("worker exited
+    unexpectedly") before train.py can finish the step and write its checkpoint. The workers
+    still end with the loader. (SIGTERM keeps its default: multiprocessing stops daemonic
+    workers with it.)
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_train_loader(dataset: Dataset, cfg: TrainConfig, info: DistInfo) -> tuple[DataLoader, EpochSampler]:
     """Loader over :class:`SeededDataset` with a resumable :class:`EpochSampler` (drop_last)."""
     from ..data import collate
@@ -171,6 +184,7 @@ def build_train_loader(dataset: Dataset, cfg: TrainConfig, info: DistInfo) -> tu
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
+        worker_init_fn=_worker_ignores_ctrl_c if cfg.num_workers else None,
         # A private generator: creating the iterator draws a seed from it instead of from the
         # global RNG, so a resumed run's global RNG stream matches the uninterrupted one.
         generator=torch.Generator().manual_seed(cfg.seed),
@@ -190,6 +204,7 @@ def build_eval_loader(dataset: Dataset, cfg: TrainConfig, info: DistInfo) -> Dat
         num_workers=cfg.num_workers,
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_worker_ignores_ctrl_c if cfg.num_workers else None,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
 
