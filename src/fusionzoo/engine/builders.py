@@ -159,10 +159,11 @@ def resolve_modalities(cfg: TrainConfig, dataset: Dataset) -> tuple[str, ...]:
 def _worker_ignores_ctrl_c(worker_id: int) -> None:
     """A terminal's Ctrl-C reaches DataLoader workers too; they leave it to the training process.
 
-    Otherwise a worker dies of KeyboardInterrupt and the loader fails ("worker exited
-    unexpectedly") before train.py can finish the step and write its checkpoint. The workers
-    still end with the loader. (SIGTERM keeps its default: multiprocessing stops daemonic
-    workers with it.)
+    Forked workers would inherit train.py's StopOnSignal handler (each printing the stop
+    message again); spawned ones get Python's default, a KeyboardInterrupt that ends torch's
+    worker loop, so batches beyond the prefetched ones would fail before the checkpoint. The
+    workers still end with the loader. (SIGTERM keeps its default: multiprocessing stops
+    daemonic workers with it.)
     """
     import signal
 
