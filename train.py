@@ -6,11 +6,14 @@
     python train.py --config zoo/cmx_resnet50/nyuv2.yaml --data-root datasets/nyuv2
     torchrun --nproc-per-node 8 train.py --config zoo/cmx_resnet50/nyuv2.yaml --data-root ...
     python train.py --resume runs/<run>               # continue exactly where a run stopped
+    python train.py --resume runs/<run> --epochs 6    # extend a finished run (the LR schedule is re-targeted)
 
 Every field of ``fusionzoo.engine.config.TrainConfig`` is a flag (``python train.py --help``).
 A run folder holds ``config.json`` (the resolved config), ``metrics.jsonl``, ``checkpoints/last``
 (full training state, safetensors + JSON), ``best/`` (``fz.from_pretrained``-loadable weights of
-the best validation epoch) and ``summary.json``.
+the best validation epoch) and ``summary.json``. The folder is created once the configuration,
+data and model are valid. Ctrl-C or SIGTERM finishes the current step, writes ``checkpoints/last``
+and exits with 130 / 143. User errors print one line and exit with 2 (``--debug``: traceback).
 """
 
 from __future__ import annotations
@@ -36,26 +39,42 @@ from fusionzoo.engine.builders import (
     build_eval_loader,
     build_model,
     build_train_loader,
+    check_run_name,
     config_for_resume,
     find_comparable_runs,
     make_run_dir,
     normalization_of,
     resolve_modalities,
+    resume_run_dir,
 )
-from fusionzoo.engine.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
-from fusionzoo.engine.config import ConfigError, parse_args, write_config
-from fusionzoo.engine.distributed import auto_threads, broadcast_object, cleanup_distributed, init_distributed
+from fusionzoo.engine.checkpoint import (
+    atomic_write_bytes,
+    load_checkpoint,
+    remove_temp_leftovers,
+    save_checkpoint,
+)
+from fusionzoo.engine.config import ConfigError, parse_command_line, write_config
+from fusionzoo.engine.distributed import (
+    all_reduce_step,
+    auto_threads,
+    broadcast_object,
+    cleanup_distributed,
+    init_distributed,
+)
 from fusionzoo.engine.hub import save_pretrained
 from fusionzoo.engine.loop import (
     Callback,
     CallbackList,
     EpochState,
     MetricsLogger,
+    StopOnSignal,
+    TrainingInterrupted,
     build_optimizer,
     build_scheduler,
     evaluate,
     evaluate_detection,
     make_grad_scaler,
+    retarget_schedule,
     train_one_epoch,
 )
 from fusionzoo.engine.sync_bn import convert_sync_batchnorm
@@ -65,12 +84,15 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
     """Run training as configured by ``argv`` (``sys.argv[1:]`` when None); returns the summary."""
     t_start = time.perf_counter()
 
-    # 1. Configuration: defaults <- YAML recipe <- command line; a resume takes the run's own config.
-    cfg, card = parse_args(argv)
+    # 1. Configuration: defaults <- YAML recipe <- command line; a resume takes the run's own config
+    # (plus the keys given on this command line that may change: see builders.RESUME_MUTABLE).
+    cfg, card, given = parse_command_line(argv)
     info, device = init_distributed(cfg.device)
-    run_dir = Path(broadcast_object(str(make_run_dir(cfg)) if info.is_main else None))
-    if cfg.resume:
-        cfg = config_for_resume(cfg, run_dir)
+    run_dir = resume_run_dir(cfg.resume) if cfg.resume else None  # a fresh run's folder: once all is valid (5.)
+    if run_dir is not None:
+        cfg = config_for_resume(cfg, run_dir, given)
+    else:
+        check_run_name(cfg)
     if cfg.threads is None:  # resolve "the free cores" once; the run's config (and a resume) keeps the number
         cfg = dataclasses.replace(cfg, threads=broadcast_object(auto_threads() if info.is_main else None))
     torch.set_num_threads(cfg.threads)
@@ -127,6 +149,11 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
     hooks = CallbackList([*build_callbacks(cfg.callbacks), *(callbacks or [])])
 
     # 5. Fresh start or exact resume (weights, optimizer, schedule, scaler, RNG, epoch position).
+    if run_dir is None:
+        run_dir = Path(broadcast_object(str(make_run_dir(cfg)) if info.is_main else None))
+    if info.is_main:
+        for p in remove_temp_leftovers(run_dir):  # hidden temps of a write that a kill interrupted
+            print(f"removed {p} (left by an interrupted write)")
     state, best = EpochState(), {"metric": metric, "value": -1.0, "epoch": None}
     elapsed_before = 0.0  # wall time of earlier invocations (up to their last checkpoint)
     if cfg.resume:
@@ -137,6 +164,19 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
             best = {"metric": metric, "value": best.get(metric, -1.0), "epoch": best.get("epoch"), "iou": best.get("iou")}
         hooks.load_state_dict(trainer.get("callbacks", {}))
         elapsed_before = float(trainer.get("elapsed_s", 0.0))
+        started = state.epoch + (1 if state.batches_done else 0)  # epochs completed or under way
+        if cfg.epochs < started:
+            raise ConfigError(f"--epochs {cfg.epochs}: {run_dir} has already trained into epoch {started}; "
+                              f"pass --epochs {started} or more")
+        if scheduler.lr_lambdas[0].total_steps != steps_per_epoch * cfg.epochs:  # --epochs changed on resume
+            lr_before, lr_after = retarget_schedule(scheduler, steps_per_epoch * cfg.epochs)
+            saved = json.loads((run_dir / "config.json").read_text())
+            if info.is_main:
+                print(f"{run_dir}: epochs {saved['epochs']} -> {cfg.epochs}: the {cfg.schedule} schedule now ends at "
+                      f"step {steps_per_epoch * cfg.epochs}; lr at step {state.global_step} {lr_before:.3g} -> "
+                      f"{lr_after:.3g} (not the same as an uninterrupted {cfg.epochs}-epoch run)")
+                atomic_write_bytes(run_dir / "config.json",
+                                   (json.dumps({**saved, "epochs": cfg.epochs}, indent=2) + "\n").encode())
         if info.is_main:
             _drop_records_after(run_dir / "metrics.jsonl", state)
             print(f"resumed {run_dir} at epoch {state.epoch}, batch {state.batches_done}, step {state.global_step}")
@@ -147,7 +187,12 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
         })
     logger = MetricsLogger(run_dir, enabled=info.is_main)
 
+    last_save = time.perf_counter()
+    stop = StopOnSignal()  # Ctrl-C / SIGTERM in the training loop: finish the step, checkpoint, stop
+
     def save_last(st: EpochState) -> None:
+        nonlocal last_save
+        last_save = time.perf_counter()
         if info.is_main:
             save_checkpoint(run_dir / "checkpoints" / "last", model=plain, optimizer=optimizer, scheduler=scheduler,
                             scaler=scaler, state={"position": st.state_dict(), "best": best,
@@ -155,50 +200,69 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
                                                   "elapsed_s": elapsed_before + time.perf_counter() - t_start})
 
     def after_step(st: EpochState) -> None:
-        if cfg.checkpoint_interval and st.global_step % cfg.checkpoint_interval == 0:
+        # By steps (checkpoint_interval) and by time (checkpoint_minutes: a kill in a long first epoch
+        # loses at most that much). Rank 0 decides alone: saving involves no collective.
+        if ((cfg.checkpoint_interval and st.global_step % cfg.checkpoint_interval == 0)
+                or (cfg.checkpoint_minutes and time.perf_counter() - last_save >= 60 * cfg.checkpoint_minutes)):
             save_last(st)
-        if cfg.kill_after_step is not None and st.global_step >= cfg.kill_after_step:
-            os.kill(os.getpid(), signal.SIGKILL)  # testing aid: die like a preempted job
+        if cfg.kill_after_step is not None and st.global_step == cfg.kill_after_step:
+            os.kill(os.getpid(), getattr(signal, cfg.kill_signal))  # testing aid: a preempted job, a Ctrl-C
+
+    def interrupted(st: EpochState, saved: bool = False) -> TrainingInterrupted:
+        if not saved:
+            save_last(st)
+        name = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
+        msg = (f"stopped by {name} at epoch {st.epoch}, step {st.global_step}; checkpoint written. "
+               f"Continue with: python train.py --resume {run_dir}")
+        if info.is_main:
+            print(msg, file=sys.stderr, flush=True)
+        return TrainingInterrupted(msg, stop.signum or signal.SIGTERM)
 
     # 6. Training loop, with validation every eval_interval epochs.
     eval_kwargs = {"modalities": modalities, "num_classes": num_classes, "device": device, "amp": cfg.amp,
                    "channels_last": cfg.channels_last, "class_names": class_names}
     hooks.on_train_start(plain)
-    for epoch in range(state.epoch, cfg.epochs):
-        state.epoch = epoch
-        sampler.set_epoch(epoch, skip=state.batches_done * cfg.batch_size)
-        stats = train_one_epoch(
-            model, train_loader, optimizer, scheduler, modalities=modalities, device=device, state=state,
-            num_batches=steps_per_epoch, label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip, amp=cfg.amp,
-            scaler=scaler, channels_last=cfg.channels_last, freeze_bn=cfg.freeze_bn,
-            modality_dropout=cfg.modality_dropout, dropout_candidates=cfg.modality_dropout_candidates,
-            always_missing=cfg.train_missing, seed=cfg.seed, callbacks=hooks, logger=logger,
-            log_interval=cfg.log_interval, after_step=after_step, progress=cfg.progress, task=task,
-        )
-        logs: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "step": state.global_step,
-                                "train_loss": stats["loss"], "img_per_s": stats["img_per_s"],
-                                "lr": optimizer.param_groups[0]["lr"], "time_s": elapsed_before + time.perf_counter() - t_start}
-        if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs:
-            val = run_eval(plain, val_loader, missing=cfg.train_missing, progress=cfg.progress, **eval_kwargs)
-            if task == "segmentation":
-                logs.update(val_miou=val["miou"], val_pixel_acc=val["pixel_acc"], val_mean_acc=val["mean_acc"],
-                            val_loss=val["loss"], val_iou=val["iou"], val_pixels=val["pixels"])
-            else:
-                logs.update(val_ap=val["ap"], val_ap50=val["ap50"], val_ap75=val["ap75"], val_images=val["images"])
-            score = val[metric]
-            if not math.isnan(score) and score > best["value"]:
-                best = {"metric": metric, "value": score, "epoch": epoch, "iou": val.get("iou")}
+    with stop:
+        for epoch in range(state.epoch, cfg.epochs):
+            state.epoch = epoch
+            sampler.set_epoch(epoch, skip=state.batches_done * cfg.batch_size)
+            stats = train_one_epoch(
+                model, train_loader, optimizer, scheduler, modalities=modalities, device=device, state=state,
+                num_batches=steps_per_epoch, label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip, amp=cfg.amp,
+                scaler=scaler, channels_last=cfg.channels_last, freeze_bn=cfg.freeze_bn,
+                modality_dropout=cfg.modality_dropout, dropout_candidates=cfg.modality_dropout_candidates,
+                always_missing=cfg.train_missing, seed=cfg.seed, callbacks=hooks, logger=logger,
+                log_interval=cfg.log_interval, after_step=after_step, progress=cfg.progress, task=task,
+                stop_requested=stop,
+            )
+            if stats["interrupted"]:
+                raise interrupted(state)
+            logs: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "step": state.global_step,
+                                    "train_loss": stats["loss"], "img_per_s": stats["img_per_s"],
+                                    "lr": optimizer.param_groups[0]["lr"], "time_s": elapsed_before + time.perf_counter() - t_start}
+            if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs:
+                val = run_eval(plain, val_loader, missing=cfg.train_missing, progress=cfg.progress, **eval_kwargs)
+                if task == "segmentation":
+                    logs.update(val_miou=val["miou"], val_pixel_acc=val["pixel_acc"], val_mean_acc=val["mean_acc"],
+                                val_loss=val["loss"], val_iou=val["iou"], val_pixels=val["pixels"])
+                else:
+                    logs.update(val_ap=val["ap"], val_ap50=val["ap50"], val_ap75=val["ap75"], val_images=val["images"])
+                score = val[metric]
+                if not math.isnan(score) and score > best["value"]:
+                    best = {"metric": metric, "value": score, "epoch": epoch, "iou": val.get("iou")}
+                    if info.is_main:
+                        save_pretrained(plain, run_dir / "best", class_names=class_names,
+                                        normalization=normalization_of(cfg, modalities),
+                                        extra={"epoch": epoch, f"val_{metric}": score, "dataset": cfg.dataset})
                 if info.is_main:
-                    save_pretrained(plain, run_dir / "best", class_names=class_names,
-                                    normalization=normalization_of(cfg, modalities),
-                                    extra={"epoch": epoch, f"val_{metric}": score, "dataset": cfg.dataset})
-            if info.is_main:
-                print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats['loss']:.4f}, val {LABEL[metric]} "
-                      f"{score:.4f}, {stats['img_per_s']:.1f} img/s, {logs['time_s']:.0f}s", flush=True)
-        hooks.on_epoch_end(epoch, logs)
-        logger.log(logs)
-        state = EpochState(epoch + 1, 0, state.global_step)
-        save_last(state)
+                    print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats['loss']:.4f}, val {LABEL[metric]} "
+                          f"{score:.4f}, {stats['img_per_s']:.1f} img/s, {logs['time_s']:.0f}s", flush=True)
+            hooks.on_epoch_end(epoch, logs)
+            logger.log(logs)
+            state = EpochState(epoch + 1, 0, state.global_step)
+            save_last(state)
+            if all_reduce_step(torch.zeros(()), stop(), device)[1]:  # a signal during evaluation
+                raise interrupted(state, saved=True)
 
     hooks.on_train_end(plain)
     if info.is_main and hooks.callbacks:
@@ -286,7 +350,6 @@ def print_summary(summary: dict[str, Any], comparable: list[dict[str, Any]]) -> 
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as e:
-        sys.exit(f"train.py: configuration error: {e}")
+    from fusionzoo.cli import run_command
+
+    sys.exit(run_command(main, sys.argv[1:], prog="train.py"))

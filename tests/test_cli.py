@@ -98,8 +98,9 @@ def test_compare_reuses_and_builds(tmp_path, capsys):
     assert sum(line.startswith("| esanet_resnet18 | ") for line in per_class.splitlines()) == 2  # rgb, depth
 
 
-def test_bad_target(tmp_path):
-    with pytest.raises(SystemExit, match="no trained weights"):
-        main(["interpret", str(tmp_path), "--out", str(tmp_path / "o"), *TINY])
-    with pytest.raises(KeyError):
-        main(["interpret", "no_such_model", "--out", str(tmp_path / "o"), *TINY])
+def test_bad_target(tmp_path, capsys):
+    # user errors: one line on stderr, exit status 2 (--debug raises them with the traceback)
+    assert main(["interpret", str(tmp_path), "--out", str(tmp_path / "o"), *TINY]) == 2
+    assert "no trained weights" in capsys.readouterr().err
+    assert main(["interpret", "no_such_model", "--out", str(tmp_path / "o"), *TINY]) == 2
+    assert "unknown model 'no_such_model'" in capsys.readouterr().err

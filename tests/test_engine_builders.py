@@ -39,14 +39,17 @@ def test_named_run_folder_is_not_reused(tmp_path):
 def test_resume_keeps_the_run_config_and_refuses_changes(tmp_path):
     saved = TrainConfig(out_dir=str(tmp_path), epochs=7, lr=0.01, threads=1, log_interval=3, kill_after_step=5)
     run = _finished_run(tmp_path, "r", saved, 0.5, ["rgb", "depth"])
-    cfg = builders.config_for_resume(TrainConfig(resume=str(run)), run)
+    cfg = builders.config_for_resume(TrainConfig(resume=str(run)), run, given={"resume"})
     assert (cfg.epochs, cfg.lr, cfg.threads, cfg.log_interval) == (7, 0.01, 1, 3)
     assert cfg.kill_after_step is None and cfg.resume == str(run)  # per invocation, not inherited
-    assert builders.config_for_resume(TrainConfig(resume=str(run), log_interval=50), run).log_interval == 50
-    with pytest.raises(ConfigError, match="cannot change epochs: run has 7, given 9"):
-        builders.config_for_resume(TrainConfig(resume=str(run), epochs=9), run)
+    again = builders.config_for_resume(TrainConfig(resume=str(run), log_interval=50), run, given={"log_interval"})
+    assert again.log_interval == 50
+    with pytest.raises(ConfigError, match="cannot change lr: run has 0.01, given 0.5"):
+        builders.config_for_resume(TrainConfig(resume=str(run), lr=0.5), run, given={"lr"})
+    (run / "checkpoints" / "last").mkdir()
+    (run / "checkpoints" / "last" / "state.json").write_text("{}")
     assert builders.resume_run_dir(run / "checkpoints" / "last") == run
-    with pytest.raises(ConfigError, match="no run folder"):
+    with pytest.raises(ConfigError, match="no such folder"):
         builders.resume_run_dir(tmp_path / "elsewhere")
 
 

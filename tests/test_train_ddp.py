@@ -63,6 +63,9 @@ def test_two_process_ddp_equals_single_process(tmp_path):
             for name in ("single", "ddp")}
     train = {n: [r for r in rs if r["kind"] == "train"] for n, rs in recs.items()}
     assert [r["step"] for r in train["ddp"]] == [r["step"] for r in train["single"]] == [1, 2, 3, 4]
+    # per-step losses are the global batch mean (all-reduced), not rank 0's half of the batch
+    for rs, rd in zip(train["single"], train["ddp"]):
+        assert abs(rs["loss"] - rd["loss"]) < 1e-4 * max(1.0, abs(rs["loss"])), (rs["loss"], rd["loss"])
     ep = {n: [r for r in rs if r["kind"] == "epoch"] for n, rs in recs.items()}
     # the validation confusion matrix is summed over ranks: every one of the 3 images counted once
     assert [r["val_pixels"] for r in ep["ddp"]] == [r["val_pixels"] for r in ep["single"]] == [3 * 32 * 32] * 2

@@ -11,37 +11,40 @@ interpretation.
 
 from __future__ import annotations
 
-from . import detection, models  # noqa: F401  (registers every segmentation and detection model)
-from ._registry import (
-    ModelEntry,
-    ReleasedWeights,
-    create_model,
-    list_models,
-    list_pretrained,
-    model_entry,
-    register_model,
-    released_weights,
-)
-from .encoders import Encoder, PretrainedWeightsError
-from .modalities import DEFAULT_CHANNELS
-from .models import ConversionError, FusionModel, convert_checkpoint
-from .taps import Captured, Tap, TapInfo, capture
-
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("data", "interpret", "engine")  # heavier imports (albumentations, matplotlib)
+# Every public name is imported on first use (PEP 562), so `import fusionzoo` and `fusionzoo --help`
+# need no torch. The registry imports the model modules (which register themselves) on its first
+# lookup, so fz.list_models() / fz.create_model() see every model as before.
+_LAZY = {
+    "ModelEntry": "._registry", "create_model": "._registry", "list_models": "._registry",
+    "model_entry": "._registry", "register_model": "._registry",
+    "ReleasedWeights": "._registry", "list_pretrained": "._registry", "released_weights": "._registry",
+    "ConversionError": ".models.convert", "convert_checkpoint": ".models.convert",
+    "Encoder": ".encoders", "PretrainedWeightsError": ".encoders",
+    "DEFAULT_CHANNELS": ".modalities",
+    "FusionModel": ".models",
+    "Captured": ".taps", "Tap": ".taps", "TapInfo": ".taps", "capture": ".taps",
+    "from_pretrained": ".engine.hub",
+}
+_LAZY_SUBMODULES = ("data", "interpret", "engine", "models", "detection")
 
 
-def __getattr__(name: str):  # PEP 562: fz.data / fz.interpret / fz.from_pretrained on first use
+def __getattr__(name: str):
     import importlib
 
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
-    if name == "from_pretrained":
-        from .engine.hub import from_pretrained
-
-        return from_pretrained
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
     raise AttributeError(f"module 'fusionzoo' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, *_LAZY_SUBMODULES})
+
 
 __all__ = [
     "DEFAULT_CHANNELS",

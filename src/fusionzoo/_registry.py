@@ -49,6 +49,27 @@ class ModelEntry:
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
+_ZOO_LOADED = False
+
+
+def _load_zoo() -> None:
+    """Import the model modules (they register themselves) before the first lookup.
+
+    ``import fusionzoo`` is lazy (no torch for ``fusionzoo --help``), so the registry fills
+    itself here, once, whichever way it is reached (``fz.list_models``, ``engine.hub``, ...).
+    """
+    global _ZOO_LOADED
+    if _ZOO_LOADED:
+        return
+    _ZOO_LOADED = True  # set first: a model module that looks names up while importing must not recurse
+    import importlib
+
+    try:
+        for module in ("fusionzoo.models", "fusionzoo.detection"):
+            importlib.import_module(module)
+    except BaseException:
+        _ZOO_LOADED = False
+        raise
 
 
 def register_model(
@@ -165,6 +186,7 @@ def list_models(
         >>> list_models("*_resnet50", task="segmentation", fusion="late", modalities=("rgb", "thermal"))
         ['late_gate_resnet50', 'late_mean_resnet50', 'late_weighted_resnet50']
     """
+    _load_zoo()
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     fusions = _as_list(fusion)
@@ -203,6 +225,7 @@ def model_entry(name: str) -> ModelEntry:
     Raises:
         KeyError: unknown name; the message lists close matches and a ``list_models`` hint.
     """
+    _load_zoo()
     if name in _REGISTRY:
         return _REGISTRY[name]
     close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.6)
@@ -302,6 +325,7 @@ def released_weights(name: str, tag: str) -> ReleasedWeights:
     Raises:
         KeyError: unknown tag; the message lists the tags this model has.
     """
+    _load_zoo()
     full = f"{name}.{tag}"
     if full in _RELEASED:
         return _RELEASED[full]
@@ -312,5 +336,6 @@ def released_weights(name: str, tag: str) -> ReleasedWeights:
 
 def list_pretrained(filter: str | Iterable[str] | None = None) -> list[str]:
     """Released checkpoints as ``{name}.{tag}``, sorted, filtered by fnmatch patterns."""
+    _load_zoo()
     include = _as_list(filter)
     return sorted(n for n in _RELEASED if not include or any(fnmatch.fnmatchcase(n, p) for p in include))

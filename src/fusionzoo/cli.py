@@ -5,36 +5,105 @@
     fusionzoo list [PATTERN ...] [--fusion middle] [--task segmentation] [--modalities rgb,depth]
     fusionzoo interpret RUN_DIR_OR_MODEL [--dataset synthetic_rgbd] [--data-root DIR] --out DIR
     fusionzoo compare A B C [--dataset ...] --out DIR
+    fusionzoo convert PUBLISHED_NAME AUTHORS_CHECKPOINT [--tag nyuv2] [--out DIR]
 
 ``RUN_DIR_OR_MODEL`` is a training run folder (``runs/<run>``: its ``best/`` weights, its
 validation set and its training history are used), a folder written by ``save_pretrained``, or
 a registered model name (built untrained: useful to inspect an architecture, and for tests).
 ``compare`` also accepts folders written by ``fusionzoo interpret`` (their ``metrics.json`` is
 reused, nothing is recomputed).
+
+Adding a subcommand (keep ``fusionzoo --help`` free of torch; tests/test_silent_engine.py checks it):
+
+1. Module level imports only the standard library. ``import fusionzoo`` itself is lazy (PEP 562
+   in ``fusionzoo/__init__.py``), so importing this module costs nothing heavy.
+2. In :func:`_parser`, add ``sub.add_parser("name", ...)`` with choices written as literals
+   (a test checks them against the library's constants, e.g. ``ROW_RULES``), never imported.
+3. Write ``_cmd_<name>(args) -> int`` that imports what it needs *inside* the function, and add
+   it to ``COMMANDS``.
+4. A mistake of the user (bad value, missing path, unknown name) raises :class:`UsageError`
+   (or a ConfigError / CheckpointError / DataError from the library): :func:`run_command`
+   prints one line and returns 2; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["UsageError", "main", "run_command"]
+
+# Literal copy of fusionzoo.interpret.api.ROW_RULES (importing it would import torch for --help);
+# tests/test_silent_engine.py checks that the two agree.
+ROW_RULES = ("sample", "pool", "object")
+
+
+class UsageError(Exception):
+    """A mistake in a command line or its inputs: reported as one line with exit status 2."""
+
+
+# Library errors that mean "the user's input is wrong", as (module, class): checked through
+# sys.modules, so recognising them imports nothing (a class can only be raised once imported).
+USER_ERRORS = (
+    ("fusionzoo.engine.config", "ConfigError"),
+    ("fusionzoo.engine.checkpoint", "CheckpointError"),
+    ("fusionzoo.data.io", "DataError"),
+    ("fusionzoo.engine.loop", "NonFiniteLossError"),
+    ("fusionzoo.encoders", "PretrainedWeightsError"),
+    ("fusionzoo.models.convert", "ConversionError"),
+)
+
+
+def _is_user_error(err: BaseException) -> bool:
+    if isinstance(err, UsageError):
+        return True
+    for module, name in USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(err, cls):
+            return True
+    return False
+
+
+def run_command(fn: Callable[[list[str]], Any], argv: Sequence[str], prog: str) -> int:
+    """Run ``fn(argv)`` as a command: user errors become one line on stderr and status 2.
+
+    ``--debug`` anywhere in ``argv`` is removed and lets every exception through with its
+    traceback. An exception carrying an int ``exit_status`` (train.py's TrainingInterrupted after
+    Ctrl-C: 130) has already said what happened; its status is returned. ``fn``'s int result is
+    the status; any other result means 0.
+    """
+    argv = list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        result = fn(argv)
+    except Exception as err:
+        if debug:
+            raise
+        if isinstance(getattr(err, "exit_status", None), int):
+            return err.exit_status
+        if not _is_user_error(err):
+            raise
+        text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"{prog}: error: {' '.join(text.split())}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .interpret.api import ROW_RULES
-
-    p = argparse.ArgumentParser(prog="fusionzoo", description="RGB-D / RGB-T fusion model zoo with uniform interpretation.")
+    p = argparse.ArgumentParser(prog="fusionzoo", description="RGB-D / RGB-T fusion model zoo with uniform interpretation.",
+                                epilog="--debug: print the full traceback of an error instead of one line.")
     sub = p.add_subparsers(dest="command", required=True)
 
     ls = sub.add_parser("list", help="list registered models")
     ls.add_argument("patterns", nargs="*", help="fnmatch patterns, e.g. 'cmx_*'")
     ls.add_argument("--exclude", action="append", default=None, help="fnmatch pattern to leave out (repeatable)")
-    ls.add_argument("--task", default=None)
-    ls.add_argument("--fusion", action="append", default=None, help="early / middle / late / hybrid (repeatable)")
+    ls.add_argument("--task", default=None, choices=("segmentation", "detection"))
+    ls.add_argument("--fusion", action="append", default=None, choices=("early", "middle", "late", "hybrid"),
+                    help="fusion family (repeatable)")
     ls.add_argument("--modalities", default=None, help="comma-separated, e.g. rgb,thermal")
     ls.add_argument("--long", action="store_true", help="also print fusion family, encoder and paper")
     ls.add_argument("--published", action="store_true", help="only the authors' networks (published entries)")
@@ -86,8 +155,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
     import fusionzoo as fz
 
     mods = [m.strip() for m in args.modalities.split(",")] if args.modalities else None
-    names = fz.list_models(args.patterns or None, exclude=args.exclude, task=args.task, fusion=args.fusion,
-                           modalities=mods, published=True if args.published else None)
+    try:
+        names = fz.list_models(args.patterns or None, exclude=args.exclude, task=args.task, fusion=args.fusion,
+                               modalities=mods, published=True if args.published else None)
+    except ValueError as e:  # e.g. an unknown modality name
+        raise UsageError(f"fusionzoo list: {e}") from None
     for n in names:
         if args.long:
             e = fz.model_entry(n)
@@ -123,7 +195,9 @@ def _dataset_for(args: argparse.Namespace, run_cfg: dict[str, Any] | None, modal
         return create_dataset(name, split=split, **kwargs)
     root = args.data_root or (run_cfg or {}).get("data_root")
     if root is None:
-        raise SystemExit(f"dataset {name!r} needs --data-root (see datasets/{name}/README.md)")
+        raise UsageError(f"dataset {name!r} needs --data-root (see datasets/{name}/README.md)")
+    if not Path(root).is_dir():
+        raise UsageError(f"--data-root {root}: no such folder; prepare it with python datasets/{name}/prepare.py")
     from .data.transforms import STATS, eval_transforms
 
     mods = tuple(modalities or entry.modalities)
@@ -150,7 +224,7 @@ def _resolve(target: str, args: argparse.Namespace, device):
             try:
                 weights = find_weights(path)
             except FileNotFoundError as e:
-                raise SystemExit(str(e)) from None
+                raise UsageError(str(e)) from None
         if run_dir is not None:
             run_cfg = run_config(run_dir)
             history = training_history(run_dir)
@@ -158,12 +232,34 @@ def _resolve(target: str, args: argparse.Namespace, device):
         label = model.config.get("name", path.name)
         dataset = _dataset_for(args, run_cfg, model.modalities)
     elif path.exists():
-        raise SystemExit(f"{target} is a file; give a run folder, a save_pretrained folder or a model name")
+        raise UsageError(f"{target} is a file; give a run folder, a save_pretrained folder or a model name")
     else:
+        _check_model_name(target)
         dataset = _dataset_for(args, None, None)
         model = fz.create_model(target, num_classes=dataset.num_classes, modalities=tuple(dataset.modalities))
         label = target
     return model.to(device), dataset, history, label
+
+
+def _check_model_name(target: str) -> None:
+    """Tell a mistyped path from a mistyped model name (the target names neither a folder nor a model)."""
+    import difflib
+
+    import fusionzoo as fz
+
+    try:
+        fz.model_entry(target)
+        return
+    except KeyError as e:
+        not_a_model = e.args[0]
+    path = Path(target)
+    if len(path.parts) > 1 or target.startswith((".", "~")):  # model names have no "/" (NAME_PATTERN)
+        parent = path.parent if path.parent.is_dir() else None
+        near = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir()], n=3) if parent else []
+        hint = (f"; {parent} has {', '.join(near)}" if near else
+                f"; {parent} exists" if parent else f"; {path.parent} does not exist either")
+        raise UsageError(f"{target}: no such folder (a run folder or save_pretrained folder was expected){hint}")
+    raise UsageError(f"{target!r} is neither an existing folder nor a registered model: {not_a_model}")
 
 
 def _device(name: str | None):
@@ -217,36 +313,41 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .models.convert import ConversionError, convert_checkpoint
+    from .models.convert import convert_checkpoint
 
     if args.out is None and args.tag is None:
-        print("fusionzoo convert: give --tag (a registered release) or --out (an output folder)", file=sys.stderr)
-        return 2
+        raise UsageError("fusionzoo convert: give --tag (a registered release) or --out (an output folder)")
     try:
         out = convert_checkpoint(args.name, args.checkpoint, args.out, tag=args.tag, num_classes=args.num_classes)
-    except (ConversionError, FileNotFoundError, KeyError) as e:
-        print(f"fusionzoo convert: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, KeyError) as e:
+        raise UsageError(f"fusionzoo convert: {e.args[0] if isinstance(e, KeyError) else e}") from None
     print(f"wrote {out} (load it with fusionzoo.from_pretrained({str(out)!r}))")
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fusionzoo`` console script; returns the exit status."""
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "list": _cmd_list,
+    "interpret": _cmd_interpret,
+    "compare": _cmd_compare,
+    "convert": _cmd_convert,
+}
+
+
+def _main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(argv)
     if getattr(args, "threads", None):
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.command == "list":
-        return _cmd_list(args)
-    if args.command == "interpret":
-        return _cmd_interpret(args)
-    if args.command == "compare":
-        return _cmd_compare(args)
-    if args.command == "convert":
-        return _cmd_convert(args)
-    raise ValueError(f"unknown command {args.command!r}")  # argparse rejects these first
+    return COMMANDS[args.command](args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fusionzoo`` console script; returns the exit status.
+
+    User errors print one line and return 2 (``--debug``: the traceback instead).
+    """
+    return run_command(_main, sys.argv[1:] if argv is None else argv, prog="fusionzoo")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +20,20 @@ from .distributed import DistInfo, EpochSampler, SeededDataset
 
 __all__ = [
     "CALLBACKS",
+    "RESUME_EXTENDABLE",
+    "RESUME_MUTABLE",
     "build_callbacks",
     "build_datasets",
     "build_eval_loader",
     "build_model",
     "build_train_loader",
+    "check_run_name",
     "config_for_resume",
     "find_comparable_runs",
     "make_run_dir",
     "normalization_of",
     "resolve_modalities",
+    "resume_run_dir",
 ]
 
 # Named training callbacks (``--callbacks a,b``): "module:Class", imported on use.
@@ -52,8 +56,10 @@ def build_callbacks(names: Sequence[str]) -> list[Any]:
 
 
 # Keys that may differ when resuming: they change neither the data stream nor the arithmetic.
-RESUME_MUTABLE = ("resume", "progress", "kill_after_step", "num_workers", "device", "log_interval", "out_dir",
-                  "threads")
+RESUME_MUTABLE = ("resume", "progress", "kill_after_step", "kill_signal", "num_workers", "device", "log_interval",
+                  "out_dir", "threads", "checkpoint_interval", "checkpoint_minutes")
+# Keys a resume may change on purpose: more (or fewer) epochs re-target the LR schedule (train.py says so).
+RESUME_EXTENDABLE = ("epochs",)
 
 
 def _is_synthetic(name: str) -> bool:
@@ -77,13 +83,17 @@ def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
     (default ``image_size``) for training.
 
     Raises:
-        ConfigError: a benchmark set without ``data_root``, or training at native size with
-            augmentation off (images of different sizes cannot be batched).
+        ConfigError: an unknown dataset, a benchmark set without ``data_root`` or with a root
+            that is missing or incomplete, or training at native size with augmentation off
+            (images of different sizes cannot be batched).
     """
     from ..data import create_dataset, dataset_entry
     from ..data.transforms import eval_transforms, train_transforms
 
-    entry = dataset_entry(cfg.dataset)
+    try:
+        entry = dataset_entry(cfg.dataset)
+    except KeyError as e:
+        raise ConfigError(f"--dataset: {e.args[0]}") from None
     synthetic = not entry.needs_root
     stats = _stats_name(cfg.dataset)
     modalities = entry.modalities
@@ -115,8 +125,13 @@ def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
             raise ConfigError(
                 f"dataset {cfg.dataset!r} needs --data-root (the prepared layout; see datasets/{cfg.dataset}/README.md)"
             )
-        train = create_dataset(cfg.dataset, cfg.data_root, split=cfg.train_split, transforms=train_tf, **kwargs)
-        val = create_dataset(cfg.dataset, cfg.data_root, split=cfg.val_split, transforms=val_tf, **kwargs)
+        from ..data.io import DataError
+
+        try:
+            train = create_dataset(cfg.dataset, cfg.data_root, split=cfg.train_split, transforms=train_tf, **kwargs)
+            val = create_dataset(cfg.dataset, cfg.data_root, split=cfg.val_split, transforms=val_tf, **kwargs)
+        except (FileNotFoundError, DataError) as e:  # a user's data problem: one line, not a traceback
+            raise ConfigError(f"--data-root {cfg.data_root} (dataset {cfg.dataset!r}): {e}") from None
     return train, val
 
 
@@ -141,6 +156,20 @@ def resolve_modalities(cfg: TrainConfig, dataset: Dataset) -> tuple[str, ...]:
     return mods
 
 
+def _worker_ignores_ctrl_c(worker_id: int) -> None:
+    """A terminal's Ctrl-C reaches DataLoader workers too; they leave it to the training process.
+
+    Forked workers would inherit train.py's StopOnSignal handler (each printing the stop
+    message again); spawned ones get Python's default, a KeyboardInterrupt that ends torch's
+    worker loop, so batches beyond the prefetched ones would fail before the checkpoint. The
+    workers still end with the loader. (SIGTERM keeps its default: multiprocessing stops
+    daemonic workers with it.)
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_train_loader(dataset: Dataset, cfg: TrainConfig, info: DistInfo) -> tuple[DataLoader, EpochSampler]:
     """Loader over :class:`SeededDataset` with a resumable :class:`EpochSampler` (drop_last)."""
     from ..data import collate
@@ -156,6 +185,7 @@ def build_train_loader(dataset: Dataset, cfg: TrainConfig, info: DistInfo) -> tu
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
+        worker_init_fn=_worker_ignores_ctrl_c if cfg.num_workers else None,
         # A private generator: creating the iterator draws a seed from it instead of from the
         # global RNG, so a resumed run's global RNG stream matches the uninterrupted one.
         generator=torch.Generator().manual_seed(cfg.seed),
@@ -175,6 +205,7 @@ def build_eval_loader(dataset: Dataset, cfg: TrainConfig, info: DistInfo) -> Dat
         num_workers=cfg.num_workers,
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_worker_ignores_ctrl_c if cfg.num_workers else None,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
 
@@ -183,12 +214,16 @@ def build_model(cfg: TrainConfig, modalities: Sequence[str], num_classes: int) -
     """``fusionzoo.create_model`` with the config's model, modalities, classes and kwargs.
 
     Raises:
-        ConfigError: the model cannot run on these modalities; the message suggests the
-            single-stream alternatives for a one-modality baseline.
+        ConfigError: an unknown model name (with close matches), ``model_kwargs`` the entry point
+            does not take (showing the YAML-parsed mapping), or a model that cannot run on these
+            modalities (the message suggests the single-stream alternatives).
     """
     import fusionzoo as fz
 
-    entry = fz.model_entry(cfg.model)
+    try:
+        entry = fz.model_entry(cfg.model)
+    except KeyError as e:
+        raise ConfigError(f"--model: {e.args[0]} (fusionzoo list prints every name)") from None
     kwargs: dict[str, Any] = dict(cfg.model_kwargs)
     for k in ("num_classes", "modalities"):
         if k in kwargs:
@@ -202,7 +237,13 @@ def build_model(cfg: TrainConfig, modalities: Sequence[str], num_classes: int) -
             f"(e.g. --model early_concat_{cfg.model.split('_', 1)[-1]}: one encoder + the same decoder), or keep this "
             f"model and withhold the other stream with --train-missing."
         )
-    return fz.create_model(cfg.model, num_classes=num_classes, modalities=tuple(modalities), **kwargs)
+    try:
+        return fz.create_model(cfg.model, num_classes=num_classes, modalities=tuple(modalities), **kwargs)
+    except TypeError as e:
+        if not cfg.model_kwargs or "keyword argument" not in str(e):
+            raise
+        # model_kwargs is YAML: show what the entry point received, so '{a:1}' vs '{a: 1}' is visible.
+        raise ConfigError(f"model_kwargs (YAML, parsed as {dict(cfg.model_kwargs)!r}) does not fit: {e}") from None
 
 
 def normalization_of(cfg: TrainConfig, modalities: Sequence[str]) -> dict[str, Any] | None:
@@ -213,14 +254,29 @@ def normalization_of(cfg: TrainConfig, modalities: Sequence[str]) -> dict[str, A
     return {m: {"mean": list(stats[m].mean), "std": list(stats[m].std)} for m in modalities if m in stats}
 
 
-def make_run_dir(cfg: TrainConfig) -> Path:
-    """``out_dir/run_name`` (default ``<model>-<dataset>-<modalities>-<UTC time>``), created."""
-    if cfg.resume:
-        return resume_run_dir(cfg.resume)
+def check_run_name(cfg: TrainConfig) -> None:
+    """Fail early (before data and model are built) when ``--run-name`` names a used run folder.
+
+    Raises:
+        ConfigError: ``out_dir/run_name`` already holds a run.
+    """
     if cfg.run_name:
         path = Path(cfg.out_dir) / cfg.run_name
         if (path / "checkpoints").exists() or (path / "config.json").exists():
             raise ConfigError(f"run folder {path} is already used; pass --resume {path} or another --run-name")
+
+
+def make_run_dir(cfg: TrainConfig) -> Path:
+    """``out_dir/run_name`` (default ``<model>-<dataset>-<modalities>-<UTC time>``), created.
+
+    train.py calls it once the configuration, data and model are valid, so a failed start
+    leaves no empty folder behind.
+    """
+    if cfg.resume:
+        return resume_run_dir(cfg.resume)
+    if cfg.run_name:
+        check_run_name(cfg)
+        path = Path(cfg.out_dir) / cfg.run_name
         path.mkdir(parents=True, exist_ok=True)
         return path
     mods = "+".join(cfg.modalities) if cfg.modalities else "all"
@@ -239,16 +295,50 @@ def make_run_dir(cfg: TrainConfig) -> Path:
 
 
 def resume_run_dir(path: str | Path) -> Path:
-    """The run folder of ``--resume`` (a run folder, or one of its checkpoint folders)."""
+    """The run folder of ``--resume`` (a run folder, or one of its checkpoint folders).
+
+    Raises:
+        ConfigError: saying what is missing: the folder, its ``config.json``, or a complete
+            checkpoint (a run stopped before its first checkpoint has nothing to resume).
+    """
+    from .checkpoint import CheckpointError, resolve_checkpoint_dir
+
     p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"--resume {path}: no such folder; give a run folder (runs/<run>)")
     for candidate in (p, p.parent, p.parent.parent):
         if (candidate / "config.json").is_file() and (candidate / "checkpoints").is_dir():
+            try:
+                resolve_checkpoint_dir(candidate / "checkpoints" / "last")
+            except CheckpointError:
+                break
             return candidate
-    raise ConfigError(f"--resume {path}: no run folder with config.json and checkpoints/ found there")
+    run = next((c for c in (p, p.parent, p.parent.parent) if (c / "config.json").is_file()), None)
+    if run is None:
+        raise ConfigError(
+            f"--resume {path}: no config.json there or in its parent folders; give the run folder that "
+            "train.py created (runs/<run>, holding config.json and checkpoints/)"
+        )
+    from .checkpoint import remove_temp_leftovers
+
+    removed = remove_temp_leftovers(run)  # e.g. the .last.*.tmp/ of a kill during the first checkpoint write
+    note = f" (removed {len(removed)} incomplete temp(s) of an interrupted write)" if removed else ""
+    raise ConfigError(
+        f"--resume {path}: {run / 'config.json'} exists but no complete checkpoint{note} "
+        f"({run / 'checkpoints' / 'last' / 'state.json'} is missing): the run stopped before its first checkpoint "
+        "(written after checkpoint_minutes, at each epoch end, and on Ctrl-C/SIGTERM). Nothing to resume: "
+        f"start it again (remove {run} or pass another --run-name)"
+    )
 
 
-def config_for_resume(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
-    """The saved config of ``run_dir`` with only the harmless keys taken from ``cfg``.
+def config_for_resume(cfg: TrainConfig, run_dir: Path, given: Collection[str]) -> TrainConfig:
+    """The saved config of ``run_dir`` with the keys the command line may change taken from ``cfg``.
+
+    Args:
+        cfg: the command line's config.
+        run_dir: the run folder being resumed.
+        given: the keys the command line (or a ``--config`` recipe) set, whatever their value
+            (``parse_command_line(...).given``): ``--epochs 3`` counts even though 3 is the default.
 
     Raises:
         ConfigError: ``cfg`` changes a key that would make the continuation differ from an
@@ -261,19 +351,18 @@ def config_for_resume(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
         raise ConfigError(f"{path}: cannot read the run's resolved config ({e})") from None
     saved_data.pop("_resolved", None)
     saved = config_from_dict(saved_data, where=str(path))  # every rank reads; nothing is written
-    defaults = config_to_dict(TrainConfig())
-    given = config_to_dict(cfg)
+    new = config_to_dict(cfg)
     old = config_to_dict(saved)
-    changed = [k for k, v in given.items() if k not in RESUME_MUTABLE and v != defaults[k] and v != old[k]]
+    may_change = (*RESUME_MUTABLE, *RESUME_EXTENDABLE)
+    changed = [k for k in new if k in given and k not in may_change and new[k] != old[k]]
     if changed:
-        diffs = ", ".join(f"{k}: run has {old[k]!r}, given {given[k]!r}" for k in changed)
+        diffs = ", ".join(f"{k}: run has {old[k]!r}, given {new[k]!r}" for k in changed)
         raise ConfigError(
-            f"cannot change {diffs} when resuming {run_dir} (exact resume); only {list(RESUME_MUTABLE)} may differ"
+            f"cannot change {diffs} when resuming {run_dir} (exact resume); only {list(may_change)} may differ"
         )
-    # Harmless keys: what the command line set explicitly (differs from the default), else the run's.
-    merged = {**old, **{k: given[k] for k in RESUME_MUTABLE if given[k] != defaults[k]}}
-    for k in ("resume", "kill_after_step"):  # per invocation, never inherited from the run
-        merged[k] = given[k]
+    merged = {**old, **{k: new[k] for k in may_change if k in given}}
+    for k in ("resume", "kill_after_step", "kill_signal"):  # per invocation, never inherited from the run
+        merged[k] = new[k]
     return TrainConfig(**merged)
 
 

@@ -16,6 +16,12 @@ fsynced. A kill at any moment leaves either the previous or the new checkpoint c
 window with no ``last`` (between the renames) is covered by :func:`resolve_checkpoint_dir`, which
 falls back to ``.last.old``. Single files (configs, JSON) go through :func:`atomic_write_bytes`
 (temp file in the same folder, fsync, ``os.replace``, fsync of the folder).
+
+Permissions: temp files and folders are created private (``mkstemp`` 0600, ``mkdtemp`` 0700) and
+given the process umask's permissions before they are renamed into place, so run files are
+readable as every other tool's files are (0644 / 0755 under the common umask 022).
+A kill mid-write leaves a hidden temp (``.last.*.tmp/``, ``.<file>.*.tmp``);
+:func:`remove_temp_leftovers` deletes them when a run starts or resumes.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ __all__ = [
     "load_checkpoint",
     "load_model_weights",
     "load_tensors",
+    "remove_temp_leftovers",
     "resolve_checkpoint_dir",
     "restore_rng_state",
     "save_checkpoint",
@@ -76,6 +83,39 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux exposes it (thread-safe)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic set-and-restore
+    os.umask(mask)
+    return mask
+
+
+def remove_temp_leftovers(folder: str | Path) -> list[Path]:
+    """Delete the hidden temporaries a killed write leaves under ``folder``; returns them.
+
+    Matches only this module's own names: ``.<name>.<random>.tmp`` files of
+    :func:`atomic_write_bytes` and ``.<name>.<random>.tmp/`` folders of :func:`save_checkpoint`.
+    Call it while no other process writes into ``folder`` (train.py: rank 0, before training).
+    """
+    removed: list[Path] = []
+    for p in sorted(Path(folder).rglob(".*.tmp")):
+        if p.name.count(".") < 3 or any(parent in removed for parent in p.parents):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
 
@@ -86,6 +126,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # POSIX: mkstemp's 0600 -> what open() would have created
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -349,6 +391,7 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 -> what mkdir would have created
         files: dict[str, dict[str, Any]] = {}
 
         def put(name: str, tensors: Mapping[str, torch.Tensor]) -> None:

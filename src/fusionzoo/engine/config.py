@@ -24,12 +24,14 @@ import yaml
 
 __all__ = [
     "CARD_KEYS",
+    "CommandLine",
     "ConfigError",
     "TrainConfig",
     "config_from_dict",
     "config_to_dict",
     "load_config",
     "parse_args",
+    "parse_command_line",
     "validate_card",
     "write_config",
 ]
@@ -47,18 +49,18 @@ class TrainConfig:
     """
 
     # --- what to train ---
-    model: str = "esanet_resnet18"
+    model: str = "esanet_resnet18"  # a registered model name (fusionzoo list)
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra create_model arguments
     pretrained: bool = False  # ImageNet encoder weights through the HF cache (needs the cache)
-    dataset: str = "synthetic_rgbd"
+    dataset: str = "synthetic_rgbd"  # a registered dataset name (fusionzoo.data.list_datasets())
     data_root: str | None = None  # None for synthetic sets
     dataset_kwargs: dict[str, Any] = field(default_factory=dict)  # extra create_dataset arguments
     modalities: tuple[str, ...] | None = None  # None = the dataset's modalities
     num_classes: int | None = None  # None = from the dataset
-    train_split: str = "train"
-    val_split: str = "val"
+    train_split: str = "train"  # split trained on
+    val_split: str = "val"  # split evaluated after each eval_interval epochs (picks best/)
     train_samples: int | None = 320  # synthetic sets only: samples generated per split
-    val_samples: int | None = 96
+    val_samples: int | None = 96  # synthetic sets only: validation samples generated
     image_size: tuple[int, int] | None = (64, 80)  # synthetic render size / resize target; None = native
     crop_size: tuple[int, int] | None = None  # training crop (H, W); None = image_size
     augment: bool = False  # random resized crop + flip + rotation + colour jitter (fusionzoo.data)
@@ -68,20 +70,20 @@ class TrainConfig:
     # --- optimization ---
     batch_size: int = 8  # per process; the global batch is batch_size * world size
     eval_batch_size: int | None = None  # None = batch_size
-    epochs: int = 3
+    epochs: int = 3  # passes over the training set; on --resume a larger value extends the run
     max_steps_per_epoch: int | None = None  # cap an epoch (smoke tests); None = full pass
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 2e-3
-    weight_decay: float = 1e-2
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # AdamW (transformer recipes) or SGD with momentum
+    lr: float = 2e-3  # peak learning rate (after warm-up)
+    weight_decay: float = 1e-2  # on weight matrices/kernels only (not biases or norms)
     momentum: float = 0.9  # SGD only
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW only
-    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    schedule: Literal["poly", "cosine", "constant"] = "poly"  # learning-rate decay after warm-up, per step
     poly_power: float = 0.9  # DeepLab/CMX "poly" decay exponent
     min_lr: float = 0.0  # the schedule's floor
     warmup_epochs: float = 0.0  # linear warm-up from warmup_factor * lr, in epochs (fractional ok)
-    warmup_factor: float = 0.1
+    warmup_factor: float = 0.1  # warm-up starts at warmup_factor * lr
     grad_clip: float | None = 1.0  # max global gradient L2 norm; None = off
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # cross-entropy label smoothing (segmentation)
     freeze_bn: bool = False  # BatchNorm in eval mode (running stats fixed, affine still trained)
     sync_bn: bool = True  # under DDP: BN statistics over the global batch (SyncBatchNorm / all-reduce BN on CPU)
 
@@ -89,7 +91,7 @@ class TrainConfig:
     amp: Literal["off", "bf16", "fp16"] = "off"  # autocast on GPU; bf16 needs no loss scaling
     channels_last: bool = False  # NHWC memory format: faster convs on tensor cores
     compile: bool = False  # torch.compile the model (first steps pay the compilation)
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes (0 = load in the training process)
     threads: int | None = None  # CPU intra-op threads; None = auto (cores not busy, at least 1)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
@@ -100,23 +102,25 @@ class TrainConfig:
     eval_interval: int = 1  # evaluate every N epochs (and always after the last)
     eval_missing: tuple[str, ...] = ()  # also evaluate with each of these modalities missing
     tta: bool = False  # multi-scale + horizontal-flip test-time augmentation
-    tta_scales: tuple[float, ...] = (0.75, 1.0, 1.25)
-    tta_flip: bool = True
+    tta_scales: tuple[float, ...] = (0.75, 1.0, 1.25)  # scales of the TTA evaluation
+    tta_flip: bool = True  # TTA also averages the horizontal flip
 
     # --- training-time measurements (fusionzoo.engine.builders.CALLBACKS) ---
     callbacks: tuple[str, ...] = ("modality_balance",)  # per-modality gradient norms etc. -> callbacks.json
     report: bool = True  # end by writing the interpretability report <run>/report/report.html
 
     # --- bookkeeping ---
-    seed: int = 0
+    seed: int = 0  # weights, data order, augmentation and modality dropout
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
-    out_dir: str = "runs"
+    out_dir: str = "runs"  # parent folder of run folders
     run_name: str | None = None  # None = "<model>-<dataset>-<timestamp>"
     resume: str | None = None  # a run folder (or its checkpoint folder) to continue exactly
     checkpoint_interval: int = 0  # also save "last" every N steps; 0 = at epoch ends only
+    checkpoint_minutes: float = 5.0  # also save "last" when this many minutes passed since the last save; 0 = off
     log_interval: int = 10  # steps between JSONL train records
     progress: bool = True  # tqdm progress bar (rank 0)
-    kill_after_step: int | None = None  # testing aid: SIGKILL this process after global step N
+    kill_after_step: int | None = None  # testing aid: send kill_signal to this process after global step N
+    kill_signal: Literal["SIGKILL", "SIGINT", "SIGTERM"] = "SIGKILL"  # testing aid: the signal of kill_after_step
 
     def __post_init__(self) -> None:
         check_values(self)
@@ -263,8 +267,22 @@ def _parse_cli_value(text: str, tp: Any, key: str) -> Any:
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{where} expects a mapping like '{{a: 1}}', got {text!r}: {e}") from None
-        return {} if value is None else value
+            raise ConfigError(f"{where} is YAML and must be a mapping like '{{a: 1}}', got {text!r}: {e}") from None
+        value = {} if value is None else value
+        if not isinstance(value, Mapping):
+            raise ConfigError(
+                f"{where} is YAML and must be a mapping like '{{a: 1}}'; {text!r} parsed as {value!r} "
+                f"({type(value).__name__})"
+            )
+        # '{dropout:0.0}' is the one-key mapping {'dropout:0.0': None}: YAML needs a space after ':'.
+        glued = [k for k, v in value.items() if v is None and isinstance(k, str) and ":" in k]
+        if glued:
+            fixed = ", ".join(f"{k.split(':', 1)[0]}: {k.split(':', 1)[1]}" for k in glued)
+            raise ConfigError(
+                f"{where} is YAML: {text!r} parsed as {value!r} (a key {glued[0]!r} without a value); "
+                f"YAML needs a space after each colon: '{{{fixed}}}'"
+            )
+        return value
     return text
 
 
@@ -294,6 +312,7 @@ def check_values(cfg: TrainConfig) -> None:
     need(cfg.num_workers >= 0, "num_workers", "must be >= 0")
     need(cfg.threads is None or cfg.threads >= 1, "threads", "must be >= 1 or null")
     need(cfg.checkpoint_interval >= 0, "checkpoint_interval", "must be >= 0")
+    need(cfg.checkpoint_minutes >= 0, "checkpoint_minutes", "must be >= 0")
     need(0 < cfg.aug_scale[0] <= cfg.aug_scale[1] <= 1, "aug_scale", "must satisfy 0 < min <= max <= 1")
     need(cfg.aug_rotate >= 0, "aug_rotate", "must be >= 0")
     need(len(cfg.tta_scales) >= 1 and all(s > 0 for s in cfg.tta_scales), "tta_scales", "must be positive scales")
@@ -384,7 +403,21 @@ def load_config(path: str | Path, base: TrainConfig | None = None) -> tuple[Trai
     return config_from_dict(data, base, where=str(path)), card
 
 
+class CommandLine(typing.NamedTuple):
+    """What :func:`parse_command_line` read: the config, the recipe's card, and the keys given."""
+
+    config: TrainConfig
+    card: dict[str, Any]
+    given: frozenset[str]  # keys set by --key flags or by the --config recipe (a value equal to its default counts)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict[str, Any]]:
+    """``(config, card)`` of :func:`parse_command_line` (which also says which keys were given)."""
+    parsed = parse_command_line(argv)
+    return parsed.config, parsed.card
+
+
+def parse_command_line(argv: Sequence[str] | None = None) -> CommandLine:
     """Parse ``[--config FILE] [--key value | --key=value | --flag | --no-flag]...``.
 
     Keys use ``-`` or ``_`` (``--eval-missing depth`` = ``--eval_missing depth``). A boolean key
@@ -392,7 +425,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict[str
     (``--modalities rgb,thermal``, ``--image-size 96,128``); ``none`` clears an optional key.
 
     Returns:
-        The resolved config and the recipe's card (``{}`` without ``--config``).
+        The resolved config, the recipe's card (``{}`` without ``--config``) and the set of keys
+        the command line or the recipe set (``--resume`` compares exactly these with the run's).
 
     Raises:
         ConfigError: an unknown key (listing the valid ones), a missing value, or a bad value.
@@ -448,19 +482,92 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict[str
         i += 1
     card: dict[str, Any] = {}
     base = None
+    given = set(overrides)
     if config_path is not None:
         base, card = load_config(config_path)
+        given |= _recipe_keys(config_path)
     cfg = config_from_dict(overrides, base, where="the command line")
-    return cfg, card
+    return CommandLine(cfg, card, frozenset(given))
+
+
+def _recipe_keys(path: str | Path) -> set[str]:
+    # load_config has validated the file; only its key names are needed here.
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    return {k for k in data if k != "card"}
+
+
+def _field_help() -> dict[str, tuple[str, str]]:
+    """``key -> (section, description)`` read from the comments of :class:`TrainConfig`'s source.
+
+    The comment beside each field is its one documentation (no second copy to drift); the
+    ``# --- section ---`` lines group the help text.
+    """
+    import inspect
+    import re
+
+    out: dict[str, tuple[str, str]] = {}
+    section = ""
+    try:
+        source = inspect.getsource(TrainConfig)
+    except (OSError, TypeError):  # no source shipped (zipapp, .pyc only): keys, types and defaults only
+        return out
+    for line in source.splitlines():
+        head = re.match(r"\s+# --- (.+?) ---", line)
+        if head:
+            section = head.group(1)
+            continue
+        m = re.match(r"\s+(\w+): [^=]+=.*?  # (.+)$", line)
+        if m:
+            out[m.group(1)] = (section, m.group(2).strip())
+    return out
+
+
+def _help_type(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        return "{" + ",".join(map(str, args)) + "}"
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return " | ".join(_help_type(a) for a in inner) + (" | none" if type(None) in args else "")
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"{_type_name(args[0])},..."
+        return ",".join(_type_name(a) for a in args)
+    if origin is dict:
+        return "YAML mapping"
+    return _type_name(tp)
 
 
 def help_text() -> str:
-    """Usage text listing every key with its type and default."""
-    lines = ["usage: train.py [--config zoo/<model>/<dataset>.yaml] [--key value ...]", "", "keys:"]
+    """Usage text: every key with its choices or type, its default and its description."""
+    import textwrap
+
+    lines = [
+        "usage: train.py [--config zoo/<model>/<dataset>.yaml] [--key value ...] [--resume RUN] [--debug]",
+        "",
+        "Every key below is also a YAML recipe key (precedence: defaults < --config < --key value).",
+        "Booleans: --flag / --no-flag. Tuples: comma lists (--modalities rgb,depth, --image-size 480,640).",
+        "'none' clears an optional key. --debug prints the full traceback of an error.",
+    ]
     hints = _field_types()
+    docs = _field_help()
     defaults = TrainConfig()
+    section = None
     for f in dataclasses.fields(TrainConfig):
-        lines.append(f"  --{f.name.replace('_', '-'):<30} {_type_name(hints[f.name]):<28} default {getattr(defaults, f.name)!r}")
+        sec, desc = docs.get(f.name, ("", ""))
+        if sec != section:
+            section = sec
+            lines += ["", f"{sec}:" if sec else "keys:"]
+        tp = hints[f.name]
+        flag = f"--{f.name.replace('_', '-')}"
+        if tp is bool:
+            flag += f" / --no-{f.name.replace('_', '-')}"
+        else:
+            flag += f" {_help_type(tp)}"
+        lines.append(f"  {flag}  (default {getattr(defaults, f.name)!r})")
+        if desc:
+            lines += textwrap.wrap(desc, width=100, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "EpochSampler",
     "SeededDataset",
     "all_reduce_mean",
+    "all_reduce_step",
     "auto_threads",
     "barrier",
     "broadcast_object",
@@ -127,6 +128,23 @@ def all_reduce_mean(value: float | torch.Tensor, device: torch.device | str = "c
     t = torch.as_tensor(float(value), dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t) / dist.get_world_size()
+
+
+def all_reduce_step(loss: torch.Tensor, flag: bool, device: torch.device) -> tuple[float, bool]:
+    """This step's loss averaged over ranks, and whether any rank raised ``flag``; one collective.
+
+    Every rank takes the same decision from it: a NaN on one rank makes the mean NaN everywhere
+    (all ranks stop before backward, none waits in DDP's gradient all-reduce), and a stop request
+    (Ctrl-C / SIGTERM) seen by one rank stops all at the same step. Ranks hold equal batch sizes
+    (``drop_last``), so the mean of per-rank means is the global batch mean.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return float(loss.detach()), bool(flag)
+    dev = device if device.type == "cuda" else torch.device("cpu")  # gloo reduces CPU tensors
+    t = torch.stack([loss.detach().float().reshape(()).to(dev), torch.tensor(float(flag), device=dev)])
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    total, flags = t.tolist()
+    return total / dist.get_world_size(), flags > 0
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import unwrap_model
-from .distributed import all_reduce_mean, dist_info
+from .distributed import all_reduce_mean, all_reduce_step, dist_info
 from .metrics import ConfusionMatrix
 
 __all__ = [
@@ -29,6 +29,9 @@ __all__ = [
     "EpochState",
     "LRSchedule",
     "MetricsLogger",
+    "NonFiniteLossError",
+    "StopOnSignal",
+    "TrainingInterrupted",
     "autocast_context",
     "build_optimizer",
     "build_scheduler",
@@ -37,6 +40,7 @@ __all__ = [
     "evaluate_detection",
     "make_grad_scaler",
     "predict",
+    "retarget_schedule",
     "sample_missing",
     "set_bn_eval",
     "split_batch",
@@ -207,6 +211,30 @@ class LRSchedule:
         return self.min_ratio + (1.0 - self.min_ratio) * decay
 
 
+def retarget_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> tuple[float, float]:
+    """Make a restored :class:`LRSchedule` end at ``total_steps`` (``--resume --epochs N``).
+
+    The checkpoint's schedule stores its own ``total_steps``; a run extended to more epochs
+    decays over the new length from the current step on (poly/cosine: the learning rate rises
+    from where the shorter schedule had taken it).
+
+    Returns:
+        The first group's learning rate before and after.
+    """
+    schedule = scheduler.lr_lambdas[0]
+    if not isinstance(schedule, LRSchedule):
+        raise TypeError(f"retarget_schedule needs an LRSchedule lambda, got {type(schedule).__name__}")
+    before = scheduler.optimizer.param_groups[0]["lr"]
+    for lam in scheduler.lr_lambdas:
+        lam.total_steps = int(total_steps)
+        lam.warmup_steps = min(lam.warmup_steps, lam.total_steps)
+    lrs = [base * lam(scheduler.last_epoch) for base, lam in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports
+    return before, lrs[0]
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     *,
@@ -370,6 +398,112 @@ def _finite(obj: Any) -> Any:
 # training
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A NaN/inf training loss, raised before backward and the optimizer step.
+
+    The weights, optimizer state and BatchNorm running statistics are left as they were after
+    the previous step (the statistics that this batch's forward pass updated are restored), so
+    the model in memory and any checkpoint written afterwards are clean.
+    """
+
+
+def _norm_statistics(model: nn.Module) -> list[torch.Tensor]:
+    """BatchNorm running statistics that a train-mode forward pass updates in place."""
+    out: list[torch.Tensor] = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training:
+            out += [b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    return out
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    if dst:
+        torch._foreach_copy_(dst, src)  # one fused call per step instead of ~3 per BatchNorm layer
+
+
+def _non_finite_message(loss_value: float, batch: Mapping[str, Any], inputs: Mapping[str, torch.Tensor],
+                        state: EpochState, rank: int, world_size: int) -> str:
+    """Which samples of the batch carry NaN/inf in which modality, for the error message."""
+    meta = batch.get("meta")
+    n = int(next(iter(inputs.values())).shape[0])
+    ids = [m.get("id", i) if isinstance(m, Mapping) else i for i, m in enumerate(meta)] if meta else list(range(n))
+    bad: dict[Any, list[str]] = {}
+    for mod, x in inputs.items():
+        finite = torch.isfinite(x.detach()).flatten(1).all(1).cpu().tolist()
+        for sid, ok in zip(ids, finite):
+            if not ok:
+                bad.setdefault(sid, []).append(mod)
+    where = f" on rank {rank} of {world_size}" if world_size > 1 else ""
+    culprit = (
+        "non-finite values in the inputs of " + ", ".join(f"{sid!r} ({'+'.join(m)})" for sid, m in bad.items())
+        + ": repair or drop these samples"
+        if bad else
+        "the inputs are finite: lower lr, enable grad_clip, or use amp=bf16 instead of fp16"
+    )
+    return (
+        f"non-finite training loss {loss_value} at epoch {state.epoch}, step {state.global_step}{where}, "
+        f"batch of sample ids {ids}; {culprit}. Stopped before the optimizer step: weights, optimizer state "
+        f"and BatchNorm statistics are those after step {state.global_step}"
+    )
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after writing its checkpoint; ``exit_status`` = 128 + signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_status = 128 + signum  # the shell's convention for "killed by signal N"
+
+
+class StopOnSignal:
+    """Turns the first SIGINT/SIGTERM into a request to stop after the current step.
+
+    Use as a context manager around the training loop and pass the instance as
+    ``train_one_epoch(stop_requested=...)``. A second signal gets the previous handler at once
+    (Ctrl-C twice: KeyboardInterrupt, no checkpoint). Outside the main thread signals cannot be
+    caught; then this does nothing.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        self._restore()
+        import signal
+        import sys
+
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and writing checkpoints/last "
+              "(send it again to stop at once, without a checkpoint)", file=sys.stderr, flush=True)
+
+    def _restore(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __enter__(self) -> StopOnSignal:  # noqa: PYI034  (typing.Self needs Python 3.11; we support 3.10)
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+
 class EpochState:
     """Position inside an epoch, saved in checkpoints so a resume continues with the next batch."""
 
@@ -416,6 +550,7 @@ def train_one_epoch(
     after_step: Callable[[EpochState], None] | None = None,
     progress: bool = False,
     task: str = "segmentation",
+    stop_requested: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` (which already skips the batches ``state`` says are done).
 
@@ -431,9 +566,17 @@ def train_one_epoch(
         task: ``"segmentation"`` (cross-entropy on ``batch["mask"]``) or ``"detection"`` (the
             model's own loss dict from ``model(inputs, targets)``, summed; targets from the
             batch's ``boxes``/``labels`` lists).
+        stop_requested: polled once per step (e.g. a SIGINT flag); when any rank says so, the
+            epoch ends after this step's ``after_step`` and the result has ``interrupted``.
 
     Returns:
-        ``{"loss": mean training loss over the epoch (all ranks), "img_per_s": throughput}``.
+        ``{"loss": mean training loss over the epoch (all ranks), "img_per_s": throughput,
+        "interrupted": 1.0 if stop_requested ended the epoch early else 0.0}``. Logged per-step
+        losses are means over all ranks (one small all-reduce per step under DDP).
+
+    Raises:
+        NonFiniteLossError: a NaN/inf loss on any rank, before backward; names the batch's
+            sample ids and the modalities with non-finite inputs.
     """
     from tqdm.auto import tqdm
 
@@ -447,6 +590,9 @@ def train_one_epoch(
                desc=f"epoch {state.epoch}", dynamic_ncols=True, leave=False)
     t_epoch = time.perf_counter()
     images_this_call = 0
+    interrupted = False
+    norm_stats = _norm_statistics(plain)  # snapshot before each forward, restored on a NaN loss
+    norm_backup = [b.clone() for b in norm_stats]
     for batch in loader:
         if state.batches_done >= num_batches:
             break
@@ -455,6 +601,7 @@ def train_one_epoch(
         if task == "segmentation" and mask is None:
             raise KeyError("training batch has no 'mask' (segmentation target)")
         cb.on_batch_start(batch)
+        _copy_all(norm_backup, norm_stats)
         missing = tuple(always_missing)
         pool = [m for m in (dropout_candidates or modalities[1:]) if m not in missing]
         if len(modalities) - len(missing) >= 2:  # dropout must leave a modality to train on
@@ -469,12 +616,12 @@ def train_one_epoch(
                 logits = model(inputs, missing=missing) if missing else model(inputs)
             # Loss in float32: the softmax over K classes is where half precision loses digits.
             loss = F.cross_entropy(logits.float(), mask, ignore_index=ignore_index, label_smoothing=label_smoothing)
-        loss_value = float(loss.detach())  # one host sync per step, reused below
+        # One host sync per step: the loss averaged over ranks, and whether any rank must stop.
+        loss_value, stop = all_reduce_step(loss, bool(stop_requested and stop_requested()), device)
         if not math.isfinite(loss_value):
-            raise FloatingPointError(
-                f"non-finite training loss {loss_value} at epoch {state.epoch} step {state.global_step}; "
-                "lower lr, enable grad_clip, or use amp=bf16 instead of fp16"
-            )
+            _copy_all(norm_stats, norm_backup)  # this batch's forward already moved the BN statistics
+            raise NonFiniteLossError(_non_finite_message(float(loss.detach()), batch, inputs, state,
+                                                         info.rank, info.world_size))
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -512,12 +659,16 @@ def train_one_epoch(
             logger.log(rec)
         if after_step is not None:
             after_step(state)
+        if stop:
+            interrupted = True
+            break
     bar.close()
     elapsed = time.perf_counter() - t_epoch
     mean_loss = state.loss_sum / max(state.images, 1)
     return {
         "loss": all_reduce_mean(mean_loss, device if info.distributed and device.type == "cuda" else "cpu"),
         "img_per_s": images_this_call / max(elapsed, 1e-9),
+        "interrupted": float(interrupted),
     }
 
 
