@@ -5,6 +5,7 @@
     fusionzoo list [PATTERN ...] [--fusion middle] [--task segmentation] [--modalities rgb,depth]
     fusionzoo interpret RUN_DIR_OR_MODEL [--dataset synthetic_rgbd] [--data-root DIR] --out DIR
     fusionzoo compare A B C [--dataset ...] --out DIR
+    fusionzoo mr2 --annotations KAIST_annotation.json --results RESULT.txt|.json
 
 ``RUN_DIR_OR_MODEL`` is a training run folder (``runs/<run>``: its ``best/`` weights, its
 validation set and its training history are used), a folder written by ``save_pretrained``, or
@@ -68,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("targets", nargs="+", help="run folders, interpret output folders, or model names")
     cp.add_argument("--out", required=True, help="output folder")
     data_args(cp)
+
+    mr = sub.add_parser("mr2", help="KAIST log-average miss rate (all / day / night) of a result file")
+    mr.add_argument("--annotations", required=True, help="KAIST COCO-style annotation JSON (e.g. MLPD's KAIST_annotation.json)")
+    mr.add_argument("--results", required=True, help="detections: .txt 'image_id, x, y, w, h, score' (1-based) or COCO .json")
     return p
 
 
@@ -207,6 +212,21 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mr2(args: argparse.Namespace) -> int:
+    from .detection.kaist import KaistEvalError, evaluate_files
+
+    try:
+        res = evaluate_files(args.annotations, args.results)
+    except KaistEvalError as err:
+        print(f"fusionzoo mr2: error: {err}", file=sys.stderr)
+        return 2
+    print("MR-2 (KAIST reasonable: height >= 55 px, occlusion none/partial, 5 px border, FPPI 1e-2..1e0)")
+    for key in ("all", "day", "night"):
+        if key in res:
+            print(f"{key:>5}: {100 * res[key]:.2f} %")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fusionzoo`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -220,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_interpret(args)
     if args.command == "compare":
         return _cmd_compare(args)
+    if args.command == "mr2":
+        return _cmd_mr2(args)
     raise ValueError(f"unknown command {args.command!r}")  # argparse rejects these first
 
 
