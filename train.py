@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
                                 val_loss=val["loss"], val_iou=val["iou"], val_pixels=val["pixels"])
                 else:
                     logs.update(val_ap=val["ap"], val_ap50=val["ap50"], val_ap75=val["ap75"], val_images=val["images"])
+                    logs.update({f"val_{k}": v for k, v in val.items() if k.startswith("mr2")})  # KAIST MR^-2
                 score = val[metric]
                 if not math.isnan(score) and score > best["value"]:
                     best = {"metric": metric, "value": score, "epoch": epoch, "iou": val.get("iou")}

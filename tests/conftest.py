@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,3 +26,25 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def shared_data_dir() -> Path:
+    """Real sample data (read-only, never in the repository): ``$FUSIONZOO_SHARED_DATA``, else
+    ``<repo>/../shared/data`` (CI checks the repository out beside ``shared/``)."""
+    env = os.environ.get("FUSIONZOO_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """:func:`shared_data_dir` (tests skip when the folder they need is absent)."""
+    return shared_data_dir()
+
+
+@pytest.fixture(scope="session")
+def kaist_eval(shared_data: Path) -> Path:
+    """``<shared>/kaist-eval``: KAIST improved test annotations and MLPD's published detections."""
+    root = shared_data.parent / "kaist-eval"
+    if not (root / "KAIST_annotation.json").is_file() or not (root / "MLPD_result.txt").is_file():
+        pytest.skip(f"{root} is absent (KAIST known answer; set FUSIONZOO_SHARED_DATA to <shared>/data)")
+    return root

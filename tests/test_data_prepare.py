@@ -85,6 +85,17 @@ def test_pst900(tmp_path, monkeypatch):
     assert ds.ids == ["test_0", "test_1"] and ds[1]["mask"].max() <= 4
 
 
+def test_pst900_partial_download_only_test(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(1)
+    src = tmp_path / "PST900_RGBT_Dataset"
+    img(src / "test" / "rgb" / "0.png", rand(rng, H, W, 3))
+    img(src / "test" / "thermal" / "0.png", rand(rng, H, W))
+    img(src / "test" / "labels" / "0.png", rand(rng, H, W, hi=5))
+    run_prepare("pst900", "--source", src, "--out", tmp_path / "out", monkeypatch=monkeypatch)
+    assert "train" in capsys.readouterr().err and not (tmp_path / "out" / "splits" / "train.txt").exists()
+    assert create_dataset("pst900", root=tmp_path / "out", split="test").ids == ["test_0"]
+
+
 def test_llvip_voc_boxes(tmp_path, monkeypatch):
     rng = np.random.default_rng(2)
     src = tmp_path / "LLVIP"
@@ -113,23 +124,29 @@ def test_flir_aligned_drops_other_classes(tmp_path, monkeypatch, capsys):
     assert s["labels"].tolist() == [2] and s["meta"]["id"] == "FLIR_00002"
 
 
-def test_kaist_bbgt_xywh_to_xyxy(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ext", [".jpg", ".png"])
+def test_kaist_bbgt_keeps_ignore_regions_and_occlusion(tmp_path, monkeypatch, ext):
     rng = np.random.default_rng(4)
     src = tmp_path / "kaist"
     for entry in ("set00/V000/I00000", "set06/V001/I00019"):
         s, v, f = entry.split("/")
-        img(src / "images" / s / v / "visible" / f"{f}.jpg", rand(rng, H, W, 3))
-        img(src / "images" / s / v / "lwir" / f"{f}.jpg", rand(rng, H, W, 3))
+        img(src / "images" / s / v / "visible" / f"{f}{ext}", rand(rng, H, W, 3))
+        img(src / "images" / s / v / "lwir" / f"{f}{ext}", rand(rng, H, W, 3))
         ann = src / "annotations" / s / v / f"{f}.txt"
         ann.parent.mkdir(parents=True, exist_ok=True)
-        ann.write_text("% bbGt version=3\nperson 10 5 8 16 0 0 0 0 0 0 0\npeople 1 1 5 5 0 0 0 0 0 0 0\n")
+        ann.write_text("% bbGt version=3\nperson 10 5 8 16 1 0 0 0 0 0 0\npeople 1 1 5 5 0 0 0 0 0 0 0\n"
+                       "person 20 2 6 10 2 0 0 0 0 1 0\n")
     (src / "imageSets").mkdir()
     (src / "imageSets" / "train-all-02.txt").write_text("set00/V000/I00000\n")
     (src / "imageSets" / "test-all-20.txt").write_text("set06/V001/I00019\n")
     run_prepare("kaist", "--source", src, "--out", tmp_path / "out", monkeypatch=monkeypatch)
-    s = create_dataset("kaist", root=tmp_path / "out", split="test")[0]
-    assert s["meta"]["id"] == "set06_V001_I00019"
-    assert s["boxes"].tolist() == [[10, 5, 18, 21]] and s["labels"].tolist() == [0]
+    ds = create_dataset("kaist", root=tmp_path / "out", split="test")
+    s = ds[0]
+    assert s["meta"]["id"] == "set06_V001_I00019" and ds.path("rgb", ds.ids[0]).suffix == ext
+    assert s["boxes"].tolist() == [[10, 5, 18, 21], [1, 1, 6, 6], [20, 2, 26, 12]]  # bbGt x y w h -> xyxy
+    assert s["labels"].tolist() == [0, 0, 0]
+    assert s["ignore"].tolist() == [False, True, True]  # "people", and a person with bbGt ign = 1
+    assert s["occlusion"].tolist() == [1, 0, 2]
 
 
 def test_m3fd_seeded_split(tmp_path, monkeypatch):
@@ -144,6 +161,19 @@ def test_m3fd_seeded_split(tmp_path, monkeypatch):
     test = create_dataset("m3fd", root=tmp_path / "out", split="test")
     assert len(train) == 4 and len(test) == 1 and not set(train.ids) & set(test.ids)
     assert train[0]["labels"].tolist() == [0, 5]
+
+
+def test_m3fd_warns_about_an_empty_split(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(5)
+    src = tmp_path / "M3FD_Detection"
+    for i in range(2):
+        img(src / "Vis" / f"{i:05d}.png", rand(rng, H, W, 3))
+        img(src / "Ir" / f"{i:05d}.png", rand(rng, H, W))
+        voc(src / "Annotation" / f"{i:05d}.xml", [("People", 2, 2, 6, 12)])
+    run_prepare("m3fd", "--source", src, "--out", tmp_path / "out", monkeypatch=monkeypatch)  # 0.2 * 2 -> 0
+    err = capsys.readouterr().err
+    assert "warning: split 'test' is empty" in err and not (tmp_path / "out" / "splits" / "test.txt").exists()
+    assert len(create_dataset("m3fd", root=tmp_path / "out", split="train")) == 2
 
 
 def test_nyuv2_from_matlab_v73(tmp_path, monkeypatch):

@@ -5,12 +5,13 @@
 The release holds ``Vis/<id>.png``, ``Ir/<id>.png`` (4200 registered pairs, 768x1024) and
 ``Annotation/<id>.xml`` (VOC; People, Car, Bus, Motorcycle, Lamp, Truck). There is no official
 train/test split, so a seeded random split is written and its seed recorded in the split files'
-first line (a comment).
+first line (a comment). A split that comes out empty (few images) is not written, with a warning.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,11 @@ def main() -> None:
     splits = {"test": sorted(ids[i] for i in order[:n_test]), "train": sorted(ids[i] for i in order[n_test:])}
     (args.out / "splits").mkdir(parents=True, exist_ok=True)
     for split, lst in splits.items():
+        if not lst:
+            print(f"warning: split {split!r} is empty ({len(ids)} images, --test-fraction {args.test_fraction}); "
+                  f"{args.out / 'splits' / split}.txt not written; give more images or another --test-fraction",
+                  file=sys.stderr)
+            continue
         header = f"# fusionzoo seeded split: seed={args.seed} test_fraction={args.test_fraction}\n"
         (args.out / "splits" / f"{split}.txt").write_text(header + "\n".join(lst) + "\n")
         print(f"{split}: {len(lst)} ids")

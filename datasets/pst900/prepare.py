@@ -4,12 +4,14 @@
 
 The release holds ``train/`` and ``test/`` folders, each with ``rgb/``, ``thermal/``,
 ``depth/`` and ``labels/`` PNGs sharing a file name (labels: class index 0..4). Ids are
-prefixed with the split (``train_<name>``) so the two folders cannot collide.
+prefixed with the split (``train_<name>``) so the two folders cannot collide. A partial
+download (only ``test/``, say) prepares the splits that are present and warns about the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,14 @@ def main() -> None:
     ap.add_argument("--source", type=Path, required=True, help="the extracted PST900_RGBT_Dataset folder")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    present = [split for split in ("train", "test") if (args.source / split).is_dir()]
+    if not present:
+        raise SystemExit(f"{args.source}: neither train/ nor test/; is --source the PST900_RGBT_Dataset folder?")
     for split in ("train", "test"):
+        if split not in present:
+            print(f"warning: {args.source / split} is absent (partial download?); split {split!r} not written",
+                  file=sys.stderr)
+    for split in present:
         folder = args.source / split
         names = sorted(p.stem for p in (folder / "rgb").glob("*.png"))
         if not names:

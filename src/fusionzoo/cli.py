@@ -6,6 +6,7 @@
     fusionzoo interpret RUN_DIR_OR_MODEL [--dataset synthetic_rgbd] [--data-root DIR] --out DIR
     fusionzoo compare A B C [--dataset ...] --out DIR
     fusionzoo convert PUBLISHED_NAME AUTHORS_CHECKPOINT [--tag nyuv2] [--out DIR]
+    fusionzoo mr2 --annotations KAIST_annotation.json --results RESULT.txt|.json
 
 ``RUN_DIR_OR_MODEL`` is a training run folder (``runs/<run>``: its ``best/`` weights, its
 validation set and its training history are used), a folder written by ``save_pretrained``, or
@@ -145,6 +146,10 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--tag", default=None, help="registered release, e.g. nyuv2 (class names, sha256, cache folder)")
     cv.add_argument("--out", default=None, help="output folder (default: the cache folder that pretrained=TAG reads)")
     cv.add_argument("--num-classes", type=int, default=None, help="without --tag: class count (default: from the classifier)")
+
+    mr = sub.add_parser("mr2", help="KAIST log-average miss rate (all / day / night) of a result file")
+    mr.add_argument("--annotations", required=True, help="KAIST COCO-style annotation JSON (e.g. MLPD's KAIST_annotation.json)")
+    mr.add_argument("--results", required=True, help="detections: .txt 'image_id, x, y, w, h, score' (1-based) or COCO .json")
     return p
 
 
@@ -316,12 +321,26 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .models.convert import convert_checkpoint
 
     if args.out is None and args.tag is None:
-        raise UsageError("fusionzoo convert: give --tag (a registered release) or --out (an output folder)")
+        raise UsageError("convert: give --tag (a registered release) or --out (an output folder)")
     try:
         out = convert_checkpoint(args.name, args.checkpoint, args.out, tag=args.tag, num_classes=args.num_classes)
     except (FileNotFoundError, KeyError) as e:
-        raise UsageError(f"fusionzoo convert: {e.args[0] if isinstance(e, KeyError) else e}") from None
+        raise UsageError(f"convert: {e.args[0] if isinstance(e, KeyError) else e}") from None
     print(f"wrote {out} (load it with fusionzoo.from_pretrained({str(out)!r}))")
+    return 0
+
+
+def _cmd_mr2(args: argparse.Namespace) -> int:
+    from .detection.kaist import KaistEvalError, evaluate_files
+
+    try:
+        res = evaluate_files(args.annotations, args.results)
+    except KaistEvalError as err:
+        raise UsageError(f"mr2: {err}") from None
+    print("MR-2 (KAIST reasonable: height >= 55 px, occlusion none/partial, 5 px border, FPPI 1e-2..1e0)")
+    for key in ("all", "day", "night"):
+        if key in res:
+            print(f"{key:>5}: {100 * res[key]:.2f} %")
     return 0
 
 
@@ -330,6 +349,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "interpret": _cmd_interpret,
     "compare": _cmd_compare,
     "convert": _cmd_convert,
+    "mr2": _cmd_mr2,
 }
 
 

@@ -9,7 +9,7 @@
       hha/<id>.png              uint8 HHA encoding (optional)        (RGB-D sets)
       thermal/<id>.png|.jpg     8- or 16-bit thermal                 (RGB-T sets)
       label/<id>.png            uint8 class index, 255 = ignore      (segmentation)
-      boxes/<id>.txt            "<class> <x1> <y1> <x2> <y2>" pixels  (detection)
+      boxes/<id>.txt            "<class> <x1> <y1> <x2> <y2> [<ignore> [<occlusion>]]" pixels  (detection)
 
 A sample is read into numpy (see :mod:`fusionzoo.data.io`), checked (all modalities the same
 size, labels in range) and passed through ``transforms`` (default: tensors without
@@ -125,7 +125,7 @@ class PreparedDataset(Dataset):
         for folder in (*self.modalities, self.target_folder):
             if not (self.root / folder).is_dir():
                 raise FileNotFoundError(
-                    f"{self.root / folder}: modality folder {folder!r} missing from the prepared layout "
+                    f"{self.root / folder}: {self._folder_kind(folder)} {folder!r} missing from the prepared layout "
                     f"of {self.name} (expected {self.root}/{folder}/<id>.*); see datasets/{self.name}/README.md"
                 )
             # One directory listing per folder (cheaper than a stat per file, also on network file
@@ -133,6 +133,13 @@ class PreparedDataset(Dataset):
             listings[folder] = set(os.listdir(self.root / folder))
             self._ext[folder] = self._find_ext(folder, self.ids[0], listings[folder])
         self._check_files_exist(listings)
+
+    def _folder_kind(self, folder: str) -> str:
+        if folder == "label":
+            return "label folder (class-index PNGs)"
+        if folder == "boxes":
+            return "box folder (one <id>.txt per image)"
+        return "modality folder"
 
     @property
     def num_classes(self) -> int:
@@ -264,4 +271,7 @@ class DetectionDataset(PreparedDataset):
     def _read_target(self, sample_id, sample, paths, size):
         path = self.path("boxes", sample_id)
         paths["boxes"] = str(path)
-        sample["boxes"], sample["labels"] = read_boxes(path, self.num_classes, size)
+        # ignore (N,) bool and occlusion (N,) int64 (-1 unknown) travel with the boxes (KAIST protocol)
+        sample["boxes"], sample["labels"], sample["ignore"], sample["occlusion"] = read_boxes(
+            path, self.num_classes, size, flags=True
+        )

@@ -9,14 +9,15 @@ import torch
 
 __all__ = ["collate"]
 
-_LIST_KEYS = ("boxes", "labels", "meta")
+_LIST_KEYS = ("boxes", "labels", "ignore", "occlusion", "meta")
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack a list of samples into a batch.
 
     Modalities ``(C, H, W)`` become ``(B, C, H, W)``, ``mask`` ``(H, W)`` becomes ``(B, H, W)``;
-    ``boxes``, ``labels`` and ``meta`` stay lists (their length varies per image).
+    ``boxes``, ``labels``, the per-box ``ignore`` / ``occlusion`` flags and ``meta`` stay lists
+    (their length varies per image).
 
     Args:
         samples: Tensor samples with the same keys.

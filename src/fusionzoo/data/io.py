@@ -366,20 +366,25 @@ def read_label(path: str | Path, num_classes: int) -> np.ndarray:
 
 
 def read_boxes(
-    path: str | Path, num_classes: int, image_size: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Read a prepared box file: one ``<class> <x1> <y1> <x2> <y2>`` line per object.
+    path: str | Path, num_classes: int, image_size: tuple[int, int], *, flags: bool = False
+) -> tuple[np.ndarray, ...]:
+    """Read a prepared box file: one ``<class> <x1> <y1> <x2> <y2> [<ignore> [<occlusion>]]`` line per object.
 
     Coordinates are pixels, xyxy, in the image's own resolution; they are clipped to the image.
-    An empty file means no objects.
+    An empty file means no objects. The two optional fields (written by
+    ``datasets/kaist/prepare.py``) are ``ignore`` (1: an ignore region such as KAIST's
+    ``people`` / ``cyclist`` / ``person?``, neither a positive nor a false positive) and
+    ``occlusion`` (0 none, 1 partial, 2 heavy); absent fields read as 0 and -1 (unknown).
 
     Args:
         path: ``boxes/<id>.txt``.
         num_classes: Valid class indices are ``0 .. num_classes - 1``.
         image_size: ``(H, W)`` of the image, for clipping.
+        flags: Also return the per-box ``ignore`` and ``occlusion`` arrays.
 
     Returns:
-        ``boxes`` float32 ``(N, 4)`` and ``labels`` int64 ``(N,)``.
+        ``boxes`` float32 ``(N, 4)`` and ``labels`` int64 ``(N,)``; with ``flags``, also
+        ``ignore`` bool ``(N,)`` and ``occlusion`` int64 ``(N,)``.
 
     Raises:
         DataError: Malformed line, class out of range, or x2 <= x1 / y2 <= y1, naming file and line.
@@ -387,7 +392,7 @@ def read_boxes(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: box file not found")
-    boxes, labels = [], []
+    boxes, labels, ignore, occlusion = [], [], [], []
     height, width = image_size
     for lineno, line in enumerate(path.read_text().splitlines(), start=1):
         line = line.strip()
@@ -395,13 +400,17 @@ def read_boxes(
             continue
         parts = line.split()
         try:
-            if len(parts) != 5:
+            if not 5 <= len(parts) <= 7:
                 raise ValueError(f"{len(parts)} fields")
             cls = int(parts[0])
-            x1, y1, x2, y2 = (float(p) for p in parts[1:])
+            x1, y1, x2, y2 = (float(p) for p in parts[1:5])
+            ign = int(parts[5]) if len(parts) > 5 else 0
+            occ = int(parts[6]) if len(parts) > 6 else -1
+            if ign not in (0, 1) or occ not in (-1, 0, 1, 2):
+                raise ValueError(f"ignore {ign} must be 0/1 and occlusion {occ} one of -1, 0, 1, 2")
         except ValueError as err:
             raise DataError(
-                f"{path}:{lineno}: expected '<class> <x1> <y1> <x2> <y2>' ({err}): {line!r}"
+                f"{path}:{lineno}: expected '<class> <x1> <y1> <x2> <y2> [<ignore> [<occlusion>]]' ({err}): {line!r}"
             ) from err
         if not 0 <= cls < num_classes:
             raise DataError(f"{path}:{lineno}: class {cls} out of range 0..{num_classes - 1}")
@@ -416,6 +425,11 @@ def read_boxes(
             ]
         )
         labels.append(cls)
+        ignore.append(bool(ign))
+        occlusion.append(occ)
     box_arr = np.asarray(boxes, np.float32).reshape(-1, 4)
     keep = (box_arr[:, 2] > box_arr[:, 0]) & (box_arr[:, 3] > box_arr[:, 1])  # fully outside -> dropped
+    if flags:
+        return (box_arr[keep], np.asarray(labels, np.int64)[keep], np.asarray(ignore, bool)[keep],
+                np.asarray(occlusion, np.int64)[keep])
     return box_arr[keep], np.asarray(labels, np.int64)[keep]

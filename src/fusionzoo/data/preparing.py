@@ -125,10 +125,30 @@ def save_label(path: Path, label: np.ndarray, palette: list[tuple[int, int, int]
     img.save(_ensure(path))
 
 
-def write_boxes(path: Path, boxes: np.ndarray, labels: np.ndarray) -> None:
-    """Write ``<class> <x1> <y1> <x2> <y2>`` lines (pixels, xyxy)."""
+def write_boxes(
+    path: Path,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    ignore: np.ndarray | None = None,
+    occlusion: np.ndarray | None = None,
+) -> None:
+    """Write ``<class> <x1> <y1> <x2> <y2>`` lines (pixels, xyxy), with ``<ignore> <occlusion>``
+    appended when either is given (``fusionzoo.data.io.read_boxes`` reads both forms).
+
+    Args:
+        path: ``boxes/<id>.txt``.
+        boxes: ``(N, 4)`` xyxy pixels.
+        labels: ``(N,)`` class indices.
+        ignore: ``(N,)`` 1 for ignore regions (default 0).
+        occlusion: ``(N,)`` 0 none, 1 partial, 2 heavy, -1 unknown (default -1).
+    """
+    n = len(labels)
+    flags = ignore is not None or occlusion is not None
+    ign = np.zeros(n, np.int64) if ignore is None else np.asarray(ignore, np.int64)
+    occ = np.full(n, -1, np.int64) if occlusion is None else np.asarray(occlusion, np.int64)
     lines = [
-        f"{int(c)} {b[0]:.2f} {b[1]:.2f} {b[2]:.2f} {b[3]:.2f}" for b, c in zip(np.asarray(boxes), labels)
+        f"{int(c)} {b[0]:.2f} {b[1]:.2f} {b[2]:.2f} {b[3]:.2f}" + (f" {int(i)} {int(o)}" if flags else "")
+        for b, c, i, o in zip(np.asarray(boxes).reshape(-1, 4), labels, ign, occ)
     ]
     _ensure(path).write_text("\n".join(lines) + ("\n" if lines else ""))
 

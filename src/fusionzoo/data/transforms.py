@@ -4,7 +4,8 @@ A raw sample (what a dataset reader produces, see :mod:`fusionzoo.data.io`) is a
 numpy arrays: ``rgb`` uint8 ``(H, W, 3)`` (or float32 in ``[0, 1]``), ``hha`` uint8
 ``(H, W, 3)``, ``depth`` float32 metres ``(H, W)`` with 0 = invalid, ``thermal`` float32
 ``(H, W)`` in ``[0, 1]``, ``mask`` uint8 ``(H, W)`` (255 = ignore), ``boxes`` float32
-``(N, 4)`` xyxy pixels, ``labels`` int64 ``(N,)``, ``meta`` dict. :class:`JointTransform`
+``(N, 4)`` xyxy pixels, ``labels`` int64 ``(N,)``, optional per-box ``ignore`` bool ``(N,)`` and
+``occlusion`` int64 ``(N,)`` (they follow their boxes through crops), ``meta`` dict. :class:`JointTransform`
 returns the same keys as tensors: modalities float32 ``(C, H, W)``, ``mask`` int64
 ``(H, W)``, ``boxes`` float32 ``(N, 4)``, ``labels`` int64 ``(N,)``.
 
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 IMAGE_MODALITIES = ("rgb", "hha")
+BOX_FLAGS = {"ignore": np.bool_, "occlusion": np.int64}  # per-box fields carried beside ``labels``
 SCALAR_MODALITIES = ("depth", "thermal")
 
 
@@ -197,6 +199,9 @@ def _targets_to_tensors(sample: Mapping[str, Any]) -> dict[str, Any]:
     if "boxes" in sample:
         out["boxes"] = torch.from_numpy(np.asarray(sample["boxes"], np.float32).reshape(-1, 4))
         out["labels"] = torch.from_numpy(np.asarray(sample["labels"], np.int64).reshape(-1))
+        for key, dtype in BOX_FLAGS.items():
+            if key in sample:
+                out[key] = torch.from_numpy(np.asarray(sample[key], dtype).reshape(-1))
     if "meta" in sample:
         out["meta"] = dict(sample["meta"])
     return out
@@ -240,7 +245,7 @@ class JointTransform:
                 self.geometric,
                 bbox_params=A.BboxParams(
                     format="pascal_voc",
-                    label_fields=["box_labels"],
+                    label_fields=["box_labels", *(f"box_{k}" for k in BOX_FLAGS)],
                     min_visibility=min_box_visibility,
                     clip=True,
                 ),
@@ -262,15 +267,16 @@ class JointTransform:
             ``boxes`` float32 ``(N, 4)``, ``labels`` int64 ``(N,)``, ``meta``.
         """
         modalities = [k for k in ("rgb", "hha", "depth", "thermal") if k in sample]
-        unknown = [k for k in sample if k not in (*modalities, "mask", "boxes", "labels", "meta")]
+        unknown = [k for k in sample if k not in (*modalities, "mask", "boxes", "labels", *BOX_FLAGS, "meta")]
         if unknown:
             raise KeyError(f"JointTransform: unknown sample keys {unknown}")
         self._reseed()
         data = {k: sample[k] for k in modalities}
         has_mask = "mask" in sample
         has_boxes = "boxes" in sample
+        flags = {k: sample[k] for k in BOX_FLAGS if k in sample}
         if self._geo is not None:
-            data, mask, boxes, labels = self._apply_geometric(sample, data, modalities)
+            data, mask, boxes, labels, flags = self._apply_geometric(sample, data, modalities)
         else:
             mask = sample.get("mask")
             boxes, labels = sample.get("boxes"), sample.get("labels")
@@ -283,6 +289,7 @@ class JointTransform:
             targets["mask"] = mask
         if has_boxes:
             targets["boxes"], targets["labels"] = boxes, labels
+            targets.update(flags)
         if "meta" in sample:
             targets["meta"] = sample["meta"]
         out.update(_targets_to_tensors(targets))
@@ -311,6 +318,8 @@ class JointTransform:
         boxes = np.asarray(sample.get("boxes", np.zeros((0, 4), np.float32)), np.float32).reshape(-1, 4)
         labels = np.asarray(sample.get("labels", np.zeros((0,), np.int64)), np.int64).reshape(-1)
         kwargs["bboxes"], kwargs["box_labels"] = boxes, labels
+        for key, dtype in BOX_FLAGS.items():  # filled when absent: albumentations needs every label field
+            kwargs[f"box_{key}"] = np.asarray(sample.get(key, np.zeros(len(labels), dtype)), dtype).reshape(-1)
         out = self._geo(**kwargs)
         data = {first: out["image"], **{k: out[k] for k in modalities[1:]}}
         mask = (out["label"] - np.uint8(1)) if "mask" in sample else None
@@ -319,6 +328,7 @@ class JointTransform:
             mask,
             np.asarray(out["bboxes"], np.float32).reshape(-1, 4),
             np.asarray(out["box_labels"], np.int64).reshape(-1),
+            {k: np.asarray(out[f"box_{k}"], dtype).reshape(-1) for k, dtype in BOX_FLAGS.items() if k in sample},
         )
 
     def __repr__(self) -> str:

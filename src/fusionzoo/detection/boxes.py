@@ -44,9 +44,12 @@ def check_targets(
     torchvision's box coders divide by its width and height. Images without boxes are fine
     (``boxes`` of shape ``(0, 4)``): every location is then background.
 
+    Boxes flagged by an optional ``ignore`` ``(N,)`` key are removed (ignore regions are not
+    positives; see docs/detection.md).
+
     Args:
         targets: one dict per image with ``boxes`` float ``(N, 4)`` xyxy pixels and ``labels``
-            int ``(N,)`` in ``[0, num_classes)``.
+            int ``(N,)`` in ``[0, num_classes)``, optional ``ignore`` bool ``(N,)``.
         batch: ``B`` of the input tensors.
         image_size: ``(H, W)`` of the inputs (before any padding).
         num_classes: ``K``.
@@ -114,7 +117,18 @@ def check_targets(
                 f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} lies outside the {w}x{h} (WxH) image; "
                 "boxes partly outside are clipped, boxes entirely outside must be removed"
             )
-        out.append({"boxes": clipped, "labels": labels.long()})
+        labels = labels.long()
+        if "ignore" in t:
+            # Ignore regions (KAIST people / cyclist / person?, docs/detection.md) are not
+            # positives: they leave the training targets here. torchvision's FCOS / RetinaNet
+            # losses have no "don't care" region, so their locations train as background.
+            ignore = torch.as_tensor(t["ignore"], device=clipped.device).reshape(-1).bool()
+            if ignore.shape[0] != boxes.shape[0]:
+                raise ValueError(
+                    f"targets[{i}]['ignore'] has shape {tuple(ignore.shape)}; expected ({boxes.shape[0]},), one per box"
+                )
+            clipped, labels = clipped[~ignore], labels[~ignore]
+        out.append({"boxes": clipped, "labels": labels})
     return out
 
 

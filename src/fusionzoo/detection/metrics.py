@@ -51,7 +51,7 @@ def coco_ap(
 
     Ground-truth areas are box areas (``w * h``), so the small / medium / large split is by box
     size. An optional target key ``iscrowd`` ``(N,)`` marks crowd regions (matched but never
-    counted, as in COCO).
+    counted, as in COCO); without it, an ``ignore`` key ``(N,)`` plays that role.
 
     Args:
         predictions: per image ``boxes`` ``(N, 4)`` xyxy, ``scores`` ``(N,)``, ``labels`` ``(N,)``.
@@ -85,7 +85,12 @@ def coco_ap(
     gts, dts = [], []
     for i, (p, t) in enumerate(zip(predictions, targets)):
         boxes = _xywh(_numpy(t["boxes"]))
-        crowd = _numpy(t["iscrowd"], np.int64) if "iscrowd" in t else np.zeros(len(boxes), np.int64)
+        if "iscrowd" in t:
+            crowd = _numpy(t["iscrowd"], np.int64)
+        elif "ignore" in t:  # ignore regions (KAIST people / cyclist / person?) score as COCO crowd
+            crowd = _numpy(t["ignore"], np.int64)
+        else:
+            crowd = np.zeros(len(boxes), np.int64)
         for box, label, c in zip(boxes, _numpy(t["labels"], np.int64), crowd):
             gts.append({"id": len(gts) + 1, "image_id": i + 1, "category_id": int(label) + 1, "bbox": box.tolist(),
                         "area": float(box[2] * box[3]), "iscrowd": int(c)})

@@ -303,14 +303,17 @@ def split_batch(
 
 
 def detection_targets(batch: Mapping[str, Any], device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """Per-image ``{"boxes": (N, 4), "labels": (N,)}`` on ``device`` from a collated batch.
+    """Per-image ``{"boxes": (N, 4), "labels": (N,)}`` (plus ``ignore`` / ``occlusion`` ``(N,)``
+    when the batch has them) on ``device`` from a collated batch.
 
     Raises:
         KeyError: the batch carries no boxes/labels (not a detection dataset).
     """
     if "boxes" not in batch or "labels" not in batch:
         raise KeyError(f"detection needs 'boxes' and 'labels' in every batch; this batch has {sorted(batch)}")
-    return [{"boxes": b.to(device), "labels": lab.to(device)} for b, lab in zip(batch["boxes"], batch["labels"])]
+    flags = [k for k in ("ignore", "occlusion") if k in batch]  # per-box KAIST fields, when the data has them
+    return [{"boxes": b.to(device), "labels": lab.to(device), **{k: batch[k][i].to(device) for k in flags}}
+            for i, (b, lab) in enumerate(zip(batch["boxes"], batch["labels"]))]
 
 
 def sample_missing(
@@ -813,13 +816,17 @@ def evaluate_detection(
     Every rank predicts its shard; predictions and targets are gathered to all ranks before AP
     is computed (AP is not a sum over images, so there is no cheaper reduction).
 
+    For datasets with a miss-rate protocol (KAIST, ``fusionzoo.detection.kaist``) the log-average
+    miss rate is measured too, on boxes mapped back to the original frame.
+
     Returns:
         ``ap`` (AP at IoU 0.50:0.95), ``ap50``, ``ap75``, ``coco`` (all twelve COCO numbers),
-        ``images`` and ``missing``.
+        ``images`` and ``missing``; for KAIST also ``mr2``, ``mr2_day`` and ``mr2_night``.
     """
     import torch.distributed as dist
     from tqdm.auto import tqdm
 
+    from ..detection.kaist import protocol_miss_rates
     from ..detection.metrics import coco_ap
 
     info = dist_info()
@@ -827,6 +834,8 @@ def evaluate_detection(
     model.eval()
     preds: list[dict[str, torch.Tensor]] = []
     gts: list[dict[str, torch.Tensor]] = []
+    metas: list[Mapping[str, Any]] = []  # with the input sizes: MR^-2 is measured in original pixels
+    sizes: list[tuple[int, int]] = []
     kwargs = {"missing": tuple(missing)} if missing else {}
     for batch in tqdm(loader, disable=not (progress and info.is_main), desc=desc, leave=False, dynamic_ncols=True):
         inputs, _ = split_batch(batch, modalities, device, channels_last)
@@ -837,13 +846,17 @@ def evaluate_detection(
             preds.append({"boxes": o["boxes"].float().cpu(), "scores": o["scores"].float().cpu(),
                           "labels": o["labels"].long().cpu()})
             gts.append(t)
+        metas.extend(batch.get("meta", [{}] * len(targets)))
+        sizes.extend([tuple(next(iter(inputs.values())).shape[-2:])] * len(targets))
     if dist.is_available() and dist.is_initialized() and info.world_size > 1:
         gathered: list[Any] = [None] * info.world_size
-        dist.all_gather_object(gathered, (preds, gts))
+        dist.all_gather_object(gathered, (preds, gts, metas, sizes))
         preds = [p for part in gathered for p in part[0]]
         gts = [g for part in gathered for g in part[1]]
+        metas = [m for part in gathered for m in part[2]]
+        sizes = [z for part in gathered for z in part[3]]
     res = coco_ap(preds, gts, num_classes=num_classes)
     if was_training:
         model.train()
     return {"ap": res["AP"], "ap50": res["AP50"], "ap75": res["AP75"], "coco": res, "images": len(preds),
-            "missing": list(missing)}
+            "missing": list(missing), **protocol_miss_rates(preds, gts, metas, sizes)}
