@@ -198,7 +198,8 @@ def _plot_contribution_classes(res: InterpretResult, path: Path) -> Path | None:
         ax.bar(np.arange(k) + (j - (len(mods) - 1) / 2) * width, ys, width, label=m, color=_color(m, j))
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(k), names, rotation=35, ha="right")
-    ax.set_xlabel("class (missing bars: class absent from the ground truth)")
+    ax.set_xlabel("class (missing bars: class in neither ground truth nor prediction of some coalition)"
+                  if _class_metric(c) == "IoU" else "class (missing bars: class absent from the ground truth)")
     ax.set_ylabel(f"Shapley value of class {_class_metric(c)} (points)")
     ax.set_title(f"{res.model}: per-class modality contribution")
     ax.margins(y=0.15)  # headroom so the legend does not cover bars
