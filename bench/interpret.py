@@ -5,6 +5,7 @@
     python bench/interpret.py --only cka --sizes 2500 5000 10000 --dim 2048
     python bench/interpret.py --only report --run runs/<run>   # wall time of a full report
     python bench/interpret.py --only cka_offset     # CKA error under a large shared feature offset
+    python bench/interpret.py --only sv_stages --run runs/<run>   # semantic variance per stage and stream
 
 1. **Capture overhead**: forward pass of a model with no listener vs ``fz.capture(model)`` on
    every tap, interleaved in the same process (median of ``--reps`` each; ratio = with / without).
@@ -21,6 +22,11 @@
    ``MinibatchCKA`` (one batch, which equals the full-data debiased CKA) and ``StreamingCKA``
    when the same constant is added to every feature of both representations, against debiased /
    biased CKA of the centred float64 features (CKA is invariant to the offset).
+5. **Semantic variance across stages**: SV of every stage of the RGB, depth and fused streams
+   over the validation set of a run (``--run``; its model, data and size; default: an untrained
+   ``esanet_resnet18`` on 96 synthetic 64x80 images), measured on the common stride-4 grid
+   (``sv_stride=4``, the default of ``interpret.run``) and on each tap's own grid
+   (``sv_stride=None``, the former behaviour), with the number of labelled cells of each.
 """
 
 from __future__ import annotations
@@ -227,6 +233,49 @@ def bench_cka_offset(offsets: list[float]) -> None:
         print(f"| {off:g} | " + " | ".join(f"{e:.1e}" for e in errs) + " |", flush=True)
 
 
+def bench_sv_stages(run: str | None, samples: int) -> None:
+    import warnings
+
+    import fusionzoo as fz
+    from fusionzoo import interpret
+    from fusionzoo.data import create_dataset
+
+    if run:
+        from fusionzoo.interpret.runs import load_run
+
+        model, ds, _ = load_run(run)
+        what = f"run {Path(run).name}"
+    else:
+        torch.manual_seed(0)
+        model = fz.create_model("esanet_resnet18", num_classes=5)
+        ds = create_dataset("synthetic_rgbd", split="val", num_samples=samples, image_size=(64, 80))
+        what = "untrained esanet_resnet18"
+    results = {}
+    for stride in (4, None):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # few-cell warnings of the native grid: the table shows the counts
+            results[stride] = interpret.run(model, ds, metrics=["semantic_variance"], sv_stride=stride).semantic_variance
+    info = model.tap_info()
+    streams = [s for s in [*model.modalities, "fused"] if f"{s}.stage1" in info]
+    stages = [f"stage{k}" for k in range(1, 5)]
+    size = next(iter(results[4].values()))["grid"]
+    print(f"\n## Semantic variance per stage, {what}, {len(ds)} validation images ({model.config.get('name')})\n")
+    print(f"Common grid: stride 4, {size[0]}x{size[1]} cells per image; own grid: each tap's feature grid.\n")
+    print("| stream | grid | " + " | ".join(stages) + " |")
+    print("|---|---|" + "---:|" * len(stages))
+    for stream in streams:
+        for stride, label in ((4, "common (stride 4)"), (None, "own")):
+            cells = []
+            for st in stages:
+                v = results[stride].get(f"{stream}.{st}")
+                if v is None:
+                    cells.append("n/a")
+                    continue
+                g = v["grid"]
+                cells.append(f"{v['semantic_variance']:.3f} ({g[0]}x{g[1]}, {v['num_pixels']} cells)")
+            print(f"| {stream} | {label} | " + " | ".join(cells) + " |", flush=True)
+
+
 def bench_report(run: str | None, samples: int) -> None:
     import fusionzoo as fz
     from fusionzoo import interpret
@@ -259,7 +308,7 @@ def bench_report(run: str | None, samples: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("capture", "cka", "report", "cka_offset"), action="append")
+    p.add_argument("--only", choices=("capture", "cka", "report", "cka_offset", "sv_stages"), action="append")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = stable timings on shared CPUs)")
     p.add_argument("--models", nargs="+", default=["esanet_resnet18", "cmx_resnet18", "late_mean_resnet18",
                                                    "early_concat_resnet18"])
@@ -288,6 +337,8 @@ def main() -> None:
         bench_report(args.run, args.samples)
     if "cka_offset" in sections:
         bench_cka_offset(args.offsets)
+    if "sv_stages" in sections:
+        bench_sv_stages(args.run, args.samples)
 
 
 if __name__ == "__main__":

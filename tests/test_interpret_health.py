@@ -175,3 +175,14 @@ def test_gate_maps_and_channel_split():
     assert split["rgb"].item() == pytest.approx(0.2) and split["depth"].item() == pytest.approx(0.8)
     three = split_gate_channels(torch.arange(3.0).view(1, 3, 1, 1), ("rgb", "depth"))
     assert list(three) == ["fused", "rgb", "depth"] and three["depth"].item() == 2.0
+
+
+def test_object_class_region_picks_the_second_most_frequent_class():
+    from fusionzoo.interpret.gradcam import object_class_region
+
+    pred = torch.zeros(2, 4, 4, dtype=torch.long)
+    pred[0, :2, :2] = 2   # 4 pixels
+    pred[0, 3, 3] = 1     # 1 pixel
+    region, classes = object_class_region(pred)  # image 1 predicts one class only
+    assert classes == [2, 0]
+    assert torch.equal(region[0], pred[0] == 2) and region[1].all()

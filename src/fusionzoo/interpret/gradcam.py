@@ -51,8 +51,8 @@ from torch import nn
 
 from ..taps import _taps_of, capture, select_taps
 
-__all__ = ["MIN_GRID_CELLS", "default_gradcam_taps", "gate_maps", "grad_cam", "segmentation_score",
-           "split_gate_channels"]
+__all__ = ["MIN_GRID_CELLS", "default_gradcam_taps", "gate_maps", "grad_cam", "object_class_region",
+           "segmentation_score", "split_gate_channels"]
 
 MIN_GRID_CELLS = 8  # smallest grid side (cells) a default Grad-CAM tap must have at the given input
 
@@ -131,6 +131,33 @@ def segmentation_score(logits: torch.Tensor, target_class: int | None = None,
             raise ValueError(f"region must be (B, H, W) = {(b, h, w)}, got {tuple(region.shape)}")
         keep = region.to(torch.bool).to(logits.device)
     return (logits * sel * keep[:, None]).sum()
+
+
+def object_class_region(pred: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The region ``run`` explains in each image: the pixels of its second most frequent
+    predicted class (its most frequent one when it predicts a single class).
+
+    Why not every pixel's own class at once: the summed score is then dominated by the class
+    that covers most of the image (background, wall, road), whose logit grows where object
+    evidence shrinks, so the Grad-CAM weights are mostly negative and the map is often zero
+    after the ReLU. One class on its own region is pytorch-grad-cam's
+    ``SemanticSegmentationTarget`` and, for most images, the largest object.
+
+    Args:
+        pred: ``(B, H, W)`` predicted class ids.
+
+    Returns:
+        ``(region (B, H, W) bool, class explained per image)``.
+    """
+    if pred.dim() != 3:
+        raise ValueError(f"pred must be (B, H, W) class ids, got shape {tuple(pred.shape)}")
+    classes = []
+    for p in pred:
+        ids, counts = p.unique(return_counts=True)
+        order = counts.argsort(descending=True, stable=True)
+        classes.append(int(ids[order[1 if len(order) > 1 else 0]]))
+    chosen = torch.tensor(classes, device=pred.device)
+    return pred == chosen[:, None, None], classes
 
 
 def grad_cam(
