@@ -4,6 +4,8 @@
     python bench/interpret.py --only capture        # tap capture overhead
     python bench/interpret.py --only cka --sizes 2500 5000 10000 --dim 2048
     python bench/interpret.py --only report --run runs/<run>   # wall time of a full report
+    python bench/interpret.py --only cka_offset     # CKA error under a large shared feature offset
+    python bench/interpret.py --only sv_stages --run runs/<run>   # semantic variance per stage and stream
 
 1. **Capture overhead**: forward pass of a model with no listener vs ``fz.capture(model)`` on
    every tap, interleaved in the same process (median of ``--reps`` each; ratio = with / without).
@@ -16,6 +18,15 @@
 3. **Report wall time**: ``interpret.run`` + ``write_report`` over the embedded default run's
    validation set (``esanet_resnet18`` on 96 synthetic 64x80 images; untrained weights unless
    ``--run`` points at a run folder).
+4. **CKA under a feature offset**: absolute error of ``cka_from_gram`` (debiased and biased),
+   ``MinibatchCKA`` (one batch, which equals the full-data debiased CKA) and ``StreamingCKA``
+   when the same constant is added to every feature of both representations, against debiased /
+   biased CKA of the centred float64 features (CKA is invariant to the offset).
+5. **Semantic variance across stages**: SV of every stage of the RGB, depth and fused streams
+   over the validation set of a run (``--run``; its model, data and size; default: an untrained
+   ``esanet_resnet18`` on 96 synthetic 64x80 images), measured on the common stride-4 grid
+   (``sv_stride=4``, the default of ``interpret.run``) and on each tap's own grid
+   (``sv_stride=None``, the former behaviour), with the number of labelled cells of each.
 """
 
 from __future__ import annotations
@@ -181,6 +192,90 @@ def bench_cka(sizes: list[int], dim: int, methods: list[str]) -> None:
                   f"{r['biased']:.6f} |", flush=True)
 
 
+def bench_cka_offset(offsets: list[float]) -> None:
+    import numpy as np
+
+    from fusionzoo.interpret import MinibatchCKA, StreamingCKA, cka_from_gram
+    from fusionzoo.interpret.cka import gram_linear
+
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    x = torch.randn(n, 64, generator=g, dtype=torch.float64)
+    y = x[:, :32] @ torch.randn(32, 48, generator=g, dtype=torch.float64) + torch.randn(n, 48, generator=g,
+                                                                                        dtype=torch.float64)
+
+    def reference(debiased: bool) -> float:
+        # feature-space CKA of the centred float64 features (no Gram of offset data anywhere)
+        a, b = (x - x.mean(0)).numpy(), (y - y.mean(0)).numpy()
+        def hsic(p: np.ndarray, q: np.ndarray) -> float:
+            v = np.linalg.norm(p.T @ q) ** 2
+            if not debiased:
+                return v
+            rp, rq = (p * p).sum(1), (q * q).sum(1)
+            return v - n / (n - 2.0) * rp @ rq + rp.sum() * rq.sum() / ((n - 1) * (n - 2))
+        return hsic(a, b) / np.sqrt(hsic(a, a) * hsic(b, b))
+
+    ref_d, ref_b = reference(True), reference(False)
+    print(f"\n## CKA error under a shared feature offset (n = {n}, 64-d vs 48-d, float64; "
+          f"reference debiased {ref_d:.6f}, biased {ref_b:.6f})\n")
+    print("| offset | cka_from_gram debiased | cka_from_gram biased | MinibatchCKA (1 batch) | StreamingCKA debiased |")
+    print("|---:|---:|---:|---:|---:|")
+    for off in offsets:
+        xo, yo = x + off, y + off
+        kx, ky = gram_linear(xo), gram_linear(yo)
+        mb = MinibatchCKA([("x", "y")])
+        mb.update({"x": xo, "y": yo})
+        st = StreamingCKA([("x", "y")])
+        for idx in torch.arange(n).split(50):
+            st.update({"x": xo[idx], "y": yo[idx]})
+        errs = [abs(cka_from_gram(kx, ky, True) - ref_d), abs(cka_from_gram(kx, ky, False) - ref_b),
+                abs(mb.cka("x", "y") - ref_d), abs(st.cka("x", "y") - ref_d)]
+        print(f"| {off:g} | " + " | ".join(f"{e:.1e}" for e in errs) + " |", flush=True)
+
+
+def bench_sv_stages(run: str | None, samples: int) -> None:
+    import warnings
+
+    import fusionzoo as fz
+    from fusionzoo import interpret
+    from fusionzoo.data import create_dataset
+
+    if run:
+        from fusionzoo.interpret.runs import load_run
+
+        model, ds, _ = load_run(run)
+        what = f"run {Path(run).name}"
+    else:
+        torch.manual_seed(0)
+        model = fz.create_model("esanet_resnet18", num_classes=5)
+        ds = create_dataset("synthetic_rgbd", split="val", num_samples=samples, image_size=(64, 80))
+        what = "untrained esanet_resnet18"
+    results = {}
+    for stride in (4, None):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # few-cell warnings of the native grid: the table shows the counts
+            results[stride] = interpret.run(model, ds, metrics=["semantic_variance"], sv_stride=stride).semantic_variance
+    info = model.tap_info()
+    streams = [s for s in [*model.modalities, "fused"] if f"{s}.stage1" in info]
+    stages = [f"stage{k}" for k in range(1, 5)]
+    size = next(iter(results[4].values()))["grid"]
+    print(f"\n## Semantic variance per stage, {what}, {len(ds)} validation images ({model.config.get('name')})\n")
+    print(f"Common grid: stride 4, {size[0]}x{size[1]} cells per image; own grid: each tap's feature grid.\n")
+    print("| stream | grid | " + " | ".join(stages) + " |")
+    print("|---|---|" + "---:|" * len(stages))
+    for stream in streams:
+        for stride, label in ((4, "common (stride 4)"), (None, "own")):
+            cells = []
+            for st in stages:
+                v = results[stride].get(f"{stream}.{st}")
+                if v is None:
+                    cells.append("n/a")
+                    continue
+                g = v["grid"]
+                cells.append(f"{v['semantic_variance']:.3f} ({g[0]}x{g[1]}, {v['num_pixels']} cells)")
+            print(f"| {stream} | {label} | " + " | ".join(cells) + " |", flush=True)
+
+
 def bench_report(run: str | None, samples: int) -> None:
     import fusionzoo as fz
     from fusionzoo import interpret
@@ -213,7 +308,7 @@ def bench_report(run: str | None, samples: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("capture", "cka", "report"), action="append")
+    p.add_argument("--only", choices=("capture", "cka", "report", "cka_offset", "sv_stages"), action="append")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = stable timings on shared CPUs)")
     p.add_argument("--models", nargs="+", default=["esanet_resnet18", "cmx_resnet18", "late_mean_resnet18",
                                                    "early_concat_resnet18"])
@@ -225,6 +320,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["streaming", "naive", "minibatch"])
     p.add_argument("--run", default=None, help="run folder for the report timing")
     p.add_argument("--samples", type=int, default=96)
+    p.add_argument("--offsets", type=float, nargs="+", default=[100.0, 1e3, 1e4])
     p.add_argument("--_worker", choices=tuple(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--_n", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -239,6 +335,10 @@ def main() -> None:
         bench_cka(args.sizes, args.dim, args.methods)
     if "report" in sections:
         bench_report(args.run, args.samples)
+    if "cka_offset" in sections:
+        bench_cka_offset(args.offsets)
+    if "sv_stages" in sections:
+        bench_sv_stages(args.run, args.samples)
 
 
 if __name__ == "__main__":

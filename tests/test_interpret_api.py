@@ -45,8 +45,11 @@ def test_late_fusion_structure_is_recovered(late_result):
     sh = r.contribution["shapley"]
     co = r.contribution["coalitions"]
     assert sh["rgb"] + sh["depth"] == pytest.approx(co["rgb+depth"]["miou"] - co["none"]["miou"])
-    assert set(r.artifacts["gradcam"]) == {"rgb.stage4", "depth.stage4"}
-    assert r.artifacts["gradcam"]["rgb.stage4"].shape == (2, 32, 32)
+    # Grad-CAM on the deepest stage with >= 8x8 cells: stage 1 (stride 4) at 32x32
+    assert set(r.artifacts["gradcam"]) == {"rgb.stage1", "depth.stage1"}
+    assert r.settings["gradcam"] == {"taps": ["rgb.stage1", "depth.stage1"], "input_size": [32, 32],
+                                     "min_grid_cells": 8}
+    assert r.artifacts["gradcam"]["rgb.stage1"].shape == (2, 32, 32)
 
 
 def test_json_round_trip_and_compare(late_result, tmp_path):

@@ -104,6 +104,27 @@ def test_parity_with_kornblith_reference(debiased):
     assert 0.2 < ours < 0.95  # a partial-dependence case, not a trivial 0 or 1
 
 
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_gram_and_minibatch_accurate_under_a_large_shared_offset(offset):
+    # issue 11: the raw sums of Song et al.'s eq. 5 cancelled catastrophically (error 1.5e-2 at
+    # offset 1e3, nan at 1e4); U-centring the Gram / centring rows before it must hold 1e-8
+    x = _randn(120, 40, seed=30)
+    y = x[:, :20] @ _randn(20, 30, seed=31) + _randn(120, 30, seed=32)
+    ref = _ref_feature_space(x.numpy(), y.numpy(), debiased=True)  # float64, centred features
+    xo, yo = x + offset, y + offset
+    assert cka_from_gram(gram_linear(xo), gram_linear(yo), debiased=True) == pytest.approx(ref, abs=1e-8)
+    assert cka_from_gram(gram_linear(xo), gram_linear(yo), debiased=False) == pytest.approx(
+        _ref_feature_space(x.numpy(), y.numpy(), debiased=False), abs=1e-8)
+    one = MinibatchCKA()
+    one.update({"x": xo, "y": yo})  # one minibatch = the full-data debiased CKA
+    assert one.cka("x", "y") == pytest.approx(ref, abs=1e-8)
+    clean, shifted = MinibatchCKA(), MinibatchCKA()
+    for idx in torch.arange(120).split(30):
+        clean.update({"x": x[idx], "y": y[idx]})
+        shifted.update({"x": xo[idx], "y": yo[idx]})
+    assert shifted.cka("x", "y") == pytest.approx(clean.cka("x", "y"), abs=1e-8)
+
+
 def test_hsic_unbiased_matches_u_centring():
     x, y = _randn(30, 5, seed=6), _randn(30, 7, seed=7)
     k, l = gram_linear(x), gram_linear(y)

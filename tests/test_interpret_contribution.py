@@ -154,3 +154,51 @@ def test_single_example_batch_is_skipped_by_the_perceptual_score():
     assert res.perceptual["rgb"]["drop"] == pytest.approx(0.0, abs=1e-12)
     assert res.perceptual["depth"]["drop"] > 0.3
     assert res.coalitions["rgb+depth"]["miou"] == pytest.approx(1.0)
+
+
+class PredictionOnlyClassToy(nn.Module):
+    """3 classes; the ground truth has only 0 and 1 (depth > 0). Class 2 is predicted where
+    rgb > 1.5 and, with ``always``, at pixel (0, 0) of every image whatever the input, so it is a
+    prediction-only class (IoU 0) in every coalition (``always``) or only in those with RGB."""
+
+    modalities = ("rgb", "depth")
+    num_classes = 3
+
+    def __init__(self, always: bool):
+        super().__init__()
+        self.always = always
+        self.scale = nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, inputs, missing=()):
+        d, r = inputs["depth"][:, 0], inputs["rgb"][:, 0]
+        logit2 = self.scale * (r - 1.5) - 30 * (r == 0)  # removed rgb (zeros) never predicts class 2
+        if self.always:
+            logit2 = logit2.clone()
+            logit2[:, 0, 0] = 1e3
+        return torch.stack([torch.zeros_like(d), self.scale * d, logit2], 1)
+
+
+@pytest.mark.parametrize("always", [True, False])
+def test_per_class_convention_matches_coalition_miou(always):
+    # issue 11: per-class values were nan for prediction-only classes while the coalition mIoU
+    # counted them as 0, so averaging per-class values did not give the mIoU
+    from fusionzoo.engine.metrics import ConfusionMatrix
+
+    model, batches = PredictionOnlyClassToy(always), _toy_batches()
+    res = modality_contribution(model, batches, policy="zero")
+    for key, entry in res.coalitions.items():
+        assert np.nanmean(entry["iou"]) == pytest.approx(entry["miou"], abs=1e-12), key
+    assert res.coalitions["rgb+depth"]["iou"][2] == 0.0  # predicted, never in the ground truth
+    # the full coalition's mIoU is the training evaluator's
+    cm = ConfusionMatrix(3)
+    for b in batches:
+        cm.update(model({"rgb": b["rgb"], "depth": b["depth"]}), b["mask"])
+    assert res.coalitions["rgb+depth"]["miou"] == pytest.approx(cm.compute()["miou"], abs=1e-12)
+    per_class = {m: np.asarray(v) for m, v in res.shapley_per_class.items()}
+    if always:  # the same classes count in every coalition: per-class Shapley averages to Shapley
+        for m in res.modalities:
+            assert per_class[m].mean() == pytest.approx(res.shapley[m], abs=1e-12)
+        assert res.shapley["rgb"] < 0  # RGB only adds false positives of class 2
+    else:  # class 2 counts only with RGB: its IoU is undefined without, its Shapley value nan
+        assert all(math.isnan(per_class[m][2]) for m in res.modalities)
+        assert all(not math.isnan(v) for m in res.modalities for v in per_class[m][:2])

@@ -82,6 +82,88 @@ def test_grad_cam_known_answer():
         grad_cam(model, x, "rgb.stage1", target_class=5)
 
 
+def test_grad_cam_min_max_normalization_as_pytorch_grad_cam():
+    # scale_cam_image: (cam - min) / (max - min + 1e-7) per image; here min > 0 so it matters
+    model = TinyTapped()
+    rgb = torch.rand(2, 3, 8, 8, generator=_g(5)) + 2.0
+    x = {"rgb": rgb, "depth": torch.randn(2, 1, 8, 8, generator=_g(6))}
+    region = torch.ones(2, 8, 8, dtype=torch.bool)
+    cams = grad_cam(model, x, "rgb.stage1", target_class=1, region=region)["rgb.stage1"]
+    raw = rgb[:, 0]  # alpha = 1 on channel 0, ReLU(A_0) = A_0 > 0
+    lo = raw.flatten(1).amin(1)[:, None, None]
+    expected = (raw - lo) / (1e-7 + (raw - lo).flatten(1).amax(1)[:, None, None])
+    assert torch.allclose(cams, expected, atol=1e-6)
+    assert float(cams.amin()) == 0.0 and float(cams.amax()) == pytest.approx(1.0, abs=1e-5)
+    unscaled = grad_cam(model, x, "rgb.stage1", target_class=1, region=region, normalize=False)["rgb.stage1"]
+    assert torch.allclose(unscaled, raw)
+
+
+class _NoBackward(torch.autograd.Function):
+    """Identity whose backward fails: gradients must never be needed below the tap."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise AssertionError("Grad-CAM differentiated below the tap")
+
+
+class StemTapped(TinyTapped):
+    def forward(self, inputs, missing=()):
+        stem = _NoBackward.apply(inputs["rgb"] * self.w)  # an encoder part below the tap
+        return super().forward({"rgb": stem, "depth": inputs["depth"]}, missing)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_grad_cam_differentiates_only_from_the_tap_output(frozen):
+    # Captum's pattern: gradients w.r.t. the tap output, inputs never require grad, and nothing
+    # below the tap is differentiated (the old input-gradient path ran _NoBackward.backward)
+    model = StemTapped()
+    if frozen:  # no parameter requires grad: the tap output is made a leaf that does
+        model.requires_grad_(False)
+    x = {"rgb": torch.randn(1, 3, 8, 8, generator=_g(7)), "depth": torch.randn(1, 1, 8, 8, generator=_g(8))}
+    cams = grad_cam(model, x, "rgb.stage1", target_class=1, region=torch.ones(1, 8, 8, dtype=torch.bool))
+    expected = x["rgb"][:, 0].clamp(min=0)
+    expected = (expected - expected.min()) / (1e-7 + (expected - expected.min()).max())
+    assert torch.allclose(cams["rgb.stage1"], expected, atol=1e-6)
+    assert not any(v.requires_grad for v in x.values())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_default_gradcam_tap_is_chosen_by_grid_size():
+    from fusionzoo.interpret.gradcam import default_gradcam_taps
+
+    streams = {s: [f"{s}.stage{k}" for k in range(1, 5)] for s in ("rgb", "fused")}
+    red = {f"{s}.stage{k}": 2 ** (k + 1) for s in streams for k in range(1, 5)}
+    assert default_gradcam_taps(streams, red, (64, 80)) == ["rgb.stage2", "fused.stage2"]  # 8x10 cells
+    assert default_gradcam_taps(streams, red, (480, 640)) == ["rgb.stage4", "fused.stage4"]  # 15x20
+    assert default_gradcam_taps(streams, red, (32, 32)) == ["rgb.stage1", "fused.stage1"]  # 8x8
+    assert default_gradcam_taps(streams, red, (257, 257)) == ["rgb.stage4", "fused.stage4"]  # ceil: 9x9
+    with pytest.warns(UserWarning, match="no stage of stream 'rgb' has a grid of at least 8x8"):
+        assert default_gradcam_taps({"rgb": streams["rgb"]}, red, (16, 16)) == ["rgb.stage1"]
+
+
+def test_report_writes_all_zero_on_an_empty_grad_cam_panel():
+    from fusionzoo.interpret.api import InterpretResult
+    from fusionzoo.interpret.report import _gradcam_figure
+
+    taps = {"rgb.stage2": {"stream": "rgb", "stage": "stage2", "reduction": 8},
+            "depth.stage2": {"stream": "depth", "stage": "stage2", "reduction": 8}}
+    live = torch.zeros(1, 16, 24)
+    live[0, 4:8, 4:8] = 1.0
+    res = InterpretResult("toy", "middle", {}, ["rgb", "depth"], 2, None, 1, taps, {},
+                          artifacts={"gradcam": {"rgb.stage2": live, "depth.stage2": torch.zeros(1, 16, 24)},
+                                     "images": {"rgb": [torch.rand(3, 16, 24)], "depth": [torch.rand(1, 16, 24)]}})
+    fig = _gradcam_figure(res)
+    axes = fig.axes
+    texts = {ax.get_title(): [t.get_text() for t in ax.texts] for ax in axes}
+    assert texts["Grad-CAM depth.stage2 (2x3 cells)"] == ["all zero"]
+    assert texts["Grad-CAM rgb.stage2 (2x3 cells)"] == []
+    assert len(axes[3].images) == 1 and len(axes[2].images) == 2  # no overlay drawn on the empty panel
+
+
 def test_gate_maps_and_channel_split():
     model = TinyTapped()
     x = {"rgb": torch.randn(1, 3, 4, 4), "depth": torch.randn(1, 1, 4, 4)}
@@ -93,3 +175,14 @@ def test_gate_maps_and_channel_split():
     assert split["rgb"].item() == pytest.approx(0.2) and split["depth"].item() == pytest.approx(0.8)
     three = split_gate_channels(torch.arange(3.0).view(1, 3, 1, 1), ("rgb", "depth"))
     assert list(three) == ["fused", "rgb", "depth"] and three["depth"].item() == 2.0
+
+
+def test_object_class_region_picks_the_second_most_frequent_class():
+    from fusionzoo.interpret.gradcam import object_class_region
+
+    pred = torch.zeros(2, 4, 4, dtype=torch.long)
+    pred[0, :2, :2] = 2   # 4 pixels
+    pred[0, 3, 3] = 1     # 1 pixel
+    region, classes = object_class_region(pred)  # image 1 predicts one class only
+    assert classes == [2, 0]
+    assert torch.equal(region[0], pred[0] == 2) and region[1].all()

@@ -114,3 +114,34 @@ def test_per_channel_values():
 def test_empty_accumulator_is_nan():
     r = SemanticVariance(3).compute()
     assert math.isnan(r.semantic_variance) and r.num_pixels == 0
+
+
+def test_common_grid_resamples_every_tap_onto_the_same_labelled_cells():
+    # issue 11: deep stages of a small input have a few cells; on a common stride-4 grid every
+    # tap is scored on the same cells, coarse taps upsampled bilinearly, fine ones area-averaged
+    from fusionzoo.interpret.semantic_variance import resample_features
+
+    k, g = 3, _gen(9)
+    mask = torch.randint(0, k, (2, 4, 4), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)  # 32x32
+    coarse = torch.randn(2, 5, 2, 2, generator=g)      # stride 16
+    native = torch.randn(2, 5, 8, 8, generator=g)      # stride 4: the common grid itself
+    fine = torch.randn(2, 5, 16, 16, generator=g)      # stride 2
+    grid = labels_to_grid(mask, (8, 8), k)
+    results = {}
+    for name, f in (("coarse", coarse), ("native", native), ("fine", fine)):
+        r = semantic_variance(f, mask, k, stride=4)
+        on_grid = resample_features(f, (8, 8))
+        s_b, s_w = _brute_force(on_grid, grid, k)
+        assert r.s_between == pytest.approx(s_b, rel=1e-9) and r.s_within == pytest.approx(s_w, rel=1e-9), name
+        assert r.grid == [8, 8] and r.stride == 4 and r.num_pixels == 128
+        results[name] = r
+    assert results["coarse"].class_counts == results["fine"].class_counts == results["native"].class_counts
+    assert torch.equal(resample_features(native, (8, 8)), native)
+    assert torch.allclose(resample_features(fine, (8, 8)), F.avg_pool2d(fine, 2))
+    assert torch.allclose(resample_features(coarse, (8, 8)),
+                          F.interpolate(coarse, size=(8, 8), mode="bilinear", align_corners=False))
+    # on its own 2x2 grid the coarse tap has 8 cells, and says so
+    with pytest.warns(UserWarning, match="only 8 labelled cells"):
+        own = semantic_variance(coarse, mask, k)
+    assert own.grid == [2, 2] and own.stride is None
+

@@ -42,7 +42,7 @@ from .contribution import (
     remove_modalities,
 )
 from .detection import DetectionScore, detection_targets
-from .gradcam import grad_cam, split_gate_channels
+from .gradcam import MIN_GRID_CELLS, default_gradcam_taps, grad_cam, object_class_region, split_gate_channels
 from .health import EffectiveRank, FeatureNorm
 from .semantic_variance import SemanticVariance, box_masks
 
@@ -263,14 +263,13 @@ def _plan(model: nn.Module, taps: str | Sequence[str]) -> _Plan:
     return _Plan(features, spatial, gates, pairs, stage_taps, reliance)
 
 
-def _gradcam_taps(model: nn.Module, plan: _Plan) -> list[str]:
-    """Deepest stage tap of each modality stream and of the fused stream."""
-    out = []
-    for stream in [*model.modalities, "fused"]:
-        names = [st[stream] for st in plan.stage_taps.values() if stream in st]
-        if names:
-            out.append(names[-1])
-    return out
+def _gradcam_taps(model: nn.Module, plan: _Plan, size: tuple[int, int]) -> list[str]:
+    """Per modality stream and the fused stream, the deepest stage tap whose grid at input
+    ``size`` has at least ``MIN_GRID_CELLS`` cells per side (:func:`.gradcam.default_gradcam_taps`)."""
+    streams = {stream: [st[stream] for st in plan.stage_taps.values() if stream in st]
+               for stream in [*model.modalities, "fused"]}
+    reductions = {n: t.reduction for n, t in model.tap_info().items()}
+    return default_gradcam_taps({k: v for k, v in streams.items() if v}, reductions, size)
 
 
 def run(
@@ -284,6 +283,7 @@ def run(
     rows: str | None = None,
     samples_per_image: int = 16,
     sv_labels: str = "auto",
+    sv_stride: int | None = 4,
     policy: str = "zero",
     empty_policy: str | None = None,
     stats: ModalityStats | None = None,
@@ -329,12 +329,19 @@ def run(
             (ground-truth boxes painted into masks with a background class of its own, index
             ``K``: :func:`.semantic_variance.box_masks`) or ``"auto"`` (masks when the first batch
             has one, else boxes when it has those).
+        sv_stride: semantic variance of every tap on one common grid, ``ceil(H / sv_stride) x
+            ceil(W / sv_stride)`` (default the stride-4 grid: 16x20 cells at 64x80): coarser taps
+            upsampled bilinearly, finer ones area-averaged, so every stage is scored on the
+            same labelled cells (:class:`.semantic_variance.SemanticVariance`). ``None``: each
+            tap's own grid (deep stages of small inputs then have very few cells).
         policy: modality removal policy for contribution and reliance (``REMOVAL_POLICIES``).
         empty_policy: policy of the empty coalition (default ``policy``, or ``"zero"`` when
             ``policy="missing"``).
         stats: dataset statistics for the ``"mean"`` / ``"noise"`` policies.
         perceptual: include the perceptual score in the contribution.
-        gradcam_images: images of the first batch explained by Grad-CAM.
+        gradcam_images: images of the first batch explained by Grad-CAM, on each stream's
+            deepest stage with a grid of at least 8x8 cells at the batch's input size
+            (:func:`.gradcam.default_gradcam_taps`; ``settings["gradcam"]`` records the taps).
         class_names: defaults to ``data.classes`` when present.
         ignore_index: label ignored by semantic variance and mIoU.
         purity: area-vote threshold of semantic variance.
@@ -419,6 +426,7 @@ def run(
     gate_n = 0
     capture_names = list(dict.fromkeys(plan.features + (plan.gates if "gates" in want else [])))
     artifacts: dict[str, Any] = {}
+    gradcam_setting: dict[str, Any] | None = None  # the taps Grad-CAM explained and why (settings["gradcam"])
     timings: dict[str, float] = {}
     num_images = 0
     has_target = True  # every batch had the contribution's target (mask, or boxes for detectors)
@@ -474,7 +482,7 @@ def run(
                         sv_source = sv_labels if sv_labels != "auto" else (
                             "mask" if mask is not None else "boxes" if targets is not None else "none")
                         n_sv = box_k + 1 if sv_source == "boxes" else mask_k
-                        svs = {n: SemanticVariance(n_sv, ignore_index, purity) for n in plan.spatial}
+                        svs = {n: SemanticVariance(n_sv, ignore_index, purity, stride=sv_stride) for n in plan.spatial}
                     if sv_source == "mask":
                         sv_mask = mask
                     elif sv_source == "boxes" and targets is not None:
@@ -550,7 +558,8 @@ def run(
 
                 if bi == 0 and "gradcam" in want:
                     tg = time.perf_counter()
-                    gtaps = _gradcam_taps(model, plan)
+                    gtaps = _gradcam_taps(model, plan, size)
+                    gradcam_setting = {"taps": gtaps, "input_size": list(size), "min_grid_cells": MIN_GRID_CELLS}
                     if gtaps:
                         with torch.enable_grad():
                             sub = {m: v[:gradcam_images] for m, v in inputs.items()}
@@ -558,8 +567,10 @@ def run(
                                 score = DetectionScore()
                                 artifacts["gradcam"] = grad_cam(model, sub, gtaps, score_fn=score)
                                 artifacts["gradcam_detections"] = score.selected
-                            else:
-                                artifacts["gradcam"] = grad_cam(model, sub, gtaps)
+                            else:  # per image its second most frequent predicted class (object_class_region)
+                                region, explained = object_class_region(logits[:gradcam_images].argmax(1))
+                                artifacts["gradcam"] = grad_cam(model, sub, gtaps, region=region)
+                                artifacts["gradcam_classes"] = explained
                     timings["gradcam_s"] = time.perf_counter() - tg
     finally:
         model.train(was_training)
@@ -582,9 +593,10 @@ def run(
         num_images=num_images,
         taps={n: asdict(t) for n, t in info.items()},
         settings={"metrics": metrics, "taps": taps, "rows": rows, "samples_per_image": samples_per_image,
-                  "policy": policy, "empty_policy": empty_policy, "purity": purity, "seed": seed,
+                  "policy": policy, "empty_policy": empty_policy, "purity": purity, "sv_stride": sv_stride, "seed": seed,
                   "ignore_index": ignore_index, "cka_estimator": "exact streaming linear CKA (debiased; biased beside)",
                   "task": task, "sv_labels": sv_source,
+                  **({"gradcam": gradcam_setting} if gradcam_setting else {}),
                   **({"box_background": box_k} if sv_source == "boxes" else {}),
                   "skipped": skipped},
         timings=timings,

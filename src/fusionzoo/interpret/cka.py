@@ -10,6 +10,9 @@ Three estimators, all for the linear kernel ``K = X X^T``:
    Nguyen, Raghu, Kornblith, "Do Wide and Deep Networks Learn the Same Things?", ICLR 2021.
    Biased CKA is strongly inflated when the feature dimension is not small against the number
    of examples (independent 512 x 64 Gaussians give about 0.11); the debiased one is about 0.
+   Both are computed as cosines of *centred* Gram matrices (U-centring of Szekely & Rizzo for
+   the debiased one, as Kornblith et al.'s reference does), never from the raw sums of Song et
+   al.'s eq. 5, which cancel catastrophically when the features share a large offset.
 2. **Exact, streaming** (:class:`StreamingCKA`): the same two numbers over a whole dataset in
    one pass, from moment accumulators whose size is ``O(d^2)`` and independent of ``n``.
 3. **Minibatch** (:class:`MinibatchCKA`): Nguyen et al. 2021, section 3.1: average the unbiased
@@ -248,15 +251,25 @@ def hsic_unbiased(gram_x: torch.Tensor, gram_y: torch.Tensor) -> torch.Tensor:
     n = gram_x.shape[0]
     if n < 4:
         raise ValueError(f"the unbiased HSIC needs n >= 4 examples, got {n}")
-    k = gram_x.clone().fill_diagonal_(0)
-    l = gram_y.clone().fill_diagonal_(0)
-    k1, l1 = k.sum(1), l.sum(1)
-    trace = (k * l).sum()
-    return (trace + k1.sum() * l1.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (k1 @ l1)) / (n * (n - 3))
+    # Through the U-centring, <U(K), U(L)> = n (n - 3) HSIC_u (as Kornblith et al.'s reference
+    # computes it), not the three raw sums of eq. 5: with a feature offset c every entry of K
+    # carries ~|c|^2, the raw sums are ~n^2 |c|^4 and cancel catastrophically (CKA error 1.5e-2
+    # at c = 1e3, nan at 1e4), while the centring removes the offset before any product
+    # (error ~eps |c|^2; `python bench/interpret.py --only cka_offset`).
+    uk = center_gram(gram_x, unbiased=True)
+    ul = uk if gram_y is gram_x else center_gram(gram_y, unbiased=True)
+    return (uk * ul).sum() / (n * (n - 3))
 
 
 def cka_from_gram(gram_x: torch.Tensor, gram_y: torch.Tensor, debiased: bool = True) -> float:
     """CKA from two Gram matrices of the same ``n`` examples (exact; O(n^2) memory).
+
+    Each Gram is centred first (U-centring, or ``H K H`` for the biased value) and CKA is the
+    cosine of the centred matrices, as in Kornblith et al.'s reference code. A shared feature
+    offset ``c`` then costs only the rounding of the Gram entries themselves (``~eps |c|^2``):
+    absolute error 9e-12 at ``c = 1e3`` and 9e-10 at ``1e4`` against feature-space CKA, where
+    the raw sums of the unbiased HSIC gave 1.5e-2 and nan (``python bench/interpret.py --only
+    cka_offset``). Given the features, :func:`linear_cka` avoids even that.
 
     Args:
         gram_x: ``(n, n)`` kernel matrix of the first representation.
@@ -267,11 +280,16 @@ def cka_from_gram(gram_x: torch.Tensor, gram_y: torch.Tensor, debiased: bool = T
         The CKA value (``nan`` when a debiased self-similarity is not positive, which happens
         only for degenerate or tiny inputs).
     """
-    if debiased:
-        xy, xx, yy = hsic_unbiased(gram_x, gram_y), hsic_unbiased(gram_x, gram_x), hsic_unbiased(gram_y, gram_y)
-    else:
-        xy, xx, yy = hsic_biased(gram_x, gram_y), hsic_biased(gram_x, gram_x), hsic_biased(gram_y, gram_y)
-    return _ratio(float(xy), float(xx), float(yy))
+    if gram_x.shape != gram_y.shape or gram_x.dim() != 2 or gram_x.shape[0] != gram_x.shape[1]:
+        raise ValueError(f"Gram matrices must be square and equal in shape, got "
+                         f"{tuple(gram_x.shape)} and {tuple(gram_y.shape)}")
+    # Centre each Gram once (U-centring for the debiased value, H K H for the biased one) and
+    # take inner products of the centred matrices: the common factors 1 / (n (n - 3)) and
+    # 1 / (n - 1)^2 cancel in the ratio, and centring first keeps a large feature offset from
+    # cancelling catastrophically (see hsic_unbiased).
+    kc = center_gram(gram_x, unbiased=debiased)
+    lc = center_gram(gram_y, unbiased=debiased)
+    return _ratio(float((kc * lc).sum()), float((kc * kc).sum()), float((lc * lc).sum()))
 
 
 def _ratio(xy: float, xx: float, yy: float) -> float:
@@ -496,7 +514,9 @@ class MinibatchCKA:
 
     For minibatches ``i = 1..k``: ``CKA = mean_i HSIC_u(K_i, L_i) /
     sqrt(mean_i HSIC_u(K_i, K_i) mean_i HSIC_u(L_i, L_i))``. Memory is three scalars per pair
-    plus one ``(n_b, n_b)`` Gram per tap and batch. Each batch needs at least 4 rows.
+    plus one ``(n_b, n_b)`` Gram per tap and batch. Each batch needs at least 4 rows. Rows are
+    centred on their batch mean before the Gram (``HSIC_u`` is invariant to it), so a large
+    shared feature offset does not degrade the estimate.
 
     Args:
         pairs: tap pairs to compare; ``None`` = every unordered pair of the first batch's taps.
@@ -521,7 +541,10 @@ class MinibatchCKA:
         needed = {t for p in self._pairs for t in p}
         if needed - set(rows):
             raise KeyError(f"MinibatchCKA.update is missing taps {sorted(needed - set(rows))}")
-        grams = {t: gram_linear(rows[t]) for t in needed}
+        # HSIC_u is invariant to adding a constant vector to every row, so centre each tap's rows on
+        # the batch mean before the Gram: the Gram entries then carry no |offset|^2 term whose
+        # float64 rounding (~eps |offset|^2) would survive the U-centring.
+        grams = {t: gram_linear(rows[t] - rows[t].mean(0)) for t in needed}
         for t in needed:
             self._self[t] = self._self.get(t, 0.0) + float(hsic_unbiased(grams[t], grams[t]))
         for a, b in self._pairs:

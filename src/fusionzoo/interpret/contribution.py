@@ -17,7 +17,14 @@
   the unpermuted metric.
 
 The task metric for segmentation is mIoU from one confusion matrix over the whole dataset
-(:class:`fusionzoo.engine.metrics.ConfusionMatrix`); per-class values are the class IoUs. For
+(:class:`fusionzoo.engine.metrics.ConfusionMatrix`, the training evaluator's); per-class values
+are the class IoUs in the same convention, used identically for every coalition: a class counts
+when it occurs in the ground truth or the prediction (a prediction-only class has IoU 0), a
+class in neither is nan. So for every coalition the nan-mean of the per-class IoUs is its mIoU,
+and where the counted classes are the same in every coalition (e.g. every class occurs in the
+ground truth) the per-class Shapley values average to the Shapley value of mIoU (linearity). A
+class counted in some coalitions only (predicted with some modalities, in neither ground truth
+nor prediction with others) has a nan per-class Shapley value: its IoU is undefined there. For
 detectors (``model.task == "detection"``) it is COCO box AP (IoU 0.50:0.95, pycocotools) with
 per-class AP, through :class:`fusionzoo.interpret.detection.DetectionContributionAccumulator`,
 which reuses the coalitions, removal and permutations here and changes only the metric
@@ -247,11 +254,16 @@ def _split(batch: Mapping[str, Any], modalities: Sequence[str], device: torch.de
 
 
 def _summary(cm: ConfusionMatrix) -> dict[str, Any]:
+    """``{"miou", "iou"}`` of a coalition, in the convention of the training evaluator.
+
+    Both come from :meth:`ConfusionMatrix.compute` (mmsegmentation's IoUMetric convention): a
+    class counts when it occurs in the ground truth *or* the prediction (union > 0), a
+    prediction-only class has IoU 0, and a class in neither is nan and left out. So the
+    nan-mean of ``iou`` is exactly ``miou`` for every coalition, and ``miou`` of the full
+    coalition is the mIoU the training loop reports on the same data.
+    """
     r = cm.compute()
-    # per-class values only for classes present in the ground truth (IoU always defined there)
-    gt = cm.matrix.sum(1)
-    per_class = [float(v) if g > 0 else math.nan for v, g in zip(r["iou"], gt.tolist())]
-    return {"miou": r["miou"], "iou": per_class}
+    return {"miou": r["miou"], "iou": [float(v) for v in r["iou"]]}
 
 
 def _coalition_key(s: Iterable[str], order: Sequence[str]) -> str:
@@ -275,8 +287,9 @@ class ContributionResult:
             values with only those modalities kept.
         drop: modality -> metric(all) - metric(all but that modality) (leave-one-out).
         shapley: modality -> Shapley value of the metric (sums to metric(all) - metric(none)).
-        shapley_per_class: modality -> per-class Shapley values (nan for classes absent from
-            the ground truth).
+        shapley_per_class: modality -> per-class Shapley values (segmentation: nan for a class
+            absent from both ground truth and prediction in some coalition; see the module
+            docstring for the convention; detection: nan for classes without ground truth).
         perceptual: modality -> {"<value key>_permuted", "drop", "normalized", "per_class_drop"},
             when computed.
         class_names: names for the per-class lists, when known.

@@ -9,6 +9,23 @@ activations ``A (B, C, h, w)``, and the map is ``ReLU(sum_c alpha_c A_c)`` upsam
 Run on ``rgb.stageK`` and ``depth.stageK`` it shows where each modality's branch supports the
 prediction; on ``fused.stageK`` it covers early-fusion models too.
 
+Gradients are taken w.r.t. the tap outputs themselves (Captum's ``LayerGradCam`` pattern): a
+forward hook on each tap keeps its output (made to require grad when neither the weights nor
+the inputs do) and ``torch.autograd.grad(score, tap outputs)`` differentiates only the part of
+the graph between the taps and the score; the inputs never require grad and nothing
+accumulates in the parameters' ``.grad``.
+
+Normalization (``normalize=True``) is pytorch-grad-cam's ``scale_cam_image``: per image, on the
+tap's grid, ``(cam - min) / (max - min + 1e-7)``, then bilinear upsampling (half-pixel
+centres, as ``cv2.resize``) to the input. A map that is zero everywhere (no positive evidence
+after the ReLU, or a tap the score does not depend on) stays all zero; the report writes "all
+zero" on such a panel rather than drawing it as a uniform colour.
+
+Which stage to explain (:func:`default_gradcam_taps`): the deepest stage of each stream whose
+grid at the given input is at least ``MIN_GRID_CELLS`` (8) cells on each side. Deeper taps are
+more semantic, but a 2x3-cell stage-4 grid of a 64x80 input cannot localize anything; at that
+input the rule picks stage 2 (8x10 cells), at 480x640 stage 4 (15x20).
+
 The score is pluggable (``score_fn``): :func:`segmentation_score` above for segmentation models,
 :class:`fusionzoo.interpret.detection.DetectionScore` for detectors (the scores of the top
 detections, read from each box head); the weights, map and normalization are the same.
@@ -23,6 +40,8 @@ scores; see each model's docstring).
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -30,9 +49,55 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..taps import capture, select_taps
+from ..taps import _taps_of, capture, select_taps
 
-__all__ = ["gate_maps", "grad_cam", "segmentation_score", "split_gate_channels"]
+__all__ = ["MIN_GRID_CELLS", "default_gradcam_taps", "gate_maps", "grad_cam", "object_class_region",
+           "segmentation_score", "split_gate_channels"]
+
+MIN_GRID_CELLS = 8  # smallest grid side (cells) a default Grad-CAM tap must have at the given input
+
+
+def default_gradcam_taps(stage_taps: Mapping[str, Sequence[str]], reductions: Mapping[str, int],
+                         size: tuple[int, int], min_cells: int = MIN_GRID_CELLS) -> list[str]:
+    """The Grad-CAM tap of each stream: its deepest stage whose grid is at least ``min_cells``
+    cells on each side at input ``size``.
+
+    The grid of a tap with reduction ``r`` is ``ceil(H / r) x ceil(W / r)`` (the size of a
+    stride-``r`` convolution stack with ``same`` padding). A stream none of whose stages reaches
+    ``min_cells`` gets its finest stage, with a warning.
+
+    Args:
+        stage_taps: stream -> its stage taps ordered shallow to deep
+            (``{"rgb": ["rgb.stage1", ..., "rgb.stage4"], "fused": [...]}``).
+        reductions: tap -> input-to-feature stride (``TapInfo.reduction``).
+        size: ``(H, W)`` of the input.
+        min_cells: minimum grid side.
+
+    Returns:
+        one tap per stream, in the order of ``stage_taps``.
+
+    Example:
+        >>> default_gradcam_taps({"rgb": ["rgb.stage1", "rgb.stage2", "rgb.stage3", "rgb.stage4"]},
+        ...                      {"rgb.stage1": 4, "rgb.stage2": 8, "rgb.stage3": 16, "rgb.stage4": 32}, (64, 80))
+        ['rgb.stage2']
+    """
+    h, w = int(size[0]), int(size[1])
+    out = []
+    for stream, taps in stage_taps.items():
+        taps = [t for t in taps if reductions.get(t, 0) > 0]
+        if not taps:
+            continue
+        grids = {t: (math.ceil(h / reductions[t]), math.ceil(w / reductions[t])) for t in taps}
+        ok = [t for t in taps if min(grids[t]) >= min_cells]
+        if ok:
+            out.append(ok[-1])
+            continue
+        finest = min(taps, key=lambda t: reductions[t])
+        warnings.warn(f"Grad-CAM: no stage of stream {stream!r} has a grid of at least {min_cells}x{min_cells} cells "
+                      f"at input {h}x{w} (finest: {finest} with {grids[finest][0]}x{grids[finest][1]}); explaining "
+                      f"{finest}. Use a larger input for a deeper tap.", stacklevel=2)
+        out.append(finest)
+    return out
 
 
 def segmentation_score(logits: torch.Tensor, target_class: int | None = None,
@@ -68,6 +133,33 @@ def segmentation_score(logits: torch.Tensor, target_class: int | None = None,
     return (logits * sel * keep[:, None]).sum()
 
 
+def object_class_region(pred: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The region ``run`` explains in each image: the pixels of its second most frequent
+    predicted class (its most frequent one when it predicts a single class).
+
+    Why not every pixel's own class at once: the summed score is then dominated by the class
+    that covers most of the image (background, wall, road), whose logit grows where object
+    evidence shrinks, so the Grad-CAM weights are mostly negative and the map is often zero
+    after the ReLU. One class on its own region is pytorch-grad-cam's
+    ``SemanticSegmentationTarget`` and, for most images, the largest object.
+
+    Args:
+        pred: ``(B, H, W)`` predicted class ids.
+
+    Returns:
+        ``(region (B, H, W) bool, class explained per image)``.
+    """
+    if pred.dim() != 3:
+        raise ValueError(f"pred must be (B, H, W) class ids, got shape {tuple(pred.shape)}")
+    classes = []
+    for p in pred:
+        ids, counts = p.unique(return_counts=True)
+        order = counts.argsort(descending=True, stable=True)
+        classes.append(int(ids[order[1 if len(order) > 1 else 0]]))
+    chosen = torch.tensor(classes, device=pred.device)
+    return pred == chosen[:, None, None], classes
+
+
 def grad_cam(
     model: nn.Module,
     inputs: Mapping[str, torch.Tensor],
@@ -90,7 +182,9 @@ def grad_cam(
             are summed (default: pixels predicted as ``target_class``, or all pixels when
             ``target_class`` is None).
         missing: passed to the model.
-        normalize: divide each image's map by its maximum (maps in ``[0, 1]``).
+        normalize: min-max scale each image's map on the tap's grid before upsampling, as
+            pytorch-grad-cam's ``scale_cam_image``: ``(cam - min) / (max - min + 1e-7)``, in
+            ``[0, 1)``; an all-zero map stays all zero. ``False``: the raw ``ReLU`` maps.
         score_fn: maps the model's output to the scalar explained. Default:
             :func:`segmentation_score` for segmentation models and
             :class:`~fusionzoo.interpret.detection.DetectionScore` (the highest-scoring
@@ -102,6 +196,10 @@ def grad_cam(
     Returns:
         tap -> ``(B, H, W)`` float maps at input resolution (zeros where the tap got no gradient,
         e.g. a branch the score does not depend on, or a detector that detected nothing).
+
+    Raises:
+        RuntimeError: a tap fired more than once, never fired, or its output was modified in
+            place after it fired (its gradient would then be the modified tensor's).
     """
     patterns = [taps] if isinstance(taps, str) else list(taps)
     names = select_taps(model, *patterns)
@@ -119,24 +217,53 @@ def grad_cam(
     elif target_class is not None or region is not None:
         raise ValueError("target_class / region configure the default score; with score_fn= put them in the score")
     watch = getattr(score_fn, "watch", None)
+    taps = _taps_of(model)
+    fired: dict[str, tuple[torch.Tensor, int]] = {}  # tap -> (its output, version when it fired)
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if name in fired:
+                raise RuntimeError(f"tap {name!r} fired twice in one forward pass; Grad-CAM explains one pass")
+            if not output.requires_grad:
+                # frozen weights and plain inputs: the model continues from a leaf copy that
+                # requires grad (Captum's apply_gradient_requirements, without flipping the flag
+                # of a tensor the caller may own); nothing upstream needs a gradient here
+                output = output.detach().requires_grad_(True)
+            fired[name] = (output, output._version)
+            return output
+
+        return hook
+
     was_training = model.training
     model.eval()
+    handles = [taps.get(n).register_forward_hook(make_hook(n)) for n in names]
+    grads: dict[str, torch.Tensor] = {}
     try:
-        # Gradients are taken w.r.t. input copies with torch.autograd.grad, so the tap hooks fire
-        # but nothing accumulates in the parameters' .grad (the model is left untouched).
-        xs = {m: x.detach().clone().requires_grad_(True) for m, x in inputs.items()}
         inner = watch(model) if callable(watch) else contextlib.nullcontext()
-        with torch.enable_grad(), capture(model, *names, grads=True) as acts:
+        with torch.enable_grad():
             with inner:
-                output = model(xs, missing=tuple(missing))
+                output = model(dict(inputs), missing=tuple(missing))
                 score = score_fn(output)
             if not isinstance(score, torch.Tensor) or score.dim() != 0:
                 got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
                 raise ValueError(f"score_fn must return a 0-dim tensor, got {got}")
+            missing_taps = [n for n in names if n not in fired]
+            if missing_taps:
+                raise RuntimeError(f"taps {missing_taps} did not fire in the forward pass of {type(model).__name__}")
+            changed = [n for n in names if fired[n][0]._version != fired[n][1]]
+            if changed:
+                raise RuntimeError(f"taps {changed} were modified in place after they fired; Grad-CAM needs the "
+                                   "tap outputs intact (make the operation after the tap out-of-place)")
             if score.requires_grad:
-                torch.autograd.grad(score, list(xs.values()), allow_unused=True)
+                # only the graph between the taps and the score is differentiated; no input grads,
+                # nothing accumulates in the parameters' .grad
+                gs = torch.autograd.grad(score, [fired[n][0] for n in names], allow_unused=True)
+                grads = {n: g for n, g in zip(names, gs) if g is not None}
     finally:
+        for h in handles:
+            h.remove()
         model.train(was_training)
+    acts = {n: fired[n][0].detach() for n in names}
     out = {}
     size = tuple(next(iter(inputs.values())).shape[-2:])
     div = 1
@@ -147,16 +274,18 @@ def grad_cam(
     padded = (-(-size[0] // div) * div, -(-size[1] // div) * div)
     for name in names:
         a = acts[name]
-        g = acts.grads.get(name)
+        g = grads.get(name)
         if a.dim() != 4 or g is None:
             out[name] = torch.zeros(a.shape[0], *size)
             continue
         alpha = g.mean(dim=(2, 3), keepdim=True)
-        cam = F.relu((alpha * a).sum(1, keepdim=True))
+        cam = F.relu((alpha * a).sum(1, keepdim=True))  # (B, 1, h, w)
+        if normalize:  # pytorch-grad-cam's scale_cam_image: min-max on the grid, then resize
+            lo = cam.amin(dim=(2, 3), keepdim=True)
+            cam = cam - lo
+            cam = cam / (1e-7 + cam.amax(dim=(2, 3), keepdim=True))
         cam = F.interpolate(cam, size=padded, mode="bilinear", align_corners=False)[:, 0, : size[0], : size[1]]
-        if normalize:
-            cam = cam / cam.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
-        out[name] = cam.detach().cpu()
+        out[name] = cam.detach().float().cpu()
     return out
 
 

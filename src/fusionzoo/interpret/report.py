@@ -198,7 +198,8 @@ def _plot_contribution_classes(res: InterpretResult, path: Path) -> Path | None:
         ax.bar(np.arange(k) + (j - (len(mods) - 1) / 2) * width, ys, width, label=m, color=_color(m, j))
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(k), names, rotation=35, ha="right")
-    ax.set_xlabel("class (missing bars: class absent from the ground truth)")
+    ax.set_xlabel("class (missing bars: class in neither ground truth nor prediction of some coalition)"
+                  if _class_metric(c) == "IoU" else "class (missing bars: class absent from the ground truth)")
     ax.set_ylabel(f"Shapley value of class {_class_metric(c)} (points)")
     ax.set_title(f"{res.model}: per-class modality contribution")
     ax.margins(y=0.15)  # headroom so the legend does not cover bars
@@ -261,6 +262,13 @@ def _plot_training(res: InterpretResult, path: Path) -> Path | None:
 
 
 def _plot_gradcam(res: InterpretResult, path: Path) -> Path | None:
+    fig = _gradcam_figure(res)
+    return None if fig is None else _save(fig, path)
+
+
+def _gradcam_figure(res: InterpretResult) -> Figure | None:
+    """Input images and Grad-CAM overlays; a panel whose map is zero everywhere shows the image
+    with "all zero" written on it (a uniform colour would look like a map)."""
     cams = res.artifacts.get("gradcam")
     images = res.artifacts.get("images")
     if not cams or not images:
@@ -281,22 +289,35 @@ def _plot_gradcam(res: InterpretResult, path: Path) -> Path | None:
             else:
                 ax.imshow(img[0].numpy(), cmap="gray")
             ax.set_title(f"{m} input" if i == 0 else "")
+        classes = res.artifacts.get("gradcam_classes") or []
+        if i < len(classes):  # the class this row explains (object_class_region)
+            c = classes[i]
+            name = res.class_names[c] if res.class_names and c < len(res.class_names) else str(c)
+            axes[i, 0].set_ylabel(f"explains: {name}", fontsize=9)
         for j, t in enumerate(taps):
             ax = axes[i, len(res.modalities) + j]
             b = base[i]
             ax.imshow(b.permute(1, 2, 0).numpy() if b.shape[0] == 3 else b[0].numpy(), cmap=None if b.shape[0] == 3 else "gray")
-            ax.imshow(cams[t][i].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            cam = cams[t][i].numpy()
+            if not np.any(cam > 0):  # no positive evidence anywhere: say so instead of a uniform blue
+                ax.text(0.5, 0.5, "all zero", transform=ax.transAxes, ha="center", va="center", fontsize=11,
+                        bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"})
+            else:
+                ax.imshow(cam, cmap="jet", alpha=0.5, vmin=0, vmax=1)
             if i < len(explained):
                 for x1, y1, x2, y2 in explained[i]["boxes"].tolist():  # the detection explained
                     ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, ec="white", lw=1.5))
-            ax.set_title(f"Grad-CAM {t}" if i == 0 else "", fontsize=9)
+            red = (res.taps.get(t) or {}).get("reduction") or 0
+            grid = f" ({-(-b.shape[1] // red)}x{-(-b.shape[2] // red)} cells)" if red > 0 else ""
+            ax.set_title(f"Grad-CAM {t}{grid}" if i == 0 else "", fontsize=9)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    what = "the top detection (white box)" if explained else "the predicted classes"
-    fig.suptitle(f"{res.model}: Grad-CAM of {what} (colour: relative attribution 0-1, "
+    what = ("the top detection (white box)" if explained else
+            "one predicted class per image (left)" if res.artifacts.get("gradcam_classes") else "the predicted classes")
+    fig.suptitle(f"{res.model}: Grad-CAM of {what} (colour: min-max scaled attribution 0-1 per image, "
                  f"over {res.modalities[0]})", fontsize=10)
-    return _save(fig, path)
+    return fig
 
 
 def _plot_gates(res: InterpretResult, path: Path) -> Path | None:
@@ -420,7 +441,8 @@ def _summary_tables(res: InterpretResult) -> list[str]:
         for t in ("decoder.out", "head.logits"):
             if t in res.semantic_variance:
                 rows.append([t] + [_fmt(res.semantic_variance[t]["semantic_variance"])] + [""] * (len(stages) - 1))
-        out.append("<h3>Semantic variance S_B / (S_B + S_W)</h3>" + _table(["stream", *stages], rows))
+        out.append(f"<h3>Semantic variance S_B / (S_B + S_W), {html.escape(_sv_grid_note(res))}</h3>"
+                   + _table(["stream", *stages], rows))
     if res.reliance:
         rows = [[html.escape(t)] + [_fmt(v.get(m)) for m in res.modalities] for t, v in res.reliance.items()]
         out.append("<h3>Reliance 1 - CKA(tap, tap with the modality removed)</h3>"
@@ -460,7 +482,8 @@ def write_report(result: InterpretResult, out_dir: str | Path, title: str | None
         ("semantic_variance", lambda r, p: _stage_curve(
             r, r.semantic_variance or {}, "semantic_variance", "semantic variance S_B/(S_B+S_W) (unitless)",
             f"{r.model}: semantic variance across stages", p, (0, 1)),
-         "Share of feature variance explained by the semantic classes, per stream and stage." + sv_note),
+         f"Share of feature variance explained by the semantic classes, per stream and stage, {_sv_grid_note(res)}."
+         + sv_note),
         ("contribution", _plot_contribution, (f"{metric} change when a modality is removed, its Shapley value and "
                                                "the perceptual-score drop (modality permuted across the batch).")),
         ("contribution_classes", _plot_contribution_classes,
@@ -473,9 +496,7 @@ def write_report(result: InterpretResult, out_dir: str | Path, title: str | None
          "Effective rank (Roy & Vetterli 2007) of each stream's features per stage."),
         ("training", _plot_training, ("Per-modality encoder gradient norms, their ratio and the unimodal "
                                        "confidence of modality heads over training.")),
-        ("gradcam", _plot_gradcam, ("Grad-CAM on the deepest stage of each stream for the highest-scoring "
-                                     "detection of each image (white box)." if detector else
-                                     "Grad-CAM on the deepest stage of each stream for the predicted classes.")),
+        ("gradcam", _plot_gradcam, _gradcam_caption(res, detector)),
         ("gates", _plot_gates, "Fusion gates / attention weights per stream."),
     ]
     intro = (f"<p>Model <code>{html.escape(res.model)}</code> (fusion: {html.escape(str(res.fusion))}), "
@@ -496,6 +517,31 @@ def write_report(result: InterpretResult, out_dir: str | Path, title: str | None
     page.write_text(_page(title or f"fusionzoo interpretation: {res.model}", sections))
     files["report"] = page
     return files
+
+
+def _sv_grid_note(res: InterpretResult) -> str:
+    """Where semantic variance was measured: the common grid (stride, cells) or each tap's own grid."""
+    grids = {tuple(v["grid"]) for v in (res.semantic_variance or {}).values() if v.get("grid")}
+    stride = res.settings.get("sv_stride")
+    if stride and len(grids) == 1:
+        h, w = next(iter(grids))
+        return (f"every tap on the common stride-{stride} grid of {h}x{w} cells (coarser taps upsampled "
+                "bilinearly, finer ones area-averaged)")
+    return "each tap on its own feature grid"
+
+
+def _gradcam_caption(res: InterpretResult, detector: bool) -> str:
+    """Caption of the Grad-CAM figure: what is explained, on which taps and why those."""
+    what = ("the highest-scoring detection of each image (white box)" if detector else
+            "the second most frequent predicted class of each image (its largest object, usually), on its pixels")
+    g = res.settings.get("gradcam") or {}
+    where = "the deepest stage of each stream"
+    if g.get("taps"):
+        h, w = g["input_size"]
+        where = (f"{', '.join(g['taps'])}: per stream the deepest stage whose grid has at least "
+                 f"{g['min_grid_cells']}x{g['min_grid_cells']} cells at the {h}x{w} input")
+    return (f"Grad-CAM on {where}, for {what}. Each map is min-max scaled per image on the tap's grid "
+            "(as pytorch-grad-cam), then upsampled; 'all zero' marks a map with no positive evidence.")
 
 
 def _plot_reliance(res: InterpretResult, path: Path) -> Path | None:

@@ -38,6 +38,17 @@ background asks whether the features separate object classes *and* objects from 
 which is what a detector's features must do; the purity vote drops the mixed cells at box
 borders.
 
+Grid (``stride``). By default (:func:`fusionzoo.interpret.run`, ``sv_stride=4``) every tap is
+measured on one common grid, the stride-4 grid of the input (``ceil(H/4) x ceil(W/4)``, 16x20
+cells at 64x80, 120x160 at 480x640): coarser taps are upsampled bilinearly to it
+(``align_corners=False``, as decoders upsample), finer ones (stride-2 stems) area-averaged, and
+the labels are reduced to it once by the area vote. Every stage is then scored on the same
+labelled cells. On each tap's native grid instead (``stride=None``), the deep stages of a small
+input have a handful of cells (a 64x80 input gives 4x5 at stride 16, 2x3 at stride 32), the
+purity vote keeps mostly background, and SV falls with depth for that reason alone; a warning
+names taps measured on fewer than ``MIN_CELLS`` labelled cells. The grid used is in
+:attr:`SemanticVarianceResult.grid`.
+
 Streaming: per class the count, the sum of features and the sum of squares per channel are
 accumulated (``O(K * C)`` memory), which gives every quantity above exactly over any dataset
 size. Features are shifted by a fixed reference (the first batch's mean) before accumulating;
@@ -47,13 +58,37 @@ all quantities are shift invariant and the shift keeps float64 sums from cancell
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SemanticVariance", "SemanticVarianceResult", "box_mask", "box_masks", "labels_to_grid",
-           "semantic_variance"]
+__all__ = ["MIN_CELLS", "SemanticVariance", "SemanticVarianceResult", "box_mask", "box_masks", "labels_to_grid",
+           "resample_features", "semantic_variance"]
+
+MIN_CELLS = 100  # fewer labelled cells than this over a whole dataset: SV is reported with a warning
+
+
+def resample_features(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bring a feature map onto a ``(h, w)`` grid: unchanged when it is already there,
+    area-averaged when it is finer in both dimensions, else bilinearly upsampled
+    (``align_corners=False``).
+
+    Args:
+        features: ``(B, C, h0, w0)``.
+        size: target ``(h, w)``.
+
+    Returns:
+        ``(B, C, h, w)`` in the dtype of ``features``.
+    """
+    h0, w0 = features.shape[-2:]
+    h, w = int(size[0]), int(size[1])
+    if (h0, w0) == (h, w):
+        return features
+    if h0 >= h and w0 >= w:
+        return F.adaptive_avg_pool2d(features, (h, w))
+    return F.interpolate(features, size=(h, w), mode="bilinear", align_corners=False)
 
 
 def labels_to_grid(
@@ -213,6 +248,9 @@ class SemanticVarianceResult:
         class_between_share: ``n_k |mu_k - mu|^2 / (N S_T)``; sums to ``SV``.
         class_within_share: ``sum_{i in k} |f_i - mu_k|^2 / (N S_T)``; sums to ``1 - SV``.
         channel_semantic_variance: per channel ``SV_c`` (length ``C``), when tracked.
+        grid: ``[h, w]`` of the cells SV was computed on (of the last batch; the common grid
+            with ``stride``, the tap's own grid without).
+        stride: the common grid's stride (``None``: the tap's own grid).
     """
 
     semantic_variance: float
@@ -226,6 +264,8 @@ class SemanticVarianceResult:
     class_between_share: list[float]
     class_within_share: list[float]
     channel_semantic_variance: list[float] | None = field(default=None, repr=False)
+    grid: list[int] | None = None
+    stride: int | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -240,6 +280,9 @@ class SemanticVariance:
         purity: area-vote threshold of :func:`labels_to_grid`.
         per_channel: also keep what per-channel values need (same ``O(K * C)`` memory; off saves
             nothing asymptotically, only a constant).
+        stride: measure on the common grid ``ceil(H / stride) x ceil(W / stride)`` of the mask's
+            ``H x W`` (features resampled by :func:`resample_features`; see the module
+            docstring); ``None``: on the tap's own grid.
 
     Example:
         >>> sv = SemanticVariance(num_classes=40)
@@ -249,9 +292,13 @@ class SemanticVariance:
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, purity: float = 0.5,
-                 per_channel: bool = True) -> None:
+                 per_channel: bool = True, stride: int | None = None) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if stride is not None and int(stride) < 1:
+            raise ValueError(f"stride must be a positive integer (or None for the tap's own grid), got {stride}")
+        self.stride = None if stride is None else int(stride)
+        self.grid: tuple[int, int] | None = None
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
         self.purity = float(purity)
@@ -266,8 +313,8 @@ class SemanticVariance:
 
         Args:
             features: ``(B, C, h, w)`` tap output (any float dtype and device).
-            mask: ``(B, H, W)`` labels of the same images at input resolution (or already at
-                ``(h, w)``).
+            mask: ``(B, H, W)`` labels of the same images at input resolution (or, without
+                ``stride``, already at ``(h, w)``).
         """
         if features.dim() != 4:
             raise ValueError(f"features must be (B, C, h, w), got shape {tuple(features.shape)}")
@@ -275,11 +322,17 @@ class SemanticVariance:
             raise ValueError(f"mask must be (B, H, W) with B={features.shape[0]} to match the "
                              f"features, got shape {tuple(mask.shape)}")
         _, c, h, w = features.shape
+        if self.stride is not None:
+            h, w = -(-mask.shape[-2] // self.stride), -(-mask.shape[-1] // self.stride)
+        self.grid = (h, w)
         grid = labels_to_grid(mask.to(features.device), (h, w), self.num_classes, self.ignore_index, self.purity)
-        lab = grid.reshape(-1)
-        keep = lab != self.ignore_index
-        f = features.detach().permute(0, 2, 3, 1).reshape(-1, c)[keep].to(torch.float64)
-        lab = lab[keep]
+        keep_all = grid != self.ignore_index  # (B, h, w)
+        rows = []
+        for i in range(features.shape[0]):  # one image at a time: an upsampled deep map is large
+            fi = resample_features(features[i : i + 1].detach(), (h, w))[0]  # (C, h, w)
+            rows.append(fi.permute(1, 2, 0)[keep_all[i]].to(torch.float64))
+        f = torch.cat(rows) if rows else features.new_zeros(0, c, dtype=torch.float64)
+        lab = grid[keep_all]
         if self._shift is None:
             kw = {"dtype": torch.float64, "device": features.device}
             self._shift = f.mean(0) if f.shape[0] else torch.zeros(c, **kw)
@@ -300,10 +353,16 @@ class SemanticVariance:
         k = self.num_classes
         if self._count is None or float(self._count.sum()) == 0:
             nan = math.nan
-            return SemanticVarianceResult(nan, nan, nan, nan, nan, nan, 0, [0] * k, [nan] * k, [nan] * k, None)
+            return SemanticVarianceResult(nan, nan, nan, nan, nan, nan, 0, [0] * k, [nan] * k, [nan] * k, None,
+                                          list(self.grid) if self.grid else None, self.stride)
         cnt, s = self._count, self._sum
         sq = self._sq.sum(1) if self.per_channel else self._sq
         n = cnt.sum()
+        if float(n) < MIN_CELLS:
+            where = f"the common stride-{self.stride} grid" if self.stride else "the tap's own grid"
+            warnings.warn(f"semantic variance computed on only {int(n)} labelled cells (< {MIN_CELLS}) of "
+                          f"{where} {self.grid[0]}x{self.grid[1]}: too few for a stable value; use more or larger "
+                          "images, or a smaller stride (fusionzoo.interpret.run(sv_stride=...))", stacklevel=2)
         present = cnt > 0
         safe = cnt.clamp(min=1)[:, None]
         mu = s.sum(0) / n                                    # global mean (shifted)
@@ -333,11 +392,14 @@ class SemanticVariance:
             class_between_share=[float(v) / denom if denom > 0 else math.nan for v in between_k.tolist()],
             class_within_share=[float(v) / denom if denom > 0 else math.nan for v in within_k.tolist()],
             channel_semantic_variance=chan,
+            grid=list(self.grid) if self.grid else None,
+            stride=self.stride,
         )
 
 
 def semantic_variance(features: torch.Tensor, mask: torch.Tensor, num_classes: int,
-                      ignore_index: int = 255, purity: float = 0.5) -> SemanticVarianceResult:
+                      ignore_index: int = 255, purity: float = 0.5,
+                      stride: int | None = None) -> SemanticVarianceResult:
     """One-shot :class:`SemanticVariance` over a single batch.
 
     Args:
@@ -346,10 +408,11 @@ def semantic_variance(features: torch.Tensor, mask: torch.Tensor, num_classes: i
         num_classes: ``K``.
         ignore_index: dropped label.
         purity: area-vote threshold.
+        stride: common-grid stride (see :class:`SemanticVariance`); ``None``: the tap's grid.
 
     Returns:
         The :class:`SemanticVarianceResult`.
     """
-    acc = SemanticVariance(num_classes, ignore_index, purity)
+    acc = SemanticVariance(num_classes, ignore_index, purity, stride=stride)
     acc.update(features, mask)
     return acc.compute()
