@@ -94,7 +94,9 @@ class InterpretResult:
         contribution: :class:`ContributionResult` fields (``metric``: ``"mIoU"`` for
             segmentation, ``"AP"`` for detection), plus ``unimodal_heads`` (modality ->
             ``{"miou", "iou"}`` of that modality's own prediction) for segmentation models with
-            ``{m}.head`` taps.
+            ``{m}.head`` taps, ``interaction`` and ``decomposition`` (pairwise interaction index
+            and redundancy / uniqueness / synergy of the score, :mod:`.interaction`) and, for
+            segmentation, ``pid`` (BROJA decomposition of the predictions in bits, :mod:`.pid`).
         reliance: tap -> modality -> ``1 - CKA(tap, tap with that modality removed)``.
         gates: tap -> stream -> mean value over the dataset.
         training: a training history (:class:`ModalityBalanceCallback` state), when known.
@@ -406,6 +408,14 @@ def run(
     contrib = (contribution_accumulator(task, mods, box_k if detection else k, policy, empty_policy, stats,
                                         ignore_index, perceptual, seed, device)
                if "contribution" in want else None)
+    # redundancy / uniqueness / synergy of the predictions (pixels: segmentation only), fed by
+    # the coalition passes above
+    joint = None
+    if contrib is not None and not detection and len(mods) >= 2:
+        from .pid import PredictionJoint
+
+        joint = PredictionJoint(mods, k, ignore_index)
+        contrib.observers.append(joint)
     # one accumulator per removed modality, so each sees every example exactly once
     rel = ({m: StreamingCKA(pairs=[(f"full::{t}", f"removed::{t}") for t in plan.reliance_taps]) for m in mods}
            if "reliance" in want and plan.reliance_taps else None)
@@ -613,6 +623,11 @@ def run(
                          "norm_ratio": ratio}
     if contrib is not None and has_target:
         result.contribution = contrib.result(class_names).to_dict()
+        from .interaction import coalition_terms
+
+        result.contribution.update(coalition_terms(result.contribution))
+        if joint is not None:
+            result.contribution["pid"] = joint.result(class_names)
         if head_cms:
             from .contribution import _summary
 
