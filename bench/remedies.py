@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from fusionzoo.interpret.interaction import coalition_terms
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, list[str]] = {
     "baseline": [],
@@ -47,7 +49,7 @@ def _row(name: str, metrics: dict, wall: float | None) -> str:
     full = c["coalitions"]["+".join(mods)]["miou"]
     names = metrics.get("class_names") or []
     per_class = dict(zip(names, c["shapley_per_class"]["depth"]))
-    inter = c.get("interaction", {}).get("rgb|depth", {}).get("value")
+    inter = coalition_terms(c)["interaction"].get("rgb|depth", {}).get("value")
     cells = [name, f"{100 * full:.1f}", f"{100 * c['shapley']['depth']:.1f}", f"{100 * c['shapley']['rgb']:.1f}",
              f"{100 * c['drop']['depth']:.1f}", f"{100 * (per_class.get('box_depth_only') or float('nan')):.1f}",
              "n/a" if inter is None else f"{100 * inter:+.1f}", "reused" if wall is None else f"{wall:.0f}"]

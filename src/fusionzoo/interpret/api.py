@@ -87,7 +87,9 @@ class InterpretResult:
         settings: the options of the run (row rule, removal policy, ...).
         cka: ``{"pairs": [{"a", "b", "kind", "stage", "cka", "cka_biased"}]}``; kinds are
             ``cross_modal`` (two modalities, same stage), ``modality_fused`` (modality vs the
-            fused stream, same stage) and ``within`` (one stream, two stages).
+            fused stream, same stage), ``within`` (one stream, two stages) and ``to_final`` (a
+            stage tap vs the final representation: ``decoder.out``, or ``head.logits`` for
+            models without one, e.g. late fusion).
         semantic_variance: tap -> :class:`SemanticVarianceResult` fields.
         health: ``{"effective_rank": {tap: v}, "feature_norm": {tap: v},
             "norm_ratio": {stage: {"a/b": v}}}``.
@@ -261,6 +263,14 @@ def _plan(model: nn.Module, taps: str | Sequence[str]) -> _Plan:
         for i, (sa, a) in enumerate(seq):
             for sb, b in seq[i + 1:]:
                 pairs.append((a, b, "within", f"{sa}-{sb}"))
+    # evolution towards the output: every stage tap against the final representation (decoder.out;
+    # late fusion has one decoder per modality, so its final representation is head.logits)
+    final = next((n for n in ("decoder.out", "head.logits") if n in features), None)
+    if final is not None:
+        for stage, streams in stage_taps.items():
+            for stream in [*mods, "fused"]:
+                if stream in streams:
+                    pairs.append((streams[stream], final, "to_final", stage))
     reliance = list(features)
     return _Plan(features, spatial, gates, pairs, stage_taps, reliance)
 
