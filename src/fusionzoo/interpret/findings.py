@@ -78,10 +78,9 @@ def _class_names(res: Any, n: int) -> list[str]:
 
 def _carriers(res: Any, terms: Mapping[str, Any]) -> list[Finding]:
     c = res.contribution
-    metric, _, ck = contribution_keys(c)
+    metric = "AP" if contribution_keys(c)[0] == "AP" else "IoU"
     out = []
     for pair, d in terms["decomposition"].items():
-        a, b = d["a"], d["b"]
         pc = d["per_class"]
         names = _class_names(res, len(pc["redundancy"]))
         groups: dict[str, list[str]] = {}
@@ -96,19 +95,21 @@ def _carriers(res: Any, terms: Mapping[str, Any]) -> list[Finding]:
             groups.setdefault(label, []).append(
                 f"{name} ({_pts(vals[term])} of {_pts(gain)} points, {100 * share:.0f}%)")
         for label, items in groups.items():
+            listed = ", ".join(items)
             if label.startswith("unique_"):
-                who = f"{label[len('unique_'):]} alone"
-            elif label == "mixed":
-                who = f"no single term (largest < {100 * THRESHOLDS['dominant_share']:.0f}% of the gain)"
+                text = f"{label[len('unique_'):]} alone carries the {metric} of {listed}."
+            elif label == "redundancy":
+                text = f"Either modality alone suffices for {listed} (redundancy)."
+            elif label == "synergy":
+                text = f"Only both modalities together give {listed} (synergy)."
             else:
-                who = _TERM_TEXT[label]
-            out.append(Finding("carriers", f"{metric} of {', '.join(items)} is carried by {who}.",
-                               {"pair": pair, "term": label, "classes": items}))
+                text = (f"No term reaches {100 * THRESHOLDS['dominant_share']:.0f}% of the gain for {listed} "
+                        "(largest term shown).")
+            out.append(Finding("carriers", text, {"pair": pair, "term": label, "classes": items}))
         skipped = [n for i, n in enumerate(names) if not any(n in s for items in groups.values() for s in items)]
         if skipped:
             out.append(Finding("carriers", f"Not judged (gain below {_pts(THRESHOLDS['min_gain'])} points or absent): "
                                f"{', '.join(skipped)}.", {"pair": pair, "classes": skipped}))
-        del a, b
     return out
 
 
@@ -234,6 +235,10 @@ def _thresholds_html() -> str:
             "docs/interpret.md.</p>")
 
 
+_STYLE = ("<style>.findings li{margin:0.25em 0}.findings td{text-align:left;vertical-align:top;font-size:0.88em;"
+          "min-width:14em}.findings th{text-align:left;vertical-align:top}.thresholds{color:#555;font-size:0.88em}"
+          "</style>")
+
 _TITLES = {"carriers": "Which modality carries which classes", "interaction": "Where modalities interact",
            "convergence": "Where the streams converge", "underuse": "What is under-used",
            "information": "Information in the predictions"}
@@ -242,7 +247,7 @@ _TITLES = {"carriers": "Which modality carries which classes", "interaction": "W
 def findings_html(res: Any) -> str:
     """The findings section that opens ``report.html``."""
     items = findings(res)
-    parts = ["<section class='findings'><h2>Findings</h2>"]
+    parts = [f"{_STYLE}<section class='findings'><h2>Findings</h2>"]
     for kind in KINDS:
         these = [f for f in items if f.kind == kind]
         if these:
@@ -260,7 +265,7 @@ def comparison_findings_html(labels: Sequence[str], results: Sequence[Any]) -> s
     for kind in KINDS:
         cells = ["<br>".join(html.escape(f.text) for f in fs if f.kind == kind) or "n/a" for fs in per]
         rows.append(f"<tr><th>{_TITLES[kind]}</th>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    return ("<section class='findings'><h2>Findings</h2><table class='findings'><thead><tr><th></th>" + head
+    return (f"{_STYLE}<section class='findings'><h2>Findings</h2><table class='findings'><thead><tr><th></th>" + head
             + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>" + _thresholds_html() + "</section>")
 
 
@@ -309,8 +314,8 @@ def cooperation_tables(labels: Sequence[str], results: Sequence[Any]) -> list[Ta
                        ["model", "class", "redundancy", f"unique {a}", f"unique {b}", "synergy", "dominant"], dec_rows))
     if pid_rows:
         a, b = (list(results[0].modalities) + ["a", "b"])[:2]
-        tables.append(("BROJA PID of the predictions (bits; sources: one-modality predictions, target: "
-                       "full prediction, one-vs-rest per class)",
+        tables.append((("BROJA PID of the predictions (bits; sources: one-modality predictions, target: "
+                        "full prediction, one-vs-rest per class)"),
                        ["model", "target", "redundancy", f"unique {a}", f"unique {b}", "synergy", "I(Y; X1, X2)",
                         "dominant"], pid_rows))
     return tables
