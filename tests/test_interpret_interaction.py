@@ -182,3 +182,20 @@ def test_oracle_pid_known_answer(oracle_results):
     # label target: the oracle is exact, so it equals the prediction target
     lab = out[False].contribution["pid"]["pairs"]["rgb|depth"]["label"]["per_class"]
     assert math.isclose(lab[name["either"]]["redundancy"], pc[name["either"]]["redundancy"], abs_tol=1e-6)
+
+
+def test_coalition_terms_detection_ap_and_three_modalities():
+    # detectors: the same terms in AP; three modalities: every pair
+    coal = {"none": 0.0, "rgb": 0.2, "depth": 0.1, "thermal": 0.0, "rgb+depth": 0.5, "rgb+thermal": 0.2,
+            "depth+thermal": 0.1, "rgb+depth+thermal": 0.5}
+    c = {"metric": "AP", "modalities": ["rgb", "depth", "thermal"],
+         "coalitions": {k: {"ap": v, "ap_per_class": [v, None]} for k, v in coal.items()}}
+    out = coalition_terms(c)
+    assert set(out["interaction"]) == {"rgb|depth", "rgb|thermal", "depth|thermal"}
+    # thermal is a null player: no interaction with it; rgb-depth: (0.2 + 0.2) / 2 over S = {}, {thermal}
+    assert out["interaction"]["rgb|thermal"]["value"] == pytest.approx(0.0)
+    assert out["interaction"]["rgb|depth"]["value"] == pytest.approx(0.2)
+    dec = out["decomposition"]["rgb|depth"]
+    assert dec["overall"] == pytest.approx({"redundancy": 0.1, "unique_rgb": 0.1, "unique_depth": 0.0,
+                                            "synergy": 0.3})
+    assert dec["dominant"] == ["synergy", "none"]  # the second class is absent (null)
