@@ -349,10 +349,10 @@ def plot_evolution(labels: Sequence[str], results: Sequence[Any], path: str | Pa
 
     colors = {"rgb": "tab:red", "depth": "tab:blue", "thermal": "tab:orange", "fused": "tab:purple"}
     n = len(results)
-    fig, axes = plt.subplots(2, n, figsize=(3.2 * n + 0.6, 5.6), sharey="row", squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(max(3.2 * n + 0.8, 6.5), 5.8), sharey="row", squeeze=False)
     for j, (lab, (cka, sv, final)) in enumerate(zip(labels, series)):
-        for i, (data, ylabel) in enumerate(((cka, f"CKA to {final or 'final'} (debiased)"),
-                                            (sv, "semantic variance S_B/(S_B+S_W)"))):
+        for i, (data, ylabel) in enumerate(((cka, f"debiased CKA to {final or 'output'}"),
+                                            (sv, "semantic variance"))):
             ax = axes[i][j]
             for stream, d in data.items():
                 stages = sorted(d, key=_stage_key)
@@ -370,7 +370,8 @@ def plot_evolution(labels: Sequence[str], results: Sequence[Any], path: str | Pa
                 ax.legend(fontsize=7)
             else:
                 ax.text(0.5, 0.5, "no taps", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle("Evolution within each stream: similarity to the output and class separability per stage")
+    fig.suptitle("Evolution within each stream: similarity to the output (top),\nclass separability (bottom)",
+                 fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=90)
