@@ -16,7 +16,9 @@ The synthetic world has a known answer (``docs/data.md``): ``box_depth_only`` is
 depth, ``poster_rgb_only`` only in RGB, ``ball_either`` in either, ``crate_needs_both`` only in
 the conjunction; so a model that uses depth shows a large depth Shapley value on
 ``box_depth_only`` and a near-zero one on ``poster_rgb_only``. Nothing is asserted here: the tests
-check the known answers (``tests/test_interpret_known_answers.py``); this prints the numbers.
+check the known answers (``tests/test_interpret_known_answers.py``, ``tests/test_interpret_interaction.py``); this
+prints the numbers, including the interaction index, the score decomposition and the BROJA PID of each class
+(``fusionzoo.interpret.interaction`` / ``.pid``), and each class's dominant term against its construction.
 """
 
 from __future__ import annotations
@@ -63,7 +65,41 @@ def main() -> None:
         print(f"| {model} | {'reused' if wall is None else f'{wall:.0f}'} |")
     print()
     print(files["markdown"].read_text())
+    known_answers([out_dir / m / "report" for m in args.models])
     print(f"wrote {files['report']} and {files['markdown']}")
+
+
+def known_answers(reports: list[Path]) -> None:
+    """Print, per model, each constructed class's dominant term of the score decomposition and of
+    the BROJA PID (``fusionzoo.interpret.interaction`` / ``.pid``) against its construction."""
+    from fusionzoo.data.synthetic import SyntheticConfig
+    from fusionzoo.interpret import load_result
+    from fusionzoo.interpret.interaction import coalition_terms
+
+    dependence = SyntheticConfig().class_dependence
+    expected = {"rgb_only": "unique_rgb", "depth_only": "unique_depth", "either": "redundancy",
+                "both_required": "synergy"}
+    classes = [c for c, d in dependence.items() if d in expected]
+    print("### Dominant term per class against the construction (score decomposition / BROJA PID)")
+    print()
+    print("| model | " + " | ".join(f"{c} ({expected[dependence[c]]})" for c in classes) + " |")
+    print("|---|" + "---|" * len(classes))
+    for path in reports:
+        r = load_result(path)
+        if list(r.class_names or []) != list(dependence) or not r.contribution:
+            print(f"| {r.model} | " + " | ".join("n/a" for _ in classes) + " |")
+            continue
+        dom = coalition_terms(r.contribution)["decomposition"]["rgb|depth"]["dominant"]
+        pid = (((r.contribution.get("pid") or {}).get("pairs") or {}).get("rgb|depth") or {}).get("prediction") or {}
+        cells = []
+        for c in classes:
+            score = dom[r.class_names.index(c)]
+            p = ((pid.get("per_class") or {}).get(c) or {}).get("dominant", "n/a")
+            p = {"unique_1": "unique_rgb", "unique_2": "unique_depth"}.get(p, p)
+            mark = "ok" if score == expected[dependence[c]] else "differs"
+            cells.append(f"{score} ({mark}) / {p}")
+        print(f"| {r.model} | " + " | ".join(cells) + " |")
+    print()
 
 
 if __name__ == "__main__":

@@ -37,7 +37,10 @@ def test_late_fusion_structure_is_recovered(late_result):
         assert r.reliance[f"depth.{stage}"]["rgb"] == pytest.approx(0.0, abs=1e-9)
         assert r.reliance[f"rgb.{stage}"]["rgb"] > 0.05
     kinds = {p["kind"] for p in r.cka_pairs()}
-    assert kinds == {"cross_modal", "within"}  # no fused stream in late fusion
+    assert kinds == {"cross_modal", "within", "to_final"}  # no fused stream in late fusion
+    # no decoder.out in late fusion: the stages evolve towards the final logits
+    assert {(p["a"], p["b"]) for p in r.cka_pairs("to_final")} == {
+        (f"{m}.stage{i}", "head.logits") for m in ("rgb", "depth") for i in range(1, 5)}
     assert len(r.cka_pairs("cross_modal")) == 4
     assert set(r.semantic_variance) >= {"rgb.stage1", "depth.head", "head.logits"}
     for v in r.semantic_variance.values():

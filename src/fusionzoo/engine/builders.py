@@ -39,6 +39,7 @@ __all__ = [
 # Named training callbacks (``--callbacks a,b``): "module:Class", imported on use.
 CALLBACKS = {
     "modality_balance": "fusionzoo.interpret.callbacks:ModalityBalanceCallback",
+    "ogm_ge": "fusionzoo.interpret.callbacks:OGMGECallback",  # changes training: OGM-GE, alpha 0.5
 }
 
 

@@ -11,7 +11,7 @@ and the training callback :class:`ModalityBalanceCallback`. See ``docs/interpret
 """
 
 from .api import METRICS, ComparisonResult, InterpretResult, compare, load_result, run
-from .callbacks import ModalityBalanceCallback
+from .callbacks import ModalityBalanceCallback, OGMGECallback
 from .cka import (
     MinibatchCKA,
     StreamingCKA,
@@ -51,6 +51,7 @@ __all__ = [
     "MinibatchCKA",
     "ModalityBalanceCallback",
     "ModalityStats",
+    "OGMGECallback",
     "SemanticVariance",
     "SemanticVarianceResult",
     "StreamingCKA",

@@ -87,14 +87,18 @@ class InterpretResult:
         settings: the options of the run (row rule, removal policy, ...).
         cka: ``{"pairs": [{"a", "b", "kind", "stage", "cka", "cka_biased"}]}``; kinds are
             ``cross_modal`` (two modalities, same stage), ``modality_fused`` (modality vs the
-            fused stream, same stage) and ``within`` (one stream, two stages).
+            fused stream, same stage), ``within`` (one stream, two stages) and ``to_final`` (a
+            stage tap vs the final representation: ``decoder.out``, or ``head.logits`` for
+            models without one, e.g. late fusion).
         semantic_variance: tap -> :class:`SemanticVarianceResult` fields.
         health: ``{"effective_rank": {tap: v}, "feature_norm": {tap: v},
             "norm_ratio": {stage: {"a/b": v}}}``.
         contribution: :class:`ContributionResult` fields (``metric``: ``"mIoU"`` for
             segmentation, ``"AP"`` for detection), plus ``unimodal_heads`` (modality ->
             ``{"miou", "iou"}`` of that modality's own prediction) for segmentation models with
-            ``{m}.head`` taps.
+            ``{m}.head`` taps, ``interaction`` and ``decomposition`` (pairwise interaction index
+            and redundancy / uniqueness / synergy of the score, :mod:`.interaction`) and, for
+            segmentation, ``pid`` (BROJA decomposition of the predictions in bits, :mod:`.pid`).
         reliance: tap -> modality -> ``1 - CKA(tap, tap with that modality removed)``.
         gates: tap -> stream -> mean value over the dataset.
         training: a training history (:class:`ModalityBalanceCallback` state), when known.
@@ -259,6 +263,14 @@ def _plan(model: nn.Module, taps: str | Sequence[str]) -> _Plan:
         for i, (sa, a) in enumerate(seq):
             for sb, b in seq[i + 1:]:
                 pairs.append((a, b, "within", f"{sa}-{sb}"))
+    # evolution towards the output: every stage tap against the final representation (decoder.out;
+    # late fusion has one decoder per modality, so its final representation is head.logits)
+    final = next((n for n in ("decoder.out", "head.logits") if n in features), None)
+    if final is not None:
+        for stage, streams in stage_taps.items():
+            for stream in [*mods, "fused"]:
+                if stream in streams:
+                    pairs.append((streams[stream], final, "to_final", stage))
     reliance = list(features)
     return _Plan(features, spatial, gates, pairs, stage_taps, reliance)
 
@@ -413,6 +425,14 @@ def run(
     contrib = (contribution_accumulator(task, mods, box_k if detection else k, policy, empty_policy, stats,
                                         ignore_index, perceptual, seed, device)
                if "contribution" in want else None)
+    # redundancy / uniqueness / synergy of the predictions (pixels: segmentation only), fed by
+    # the coalition passes above
+    joint = None
+    if contrib is not None and not detection and len(mods) >= 2:
+        from .pid import PredictionJoint
+
+        joint = PredictionJoint(mods, k, ignore_index)
+        contrib.observers.append(joint)
     # one accumulator per removed modality, so each sees every example exactly once
     rel = ({m: StreamingCKA(pairs=[(f"full::{t}", f"removed::{t}") for t in plan.reliance_taps]) for m in mods}
            if "reliance" in want and plan.reliance_taps else None)
@@ -625,6 +645,11 @@ def run(
                          "norm_ratio": ratio}
     if contrib is not None and has_target:
         result.contribution = contrib.result(class_names).to_dict()
+        from .interaction import coalition_terms
+
+        result.contribution.update(coalition_terms(result.contribution))
+        if joint is not None:
+            result.contribution["pid"] = joint.result(class_names)
         if head_cms:
             from .contribution import _summary
 

@@ -17,6 +17,10 @@ The training loop calls ``on_train_start(model)``, then per step ``on_after_back
 epoch)``, and ``on_epoch_end(epoch, logs)``; ``state_dict()`` is JSON-able. Hooks live on the
 head taps from ``on_train_start`` until ``on_train_end`` / :meth:`close`; they only record in
 training mode, so validation passes do not mix in.
+
+:class:`OGMGECallback` *changes* training: it is OGM-GE itself (on-the-fly gradient modulation
+with generalization enhancement), the imbalance remedy beside the training loop's modality
+dropout (``modality_dropout``); docs/interpret.md, "Imbalance remedies".
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ModalityBalanceCallback"]
+__all__ = ["ModalityBalanceCallback", "OGMGECallback", "modality_owned_gradients"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -202,6 +206,205 @@ class ModalityBalanceCallback:
                 self._conf.setdefault(modality, []).append(float(prob.amax(1).mean()))
 
         return hook
+
+
+def modality_owned_gradients(model: nn.Module, modality: str) -> list[tuple[nn.Parameter, slice | None]]:
+    """The convolution weights whose gradient belongs to one modality, as OGM-GE modulates them.
+
+    OGM-GE (Peng et al., CVPR 2022, Sec. 3.2; the authors' ``main.py``) scales the gradient of
+    every 4-d (convolution) weight of a modality's encoder. For models with per-modality
+    branches these are the 4-d tensors of ``model.modality_parameters(m)`` (slice ``None``).
+    Early fusion has no branch: the only weights that see one modality alone are that
+    modality's input-channel slice of the first convolution, which takes the concatenation
+    (channels in ``model.modalities`` order); the slice is returned with that parameter.
+
+    Returns:
+        ``[(parameter, slice of dim 1 or None), ...]``.
+
+    Raises:
+        ValueError: the model has neither branch weights nor a first convolution over the
+            concatenated input (e.g. ``early_stem``: name the weights by hand).
+    """
+    inner = _unwrap(model)
+    owned = [(p, None) for p in inner.modality_parameters(modality) if p.dim() == 4]
+    if owned:
+        return owned
+    in_chans = dict(getattr(inner, "in_chans", {}))
+    total = sum(in_chans.values())
+    first = next((m for m in inner.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None or first.in_channels != total or modality not in in_chans:
+        raise ValueError(
+            f"{type(inner).__name__}: no weights belong to modality {modality!r} alone (no per-modality branch, "
+            f"and the first Conv2d does not take the {total} concatenated input channels {in_chans}); "
+            "OGM-GE needs modality-owned weights")
+    start = 0
+    for m in inner.modalities:
+        if m == modality:
+            return [(first.weight, slice(start, start + in_chans[m]))]
+        start += in_chans[m]
+    raise ValueError(f"modality {modality!r} is not one of {list(inner.modalities)}")  # unreachable: checked above
+
+
+class OGMGECallback:
+    """OGM-GE: on-the-fly gradient modulation with generalization enhancement (a remedy).
+
+    Peng, Wei, Deng, Wang, Hu, "Balanced Multimodal Learning via On-the-fly Gradient
+    Modulation", CVPR 2022, Eq. 9-10 and Sec. 3.3, as in the authors' ``main.py``. Every step:
+
+    1. unimodal scores ``s^m = mean over labelled pixels of softmax(out^m)[y]``, where ``out^m``
+       is the model's own output with every other modality removed (``zero`` policy, the
+       coalition ``{m}`` of :mod:`.contribution`; the paper reads the fusion layer's share of
+       one modality, which a dense model does not have). The probes run under ``no_grad`` in
+       training mode with BatchNorm running statistics frozen (momentum 0), so they change
+       nothing but the coefficients;
+    2. discrepancy ``rho^m = s^m / mean_{n != m} s^n`` (for two modalities, the paper's ratio);
+    3. the modality with ``rho > 1`` gets ``k = 1 - tanh(alpha * rho)`` (the authors'
+       ``1 - tanh(alpha * relu(ratio))``), the others ``k = 1``;
+    4. each modality's convolution gradients (:func:`modality_owned_gradients`) become
+       ``k * g + N(0, std(g)^2)`` (GE; ``ge=False`` gives plain OGM: ``k * g``).
+
+    The noise is drawn from a generator seeded by ``(seed, step)`` and the scores are averaged
+    over ranks, so every DDP rank applies the same update.
+
+    Args:
+        alpha: modulation strength; the authors recommend 0.1 (VGGSound) to 0.8 (CREMA-D).
+        ge: add the generalization-enhancement noise.
+        start_epoch: first epoch modulated (the authors' ``modulation_starts``).
+        end_epoch: last epoch modulated, inclusive (``None`` = every epoch).
+        ignore_index: label ignored in the scores.
+        seed: noise seed.
+    """
+
+    def __init__(self, alpha: float = 0.5, ge: bool = True, start_epoch: int = 0, end_epoch: int | None = None,
+                 ignore_index: int = 255, seed: int = 0) -> None:
+        if alpha <= 0:
+            raise ValueError(f"OGM-GE alpha must be > 0, got {alpha}")
+        self.alpha, self.ge = float(alpha), bool(ge)
+        self.start_epoch, self.end_epoch = int(start_epoch), end_epoch
+        self.ignore_index, self.seed = int(ignore_index), int(seed)
+        self.modalities: list[str] = []
+        self.steps: list[dict[str, Any]] = []
+        self.epochs: list[dict[str, Any]] = []
+        self._epoch_rows: list[dict[str, Any]] = []
+        self._batch: Mapping[str, Any] | None = None
+        self._owned: dict[str, list[tuple[nn.Parameter, slice | None]]] = {}
+
+    def on_train_start(self, model: nn.Module) -> None:
+        """Find the modalities and the weights each one owns."""
+        inner = _unwrap(model)
+        if not hasattr(inner, "modalities") or len(inner.modalities) < 2:
+            raise TypeError(f"{type(inner).__name__}: OGM-GE needs a fusionzoo model with >= 2 modalities")
+        self.modalities = list(inner.modalities)
+        self._owned = {m: modality_owned_gradients(inner, m) for m in self.modalities}
+
+    def on_batch_start(self, batch: Mapping[str, Any]) -> None:
+        """Keep the batch: the probes need its inputs and ``mask``."""
+        self._batch = batch
+
+    @torch.no_grad()
+    def scores(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, float]:
+        """``s^m`` of one batch: mean true-class probability with only modality ``m`` kept."""
+        from .contribution import remove_modalities
+
+        inner = _unwrap(model)
+        mask = batch.get("mask") if isinstance(batch, Mapping) else None
+        if not isinstance(mask, torch.Tensor):
+            raise KeyError("OGM-GE needs the batch's 'mask' (segmentation labels); got keys "
+                           f"{sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__}")
+        device = next(inner.parameters()).device
+        inputs = {m: batch[m].to(device) for m in self.modalities}
+        mask = mask.to(device)
+        valid = mask != self.ignore_index
+        bns = [m for m in inner.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+                 for m in bns]
+        for m in bns:
+            m.momentum = 0.0  # running = 1 * running + 0 * batch: the probes leave the statistics alone
+        out = {}
+        try:
+            for m in self.modalities:
+                x, _ = remove_modalities(inputs, [n for n in self.modalities if n != m], "zero")
+                prob = inner(x).float().softmax(1)                                # (B, K, H, W)
+                p_true = prob.gather(1, mask.clamp(0, prob.shape[1] - 1)[:, None])[:, 0]
+                out[m] = torch.stack([p_true[valid].sum(), valid.sum().to(p_true)])
+        finally:
+            for m, (mom, nbt) in zip(bns, saved):
+                m.momentum = mom
+                if nbt is not None:
+                    m.num_batches_tracked.copy_(nbt)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            stacked = torch.stack([out[m] for m in self.modalities])
+            torch.distributed.all_reduce(stacked)
+            out = dict(zip(self.modalities, stacked))
+        return {m: float(v[0] / v[1].clamp(min=1)) for m, v in out.items()}
+
+    def coefficients(self, scores: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+        """``(rho, k)`` per modality from the scores (steps 2-3 of the class docstring)."""
+        rho, k = {}, {}
+        for m in self.modalities:
+            others = [scores[n] for n in self.modalities if n != m]
+            rho[m] = scores[m] / max(sum(others) / len(others), 1e-12)
+            k[m] = 1.0 - math.tanh(self.alpha * rho[m]) if rho[m] > 1 else 1.0
+        return rho, k
+
+    def on_after_backward(self, model: nn.Module, step: int, epoch: int) -> None:
+        """Modulate the gradients (after ``backward()``, before clipping and the optimizer step)."""
+        if not self.modalities:
+            raise RuntimeError("OGMGECallback.on_after_backward called before on_train_start")
+        if self._batch is None:
+            raise RuntimeError("OGMGECallback needs on_batch_start(batch) before every step (the training loop "
+                               "calls it; call it yourself in a hand-written loop)")
+        batch, self._batch = self._batch, None
+        if epoch < self.start_epoch or (self.end_epoch is not None and epoch > self.end_epoch):
+            return
+        was_training = model.training
+        model.train()
+        try:
+            s = self.scores(model, batch)
+        finally:
+            model.train(was_training)
+        rho, k = self.coefficients(s)
+        gen = None
+        for m in self.modalities:
+            for p, sl in self._owned[m]:
+                if p.grad is None:
+                    continue
+                g = p.grad if sl is None else p.grad[:, sl]
+                new = g * k[m]
+                if self.ge:
+                    if gen is None:  # same noise on every rank: seeded by (seed, step)
+                        gen = torch.Generator(device=g.device).manual_seed(self.seed * 1_000_003 + int(step))
+                    std = float(g.float().std()) + 1e-8 if g.numel() > 1 else 1e-8
+                    new = new + torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype) * std
+                if sl is None:
+                    p.grad.copy_(new)
+                else:
+                    p.grad[:, sl] = new
+        row = {"step": int(step), "epoch": int(epoch), "score": s, "ratio": rho, "coefficient": k}
+        self.steps.append(row)
+        self._epoch_rows.append(row)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        """Average the epoch's ratios and coefficients."""
+        rows, self._epoch_rows = self._epoch_rows, []
+        entry: dict[str, Any] = {"epoch": int(epoch), "num_steps": len(rows)}
+        for key in ("score", "ratio", "coefficient"):
+            entry[key] = {m: _nanmean([r[key][m] for r in rows]) for m in self.modalities} if rows else {}
+        self.epochs.append(entry)
+
+    def on_train_end(self, model: nn.Module | None = None) -> None:
+        """Nothing to release (no hooks)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able history and settings."""
+        return _clean({"alpha": self.alpha, "ge": self.ge, "start_epoch": self.start_epoch,
+                       "end_epoch": self.end_epoch, "modalities": self.modalities,
+                       "steps": self.steps, "epochs": self.epochs})
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the history (resumed runs)."""
+        self.steps = list(state.get("steps", []))
+        self.epochs = list(state.get("epochs", []))
 
 
 def _jsonable(v: Any) -> Any:

@@ -361,6 +361,9 @@ class ContributionAccumulator:
         self.perm_base = self.new_store()
         self._gen = torch.Generator(device=device).manual_seed(seed)
         self._perm_gen = torch.Generator().manual_seed(seed + 1)
+        # objects with add(subset, output, target) that also see every coalition pass, e.g.
+        # :class:`.pid.PredictionJoint` (no forward pass of their own)
+        self.observers: list[Any] = []
 
     # -- the task metric (overridden for detection) ----------------------------------------------
     def new_store(self) -> Any:
@@ -419,6 +422,8 @@ class ContributionAccumulator:
         """Add the output of one coalition's pass (segmentation: logits ``(B, K, H, W)``) and
         the batch's target (segmentation: mask ``(B, H, W)``)."""
         self.update_store(self.stores[subset], logits, mask)
+        for obs in self.observers:
+            obs.add(subset, logits, mask)
 
     def add_permuted(self, modality: str, logits: Any, mask: Any) -> None:
         """Add the output of the pass with ``modality`` permuted."""

@@ -504,8 +504,14 @@ def write_report(result: InterpretResult, out_dir: str | Path, title: str | None
                 f"Rows for CKA / effective rank: <code>{html.escape(str(res.settings.get('rows')))}</code>; removal "
                 f"policy <code>{html.escape(str(res.settings.get('policy')))}</code>. All numbers are in "
                 f"<code>metrics.json</code>.</p>")
-    sections = [intro]
+    from .findings import cooperation_tables, findings_html, plot_evolution
+
+    plots.insert(1, ("evolution", lambda r, p: plot_evolution([r.model], [r], p),
+                     "Per stage and stream: debiased CKA to the final representation and semantic variance."))
+    sections = [findings_html(res), intro]  # the first screen states the findings (findings.py)
     sections += _summary_tables(res)
+    sections += [f"<h2>{html.escape(t)}</h2>" + _table(h, [[html.escape(c) for c in row] for row in rows])
+                 for t, h, rows in cooperation_tables([res.model], [res])]
     figs = []
     for name, fn, caption in plots:
         p = fn(res, out / f"{name}.png")
@@ -600,7 +606,12 @@ def write_comparison(results: Sequence[InterpretResult | str | Path], out_dir: s
     path.write_text(json.dumps(cmp.to_json(), indent=1, allow_nan=False) + "\n")
     files["comparison"] = path
     figs = []
+    from .findings import comparison_findings_html, plot_evolution
+
     for name, fn, caption in [
+        ("cmp_evolution", lambda c, p: plot_evolution(c.models, res, p),
+         ("Per stage and stream, side by side: debiased CKA to the final representation (top) and semantic "
+         "variance (bottom).")),
         ("cmp_contribution", _cmp_contribution, f"Shapley value of {_cmp_metric(cmp)} per modality, per model."),
         ("cmp_cka", _cmp_cka, ("Debiased CKA between modalities (left) and between each modality "
                                  "and the fused stream (right) across stages.")),
@@ -612,9 +623,10 @@ def write_comparison(results: Sequence[InterpretResult | str | Path], out_dir: s
             files[name] = p
             figs.append(_img(p, caption))
     tables = comparison_tables(cmp, res)
-    sections = [f"<h{2 if i == 0 else 3}>{html.escape(heading)}</h{2 if i == 0 else 3}>"
-                + _table(header, [[html.escape(c) for c in row] for row in rows])
-                for i, (heading, header, rows) in enumerate(tables)]
+    sections = [comparison_findings_html(cmp.models, res)]  # findings side by side first (findings.py)
+    sections += [f"<h{2 if i == 0 else 3}>{html.escape(heading)}</h{2 if i == 0 else 3}>"
+                 + _table(header, [[html.escape(c) for c in row] for row in rows])
+                 for i, (heading, header, rows) in enumerate(tables)]
     sections.append("<h2>Plots</h2>" + "".join(figs))
     path = out / "comparison.md"
     path.write_text(comparison_markdown(cmp, res))
@@ -661,6 +673,9 @@ def comparison_tables(cmp: ComparisonResult, results: Sequence[InterpretResult])
     tables.append(("Semantic variance per stream and stage", ["model", "stream", *cmp.stages],
                    [[lab, stream] + [_num(d.get(s)) for s in cmp.stages]
                     for lab in cmp.models for stream, d in cmp.semantic_variance[lab].items()]))
+    from .findings import cooperation_tables  # interaction, score decomposition, PID
+
+    tables += cooperation_tables(cmp.models, results)
     return tables
 
 
