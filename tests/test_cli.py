@@ -35,7 +35,8 @@ def test_interpret_model_name(tmp_path, capsys):
                  "cka,semantic_variance,contribution", *TINY]) == 0
     data = json.loads((out / "metrics.json").read_text())
     assert data["model"] == "early_concat_resnet18" and data["num_images"] == 4
-    assert data["cka"]["pairs"] and all(p["kind"] == "within" for p in data["cka"]["pairs"])
+    kinds = {p["kind"] for p in data["cka"]["pairs"]}
+    assert kinds == {"within", "to_final"}  # one stream (early fusion): stages vs stages and vs decoder.out
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<script" not in html  # self-contained, static
     assert (out / "semantic_variance.png").is_file() and (out / "contribution.png").is_file()
