@@ -40,8 +40,8 @@ def test_known_answer_mlpd_through_train_eval_path(kaist_eval):
     """MLPD's published detections on the improved test annotations: 7.58 % (all), and the day /
     night numbers published with it (7.95 / 6.95), through ``evaluate_detection`` as train.py
     calls it (boxes at 1/64 scale in the batches, mapped back to the 512x640 frame by the metric).
-    About 4 s on 2 shared cores (mostly pycocotools AP over 2,252 images, which evaluate_detection
-    always computes), kept because it is the known answer the issue asks for."""
+    3.9-5.2 s measured on 2 shared cores (three quarters of it pycocotools AP over 2,252 images,
+    which evaluate_detection always computes); kept because it is the known answer of issue 11."""
     ids, names, targets = load_annotations(kaist_eval / "KAIST_annotation.json")
     preds = load_results(kaist_eval / "MLPD_result.txt", ids)
     assert len(ids) == 2252 and sum(len(t["boxes"]) for t in targets) == 4254
