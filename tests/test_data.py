@@ -195,7 +195,15 @@ def test_missing_modality_folder(nyu):
     for f in (nyu / "depth").iterdir():
         f.unlink()
     (nyu / "depth").rmdir()
-    with pytest.raises(FileNotFoundError, match=r"nyuv2/depth.*'depth' missing"):
+    with pytest.raises(FileNotFoundError, match=r"nyuv2/depth: modality folder 'depth' missing"):
+        create_dataset("nyuv2", root=nyu)
+
+
+def test_missing_label_folder_is_named_a_label_folder(nyu):
+    for f in (nyu / "label").iterdir():
+        f.unlink()
+    (nyu / "label").rmdir()
+    with pytest.raises(FileNotFoundError, match=r"nyuv2/label: label folder \(class-index PNGs\) 'label' missing"):
         create_dataset("nyuv2", root=nyu)
 
 

@@ -26,7 +26,6 @@ import numpy as np
 
 from fusionzoo.data.preparing import link_or_copy, read_voc_xml, write_boxes, write_split
 
-
 IGNORE_LABELS = ("people", "cyclist", "person?")  # KAIST labels kept as ignore regions
 IMAGE_EXTENSIONS = (".jpg", ".png")
 
