@@ -103,7 +103,8 @@ class InterpretResult:
         gates: tap -> stream -> mean value over the dataset.
         training: a training history (:class:`ModalityBalanceCallback` state), when known.
         timings: seconds per phase.
-        artifacts: in-memory extras for plots (Grad-CAM maps, first-batch gate maps, display
+        artifacts: in-memory extras for plots (Grad-CAM maps and, for segmentation, the class
+            each image's map explains in ``gradcam_classes``, first-batch gate maps, display
             images; for detectors also the first images' ``detections``, ``targets`` and the
             ``gradcam_detections`` explained); not written to JSON.
     """
