@@ -147,7 +147,7 @@ def test_bit_flipped_pretrained_weights_are_refused(tmp_path):
         from_pretrained(bad)
     files = json.loads((folder / "config.json").read_text())["files"]
     assert set(files) == {"model.safetensors"} and len(files["model.safetensors"]["sha256"]) == 64
-    from_pretrained(folder)  # intact: loads
+    # (the intact folder loads: tests/test_engine_hub.py round-trips one with its manifest)
 
 
 # --- items 15 and 16: model input check -------------------------------------------------------
