@@ -26,7 +26,7 @@ What makes this the authors' network rather than fusionzoo's ``cmx`` family on `
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -275,7 +275,7 @@ def load_mit_imagenet(model: CMXMiT, path: str, strict: bool = True) -> CMXMiT:
 ACCEPTS = ("num_classes", "modalities", "in_chans", "pretrained", "decoder_channels", "dropout", "drop_path_rate")
 
 
-def _entry(variant: str):  # noqa: ANN202  (returns the registered entry point)
+def _entry(variant: str) -> Callable[..., nn.Module]:
     name = f"cmx_mit_{variant}"
 
     def entry(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:

@@ -1,0 +1,73 @@
+"""CMX published entries against the authors' code: golden outputs of their network (computed by
+tools/parity/cmx.py from their repository, reduced to MiT-B0 at 64x64), their state dict
+converted into ours, and their parameter counts of CMX-B0..B5 at 40 classes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fusionzoo as fz
+from fusionzoo.models.convert import convert_state_dict
+from fusionzoo.models.published.parity import fill_state_dict, max_abs_diff, read_fixture, seeded_inputs
+
+FIXTURE = Path(__file__).parent / "fixtures" / "parity" / "cmx"
+TOLERANCE = 1e-5  # float32, issue 10
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def fixture() -> dict:
+    return read_fixture(FIXTURE)
+
+
+@pytest.fixture(scope="module")
+def converted(fixture: dict) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = fz.create_model(fixture["model"], **fixture["config"])
+    authors = fill_state_dict(fixture["authors_state_dict"], fixture["seed_weights"])
+    ours = convert_state_dict(fixture["model"], authors, model)
+    model.load_state_dict(ours, strict=True)
+    return model
+
+
+def test_fixture_names_the_entries_commit(fixture: dict) -> None:
+    entry = fz.model_entry(fixture["model"])
+    assert entry.published and entry.reference_commit == fixture["reference_commit"]
+
+
+def test_eval_and_train_outputs_equal_the_authors(fixture: dict, converted: torch.nn.Module) -> None:
+    golden = load_file(FIXTURE / "outputs.safetensors")
+    inputs = seeded_inputs(fixture["inputs"], fixture["seed_inputs"])
+    model = converted.eval()
+    with torch.no_grad():
+        assert max_abs_diff(model(inputs), golden["eval_logits"]) <= TOLERANCE
+    model.train()  # BatchNorm on batch statistics; drop path and dropout are off in both
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    out = model(leaves)
+    out.square().mean().backward()
+    assert max_abs_diff(out.detach(), golden["train_logits"]) <= TOLERANCE
+    for m in ("rgb", "hha"):
+        # The loss is a mean over 24k logits, so input gradients are ~1e-3: compare relative to them.
+        reference = golden[f"train_grad_{m}"]
+        assert max_abs_diff(leaves[m].grad, reference) <= TOLERANCE * float(reference.abs().max())
+
+
+def test_wrong_checkpoint_names_the_first_key(fixture: dict, converted: torch.nn.Module) -> None:
+    authors = fill_state_dict(fixture["authors_state_dict"], 0)
+    authors["aux_head.conv_seg.weight"] = torch.zeros(3, 64, 1, 1)  # an UPerNet run's head
+    with pytest.raises(fz.ConversionError, match="aux_head.conv_seg.weight"):
+        convert_state_dict(fixture["model"], authors, converted)
+
+
+# Built on the meta device (no memory, no init); B1/B3-B5 are marked slow: 2-4 s each on a shared
+# CPU for building 2 x (8..52) timm blocks, the same code as B0/B2.
+@pytest.mark.parametrize("variant", ["b0", "b2", *(pytest.param(v, marks=pytest.mark.slow) for v in ("b1", "b3", "b4", "b5"))])
+def test_parameter_count_equals_the_authors(fixture: dict, variant: str) -> None:
+    name = f"cmx_mit_{variant}"
+    with torch.device("meta"):
+        model = fz.create_model(name, num_classes=40)
+    assert sum(p.numel() for p in model.parameters()) == fixture["authors_param_counts_40_classes"][name]
