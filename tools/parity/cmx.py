@@ -75,12 +75,14 @@ def _cfg(variant: str, num_classes: int) -> SimpleNamespace:
 
 
 def reference_model(checkout: Path, variant: str, num_classes: int) -> nn.Module:
-    """The authors' training network ``EncoderDecoder`` (MLP decoder, embedding 512), built as
+    """The authors' training network ``EncoderDecoder`` for ``variant`` (``b2`` or ``mit_b2``;
+    MLP decoder, embedding 512), built as
     their ``train.py`` does (with a criterion, so ``init_weights`` sets the decoder's BN eps 1e-3).
 
     Raises:
         ValueError: a variant their builder does not build (``b1``, ``b3``).
     """
+    variant = variant.removeprefix("mit_")  # our entries' encoder names are mit_b0 .. mit_b5
     if variant not in BUILDER_VARIANTS:
         raise ValueError(f"the authors' builder does not build mit_{variant} (it builds {BUILDER_VARIANTS})")
     authors = _import_authors(Path(checkout))
