@@ -71,3 +71,27 @@ def test_parameter_count_equals_the_authors(fixture: dict, variant: str) -> None
     with torch.device("meta"):
         model = fz.create_model(name, num_classes=40)
     assert sum(p.numel() for p in model.parameters()) == fixture["authors_param_counts_40_classes"][name]
+
+
+def test_replicated_x_and_imagenet_mit_init(fixture: dict, converted: torch.nn.Module, tmp_path: Path) -> None:
+    """``replicate_x``: a 1-channel X repeated in the model equals the authors' 3 copies; and
+    SegFormer's ImageNet MiT file initializes both streams, as the authors' load_dualpath_model."""
+    authors = fill_state_dict(fixture["authors_state_dict"], fixture["seed_weights"])
+    segformer = {k[len("backbone."):]: v for k, v in authors.items()
+                 if k.startswith("backbone.") and not k.startswith(("backbone.extra_", "backbone.FRMs", "backbone.FFMs"))}
+    segformer["head.weight"] = torch.zeros(1000, 256)  # SegFormer's ImageNet classifier: dropped
+    torch.save(segformer, tmp_path / "mit_b0.pth")
+    model = fz.create_model(fixture["model"], **fixture["config"], replicate_x=True,
+                            mit_weights=str(tmp_path / "mit_b0.pth")).eval()
+    assert model.in_chans == {"rgb": 3, "hha": 1}
+    own = model.state_dict()
+    mapped = convert_state_dict(fixture["model"], authors, converted)
+    for key, value in mapped.items():
+        if key.startswith("encoders.rgb."):
+            assert torch.equal(own[key], value) and torch.equal(own[key.replace("encoders.rgb.", "encoders.hha.")], value)
+    model.load_state_dict(converted.state_dict())  # (its BN statistics moved in the train-mode test)
+    inputs = seeded_inputs(fixture["inputs"], fixture["seed_inputs"])
+    one = inputs["hha"][:, :1]
+    with torch.no_grad():
+        expected = converted.eval()({"rgb": inputs["rgb"], "hha": one.expand(-1, 3, -1, -1)})
+        assert torch.equal(model({"rgb": inputs["rgb"], "hha": one}), expected)

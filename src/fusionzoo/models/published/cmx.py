@@ -19,8 +19,11 @@ What makes this the authors' network rather than fusionzoo's ``cmx`` family on `
   set by ``init_weight`` when the training network is built).
 - both inputs are 3-channel images, as the authors feed them: RGB and X (HHA; or depth / thermal
   replicated to three channels by their data loader, each normalized with the ImageNet mean and
-  std). ``in_chans={"depth": 1}`` gives a 1-channel X stem instead, which is no longer the
-  authors' network (the released weights then do not convert).
+  std). ``replicate_x=True`` takes a 1-channel X (depth, thermal) and repeats it to three
+  channels in the model, as their loader does, keeping the network to the parameter (only the
+  per-channel ImageNet normalization of the copies is not reproduced: the one channel is
+  normalized with the dataset's statistics). ``in_chans={"depth": 1}`` instead gives a 1-channel
+  X stem, which is no longer the authors' network (the released weights then do not convert).
 """
 
 from __future__ import annotations
@@ -123,6 +126,9 @@ class CMXMiT(CMXModel):
         decoder_channels: MLP-decoder embedding (512).
         dropout: dropout before the classifier (0.1).
         drop_path_rate: MiT stochastic depth (0.1; 0 for exact train-mode comparisons).
+        replicate_x: the X input has one channel, repeated to three before its 3-channel stem.
+        mit_weights: path of SegFormer's ImageNet MiT file (``mit_b2.pth``, linked from the
+            authors' README) loaded into both streams, as the reference trains from it.
 
     Taps as every middle-fusion model: ``{m}.stage1..4`` (each MiT stage's output before FRM),
     ``fused.stage1..4`` (FFM output) with ``.gate`` / ``.attn`` (FRM weights), ``decoder.out``,
@@ -140,6 +146,8 @@ class CMXMiT(CMXModel):
         decoder_channels: int = DECODER_EMBED_DIM,
         dropout: float = 0.1,
         drop_path_rate: float = DROP_PATH_RATE,
+        replicate_x: bool = False,
+        mit_weights: str | None = None,
     ) -> None:
         if variant not in MIT_DEPTHS:
             raise ValueError(f"unknown MiT variant {variant!r}; choose one of {sorted(MIT_DEPTHS)}")
@@ -153,8 +161,15 @@ class CMXMiT(CMXModel):
             raise ValueError(f"cmx_mit_{variant} takes RGB then one X modality, e.g. ('rgb', 'hha'); got {tuple(modalities)}")
         self.variant = variant
         self.drop_path_rate = drop_path_rate
+        if replicate_x and in_chans:
+            raise ValueError("pass replicate_x=True (a 1-channel X repeated to 3) or in_chans, not both")
         chans = {m: 3 for m in modalities}
         chans.update(in_chans or {})
+        # Channels each stream's stem takes; the input check (in_chans) may see fewer.
+        self.stem_chans = dict(chans)
+        self.replicate_x = replicate_x
+        if replicate_x:
+            chans[tuple(modalities)[1]] = 1
         super().__init__(
             f"pvt_v2_{variant}",
             num_classes=num_classes,
@@ -172,11 +187,19 @@ class CMXMiT(CMXModel):
         rgb_rates, x_rates = authors_drop_path_rates(MIT_DEPTHS[variant], drop_path_rate)
         _set_drop_path(self.encoders[self.modalities[0]], rgb_rates)
         _set_drop_path(self.encoders[self.modalities[1]], x_rates)
+        if mit_weights is not None:
+            load_mit_imagenet(self, mit_weights)
+
+    def forward_streams(self, xs: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+        if self.replicate_x:  # (B, 1, H, W) -> (B, 3, H, W), as the authors' cv2.merge([x, x, x])
+            x = self.modalities[1]
+            xs = {**xs, x: xs[x].expand(-1, self.stem_chans[x], -1, -1)}
+        return super().forward_streams(xs)
 
     def make_encoder(self, modality: str, encoder: str, *, pretrained: bool, with_stem: bool, mono_init: str) -> Encoder:
         return Encoder(
             encoder,
-            in_chans=self.in_chans[modality],
+            in_chans=self.stem_chans[modality],
             pretrained=False,
             with_stem=False,
             timm_kwargs={"mlp_ratios": MIT_MLP_RATIOS, "depths": MIT_DEPTHS[self.variant]},
@@ -272,7 +295,10 @@ def load_mit_imagenet(model: CMXMiT, path: str, strict: bool = True) -> CMXMiT:
 
 
 # ----------------------------------------------------------------------------- entry points
-ACCEPTS = ("num_classes", "modalities", "in_chans", "pretrained", "decoder_channels", "dropout", "drop_path_rate")
+ACCEPTS = (
+    "num_classes", "modalities", "in_chans", "pretrained", "decoder_channels", "dropout", "drop_path_rate",
+    "replicate_x", "mit_weights",
+)
 
 
 def _entry(variant: str) -> Callable[..., nn.Module]:
