@@ -2,6 +2,7 @@
 """Regenerate tests/fixtures/parity/cmx/ from a checkout of the authors' CMX repository.
 
     python tools/parity/cmx.py --ref /path/to/RGBX_Semantic_Segmentation
+    python tools/parity/cmx.py --check     # ours against the committed fixture, max abs diffs
 
 Reference: https://github.com/huaaaliu/RGBX_Semantic_Segmentation (the commit is read from the
 checkout and must equal ``fusionzoo.models.published.cmx.REFERENCE_COMMIT``). Their code is
@@ -116,11 +117,45 @@ def _no_drop(model: nn.Module) -> None:
                 child.p = 0.0
 
 
+def check(folder: Path) -> dict[str, float]:
+    """Max abs differences of ours against the committed fixture (no authors' code needed):
+    eval and train logits, and train-mode input gradients relative to their largest value."""
+    from safetensors.torch import load_file
+
+    import fusionzoo as fz
+    from fusionzoo.models.convert import convert_state_dict
+    from fusionzoo.models.published.parity import fill_state_dict, max_abs_diff, read_fixture, seeded_inputs
+
+    fixture = read_fixture(folder)
+    golden = load_file(folder / "outputs.safetensors")
+    model = fz.create_model(fixture["model"], **fixture["config"])
+    authors = fill_state_dict(fixture["authors_state_dict"], fixture["seed_weights"])
+    model.load_state_dict(convert_state_dict(fixture["model"], authors, model))
+    inputs = seeded_inputs(fixture["inputs"], fixture["seed_inputs"])
+    with torch.no_grad():
+        diffs = {"eval_logits": max_abs_diff(model.eval()(inputs), golden["eval_logits"])}
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    out = model.train()(leaves)
+    out.square().mean().backward()
+    diffs["train_logits"] = max_abs_diff(out.detach(), golden["train_logits"])
+    for m, leaf in leaves.items():
+        reference = golden[f"train_grad_{m}"]
+        diffs[f"train_grad_{m} (relative)"] = max_abs_diff(leaf.grad, reference) / float(reference.abs().max())
+    return diffs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ref", type=Path, required=True, help="checkout of huaaaliu/RGBX_Semantic_Segmentation")
+    parser.add_argument("--ref", type=Path, help="checkout of huaaaliu/RGBX_Semantic_Segmentation")
     parser.add_argument("--out", type=Path, default=FIXTURE)
+    parser.add_argument("--check", action="store_true", help="only print ours vs the committed fixture")
     args = parser.parse_args()
+    if args.check:
+        for key, value in check(args.out).items():
+            print(f"{key}: max abs diff {value:.3g}")
+        return
+    if args.ref is None:
+        parser.error("--ref is required to regenerate the fixture (or use --check)")
 
     from fusionzoo.models.published import cmx as ours
     from fusionzoo.models.published.parity import RULE, fill_state_dict, key_shapes, seeded_inputs
