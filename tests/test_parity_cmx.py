@@ -95,3 +95,18 @@ def test_replicated_x_and_imagenet_mit_init(fixture: dict, converted: torch.nn.M
     with torch.no_grad():
         expected = converted.eval()({"rgb": inputs["rgb"], "hha": one.expand(-1, 3, -1, -1)})
         assert torch.equal(model({"rgb": inputs["rgb"], "hha": one}), expected)
+
+
+def test_convert_checkpoint_file_then_from_pretrained(fixture: dict, tmp_path: Path) -> None:
+    """An authors'-format file (their Engine.save_checkpoint: model, optimizer, epoch, iteration) -> a from_pretrained
+    folder whose model gives the authors' eval outputs."""
+    authors = fill_state_dict(fixture["authors_state_dict"], fixture["seed_weights"])
+    optimizer = {"state": {}, "param_groups": [{"lr": 6e-5, "params": [0]}]}
+    torch.save({"model": authors, "optimizer": optimizer, "epoch": 500, "iteration": 50000}, tmp_path / "epoch-last.pth")
+    out = fz.convert_checkpoint(fixture["model"], tmp_path / "epoch-last.pth", tmp_path / "converted",
+                                modalities=tuple(fixture["config"]["modalities"]))
+    model = fz.from_pretrained(out)  # num_classes read from the classifier: 3
+    golden = load_file(FIXTURE / "outputs.safetensors")
+    with torch.no_grad():
+        logits = model(seeded_inputs(fixture["inputs"], fixture["seed_inputs"]))
+    assert max_abs_diff(logits, golden["eval_logits"]) <= TOLERANCE
