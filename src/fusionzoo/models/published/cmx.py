@@ -121,8 +121,8 @@ class CMXMiT(CMXModel):
         num_classes: ``K`` (40 for NYUDv2, 9 for MFNet).
         modalities: RGB first, then the X modality (``("rgb", "hha")`` for NYUDv2).
         in_chans: per-stream input channels; both default to 3 (see the module docstring).
-        pretrained: ``False`` only (MiT's ImageNet weights are SegFormer's, not timm's
-            ``pvt_v2``; load them with :func:`load_mit_imagenet`).
+        pretrained: ``False`` only here (MiT's ImageNet weights are SegFormer's, not timm's
+            ``pvt_v2``: pass ``mit_weights``); the entry points also take a released tag.
         decoder_channels: MLP-decoder embedding (512).
         dropout: dropout before the classifier (0.1).
         drop_path_rate: MiT stochastic depth (0.1; 0 for exact train-mode comparisons).
@@ -154,8 +154,8 @@ class CMXMiT(CMXModel):
         if pretrained is not False:
             raise ValueError(
                 "cmx_mit_*: pretrained=True has no timm weights to load (timm's pvt_v2 is not MiT); "
-                "pass a released tag (pretrained='nyuv2'), or load SegFormer's ImageNet MiT file with "
-                "fusionzoo.models.published.cmx.load_mit_imagenet(model, 'mit_b2.pth')"
+                "pass a released tag (pretrained='nyuv2'), or SegFormer's ImageNet MiT file as "
+                "mit_weights='pretrained/segformer/mit_b2.pth' (the authors' README links it)"
             )
         if tuple(modalities)[:1] != ("rgb",) or len(tuple(modalities)) != 2:
             raise ValueError(f"cmx_mit_{variant} takes RGB then one X modality, e.g. ('rgb', 'hha'); got {tuple(modalities)}")
