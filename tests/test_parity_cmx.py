@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from timm.models.pvt_v2 import PyramidVisionTransformerStage
 
 import fusionzoo as fz
 from fusionzoo.models.convert import convert_state_dict
+from fusionzoo.models.published.cmx import MIT_DEPTHS, authors_drop_path_rates
 from fusionzoo.models.published.parity import fill_state_dict, max_abs_diff, read_fixture, seeded_inputs
 
 FIXTURE = Path(__file__).parent / "fixtures" / "parity" / "cmx"
@@ -110,3 +112,20 @@ def test_convert_checkpoint_file_then_from_pretrained(fixture: dict, tmp_path: P
     with torch.no_grad():
         logits = model(seeded_inputs(fixture["inputs"], fixture["seed_inputs"]))
     assert max_abs_diff(logits, golden["eval_logits"]) <= TOLERANCE
+
+
+def test_drop_path_schedule_equals_the_authors(fixture: dict) -> None:
+    """MiT-B2's per-block stochastic-depth rates, RGB and X streams, as their code sets them."""
+    with torch.device("meta"):
+        model = fz.create_model("cmx_mit_b2")  # drop path 0.1 by default, as theirs
+
+    def built(stream: str) -> list[list[float]]:
+        stages = [m for m in model.encoders[stream].modules() if isinstance(m, PyramidVisionTransformerStage)]
+        return [[float(getattr(b.drop_path1, "drop_prob", 0.0)) for b in s.blocks] for s in stages]
+
+    rgb, x = built("rgb"), built("hha")
+    assert (rgb, x) == authors_drop_path_rates(MIT_DEPTHS["b2"], 0.1)
+    theirs = fixture["authors_drop_path_b2"]
+    for ours, reference in ((rgb, theirs["rgb"]), (x, theirs["x"])):
+        assert [len(s) for s in ours] == [len(s) for s in reference]
+        assert all(abs(a - b) < 1e-7 for s, t in zip(ours, reference) for a, b in zip(s, t))

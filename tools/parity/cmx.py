@@ -105,6 +105,18 @@ def authors_param_count(checkout: Path, variant: str, num_classes: int = FULL_CL
     return sum(p.numel() for p in backbone.parameters()) + sum(p.numel() for p in head.parameters())
 
 
+def authors_drop_path(checkout: Path, variant: str) -> dict[str, list[list[float]]]:
+    """Stochastic-depth rate of every block of their ``mit_<variant>`` (RGB ``block1..4``, X
+    ``extra_block1..4``), 0 where they put an Identity."""
+    authors = _import_authors(Path(checkout))
+    backbone = getattr(authors.dual_segformer, f"mit_{variant}")(norm_fuse=nn.BatchNorm2d)
+
+    def rates(prefix: str) -> list[list[float]]:
+        return [[float(getattr(b.drop_path, "drop_prob", 0.0)) for b in getattr(backbone, f"{prefix}{k}")] for k in range(1, 5)]
+
+    return {"rgb": rates("block"), "x": rates("extra_block")}
+
+
 def _no_drop(model: nn.Module) -> None:
     """Drop path and dropout off (their mit_b* hard-code drop_path_rate=0.1)."""
     from timm.layers import DropPath as NewDropPath
@@ -206,6 +218,7 @@ def main() -> None:
         "inputs": input_shapes,
         "train_loss": "mean(logits ** 2), gradients w.r.t. both inputs",
         "authors_param_counts_40_classes": counts,
+        "authors_drop_path_b2": authors_drop_path(args.ref, "b2"),
         "authors_state_dict": shapes,
     }
     (args.out / "fixture.json").write_text(json.dumps(fixture, indent=1) + "\n")
