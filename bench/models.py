@@ -5,6 +5,7 @@ number of taps, and the paper it follows.
     python bench/models.py                       # named variants, NYUDv2 head (40 classes), RGB-D
     python bench/models.py --filter "cmx_*" --num-classes 9 --modalities rgb thermal
     python bench/models.py --markdown            # the table in README.md (methods x encoders)
+    python bench/models.py --published           # the authors' networks (docs/published.md)
 
 Parameters do not depend on the input size; the forward check runs one 1x(C)x480x640 batch per
 model when --forward is given (slow on CPU).
@@ -27,16 +28,19 @@ def main() -> None:
     parser.add_argument("--families", action="store_true", help="include family entries (default encoder)")
     parser.add_argument("--forward", action="store_true", help="also run one 480x640 forward pass per model")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--published", action="store_true", help="list published entries (the authors' networks) instead")
     args = parser.parse_args()
 
     names = [
-        n for n in fz.list_models(args.filter, task="segmentation", modalities=args.modalities)
+        n for n in fz.list_models(args.filter, task="segmentation", modalities=args.modalities, published=args.published)
         if args.families or fz.model_entry(n).encoder_fixed
     ]
     rows = []
     for name in names:
         entry = fz.model_entry(name)
-        model = fz.create_model(name, num_classes=args.num_classes, modalities=tuple(args.modalities)).eval()
+        # Published entries are built on their paper's streams (e.g. RGB + 3-channel HHA).
+        streams = {} if entry.published else {"modalities": tuple(args.modalities)}
+        model = fz.create_model(name, num_classes=args.num_classes, **streams).eval()
         params = sum(p.numel() for p in model.parameters())
         shape = ""
         if args.forward:

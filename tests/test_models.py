@@ -38,9 +38,14 @@ REAL_HEAVY = sorted(
 FULL = LIGHT + REAL_HEAVY
 
 
-def make_inputs(modalities: tuple[str, ...], batch: int = 2, size: int = SIZE) -> dict[str, torch.Tensor]:
+def make_inputs(
+    modalities: tuple[str, ...], batch: int = 2, size: int = SIZE, in_chans: dict[str, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """Seeded inputs; ``in_chans`` (a model's) overrides the default channels (CMX's published
+    entries take a 3-channel X stream, as the authors do)."""
     g = torch.Generator().manual_seed(1)
-    return {m: torch.randn(batch, fz.DEFAULT_CHANNELS[m], size, size, generator=g) for m in modalities}
+    chans = {**fz.DEFAULT_CHANNELS, **(in_chans or {})}
+    return {m: torch.randn(batch, chans[m], size, size, generator=g) for m in modalities}
 
 
 def build(name: str, modalities: tuple[str, ...] = ("rgb", "depth")) -> nn.Module:
@@ -95,7 +100,7 @@ def test_heavy_variant_on_meta_device(heavy: str) -> None:
     with torch.device("meta"):
         torch.manual_seed(0)
         model = fz.create_model(heavy, num_classes=NUM_CLASSES).train()
-    inputs = {k: v.to("meta") for k, v in make_inputs(model.modalities).items()}
+    inputs = {k: v.to("meta") for k, v in make_inputs(model.modalities, in_chans=model.in_chans).items()}
     info = model.tap_info()
     with fz.capture(model) as acts:
         out = model(inputs)
@@ -114,7 +119,7 @@ def test_heavy_variant_on_meta_device(heavy: str) -> None:
 def test_forward_shape_and_finite(built: nn.Module) -> None:
     model = built.eval()
     with torch.no_grad():
-        out = model(make_inputs(model.modalities))
+        out = model(make_inputs(model.modalities, in_chans=model.in_chans))
     assert out.shape == (2, NUM_CLASSES, SIZE, SIZE)
     assert torch.isfinite(out).all()
 
@@ -122,7 +127,7 @@ def test_forward_shape_and_finite(built: nn.Module) -> None:
 def test_backward_reaches_every_parameter(built: nn.Module) -> None:
     model = built.train()
     model.zero_grad(set_to_none=True)
-    out = model(make_inputs(model.modalities))
+    out = model(make_inputs(model.modalities, in_chans=model.in_chans))
     out.square().mean().backward()
     dead = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not dead, f"parameters without gradient (a dead branch?): {dead[:10]}"
@@ -134,7 +139,7 @@ def test_taps_declared_equal_observed(name: str, built: nn.Module) -> None:
     model = built.eval()
     info = model.tap_info()
     with torch.no_grad(), fz.capture(model) as acts:
-        model(make_inputs(model.modalities))
+        model(make_inputs(model.modalities, in_chans=model.in_chans))
     check_taps_observed(info, acts)
     streams = {meta.stream for meta in info.values()}
     assert "head" in streams and "fused" in streams or any(m in streams for m in model.modalities)
@@ -143,7 +148,7 @@ def test_taps_declared_equal_observed(name: str, built: nn.Module) -> None:
 
 def test_capture_is_observational_and_leaves_no_hooks(name: str, built: nn.Module) -> None:
     model = built.eval()
-    inputs = make_inputs(model.modalities)
+    inputs = make_inputs(model.modalities, in_chans=model.in_chans)
     with torch.no_grad():
         before = model(inputs)
         with fz.capture(model, "*") as acts:
@@ -156,7 +161,7 @@ def test_capture_is_observational_and_leaves_no_hooks(name: str, built: nn.Modul
 
 def test_bad_inputs_raise_clear_errors(name: str, built: nn.Module) -> None:
     model = built
-    good = make_inputs(model.modalities)
+    good = make_inputs(model.modalities, in_chans=model.in_chans)
     aux = model.modalities[1]
     with pytest.raises(ValueError, match=aux):
         model({k: v for k, v in good.items() if k != aux})
@@ -170,7 +175,7 @@ def test_bad_inputs_raise_clear_errors(name: str, built: nn.Module) -> None:
 
 def test_missing_modality_policy(name: str, built: nn.Module) -> None:
     model = built.eval()
-    inputs = make_inputs(model.modalities)
+    inputs = make_inputs(model.modalities, in_chans=model.in_chans)
     aux = model.modalities[1]
     heads = ["head.logits"] + [f"{m}.head" for m in model.modalities if f"{m}.head" in model.tap_info()]
     with torch.no_grad(), fz.capture(model, *heads) as acts:
@@ -196,7 +201,7 @@ def test_safetensors_round_trip(built: nn.Module, tmp_path) -> None:
     torch.manual_seed(123)  # different init, so equality below proves the load
     clone = fz.create_model(**model.config).eval()
     clone.load_state_dict(load_file(str(path)))
-    inputs = make_inputs(model.modalities)
+    inputs = make_inputs(model.modalities, in_chans=model.in_chans)
     with torch.no_grad():
         assert torch.equal(model(inputs), clone(inputs))
 
@@ -232,7 +237,7 @@ def test_three_modalities_or_clear_error(small: str) -> None:
 def test_capture_gradients_and_patterns() -> None:
     model = build("late_gate_resnet18").train()
     with fz.capture(model, "depth.stage*", "head.gate", grads=True) as acts:
-        model(make_inputs(model.modalities)).square().mean().backward()
+        model(make_inputs(model.modalities, in_chans=model.in_chans)).square().mean().backward()
     assert list(acts) == ["depth.stage1", "depth.stage2", "depth.stage3", "depth.stage4", "head.gate"]
     assert set(acts.grads) == set(acts)
     assert all(acts.grads[k].shape == acts[k].shape for k in acts)
@@ -240,8 +245,8 @@ def test_capture_gradients_and_patterns() -> None:
         pass
     # Two forward passes inside one capture are refused: each tap must fire exactly once.
     with pytest.raises(RuntimeError, match="fired twice"), torch.no_grad(), fz.capture(model, "head.logits"):
-        model(make_inputs(model.modalities))
-        model(make_inputs(model.modalities))
+        model(make_inputs(model.modalities, in_chans=model.in_chans))
+        model(make_inputs(model.modalities, in_chans=model.in_chans))
     with pytest.raises(RuntimeError, match="did not fire"), fz.capture(model, "head.logits"):
         pass
     assert not any(m._forward_hooks for m in model.modules())
@@ -250,17 +255,17 @@ def test_capture_gradients_and_patterns() -> None:
 def test_capture_survives_inplace_ops() -> None:
     model = build("early_concat_resnet18").eval()
     with torch.no_grad(), fz.capture(model, "fused.stage1") as acts:
-        model(make_inputs(model.modalities))
+        model(make_inputs(model.modalities, in_chans=model.in_chans))
         first = acts["fused.stage1"].clone()
     with torch.no_grad(), fz.capture(model, "fused.stage1") as again:
-        model(make_inputs(model.modalities))
+        model(make_inputs(model.modalities, in_chans=model.in_chans))
     assert torch.equal(first, again["fused.stage1"])
 
 
 def test_family_entries_forward_backward(family: str) -> None:
     model = build(family).train()
     assert model.config["encoder"] == SMALL_ENCODER
-    out = model(make_inputs(model.modalities))
+    out = model(make_inputs(model.modalities, in_chans=model.in_chans))
     assert out.shape == (2, NUM_CLASSES, SIZE, SIZE)
     out.square().mean().backward()
     assert not [n for n, p in model.named_parameters() if p.grad is None]
@@ -277,7 +282,7 @@ def test_family_entry_takes_any_timm_encoder() -> None:
 @pytest.mark.parametrize("gated", ["late_gate_resnet18", "hybrid_gate_resnet18"])
 def test_decision_gates_are_weights_and_drop_missing_modalities(gated: str) -> None:
     model = build(gated).eval()
-    inputs = make_inputs(model.modalities)
+    inputs = make_inputs(model.modalities, in_chans=model.in_chans)
     with torch.no_grad(), fz.capture(model, "head.gate") as full:
         model(inputs)
     with torch.no_grad(), fz.capture(model, "head.gate") as partial:

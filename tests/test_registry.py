@@ -24,7 +24,8 @@ def test_list_is_sorted_and_filters_compose() -> None:
     assert names == sorted(names) and len(names) == len(set(names))
     late = fz.list_models("*_resnet50", task="segmentation", fusion="late", modalities=("rgb", "thermal"))
     assert late == ["late_gate_resnet50", "late_mean_resnet50", "late_weighted_resnet50"]
-    assert fz.list_models("cmx_*", exclude="*_pvt_v2_b2") == ["cmx_resnet18", "cmx_resnet50"]
+    assert fz.list_models("cmx_*", exclude="*_pvt_v2_b2", published=False) == ["cmx_resnet18", "cmx_resnet50"]
+    assert fz.list_models("cmx_*", published=True) == [f"cmx_mit_b{k}" for k in range(6)]
     assert set(fz.list_models(fusion=["early", "hybrid"])) == {
         n for n in names if fz.model_entry(n).fusion in ("early", "hybrid")
     }

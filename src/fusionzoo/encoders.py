@@ -9,7 +9,8 @@ stage as a separate call (:meth:`Encoder.forward_stage`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import timm
 import torch
@@ -22,9 +23,9 @@ class PretrainedWeightsError(RuntimeError):
     """Pretrained weights could not be loaded (offline with no cache, missing file, ...)."""
 
 
-def _create_timm(name: str, in_chans: int, pretrained: bool) -> nn.Module:
+def _create_timm(name: str, in_chans: int, pretrained: bool, timm_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     try:
-        return timm.create_model(name, pretrained=pretrained, features_only=True, in_chans=in_chans)
+        return timm.create_model(name, pretrained=pretrained, features_only=True, in_chans=in_chans, **(timm_kwargs or {}))
     except RuntimeError as err:
         if "Unknown model" in str(err):
             close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
@@ -78,6 +79,8 @@ class Encoder(nn.Module):
         mono_init: how pretrained RGB first-conv filters become 1-channel filters: ``"sum"``
             (timm's rule, kept by ESANet) or ``"mean"`` (ACNet and FuseNet average them, so the
             depth response has the scale of one colour channel).
+        timm_kwargs: extra arguments of the timm model's constructor (e.g. ``mlp_ratios`` and
+            ``drop_path_rate``, which make timm's ``pvt_v2_b*`` SegFormer's MiT for CMX).
 
     Attributes:
         stage_names: ``["stem"?, "stage1", ..., "stage4"]``.
@@ -95,13 +98,14 @@ class Encoder(nn.Module):
         with_stem: bool = False,
         reductions: Sequence[int] = STAGE_REDUCTIONS,
         mono_init: str = "sum",
+        timm_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if mono_init not in ("sum", "mean"):
             raise ValueError(f"mono_init must be 'sum' or 'mean', got {mono_init!r}")
         self.name = name
         self.in_chans = in_chans
-        body = _create_timm(name, in_chans, pretrained)
+        body = _create_timm(name, in_chans, pretrained, timm_kwargs)
         if pretrained and in_chans == 1 and mono_init == "mean":
             average_mono_first_conv(body)
         info = body.feature_info

@@ -19,16 +19,27 @@ class SegFormerDecoder(nn.Module):
         num_classes: ``K``.
         channels: embedding size ``E`` (SegFormer/CMX: 256 for small, 512 for B2+ backbones).
         dropout: dropout before the classifier (0.1 in SegFormer).
+        fuse_bias: give the fuse conv a bias before its BatchNorm (CMX's decoder does).
+        bn_eps: eps of the fuse BatchNorm (CMX trains with 1e-3, its ``config.bn_eps``).
     """
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int, channels: int = 256, dropout: float = 0.1):
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        channels: int = 256,
+        dropout: float = 0.1,
+        *,
+        fuse_bias: bool = False,
+        bn_eps: float = 1e-5,
+    ):
         super().__init__()
         self.out_channels = channels
         # Linear layers per stage (same parameter shapes as SegFormer's MLP(input_dim, embed_dim)).
         self.linear = nn.ModuleList([nn.Linear(c, channels) for c in in_channels])
         self.fuse = nn.Sequential(
-            nn.Conv2d(channels * len(in_channels), channels, 1, bias=False),
-            nn.BatchNorm2d(channels),
+            nn.Conv2d(channels * len(in_channels), channels, 1, bias=fuse_bias),
+            nn.BatchNorm2d(channels, eps=bn_eps),
             nn.ReLU(inplace=True),
         )
         self.dropout = nn.Dropout2d(dropout)

@@ -58,34 +58,39 @@ class Converter:
     """How one published entry reads its authors' state dict.
 
     Attributes:
-        fn: authors' state dict (prefixes such as ``module.`` already stripped) -> ours.
+        fn: authors' state dict (prefixes such as ``module.`` already stripped) -> ours; with
+            ``with_model``, ``fn(state_dict, model)`` (for names that depend on the model, e.g.
+            the modality that names the auxiliary stream's encoder).
         classifier_key: the authors' key of the final classifier weight, whose first dimension is
             the class count (read when no ``num_classes`` and no tag are given).
+        with_model: whether ``fn`` takes the target model as its second argument.
     """
 
-    fn: Callable[[Mapping[str, torch.Tensor]], StateDict]
+    fn: Callable[..., StateDict]
     classifier_key: str
+    with_model: bool = False
 
 
 _CONVERTERS: dict[str, Converter] = {}
 
 
 def register_converter(
-    *names: str, classifier_key: str
-) -> Callable[[Callable[[Mapping[str, torch.Tensor]], StateDict]], Callable[[Mapping[str, torch.Tensor]], StateDict]]:
-    """Register ``fn(authors_state_dict) -> our_state_dict`` for published entries ``names``.
+    *names: str, classifier_key: str, with_model: bool = False
+) -> Callable[[Callable[..., StateDict]], Callable[..., StateDict]]:
+    """Register ``fn(authors_state_dict) -> our_state_dict`` for published entries ``names``
+    (``fn(authors_state_dict, model)`` with ``with_model=True``).
 
     Raises:
         ValueError: a name registered twice, or a name that is not a published entry.
     """
 
-    def decorator(fn: Callable[[Mapping[str, torch.Tensor]], StateDict]) -> Callable[[Mapping[str, torch.Tensor]], StateDict]:
+    def decorator(fn: Callable[..., StateDict]) -> Callable[..., StateDict]:
         for name in names:
             if name in _CONVERTERS:
                 raise ValueError(f"a converter for {name!r} is already registered")
             if not model_entry(name).published:
                 raise ValueError(f"{name!r} is not a published entry; only the authors' networks convert one-to-one")
-            _CONVERTERS[name] = Converter(fn=fn, classifier_key=classifier_key)
+            _CONVERTERS[name] = Converter(fn=fn, classifier_key=classifier_key, with_model=with_model)
         return fn
 
     return decorator
@@ -169,7 +174,8 @@ def convert_state_dict(name: str, authors_state_dict: Mapping[str, torch.Tensor]
     if name not in _CONVERTERS:
         known = sorted(_CONVERTERS)
         raise ConversionError(f"no converter for {name!r}; published entries with one: {known}")
-    ours = _CONVERTERS[name].fn(authors_state_dict)
+    converter = _CONVERTERS[name]
+    ours = converter.fn(authors_state_dict, model) if converter.with_model else converter.fn(authors_state_dict)
     own = model.state_dict()
     for key in own:
         if key not in ours:

@@ -64,7 +64,7 @@ class MiddleFusionModel(FusionModel):
                 f"{self.modalities}; use a generic method (crossattn, early_concat, late_*, hybrid_gate) for more"
             )
         self.encoders = nn.ModuleDict({
-            m: Encoder(encoder, in_chans=self.in_chans[m], pretrained=pretrained, with_stem=fuse_stem, mono_init=mono_init)
+            m: self.make_encoder(m, encoder, pretrained=pretrained, with_stem=fuse_stem, mono_init=mono_init)
             for m in self.modalities
         })
         first = self.encoders[self.modalities[0]]
@@ -112,6 +112,10 @@ class MiddleFusionModel(FusionModel):
             self.taps.declare(f"fused.{stage}.{detail}", detail_channels, 0 if detail in global_details else reduction, kind)
 
     # Hooks for subclasses (CMX's presets, ACNet's merged branch, hybrid heads, detection).
+    def make_encoder(self, modality: str, encoder: str, *, pretrained: bool, with_stem: bool, mono_init: str) -> Encoder:
+        """The encoder of one modality's stream (published entries pass their backbone's settings)."""
+        return Encoder(encoder, in_chans=self.in_chans[modality], pretrained=pretrained, with_stem=with_stem, mono_init=mono_init)
+
     def fuses_stage(self, stage: str) -> bool:
         """Whether a fusion operator follows ``stage`` (all stages here; a detector whose FPN skips
         stride 4 leaves that stage unfused when the operator does not feed back)."""
