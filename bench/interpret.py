@@ -6,6 +6,7 @@
     python bench/interpret.py --only report --run runs/<run>   # wall time of a full report
     python bench/interpret.py --only cka_offset     # CKA error under a large shared feature offset
     python bench/interpret.py --only sv_stages --run runs/<run>   # semantic variance per stage and stream
+    python bench/interpret.py --only gradcam_zero --run runs/<run>  # how many Grad-CAM maps are all zero
 
 1. **Capture overhead**: forward pass of a model with no listener vs ``fz.capture(model)`` on
    every tap, interleaved in the same process (median of ``--reps`` each; ratio = with / without).
@@ -27,6 +28,11 @@
    ``esanet_resnet18`` on 96 synthetic 64x80 images), measured on the common stride-4 grid
    (``sv_stride=4``, the default of ``interpret.run``) and on each tap's own grid
    (``sv_stride=None``, the former behaviour), with the number of labelled cells of each.
+6. **Empty Grad-CAM maps**: on the first ``--gradcam-images`` validation images of a run, how
+   many Grad-CAM maps of each stream are zero everywhere, per stage, for the two segmentation
+   scores: every pixel's own predicted class at once (the former default of ``interpret.run``)
+   and each image's second most frequent predicted class on its pixels (``object_class_region``,
+   the current one).
 """
 
 from __future__ import annotations
@@ -276,6 +282,45 @@ def bench_sv_stages(run: str | None, samples: int) -> None:
             print(f"| {stream} | {label} | " + " | ".join(cells) + " |", flush=True)
 
 
+def bench_gradcam_zero(run: str | None, samples: int, images: int) -> None:
+    import fusionzoo as fz
+    from fusionzoo.data import collate, create_dataset
+    from fusionzoo.interpret import grad_cam
+    from fusionzoo.interpret.gradcam import object_class_region
+
+    if run:
+        from fusionzoo.interpret.runs import load_run
+
+        model, ds, _ = load_run(run)
+        what = f"run {Path(run).name}"
+    else:
+        torch.manual_seed(0)
+        model = fz.create_model("esanet_resnet18", num_classes=5)
+        ds = create_dataset("synthetic_rgbd", split="val", num_samples=samples, image_size=(64, 80))
+        what = "untrained esanet_resnet18"
+    model.eval()
+    batch = collate([ds[i] for i in range(min(images, len(ds)))])
+    x = {m: batch[m] for m in model.modalities}
+    with torch.no_grad():
+        region, _ = object_class_region(model(x).argmax(1))
+    info = model.tap_info()
+    streams = [s for s in [*model.modalities, "fused"] if f"{s}.stage1" in info]
+    n = next(iter(x.values())).shape[0]
+    print(f"\n## All-zero Grad-CAM maps, {what}, first {n} validation images "
+          f"({tuple(next(iter(x.values())).shape[-2:])} input)\n")
+    print("| stage (grid) | score | " + " | ".join(streams) + " |")
+    print("|---|---|" + "---:|" * len(streams))
+    h, w = next(iter(x.values())).shape[-2:]
+    for k in (4, 3, 2):
+        taps = [f"{s}.stage{k}" for s in streams]
+        r = info[taps[0]].reduction
+        for label, kw in (("every pixel's class", {}), ("one class per image", {"region": region})):
+            cams = grad_cam(model, x, taps, **kw)
+            zero = [int((cams[t].flatten(1).amax(1) == 0).sum()) for t in taps]
+            print(f"| stage{k} ({-(-h // r)}x{-(-w // r)}) | {label} | " + " | ".join(f"{z}/{n}" for z in zero) + " |",
+                  flush=True)
+
+
 def bench_report(run: str | None, samples: int) -> None:
     import fusionzoo as fz
     from fusionzoo import interpret
@@ -308,7 +353,7 @@ def bench_report(run: str | None, samples: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("capture", "cka", "report", "cka_offset", "sv_stages"), action="append")
+    p.add_argument("--only", choices=("capture", "cka", "report", "cka_offset", "sv_stages", "gradcam_zero"), action="append")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = stable timings on shared CPUs)")
     p.add_argument("--models", nargs="+", default=["esanet_resnet18", "cmx_resnet18", "late_mean_resnet18",
                                                    "early_concat_resnet18"])
@@ -321,6 +366,7 @@ def main() -> None:
     p.add_argument("--run", default=None, help="run folder for the report timing")
     p.add_argument("--samples", type=int, default=96)
     p.add_argument("--offsets", type=float, nargs="+", default=[100.0, 1e3, 1e4])
+    p.add_argument("--gradcam-images", type=int, default=16)
     p.add_argument("--_worker", choices=tuple(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--_n", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -339,6 +385,8 @@ def main() -> None:
         bench_cka_offset(args.offsets)
     if "sv_stages" in sections:
         bench_sv_stages(args.run, args.samples)
+    if "gradcam_zero" in sections:
+        bench_gradcam_zero(args.run, args.samples, args.gradcam_images)
 
 
 if __name__ == "__main__":
