@@ -1,0 +1,192 @@
+"""Regenerate tests/fixtures/parity/esanet/ from a checkout of the ESANet authors' code.
+
+    python tools/parity/esanet.py --ref /path/to/TUI-NICR/ESANet
+
+Builds the reference ESANet (its ``src/models/model.py``) in reduced configurations (few
+classes, small decoder, a 64x64 input) for each encoder block type, fills its state dict by the
+rule in :func:`fill_state_dict`, and records its outputs in eval mode and in train mode (the
+network output plus the three side outputs) for a seeded input. Also records the key/shape list
+and the parameter count of every full-size variant at 40 classes (the reference configuration:
+decoder channels 512/256/128, three NBt1D blocks per decoder module, "ppm" context module,
+"learned-3x3-zeropad" upsampling). Only numbers are written; none of the authors' code.
+
+The module also exposes :func:`reference_model` and :func:`reference_inputs` for
+``bench/parity.py`` (speed side by side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.machinery
+import json
+import math
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "parity" / "esanet"
+WEIGHT_SEED = 0
+INPUT_SEED = 1
+INPUT_SHAPE = (2, 64, 64)  # batch, H, W (batch 2: train-mode BatchNorm after 1x1 pooling needs > 1 value)
+NUM_CLASSES = 3
+FULL_NUM_CLASSES = 40
+
+# Our entry suffix -> the reference's (encoder, encoder_block).
+VARIANTS = {
+    "r18": ("resnet18", "BasicBlock"),
+    "r18_nbt1d": ("resnet18", "NonBottleneck1D"),
+    "r34": ("resnet34", "BasicBlock"),
+    "r34_nbt1d": ("resnet34", "NonBottleneck1D"),
+    "r50": ("resnet50", "BasicBlock"),  # the reference ignores the block for ResNet-50 (Bottleneck)
+}
+FULL = {"decoder_channels": (512, 256, 128), "decoder_blocks": (3, 3, 3)}
+# Reduced cases: one per encoder block type; decoder channels chosen so that skips of both kinds
+# occur (a 1x1 ConvBNAct where encoder and decoder channels differ, the identity where equal).
+CASES = {
+    "r18_nbt1d": {"variant": "r18_nbt1d", "decoder_channels": (256, 128, 32), "decoder_blocks": (2, 1, 1)},
+    "r18": {"variant": "r18", "decoder_channels": (64, 32, 16), "decoder_blocks": (1, 1, 1)},
+    "r50": {"variant": "r50", "decoder_channels": (64, 32, 16), "decoder_blocks": (1, 1, 1)},
+}
+
+
+def fill_state_dict(keys_shapes: list[tuple[str, list[int]]], seed: int = WEIGHT_SEED) -> dict[str, torch.Tensor]:
+    """The deterministic rule that fills an (authors'-format) state dict, key by key in order.
+
+    One ``torch.Generator`` seeded with ``seed``; per key: ``num_batches_tracked`` = 0;
+    ``running_var`` = 0.5 + U[0, 1); ``running_mean`` = 0.1 N(0, 1); any other 1-D ``weight``
+    (a norm's scale) = 1 + 0.1 N(0, 1); a 1-D ``bias`` = 0.1 N(0, 1); an n-D weight = N(0, 1) /
+    sqrt(fan_in) with fan_in = numel / shape[0].
+    """
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for key, shape in keys_shapes:
+        size = tuple(shape)
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf == "num_batches_tracked":
+            out[key] = torch.zeros(size, dtype=torch.long)
+        elif leaf == "running_var":
+            out[key] = 0.5 + torch.rand(size, generator=g)
+        elif leaf == "running_mean":
+            out[key] = 0.1 * torch.randn(size, generator=g)
+        elif len(size) == 1:
+            out[key] = (1.0 if leaf == "weight" else 0.0) + 0.1 * torch.randn(size, generator=g)
+        else:
+            fan_in = math.prod(size[1:])
+            out[key] = torch.randn(size, generator=g) / math.sqrt(fan_in)
+    return out
+
+
+def make_inputs(seed: int = INPUT_SEED) -> dict[str, torch.Tensor]:
+    """The seeded RGB-D input: rgb ``(2, 3, 64, 64)`` then depth ``(2, 1, 64, 64)``, both N(0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    b, h, w = INPUT_SHAPE
+    rgb = torch.randn(b, 3, h, w, generator=g)
+    depth = torch.randn(b, 1, h, w, generator=g)
+    return {"rgb": rgb, "depth": depth}
+
+
+def _import_reference(checkout: Path) -> type[nn.Module]:
+    """The reference ``ESANet`` class; ``pandas`` (imported by their resnet.py only to pick an
+    ImageNet checkpoint from a CSV log, unused here) is stubbed when absent."""
+    checkout = Path(checkout).resolve()
+    if not (checkout / "src" / "models" / "model.py").is_file():
+        raise SystemExit(f"{checkout} is not a checkout of TUI-NICR/ESANet (no src/models/model.py)")
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("pandas")
+        stub.__spec__ = importlib.machinery.ModuleSpec("pandas", None)
+        sys.modules["pandas"] = stub
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    from src.models.model import ESANet  # type: ignore[import-not-found]
+
+    return ESANet
+
+
+def reference_model(
+    checkout: Path,
+    variant: str,
+    num_classes: int,
+    decoder_channels: tuple[int, int, int] = FULL["decoder_channels"],
+    decoder_blocks: tuple[int, int, int] = FULL["decoder_blocks"],
+) -> nn.Module:
+    """The authors' ESANet for our entry ``esanet_{variant}`` (``"r34_nbt1d"`` or the full entry
+    name), reference configuration unless the decoder is given; random init, no downloads."""
+    esanet = _import_reference(checkout)
+    variant = variant.removeprefix("esanet_")
+    if variant not in VARIANTS:
+        raise SystemExit(f"unknown ESANet variant {variant!r}; one of {sorted(VARIANTS)}")
+    encoder, block = VARIANTS[variant]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # their constructor warns about ignored/defaulted options
+        return esanet(
+            height=480, width=640, num_classes=num_classes, encoder_rgb=encoder, encoder_depth=encoder,
+            encoder_block=block, channels_decoder=list(decoder_channels), pretrained_on_imagenet=False,
+            activation="relu", encoder_decoder_fusion="add", context_module="ppm",
+            nr_decoder_blocks=list(decoder_blocks), fuse_depth_in_rgb_encoder="SE-add",
+            upsampling="learned-3x3-zeropad",
+        )
+
+
+def reference_inputs(model_inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """How the reference forward is called: ``model(rgb, depth)``."""
+    return model_inputs["rgb"], model_inputs["depth"]
+
+
+def keys_shapes_of(model: nn.Module) -> list[tuple[str, list[int]]]:
+    return [(k, list(v.shape)) for k, v in model.state_dict().items()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ref", type=Path, required=True, help="checkout of https://github.com/TUI-NICR/ESANet")
+    parser.add_argument("--out", type=Path, default=FIXTURES)
+    args = parser.parse_args(argv)
+    from safetensors.torch import save_file
+
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta: dict = {
+        "reference_repo": "https://github.com/TUI-NICR/ESANet",
+        "weight_seed": WEIGHT_SEED, "input_seed": INPUT_SEED, "input_shape": list(INPUT_SHAPE),
+        "num_classes": NUM_CLASSES, "rule": fill_state_dict.__doc__.split("\n\n", 1)[1].strip(),
+        "cases": {}, "full": {},
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    inputs = make_inputs()
+    for case, cfg in CASES.items():
+        model = reference_model(args.ref, cfg["variant"], NUM_CLASSES, cfg["decoder_channels"], cfg["decoder_blocks"])
+        keys = keys_shapes_of(model)
+        model.load_state_dict(fill_state_dict(keys), strict=True)
+        with torch.no_grad():
+            model.eval()
+            tensors[f"{case}.eval"] = model(*reference_inputs(inputs)).contiguous()
+            model.train()
+            out, side8, side16, side32 = model(*reference_inputs(inputs))
+        tensors[f"{case}.train"] = out.contiguous()
+        for stride, side in ((8, side8), (16, side16), (32, side32)):
+            tensors[f"{case}.train.side{stride}"] = side.contiguous()
+        meta["cases"][case] = {
+            "variant": cfg["variant"], "decoder_channels": list(cfg["decoder_channels"]),
+            "decoder_blocks": list(cfg["decoder_blocks"]), "keys": keys,
+        }
+        print(f"{case}: {len(keys)} tensors, eval output max |x| {tensors[f'{case}.eval'].abs().max():.3g}")
+    for variant in VARIANTS:
+        with torch.device("meta"):
+            model = reference_model(args.ref, variant, FULL_NUM_CLASSES)
+        params = sum(p.numel() for p in model.parameters())
+        meta["full"][variant] = {"num_classes": FULL_NUM_CLASSES, "parameters": params, "keys": keys_shapes_of(model)}
+        print(f"full {variant}: {params} parameters")
+    (args.out / "reference.json").write_text(json.dumps(meta, separators=(",", ":")) + "\n")
+    save_file(tensors, str(args.out / "outputs.safetensors"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
