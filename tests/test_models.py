@@ -18,6 +18,20 @@ ALL = fz.list_models(task="segmentation")
 FAMILIES = [n for n in ALL if not fz.model_entry(n).encoder_fixed]
 VARIANTS = [n for n in ALL if fz.model_entry(n).encoder_fixed]
 SMALL_ENCODER = "convnext_atto"  # any timm encoder with strides 4..32 must work in a family entry
+# Published entries (the authors' networks) above this size are built on the meta device only
+# (shapes and taps, nothing allocated): their numbers are proven by tests/test_parity_*.py, and
+# the smaller variants of the same code run every test below in full.
+PUBLISHED_FULL_LIMIT = 35_000_000
+
+
+def _meta_parameters(name: str) -> int:
+    with torch.device("meta"):
+        model = fz.create_model(name, num_classes=NUM_CLASSES)
+    return sum(p.numel() for p in model.parameters())
+
+
+META_ONLY = [n for n in VARIANTS if fz.model_entry(n).published and _meta_parameters(n) > PUBLISHED_FULL_LIMIT]
+VARIANTS = [n for n in VARIANTS if n not in META_ONLY]
 
 
 def make_inputs(modalities: tuple[str, ...], batch: int = 2, size: int = SIZE) -> dict[str, torch.Tensor]:
@@ -66,7 +80,10 @@ def test_backward_reaches_every_parameter(built: nn.Module) -> None:
     model = built.train()
     model.zero_grad(set_to_none=True)
     out = model(make_inputs(model.modalities))
-    out.square().mean().backward()
+    loss = out.square().mean()
+    # Training-time side outputs (ESANet's pyramid supervision) are trained by a loss on them.
+    loss = loss + sum(side.square().mean() for side in getattr(model, "side_logits", ()))
+    loss.backward()
     dead = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not dead, f"parameters without gradient (a dead branch?): {dead[:10]}"
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
@@ -149,6 +166,22 @@ def test_safetensors_round_trip(built: nn.Module, tmp_path) -> None:
     inputs = make_inputs(model.modalities)
     with torch.no_grad():
         assert torch.equal(model(inputs), clone(inputs))
+
+
+@pytest.mark.parametrize("heavy", META_ONLY)
+def test_meta_only_shapes_and_taps(heavy: str) -> None:
+    """Published entries too large to build here: output shape and every tap on the meta device."""
+    with torch.device("meta"):
+        model = fz.create_model(heavy, num_classes=NUM_CLASSES).eval()
+        inputs = {m: torch.empty(2, fz.DEFAULT_CHANNELS[m], SIZE, SIZE) for m in model.modalities}
+        info = model.tap_info()
+        with torch.no_grad(), fz.capture(model) as acts:
+            out = model(inputs)
+    assert out.shape == (2, NUM_CLASSES, SIZE, SIZE)
+    assert list(acts) == list(info)
+    for tap, value in acts.items():
+        size = (1, 1) if info[tap].reduction == 0 else (SIZE // info[tap].reduction,) * 2
+        assert value.shape[1:] == (info[tap].channels, *size), tap
 
 
 @pytest.mark.parametrize("small", [n for n in VARIANTS if n.endswith("_resnet18")])

@@ -416,8 +416,9 @@ class ESANet(FusionModel):
 
     def _fuse(self, stage: str, rgb: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         result = self.fusions[stage]([rgb, aux])
+        fused = self.taps(f"fused.{stage}", result.fused)
         self.taps(f"fused.{stage}.attn", result.details["attn"])
-        return self.taps(f"fused.{stage}", result.fused)
+        return fused
 
 
 # -- entry points ------------------------------------------------------------------------------
