@@ -81,3 +81,30 @@ def test_reference_configuration_is_the_papers() -> None:
     assert REFERENCE["full"]["r34_nbt1d"]["parameters"] == 46_955_840
     assert fz.model_entry("esanet_r34_nbt1d").published
     assert "esanet_r34_nbt1d.nyuv2" in fz.list_pretrained("esanet_*")
+
+
+def test_clear_errors() -> None:
+    with torch.device("meta"):
+        model = fz.create_model("esanet_r18", num_classes=3)
+        with pytest.raises(ValueError, match=r"divisible by 32.*\(48, 64\).*\(64, 64\)"):
+            model({"rgb": torch.empty(1, 3, 48, 64), "depth": torch.empty(1, 1, 48, 64)})
+        with pytest.raises(ValueError, match="exactly 2 modalities"):
+            fz.create_model("esanet_r18", modalities=("rgb", "depth", "thermal"))
+        with pytest.raises(fz.encoders.PretrainedWeightsError, match="imagenet_r34_NBt1D"):
+            fz.create_model("esanet_r34_nbt1d", pretrained=True)
+        model = fz.create_model("esanet_r34_nbt1d", num_classes=40)
+    authors = {k: torch.empty(s, device="meta") for k, s in REFERENCE["full"]["r34_nbt1d"]["keys"]}
+    authors["decoder.aux.weight"] = torch.empty(1, device="meta")
+    with pytest.raises(fz.ConversionError, match="'decoder.aux.weight'.*not part of the published network"):
+        convert_state_dict("esanet_r34_nbt1d", authors, model)
+    del authors["decoder.aux.weight"], authors["decoder.decoder_module_2.side_output.bias"]
+    with pytest.raises(fz.ConversionError, match="needs 'decoder.stages.1.side.bias'"):
+        convert_state_dict("esanet_r34_nbt1d", authors, model)
+
+
+def test_released_tag_says_what_to_download(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("FUSIONZOO_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"download nyuv2_r34_NBt1D.tar.gz from https://drive.google.com/uc\?id="
+                                                r"1C5-kJv4w3foicEudP3DAjdIXVuzUK7O8, then run `fusionzoo convert "
+                                                r"esanet_r34_nbt1d nyuv2_r34_NBt1D.tar.gz --tag nyuv2`"):
+        fz.create_model("esanet_r34_nbt1d", pretrained="nyuv2")
