@@ -142,11 +142,44 @@ def keys_shapes_of(model: nn.Module) -> list[tuple[str, list[int]]]:
     return [(k, list(v.shape)) for k, v in model.state_dict().items()]
 
 
+def check_convert(checkout: Path, workdir: Path) -> float:
+    """End to end at full size: the authors' ESANet-R34-NBt1D (40 classes, filled by the rule) saved
+    as they release it (``{"state_dict": ...}`` in ``nyuv2/r34_NBt1D.pth`` inside a ``.tar.gz``),
+    converted by ``fusionzoo.convert_checkpoint``, reloaded by ``fusionzoo.from_pretrained``;
+    returns the max abs difference of the eval outputs on the seeded input."""
+    import io
+    import tarfile
+
+    import fusionzoo as fz
+
+    model = reference_model(checkout, "r34_nbt1d", FULL_NUM_CLASSES)
+    model.load_state_dict(fill_state_dict(keys_shapes_of(model)), strict=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save({"epoch": 0, "state_dict": model.state_dict()}, buf)
+    archive = workdir / "nyuv2_r34_NBt1D.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("nyuv2/r34_NBt1D.pth")
+        info.size = buf.tell()
+        buf.seek(0)
+        tar.addfile(info, buf)
+    ours = fz.from_pretrained(fz.convert_checkpoint("esanet_r34_nbt1d", archive, workdir / "converted"))
+    inputs = make_inputs()
+    with torch.no_grad():
+        return float((model.eval()(*reference_inputs(inputs)) - ours.eval()(inputs)).abs().max())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ref", type=Path, required=True, help="checkout of https://github.com/TUI-NICR/ESANet")
     parser.add_argument("--out", type=Path, default=FIXTURES)
+    parser.add_argument("--check-convert", type=Path, metavar="DIR",
+                        help="instead: convert a full-size authors'-format release file in DIR end to end and print the max abs diff")
     args = parser.parse_args(argv)
+    if args.check_convert is not None:
+        torch.set_num_threads(1)
+        print(f"esanet_r34_nbt1d convert end to end: max abs diff {check_convert(args.ref, args.check_convert):.3g}")
+        return 0
     from safetensors.torch import save_file
 
     torch.use_deterministic_algorithms(True)
