@@ -108,3 +108,24 @@ def test_released_tag_says_what_to_download(tmp_path, monkeypatch) -> None:
                                                 r"1C5-kJv4w3foicEudP3DAjdIXVuzUK7O8, then run `fusionzoo convert "
                                                 r"esanet_r34_nbt1d nyuv2_r34_NBt1D.tar.gz --tag nyuv2`"):
         fz.create_model("esanet_r34_nbt1d", pretrained="nyuv2")
+
+
+def test_authors_imagenet_encoder_file(tmp_path) -> None:
+    """``encoder_weights=``: the file of the reference's imagenet_pretraining.py (``encoder.*`` and
+    the classifier ``fc.*``) fills both encoders; the depth stem gets the sum over RGB filters."""
+    from fusionzoo.models.published.esanet import ESANetResNet
+
+    torch.manual_seed(3)
+    encoder = ESANetResNet("r18", "nbt1d", 3).state_dict()
+    path = tmp_path / "r18_NBt1D.pth"
+    torch.save({"epoch": 1, "state_dict": {**{f"encoder.{k}": v for k, v in encoder.items()},
+                                           "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}}, path)
+    model = fz.create_model("esanet_r18_nbt1d", num_classes=3, decoder_channels=(16, 16, 16), decoder_blocks=(1, 1, 1),
+                            encoder_weights=str(path))
+    rgb, depth = model.encoders["rgb"].state_dict(), model.encoders["depth"].state_dict()
+    assert all(torch.equal(rgb[k], v) for k, v in encoder.items())
+    assert torch.equal(depth["conv1.weight"], encoder["conv1.weight"].sum(dim=1, keepdim=True))
+    assert torch.equal(depth["layer4.1.bn2.weight"], encoder["layer4.1.bn2.weight"])
+    torch.save({"state_dict": {"head.weight": torch.zeros(1)}}, path)
+    with pytest.raises(fz.encoders.PretrainedWeightsError, match="'head.weight' is neither encoder"):
+        fz.create_model("esanet_r18_nbt1d", num_classes=3, decoder_channels=(16, 16, 16), encoder_weights=str(path))

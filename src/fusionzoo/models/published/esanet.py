@@ -277,6 +277,9 @@ class ESANet(FusionModel):
         decoder_channels: channels of the three decoder modules (reference: 512, 256, 128).
         decoder_blocks: NBt1D blocks per decoder module (reference: 3, 3, 3).
         activation: the network's activation (reference: ``"relu"``).
+        encoder_weights: the authors' ImageNet-pretrained encoder file for the NBt1D variants
+            (``imagenet_r34_NBt1D.tar.gz`` from their README, or the ``.pth`` inside), loaded into
+            both encoders as the reference does (see :meth:`load_authors_encoder`).
 
     Taps: ``{m}.stem`` and ``{m}.stage1..4`` (encoder outputs before fusion), ``fused.stem``,
     ``fused.stage1..4`` and their SE weights ``fused.*.attn``; ``decoder.context`` (context module
@@ -298,6 +301,7 @@ class ESANet(FusionModel):
         decoder_channels: Sequence[int] = (512, 256, 128),
         decoder_blocks: Sequence[int] = (3, 3, 3),
         activation: str = "relu",
+        encoder_weights: str | None = None,
     ) -> None:
         super().__init__(modalities, num_classes, in_chans)
         if depth not in RESNET_LAYERS:
@@ -333,8 +337,46 @@ class ESANet(FusionModel):
         self.taps.declare("decoder.out", channels[2], 4)
         self.taps.declare("head.logits", num_classes, 1, "logits")
         self.side_logits: tuple[torch.Tensor, ...] = ()
+        if pretrained and encoder_weights is not None:
+            raise ValueError("give pretrained=True (torchvision's ImageNet ResNets) or encoder_weights= (the authors' file), not both")
         if pretrained:
             self.load_imagenet()
+        if encoder_weights is not None:
+            self.load_authors_encoder(encoder_weights)
+
+    def _load_encoders(self, weights: Mapping[str, torch.Tensor], where: str) -> None:
+        """Load one RGB encoder state dict into both encoders; a 1-channel first convolution gets
+        the sum over the RGB filters (the reference's rule for the depth encoder)."""
+        for m, encoder in self.encoders.items():
+            own = dict(weights)
+            if self.in_chans[m] != 3:
+                if self.in_chans[m] != 1:
+                    raise PretrainedWeightsError(f"{where}: ImageNet weights fit 3- or 1-channel inputs; {m!r} has {self.in_chans[m]}")
+                own["conv1.weight"] = weights["conv1.weight"].sum(dim=1, keepdim=True)
+            missing, unexpected = encoder.load_state_dict(own, strict=False)
+            if missing or unexpected:
+                raise PretrainedWeightsError(
+                    f"{where} does not fit ESANet's {self.depth} {self.block} encoder: missing {missing[:3]}, "
+                    f"unexpected {unexpected[:3]} (of {len(missing)} / {len(unexpected)})"
+                )
+
+    def load_authors_encoder(self, path: str) -> None:
+        """The authors' ImageNet-pretrained encoder (``imagenet_pretraining.py`` of the reference:
+        keys ``encoder.*`` plus the ImageNet classifier ``fc.*``, which is dropped) into both encoders.
+
+        Raises:
+            FileNotFoundError / ConversionError: no such file, or not a checkpoint.
+            PretrainedWeightsError: keys that do not fit this variant's encoder.
+        """
+        from ..convert import read_authors_checkpoint
+
+        weights = {}
+        for key, tensor in read_authors_checkpoint(path).items():
+            if key.startswith("encoder."):
+                weights[key[len("encoder."):]] = tensor
+            elif not key.startswith("fc."):
+                raise PretrainedWeightsError(f"{path}: key {key!r} is neither encoder.* nor the ImageNet classifier fc.*")
+        self._load_encoders(weights, str(path))
 
     def load_imagenet(self) -> None:
         """torchvision's ImageNet ResNet weights (timm ``resnet{18,34,50}.tv_in1k``) into both
@@ -347,8 +389,8 @@ class ESANet(FusionModel):
         if self.block == "nbt1d":
             raise PretrainedWeightsError(
                 f"ImageNet weights of ResNet-{self.depth[1:]} NBt1D are the ESANet authors' own "
-                "(imagenet_r34_NBt1D.tar.gz, see https://github.com/TUI-NICR/ESANet#training); fusionzoo "
-                "does not load them: pass pretrained=False, or use a released checkpoint (pretrained='nyuv2')"
+                "(imagenet_r34_NBt1D.tar.gz, see https://github.com/TUI-NICR/ESANet#training): download it and "
+                "pass encoder_weights=<that file>, or use a released checkpoint (pretrained='nyuv2')"
             )
         import timm
 
@@ -360,14 +402,7 @@ class ESANet(FusionModel):
                 f"could not load timm {name!r} (ImageNet weights for ESANet's encoders): {type(err).__name__}: {err}. "
                 "If offline, put them in the huggingface-hub cache (HF_HOME) first, or pass pretrained=False."
             ) from err
-        weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
-        for m, encoder in self.encoders.items():
-            own = dict(weights)
-            if self.in_chans[m] != 3:
-                if self.in_chans[m] != 1:
-                    raise PretrainedWeightsError(f"ImageNet weights fit 3- or 1-channel inputs; {m!r} has {self.in_chans[m]}")
-                own["conv1.weight"] = weights["conv1.weight"].sum(dim=1, keepdim=True)
-            encoder.load_state_dict(own, strict=True)
+        self._load_encoders({k: v for k, v in weights.items() if not k.startswith("fc.")}, f"timm {name!r}")
 
     def forward(self, inputs: Mapping[str, torch.Tensor], missing: Sequence[str] = ()) -> torch.Tensor:
         """Segment a batch: ``(B, K, H, W)`` logits for inputs ``(B, C_m, H, W)`` with H, W divisible by 32.
@@ -430,7 +465,7 @@ VARIANTS = {  # name -> (depth, block, the paper's name)
     "r34_nbt1d": ("r34", "nbt1d", "ESANet-R34-NBt1D"),
     "r50": ("r50", "bottleneck", "ESANet-R50"),
 }
-ACCEPTS = ("num_classes", "modalities", "in_chans", "pretrained", "decoder_channels", "decoder_blocks")
+ACCEPTS = ("num_classes", "modalities", "in_chans", "pretrained", "decoder_channels", "decoder_blocks", "encoder_weights")
 
 
 def _make_entry(variant: str) -> Any:
@@ -444,10 +479,12 @@ def _make_entry(variant: str) -> Any:
         pretrained: bool | str = False,
         decoder_channels: Sequence[int] = (512, 256, 128),
         decoder_blocks: Sequence[int] = (3, 3, 3),
+        encoder_weights: str | None = None,
     ) -> ESANet:
         def build() -> ESANet:
             model = ESANet(depth, block, num_classes=num_classes, modalities=modalities, in_chans=in_chans,
-                           pretrained=bool(pretrained), decoder_channels=decoder_channels, decoder_blocks=decoder_blocks)
+                           pretrained=bool(pretrained), decoder_channels=decoder_channels, decoder_blocks=decoder_blocks,
+                           encoder_weights=encoder_weights)
             model.config = {
                 "name": name, "num_classes": num_classes, "modalities": list(model.modalities),
                 **({"in_chans": dict(in_chans)} if in_chans else {}),
@@ -462,7 +499,8 @@ def _make_entry(variant: str) -> Any:
         f"{paper_name}: the published ESANet ({PAPER}), reference configuration: decoder channels "
         "(512, 256, 128), three NBt1D blocks per decoder module, pyramid pooling context, learned upsampling.\n\n"
         "``pretrained``: a released-weights tag (``fusionzoo.list_pretrained('esanet_*')``) or True for "
-        "ImageNet encoders (BasicBlock / Bottleneck variants)."
+        "ImageNet encoders (BasicBlock / Bottleneck variants); ``encoder_weights``: the authors' ImageNet "
+        "NBt1D encoder file (NBt1D variants)."
     )
     entry.__module__ = __name__
     register_model(
