@@ -169,13 +169,51 @@ def check_convert(checkout: Path, workdir: Path) -> float:
         return float((model.eval()(*reference_inputs(inputs)) - ours.eval()(inputs)).abs().max())
 
 
+def measure_diffs(fixtures: Path = FIXTURES, cases: list[str] | None = None) -> dict[str, float]:
+    """Max abs difference of our entries (converted authors' state dict) to the fixture outputs,
+    per case and mode; what tests/test_parity_esanet.py bounds by 1e-5. Needs no checkout."""
+    from safetensors.torch import load_file
+
+    import fusionzoo as fz
+    from fusionzoo.models.convert import convert_state_dict
+
+    meta = json.loads((fixtures / "reference.json").read_text())
+    golden = load_file(str(fixtures / "outputs.safetensors"))
+    diffs = {}
+    for case, cfg in meta["cases"].items():
+        if cases is not None and case not in cases:
+            continue
+        name = f"esanet_{cfg['variant']}"
+        with torch.device("meta"):
+            model = fz.create_model(name, num_classes=meta["num_classes"], decoder_channels=cfg["decoder_channels"],
+                                    decoder_blocks=cfg["decoder_blocks"])
+        authors = fill_state_dict(cfg["keys"], meta["weight_seed"])
+        model.load_state_dict(convert_state_dict(name, authors, model), strict=True, assign=True)
+        inputs = make_inputs(meta["input_seed"])
+        with torch.no_grad():
+            diffs[f"{case}.eval"] = float((model.eval()(inputs) - golden[f"{case}.eval"]).abs().max())
+            diffs[f"{case}.train"] = float((model.train()(inputs) - golden[f"{case}.train"]).abs().max())
+            for stride, side in zip((8, 16, 32), model.side_logits):
+                diffs[f"{case}.train.side{stride}"] = float((side - golden[f"{case}.train.side{stride}"]).abs().max())
+    return diffs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ref", type=Path, required=True, help="checkout of https://github.com/TUI-NICR/ESANet")
+    parser.add_argument("--ref", type=Path, help="checkout of https://github.com/TUI-NICR/ESANet")
     parser.add_argument("--out", type=Path, default=FIXTURES)
     parser.add_argument("--check-convert", type=Path, metavar="DIR",
                         help="instead: convert a full-size authors'-format release file in DIR end to end and print the max abs diff")
+    parser.add_argument("--diffs", action="store_true",
+                        help="instead: print our max abs differences to the committed fixtures (no checkout needed)")
     args = parser.parse_args(argv)
+    if args.diffs:
+        torch.set_num_threads(1)  # as the fixtures were computed
+        for key, diff in measure_diffs(args.out).items():
+            print(f"{key}: max abs diff {diff:.3g}")
+        return 0
+    if args.ref is None:
+        parser.error("--ref is required (a checkout of https://github.com/TUI-NICR/ESANet)")
     if args.check_convert is not None:
         torch.set_num_threads(1)
         print(f"esanet_r34_nbt1d convert end to end: max abs diff {check_convert(args.ref, args.check_convert):.3g}")
