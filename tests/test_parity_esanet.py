@@ -109,3 +109,20 @@ def test_authors_imagenet_encoder_file(tmp_path) -> None:
     torch.save({"state_dict": {"head.weight": torch.zeros(1)}}, path)
     with pytest.raises(fz.encoders.PretrainedWeightsError, match="'head.weight' is neither encoder"):
         fz.create_model("esanet_r18_nbt1d", num_classes=3, decoder_channels=(16, 16, 16), encoder_weights=str(path))
+
+
+def test_imagenet_torchvision_weights_map_onto_basicblock_encoders(monkeypatch) -> None:
+    """``pretrained=True`` loads timm's ``resnet18.tv_in1k`` (torchvision's ImageNet ResNet, the
+    reference's source) key for key; timm's loader is replaced here, so nothing is downloaded."""
+    import timm
+
+    torch.manual_seed(5)
+    source = timm.create_model("resnet18.tv_in1k", pretrained=False)
+    asked = []
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained: asked.append((name, pretrained)) or source)
+    model = fz.create_model("esanet_r18", num_classes=3, decoder_channels=(16, 16, 16), decoder_blocks=(1, 1, 1),
+                            pretrained=True)
+    assert asked == [("resnet18.tv_in1k", True)]
+    rgb, depth, weights = model.encoders["rgb"].state_dict(), model.encoders["depth"].state_dict(), source.state_dict()
+    assert all(torch.equal(v, weights[k]) for k, v in rgb.items())
+    assert torch.equal(depth["conv1.weight"], weights["conv1.weight"].sum(dim=1, keepdim=True))
