@@ -2,7 +2,7 @@
 
 The fixtures come from ``tools/parity/esanet.py --ref <checkout of TUI-NICR/ESANet>``: the
 reference network in reduced configurations (3 classes, small decoders, one case per encoder
-block type), its state dict filled by ``fill_state_dict``, and its outputs on a seeded 64x64
+block type), its state dict filled by the shared rule (``models/published/parity.py``), and its outputs on a seeded 64x64
 input in eval and train mode. Here the same state dict is rebuilt from the key list, converted
 with the registered converter and loaded into our entry; outputs must agree to 1e-5.
 
@@ -13,7 +13,6 @@ the encoders' widths, so even the reduced cases hold two full ResNets (ResNet-50
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
@@ -21,10 +20,11 @@ import torch
 
 import fusionzoo as fz
 from fusionzoo.models.convert import convert_state_dict
+from fusionzoo.models.published.parity import read_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "parity" / "esanet"
-REFERENCE = json.loads((FIXTURES / "reference.json").read_text())
+REFERENCE = read_fixture(FIXTURES)
 ATOL = 1e-5
 # One intra-op thread, as the fixtures were computed: convolution kernels sum in another order with
 # more threads, and train-mode BatchNorm over a 2x2 map at stride 32 amplifies those 1e-7 differences.
@@ -52,7 +52,7 @@ def test_full_size_maps_tensor_for_tensor(variant: str) -> None:
     with torch.device("meta"):
         model = fz.create_model(name, num_classes=full["num_classes"])
     assert sum(p.numel() for p in model.parameters()) == full["parameters"]
-    authors = {k: torch.empty(shape, device="meta") for k, shape in full["keys"]}
+    authors = {k: torch.empty(shape, device="meta") for k, shape in full["keys"].items()}
     assert len(convert_state_dict(name, authors, model)) == len(model.state_dict())
 
 
@@ -73,7 +73,7 @@ def test_clear_errors() -> None:
         with pytest.raises(fz.encoders.PretrainedWeightsError, match="imagenet_r34_NBt1D"):
             fz.create_model("esanet_r34_nbt1d", pretrained=True)
         model = fz.create_model("esanet_r34_nbt1d", num_classes=40)
-    authors = {k: torch.empty(s, device="meta") for k, s in REFERENCE["full"]["r34_nbt1d"]["keys"]}
+    authors = {k: torch.empty(s, device="meta") for k, s in REFERENCE["full"]["r34_nbt1d"]["keys"].items()}
     authors["decoder.aux.weight"] = torch.empty(1, device="meta")
     with pytest.raises(fz.ConversionError, match="'decoder.aux.weight'.*not part of the published network"):
         convert_state_dict("esanet_r34_nbt1d", authors, model)

@@ -4,7 +4,7 @@
 
 Builds the reference ESANet (its ``src/models/model.py``) in reduced configurations (few
 classes, small decoder, a 64x64 input) for each encoder block type, fills its state dict by the
-rule in :func:`fill_state_dict`, and records its outputs in eval mode and in train mode (the
+shared rule (``fusionzoo.models.published.parity.fill_state_dict``), and records its outputs in eval mode and in train mode (the
 network output plus the three side outputs) for a seeded input. Also records the key/shape list
 and the parameter count of every full-size variant at 40 classes (the reference configuration:
 decoder channels 512/256/128, three NBt1D blocks per decoder module, "ppm" context module,
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib.machinery
 import json
-import math
 import sys
 import types
 import warnings
@@ -27,6 +26,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from fusionzoo.models.published.parity import (
+    RULE,
+    fill_state_dict,
+    key_shapes,
+    max_abs_diff,
+    read_fixture,
+    seeded_inputs,
+)
 
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "parity" / "esanet"
 WEIGHT_SEED = 0
@@ -53,40 +61,10 @@ CASES = {
 }
 
 
-def fill_state_dict(keys_shapes: list[tuple[str, list[int]]], seed: int = WEIGHT_SEED) -> dict[str, torch.Tensor]:
-    """The deterministic rule that fills an (authors'-format) state dict, key by key in order.
-
-    One ``torch.Generator`` seeded with ``seed``; per key: ``num_batches_tracked`` = 0;
-    ``running_var`` = 0.5 + U[0, 1); ``running_mean`` = 0.1 N(0, 1); any other 1-D ``weight``
-    (a norm's scale) = 1 + 0.1 N(0, 1); a 1-D ``bias`` = 0.1 N(0, 1); an n-D weight = N(0, 1) /
-    sqrt(fan_in) with fan_in = numel / shape[0].
-    """
-    g = torch.Generator().manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
-    for key, shape in keys_shapes:
-        size = tuple(shape)
-        leaf = key.rsplit(".", 1)[-1]
-        if leaf == "num_batches_tracked":
-            out[key] = torch.zeros(size, dtype=torch.long)
-        elif leaf == "running_var":
-            out[key] = 0.5 + torch.rand(size, generator=g)
-        elif leaf == "running_mean":
-            out[key] = 0.1 * torch.randn(size, generator=g)
-        elif len(size) == 1:
-            out[key] = (1.0 if leaf == "weight" else 0.0) + 0.1 * torch.randn(size, generator=g)
-        else:
-            fan_in = math.prod(size[1:])
-            out[key] = torch.randn(size, generator=g) / math.sqrt(fan_in)
-    return out
-
-
 def make_inputs(seed: int = INPUT_SEED) -> dict[str, torch.Tensor]:
     """The seeded RGB-D input: rgb ``(2, 3, 64, 64)`` then depth ``(2, 1, 64, 64)``, both N(0, 1)."""
-    g = torch.Generator().manual_seed(seed)
     b, h, w = INPUT_SHAPE
-    rgb = torch.randn(b, 3, h, w, generator=g)
-    depth = torch.randn(b, 1, h, w, generator=g)
-    return {"rgb": rgb, "depth": depth}
+    return seeded_inputs({"rgb": (b, 3, h, w), "depth": (b, 1, h, w)}, seed)
 
 
 def _import_reference(checkout: Path) -> type[nn.Module]:
@@ -138,10 +116,6 @@ def reference_inputs(model_inputs: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     return model_inputs["rgb"], model_inputs["depth"]
 
 
-def keys_shapes_of(model: nn.Module) -> list[tuple[str, list[int]]]:
-    return [(k, list(v.shape)) for k, v in model.state_dict().items()]
-
-
 def check_convert(checkout: Path, workdir: Path) -> float:
     """End to end at full size: the authors' ESANet-R34-NBt1D (40 classes, filled by the rule) saved
     as they release it (``{"state_dict": ...}`` in ``nyuv2/r34_NBt1D.pth`` inside a ``.tar.gz``),
@@ -153,7 +127,7 @@ def check_convert(checkout: Path, workdir: Path) -> float:
     import fusionzoo as fz
 
     model = reference_model(checkout, "r34_nbt1d", FULL_NUM_CLASSES)
-    model.load_state_dict(fill_state_dict(keys_shapes_of(model)), strict=True)
+    model.load_state_dict(fill_state_dict(key_shapes(model.state_dict()), WEIGHT_SEED), strict=True)
     workdir.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save({"epoch": 0, "state_dict": model.state_dict()}, buf)
@@ -166,7 +140,7 @@ def check_convert(checkout: Path, workdir: Path) -> float:
     ours = fz.from_pretrained(fz.convert_checkpoint("esanet_r34_nbt1d", archive, workdir / "converted"))
     inputs = make_inputs()
     with torch.no_grad():
-        return float((model.eval()(*reference_inputs(inputs)) - ours.eval()(inputs)).abs().max())
+        return max_abs_diff(model.eval()(*reference_inputs(inputs)), ours.eval()(inputs))
 
 
 def measure_diffs(fixtures: Path = FIXTURES, cases: list[str] | None = None) -> dict[str, float]:
@@ -177,7 +151,7 @@ def measure_diffs(fixtures: Path = FIXTURES, cases: list[str] | None = None) -> 
     import fusionzoo as fz
     from fusionzoo.models.convert import convert_state_dict
 
-    meta = json.loads((fixtures / "reference.json").read_text())
+    meta = read_fixture(fixtures)
     golden = load_file(str(fixtures / "outputs.safetensors"))
     diffs = {}
     for case, cfg in meta["cases"].items():
@@ -191,10 +165,10 @@ def measure_diffs(fixtures: Path = FIXTURES, cases: list[str] | None = None) -> 
         model.load_state_dict(convert_state_dict(name, authors, model), strict=True, assign=True)
         inputs = make_inputs(meta["input_seed"])
         with torch.no_grad():
-            diffs[f"{case}.eval"] = float((model.eval()(inputs) - golden[f"{case}.eval"]).abs().max())
-            diffs[f"{case}.train"] = float((model.train()(inputs) - golden[f"{case}.train"]).abs().max())
+            diffs[f"{case}.eval"] = max_abs_diff(model.eval()(inputs), golden[f"{case}.eval"])
+            diffs[f"{case}.train"] = max_abs_diff(model.train()(inputs), golden[f"{case}.train"])
             for stride, side in zip((8, 16, 32), model.side_logits):
-                diffs[f"{case}.train.side{stride}"] = float((side - golden[f"{case}.train.side{stride}"]).abs().max())
+                diffs[f"{case}.train.side{stride}"] = max_abs_diff(side, golden[f"{case}.train.side{stride}"])
     return diffs
 
 
@@ -226,15 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict = {
         "reference_repo": "https://github.com/TUI-NICR/ESANet",
         "weight_seed": WEIGHT_SEED, "input_seed": INPUT_SEED, "input_shape": list(INPUT_SHAPE),
-        "num_classes": NUM_CLASSES, "rule": fill_state_dict.__doc__.split("\n\n", 1)[1].strip(),
+        "num_classes": NUM_CLASSES, "rule": RULE,
         "cases": {}, "full": {},
     }
     tensors: dict[str, torch.Tensor] = {}
     inputs = make_inputs()
     for case, cfg in CASES.items():
         model = reference_model(args.ref, cfg["variant"], NUM_CLASSES, cfg["decoder_channels"], cfg["decoder_blocks"])
-        keys = keys_shapes_of(model)
-        model.load_state_dict(fill_state_dict(keys), strict=True)
+        keys = key_shapes(model.state_dict())
+        model.load_state_dict(fill_state_dict(keys, WEIGHT_SEED), strict=True)
         with torch.no_grad():
             model.eval()
             tensors[f"{case}.eval"] = model(*reference_inputs(inputs)).contiguous()
@@ -252,9 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         with torch.device("meta"):
             model = reference_model(args.ref, variant, FULL_NUM_CLASSES)
         params = sum(p.numel() for p in model.parameters())
-        meta["full"][variant] = {"num_classes": FULL_NUM_CLASSES, "parameters": params, "keys": keys_shapes_of(model)}
+        meta["full"][variant] = {"num_classes": FULL_NUM_CLASSES, "parameters": params, "keys": key_shapes(model.state_dict())}
         print(f"full {variant}: {params} parameters")
-    (args.out / "reference.json").write_text(json.dumps(meta, separators=(",", ":")) + "\n")
+    (args.out / "fixture.json").write_text(json.dumps(meta, separators=(",", ":")) + "\n")
     save_file(tensors, str(args.out / "outputs.safetensors"))
     return 0
 

@@ -1,0 +1,73 @@
+"""Golden-parity helpers shared by ``tools/parity/<method>.py`` (which runs the authors' code)
+and ``tests/test_parity_<method>.py`` (which runs ours): the deterministic rule that fills an
+authors'-format state dict from its key/shape list, and the fixture layout.
+
+The rule (:func:`fill_state_dict`) depends only on a key, its shape and a seed, so the test can
+rebuild the authors' state dict from the committed key/shape list alone, without their code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RULE = (
+    "per key: torch.Generator seeded with seed + crc32(key); num_batches_tracked = 0; "
+    "running_mean = 0.1 * N(0,1); running_var = 0.5 + U(0,1); other 1-D '*.weight' (norm scales) "
+    "= 1 + 0.1 * N(0,1); 1-D '*.bias' = 0.1 * N(0,1); tensors of 2+ dims = N(0,1) / sqrt(fan_in), "
+    "fan_in = product of all dims but the first; float32"
+)
+
+
+def fill_tensor(key: str, shape: Sequence[int], seed: int) -> torch.Tensor:
+    """One tensor of the rule :data:`RULE`."""
+    if key.endswith("num_batches_tracked"):
+        return torch.zeros(shape, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed + zlib.crc32(key.encode()))
+    shape = tuple(int(s) for s in shape)
+    if key.endswith("running_var"):
+        return 0.5 + torch.rand(shape, generator=g)
+    normal = torch.randn(shape, generator=g)
+    if key.endswith("running_mean"):
+        return 0.1 * normal
+    if len(shape) <= 1:
+        return 1.0 + 0.1 * normal if key.endswith("weight") else 0.1 * normal
+    fan_in = math.prod(shape[1:])
+    return normal / math.sqrt(fan_in)
+
+
+def fill_state_dict(shapes: Mapping[str, Sequence[int]], seed: int) -> dict[str, torch.Tensor]:
+    """An authors'-format state dict filled by :data:`RULE` (``shapes``: key -> shape)."""
+    return {k: fill_tensor(k, s, seed) for k, s in shapes.items()}
+
+
+def key_shapes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
+    """The key/shape list committed in a fixture (the authors' order)."""
+    return {k: list(v.shape) for k, v in state_dict.items()}
+
+
+def seeded_inputs(shapes: Mapping[str, Sequence[int]], seed: int) -> dict[str, torch.Tensor]:
+    """Inputs ``N(0,1)`` drawn in the order of ``shapes`` from one generator seeded ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(tuple(s), generator=g) for k, s in shapes.items()}
+
+
+def read_fixture(folder: Path) -> dict[str, Any]:
+    """``fixture.json`` of a parity fixture folder (``tests/fixtures/parity/<method>/``)."""
+    path = folder / "fixture.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; regenerate it with tools/parity/<method>.py --ref <authors checkout>")
+    return json.loads(path.read_text())
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a - b|`` (shapes must agree)."""
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return float((a.double() - b.double()).abs().max())
