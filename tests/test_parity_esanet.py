@@ -68,6 +68,8 @@ def test_clear_errors() -> None:
         model = fz.create_model("esanet_r18", num_classes=3)
         with pytest.raises(ValueError, match=r"divisible by 32.*\(48, 64\).*\(64, 64\)"):
             model({"rgb": torch.empty(1, 3, 48, 64), "depth": torch.empty(1, 1, 48, 64)})
+        with pytest.raises(ValueError, match="batch of at least 2"):
+            model.train()({"rgb": torch.empty(1, 3, 64, 64), "depth": torch.empty(1, 1, 64, 64)})
         with pytest.raises(ValueError, match="exactly 2 modalities"):
             fz.create_model("esanet_r18", modalities=("rgb", "depth", "thermal"))
         with pytest.raises(fz.encoders.PretrainedWeightsError, match="imagenet_r34_NBt1D"):

@@ -408,7 +408,8 @@ class ESANet(FusionModel):
         """Segment a batch: ``(B, K, H, W)`` logits for inputs ``(B, C_m, H, W)`` with H, W divisible by 32.
 
         Raises:
-            ValueError: see :meth:`FusionModel.check_inputs`, or H, W not divisible by 32.
+            ValueError: see :meth:`FusionModel.check_inputs`, H, W not divisible by 32, or a batch of
+                1 in training mode.
         """
         missing = self._check_missing(missing)
         xs = self.check_inputs(inputs, missing)
@@ -417,6 +418,11 @@ class ESANet(FusionModel):
             raise ValueError(
                 f"ESANet needs input height and width divisible by 32 (its decoder upsamples by exactly 2 and adds "
                 f"the encoder skip), got {(h, w)}; resize or pad to e.g. {(-(-h // 32) * 32, -(-w // 32) * 32)}"
+            )
+        if self.training and next(iter(xs.values())).shape[0] < 2:
+            raise ValueError(
+                "ESANet in training mode needs a batch of at least 2: its context module applies BatchNorm "
+                "after pooling to 1x1, which has one value per channel for a batch of 1; use model.eval() to infer"
             )
         return self.forward_logits(xs, missing)  # already at input resolution
 
@@ -581,5 +587,7 @@ AUTHORS_RULES: list[tuple[str, str]] = [
 @register_converter(*(f"esanet_{v}" for v in VARIANTS), classifier_key="decoder.conv_out.weight")
 def convert_esanet(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The reference ESANet's state dict (``model.state_dict()`` of ``src/models/model.py``;
-    released files hold it under ``state_dict``) -> ours: a renaming, no tensor changes value."""
+    released files hold it under ``state_dict``) -> ours: a renaming, no tensor changes value.
+    The reference's second encoder is ``encoder_depth``, so it maps onto a model whose auxiliary
+    stream is ``depth`` (the released RGB-D checkpoints)."""
     return rename_keys(state_dict, AUTHORS_RULES, where="ESANet checkpoint")
