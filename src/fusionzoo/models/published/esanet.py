@@ -272,8 +272,8 @@ class ESANet(FusionModel):
         modalities: exactly two streams, RGB first (``("rgb", "depth")``; ``("rgb", "thermal")`` works too).
         in_chans: per-modality channel overrides.
         pretrained: ImageNet weights for the encoders (torchvision's, through timm's cache), for the
-            BasicBlock and Bottleneck variants; the authors' ImageNet NBt1D encoders are their own
-            files (not loaded here).
+            BasicBlock and Bottleneck variants; the NBt1D variants' ImageNet encoders are the
+            authors' own file (``encoder_weights``).
         decoder_channels: channels of the three decoder modules (reference: 512, 256, 128).
         decoder_blocks: NBt1D blocks per decoder module (reference: 3, 3, 3).
         activation: the network's activation (reference: ``"relu"``).
@@ -318,7 +318,7 @@ class ESANet(FusionModel):
         stage_channels = [64, *enc.channels]
         self.fusions = nn.ModuleDict()
         for k, (stage, c) in enumerate(zip(("stem", *STAGES), stage_channels)):
-            reduction = 2 ** (k + 1) if k else 2
+            reduction = 2 ** (k + 1)  # stem 2, stages 4..32
             for m in self.modalities:
                 self.taps.declare(f"{m}.{stage}", c, reduction)
             self.fusions[stage] = ESANetFusion(c, 2, stage_index=max(k - 1, 0), activation=activation)
