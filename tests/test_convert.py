@@ -175,3 +175,30 @@ def test_cli_convert(toy_entry, tmp_path, capsys):
     assert "missing.pth does not exist" in capsys.readouterr().err
     assert cli_main(["convert", "cmx_resnet50", str(path), "--out", str(tmp_path / "o")]) == 2
     assert "family entry" in capsys.readouterr().err
+
+
+def test_gzipped_tar_archive_as_released(toy_entry, tmp_path):
+    """Authors who ship ``name.tar.gz`` holding one ``.pth`` (ESANet) convert without extracting."""
+    import io
+    import tarfile
+
+    def archive(path, members):
+        with tarfile.open(path, "w:gz") as tar:
+            for name, obj in members.items():
+                buf = io.BytesIO()
+                torch.save(obj, buf)
+                info = tarfile.TarInfo(name)
+                info.size = buf.tell()
+                buf.seek(0)
+                tar.addfile(info, buf)
+        return path
+
+    one = archive(tmp_path / "toy.tar.gz", {"toy/toy.pth": {"state_dict": _authors_state_dict()}})
+    out = fz.convert_checkpoint(toy_entry, one, tmp_path / "out")
+    assert fz.from_pretrained(out).num_classes == 5
+    two = archive(tmp_path / "two.tar.gz", {"a.pth": _authors_state_dict(), "b.pth": _authors_state_dict()})
+    with pytest.raises(fz.ConversionError, match=r"two.tar.gz holds 2 checkpoint files.*\['a.pth', 'b.pth'\]"):
+        fz.convert_checkpoint(toy_entry, two, tmp_path / "out2")
+    (tmp_path / "bad.tar.gz").write_bytes(b"not gzip")
+    with pytest.raises(fz.ConversionError, match="bad.tar.gz is not a readable .tar.gz archive"):
+        fz.convert_checkpoint(toy_entry, tmp_path / "bad.tar.gz", tmp_path / "out3")

@@ -31,7 +31,9 @@ def test_list_is_sorted_and_filters_compose() -> None:
     }
     three = fz.list_models(modalities=("rgb", "depth", "thermal"))
     assert "crossattn_resnet18" in three and "cmx_resnet18" not in three
-    assert fz.list_models(method="esanet") == ["esanet", "esanet_pvt_v2_b2", "esanet_resnet18", "esanet_resnet50"]
+    assert fz.list_models(method="esanet", published=False) == ["esanet", "esanet_pvt_v2_b2", "esanet_resnet18", "esanet_resnet50"]
+    assert fz.list_models(method="esanet", published=True) == [
+        "esanet_r18", "esanet_r18_nbt1d", "esanet_r34", "esanet_r34_nbt1d", "esanet_r50"]
     # `import fusionzoo` registers the detectors too (no extra import that a user could forget)
     detection = fz.list_models(task="detection")
     assert {fz.model_entry(n).fusion for n in detection} == {"early", "middle", "late", "hybrid"}

@@ -18,6 +18,7 @@ that ``fusionzoo convert NAME FILE --tag TAG`` wrote into the cache (:func:`rele
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -145,9 +146,33 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".pth.tar", ".ckpt")
+
+
+def _read_archive(path: Path) -> bytes:
+    """The one checkpoint inside a gzipped tar archive as the authors ship it (ESANet's
+    ``nyuv2_r34_NBt1D.tar.gz`` holds ``nyuv2/r34_NBt1D.pth``), read without extracting to disk."""
+    import tarfile
+
+    try:
+        with tarfile.open(path, "r:gz") as archive:
+            members = [m for m in archive.getmembers() if m.isfile() and m.name.endswith(CHECKPOINT_SUFFIXES)]
+            if len(members) != 1:
+                names = [m.name for m in archive.getmembers() if m.isfile()]
+                raise ConversionError(
+                    f"{path} holds {len(members)} checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}), expected one; "
+                    f"its files: {names[:10]}; extract the one to convert and pass it instead"
+                )
+            return archive.extractfile(members[0]).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ConversionError(f"{path} is not a readable .tar.gz archive ({type(e).__name__}: {e})") from None
+
+
 def read_authors_checkpoint(path: str | Path) -> StateDict:
     """Tensors of an authors' checkpoint file (``.pth``/``.pt``/``.tar`` via ``torch.load`` with
-    ``weights_only=True``, so no pickled code runs; or ``.safetensors``).
+    ``weights_only=True``, so no pickled code runs; ``.safetensors``; or a ``.tar.gz``/``.tgz``
+    archive holding exactly one such checkpoint, as some authors release them).
 
     Raises:
         FileNotFoundError: no such file. ConversionError: unreadable, or not a state dict.
@@ -158,8 +183,12 @@ def read_authors_checkpoint(path: str | Path) -> StateDict:
     try:
         if path.suffix == ".safetensors":
             obj: Any = load_safetensors(str(path))
+        elif path.name.endswith(ARCHIVE_SUFFIXES):
+            obj = torch.load(io.BytesIO(_read_archive(path)), map_location="cpu", weights_only=True)
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
+    except ConversionError:
+        raise
     except Exception as e:  # noqa: BLE001  (torch.load raises many types on a wrong or truncated file)
         raise ConversionError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
     return _unwrap(obj, str(path))

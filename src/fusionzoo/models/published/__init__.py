@@ -5,4 +5,5 @@ reference repository and commit), its released weights (``register_weights``) an
 (``register_converter``). Parity with the authors' code is proven by ``tests/test_parity_*.py`` on
 fixtures that ``tools/parity/<method>.py`` regenerates from a checkout of their repository.
 """
-from . import cmx  # noqa: F401
+from . import cmx  # noqa: F401  (CMX, Zhang et al. T-ITS 2023)
+from . import esanet  # noqa: F401  (ESANet, Seichter et al. ICRA 2021)
