@@ -114,6 +114,8 @@ class PreparedDataset(Dataset):
                 f"{type(self).__name__}: modalities {bad} not available; choose from {self.available_modalities}"
             )
         self.transforms = transforms
+        if nonfinite not in ("invalid", "raise"):  # checked here, not at the first NaN mid-epoch
+            raise ValueError(f"nonfinite must be 'invalid' or 'raise', got {nonfinite!r}")
         self.nonfinite = nonfinite
         self.check_size = check_size
         if thermal_bits is not None and not (isinstance(thermal_bits, int) and 1 <= thermal_bits <= 16):
