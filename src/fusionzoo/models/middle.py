@@ -11,6 +11,7 @@ from torch import nn
 
 from ..encoders import Encoder
 from ..fusion import FUSION_OPS
+from ..fusion.base import FusionResult
 from .base import FusionModel, register_family
 
 
@@ -64,8 +65,7 @@ class MiddleFusionModel(FusionModel):
                 f"{self.modalities}; use a generic method (crossattn, early_concat, late_*, hybrid_gate) for more"
             )
         self.encoders = nn.ModuleDict({
-            m: Encoder(encoder, in_chans=self.in_chans[m], pretrained=pretrained, with_stem=fuse_stem, mono_init=mono_init)
-            for m in self.modalities
+            m: self.build_encoder(encoder, self.in_chans[m], pretrained, fuse_stem, mono_init) for m in self.modalities
         })
         first = self.encoders[self.modalities[0]]
         self.stage_names = first.stage_names
@@ -112,6 +112,11 @@ class MiddleFusionModel(FusionModel):
             self.taps.declare(f"fused.{stage}.{detail}", detail_channels, 0 if detail in global_details else reduction, kind)
 
     # Hooks for subclasses (CMX's presets, ACNet's merged branch, hybrid heads, detection).
+    def build_encoder(self, encoder: str, in_chans: int, pretrained: bool, with_stem: bool, mono_init: str) -> Encoder:
+        """One modality's encoder (a published network may reshape it, e.g. SA-Gate's dilated
+        last stage, before the taps are declared from its ``channels`` and ``reductions``)."""
+        return Encoder(encoder, in_chans=in_chans, pretrained=pretrained, with_stem=with_stem, mono_init=mono_init)
+
     def fuses_stage(self, stage: str) -> bool:
         """Whether a fusion operator follows ``stage`` (all stages here; a detector whose FPN skips
         stride 4 leaves that stage unfused when the operator does not feed back)."""
@@ -131,8 +136,23 @@ class MiddleFusionModel(FusionModel):
         """Combine the operator's output with the previous fused feature (ACNet's merged branch)."""
         return fused
 
-    def forward_streams(self, xs: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+    def merge_result(
+        self, index: int, result: FusionResult, features: list[torch.Tensor], previous: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The fused feature of stage ``index`` from the operator's result and the stage's inputs;
+        by default :meth:`merge` of ``result.fused`` (a published network that sums its terms in
+        another order overrides this to reproduce its arithmetic exactly)."""
+        return self.merge(index, result.fused, previous)
+
+    def forward_streams(
+        self, xs: dict[str, torch.Tensor], include_stem: bool = False
+    ) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
         """Run encoders and fusion.
+
+        Args:
+            xs: checked inputs per modality.
+            include_stem: also return the fused stride-2 stem feature first, when the stem is
+                fused (ACNet's decoder uses it).
 
         Returns:
             The fused feature of each decoder stage (strides 4..32) and, per modality, its own
@@ -157,11 +177,13 @@ class MiddleFusionModel(FusionModel):
                         own[m].append(f)
                 continue
             result = self.fusions[stage](feats)
-            fused = self.taps(f"fused.{stage}", self.merge(k, result.fused, previous))
+            fused = self.taps(f"fused.{stage}", self.merge_result(k, result, feats, previous))
             for detail in self._detail_names[stage]:
                 self.taps(f"fused.{stage}.{detail}", result.details[detail])
             streams = result.streams if self.feedback and result.streams is not None else feats
             previous = fused
+            if stage == "stem" and include_stem:
+                fused_feats.append(fused)
             if stage != "stem":
                 fused_feats.append(fused)
                 for m, f in zip(self.modalities, feats):

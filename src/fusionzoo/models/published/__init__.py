@@ -5,4 +5,7 @@ reference repository and commit), its released weights (``register_weights``) an
 (``register_converter``). Parity with the authors' code is proven by ``tests/test_parity_*.py`` on
 fixtures that ``tools/parity/<method>.py`` regenerates from a checkout of their repository.
 """
-from . import fusenet  # noqa: F401
+from . import (
+    acnet,  # noqa: F401
+    fusenet,  # noqa: F401
+)
