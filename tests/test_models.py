@@ -21,6 +21,7 @@ FAMILIES = [n for n in ALL if not fz.model_entry(n).encoder_fixed]
 # their parity tests (tests/test_parity_*.py) run them for real on reduced inputs.
 META_ONLY = {
     "fusenet_vgg16": "two VGG-16 encoders and a SegNet decoder at stride 1: ~4 GFLOPs per 64x64 image, 30 s per backward",
+    "sagate_r101": "two ResNet-101 branches (stage 4 dilated) and DeepLabV3+: 101 M parameters to initialise per build",
 }
 VARIANTS = [n for n in ALL if fz.model_entry(n).encoder_fixed and n not in META_ONLY]
 SMALL_ENCODER = "convnext_atto"  # any timm encoder with strides 4..32 must work in a family entry

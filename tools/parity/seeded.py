@@ -52,6 +52,21 @@ def seeded_state_dict(keys: KeyShapes, seed: int) -> dict[str, torch.Tensor]:
     return {k: seeded_tensor(k, shape, dtype, seed) for k, shape, dtype in keys}
 
 
+def tie_shared(state_dict: dict[str, torch.Tensor], tie: tuple[str, str] | None) -> dict[str, torch.Tensor]:
+    """A module registered under two names (SA-Gate's shared shortcut projections) is one tensor
+    in a real checkpoint: with ``tie = (alias, name)``, every key containing ``alias`` takes the
+    tensor of the key with ``alias`` replaced by ``name``."""
+    if tie is None:
+        return state_dict
+    alias, name = tie
+    return {k: state_dict[k.replace(alias, name)] if alias in k else v for k, v in state_dict.items()}
+
+
+def authors_state_dict(meta: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The fixture's authors'-format state dict: the rule over its key list, shared names tied."""
+    return tie_shared(seeded_state_dict(meta["keys"], meta["state_seed"]), meta.get("tie"))
+
+
 def key_shapes(state_dict: Mapping[str, torch.Tensor]) -> KeyShapes:
     """The key/shape/dtype list of a state dict, in its order."""
     return [(k, list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state_dict.items()]

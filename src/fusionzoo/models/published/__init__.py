@@ -8,4 +8,5 @@ fixtures that ``tools/parity/<method>.py`` regenerates from a checkout of their 
 from . import (
     acnet,  # noqa: F401
     fusenet,  # noqa: F401
+    sagate,  # noqa: F401
 )
