@@ -11,8 +11,10 @@ and 5 in both encoders and decoder blocks 5, 4 and 3.
 
 Parity reference: the authors' group's PyTorch port (github MehmetAygun/fusenet-pytorch, which
 also hosts the released checkpoints); the original is Caffe (github tum-vision/fusenet). The
-port fuses by the *mean* ``(rgb + depth) / 2`` where the Caffe prototxt sums; ``fuse="mean"``
-(default) is the port and its released weights, ``fuse="sum"`` the Caffe network.
+port fuses by the *mean* ``(rgb + depth) / 2`` where the Caffe prototxt sums (``Eltwise`` SUM in
+tum-vision/fusenet ``fusenet/segmentation/sunrgbd-sf5/deploy.prototxt``, whose encoder dropout
+is 0.5); ``fuse="mean"`` (default) is the port and its released weights, ``fuse="sum"`` with
+``dropout=0.5`` the Caffe arrangement (not parity-tested: no Caffe run here).
 ``tests/test_parity_fusenet.py`` checks outputs against the port's ``FusenetGenerator``.
 """
 
@@ -226,7 +228,8 @@ CLASSIFIER_KEY = "CBR1_RGB_DEC.3.weight"
     published=True, reference_repo=REFERENCE_REPO, reference_commit=REFERENCE_COMMIT,
 )
 def fusenet_vgg16(pretrained: bool | str = False, **kwargs: object) -> nn.Module:
-    """FuseNet-SF5 (two VGG-16-BN encoders, SegNet decoder), 44.9 M parameters at 37 classes.
+    """FuseNet-SF5 (two VGG-16-BN encoders, SegNet decoder): 44,186,341 parameters at 37 classes,
+    as the port (tests/test_parity_fusenet.py).
 
     ``pretrained=True`` loads ImageNet VGG-16 into both encoders; ``pretrained="nyuv2"`` or
     ``"sunrgbd"`` the authors' released weights (converted with ``fusionzoo convert``).
