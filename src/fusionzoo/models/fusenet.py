@@ -5,7 +5,9 @@ The depth branch's feature maps are added element-wise into the RGB branch after
 the sum continues in the RGB encoder (sparse fusion). FuseNet's VGG-16 encoder and SegNet-style
 unpooling decoder are replaced by any timm encoder and a fusionzoo decoder; the fusion itself
 (``fusionzoo.fusion.SumFusion``) is the paper's, and so is the depth branch's first layer: with
-pretrained weights it is the mean of the RGB filters (``mono_init="mean"``).
+pretrained weights it is the mean of the RGB filters (``mono_init="mean"``). The published
+network (two VGG-16 encoders fused after each of five blocks, SegNet decoder) is ``fusenet_vgg16``
+(:mod:`fusionzoo.models.published.fusenet`).
 """
 
 from __future__ import annotations

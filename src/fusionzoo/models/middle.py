@@ -11,6 +11,7 @@ from torch import nn
 
 from ..encoders import Encoder
 from ..fusion import FUSION_OPS
+from ..fusion.base import FusionResult
 from .base import FusionModel, register_family
 
 
@@ -113,7 +114,9 @@ class MiddleFusionModel(FusionModel):
 
     # Hooks for subclasses (CMX's presets, ACNet's merged branch, hybrid heads, detection).
     def make_encoder(self, modality: str, encoder: str, *, pretrained: bool, with_stem: bool, mono_init: str) -> Encoder:
-        """The encoder of one modality's stream (published entries pass their backbone's settings)."""
+        """The encoder of one modality's stream (a published network passes its backbone's settings or
+        reshapes it, e.g. SA-Gate's dilated last stage, before the taps are declared from its
+        ``channels`` and ``reductions``)."""
         return Encoder(encoder, in_chans=self.in_chans[modality], pretrained=pretrained, with_stem=with_stem, mono_init=mono_init)
 
     def fuses_stage(self, stage: str) -> bool:
@@ -135,8 +138,23 @@ class MiddleFusionModel(FusionModel):
         """Combine the operator's output with the previous fused feature (ACNet's merged branch)."""
         return fused
 
-    def forward_streams(self, xs: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+    def merge_result(
+        self, index: int, result: FusionResult, features: list[torch.Tensor], previous: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The fused feature of stage ``index`` from the operator's result and the stage's inputs;
+        by default :meth:`merge` of ``result.fused`` (a published network that sums its terms in
+        another order overrides this to reproduce its arithmetic exactly)."""
+        return self.merge(index, result.fused, previous)
+
+    def forward_streams(
+        self, xs: dict[str, torch.Tensor], include_stem: bool = False
+    ) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
         """Run encoders and fusion.
+
+        Args:
+            xs: checked inputs per modality.
+            include_stem: also return the fused stride-2 stem feature first, when the stem is
+                fused (ACNet's decoder uses it).
 
         Returns:
             The fused feature of each decoder stage (strides 4..32) and, per modality, its own
@@ -161,11 +179,13 @@ class MiddleFusionModel(FusionModel):
                         own[m].append(f)
                 continue
             result = self.fusions[stage](feats)
-            fused = self.taps(f"fused.{stage}", self.merge(k, result.fused, previous))
+            fused = self.taps(f"fused.{stage}", self.merge_result(k, result, feats, previous))
             for detail in self._detail_names[stage]:
                 self.taps(f"fused.{stage}.{detail}", result.details[detail])
             streams = result.streams if self.feedback and result.streams is not None else feats
             previous = fused
+            if stage == "stem" and include_stem:
+                fused_feats.append(fused)
             if stage != "stem":
                 fused_feats.append(fused)
                 for m, f in zip(self.modalities, feats):

@@ -5,5 +5,10 @@ reference repository and commit), its released weights (``register_weights``) an
 (``register_converter``). Parity with the authors' code is proven by ``tests/test_parity_*.py`` on
 fixtures that ``tools/parity/<method>.py`` regenerates from a checkout of their repository.
 """
-from . import cmx  # noqa: F401  (CMX, Zhang et al. T-ITS 2023)
-from . import esanet  # noqa: F401  (ESANet, Seichter et al. ICRA 2021)
+from . import (
+    acnet,  # noqa: F401  (ACNet, Hu et al. ICIP 2019)
+    cmx,  # noqa: F401  (CMX, Zhang et al. T-ITS 2023)
+    esanet,  # noqa: F401  (ESANet, Seichter et al. ICRA 2021)
+    fusenet,  # noqa: F401  (FuseNet, Hazirbas et al. ACCV 2016)
+    sagate,  # noqa: F401  (SA-Gate, Chen et al. ECCV 2020)
+)
