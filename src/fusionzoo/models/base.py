@@ -123,6 +123,11 @@ class FusionModel(nn.Module):
     def expected_shape(self, modality: str) -> str:
         return f"(B, {self.in_chans[modality]}, H, W)"
 
+    # H and W must be multiples of this for networks whose decoder adds skips to exactly 2x upsampled
+    # maps or unpools with the encoder's indices (published ESANet, ACNet, FuseNet); None: any size.
+    input_multiple: int | None = None
+    input_multiple_reason: str = ""
+
     def check_inputs(self, inputs: Mapping[str, torch.Tensor], missing: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         """Validate inputs and fill absent modalities; returns tensors in ``self.modalities`` order.
 
@@ -165,6 +170,7 @@ class FusionModel(nn.Module):
                         f"input {m!r} has spatial size {tuple(x.shape[-2:])}; models need at least "
                         f"{MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} (stride-32 features); resize or pad it"
                     )
+                self._check_input_multiple(tuple(x.shape[-2:]))
             else:
                 ref = inputs[reference]
                 if x.shape[0] != ref.shape[0] or x.shape[-2:] != ref.shape[-2:]:
@@ -181,6 +187,15 @@ class FusionModel(nn.Module):
             else:
                 out[m] = inputs[m]
         return out
+
+    def _check_input_multiple(self, size: tuple[int, int]) -> None:
+        k = self.input_multiple
+        if k and (size[0] % k or size[1] % k):
+            name = (getattr(self, "config", None) or {}).get("name", type(self).__name__)
+            raise ValueError(
+                f"{name} needs H and W divisible by {k} ({self.input_multiple_reason}), got inputs of spatial size "
+                f"{size}; pad or resize to {(-(-size[0] // k) * k, -(-size[1] // k) * k)}"
+            )
 
     def _check_dtype(self, key: str, x: torch.Tensor) -> None:
         # A float64 input (numpy's default) into float32 weights fails deep inside the first conv

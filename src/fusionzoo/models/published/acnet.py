@@ -38,7 +38,6 @@ PAPER = (
     "Hu, Yang, Fei, Huang, Wang, 'ACNet: Attention Based Network to Exploit Complementary Features for "
     "RGBD Semantic Segmentation', ICIP 2019"
 )
-INPUT_MULTIPLE = 32  # the decoder adds stride-2^k skips to 2x upsampled maps: sizes must halve exactly
 
 
 class TransBasicBlock(nn.Module):
@@ -141,6 +140,10 @@ class ACNetR50(ACNetModel):
     (stride 1). Inputs must have H and W divisible by 32.
     """
 
+    # The decoder adds stride-2^k skips to 2x upsampled maps: sizes must halve exactly.
+    input_multiple = 32
+    input_multiple_reason = "its decoder adds skips at strides 2-32"
+
     def __init__(
         self,
         *,
@@ -174,16 +177,6 @@ class ACNetR50(ACNetModel):
         channels = weights.shape[1] // 2
         rgb, depth = features
         return self.merged.forward_stage(index, previous) + rgb * weights[:, :channels] + depth * weights[:, channels:]
-
-    def check_inputs(self, inputs: Mapping[str, torch.Tensor], missing: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-        xs = super().check_inputs(inputs, missing)
-        h, w = next(iter(xs.values())).shape[-2:]
-        if h % INPUT_MULTIPLE or w % INPUT_MULTIPLE:
-            raise ValueError(
-                f"acnet_r50 needs H and W divisible by {INPUT_MULTIPLE} (its decoder adds skips at strides 2-32), got "
-                f"inputs of spatial size {(h, w)}; pad or resize to {(-(-h // 32) * 32, -(-w // 32) * 32)}"
-            )
-        return xs
 
     def forward_logits(self, xs: dict[str, torch.Tensor], missing: tuple[str, ...]) -> torch.Tensor:
         fused, _ = self.forward_streams(xs, include_stem=True)  # m0 (stride 2) .. m4 (stride 32)

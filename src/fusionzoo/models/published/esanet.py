@@ -289,6 +289,9 @@ class ESANet(FusionModel):
     Inputs must be divisible by 32: the decoder upsamples by exactly 2 and adds the encoder skip.
     """
 
+    input_multiple = 32
+    input_multiple_reason = "its decoder upsamples by exactly 2 and adds the encoder skip"
+
     def __init__(
         self,
         depth: str,
@@ -413,12 +416,6 @@ class ESANet(FusionModel):
         """
         missing = self._check_missing(missing)
         xs = self.check_inputs(inputs, missing)
-        h, w = next(iter(xs.values())).shape[-2:]
-        if h % 32 or w % 32:
-            raise ValueError(
-                f"ESANet needs input height and width divisible by 32 (its decoder upsamples by exactly 2 and adds "
-                f"the encoder skip), got {(h, w)}; resize or pad to e.g. {(-(-h // 32) * 32, -(-w // 32) * 32)}"
-            )
         if self.training and next(iter(xs.values())).shape[0] < 2:
             raise ValueError(
                 "ESANet in training mode needs a batch of at least 2: its context module applies BatchNorm "

@@ -53,7 +53,6 @@ DECODER_BLOCKS: tuple[tuple[tuple[int, int], ...], ...] = (
     ((64, 64),),
 )
 DROPOUT_BLOCKS = frozenset({3, 4, 5})  # blocks whose pooled output (encoder) / output (decoder) gets dropout
-INPUT_MULTIPLE = 16  # unpooling with the encoder's indices needs every pooled size even up to stride 16
 
 
 def conv_bn_relu(pairs: Sequence[tuple[int, int]]) -> nn.Sequential:
@@ -129,6 +128,10 @@ class FuseNetVGG16(FusionModel):
     Inputs must have H and W divisible by 16 (unpooling reuses the encoder's pooling indices).
     """
 
+    # Unpooling with the encoder's indices needs every pooled size even up to stride 16.
+    input_multiple = 16
+    input_multiple_reason = "SegNet unpooling"
+
     def __init__(
         self,
         *,
@@ -167,16 +170,6 @@ class FuseNetVGG16(FusionModel):
             self.taps.declare(f"fused.{stage}", c, r)
         self.taps.declare("decoder.out", 64, 1)
         self.taps.declare("head.logits", num_classes, 1, "logits")
-
-    def check_inputs(self, inputs: Mapping[str, torch.Tensor], missing: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-        xs = super().check_inputs(inputs, missing)
-        h, w = next(iter(xs.values())).shape[-2:]
-        if h % INPUT_MULTIPLE or w % INPUT_MULTIPLE:
-            raise ValueError(
-                f"fusenet_vgg16 needs H and W divisible by {INPUT_MULTIPLE} (SegNet unpooling), got inputs of "
-                f"spatial size {(h, w)}; pad or resize to {(-(-h // 16) * 16, -(-w // 16) * 16)}"
-            )
-        return xs
 
     def forward_logits(self, xs: dict[str, torch.Tensor], missing: tuple[str, ...]) -> torch.Tensor:
         rgb_name, aux_name = self.modalities
