@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from timm.layers import DropPath
+from timm.models.pvt_v2 import Attention as PvtAttention
 from timm.models.pvt_v2 import PyramidVisionTransformerStage
 from torch import nn
 
@@ -187,10 +188,20 @@ class CMXMiT(CMXModel):
         rgb_rates, x_rates = authors_drop_path_rates(MIT_DEPTHS[variant], drop_path_rate)
         _set_drop_path(self.encoders[self.modalities[0]], rgb_rates)
         _set_drop_path(self.encoders[self.modalities[1]], x_rates)
+        self._attentions = [m for m in self.encoders.modules() if isinstance(m, PvtAttention)]
+        self._fused_attn: bool | None = None
         if mit_weights is not None:
             load_mit_imagenet(self, mit_weights)
 
     def forward_streams(self, xs: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+        # timm's fused attention (scaled_dot_product_attention) parallelizes over batch x heads on
+        # CPU, so MiT's stage 1 (one head) runs on one thread at batch 1; the authors' explicit
+        # (q @ k^T) softmax @ v uses every thread there. Fused on accelerators, explicit on CPU.
+        fused = next(iter(xs.values())).device.type != "cpu"
+        if fused != self._fused_attn:
+            for attn in self._attentions:
+                attn.fused_attn = fused
+            self._fused_attn = fused
         if self.replicate_x:  # (B, 1, H, W) -> (B, 3, H, W), as the authors' cv2.merge([x, x, x])
             x = self.modalities[1]
             xs = {**xs, x: xs[x].expand(-1, self.stem_chans[x], -1, -1)}
