@@ -68,6 +68,7 @@ GEOMETRIC = {
     "hflip": [A.HorizontalFlip(p=1.0)],
     "vflip": [A.VerticalFlip(p=1.0)],
     "random_resized_crop": train_transforms(size=(40, 56), scale=(0.3, 0.8), hflip=0, rotate=0).geometric,
+    "rescale_pad_crop": train_transforms(size=(40, 56), scale=(0.6, 1.6), crop="rescale_pad", hflip=0, rotate=0).geometric,
     "rotate": [A.Affine(rotate=(25, 25), fill=0, fill_mask=0, p=1.0)],
     "resize": eval_transforms(size=(96, 128)).geometric,
     "downsize": eval_transforms(size=(20, 28)).geometric,
@@ -240,3 +241,33 @@ def test_augmentation_follows_numpy_seed():
     c = t(block_sample())
     assert torch.equal(a["rgb"], b["rgb"]) and torch.equal(a["mask"], b["mask"])
     assert not torch.equal(a["rgb"], c["rgb"])
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.5])
+def test_rescale_pad_crop_zooms_out_with_ignore_padding_and_in(factor):
+    """crop='rescale_pad' (CMX / SA-Gate recipes): a factor below 1 shrinks the image and pads the
+    label with the ignore index (images and depth with 0); above 1 it crops from an enlarged image."""
+    np.random.seed(0)
+    t = train_transforms(("rgb", "depth", "thermal"), size=(H, W), scale=(factor, factor), crop="rescale_pad",
+                         hflip=0, rotate=0, photometric=False)
+    out = t(block_sample())
+    mask, depth = out["mask"], out["depth"][0]
+    assert mask.shape == (H, W) and out["rgb"].shape == (3, H, W)
+    padded = mask == 255
+    if factor < 1:  # the image is 24x32 in a 48x64 crop, padded bottom-right
+        assert padded.sum() == H * W - (H // 2) * (W // 2)
+        assert padded[H // 2 :, :].all() and padded[:, W // 2 :].all()
+        assert (depth[padded] == 0).all()  # invalid depth under the padding
+    else:
+        assert not padded.any()
+    kept = ~padded
+    assert (depth[kept] != 0).all()  # every block pixel keeps a valid depth, aligned with its label
+    ids = torch.unique(mask[kept])
+    assert set(ids.tolist()) <= set(range(7))
+
+
+def test_rescale_pad_crop_checks_its_factors():
+    with pytest.raises(ValueError, match="rescale factors"):
+        train_transforms(size=(H, W), scale=(0.0, 1.5), crop="rescale_pad")
+    with pytest.raises(ValueError, match="'resized' or 'rescale_pad'"):
+        train_transforms(size=(H, W), crop="zoom")

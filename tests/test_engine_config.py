@@ -94,11 +94,19 @@ def test_yaml_type_errors(tmp_path, text, fragment):
         (["stray"], "unexpected argument"),
         (["--modalities", "rgb,rgb"], "must not repeat"),
         (["--modalities", "rgb,depth", "--eval-missing", "thermal"], "must name modalities"),
+        (["--aug-scale", "0.5,1.75"], "crop area fractions"),  # zooming out needs --aug-crop rescale_pad
+        (["--aug-crop", "rescale_pad", "--aug-scale", "0,1.5"], "rescale factors"),
+        (["--aug-crop", "zoom"], "zoom"),
     ],
 )
 def test_cli_value_errors(argv, fragment):
     with pytest.raises(ConfigError, match=fragment):
         parse_args(argv)
+
+
+def test_rescale_pad_crop_takes_factors_above_one():
+    cfg, _ = parse_args(["--aug-crop", "rescale_pad", "--aug-scale", "0.5,1.75"])
+    assert cfg.aug_crop == "rescale_pad" and cfg.aug_scale == (0.5, 1.75)
 
 
 def test_card_is_validated(tmp_path):

@@ -343,19 +343,28 @@ def train_transforms(
     size: tuple[int, int] = (480, 640),
     *,
     scale: tuple[float, float] = (0.25, 1.0),
+    crop: str = "resized",
     hflip: float = 0.5,
     rotate: float = 10.0,
     photometric: bool = True,
     stats: Mapping[str, ModalityStats] | str | None = None,
     depth_mode: str = "metric",
 ) -> JointTransform:
-    """Standard training pipeline: random resize-crop, horizontal flip, small rotation (all
+    """Standard training pipeline: random crop (two rules), horizontal flip, small rotation (all
     modalities), colour jitter (RGB only), per-modality normalization.
 
     Args:
         modalities: Modality keys the samples carry (only used to validate ``stats``).
         size: Output ``(H, W)``.
-        scale: Area fraction range of the random crop before resizing to ``size``.
+        scale: With ``crop="resized"``, the area fraction range of the random crop before resizing
+            to ``size``; with ``crop="rescale_pad"``, the range of the factor the whole image is
+            rescaled by (e.g. ``(0.5, 1.75)``).
+        crop: ``"resized"`` (torchvision's RandomResizedCrop: zooms in only) or ``"rescale_pad"``
+            (the CMX, SA-Gate and ESANet recipes: rescale the image by a factor in ``scale``, pad
+            images with 0 and the label with the ignore index 255 where the image is smaller than
+            ``size``, then crop ``size`` at random; zooms out as well). The reference codes pad
+            normalized images with 0 (the mean); here raw images are padded with 0 before
+            normalization.
         hflip: Probability of a horizontal flip.
         rotate: Maximum absolute rotation in degrees (0 disables).
         photometric: Colour jitter on RGB.
@@ -369,15 +378,30 @@ def train_transforms(
     for m in modalities:
         if m != "depth":
             norm._get(m)
-    geo: list[A.BasicTransform] = [
-        A.RandomResizedCrop(
-            size=tuple(size),
-            scale=scale,
-            ratio=(0.75, 1.333),
-            p=1.0,
-            mask_interpolation=cv2.INTER_NEAREST_EXACT,
-        )
-    ]
+    if crop == "resized":
+        geo: list[A.BasicTransform] = [
+            A.RandomResizedCrop(
+                size=tuple(size),
+                scale=scale,
+                ratio=(0.75, 1.333),
+                p=1.0,
+                mask_interpolation=cv2.INTER_NEAREST_EXACT,
+            )
+        ]
+    elif crop == "rescale_pad":
+        if not 0 < scale[0] <= scale[1]:
+            raise ValueError(f"crop='rescale_pad' needs 0 < scale[0] <= scale[1] (rescale factors), got {scale}")
+        geo = [
+            # scale_limit is relative to 1: a factor in [scale[0], scale[1]].
+            A.RandomScale(scale_limit=(scale[0] - 1.0, scale[1] - 1.0), interpolation=cv2.INTER_LINEAR,
+                          mask_interpolation=cv2.INTER_NEAREST_EXACT, p=1.0),
+            # fill_mask 0 is the ignore label here (labels travel shifted by +1, see _apply_geometric).
+            A.PadIfNeeded(min_height=size[0], min_width=size[1], position="top_left", border_mode=cv2.BORDER_CONSTANT,
+                          fill=0, fill_mask=0),
+            A.RandomCrop(height=size[0], width=size[1], p=1.0),
+        ]
+    else:
+        raise ValueError(f"crop must be 'resized' or 'rescale_pad', got {crop!r}")
     if hflip > 0:
         geo.append(A.HorizontalFlip(p=hflip))
     if rotate > 0:

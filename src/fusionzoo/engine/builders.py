@@ -102,7 +102,8 @@ def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
     if cfg.augment:
         if train_size is None:
             raise ConfigError("augment=true needs crop_size or image_size (the training crop size)")
-        train_tf = train_transforms(modalities, size=train_size, scale=cfg.aug_scale, rotate=cfg.aug_rotate, stats=stats)
+        train_tf = train_transforms(modalities, size=train_size, scale=cfg.aug_scale, crop=cfg.aug_crop,
+                                    rotate=cfg.aug_rotate, stats=stats)
     elif synthetic:
         train_tf = None  # the generator's default: normalized tensors, nothing random
     else:

@@ -64,7 +64,8 @@ class TrainConfig:
     image_size: tuple[int, int] | None = (64, 80)  # synthetic render size / resize target; None = native
     crop_size: tuple[int, int] | None = None  # training crop (H, W); None = image_size
     augment: bool = False  # random resized crop + flip + rotation + colour jitter (fusionzoo.data)
-    aug_scale: tuple[float, float] = (0.25, 1.0)  # area fraction range of the random crop
+    aug_scale: tuple[float, float] = (0.25, 1.0)  # resized: crop area fraction range; rescale_pad: image rescale factor range
+    aug_crop: Literal["resized", "rescale_pad"] = "resized"  # resized: zoom-in crop; rescale_pad: rescale, pad with ignore, crop (CMX, SA-Gate)
     aug_rotate: float = 10.0  # max rotation in degrees (0 = off)
 
     # --- optimization ---
@@ -313,7 +314,10 @@ def check_values(cfg: TrainConfig) -> None:
     need(cfg.threads is None or cfg.threads >= 1, "threads", "must be >= 1 or null")
     need(cfg.checkpoint_interval >= 0, "checkpoint_interval", "must be >= 0")
     need(cfg.checkpoint_minutes >= 0, "checkpoint_minutes", "must be >= 0")
-    need(0 < cfg.aug_scale[0] <= cfg.aug_scale[1] <= 1, "aug_scale", "must satisfy 0 < min <= max <= 1")
+    if cfg.aug_crop == "resized":
+        need(0 < cfg.aug_scale[0] <= cfg.aug_scale[1] <= 1, "aug_scale", "must satisfy 0 < min <= max <= 1 (crop area fractions)")
+    else:
+        need(0 < cfg.aug_scale[0] <= cfg.aug_scale[1], "aug_scale", "must satisfy 0 < min <= max (rescale factors)")
     need(cfg.aug_rotate >= 0, "aug_rotate", "must be >= 0")
     need(len(cfg.tta_scales) >= 1 and all(s > 0 for s in cfg.tta_scales), "tta_scales", "must be positive scales")
     for key in ("image_size", "crop_size"):
