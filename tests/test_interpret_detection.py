@@ -15,6 +15,7 @@ from torch import nn
 import fusionzoo as fz
 from fusionzoo import interpret
 from fusionzoo.data import collate, create_dataset
+from fusionzoo.detection.metrics import coco_ap
 from fusionzoo.interpret.cka import object_rows
 from fusionzoo.interpret.contribution import modality_contribution
 from fusionzoo.interpret.detection import DetectionScore, detection_targets
@@ -113,6 +114,21 @@ def test_detection_targets_check_labels():
     assert detection_targets(batch, 6)[0]["labels"].tolist() == [5]
     with pytest.raises(KeyError, match="boxes"):
         detection_targets({"labels": []})
+
+
+def test_detection_targets_keep_ignore_regions_for_ap():
+    """KAIST's ignore regions (people / cyclist / person?) reach the AP the contribution uses: an
+    undetected one is not a miss, as in the training evaluator."""
+    batch = {"boxes": [torch.tensor([[0.0, 0, 20, 40], [40, 0, 60, 40]])], "labels": [torch.tensor([0, 0])],
+             "ignore": [torch.tensor([False, True])]}
+    targets = detection_targets(batch, 1)
+    assert targets[0]["ignore"].tolist() == [False, True]
+    pred = [{"boxes": torch.tensor([[0.0, 0, 20, 40]]), "scores": torch.tensor([0.8]), "labels": torch.tensor([0])}]
+    assert coco_ap(pred, targets, num_classes=1)["AP"] == pytest.approx(1.0)
+    plain = [{k: v for k, v in targets[0].items() if k != "ignore"}]
+    assert coco_ap(pred, plain, num_classes=1)["AP"] < 0.6  # without the flag the ignore box is a miss
+    with pytest.raises(ValueError, match="ignore flags"):
+        detection_targets({**batch, "ignore": [torch.tensor([True])]}, 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,7 +45,9 @@ def detection_targets(batch: Mapping[str, Any], num_classes: int | None = None) 
         num_classes: when given, labels must lie in ``[0, num_classes)``.
 
     Returns:
-        Per image ``{"boxes": (N_i, 4) float32, "labels": (N_i,) int64}``.
+        Per image ``{"boxes": (N_i, 4) float32, "labels": (N_i,) int64}``, plus ``"ignore"``
+        ``(N_i,)`` bool when the batch carries ignore regions (KAIST's people / cyclist / person?):
+        AP then scores them as COCO crowd regions, as the training evaluator does.
 
     Raises:
         KeyError: the batch has no ``boxes`` or ``labels``.
@@ -56,6 +58,9 @@ def detection_targets(batch: Mapping[str, Any], num_classes: int | None = None) 
     boxes, labels = batch["boxes"], batch["labels"]
     if len(boxes) != len(labels):
         raise ValueError(f"batch has {len(boxes)} box tensors and {len(labels)} label tensors; expected one of each per image")
+    ignores = batch.get("ignore")
+    if ignores is not None and len(ignores) != len(boxes):
+        raise ValueError(f"batch has {len(ignores)} ignore tensors for {len(boxes)} images; expected one per image")
     out = []
     for i, (b, lab) in enumerate(zip(boxes, labels)):
         b = torch.as_tensor(b).detach().float().cpu()
@@ -70,7 +75,13 @@ def detection_targets(batch: Mapping[str, Any], num_classes: int | None = None) 
         if num_classes is not None and lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= num_classes):
             raise ValueError(f"image {i}: labels {sorted(set(lab.tolist()))} are outside [0, {num_classes}); "
                              "the model's (or dataset's) num_classes must cover every label")
-        out.append({"boxes": b, "labels": lab})
+        target = {"boxes": b, "labels": lab}
+        if ignores is not None:
+            ignore = torch.as_tensor(ignores[i]).detach().cpu().bool()
+            if ignore.shape != lab.shape:
+                raise ValueError(f"image {i}: ignore flags {tuple(ignore.shape)} for labels {tuple(lab.shape)}; expected (N,)")
+            target["ignore"] = ignore
+        out.append(target)
     return out
 
 
