@@ -21,9 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # Adam: parameters in front of a BatchNorm (the decoder's linear biases) have an analytically zero
 # gradient, i.e. float noise of ~1e-9 that differs with the reduction order, and Adam's first
 # steps turn any non-zero gradient into a +-lr update; SGD keeps the noise at noise level.
-COMMON = ["--model", "esanet_resnet18", "--image-size", "32,32", "--train-samples", "8", "--val-samples", "3",
+# ESANet's SE-add middle fusion on timm's 1.1 M-parameter test_resnet: esanet_resnet18's code paths.
+COMMON = ["--model", "esanet", "--image-size", "32,32", "--train-samples", "8", "--val-samples", "3",
           "--epochs", "2", "--threads", "1", "--no-progress", "--seed", "1", "--optimizer", "sgd", "--lr", "0.05",
-          "--model-kwargs", "{dropout: 0.0}", "--log-interval", "1", "--no-report"]
+          "--model-kwargs", "{encoder: test_resnet, dropout: 0.0}", "--log-interval", "1", "--no-report"]
 
 
 def _free_port() -> int:
