@@ -18,7 +18,8 @@ from fusionzoo.models.convert import convert_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "parity"))
-from seeded import read_fixture, run_modes, seeded_state_dict
+from parity_helpers import converted_model
+from seeded import read_fixture, run_modes
 
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "acnet"
 NAME = "acnet_r50"
@@ -27,10 +28,7 @@ NAME = "acnet_r50"
 @pytest.fixture(scope="module")
 def case():
     meta, outputs = read_fixture(FIXTURE)
-    with torch.device("meta"):  # no initialisation: every tensor comes from the rule
-        model = fz.create_model(NAME, num_classes=meta["num_classes"])
-    authors = seeded_state_dict(meta["keys"], meta["state_seed"])
-    model.load_state_dict(convert_state_dict(NAME, authors, model), assign=True)
+    model = converted_model(NAME, meta)
     return meta, outputs, run_modes(model, model, meta)
 
 

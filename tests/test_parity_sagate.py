@@ -20,6 +20,7 @@ from fusionzoo.models.convert import convert_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "parity"))
+from parity_helpers import converted_model
 from seeded import authors_state_dict, read_fixture, run_modes
 
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "sagate"
@@ -34,9 +35,7 @@ def _meta_model(name: str, num_classes: int) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def case():
     meta, outputs = read_fixture(FIXTURE)
-    model = _meta_model(NAME, meta["num_classes"])
-    authors = authors_state_dict(meta)
-    model.load_state_dict(convert_state_dict(NAME, authors, model), assign=True)
+    model = converted_model(NAME, meta, modalities=("rgb", "hha"))
     return meta, outputs, model, run_modes(model, model, meta)
 
 
