@@ -239,23 +239,29 @@ def bench_cka_offset(offsets: list[float]) -> None:
         print(f"| {off:g} | " + " | ".join(f"{e:.1e}" for e in errs) + " |", flush=True)
 
 
-def bench_sv_stages(run: str | None, samples: int) -> None:
-    import warnings
-
+def _model_and_data(run: str | None, samples: int):
+    """A trained run's best weights and validation set, or an untrained esanet_resnet18 on the
+    synthetic validation split: ``(model, dataset, description)``."""
     import fusionzoo as fz
-    from fusionzoo import interpret
     from fusionzoo.data import create_dataset
 
     if run:
         from fusionzoo.interpret.runs import load_run
 
         model, ds, _ = load_run(run)
-        what = f"run {Path(run).name}"
-    else:
-        torch.manual_seed(0)
-        model = fz.create_model("esanet_resnet18", num_classes=5)
-        ds = create_dataset("synthetic_rgbd", split="val", num_samples=samples, image_size=(64, 80))
-        what = "untrained esanet_resnet18"
+        return model, ds, f"run {Path(run).name}"
+    torch.manual_seed(0)
+    model = fz.create_model("esanet_resnet18", num_classes=5)
+    ds = create_dataset("synthetic_rgbd", split="val", num_samples=samples, image_size=(64, 80))
+    return model, ds, "untrained esanet_resnet18"
+
+
+def bench_sv_stages(run: str | None, samples: int) -> None:
+    import warnings
+
+    from fusionzoo import interpret
+
+    model, ds, what = _model_and_data(run, samples)
     results = {}
     for stride in (4, None):
         with warnings.catch_warnings():
@@ -283,21 +289,11 @@ def bench_sv_stages(run: str | None, samples: int) -> None:
 
 
 def bench_gradcam_zero(run: str | None, samples: int, images: int) -> None:
-    import fusionzoo as fz
-    from fusionzoo.data import collate, create_dataset
+    from fusionzoo.data import collate
     from fusionzoo.interpret import grad_cam
     from fusionzoo.interpret.gradcam import object_class_region
 
-    if run:
-        from fusionzoo.interpret.runs import load_run
-
-        model, ds, _ = load_run(run)
-        what = f"run {Path(run).name}"
-    else:
-        torch.manual_seed(0)
-        model = fz.create_model("esanet_resnet18", num_classes=5)
-        ds = create_dataset("synthetic_rgbd", split="val", num_samples=samples, image_size=(64, 80))
-        what = "untrained esanet_resnet18"
+    model, ds, what = _model_and_data(run, samples)
     model.eval()
     batch = collate([ds[i] for i in range(min(images, len(ds)))])
     x = {m: batch[m] for m in model.modalities}
