@@ -72,12 +72,12 @@ from fusionzoo.engine.loop import (
     build_optimizer,
     build_scheduler,
     evaluate,
-    evaluate_detection,
     make_grad_scaler,
     retarget_schedule,
     train_one_epoch,
 )
 from fusionzoo.engine.sync_bn import convert_sync_batchnorm
+from fusionzoo.tasks import get_task
 
 
 def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None) -> dict[str, Any]:
@@ -125,11 +125,15 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
     if info.distributed and cfg.sync_bn:  # BN statistics over the global batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else convert_sync_batchnorm(model)
     plain = model  # what gets saved, evaluated and handed to callbacks
-    task = getattr(plain, "task", "segmentation")
-    if task == "detection" and cfg.tta:
-        raise ConfigError("tta (multi-scale + flip) is implemented for segmentation only")
-    # The validation metric that picks best/: mIoU (segmentation) or COCO box AP (detection).
-    metric, run_eval = ("miou", evaluate) if task == "segmentation" else ("ap", evaluate_detection)
+    # Targets, loss, prediction and metrics of the model's task; its metric picks best/ (mIoU for
+    # segmentation, COCO box AP for detection).
+    try:
+        task = get_task(plain, label_smoothing=cfg.label_smoothing)
+    except ValueError as err:  # an option the model's task does not take
+        raise ConfigError(str(err)) from None
+    if cfg.tta and not task.supports_tta:
+        raise ConfigError(f"tta (multi-scale + flip) is implemented for segmentation only, not {task.name}")
+    metric = task.metric
     if info.distributed:
         # A withheld or dropped modality can leave parameters without gradient (late fusion heads).
         unused = cfg.modality_dropout > 0 or bool(cfg.train_missing)
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
         return TrainingInterrupted(msg, stop.signum or signal.SIGTERM)
 
     # 6. Training loop, with validation every eval_interval epochs.
-    eval_kwargs = {"modalities": modalities, "num_classes": num_classes, "device": device, "amp": cfg.amp,
+    eval_kwargs = {"modalities": modalities, "num_classes": num_classes, "device": device, "task": task, "amp": cfg.amp,
                    "channels_last": cfg.channels_last, "class_names": class_names}
     hooks.on_train_start(plain)
     with stop:
@@ -228,7 +232,7 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
             sampler.set_epoch(epoch, skip=state.batches_done * cfg.batch_size)
             stats = train_one_epoch(
                 model, train_loader, optimizer, scheduler, modalities=modalities, device=device, state=state,
-                num_batches=steps_per_epoch, label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip, amp=cfg.amp,
+                num_batches=steps_per_epoch, grad_clip=cfg.grad_clip, amp=cfg.amp,
                 scaler=scaler, channels_last=cfg.channels_last, freeze_bn=cfg.freeze_bn,
                 modality_dropout=cfg.modality_dropout, dropout_candidates=cfg.modality_dropout_candidates,
                 always_missing=cfg.train_missing, seed=cfg.seed, callbacks=hooks, logger=logger,
@@ -241,13 +245,8 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
                                     "train_loss": stats["loss"], "img_per_s": stats["img_per_s"],
                                     "lr": optimizer.param_groups[0]["lr"], "time_s": elapsed_before + time.perf_counter() - t_start}
             if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs:
-                val = run_eval(plain, val_loader, missing=cfg.train_missing, progress=cfg.progress, **eval_kwargs)
-                if task == "segmentation":
-                    logs.update(val_miou=val["miou"], val_pixel_acc=val["pixel_acc"], val_mean_acc=val["mean_acc"],
-                                val_loss=val["loss"], val_iou=val["iou"], val_pixels=val["pixels"])
-                else:
-                    logs.update(val_ap=val["ap"], val_ap50=val["ap50"], val_ap75=val["ap75"], val_images=val["images"])
-                    logs.update({f"val_{k}": v for k, v in val.items() if k.startswith("mr2")})  # KAIST MR^-2
+                val = evaluate(plain, val_loader, missing=cfg.train_missing, progress=cfg.progress, **eval_kwargs)
+                logs.update(task.log_record(val))
                 score = val[metric]
                 if not math.isnan(score) and score > best["value"]:
                     best = {"metric": metric, "value": score, "epoch": epoch, "iou": val.get("iou")}
@@ -256,7 +255,7 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
                                         normalization=normalization_of(cfg, modalities),
                                         extra={"epoch": epoch, f"val_{metric}": score, "dataset": cfg.dataset})
                 if info.is_main:
-                    print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats['loss']:.4f}, val {LABEL[metric]} "
+                    print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats['loss']:.4f}, val {task.metric_label} "
                           f"{score:.4f}, {stats['img_per_s']:.1f} img/s, {logs['time_s']:.0f}s", flush=True)
             hooks.on_epoch_end(epoch, logs)
             logger.log(logs)
@@ -272,18 +271,18 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
     # 7. Final evaluation of the last weights: missing modalities and test-time augmentation.
     final: dict[str, Any] = {}
     for m in cfg.eval_missing:
-        res = run_eval(plain, val_loader, missing=tuple(dict.fromkeys((*cfg.train_missing, m))), **eval_kwargs)
+        res = evaluate(plain, val_loader, missing=tuple(dict.fromkeys((*cfg.train_missing, m))), **eval_kwargs)
         final[f"missing_{m}"] = {k: res[k] for k in (metric, "pixel_acc", "iou", "ap50") if k in res}
     if cfg.tta:
         res = evaluate(plain, val_loader, missing=cfg.train_missing, tta=True, tta_scales=cfg.tta_scales,
                        tta_flip=cfg.tta_flip, **eval_kwargs)
-        final["tta"] = {"miou": res["miou"], "pixel_acc": res["pixel_acc"], "iou": res["iou"]}
+        final["tta"] = {k: res[k] for k in (metric, "pixel_acc", "iou") if k in res}
     if final:
         logger.log({"kind": "final", "step": state.global_step, **final})
     logger.close()
 
     summary = {
-        "run_dir": str(run_dir), "model": cfg.model, "task": task, "dataset": cfg.dataset, "modalities": list(modalities),
+        "run_dir": str(run_dir), "model": cfg.model, "task": task.name, "dataset": cfg.dataset, "modalities": list(modalities),
         "train_missing": list(cfg.train_missing), "epochs": cfg.epochs, "steps": state.global_step,
         "world_size": info.world_size, "device": str(device), "wall_time_s": elapsed_before + time.perf_counter() - t_start,
         "metric": metric, "best_value": best["value"], f"best_val_{metric}": best["value"],
@@ -305,9 +304,6 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
     return summary
 
 
-LABEL = {"miou": "mIoU", "ap": "AP"}
-
-
 def _drop_records_after(path: Path, state: EpochState) -> None:
     """Forget log lines written after the checkpoint we resume from (they will be written again)."""
     if not path.is_file():
@@ -325,7 +321,7 @@ def _drop_records_after(path: Path, state: EpochState) -> None:
 def print_summary(summary: dict[str, Any], comparable: list[dict[str, Any]]) -> None:
     """Human-readable end of a run, with comparable runs (same recipe, other streams) beside it."""
     streams = [m for m in summary["modalities"] if m not in summary["train_missing"]]
-    label = LABEL[summary["metric"]]
+    label = get_task(summary["task"]).metric_label
     best_epoch = "n/a" if summary["best_epoch"] is None else summary["best_epoch"] + 1
     minutes, seconds = divmod(round(summary["wall_time_s"]), 60)
     lines = [
@@ -342,7 +338,7 @@ def print_summary(summary: dict[str, Any], comparable: list[dict[str, Any]]) -> 
         if key.startswith("missing_"):
             lines.append(f"without {key[8:]} (same weights): {label} {res[summary['metric']]:.4f}")
     if "tta" in summary:
-        lines.append(f"multi-scale + flip TTA: mIoU {summary['tta']['miou']:.4f}")
+        lines.append(f"multi-scale + flip TTA: {label} {summary['tta'][summary['metric']]:.4f}")
     for other in comparable:
         lines.append(f"same recipe on [{'+'.join(other['streams'])}] ({other['run_dir']}): "
                      f"best val {label} {other['best_value']:.4f}")

@@ -11,7 +11,7 @@ from fusionzoo.cli import main
 from fusionzoo.data import collate, create_dataset
 from fusionzoo.engine.config import TrainConfig, write_config
 from fusionzoo.engine.hub import save_pretrained
-from fusionzoo.engine.metrics import ConfusionMatrix
+from fusionzoo.tasks import ConfusionMatrix
 
 TINY = ["--num-samples", "4", "--image-size", "32", "32", "--batch-size", "2", "--no-progress"]
 

@@ -13,7 +13,7 @@ import torch
 import fusionzoo as fz
 from fusionzoo import interpret
 from fusionzoo.data import collate, create_dataset, dataset_entry, eval_transforms, list_datasets
-from fusionzoo.engine.loop import evaluate_detection
+from fusionzoo.engine.loop import evaluate
 
 BENCHMARKS = [n for n in list_datasets() if dataset_entry(n).needs_root]
 
@@ -72,7 +72,7 @@ def test_detector_on_a_real_frame(name, size, shared_data):
     torch.manual_seed(0)
     model = fz.create_model("fcos_sum", encoder="test_resnet", num_classes=1, fpn_channels=64, pretrained=False,
                             score_thresh=0.0).eval()
-    val = evaluate_detection(model, [batch], modalities=("rgb", "thermal"), num_classes=1,
+    val = evaluate(model, [batch], modalities=("rgb", "thermal"), num_classes=1,
                              device=torch.device("cpu"))
     assert val["images"] == 1 and 0 <= val["ap50"] <= 1
     if name != "kaist":

@@ -18,7 +18,7 @@ from fusionzoo.data.transforms import train_transforms
 from fusionzoo.detection.boxes import check_targets
 from fusionzoo.detection.kaist import condition_of, evaluate_files, load_annotations, load_results, miss_rates
 from fusionzoo.detection.metrics import log_average_miss_rate
-from fusionzoo.engine.loop import evaluate_detection
+from fusionzoo.engine.loop import evaluate
 
 
 class Replay(nn.Module):
@@ -38,10 +38,10 @@ class Replay(nn.Module):
 
 def test_known_answer_mlpd_through_train_eval_path(kaist_eval):
     """MLPD's published detections on the improved test annotations: 7.58 % (all), and the day /
-    night numbers published with it (7.95 / 6.95), through ``evaluate_detection`` as train.py
+    night numbers published with it (7.95 / 6.95), through ``evaluate`` as train.py
     calls it (boxes at 1/64 scale in the batches, mapped back to the 512x640 frame by the metric).
     3.9-5.2 s measured on 2 shared cores (three quarters of it pycocotools AP over 2,252 images,
-    which evaluate_detection always computes); kept because it is the known answer of issue 11."""
+    which evaluate always computes); kept because it is the known answer of issue 11."""
     ids, names, targets = load_annotations(kaist_eval / "KAIST_annotation.json")
     preds = load_results(kaist_eval / "MLPD_result.txt", ids)
     assert len(ids) == 2252 and sum(len(t["boxes"]) for t in targets) == 4254
@@ -55,7 +55,7 @@ def test_known_answer_mlpd_through_train_eval_path(kaist_eval):
                    for t, n in zip(targets[start:start + bs], names[start:start + bs])]
         batches.append(collate(samples))
     shrunk = [{"boxes": p["boxes"] / scale, "scores": p["scores"], "labels": p["labels"]} for p in preds]
-    res = evaluate_detection(Replay(shrunk, bs), batches, modalities=("rgb",), num_classes=1,
+    res = evaluate(Replay(shrunk, bs), batches, modalities=("rgb",), num_classes=1,
                              device=torch.device("cpu"))
     assert res["images"] == 2252
     assert round(100 * res["mr2"], 2) == 7.58

@@ -20,10 +20,10 @@ from fusionzoo.engine.loop import (
     build_optimizer,
     build_scheduler,
     evaluate,
-    predict,
     sample_missing,
     train_one_epoch,
 )
+from fusionzoo.tasks import predict
 
 
 class Tiny(nn.Module):

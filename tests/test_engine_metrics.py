@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fusionzoo.engine.metrics import ConfusionMatrix
+from fusionzoo.tasks import ConfusionMatrix
 
 TARGET = torch.tensor([[[0, 0, 1], [1, 2, 255]]])
 PRED = torch.tensor([[[0, 1, 1], [1, 0, 2]]])

@@ -182,7 +182,7 @@ class PredictionOnlyClassToy(nn.Module):
 def test_per_class_convention_matches_coalition_miou(always):
     # issue 11: per-class values were nan for prediction-only classes while the coalition mIoU
     # counted them as 0, so averaging per-class values did not give the mIoU
-    from fusionzoo.engine.metrics import ConfusionMatrix
+    from fusionzoo.tasks import ConfusionMatrix
 
     model, batches = PredictionOnlyClassToy(always), _toy_batches()
     res = modality_contribution(model, batches, policy="zero")

@@ -1,16 +1,14 @@
-"""Training engine: config, loops, metrics, checkpoints, distributed helpers, hub save/load."""
+"""Training engine: config, loops, checkpoints, distributed helpers, hub save/load."""
 
 from .checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
 from .config import ConfigError, TrainConfig, load_config, parse_args
 from .hub import from_pretrained, save_pretrained
 from .loop import Callback, evaluate, train_one_epoch
-from .metrics import ConfusionMatrix
 
 __all__ = [
     "Callback",
     "CheckpointError",
     "ConfigError",
-    "ConfusionMatrix",
     "TrainConfig",
     "evaluate",
     "from_pretrained",

@@ -1,7 +1,8 @@
-"""Training and evaluation loops for segmentation fusion models.
+"""Training and evaluation loops for fusion models of any task.
 
 The model contract (see ``fusionzoo.models``): ``model(inputs, missing=())`` with ``inputs`` a
-dict ``modality -> (B, C_m, H, W)`` float tensor returns logits ``(B, K, H, W)``.
+dict ``modality -> (B, C_m, H, W)`` float tensor; what it returns, the targets and the loss are
+the business of its :class:`~fusionzoo.tasks.Task` (``fusionzoo.tasks.get_task(model)``).
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
+from ..tasks import Task, get_task
 from .checkpoint import unwrap_model
 from .distributed import all_reduce_mean, all_reduce_step, dist_info
-from .metrics import ConfusionMatrix
 
 __all__ = [
     "Callback",
@@ -35,11 +36,8 @@ __all__ = [
     "autocast_context",
     "build_optimizer",
     "build_scheduler",
-    "detection_targets",
     "evaluate",
-    "evaluate_detection",
     "make_grad_scaler",
-    "predict",
     "retarget_schedule",
     "sample_missing",
     "set_bn_eval",
@@ -302,20 +300,6 @@ def split_batch(
     return inputs, mask
 
 
-def detection_targets(batch: Mapping[str, Any], device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """Per-image ``{"boxes": (N, 4), "labels": (N,)}`` (plus ``ignore`` / ``occlusion`` ``(N,)``
-    when the batch has them) on ``device`` from a collated batch.
-
-    Raises:
-        KeyError: the batch carries no boxes/labels (not a detection dataset).
-    """
-    if "boxes" not in batch or "labels" not in batch:
-        raise KeyError(f"detection needs 'boxes' and 'labels' in every batch; this batch has {sorted(batch)}")
-    flags = [k for k in ("ignore", "occlusion") if k in batch]  # per-box KAIST fields, when the data has them
-    return [{"boxes": b.to(device), "labels": lab.to(device), **{k: batch[k][i].to(device) for k in flags}}
-            for i, (b, lab) in enumerate(zip(batch["boxes"], batch["labels"]))]
-
-
 def sample_missing(
     modalities: Sequence[str], candidates: Sequence[str] | None, p: float, step: int, seed: int
 ) -> tuple[str, ...]:
@@ -536,8 +520,7 @@ def train_one_epoch(
     device: torch.device,
     state: EpochState,
     num_batches: int,
-    ignore_index: int = 255,
-    label_smoothing: float = 0.0,
+    task: Task | str | None = None,
     grad_clip: float | None = None,
     amp: str = "off",
     scaler: torch.amp.GradScaler | None = None,
@@ -552,7 +535,6 @@ def train_one_epoch(
     log_interval: int = 10,
     after_step: Callable[[EpochState], None] | None = None,
     progress: bool = False,
-    task: str = "segmentation",
     stop_requested: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` (which already skips the batches ``state`` says are done).
@@ -566,9 +548,9 @@ def train_one_epoch(
         modality_dropout: probability per batch of passing ``missing=(m,)`` for one modality.
         always_missing: modalities withheld on every batch (``train_missing``).
         after_step: called after every optimizer step with the updated ``state`` (checkpoints).
-        task: ``"segmentation"`` (cross-entropy on ``batch["mask"]``) or ``"detection"`` (the
-            model's own loss dict from ``model(inputs, targets)``, summed; targets from the
-            batch's ``boxes``/``labels`` lists).
+        task: the :class:`~fusionzoo.tasks.Task` (or its name; default ``get_task(model)``) whose
+            ``targets`` and ``training_loss`` make each step's loss (segmentation: cross-entropy
+            on ``batch["mask"]``; detection: the detector's own loss dict, summed).
         stop_requested: polled once per step (e.g. a SIGINT flag); when any rank says so, the
             epoch ends after this step's ``after_step`` and the result has ``interrupted``.
 
@@ -581,10 +563,9 @@ def train_one_epoch(
         NonFiniteLossError: a NaN/inf loss on any rank, before backward; names the batch's
             sample ids and the modalities with non-finite inputs.
     """
-    from tqdm.auto import tqdm
-
     info = dist_info()
     plain = unwrap_model(model)
+    task = get_task(task if task is not None else plain)
     model.train()
     if freeze_bn:
         set_bn_eval(model)
@@ -600,25 +581,16 @@ def train_one_epoch(
         if state.batches_done >= num_batches:
             break
         t0 = time.perf_counter()
-        inputs, mask = split_batch(batch, modalities, device, channels_last)
-        if task == "segmentation" and mask is None:
-            raise KeyError("training batch has no 'mask' (segmentation target)")
+        inputs, _ = split_batch(batch, modalities, device, channels_last)
+        targets = task.targets(batch, device)
         cb.on_batch_start(batch)
         _copy_all(norm_backup, norm_stats)
         missing = tuple(always_missing)
         pool = [m for m in (dropout_candidates or modalities[1:]) if m not in missing]
         if len(modalities) - len(missing) >= 2:  # dropout must leave a modality to train on
             missing += sample_missing(modalities, pool, modality_dropout, state.global_step, seed)
-        if task == "detection":
-            targets = detection_targets(batch, device)
-            with autocast_context(device, amp):
-                losses = model(inputs, targets, missing=missing) if missing else model(inputs, targets)
-            loss = sum(v.float() for v in losses.values())
-        else:
-            with autocast_context(device, amp):
-                logits = model(inputs, missing=missing) if missing else model(inputs)
-            # Loss in float32: the softmax over K classes is where half precision loses digits.
-            loss = F.cross_entropy(logits.float(), mask, ignore_index=ignore_index, label_smoothing=label_smoothing)
+        with autocast_context(device, amp):
+            loss = task.training_loss(model, inputs, targets, missing)
         # One host sync per step: the loss averaged over ranks, and whether any rank must stop.
         loss_value, stop = all_reduce_step(loss, bool(stop_requested and stop_requested()), device)
         if not math.isfinite(loss_value):
@@ -680,44 +652,6 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def predict(
-    model: nn.Module,
-    inputs: Mapping[str, torch.Tensor],
-    *,
-    missing: Sequence[str] = (),
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-) -> torch.Tensor:
-    """Class probabilities ``(B, K, H, W)``, averaged over scales and horizontal flips.
-
-    Multi-scale + flip test-time augmentation as in the evaluation protocols of ESANet/CMX:
-    every modality is resized by the same factor (bilinear; depth/thermal are continuous maps),
-    logits are resized back to ``(H, W)`` and softmax probabilities are averaged.
-    """
-    h, w = next(iter(inputs.values())).shape[-2:]
-    kwargs = {"missing": tuple(missing)} if missing else {}
-    total = None
-    n = 0
-    for s in scales:
-        if s == 1.0:
-            scaled = dict(inputs)
-        else:
-            size = (max(round(h * s), 1), max(round(w * s), 1))
-            scaled = {k: F.interpolate(v, size=size, mode="bilinear", align_corners=False) for k, v in inputs.items()}
-        for flipped in ((False, True) if flip else (False,)):
-            x = {k: v.flip(-1) for k, v in scaled.items()} if flipped else scaled
-            logits = model(x, **kwargs).float()
-            if flipped:
-                logits = logits.flip(-1)
-            if logits.shape[-2:] != (h, w):
-                logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-            prob = logits.softmax(1)
-            total = prob if total is None else total + prob
-            n += 1
-    return total / n
-
-
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     loader: Iterable[Mapping[str, Any]],
@@ -725,138 +659,48 @@ def evaluate(
     modalities: Sequence[str],
     num_classes: int,
     device: torch.device,
+    task: Task | str | None = None,
     missing: Sequence[str] = (),
     tta: bool = False,
     tta_scales: Sequence[float] = (0.75, 1.0, 1.25),
     tta_flip: bool = True,
     amp: str = "off",
     channels_last: bool = False,
-    ignore_index: int = 255,
     class_names: list[str] | None = None,
     progress: bool = False,
     desc: str = "eval",
 ) -> dict[str, Any]:
-    """Segmentation metrics over ``loader``, reduced across ranks.
+    """The task's metrics over ``loader`` (its :class:`~fusionzoo.tasks.Evaluator`), reduced across ranks.
 
     Args:
+        task: a :class:`~fusionzoo.tasks.Task` or its name; default ``get_task(model)``.
         missing: modalities the model must treat as absent (``model(x, missing=...)``), for the
             missing-modality evaluation; the inputs still carry them, the model ignores them.
-        tta: multi-scale (``tta_scales``) + flip (``tta_flip``) test-time augmentation.
+        tta: multi-scale (``tta_scales``) + flip (``tta_flip``) test-time augmentation
+            (segmentation only: other tasks raise ``ValueError``).
 
     Returns:
-        The :meth:`ConfusionMatrix.compute` dict plus ``loss`` (mean cross-entropy of the
-        single-scale logits; NaN under TTA) and ``missing``.
+        The evaluator's ``compute()`` dict (segmentation: ``miou``, ``pixel_acc``, ``iou``, ...,
+        ``loss``, NaN under TTA; detection: ``ap``, ``ap50``, ``ap75``, ``coco``, ``images`` and
+        for KAIST ``mr2*``) plus ``missing``.
     """
-    from tqdm.auto import tqdm
-
+    task = get_task(task if task is not None else unwrap_model(model))
+    if tta and not task.supports_tta:
+        raise ValueError(f"tta (multi-scale + flip) is implemented for segmentation only, not {task.name}")
     info = dist_info()
     was_training = model.training
     model.eval()
-    cm = ConfusionMatrix(num_classes, ignore_index)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    loss_px = 0
-    scales = tuple(tta_scales) if tta else (1.0,)
-    flip = bool(tta and tta_flip)
+    options = {"tta": tta, "tta_scales": tuple(tta_scales), "tta_flip": tta_flip} if tta else {}
+    evaluator = task.evaluator(num_classes, class_names, **options)
     for batch in tqdm(loader, disable=not (progress and info.is_main), desc=desc, leave=False, dynamic_ncols=True):
-        inputs, mask = split_batch(batch, modalities, device, channels_last)
-        if mask is None:
-            raise KeyError("evaluation batch has no 'mask' (segmentation target)")
+        inputs, _ = split_batch(batch, modalities, device, channels_last)
+        targets = task.targets(batch, device)
         with autocast_context(device, amp):
-            if tta:
-                prob = predict(model, inputs, missing=missing, scales=scales, flip=flip)
-                pred = prob.argmax(1)
-            else:
-                kwargs = {"missing": tuple(missing)} if missing else {}
-                logits = model(inputs, **kwargs).float()
-                if logits.shape[-2:] != mask.shape[-2:]:
-                    raise ValueError(
-                        f"model returned logits of size {tuple(logits.shape[-2:])} for a mask of "
-                        f"{tuple(mask.shape[-2:])}; segmentation models must predict at input size"
-                    )
-                loss_sum += F.cross_entropy(logits, mask, ignore_index=ignore_index, reduction="sum").double().cpu()
-                loss_px += int((mask != ignore_index).sum())
-                pred = logits.argmax(1)
-        cm.update(pred.cpu(), mask.cpu())
-    cm.all_reduce()
-    out = cm.compute(class_names)
-    if tta:
-        out["loss"] = math.nan
-    else:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and info.world_size > 1:
-            dev = device if device.type == "cuda" else torch.device("cpu")
-            t = torch.tensor([float(loss_sum), float(loss_px)], dtype=torch.float64, device=dev)
-            dist.all_reduce(t)
-            loss_sum, loss_px = t[0].cpu(), int(t[1])
-        out["loss"] = float(loss_sum) / max(loss_px, 1)
+            outputs = task.predict(model, inputs, missing, **options)
+        evaluator.update(outputs, targets, batch, tuple(next(iter(inputs.values())).shape[-2:]))
+    evaluator.all_reduce()
+    out = evaluator.compute()
     out["missing"] = list(missing)
     if was_training:
         model.train()
     return out
-
-
-@torch.no_grad()
-def evaluate_detection(
-    model: nn.Module,
-    loader: Iterable[Mapping[str, Any]],
-    *,
-    modalities: Sequence[str],
-    num_classes: int,
-    device: torch.device,
-    missing: Sequence[str] = (),
-    amp: str = "off",
-    channels_last: bool = False,
-    progress: bool = False,
-    desc: str = "eval",
-    **_: Any,
-) -> dict[str, Any]:
-    """COCO box AP (pycocotools, via ``fusionzoo.detection.metrics.coco_ap``) over ``loader``.
-
-    Every rank predicts its shard; predictions and targets are gathered to all ranks before AP
-    is computed (AP is not a sum over images, so there is no cheaper reduction).
-
-    For datasets with a miss-rate protocol (KAIST, ``fusionzoo.detection.kaist``) the log-average
-    miss rate is measured too, on boxes mapped back to the original frame.
-
-    Returns:
-        ``ap`` (AP at IoU 0.50:0.95), ``ap50``, ``ap75``, ``coco`` (all twelve COCO numbers),
-        ``images`` and ``missing``; for KAIST also ``mr2``, ``mr2_day`` and ``mr2_night``.
-    """
-    import torch.distributed as dist
-    from tqdm.auto import tqdm
-
-    from ..detection.kaist import protocol_miss_rates
-    from ..detection.metrics import coco_ap
-
-    info = dist_info()
-    was_training = model.training
-    model.eval()
-    preds: list[dict[str, torch.Tensor]] = []
-    gts: list[dict[str, torch.Tensor]] = []
-    metas: list[Mapping[str, Any]] = []  # with the input sizes: MR^-2 is measured in original pixels
-    sizes: list[tuple[int, int]] = []
-    kwargs = {"missing": tuple(missing)} if missing else {}
-    for batch in tqdm(loader, disable=not (progress and info.is_main), desc=desc, leave=False, dynamic_ncols=True):
-        inputs, _ = split_batch(batch, modalities, device, channels_last)
-        targets = detection_targets(batch, torch.device("cpu"))
-        with autocast_context(device, amp):
-            out = model(inputs, **kwargs)
-        for o, t in zip(out, targets):
-            preds.append({"boxes": o["boxes"].float().cpu(), "scores": o["scores"].float().cpu(),
-                          "labels": o["labels"].long().cpu()})
-            gts.append(t)
-        metas.extend(batch.get("meta", [{}] * len(targets)))
-        sizes.extend([tuple(next(iter(inputs.values())).shape[-2:])] * len(targets))
-    if dist.is_available() and dist.is_initialized() and info.world_size > 1:
-        gathered: list[Any] = [None] * info.world_size
-        dist.all_gather_object(gathered, (preds, gts, metas, sizes))
-        preds = [p for part in gathered for p in part[0]]
-        gts = [g for part in gathered for g in part[1]]
-        metas = [m for part in gathered for m in part[2]]
-        sizes = [z for part in gathered for z in part[3]]
-    res = coco_ap(preds, gts, num_classes=num_classes)
-    if was_training:
-        model.train()
-    return {"ap": res["AP"], "ap50": res["AP50"], "ap75": res["AP75"], "coco": res, "images": len(preds),
-            "missing": list(missing), **protocol_miss_rates(preds, gts, metas, sizes)}

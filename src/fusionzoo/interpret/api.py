@@ -440,7 +440,7 @@ def run(
     # unimodal heads of late / hybrid segmentation models ({m}.head taps): their own mIoU per class
     head_taps = ({m: f"{m}.head" for m in mods if f"{m}.head" in plan.features}
                  if "contribution" in want and not detection else {})
-    from ..engine.metrics import ConfusionMatrix
+    from ..tasks import ConfusionMatrix
 
     head_cms = {m: ConfusionMatrix(k, ignore_index) for m in head_taps}
     gate_sum: dict[str, dict[str, float]] = {}

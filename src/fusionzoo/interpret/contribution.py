@@ -17,7 +17,7 @@
   the unpermuted metric.
 
 The task metric for segmentation is mIoU from one confusion matrix over the whole dataset
-(:class:`fusionzoo.engine.metrics.ConfusionMatrix`, the training evaluator's); per-class values
+(:class:`fusionzoo.tasks.ConfusionMatrix`, the training evaluator's); per-class values
 are the class IoUs in the same convention, used identically for every coalition: a class counts
 when it occurs in the ground truth or the prediction (a prediction-only class has IoU 0), a
 class in neither is nan. So for every coalition the nan-mean of the per-class IoUs is its mIoU,
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine.metrics import ConfusionMatrix
+from ..tasks import ConfusionMatrix
 
 __all__ = [
     "METRIC_KEYS",
