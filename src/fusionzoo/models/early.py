@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -56,6 +56,14 @@ class EarlyFusionModel(FusionModel):
             self.taps.declare(f"fused.{stage}", channels, reduction)
         self.decoder = self.build_decoder(self.encoder.channels, decoder, decoder_channels, dropout)
         self.taps.declare("head.logits", num_classes, 4, "logits")
+
+    def modality_parameters(self, modality: str) -> Iterator[nn.Parameter]:
+        """The modality's own input stem (``stem_channels`` set, e.g. ``early_stem``); nothing for plain
+        concatenation, whose only modality-owned weights are input-channel slices of the first
+        convolution (see ``fusionzoo.interpret.callbacks.modality_owned_gradients``)."""
+        yield from super().modality_parameters(modality)  # checks the name; no per-modality encoder here
+        if self.stems is not None:
+            yield from self.stems[modality].parameters()
 
     def forward_logits(self, xs: dict[str, torch.Tensor], missing: tuple[str, ...]) -> torch.Tensor:
         if self.stems is not None:
