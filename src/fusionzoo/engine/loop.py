@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import unwrap_model
+from ..weights import unwrap_model
 from .distributed import all_reduce_mean, all_reduce_step, dist_info
 from .metrics import ConfusionMatrix
 
