@@ -51,6 +51,7 @@ KNOWN_VIOLATIONS: dict[str, dict[str, str]] = {
         "interpret/gradcam.py": "imports detection.models.SIZE_DIVISIBLE (issue 12: a model attribute instead)",
     },
     "data never imports models, engine or interpret": {},
+    "engine never imports interpret or the CLI": {},
     "only the CLI imports fusionzoo.commands; nothing imports fusionzoo.cli": {},
     "no import cycle": {
         "engine/builders.py": "cycle builders <-> config (config imports builders.CALLBACKS inside a function)",
@@ -245,6 +246,9 @@ RULES = {
     "interpret never imports model classes": lambda: _never(("fusionzoo.interpret",), MODEL_CLASSES),
     "data never imports models, engine or interpret": lambda: _never(
         ("fusionzoo.data",), ("fusionzoo.models", "fusionzoo.detection.models", "fusionzoo.engine", "fusionzoo.interpret")
+    ),
+    "engine never imports interpret or the CLI": lambda: _never(
+        ("fusionzoo.engine",), ("fusionzoo.interpret", *APPLICATION)
     ),
     "only the CLI imports fusionzoo.commands; nothing imports fusionzoo.cli": lambda: _never(
         (PACKAGE,), ("fusionzoo.cli",)
