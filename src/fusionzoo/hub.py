@@ -60,7 +60,7 @@ from torch import nn
 
 from . import _registry
 from .files import atomic_write_bytes, sha256_file
-from .weights import CheckpointError, load_model_weights, save_tensors, unwrap_model
+from .weights import CheckpointError, load_model_weights, read_json_object, save_tensors, unwrap_model
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "from_pretrained", "save_pretrained"]
 
@@ -174,11 +174,8 @@ def _resolve_files(
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; a fusionzoo model directory needs {CONFIG_NAME}")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is corrupt or truncated (not valid JSON: {e})") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+    cfg = read_json_object(path)
+    if cfg.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a fusionzoo config (expected \"format\": \"{FORMAT}\")")
     if cfg.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {cfg.get('format_version')!r} is not {FORMAT_VERSION}")

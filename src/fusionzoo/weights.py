@@ -10,8 +10,10 @@ tensors only. Files are written atomically (:func:`fusionzoo.files.atomic_write_
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -21,7 +23,14 @@ from torch import nn
 
 from .files import atomic_write_bytes
 
-__all__ = ["CheckpointError", "load_model_weights", "load_tensors", "save_tensors", "unwrap_model"]
+__all__ = [
+    "CheckpointError",
+    "load_model_weights",
+    "load_tensors",
+    "read_json_object",
+    "save_tensors",
+    "unwrap_model",
+]
 
 
 class CheckpointError(RuntimeError):
@@ -75,6 +84,25 @@ def load_tensors(path: str | Path, expected_sha256: str | None = None) -> dict[s
             f"checkpoint file {path} is corrupt or truncated ({len(data)} bytes): {e}. "
             "Delete it or resume from another checkpoint."
         ) from None
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """The JSON object in a checkpoint's metadata file (``config.json``, ``state.json``).
+
+    Raises:
+        CheckpointError: the file is missing, not valid JSON (e.g. truncated), or not an object;
+            the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint file {path} is corrupt or truncated (not valid JSON: {e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint file {path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

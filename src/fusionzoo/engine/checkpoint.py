@@ -47,7 +47,14 @@ import torch
 from torch import nn
 
 from ..files import atomic_write_bytes, fsync_dir, sha256_file, umask_mode
-from ..weights import CheckpointError, load_model_weights, load_tensors, save_tensors, unwrap_model
+from ..weights import (
+    CheckpointError,
+    load_model_weights,
+    load_tensors,
+    read_json_object,
+    save_tensors,
+    unwrap_model,
+)
 
 __all__ = [
     "capture_rng_state",
@@ -82,18 +89,6 @@ def remove_temp_leftovers(folder: str | Path) -> list[Path]:
             p.unlink(missing_ok=True)
         removed.append(p)
     return removed
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"checkpoint file {path} is corrupt or truncated (not valid JSON: {e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"checkpoint file {path} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +272,7 @@ def load_checkpoint(
         CheckpointError: a missing/corrupt/truncated file (named), or weights that do not fit.
     """
     path = resolve_checkpoint_dir(path)
-    facts = _read_json(path / "state.json")
+    facts = read_json_object(path / "state.json")
     if facts.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path / 'state.json'}: format_version {facts.get('format_version')!r} is not {FORMAT_VERSION}"
