@@ -47,12 +47,7 @@ from fusionzoo.engine.builders import (
     resolve_modalities,
     resume_run_dir,
 )
-from fusionzoo.engine.checkpoint import (
-    atomic_write_bytes,
-    load_checkpoint,
-    remove_temp_leftovers,
-    save_checkpoint,
-)
+from fusionzoo.engine.checkpoint import load_checkpoint, remove_temp_leftovers, save_checkpoint
 from fusionzoo.engine.config import ConfigError, parse_command_line, write_config
 from fusionzoo.engine.distributed import (
     all_reduce_step,
@@ -61,7 +56,6 @@ from fusionzoo.engine.distributed import (
     cleanup_distributed,
     init_distributed,
 )
-from fusionzoo.engine.hub import save_pretrained
 from fusionzoo.engine.loop import (
     Callback,
     CallbackList,
@@ -77,6 +71,8 @@ from fusionzoo.engine.loop import (
     train_one_epoch,
 )
 from fusionzoo.engine.sync_bn import convert_sync_batchnorm
+from fusionzoo.files import atomic_write_bytes
+from fusionzoo.hub import save_pretrained
 from fusionzoo.tasks import get_task
 
 

@@ -324,7 +324,7 @@ def bench_report(run: str | None, samples: int) -> None:
     from fusionzoo.interpret.report import write_report
 
     if run:
-        from fusionzoo.engine.hub import from_pretrained
+        from fusionzoo.hub import from_pretrained
 
         model = from_pretrained(Path(run) / "best")
     else:

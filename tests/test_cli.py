@@ -10,7 +10,7 @@ from fusionzoo import interpret
 from fusionzoo.cli import main
 from fusionzoo.data import collate, create_dataset
 from fusionzoo.engine.config import TrainConfig, write_config
-from fusionzoo.engine.hub import save_pretrained
+from fusionzoo.hub import save_pretrained
 from fusionzoo.tasks import ConfusionMatrix
 
 TINY = ["--num-samples", "4", "--image-size", "32", "32", "--batch-size", "2", "--no-progress"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import fusionzoo as fz
-from fusionzoo.engine.checkpoint import CheckpointError
-from fusionzoo.engine.hub import from_pretrained, save_pretrained
+from fusionzoo.hub import from_pretrained, save_pretrained
+from fusionzoo.weights import CheckpointError
 
 NAME = "early_concat_resnet18"  # smallest registered model: one ResNet-18
 

@@ -20,8 +20,8 @@ from PIL import Image
 import fusionzoo as fz
 from fusionzoo.data import DataError, create_dataset
 from fusionzoo.data.fixtures import write_fixture
-from fusionzoo.engine.checkpoint import CheckpointError
-from fusionzoo.engine.hub import from_pretrained, save_pretrained
+from fusionzoo.hub import from_pretrained, save_pretrained
+from fusionzoo.weights import CheckpointError
 
 SIZE = (24, 32)
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -26,9 +26,10 @@ from torch import nn
 
 from fusionzoo.cli import main
 from fusionzoo.engine import builders
-from fusionzoo.engine.checkpoint import atomic_write_bytes, save_checkpoint
+from fusionzoo.engine.checkpoint import remove_temp_leftovers, save_checkpoint
 from fusionzoo.engine.config import ConfigError, TrainConfig, help_text, write_config
 from fusionzoo.engine.loop import EpochState, build_optimizer, train_one_epoch
+from fusionzoo.files import atomic_write_bytes
 
 # Names this issue added are imported inside the tests, so that against the base commit each test
 # fails on its own behaviour rather than the whole module on an ImportError.
@@ -144,8 +145,6 @@ def test_resume_without_checkpoint_says_what_is_missing_and_removes_partial_writ
 
 
 def test_remove_temp_leftovers_takes_only_our_temporaries(tmp_path):
-    from fusionzoo.engine.checkpoint import remove_temp_leftovers
-
     (tmp_path / "checkpoints" / ".last.ab12.tmp").mkdir(parents=True)
     (tmp_path / "checkpoints" / ".last.ab12.tmp" / ".model.safetensors.x1.tmp").write_text("")
     (tmp_path / "best").mkdir()

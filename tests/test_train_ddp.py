@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fusionzoo.engine.checkpoint import load_tensors
+from fusionzoo.weights import load_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 

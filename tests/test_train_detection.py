@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from fusionzoo.engine.hub import from_pretrained
+from fusionzoo.hub import from_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 

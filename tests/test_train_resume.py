@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusionzoo.engine.checkpoint import load_tensors
 from fusionzoo.engine.config import ConfigError
+from fusionzoo.weights import load_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 

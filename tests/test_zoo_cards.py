@@ -9,8 +9,8 @@ import pytest
 
 import fusionzoo as fz
 from fusionzoo import data
+from fusionzoo._registry import accepted_kwargs
 from fusionzoo.engine.config import TrainConfig, load_config
-from fusionzoo.engine.hub import accepted_kwargs
 
 ZOO = Path(__file__).resolve().parents[1] / "zoo"
 CARDS = sorted(ZOO.glob("*/*.yaml"))

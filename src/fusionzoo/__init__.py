@@ -11,6 +11,8 @@ interpretation.
 
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
 # Every public name is imported on first use (PEP 562), so `import fusionzoo` and `fusionzoo --help`
@@ -25,14 +27,12 @@ _LAZY = {
     "DEFAULT_CHANNELS": ".modalities",
     "FusionModel": ".models",
     "Captured": ".taps", "Tap": ".taps", "TapInfo": ".taps", "capture": ".taps",
-    "from_pretrained": ".engine.hub",
+    "from_pretrained": ".hub",
 }
 _LAZY_SUBMODULES = ("data", "interpret", "engine", "models", "detection")
 
 
 def __getattr__(name: str):
-    import importlib
-
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     if name in _LAZY:

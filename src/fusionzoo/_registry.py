@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
 import inspect
 import re
 from collections.abc import Callable, Iterable
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+
+from .modalities import check_modality_names
 
 TASKS = ("segmentation", "detection")
 FUSIONS = ("early", "middle", "late", "hybrid")
@@ -56,14 +59,12 @@ def _load_zoo() -> None:
     """Import the model modules (they register themselves) before the first lookup.
 
     ``import fusionzoo`` is lazy (no torch for ``fusionzoo --help``), so the registry fills
-    itself here, once, whichever way it is reached (``fz.list_models``, ``engine.hub``, ...).
+    itself here, once, whichever way it is reached (``fz.list_models``, ``fusionzoo.hub``, ...).
     """
     global _ZOO_LOADED
     if _ZOO_LOADED:
         return
     _ZOO_LOADED = True  # set first: a model module that looks names up while importing must not recurse
-    import importlib
-
     try:
         for module in ("fusionzoo.models", "fusionzoo.detection"):
             importlib.import_module(module)
@@ -196,8 +197,6 @@ def list_models(
     include, excluded = _as_list(filter), _as_list(exclude)
     wanted = tuple(modalities) if modalities is not None else None
     if wanted is not None:
-        from .modalities import check_modality_names
-
         check_modality_names(wanted)
     names = []
     for name, entry in _REGISTRY.items():
@@ -260,18 +259,32 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
             f"{name}() fixes encoder={entry.encoder!r}; use create_model({entry.method!r}, "
             f"encoder={kwargs['encoder']!r}) for another encoder"
         )
-    if entry.accepts is not None:
-        accepted = set(entry.accepts)
-    else:
-        params = inspect.signature(entry.fn).parameters
-        has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        accepted = None if has_var_kw else set(params)
+    accepted = accepted_kwargs(name)
     if accepted is not None:
-        accepted -= {"encoder"} if entry.encoder_fixed else set()
         unknown = sorted(set(kwargs) - accepted)
         if unknown:
             raise TypeError(f"{name}() got unexpected keyword argument(s) {unknown}; it takes {sorted(accepted)}")
     return entry.fn(**kwargs)
+
+
+def accepted_kwargs(name: str) -> set[str] | None:
+    """Keyword arguments the registered entry ``name`` takes; ``None`` when it takes any (``**kwargs``).
+
+    Read from the entry's ``accepts`` metadata, else from its signature; a named variant (fixed
+    encoder) does not take ``encoder``.
+
+    Raises:
+        KeyError: unknown name.
+    """
+    entry = model_entry(name)
+    if entry.accepts is not None:
+        accepted = set(entry.accepts)
+    else:
+        params = inspect.signature(entry.fn).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return None
+        accepted = set(params)
+    return accepted - {"encoder"} if entry.encoder_fixed else accepted
 
 
 @dataclass(frozen=True)

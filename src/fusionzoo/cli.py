@@ -16,12 +16,15 @@ reused, nothing is recomputed).
 
 Adding a subcommand (keep ``fusionzoo --help`` free of torch; tests/test_silent_engine.py checks it):
 
-1. Module level imports only the standard library. ``import fusionzoo`` itself is lazy (PEP 562
-   in ``fusionzoo/__init__.py``), so importing this module costs nothing heavy.
+1. This module imports only the standard library and :mod:`fusionzoo.commands` (whose
+   ``__init__`` does the same). ``import fusionzoo`` itself is lazy (PEP 562 in
+   ``fusionzoo/__init__.py``), so importing this module costs nothing heavy.
 2. In :func:`_parser`, add ``sub.add_parser("name", ...)`` with choices written as literals
    (a test checks them against the library's constants, e.g. ``ROW_RULES``), never imported.
-3. Write ``_cmd_<name>(args) -> int`` that imports what it needs *inside* the function, and add
-   it to ``COMMANDS``.
+3. Write ``src/fusionzoo/commands/<name>.py`` with its imports at the top and a
+   ``run(args) -> int``, and add ``"name": ("fusionzoo.commands.<name>", "run")`` to
+   :data:`COMMANDS`; :func:`_main` loads the module with ``importlib.import_module`` only when that
+   subcommand runs (no import statement inside a function: tests/test_layering.py).
 4. A mistake of the user (bad value, missing path, unknown name) raises :class:`UsageError`
    (or a ConfigError / CheckpointError / DataError from the library): :func:`run_command`
    prints one line and returns 2; ``--debug`` shows the traceback instead.
@@ -30,10 +33,12 @@ Adding a subcommand (keep ``fusionzoo --help`` free of torch; tests/test_silent_
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
+
+from .commands import UsageError
 
 __all__ = ["UsageError", "main", "run_command"]
 
@@ -42,15 +47,11 @@ __all__ = ["UsageError", "main", "run_command"]
 ROW_RULES = ("sample", "pool", "object")
 
 
-class UsageError(Exception):
-    """A mistake in a command line or its inputs: reported as one line with exit status 2."""
-
-
 # Library errors that mean "the user's input is wrong", as (module, class): checked through
 # sys.modules, so recognising them imports nothing (a class can only be raised once imported).
 USER_ERRORS = (
     ("fusionzoo.engine.config", "ConfigError"),
-    ("fusionzoo.engine.checkpoint", "CheckpointError"),
+    ("fusionzoo.weights", "CheckpointError"),
     ("fusionzoo.data.io", "DataError"),
     ("fusionzoo.engine.loop", "NonFiniteLossError"),
     ("fusionzoo.encoders", "PretrainedWeightsError"),
@@ -153,213 +154,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-# --------------------------------------------------------------------------------------------
-# list
-# --------------------------------------------------------------------------------------------
-def _cmd_list(args: argparse.Namespace) -> int:
-    import fusionzoo as fz
-
-    mods = [m.strip() for m in args.modalities.split(",")] if args.modalities else None
-    try:
-        names = fz.list_models(args.patterns or None, exclude=args.exclude, task=args.task, fusion=args.fusion,
-                               modalities=mods, published=True if args.published else None)
-    except ValueError as e:  # e.g. an unknown modality name
-        raise UsageError(f"fusionzoo list: {e}") from None
-    for n in names:
-        if args.long:
-            e = fz.model_entry(n)
-            origin = f" [published: {e.reference_repo}@{e.reference_commit[:8]}]" if e.published else ""
-            print(f"{n:32s} {e.fusion:7s} {e.encoder:16s} {e.paper}{origin}")
-        else:
-            print(n)
-    if not names:
-        print("no model matches", file=sys.stderr)
-        return 1
-    return 0
-
-
-# --------------------------------------------------------------------------------------------
-# resolving a target
-# --------------------------------------------------------------------------------------------
-def _dataset_for(args: argparse.Namespace, run_cfg: dict[str, Any] | None, modalities: Sequence[str] | None):
-    from .data import create_dataset, dataset_entry
-
-    if run_cfg is not None and args.dataset is None and args.data_root is None and args.num_samples is None:
-        from .interpret.runs import validation_set
-
-        return validation_set(run_cfg)  # the run's own validation set, exactly as training built it
-    name = args.dataset or (run_cfg or {}).get("dataset") or "synthetic_rgbd"
-    entry = dataset_entry(name)
-    kwargs: dict[str, Any] = {}
-    split = args.split or "val"
-    if not entry.needs_root:
-        kwargs["num_samples"] = args.num_samples or 32
-        if args.image_size:
-            kwargs["image_size"] = tuple(args.image_size)
-        kwargs["seed"] = args.seed
-        return create_dataset(name, split=split, **kwargs)
-    root = args.data_root or (run_cfg or {}).get("data_root")
-    if root is None:
-        raise UsageError(f"dataset {name!r} needs --data-root (see datasets/{name}/README.md)")
-    if not Path(root).is_dir():
-        raise UsageError(f"--data-root {root}: no such folder; prepare it with python datasets/{name}/prepare.py")
-    from .data.transforms import STATS, eval_transforms
-
-    mods = tuple(modalities or entry.modalities)
-    tf = eval_transforms(mods, size=tuple(args.image_size) if args.image_size else None,
-                         stats=name if name in STATS else None)
-    return create_dataset(name, root, split=split, transforms=tf)
-
-
-def _resolve(target: str, args: argparse.Namespace, device):
-    """(model, dataset, training history, label) for a run folder / pretrained folder / model name."""
-    import fusionzoo as fz
-
-    from .engine.hub import from_pretrained
-    from .interpret.runs import find_weights, is_pretrained_dir, run_config, training_history
-
-    path = Path(target)
-    run_cfg, history = None, None
-    if path.is_dir():
-        if is_pretrained_dir(path):
-            weights = path
-            run_dir = path.parent if run_config(path.parent) is not None else None
-        else:
-            run_dir = path
-            try:
-                weights = find_weights(path)
-            except FileNotFoundError as e:
-                raise UsageError(str(e)) from None
-        if run_dir is not None:
-            run_cfg = run_config(run_dir)
-            history = training_history(run_dir)
-        model = from_pretrained(weights)
-        label = model.config.get("name", path.name)
-        dataset = _dataset_for(args, run_cfg, model.modalities)
-    elif path.exists():
-        raise UsageError(f"{target} is a file; give a run folder, a save_pretrained folder or a model name")
-    else:
-        _check_model_name(target)
-        dataset = _dataset_for(args, None, None)
-        model = fz.create_model(target, num_classes=dataset.num_classes, modalities=tuple(dataset.modalities))
-        label = target
-    return model.to(device), dataset, history, label
-
-
-def _check_model_name(target: str) -> None:
-    """Tell a mistyped path from a mistyped model name (the target names neither a folder nor a model)."""
-    import difflib
-
-    import fusionzoo as fz
-
-    try:
-        fz.model_entry(target)
-        return
-    except KeyError as e:
-        not_a_model = e.args[0]
-    path = Path(target)
-    if len(path.parts) > 1 or target.startswith((".", "~")):  # model names have no "/" (NAME_PATTERN)
-        parent = path.parent if path.parent.is_dir() else None
-        near = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir()], n=3) if parent else []
-        hint = (f"; {parent} has {', '.join(near)}" if near else
-                f"; {parent} exists" if parent else f"; {path.parent} does not exist either")
-        raise UsageError(f"{target}: no such folder (a run folder or save_pretrained folder was expected){hint}")
-    raise UsageError(f"{target!r} is neither an existing folder nor a registered model: {not_a_model}")
-
-
-def _device(name: str | None):
-    import torch
-
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _interpret_one(target: str, args: argparse.Namespace, out: Path):
-    from .interpret import METRICS, run
-    from .interpret.report import write_report
-
-    metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else list(METRICS)
-    device = _device(args.device)
-    model, dataset, history, label = _resolve(target, args, device)
-    result = run(model, dataset, metrics=metrics, taps=args.taps, batch_size=args.batch_size,
-                 max_batches=args.max_batches, rows=args.rows, samples_per_image=args.samples_per_image,
-                 policy=args.policy, seed=args.seed, progress=not args.no_progress)
-    if history is not None:
-        result.training = history
-    files = write_report(result, out)
-    print(f"{label}: wrote {files['report']} ({len(files)} files)")
-    return result
-
-
-def _cmd_interpret(args: argparse.Namespace) -> int:
-    _interpret_one(args.target, args, Path(args.out))
-    return 0
-
-
-def _cmd_compare(args: argparse.Namespace) -> int:
-    from .interpret import load_result
-    from .interpret.report import write_comparison
-
-    out = Path(args.out)
-    results = []
-    for i, target in enumerate(args.targets):
-        p = Path(target)
-        if p.is_dir() and (p / "metrics.json").is_file() and not (p / "best").is_dir():
-            results.append(load_result(p))
-            print(f"{target}: reusing {p / 'metrics.json'}")
-        else:
-            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in (p.name or target))
-            results.append(_interpret_one(target, args, out / f"{i:02d}_{safe}"))
-    files = write_comparison(results, out)
-    print(files["markdown"].read_text())
-    print(f"wrote {files['report']} and {files['markdown']}")
-    return 0
-
-
-def _cmd_convert(args: argparse.Namespace) -> int:
-    from .models.convert import convert_checkpoint
-
-    if args.out is None and args.tag is None:
-        raise UsageError("convert: give --tag (a registered release) or --out (an output folder)")
-    try:
-        out = convert_checkpoint(args.name, args.checkpoint, args.out, tag=args.tag, num_classes=args.num_classes)
-    except (FileNotFoundError, KeyError) as e:
-        raise UsageError(f"convert: {e.args[0] if isinstance(e, KeyError) else e}") from None
-    print(f"wrote {out} (load it with fusionzoo.from_pretrained({str(out)!r}))")
-    return 0
-
-
-def _cmd_mr2(args: argparse.Namespace) -> int:
-    from .detection.kaist import KaistEvalError, evaluate_files
-
-    try:
-        res = evaluate_files(args.annotations, args.results)
-    except KaistEvalError as err:
-        raise UsageError(f"mr2: {err}") from None
-    print("MR-2 (KAIST reasonable: height >= 55 px, occlusion none/partial, 5 px border, FPPI 1e-2..1e0)")
-    for key in ("all", "day", "night"):
-        if key in res:
-            print(f"{key:>5}: {100 * res[key]:.2f} %")
-    return 0
-
-
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "list": _cmd_list,
-    "interpret": _cmd_interpret,
-    "compare": _cmd_compare,
-    "convert": _cmd_convert,
-    "mr2": _cmd_mr2,
+# Subcommand -> (module, function), loaded when that subcommand runs (src/fusionzoo/commands/).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "list": ("fusionzoo.commands.listing", "run"),
+    "interpret": ("fusionzoo.commands.interpret", "run"),
+    "compare": ("fusionzoo.commands.interpret", "run_compare"),
+    "convert": ("fusionzoo.commands.convert", "run"),
+    "mr2": ("fusionzoo.commands.mr2", "run"),
 }
 
 
 def _main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(argv)
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)
-    return COMMANDS[args.command](args)
+    module, function = COMMANDS[args.command]
+    return getattr(importlib.import_module(module), function)(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .weights import unwrap_model
+
 TAP_KINDS = ("feature", "gate", "attn", "logits")
 
 
@@ -108,12 +110,9 @@ class Captured(dict):
 
 
 def _taps_of(model: nn.Module) -> TapSet:
-    taps = getattr(model, "taps", None)
+    # DistributedDataParallel / compiled wrappers keep the model as `.module` / `._orig_mod`.
+    taps = getattr(unwrap_model(model), "taps", None)
     if not isinstance(taps, TapSet):
-        # DistributedDataParallel / compiled wrappers keep the model as `.module` / `._orig_mod`.
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is not None:
-            return _taps_of(inner)
         raise TypeError(f"{type(model).__name__} has no taps; capture works on fusionzoo models")
     return taps
 

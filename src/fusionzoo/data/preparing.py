@@ -6,7 +6,7 @@ write follows the layout documented in :mod:`fusionzoo.data.base`.
 
 from __future__ import annotations
 
-import hashlib
+import importlib
 import shutil
 import sys
 import urllib.request
@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..files import sha256_file
+
 __all__ = [
     "download",
     "link_or_copy",
@@ -26,7 +28,6 @@ __all__ = [
     "save_label",
     "save_rgb",
     "save_thermal",
-    "sha256sum",
     "write_boxes",
     "write_split",
 ]
@@ -40,21 +41,10 @@ def require(module: str, extra: str, purpose: str):
         extra: pip package to install.
         purpose: What needs it (named in the message).
     """
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as err:
         raise SystemExit(f"{purpose} needs the optional package {extra!r}: pip install {extra}") from err
-
-
-def sha256sum(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def download(url: str, dest: Path, sha256: str | None = None) -> Path:
@@ -72,7 +62,7 @@ def download(url: str, dest: Path, sha256: str | None = None) -> Path:
             shutil.copyfileobj(resp, out, length=1 << 20)
         tmp.rename(dest)
     if sha256 is not None:
-        got = sha256sum(dest)
+        got = sha256_file(dest)
         if got != sha256:
             raise SystemExit(f"{dest}: sha256 {got} != expected {sha256}; delete it and download again")
     return dest

@@ -1,22 +1,21 @@
-"""Training engine: config, loops, checkpoints, distributed helpers, hub save/load."""
+"""Training engine: config, loops, checkpoints of the trainer's state, distributed helpers.
 
-from .checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
+Saving and loading models (``save_pretrained`` / ``from_pretrained``, safetensors weights) is the
+model layer's: :mod:`fusionzoo.hub` and :mod:`fusionzoo.weights`.
+"""
+
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, load_config, parse_args
-from .hub import from_pretrained, save_pretrained
 from .loop import Callback, evaluate, train_one_epoch
 
 __all__ = [
     "Callback",
-    "CheckpointError",
     "ConfigError",
     "TrainConfig",
     "evaluate",
-    "from_pretrained",
     "load_checkpoint",
     "load_config",
-    "load_model_weights",
     "parse_args",
     "save_checkpoint",
-    "save_pretrained",
     "train_one_epoch",
 ]

@@ -303,7 +303,8 @@ def resume_run_dir(path: str | Path) -> Path:
         ConfigError: saying what is missing: the folder, its ``config.json``, or a complete
             checkpoint (a run stopped before its first checkpoint has nothing to resume).
     """
-    from .checkpoint import CheckpointError, resolve_checkpoint_dir
+    from ..weights import CheckpointError
+    from .checkpoint import resolve_checkpoint_dir
 
     p = Path(path)
     if not p.exists():

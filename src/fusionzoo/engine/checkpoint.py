@@ -1,4 +1,10 @@
-"""Checkpoints without pickle, written atomically, read with errors that name the file.
+"""Training checkpoints: the trainer's state around the model weights, for exact resume.
+
+This module owns what only training has: optimizer, scheduler, GradScaler, RNG states and the
+trainer's position (epoch, step, callback states). The weights themselves go through the model
+layer (:mod:`fusionzoo.weights`: safetensors without pickle, ``load_model_weights``,
+``unwrap_model``, ``CheckpointError``) and files through :mod:`fusionzoo.files` (atomic writes,
+sha256), so the engine depends on the model layer and never the reverse.
 
 A training checkpoint is a folder::
 
@@ -14,8 +20,9 @@ Atomicity: the folder is first written as a hidden temporary sibling (every file
 swapped in with two renames (``last`` -> ``.last.old``, temp -> ``last``) and the parent folder
 fsynced. A kill at any moment leaves either the previous or the new checkpoint complete; the one
 window with no ``last`` (between the renames) is covered by :func:`resolve_checkpoint_dir`, which
-falls back to ``.last.old``. Single files (configs, JSON) go through :func:`atomic_write_bytes`
-(temp file in the same folder, fsync, ``os.replace``, fsync of the folder).
+falls back to ``.last.old``. Single files (configs, JSON) go through
+:func:`fusionzoo.files.atomic_write_bytes` (temp file in the same folder, fsync, ``os.replace``,
+fsync of the folder).
 
 Permissions: temp files and folders are created private (``mkstemp`` 0600, ``mkdtemp`` 0700) and
 given the process umask's permissions before they are renamed into place, so run files are
@@ -26,7 +33,6 @@ A kill mid-write leaves a hidden temp (``.last.*.tmp/``, ``.<file>.*.tmp``);
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -38,70 +44,39 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load_bytes
-from safetensors.torch import save as st_save_bytes
 from torch import nn
 
+from ..files import atomic_write_bytes, fsync_dir, sha256_file, umask_mode
+from ..weights import (
+    CheckpointError,
+    load_model_weights,
+    load_tensors,
+    read_json_object,
+    save_tensors,
+    unwrap_model,
+)
+
 __all__ = [
-    "CheckpointError",
-    "atomic_write_bytes",
     "capture_rng_state",
     "load_checkpoint",
-    "load_model_weights",
-    "load_tensors",
     "remove_temp_leftovers",
     "resolve_checkpoint_dir",
     "restore_rng_state",
     "save_checkpoint",
-    "save_tensors",
-    "unwrap_model",
 ]
 
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file that is missing, corrupt, truncated or does not fit the model."""
-
-
 # ----------------------------------------------------------------------------------------------
-# atomic file primitives
-
-
-def _fsync_dir(path: Path) -> None:
-    # Directory fsync makes the rename itself durable (POSIX); not available on Windows.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where Linux exposes it (thread-safe)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)  # elsewhere: the classic set-and-restore
-    os.umask(mask)
-    return mask
+# temporaries of killed writes
 
 
 def remove_temp_leftovers(folder: str | Path) -> list[Path]:
     """Delete the hidden temporaries a killed write leaves under ``folder``; returns them.
 
     Matches only this module's own names: ``.<name>.<random>.tmp`` files of
-    :func:`atomic_write_bytes` and ``.<name>.<random>.tmp/`` folders of :func:`save_checkpoint`.
+    :func:`fusionzoo.files.atomic_write_bytes` and ``.<name>.<random>.tmp/`` folders of :func:`save_checkpoint`.
     Call it while no other process writes into ``folder`` (train.py: rank 0, before training).
     """
     removed: list[Path] = []
@@ -114,159 +89,6 @@ def remove_temp_leftovers(folder: str | Path) -> list[Path]:
             p.unlink(missing_ok=True)
         removed.append(p)
     return removed
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
-
-    The temporary file lives in the same folder (``os.replace`` is atomic only within one file
-    system), is fsynced before the rename, and the folder is fsynced after it.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        if hasattr(os, "fchmod"):  # POSIX: mkstemp's 0600 -> what open() would have created
-            os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def save_tensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
-    """Atomically write a flat ``name -> tensor`` dict as safetensors.
-
-    Tensors are moved to CPU and made contiguous; tensors sharing storage (tied weights) are
-    cloned, because safetensors refuses aliased buffers.
-    """
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for k, v in tensors.items():
-        if not isinstance(v, torch.Tensor):
-            raise TypeError(f"save_tensors: value of {k!r} is {type(v).__name__}, expected a tensor")
-        t = v.detach().to("cpu")
-        ptr = t.untyped_storage().data_ptr() if t.numel() else -1
-        if ptr in seen or not t.is_contiguous():
-            t = t.contiguous().clone()
-        elif t.numel():
-            seen.add(ptr)
-        out[k] = t
-    data = st_save_bytes(out, metadata=dict(metadata) if metadata else None)
-    atomic_write_bytes(path, data)
-
-
-def load_tensors(path: str | Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """Read a safetensors file into CPU tensors (never unpickles anything).
-
-    Raises:
-        CheckpointError: the file is missing, truncated, corrupt, or its sha256 differs from
-            ``expected_sha256``; the message names the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} does not exist")
-    data = path.read_bytes()
-    if expected_sha256 is not None:
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != expected_sha256:
-            raise CheckpointError(
-                f"checkpoint file {path} is corrupt: sha256 {digest[:12]}... differs from the "
-                f"manifest's {expected_sha256[:12]}... (truncated or modified after saving)"
-            )
-    try:
-        return st_load_bytes(data)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise CheckpointError(
-            f"checkpoint file {path} is corrupt or truncated ({len(data)} bytes): {e}. "
-            "Delete it or resume from another checkpoint."
-        ) from None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"checkpoint file {path} is corrupt or truncated (not valid JSON: {e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"checkpoint file {path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
-# ----------------------------------------------------------------------------------------------
-# model weights
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain model inside DistributedDataParallel and/or ``torch.compile`` wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
-
-
-def _limit(items: list[str], n: int = 12) -> str:
-    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
-
-
-def load_model_weights(
-    model: nn.Module, source: str | Path | Mapping[str, torch.Tensor], *, strict: bool = True
-) -> None:
-    """Copy weights from a safetensors file (or a loaded dict) into ``model``.
-
-    Raises:
-        CheckpointError: unreadable file, or (strict) keys that are missing, unexpected, or of
-            another shape; the message lists them (e.g. a checkpoint of another model, or of
-            another class count, which changes the classifier's shape).
-    """
-    where = str(source) if isinstance(source, (str, Path)) else "the given state dict"
-    tensors = load_tensors(source) if isinstance(source, (str, Path)) else dict(source)
-    model = unwrap_model(model)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    mismatched = sorted(
-        f"{k} (checkpoint {tuple(tensors[k].shape)}, model {tuple(own[k].shape)})"
-        for k in set(own) & set(tensors)
-        if tuple(own[k].shape) != tuple(tensors[k].shape)
-    )
-    if mismatched or (strict and (missing or unexpected)):
-        parts = []
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatch(es): {_limit(mismatched)}")
-        if missing and strict:
-            parts.append(f"{len(missing)} key(s) missing from the checkpoint: {_limit(missing)}")
-        if unexpected and strict:
-            parts.append(f"{len(unexpected)} unexpected key(s) in the checkpoint: {_limit(unexpected)}")
-        raise CheckpointError(
-            f"weights in {where} do not fit {type(model).__name__} "
-            f"(a checkpoint of another model, modality set or class count?): " + "; ".join(parts)
-        )
-    with torch.no_grad():
-        for k, v in tensors.items():
-            if k in own:
-                own[k].copy_(v.to(own[k].dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,12 +213,12 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 -> what mkdir would have created
+        os.chmod(tmp, umask_mode(0o777))  # mkdtemp's 0700 -> what mkdir would have created
         files: dict[str, dict[str, Any]] = {}
 
         def put(name: str, tensors: Mapping[str, torch.Tensor]) -> None:
             save_tensors(tensors, tmp / name, metadata={"format": "fusionzoo-checkpoint"})
-            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
 
         put("model.safetensors", unwrap_model(model).state_dict())
         facts: dict[str, Any] = {"format_version": FORMAT_VERSION, "trainer": _jsonable(dict(state or {}))}
@@ -413,14 +235,14 @@ def save_checkpoint(
         facts["rng"] = rng_facts
         facts["files"] = files
         atomic_write_bytes(tmp / "state.json", json.dumps(facts).encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         old = _old_name(path)
         if old.exists():
             shutil.rmtree(old)
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         if old.exists():
             shutil.rmtree(old)
     except BaseException:
@@ -450,7 +272,7 @@ def load_checkpoint(
         CheckpointError: a missing/corrupt/truncated file (named), or weights that do not fit.
     """
     path = resolve_checkpoint_dir(path)
-    facts = _read_json(path / "state.json")
+    facts = read_json_object(path / "state.json")
     if facts.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path / 'state.json'}: format_version {facts.get('format_version')!r} is not {FORMAT_VERSION}"

@@ -577,7 +577,7 @@ def help_text() -> str:
 
 def write_config(cfg: TrainConfig, path: str | Path, extra: Mapping[str, Any] | None = None) -> None:
     """Write the resolved config as JSON (atomically), optionally with extra facts (e.g. world size)."""
-    from .checkpoint import atomic_write_bytes
+    from ..files import atomic_write_bytes
 
     data: dict[str, Any] = config_to_dict(cfg)
     if extra:

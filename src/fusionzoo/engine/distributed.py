@@ -8,10 +8,12 @@ those variables everything here degrades to a single process (rank 0 of 1).
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -268,10 +270,6 @@ class SeededDataset(torch.utils.data.Dataset):
         return getattr(self.dataset, name)
 
     def __getitem__(self, key):
-        import random
-
-        import numpy as np
-
         epoch, index = key if isinstance(key, tuple) else (0, key)
         # A 63-bit mix of the three numbers (SplitMix-style constants) gives unrelated streams.
         s = (self.seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % (2**63)

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..tasks import Task, get_task
-from .checkpoint import unwrap_model
+from ..weights import unwrap_model
 from .distributed import all_reduce_mean, all_reduce_step, dist_info
 
 __all__ = [

@@ -98,7 +98,7 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> t
         run_dir: the folder ``train.py`` wrote.
         device: where to put the model (default: CUDA when available).
     """
-    from ..engine.hub import from_pretrained
+    from ..hub import from_pretrained
 
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)

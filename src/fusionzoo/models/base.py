@@ -17,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._registry import encoder_key, register_model
 from ..heads import create_decoder
+from ..hub import save_pretrained
 from ..modalities import check_modality_names, resolve_in_chans
 from ..taps import TapInfo, TapSet
 
@@ -87,10 +88,8 @@ class FusionModel(nn.Module):
         raise NotImplementedError
 
     def save_pretrained(self, directory: str | os.PathLike, **kwargs: Any) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (see ``fusionzoo.engine.hub.save_pretrained``
+        """Write ``config.json`` + ``model.safetensors`` (see :func:`fusionzoo.hub.save_pretrained`
         for ``class_names``, ``normalization`` and ``extra``); reload with ``fz.from_pretrained``."""
-        from ..engine.hub import save_pretrained
-
         return save_pretrained(self, directory, **kwargs)
 
     # -- shared decoder tail ---------------------------------------------------------------

@@ -17,10 +17,10 @@ that ``fusionzoo convert NAME FILE --tag TAG`` wrote into the cache (:func:`rele
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
+import tarfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +31,9 @@ from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from .._registry import ReleasedWeights, create_model, model_entry, released_weights
-from ..engine.checkpoint import load_model_weights
-from ..engine.hub import CONFIG_NAME, from_pretrained, save_pretrained
+from ..files import sha256_file
+from ..hub import CONFIG_NAME, from_pretrained, save_pretrained
+from ..weights import load_model_weights
 
 __all__ = [
     "ConversionError",
@@ -138,14 +139,6 @@ def _unwrap(obj: Any, where: str) -> StateDict:
     return dict(obj)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".pth.tar", ".ckpt")
 
@@ -153,8 +146,6 @@ CHECKPOINT_SUFFIXES = (".pth", ".pt", ".pth.tar", ".ckpt")
 def _read_archive(path: Path) -> bytes:
     """The one checkpoint inside a gzipped tar archive as the authors ship it (ESANet's
     ``nyuv2_r34_NBt1D.tar.gz`` holds ``nyuv2/r34_NBt1D.pth``), read without extracting to disk."""
-    import tarfile
-
     try:
         with tarfile.open(path, "r:gz") as archive:
             members = [m for m in archive.getmembers() if m.isfile() and m.name.endswith(CHECKPOINT_SUFFIXES)]
@@ -271,7 +262,7 @@ def convert_checkpoint(
     release: ReleasedWeights | None = released_weights(name, tag) if tag is not None else None
     authors = read_authors_checkpoint(path)
     if release is not None and release.sha256 is not None:
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if digest != release.sha256:
             raise ConversionError(
                 f"{path}: sha256 {digest} differs from the authors' {release.sha256} for {release.full_name} "

@@ -1,14 +1,48 @@
 """Save and load trained fusion models: ``config.json`` + ``model.safetensors``, local or on the Hub.
 
+Part of the model layer (docs/design.md, "Layers"): ``FusionModel.save_pretrained`` and
+``models/convert.py`` call it, the training engine and ``interpret`` use it; it imports only the
+registry, :mod:`fusionzoo.weights` and :mod:`fusionzoo.files`.
+
 Loading never executes code from the checkpoint: ``config.json`` may only *name* a model that is
 registered in this installed fusionzoo (``create_model`` rebuilds it from the registry), and
 weights come from safetensors (no pickle). A hub id (``owner/name``) is resolved through
-huggingface-hub's cache, so ``HF_HUB_OFFLINE=1`` works whenever the files were fetched before.
+huggingface-hub's cache (``hf_hub_download``), so ``HF_HUB_OFFLINE=1`` works whenever the files
+were fetched before.
 
 ``config.json`` carries a manifest of the weights file, ``"files": {"model.safetensors":
 {"bytes": ..., "sha256": ...}}`` (the schema of a training checkpoint's ``state.json``, see
 :mod:`fusionzoo.engine.checkpoint`); :func:`from_pretrained` checks it before loading, so a
 truncated or bit-flipped file is refused, naming it, instead of loading wrong weights.
+
+Why not huggingface_hub's ``PyTorchModelHubMixin`` (evaluated with huggingface-hub 2.4.0; the
+download utility it wraps, ``hf_hub_download``, is what :func:`from_pretrained` uses): the mixin's
+``from_pretrained`` is a classmethod that rebuilds the class it is called on from the config's
+keys, while ours is one function that reads a registered *name* and asks the registry; keeping
+our behaviour means overriding ``from_pretrained``, ``_from_pretrained`` and ``_save_pretrained``,
+which leaves nothing of the mixin but ``push_to_hub`` and its model card. Used as is, it breaks:
+
+- ``tests/test_engine_hub.py::test_local_round_trip``: ``save_pretrained`` also writes a
+  ``README.md`` model card (the folder must hold exactly ``config.json`` + ``model.safetensors``),
+  and loading a local folder prints "Loading weights from local directory" to stdout.
+- ``tests/test_engine_hub.py::test_config_can_only_name_registered_models``: the config's keys
+  are passed to ``cls.__init__``; no registry lookup, so no ``KeyError`` for an unknown name.
+- ``tests/test_silent_data.py::test_bit_flipped_pretrained_weights_are_refused``: no sha256
+  manifest; a bit-flipped ``model.safetensors`` loads silently.
+- ``tests/test_engine_hub.py::test_corrupt_weights_name_the_file``: a truncated file raises
+  safetensors' ``SafetensorError: ... invalid header length`` (no file name), not ``CheckpointError``.
+- ``tests/test_engine_hub.py::test_class_count_mismatch_lists_keys``: ``strict=False`` by default
+  (missing / unexpected keys ignored); a shape mismatch is torch's ``RuntimeError``, not ``CheckpointError``.
+- ``tests/test_engine_hub.py::test_hub_id_resolves_offline_through_the_cache``: an uncached hub
+  id offline raises huggingface-hub's ``LocalEntryNotFoundError`` text, not ours ("not in the
+  Hugging Face cache ... Download it once online, or pass a local directory").
+
+Not covered by a test, also lost: ``model.save_pretrained(dir, class_names=...)`` (the mixin's
+``save_pretrained(save_directory, *, config, repo_id, push_to_hub, ...)`` hands other keywords
+to ``push_to_hub``), ``config.json`` written with ``write_text`` (not atomic, after the
+weights), a corrupt ``config.json`` raising a bare ``JSONDecodeError``, and a fallback to
+``pytorch_model.bin`` through ``torch.load`` (pickle) when a hub repo has no safetensors file.
+``python tools/check_hub_mixin.py`` reruns these observations on the installed huggingface-hub.
 """
 
 from __future__ import annotations
@@ -20,16 +54,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 from torch import nn
 
-from .checkpoint import (
-    CheckpointError,
-    _sha256,
-    atomic_write_bytes,
-    load_model_weights,
-    save_tensors,
-    unwrap_model,
-)
+from . import _registry
+from .files import atomic_write_bytes, sha256_file
+from .weights import CheckpointError, load_model_weights, read_json_object, save_tensors, unwrap_model
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "from_pretrained", "save_pretrained"]
 
@@ -92,7 +123,7 @@ def save_pretrained(
     # Weights first, config last: a directory with a config.json is a complete one.
     save_tensors(model.state_dict(), out / WEIGHTS_NAME, metadata={"format": "pt", "fusionzoo": config["model"]["name"]})
     weights = out / WEIGHTS_NAME
-    config["files"] = {WEIGHTS_NAME: {"bytes": weights.stat().st_size, "sha256": _sha256(weights)}}
+    config["files"] = {WEIGHTS_NAME: {"bytes": weights.stat().st_size, "sha256": sha256_file(weights)}}
     atomic_write_bytes(out / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
     return out
 
@@ -119,9 +150,6 @@ def _resolve_files(
             f"{text!r} is neither a local directory with {CONFIG_NAME} + {WEIGHTS_NAME} "
             "nor a Hugging Face Hub id of the form 'owner/name'"
         )
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-
     files = []
     for fname in (CONFIG_NAME, WEIGHTS_NAME):
         try:
@@ -143,29 +171,11 @@ def _resolve_files(
     return files[0], files[1]
 
 
-def accepted_kwargs(name: str) -> set[str] | None:
-    """Keyword arguments the registered entry ``name`` takes (``None``: it takes any)."""
-    import inspect
-
-    from .. import _registry
-
-    entry = _registry.model_entry(name)
-    if getattr(entry, "accepts", None) is not None:
-        return set(entry.accepts)
-    params = inspect.signature(entry.fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return None
-    return set(params)
-
-
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; a fusionzoo model directory needs {CONFIG_NAME}")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is corrupt or truncated (not valid JSON: {e})") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+    cfg = read_json_object(path)
+    if cfg.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a fusionzoo config (expected \"format\": \"{FORMAT}\")")
     if cfg.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {cfg.get('format_version')!r} is not {FORMAT_VERSION}")
@@ -208,7 +218,7 @@ def _verify_weights(config_path: Path, weights_path: Path, cfg: dict[str, Any]) 
             f"checkpoint file {weights_path} is corrupt or truncated: {size} bytes, the manifest in "
             f"{config_path} says {info['bytes']}. Save or download it again."
         )
-    digest = _sha256(weights_path)
+    digest = sha256_file(weights_path)
     if digest != info["sha256"]:
         raise CheckpointError(
             f"checkpoint file {weights_path} is corrupt: sha256 {digest[:12]}... differs from the manifest's "
@@ -247,7 +257,6 @@ def from_pretrained(
         >>> model = from_pretrained("runs/esanet/pretrained")
         >>> logits = model({"rgb": rgb, "depth": depth})   # (B, K, H, W)
     """
-    from .. import _registry
     config_path, weights_path = _resolve_files(name_or_path, revision, cache_dir, local_files_only)
     cfg = _read_config(config_path)
     _verify_weights(config_path, weights_path, cfg)  # before building: a corrupt file fails fast
@@ -257,7 +266,7 @@ def from_pretrained(
     kwargs["num_classes"] = cfg["num_classes"]
     kwargs["modalities"] = tuple(cfg["modalities"])
     kwargs.pop("pretrained", None)  # the saved weights replace any encoder initialization
-    accepted = accepted_kwargs(name)
+    accepted = _registry.accepted_kwargs(name)
     if accepted is None or "pretrained" in accepted:
         kwargs["pretrained"] = False  # never fetch encoder weights that the file overwrites anyway
     model = _registry.create_model(name, **kwargs)
