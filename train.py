@@ -37,6 +37,7 @@ from fusionzoo.engine.builders import (
     build_callbacks,
     build_datasets,
     build_eval_loader,
+    build_loss,
     build_model,
     build_train_loader,
     check_run_name,
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
             "steps_per_epoch": steps_per_epoch, "device": str(device), "card": card,
         })
     logger = MetricsLogger(run_dir, enabled=info.is_main)
+    # Class weights (counted once, cached in the run folder) and side-output weights of the loss.
+    loss_kwargs = build_loss(cfg, plain, train_set, num_classes, run_dir, device)
 
     last_save = time.perf_counter()
     stop = StopOnSignal()  # Ctrl-C / SIGTERM in the training loop: finish the step, checkpoint, stop
@@ -233,7 +236,7 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
                 modality_dropout=cfg.modality_dropout, dropout_candidates=cfg.modality_dropout_candidates,
                 always_missing=cfg.train_missing, seed=cfg.seed, callbacks=hooks, logger=logger,
                 log_interval=cfg.log_interval, after_step=after_step, progress=cfg.progress, task=task,
-                stop_requested=stop,
+                stop_requested=stop, loss_kwargs=loss_kwargs,
             )
             if stats["interrupted"]:
                 raise interrupted(state)

@@ -27,7 +27,7 @@ _LAZY = {
     "Captured": ".taps", "Tap": ".taps", "TapInfo": ".taps", "capture": ".taps",
     "from_pretrained": ".engine.hub",
 }
-_LAZY_SUBMODULES = ("data", "interpret", "engine", "models", "detection")
+_LAZY_SUBMODULES = ("data", "interpret", "engine", "models", "detection", "losses")
 
 
 def __getattr__(name: str):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..losses import segmentation_loss
 from .checkpoint import unwrap_model
 from .distributed import all_reduce_mean, all_reduce_step, dist_info
 from .metrics import ConfusionMatrix
@@ -554,6 +555,7 @@ def train_one_epoch(
     progress: bool = False,
     task: str = "segmentation",
     stop_requested: Callable[[], bool] | None = None,
+    loss_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` (which already skips the batches ``state`` says are done).
 
@@ -571,6 +573,8 @@ def train_one_epoch(
             batch's ``boxes``/``labels`` lists).
         stop_requested: polled once per step (e.g. a SIGINT flag); when any rank says so, the
             epoch ends after this step's ``after_step`` and the result has ``interrupted``.
+        loss_kwargs: further arguments of :func:`fusionzoo.losses.segmentation_loss` (class
+            weights, side-output weights; ``engine.builders.build_loss``).
 
     Returns:
         ``{"loss": mean training loss over the epoch (all ranks), "img_per_s": throughput,
@@ -618,7 +622,10 @@ def train_one_epoch(
             with autocast_context(device, amp):
                 logits = model(inputs, missing=missing) if missing else model(inputs)
             # Loss in float32: the softmax over K classes is where half precision loses digits.
-            loss = F.cross_entropy(logits.float(), mask, ignore_index=ignore_index, label_smoothing=label_smoothing)
+            # Side outputs (deep supervision): the model's side_logits of this training forward.
+            sides = [s.float() for s in getattr(plain, "side_logits", ())]
+            loss = segmentation_loss(logits.float(), mask, side_logits=sides, ignore_index=ignore_index,
+                                     label_smoothing=label_smoothing, **(loss_kwargs or {}))
         # One host sync per step: the loss averaged over ranks, and whether any rank must stop.
         loss_value, stop = all_reduce_step(loss, bool(stop_requested and stop_requested()), device)
         if not math.isfinite(loss_value):
