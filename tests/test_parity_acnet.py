@@ -73,13 +73,10 @@ def test_converter_keeps_every_tensor():
 
 
 def test_side_outputs_in_training_mode_only(case, converted):
-    model = converted[2]  # after the parity runs (case), which it must not disturb
-    x = {"rgb": torch.randn(2, 3, 32, 32), "depth": torch.randn(2, 1, 32, 32)}
-    model.train()
-    model(x)
-    assert [tuple(s.shape[-2:]) for s in model.side_logits] == [(16, 16), (8, 8), (4, 4), (2, 2)]
-    assert model.side_strides == (2, 4, 8, 16)
+    model = converted[2]  # run_modes (case) ended with the train-mode run on the fixture's 64x64 inputs
+    assert [tuple(s.shape[-2:]) for s in model.side_logits] == [(32, 32), (16, 16), (8, 8), (4, 4)]
+    assert (model.side_strides, model.side_logits_resize) == ((2, 4, 8, 16), "nearest-exact")
     model.eval()
     with torch.no_grad():
-        model(x)
+        model({"rgb": torch.randn(1, 3, 32, 32), "depth": torch.randn(1, 1, 32, 32)})
     assert model.side_logits == ()
