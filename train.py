@@ -38,8 +38,10 @@ from fusionzoo.engine.builders import (
     build_datasets,
     build_eval_loader,
     build_model,
+    build_task,
     build_train_loader,
     check_run_name,
+    class_weights_for,
     config_for_resume,
     find_comparable_runs,
     make_run_dir,
@@ -123,10 +125,7 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
     plain = model  # what gets saved, evaluated and handed to callbacks
     # Targets, loss, prediction and metrics of the model's task; its metric picks best/ (mIoU for
     # segmentation, COCO box AP for detection).
-    try:
-        task = get_task(plain, label_smoothing=cfg.label_smoothing)
-    except ValueError as err:  # an option the model's task does not take
-        raise ConfigError(str(err)) from None
+    task = build_task(cfg, plain)
     if cfg.tta and not task.supports_tta:
         raise ConfigError(f"tta (multi-scale + flip) is implemented for segmentation only, not {task.name}")
     metric = task.metric
@@ -186,6 +185,8 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
             "steps_per_epoch": steps_per_epoch, "device": str(device), "card": card,
         })
     logger = MetricsLogger(run_dir, enabled=info.is_main)
+    # Class weights of the loss (counted once, cached in the run folder).
+    task = build_task(cfg, plain, class_weights_for(cfg, train_set, num_classes, run_dir, device))
 
     last_save = time.perf_counter()
     stop = StopOnSignal()  # Ctrl-C / SIGTERM in the training loop: finish the step, checkpoint, stop

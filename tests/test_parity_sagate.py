@@ -3,7 +3,7 @@ with mapped weights.
 
 The fixture (tools/parity/sagate.py) holds the reference's key/shape list on ResNet-50, the seeds
 and its outputs; here the same authors'-format state dict is rebuilt by the shared rule, converted
-(dropping the training-only FCN auxiliary head), and run. ResNet-101 differs only in the number of
+(the FCN auxiliary head included), and run. ResNet-101 differs only in the number of
 blocks of stage 3: it is checked by parameter count and by converting its key list.
 """
 
@@ -62,11 +62,12 @@ def test_shortcut_projections_are_shared_as_in_the_reference(case):
 
 
 @pytest.mark.parametrize("name", ["sagate_r50", "sagate_r101"])
-def test_parameter_count_equals_the_reference_without_aux_head(name):
+def test_parameter_count_equals_the_reference(name):
     meta, _ = read_fixture(FIXTURE)
     theirs = meta["authors_params_at_40_classes"][name.split("_")[1]]
-    ours = sum(p.numel() for p in _meta_model(name, 40).parameters())
-    assert ours == theirs["total"] - theirs["training_only_aux_head"]
+    model = _meta_model(name, 40)
+    assert sum(p.numel() for p in model.parameters()) == theirs["total"]
+    assert sum(p.numel() for p in model.auxlayer.parameters()) == theirs["training_only_aux_head"]
 
 
 def test_r101_converts_the_r50_key_layout_with_23_blocks():
@@ -80,7 +81,7 @@ def test_r101_converts_the_r50_key_layout_with_23_blocks():
             for block in range(6, 23):
                 authors[k.replace("layer3.5.", f"layer3.{block}.")] = torch.empty(s, device="meta")
     ours = convert_state_dict("sagate_r101", authors, model)
-    dropped = sum(k.startswith("head.auxlayer.") or ".hha_downsample." in k for k in authors)
+    dropped = sum(".hha_downsample." in k for k in authors)  # stored once, under the RGB name
     assert len(ours) == len(authors) - dropped
 
 
@@ -91,3 +92,13 @@ def test_converter_refuses_unequal_shared_projections():
     authors[key] = authors[key] + 1
     with pytest.raises(fz.ConversionError, match="must equal"):
         convert_state_dict(NAME, authors, _meta_model(NAME, meta["num_classes"]))
+
+
+def test_aux_output_in_training_mode_only(case):
+    model = case[2]  # run_modes ended with the train-mode run on the fixture's 64x64 inputs
+    assert [tuple(s.shape) for s in model.side_logits] == [(2, case[0]["num_classes"], 4, 4)]  # stride 16
+    assert (model.side_strides, model.side_logits_resize) == ((16,), "bilinear")
+    model.eval()
+    with torch.no_grad():
+        model({"rgb": torch.randn(1, 3, 32, 32), "hha": torch.randn(1, 3, 32, 32)})
+    assert model.side_logits == ()

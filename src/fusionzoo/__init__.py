@@ -29,7 +29,7 @@ _LAZY = {
     "Captured": ".taps", "Tap": ".taps", "TapInfo": ".taps", "capture": ".taps",
     "from_pretrained": ".hub",
 }
-_LAZY_SUBMODULES = ("data", "interpret", "engine", "models", "detection")
+_LAZY_SUBMODULES = ("data", "interpret", "engine", "models", "detection", "losses")
 
 
 def __getattr__(name: str):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.statistics import class_pixel_counts
+from ..losses import median_frequency_weights
+from ..tasks import Task, get_task
 from .config import ConfigError, TrainConfig, config_from_dict, config_to_dict
-from .distributed import DistInfo, EpochSampler, SeededDataset
+from .distributed import DistInfo, EpochSampler, SeededDataset, broadcast_object, dist_info
 
 __all__ = [
     "CALLBACKS",
@@ -26,8 +30,11 @@ __all__ = [
     "build_datasets",
     "build_eval_loader",
     "build_model",
+    "build_task",
     "build_train_loader",
     "check_run_name",
+    "check_side_loss",
+    "class_weights_for",
     "config_for_resume",
     "find_comparable_runs",
     "make_run_dir",
@@ -240,12 +247,91 @@ def build_model(cfg: TrainConfig, modalities: Sequence[str], num_classes: int) -
             f"model and withhold the other stream with --train-missing."
         )
     try:
-        return fz.create_model(cfg.model, num_classes=num_classes, modalities=tuple(modalities), **kwargs)
+        model = fz.create_model(cfg.model, num_classes=num_classes, modalities=tuple(modalities), **kwargs)
     except TypeError as e:
         if not cfg.model_kwargs or "keyword argument" not in str(e):
             raise
         # model_kwargs is YAML: show what the entry point received, so '{a:1}' vs '{a: 1}' is visible.
         raise ConfigError(f"model_kwargs (YAML, parsed as {dict(cfg.model_kwargs)!r}) does not fit: {e}") from None
+    check_side_loss(cfg, model)
+    return model
+
+
+def check_side_loss(cfg: TrainConfig, model: nn.Module) -> None:
+    """``side_loss_weights`` against the model's side outputs.
+
+    A model with deep supervision declares ``side_strides`` (one stride per side output, the
+    order of ``model.side_logits`` after a training-mode forward; e.g. ESANet ``(8, 16, 32)``).
+
+    Raises:
+        ConfigError: ``side_loss_weights`` set for a model without side outputs, or with a
+            different number of weights than the model has side outputs.
+
+    Warns:
+        UserWarning: the model has side outputs but ``side_loss_weights`` is null (not trained).
+    """
+    strides = tuple(getattr(model, "side_strides", ()))
+    weights = cfg.side_loss_weights
+    if weights is None:
+        if strides:
+            warnings.warn(f"{cfg.model} has side outputs at strides {list(strides)} (deep supervision) but "
+                          "side_loss_weights is null, so they are not trained; set side_loss_weights to one "
+                          f"weight per side output (its zoo card has the reference's) to supervise them", stacklevel=2)
+        return
+    if not strides:
+        raise ConfigError(f"side_loss_weights={list(weights)}: {cfg.model} has no side outputs to supervise; "
+                          "set side_loss_weights: null")
+    if len(weights) != len(strides):
+        raise ConfigError(f"side_loss_weights has {len(weights)} weight(s) {list(weights)} but {cfg.model} has "
+                          f"{len(strides)} side outputs (strides {list(strides)}); give one weight per side output")
+
+
+def build_task(cfg: TrainConfig, model: nn.Module, class_weights: torch.Tensor | None = None) -> Task:
+    """The model's :class:`~fusionzoo.tasks.Task` with the config's loss settings.
+
+    Settings left at their defaults are not passed, so a task that has no such setting (a
+    detector computes its own loss) only refuses what the config actually asks for.
+
+    Raises:
+        ConfigError: the task does not take a setting the config gives (names the key), or
+            ``class_weighting`` for a task without class weights.
+    """
+    options: dict[str, Any] = {}
+    if cfg.label_smoothing:
+        options["label_smoothing"] = cfg.label_smoothing
+    if cfg.side_loss_weights is not None:
+        options["side_weights"] = cfg.side_loss_weights
+    if cfg.loss_average != "weighted":
+        options["average"] = cfg.loss_average
+    if class_weights is not None:
+        options["class_weights"] = class_weights
+    try:
+        task = get_task(model, **options)
+    except ValueError as err:
+        raise ConfigError(f"{cfg.model}: {err}") from None
+    if cfg.class_weighting != "none" and not task.supports_class_weights:
+        raise ConfigError(f"class_weighting={cfg.class_weighting!r}: the {task.name} task of {cfg.model} takes no "
+                          "class weights (its loss is its own): set class_weighting: none")
+    return task
+
+
+def class_weights_for(cfg: TrainConfig, train_set: Dataset, num_classes: int, run_dir: Path,
+                      device: torch.device) -> torch.Tensor | None:
+    """Per-class loss weights of ``class_weighting`` (None for ``none``).
+
+    ``median_frequency`` counts the training labels once (rank 0; cached in
+    ``<run>/class_pixel_counts.json``, so a resume does not count again) and every rank gets the
+    same weights.
+    """
+    if cfg.class_weighting == "none":
+        return None
+    counts = broadcast_object(
+        class_pixel_counts(train_set, num_classes, ignore_index=getattr(train_set, "ignore_index", 255),
+                           cache=run_dir / "class_pixel_counts.json").to_dict()
+        if dist_info().is_main else None
+    )
+    weights = median_frequency_weights(torch.tensor(counts["class_pixels"]), torch.tensor(counts["image_pixels"]))
+    return weights.to(device)
 
 
 def normalization_of(cfg: TrainConfig, modalities: Sequence[str]) -> dict[str, Any] | None:

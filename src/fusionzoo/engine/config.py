@@ -85,6 +85,9 @@ class TrainConfig:
     warmup_factor: float = 0.1  # warm-up starts at warmup_factor * lr
     grad_clip: float | None = 1.0  # max global gradient L2 norm; None = off
     label_smoothing: float = 0.0  # cross-entropy label smoothing (segmentation)
+    class_weighting: Literal["none", "median_frequency"] = "none"  # class weights of the loss, counted once over the training labels (ESANet: median_frequency)
+    side_loss_weights: tuple[float, ...] | None = None  # deep supervision: a loss weight per model side output (model.side_strides order; mmseg's auxiliary_head loss_weight); null = off
+    loss_average: Literal["weighted", "pixels"] = "weighted"  # each loss term / summed class weights of its labelled pixels (ESANet, SA-Gate), or / their count (ACNet)
     freeze_bn: bool = False  # BatchNorm in eval mode (running stats fixed, affine still trained)
     sync_bn: bool = True  # under DDP: BN statistics over the global batch (SyncBatchNorm / all-reduce BN on CPU)
 
@@ -310,6 +313,8 @@ def check_values(cfg: TrainConfig) -> None:
     need(cfg.grad_clip is None or cfg.grad_clip > 0, "grad_clip", "must be > 0 or null")
     need(0 <= cfg.modality_dropout < 1, "modality_dropout", "must be in [0, 1)")
     need(0 <= cfg.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+    need(cfg.side_loss_weights is None or all(w >= 0 for w in cfg.side_loss_weights), "side_loss_weights",
+         "must be weights >= 0 (one per side output of the model) or null")
     need(cfg.num_workers >= 0, "num_workers", "must be >= 0")
     need(cfg.threads is None or cfg.threads >= 1, "threads", "must be >= 1 or null")
     need(cfg.checkpoint_interval >= 0, "checkpoint_interval", "must be >= 0")

@@ -56,6 +56,7 @@ class Task(abc.ABC):
     target_key: ClassVar[str]  # the batch key that must be present for the targets
     default_rows: ClassVar[str]  # interpret's CKA rows: "sample" or "object"
     supports_tta: ClassVar[bool] = False
+    supports_class_weights: ClassVar[bool] = False  # per-class loss weights (``class_weights=``)
 
     @abc.abstractmethod
     def targets(self, batch: Mapping[str, Any], device: torch.device | str = "cpu") -> Any:

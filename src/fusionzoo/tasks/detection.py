@@ -134,10 +134,10 @@ class DetectionTask(Task):
     default_rows = "object"
     supports_tta = False
 
-    def __init__(self, label_smoothing: float = 0.0) -> None:
-        if label_smoothing:
-            raise ValueError(f"label_smoothing={label_smoothing}: label smoothing applies to segmentation; "
-                             "detectors compute their own classification loss (set label_smoothing: 0)")
+    def __init__(self, **options: Any) -> None:
+        if options:  # loss settings of segmentation (label_smoothing, class_weights, side_weights, ...)
+            raise ValueError(f"{', '.join(sorted(options))} apply to segmentation; a detector computes its own "
+                             "loss: leave them at their defaults")
 
     def targets(self, batch: Mapping[str, Any], device: torch.device | str = "cpu") -> list[Detections]:
         return detection_targets(batch, device)

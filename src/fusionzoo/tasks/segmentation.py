@@ -20,6 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..losses import segmentation_loss
+from ..weights import unwrap_model
 from .base import Evaluator, Task, register_task
 
 __all__ = ["ConfusionMatrix", "SegmentationEvaluator", "SegmentationTask", "predict"]
@@ -217,9 +219,19 @@ class SegmentationEvaluator(Evaluator):
 class SegmentationTask(Task):
     """Per-pixel classification: the model maps inputs to logits ``(B, K, H, W)`` at input size.
 
+    The training loss is :func:`fusionzoo.losses.segmentation_loss`: cross-entropy of the main
+    logits plus, for models that expose ``side_logits`` in training mode (ESANet, ACNet, SA-Gate),
+    weighted side-output terms (deep supervision), resized by the model's ``side_logits_resize``
+    rule.
+
     Args:
         ignore_index: label value excluded from loss and metrics.
         label_smoothing: of the training cross-entropy.
+        class_weights: ``(K,)`` per-class loss weights (e.g. median frequency), or None.
+        side_weights: one loss weight per side output (``model.side_strides`` order); None = deep
+            supervision off (side outputs get an exact zero gradient).
+        average: ``"weighted"`` (each term / summed class weights of its labelled pixels, ESANet,
+            SA-Gate) or ``"pixels"`` (/ their count, ACNet).
     """
 
     name = "segmentation"
@@ -230,9 +242,15 @@ class SegmentationTask(Task):
     default_rows = "sample"
     supports_tta = True
 
-    def __init__(self, ignore_index: int = 255, label_smoothing: float = 0.0) -> None:
+    supports_class_weights = True
+
+    def __init__(self, ignore_index: int = 255, label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None,
+                 side_weights: Sequence[float] | None = None, average: str = "weighted") -> None:
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
+        self.class_weights = class_weights
+        self.side_weights = tuple(side_weights) if side_weights is not None else None
+        self.average = average
 
     def targets(self, batch: Mapping[str, Any], device: torch.device | str = "cpu") -> torch.Tensor:
         """``batch["mask"]`` ``(B, H, W)`` int64 on ``device``."""
@@ -243,9 +261,14 @@ class SegmentationTask(Task):
     def training_loss(self, model: nn.Module, inputs: Mapping[str, torch.Tensor], targets: torch.Tensor,
                       missing: Sequence[str] = ()) -> torch.Tensor:
         logits = model(inputs, missing=tuple(missing)) if missing else model(inputs)
+        plain = unwrap_model(model)
+        # Side outputs (deep supervision): the model's side_logits of this training forward.
         # Loss in float32: the softmax over K classes is where half precision loses digits.
-        return F.cross_entropy(logits.float(), targets, ignore_index=self.ignore_index,
-                               label_smoothing=self.label_smoothing)
+        sides = [s.float() for s in getattr(plain, "side_logits", ())]
+        return segmentation_loss(logits.float(), targets, side_logits=sides, side_weights=self.side_weights,
+                                 class_weights=self.class_weights, ignore_index=self.ignore_index,
+                                 label_smoothing=self.label_smoothing,
+                                 side_resize=getattr(plain, "side_logits_resize", "nearest"), average=self.average)
 
     def predict(self, model: nn.Module, inputs: Mapping[str, torch.Tensor], missing: Sequence[str] = (),
                 **options: Any) -> torch.Tensor:

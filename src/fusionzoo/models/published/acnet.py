@@ -10,16 +10,17 @@ the merged branch (``fusionzoo.fusion.ACNetFusion``, the authors' module; the ge
 transposed-conv blocks (6, 4, 3, 3 blocks) that upsample by 2 and add the next agant skip, three
 more residual blocks, and a stride-2 transposed-conv classifier to input resolution.
 
-The reference also builds four 1x1 side classifiers (``out2_conv``..``out5_conv``) that only its
-training loss uses (deep supervision on four decoder scales; its forward in eval mode returns the
-main output only). They are not part of this module: the converter drops them by name, stated in
-:data:`TRAINING_ONLY`, and ``tests/test_parity_acnet.py`` checks that our count plus theirs is the
-authors' count.
+Side outputs (deep supervision): the reference's four 1x1 side classifiers (``decoder.out2_conv``
+..``decoder.out5_conv``, on the outputs of ``deconv4``..``deconv1`` before the skip is added) are
+part of the network, so the authors' checkpoint converts tensor for tensor. As in the reference
+they run in training mode only: ``model.side_logits`` then holds their logits at strides 2, 4, 8,
+16 (the order of the reference's training output ``(out, out2, out3, out4, out5)``), which
+``fusionzoo.losses.segmentation_loss`` supervises (the card's ``side_loss_weights: [1, 1, 1, 1]``);
+``model(inputs)`` returns only the main output in both modes.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -95,13 +96,15 @@ class ACNetDecoder(nn.Module):
     Args:
         in_channels: channels of the fused features, stem first (``[64, 256, 512, 1024, 2048]``
             for ResNet-50).
+        num_classes: ``K`` of the four 1x1 side classifiers (``out2_conv``..``out5_conv``).
 
-    Returns (forward): the 64-channel stride-2 embedding before the classifier.
+    Returns (forward): the 64-channel stride-2 embedding before the classifier. In training mode
+    ``side_logits`` then holds the side classifiers' ``(B, K, H/s, W/s)`` logits, s = 2, 4, 8, 16.
     """
 
     STAGES = ((256, 6), (128, 4), (64, 3), (64, 3))  # (planes, blocks) of deconv1..deconv4
 
-    def __init__(self, in_channels: Sequence[int]) -> None:
+    def __init__(self, in_channels: Sequence[int], num_classes: int) -> None:
         super().__init__()
         if len(in_channels) != 5:
             raise ValueError(f"ACNetDecoder takes 5 fused features (stem + 4 stages), got channels {list(in_channels)}")
@@ -115,14 +118,23 @@ class ACNetDecoder(nn.Module):
             inplanes = planes
         self.final_conv = transpose_stage(inplanes, 64, 3)
         self.out_channels = 64
+        # Side classifiers on the outputs of deconv1..deconv4 (strides 16, 8, 4, 2), with bias.
+        for k, (planes, _) in zip((5, 4, 3, 2), self.STAGES):
+            self.add_module(f"out{k}_conv", nn.Conv2d(planes, num_classes, kernel_size=1))
+        self.side_logits: tuple[torch.Tensor, ...] = ()
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         f0, f1, f2, f3, f4 = features
-        x = self.deconv1(self.agant4(f4))  # stride 16
-        x = self.deconv2(x + self.agant3(f3))  # stride 8
-        x = self.deconv3(x + self.agant2(f2))  # stride 4
-        x = self.deconv4(x + self.agant1(f1))  # stride 2
-        return self.final_conv(x + self.agant0(f0))
+        skips = (self.agant3(f3), self.agant2(f2), self.agant1(f1), self.agant0(f0))
+        x = self.agant4(f4)
+        sides = []
+        for k, skip in enumerate(skips):  # deconv1..4: strides 16, 8, 4, 2
+            x = getattr(self, f"deconv{k + 1}")(x)
+            if self.training:  # the reference computes its side outputs in training mode only
+                sides.append(getattr(self, f"out{5 - k}_conv")(x))
+            x = x + skip
+        self.side_logits = tuple(reversed(sides))  # strides 2, 4, 8, 16
+        return self.final_conv(x)
 
 
 class ACNetR50(ACNetModel):
@@ -143,6 +155,10 @@ class ACNetR50(ACNetModel):
     # The decoder adds stride-2^k skips to 2x upsampled maps: sizes must halve exactly.
     input_multiple = 32
     input_multiple_reason = "its decoder adds skips at strides 2-32"
+    # Deep supervision (engine.builders.check_side_loss, fusionzoo.losses): side_logits strides, and
+    # how the reference meets them with the label (scikit-image order-0 resize: pixel-centre nearest).
+    side_strides = (2, 4, 8, 16)
+    side_logits_resize = "nearest-exact"
 
     def __init__(
         self,
@@ -159,8 +175,9 @@ class ACNetR50(ACNetModel):
 
     def build_head(self, decoder: str, decoder_channels: int | None, dropout: float) -> None:
         first = self.encoders[self.modalities[0]]
-        self.decoder = ACNetDecoder(first.channels)
+        self.decoder = ACNetDecoder(first.channels, self.num_classes)
         self.taps.declare("decoder.out", self.decoder.out_channels, 2)
+        self.side_logits: tuple[torch.Tensor, ...] = ()  # set by every forward (training mode: 4 tensors)
         # The classifier: a 2x2 stride-2 transposed conv from stride 2 to input resolution.
         self.head = nn.ConvTranspose2d(self.decoder.out_channels, self.num_classes, kernel_size=2, stride=2)
         self.taps.declare("head.logits", self.num_classes, 1, "logits")
@@ -181,6 +198,7 @@ class ACNetR50(ACNetModel):
     def forward_logits(self, xs: dict[str, torch.Tensor], missing: tuple[str, ...]) -> torch.Tensor:
         fused, _ = self.forward_streams(xs, include_stem=True)  # m0 (stride 2) .. m4 (stride 32)
         embedding = self.taps("decoder.out", self.decoder(fused))
+        self.side_logits = self.decoder.side_logits  # training mode: strides 2, 4, 8, 16; else ()
         return self.taps("head.logits", self.head(embedding))
 
 
@@ -207,10 +225,6 @@ def acnet_r50(pretrained: bool | str = False, **kwargs: object) -> nn.Module:
 
 # -- released checkpoint and its conversion ------------------------------------------------------
 
-# The reference's deep-supervision side classifiers: used by its training loss only, dropped here.
-TRAINING_ONLY = r"out[2-5]_conv\.(weight|bias)"
-
-
 def _branch_rules(suffix: str, prefix: str) -> list[tuple[str, str]]:
     """torchvision-style ResNet keys of one reference branch (``conv1{suffix}``, ``layer1{suffix}``)
     -> our timm stages (stem = segment 0; segment 1 = maxpool + layer1; segment k = layer k)."""
@@ -228,7 +242,7 @@ AUTHORS_RULES = [
     *_branch_rules("", "encoders.rgb"),
     (r"atten_(rgb|depth)_0\.(.+)", r"fusions.stem.atten_\1.\2"),
     (r"atten_(rgb|depth)_([1-4])\.(.+)", r"fusions.stage\2.atten_\1.\3"),
-    (r"(agant[0-4]|deconv[1-4]|final_conv)\.(.+)", r"decoder.\1.\2"),
+    (r"(agant[0-4]|deconv[1-4]|final_conv|out[2-5]_conv)\.(.+)", r"decoder.\1.\2"),
     (r"final_deconv\.(weight|bias)", r"head.\1"),
 ]
 CLASSIFIER_KEY = "final_deconv.bias"  # (K,): the weight of a transposed conv is (C_in, K, 2, 2)
@@ -236,10 +250,9 @@ CLASSIFIER_KEY = "final_deconv.bias"  # (K,): the weight of a transposed conv is
 
 @register_converter("acnet_r50", classifier_key=CLASSIFIER_KEY)
 def convert_acnet(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The reference ``ACNet`` state dict -> ours: a renaming, minus the training-only side
-    classifiers (:data:`TRAINING_ONLY`)."""
-    kept = {k: v for k, v in state_dict.items() if not re.fullmatch(TRAINING_ONLY, k)}
-    return rename_keys(kept, AUTHORS_RULES)
+    """The reference ``ACNet`` state dict -> ours: a renaming, every tensor kept (the side
+    classifiers ``out2_conv``..``out5_conv`` included)."""
+    return rename_keys(state_dict, AUTHORS_RULES)
 
 
 # The reference README: "The pretrained model for NYUDv2 is avaliable at http://wangkaiwei.org/file/NYUDv2.zip";

@@ -291,6 +291,10 @@ class ESANet(FusionModel):
 
     input_multiple = 32
     input_multiple_reason = "its decoder upsamples by exactly 2 and adds the encoder skip"
+    # Deep supervision (engine.builders.check_side_loss, fusionzoo.losses): side_logits strides, and
+    # how the reference meets them with the label (OpenCV INTER_NEAREST downsampling of the label).
+    side_strides = (8, 16, 32)
+    side_logits_resize = "nearest"
 
     def __init__(
         self,

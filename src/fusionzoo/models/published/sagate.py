@@ -16,10 +16,12 @@ the stride-16 merge, upsampled (bilinear, corners aligned) to the stride-4 merge
 channels, two 3x3 conv-BN-ReLU, Dropout2d 0.1, a 1x1 classifier, bilinear upsampling (corners
 aligned) to the input.
 
-The reference also builds an FCN auxiliary head on the stride-16 merge (``head.auxlayer``, 3x3
-conv 2048->512, BN, ReLU, dropout, 1x1 classifier) that only its training loss uses (weight 0.2).
-It is not part of this module: the converter drops it by name (:data:`TRAINING_ONLY`), and
-``tests/test_parity_sagate.py`` checks that our count plus its count is the authors' count.
+Auxiliary output (deep supervision): the reference's FCN auxiliary head on the stride-16 merge
+(``auxlayer``: 3x3 conv 2048->512, BN, ReLU, dropout 0.1, 1x1 classifier), which its training loss
+weighs 0.2 after upsampling the logits to the label (bilinear, corners aligned). It runs in
+training mode only, after the main head (so dropout draws in the reference's order):
+``model.side_logits`` then holds its stride-16 logits, which ``fusionzoo.losses.segmentation_loss``
+supervises (the card's ``side_loss_weights: [0.2]``); ``model(inputs)`` returns the main output.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from ...encoders import Encoder
 from ..convert import ConversionError, build_or_load, register_converter, rename_keys
 from ..middle import MiddleFusionModel
 
-__all__ = ["ASPP", "DeepLabV3PlusHead", "SAGateDeepLab", "dilate_last_stage", "sagate_r50", "sagate_r101"]
+__all__ = ["ASPP", "DeepLabV3PlusHead", "FCNHead", "SAGateDeepLab", "dilate_last_stage", "sagate_r50", "sagate_r101"]
 
 REFERENCE_REPO = "https://github.com/charlesCXK/RGBD_Semantic_Segmentation_PyTorch"
 REFERENCE_COMMIT = "32b3f86822d278103a13ea6f93f9668d3b631398"
@@ -122,6 +124,22 @@ class DeepLabV3PlusHead(nn.Module):
         return self.last_conv(torch.cat([x, low], dim=1))
 
 
+class FCNHead(nn.Module):
+    """The reference's FCN auxiliary head: 3x3 conv (no bias) to ``C_in // 4``, BN, ReLU, dropout
+    0.1 (element-wise), 1x1 classifier with bias; ``block`` keeps the reference's indices."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        inter = in_channels // 4
+        self.block = nn.Sequential(
+            nn.Conv2d(in_channels, inter, 3, padding=1, bias=False), nn.BatchNorm2d(inter), nn.ReLU(),
+            nn.Dropout(0.1), nn.Conv2d(inter, num_classes, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
 class SharedProjection(nn.Module):
     """Calls a module registered elsewhere in the model, without registering it here: its
     parameters appear once in ``parameters()`` and ``state_dict()`` (safetensors refuses tensors
@@ -150,6 +168,11 @@ class SAGateDeepLab(MiddleFusionModel):
     Taps: ``{m}.stage1..4`` (strides 4, 8, 16, 16), ``fused.stage1..4`` and ``fused.*.gate``,
     ``decoder.out`` (256 channels, stride 4) and ``head.logits`` (stride 4).
     """
+
+    # Deep supervision (engine.builders.check_side_loss, fusionzoo.losses): the auxiliary head's
+    # stride, and how the reference meets it with the label (logits upsampled bilinearly).
+    side_strides = (16,)
+    side_logits_resize = "bilinear"
 
     def __init__(
         self,
@@ -186,11 +209,15 @@ class SAGateDeepLab(MiddleFusionModel):
         self.taps.declare("decoder.out", self.decoder.out_channels, 4)
         self.head = nn.Conv2d(self.decoder.out_channels, self.num_classes, 1)
         self.taps.declare("head.logits", self.num_classes, 4, "logits")
+        self.auxlayer = FCNHead(self.stage_channels[-1], self.num_classes)
+        self.side_logits: tuple[torch.Tensor, ...] = ()  # set by every forward (training mode: 1 tensor)
 
     def forward_logits(self, xs: dict[str, torch.Tensor], missing: tuple[str, ...]) -> torch.Tensor:
         fused, _ = self.forward_streams(xs)  # merges at strides 4, 8, 16, 16
         embedding = self.taps("decoder.out", self.decoder(fused[0], fused[-1]))
         logits = self.taps("head.logits", self.head(embedding))
+        # After the main head, as in the reference (its dropout draws come second).
+        self.side_logits = (self.auxlayer(fused[-1]),) if self.training else ()
         # The reference upsamples with aligned corners; FusionModel.forward's resize is then a no-op.
         size = next(iter(xs.values())).shape[-2:]
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
@@ -230,10 +257,6 @@ def sagate_r101(pretrained: bool | str = False, **kwargs: object) -> nn.Module:
 # only), so no tag is registered; the converter maps checkpoints trained with their code
 # (``{"model": state_dict}`` as their engine saves them).
 
-# The FCN auxiliary head: used by the reference's training loss only, dropped here.
-TRAINING_ONLY = r"head\.auxlayer\..+"
-
-
 def _branch_rules(prefix: str, target: str) -> list[tuple[str, str]]:
     """One stream's keys (``{prefix}conv1``, ``layer*.*.{prefix}conv1``, ...) -> our timm stages
     (segment 0 = stem + maxpool + layer1 at index 4; segment k - 1 = layer k at index 0)."""
@@ -257,6 +280,7 @@ AUTHORS_RULES = [
     (r"backbone\.sagates\.3\.(.+)", r"fusions.stage4.\1"),
     (r"head\.(aspp|reduce|last_conv)\.(.+)", r"decoder.\1.\2"),
     (r"head\.classify\.(weight|bias)", r"head.\1"),
+    (r"head\.auxlayer\.(.+)", r"auxlayer.\1"),
 ]
 CLASSIFIER_KEY = "head.classify.weight"
 
@@ -267,17 +291,15 @@ SHARED_TWIN = re.compile(r"(backbone\.layer[1-4]\.\d+\.)hha_downsample\.(.+)")
 
 @register_converter("sagate_r50", "sagate_r101", classifier_key=CLASSIFIER_KEY)
 def convert_sagate(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The reference ``DeepLab`` (SA-Gate) state dict -> ours, RGB + HHA: a renaming, minus the
-    training-only auxiliary head (:data:`TRAINING_ONLY`) and minus the second name of each shared
-    shortcut projection (``*.hha_downsample.*``), which must equal its ``*.downsample.*`` twin.
+    """The reference ``DeepLab`` (SA-Gate) state dict -> ours, RGB + HHA: a renaming (the auxiliary
+    head included), minus the second name of each shared shortcut projection
+    (``*.hha_downsample.*``), which must equal its ``*.downsample.*`` twin.
 
     Raises:
         ConversionError: a ``hha_downsample`` tensor without an equal ``downsample`` twin.
     """
     kept = {}
     for key, tensor in state_dict.items():
-        if re.fullmatch(TRAINING_ONLY, key):
-            continue
         shared = SHARED_TWIN.fullmatch(key)
         if shared is not None:
             twin = f"{shared[1]}downsample.{shared[2]}"
