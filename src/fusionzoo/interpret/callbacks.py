@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from .._json import to_json
+from .contribution import remove_modalities
 
 __all__ = ["ModalityBalanceCallback", "OGMGECallback", "modality_owned_gradients"]
 
@@ -51,17 +54,6 @@ def _ratios(values: Mapping[str, float], order: list[str]) -> dict[str, float]:
     return out
 
 
-def _clean(x: Any) -> Any:
-    """NaN / inf -> None so the history is strict JSON."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_clean(v) for v in x]
-    return x
-
-
 class ModalityBalanceCallback:
     """Per-modality gradient norms and unimodal confidence over training.
 
@@ -80,6 +72,9 @@ class ModalityBalanceCallback:
         >>> cb.on_epoch_end(epoch, {"val_miou": 0.41})
         >>> json.dumps(cb.state_dict())
     """
+
+    # names the state in callbacks.json / checkpoints, whatever key the trainer files it under
+    state_key: ClassVar[str] = "modality_balance"
 
     def __init__(self, log_every: int = 1, ignore_index: int = 255) -> None:
         if log_every < 1:
@@ -151,7 +146,7 @@ class ModalityBalanceCallback:
             if keys:
                 entry[key] = {k: _nanmean([r[key].get(k, math.nan) for r in rows if key in r]) for k in sorted(keys)}
         if logs:
-            entry["logs"] = {k: _jsonable(v) for k, v in logs.items()}
+            entry["logs"] = {k: to_json(v, unknown="str") for k, v in logs.items()}
         self.epochs.append(entry)
 
     def on_train_end(self, model: nn.Module | None = None) -> None:
@@ -166,8 +161,8 @@ class ModalityBalanceCallback:
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """JSON-able history (NaN written as null)."""
-        return _clean({"modalities": self.modalities, "heads": self.heads, "log_every": self.log_every,
-                       "steps": self.steps, "epochs": self.epochs})
+        return to_json({"state_key": self.state_key, "modalities": self.modalities, "heads": self.heads,
+                        "log_every": self.log_every, "steps": self.steps, "epochs": self.epochs})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a history (for resumed runs); hooks are attached by ``on_train_start``."""
@@ -275,6 +270,9 @@ class OGMGECallback:
         seed: noise seed.
     """
 
+    # names the state in callbacks.json / checkpoints, whatever key the trainer files it under
+    state_key: ClassVar[str] = "ogm_ge"
+
     def __init__(self, alpha: float = 0.5, ge: bool = True, start_epoch: int = 0, end_epoch: int | None = None,
                  ignore_index: int = 255, seed: int = 0) -> None:
         if alpha <= 0:
@@ -304,8 +302,6 @@ class OGMGECallback:
     @torch.no_grad()
     def scores(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, float]:
         """``s^m`` of one batch: mean true-class probability with only modality ``m`` kept."""
-        from .contribution import remove_modalities
-
         inner = _unwrap(model)
         mask = batch.get("mask") if isinstance(batch, Mapping) else None
         if not isinstance(mask, torch.Tensor):
@@ -397,27 +393,14 @@ class OGMGECallback:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able history and settings."""
-        return _clean({"alpha": self.alpha, "ge": self.ge, "start_epoch": self.start_epoch,
-                       "end_epoch": self.end_epoch, "modalities": self.modalities,
-                       "steps": self.steps, "epochs": self.epochs})
+        return to_json({"state_key": self.state_key, "alpha": self.alpha, "ge": self.ge,
+                        "start_epoch": self.start_epoch, "end_epoch": self.end_epoch, "modalities": self.modalities,
+                        "steps": self.steps, "epochs": self.epochs})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the history (resumed runs)."""
         self.steps = list(state.get("steps", []))
         self.epochs = list(state.get("epochs", []))
-
-
-def _jsonable(v: Any) -> Any:
-    """Numbers stay numbers (lists of them stay lists), anything else becomes its string."""
-    if isinstance(v, bool) or v is None:
-        return v
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):
-        return v
-    if isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
-        return [float(x) for x in v]
-    return str(v)
 
 
 def _nanmean(values: list[float]) -> float:
