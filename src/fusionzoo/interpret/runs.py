@@ -13,6 +13,7 @@ A run folder is what ``train.py`` writes: ``config.json`` (the resolved training
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,9 @@ def training_history(run_dir: str | Path) -> dict[str, Any] | None:
         for value in data.values():
             if isinstance(value, dict) and value.get("state_key") == ModalityBalanceCallback.state_key:
                 return value
+        if any(isinstance(v, dict) and "state_key" not in v for v in data.values()):
+            warnings.warn(f"{path}: callback states without a 'state_key' (written by an older fusionzoo); "
+                          f"no {ModalityBalanceCallback.state_key!r} history is read from it", stacklevel=2)
     return None
 
 
