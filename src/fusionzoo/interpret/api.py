@@ -258,6 +258,52 @@ def _run_passes(ctx: BatchContext, accs: Sequence[MetricAccumulator], removal_ta
             a.update_pass(ctx, p, output, acts)
 
 
+def _stream(spec: RunSpec, accs: Sequence[MetricAccumulator], batches: Iterable[Mapping[str, Any]],
+            max_batches: int | None, progress: bool) -> tuple[int, dict[str, Any]]:
+    """The one pass over the data: per batch the full-input forward (capturing the taps the
+    accumulators need), their updates, then the removal passes. Returns ``(images seen, the
+    first batch's display artifacts)``."""
+    model, mods = spec.model, spec.modalities
+    full_taps, removal_taps = _union(accs, "taps", spec.info), _union(accs, "removal_taps", spec.info)
+    total = None
+    try:
+        total = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        pass
+    if max_batches is not None and total is not None:
+        total = min(total, max_batches)
+    num_images, artifacts = 0, {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for bi, batch in enumerate(tqdm(batches, total=total, disable=not progress, desc="interpret")):
+                if max_batches is not None and bi >= max_batches:
+                    break
+                missing_keys = [m for m in mods if m not in batch]
+                if missing_keys:
+                    raise KeyError(f"batch {bi} lacks modalities {missing_keys}; the model takes {mods}, "
+                                   f"the batch has {list(batch)}")
+                mask = batch.get("mask")
+                task = spec.task
+                ctx = BatchContext(
+                    spec, bi, batch, {m: batch[m].to(spec.device) for m in mods},
+                    mask.to(spec.device) if mask is not None else None,
+                    task.targets(batch, spec.device) if task.target_key in batch else None)
+                num_images += ctx.batch_size
+                with capture(model, *full_taps) if full_taps else contextlib.nullcontext({}) as acts:
+                    ctx.output = model(ctx.inputs)
+                ctx.acts = acts
+                for a in accs:
+                    a.update(ctx)
+                if bi == 0:
+                    artifacts.update(_first_batch_artifacts(ctx))
+                _run_passes(ctx, accs, removal_taps)
+    finally:
+        model.train(was_training)
+    return num_images, artifacts
+
+
 def run(
     model: nn.Module,
     data: Any,
@@ -381,48 +427,10 @@ def run(
         empty_policy=empty_policy, stats=stats, perceptual=perceptual, gradcam_images=gradcam_images,
         ignore_index=ignore_index, purity=purity, seed=seed)
     accs = [ACCUMULATORS[name](spec) for name in METRICS if name in metrics]
-    full_taps, removal_taps = _union(accs, "taps", info), _union(accs, "removal_taps", info)
     mods = spec.modalities
-    artifacts: dict[str, Any] = {}
     timings: dict[str, float] = {}
-    num_images = 0
-    batches = _as_batches(data, batch_size, num_workers)
-    total = None
-    try:
-        total = len(batches)  # type: ignore[arg-type]
-    except TypeError:
-        pass
-    if max_batches is not None and total is not None:
-        total = min(total, max_batches)
-
-    was_training = model.training
-    model.eval()
     t0 = time.perf_counter()
-    try:
-        with torch.no_grad():
-            for bi, batch in enumerate(tqdm(batches, total=total, disable=not progress, desc="interpret")):
-                if max_batches is not None and bi >= max_batches:
-                    break
-                missing_keys = [m for m in mods if m not in batch]
-                if missing_keys:
-                    raise KeyError(f"batch {bi} lacks modalities {missing_keys}; the model takes {mods}, "
-                                   f"the batch has {list(batch)}")
-                mask = batch.get("mask")
-                ctx = BatchContext(
-                    spec, bi, batch, {m: batch[m].to(spec.device) for m in mods},
-                    mask.to(spec.device) if mask is not None else None,
-                    task.targets(batch, spec.device) if task.target_key in batch else None)
-                num_images += ctx.batch_size
-                with capture(model, *full_taps) if full_taps else contextlib.nullcontext({}) as acts:
-                    ctx.output = model(ctx.inputs)
-                ctx.acts = acts
-                for a in accs:
-                    a.update(ctx)
-                if bi == 0:
-                    artifacts.update(_first_batch_artifacts(ctx))
-                _run_passes(ctx, accs, removal_taps)
-    finally:
-        model.train(was_training)
+    num_images, artifacts = _stream(spec, accs, _as_batches(data, batch_size, num_workers), max_batches, progress)
     timings["pass_s"] = time.perf_counter() - t0
     if num_images == 0:
         raise ValueError("the data yielded no batches")
