@@ -43,6 +43,7 @@ def batch():
             "mask": torch.randint(0, 2, (4, 8, 8), generator=g)}
 
 
+@pytest.mark.filterwarnings("ignore:semantic variance computed on only")  # 8x8 images: few cells, on purpose
 @pytest.mark.parametrize(("metrics", "forwards"), [
     (["cka", "health", "semantic_variance"], 1),  # taps of the full-input pass only
     (["reliance"], 1 + 2),                         # + one pass per removed modality
