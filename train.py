@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
     # 8. Interpretation (fusionzoo.interpret): CKA, semantic variance, modality contribution (mIoU, or
     # COCO AP for detectors), gradient balance, Grad-CAM of the best weights on the validation split.
     if info.is_main and cfg.report:
-        from fusionzoo.interpret.runs import report_run
+        from fusionzoo.interpret.report import report_run
 
         files = report_run(run_dir, device=device)
         print(f"interpretability report: {files['report']}")

@@ -53,7 +53,7 @@ def test_interpret_run_folder_uses_run_weights_data_and_history(tmp_path):
     val = create_dataset("synthetic_rgbd", split=cfg.val_split, num_samples=4, image_size=(32, 32))
     model = fz.create_model("late_mean_resnet18", num_classes=val.num_classes).eval()
     save_pretrained(model, run / "best", class_names=val.classes)
-    history = {"modalities": ["rgb", "depth"], "heads": ["rgb", "depth"], "steps": [],
+    history = {"state_key": "modality_balance", "modalities": ["rgb", "depth"], "heads": ["rgb", "depth"], "steps": [],
                "epochs": [{"epoch": e, "grad_norm": {"rgb": 1.0, "depth": 0.5 + e}} for e in range(3)]}
     (run / "checkpoints" / "last").mkdir(parents=True)
     (run / "checkpoints" / "last" / "state.json").write_text(

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fusionzoo.interpret.contribution import (
-    ModalityStats,
+    StreamingModalityStats,
     derangement,
     modality_contribution,
     perceptual_score,
@@ -71,7 +71,7 @@ def test_removal_policies():
     x = {"rgb": torch.randn(2, 3, 8, 8) + 4, "depth": torch.randn(2, 1, 8, 8) * 3 + 1}
     z, miss = remove_modalities(x, ["depth"], "zero")
     assert miss == () and (z["depth"] == 0).all() and z["rgb"] is x["rgb"]
-    stats = ModalityStats()
+    stats = StreamingModalityStats()
     stats.update(x)
     m, _ = remove_modalities(x, ["rgb"], "mean", stats)
     assert torch.allclose(m["rgb"][0, :, 0, 0], x["rgb"].mean((0, 2, 3)), atol=1e-5)
@@ -83,12 +83,12 @@ def test_removal_policies():
     assert miss == ("depth",) and "depth" not in dropped
     with pytest.raises(ValueError, match="policy"):
         remove_modalities(x, ["depth"], "blur")
-    with pytest.raises(ValueError, match="ModalityStats"):
+    with pytest.raises(ValueError, match="StreamingModalityStats"):
         remove_modalities(x, ["depth"], "mean")
 
 
 def _stats_of(x):
-    s = ModalityStats()
+    s = StreamingModalityStats()
     s.update(x)
     return s
 

@@ -18,8 +18,9 @@ from fusionzoo.data import collate, create_dataset
 from fusionzoo.detection.metrics import coco_ap
 from fusionzoo.interpret.cka import object_rows
 from fusionzoo.interpret.contribution import modality_contribution
-from fusionzoo.interpret.detection import DetectionScore, detection_targets
+from fusionzoo.interpret.detection import DetectionScore
 from fusionzoo.interpret.semantic_variance import box_mask, box_masks
+from fusionzoo.tasks import detection_targets
 
 pytest.importorskip("pycocotools")
 pytest.importorskip("fusionzoo.detection")
@@ -110,8 +111,8 @@ def test_object_rows_pool_each_box_and_count_objects():
 def test_detection_targets_check_labels():
     batch = {"boxes": [torch.tensor([[0.0, 0, 4, 4]])], "labels": [torch.tensor([5])]}
     with pytest.raises(ValueError, match=r"outside \[0, 5\)"):
-        detection_targets(batch, 5)
-    assert detection_targets(batch, 6)[0]["labels"].tolist() == [5]
+        detection_targets(batch, num_classes=5)
+    assert detection_targets(batch, num_classes=6)[0]["labels"].tolist() == [5]
     with pytest.raises(KeyError, match="boxes"):
         detection_targets({"labels": []})
 
@@ -121,14 +122,14 @@ def test_detection_targets_keep_ignore_regions_for_ap():
     undetected one is not a miss, as in the training evaluator."""
     batch = {"boxes": [torch.tensor([[0.0, 0, 20, 40], [40, 0, 60, 40]])], "labels": [torch.tensor([0, 0])],
              "ignore": [torch.tensor([False, True])]}
-    targets = detection_targets(batch, 1)
+    targets = detection_targets(batch, num_classes=1)
     assert targets[0]["ignore"].tolist() == [False, True]
     pred = [{"boxes": torch.tensor([[0.0, 0, 20, 40]]), "scores": torch.tensor([0.8]), "labels": torch.tensor([0])}]
     assert coco_ap(pred, targets, num_classes=1)["AP"] == pytest.approx(1.0)
     plain = [{k: v for k, v in targets[0].items() if k != "ignore"}]
     assert coco_ap(pred, plain, num_classes=1)["AP"] < 0.6  # without the flag the ignore box is a miss
-    with pytest.raises(ValueError, match="ignore flags"):
-        detection_targets({**batch, "ignore": [torch.tensor([True])]}, 1)
+    with pytest.raises(ValueError, match=r"ignore \(1,\) for labels \(2,\)"):
+        detection_targets({**batch, "ignore": [torch.tensor([True])]}, num_classes=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +347,7 @@ def test_run_without_masks_uses_box_masks_and_keeps_row_rules(dataset, tmp_path)
     page = files["report"].read_text()
     assert "Modality contribution (AP points)" in page and "AP50 (%)" in page
     cmp = interpret.compare([r])
-    assert cmp.metric == {"fcos_late_nms": "AP"} and cmp.miou["fcos_late_nms"] == r.score()
+    assert cmp.metric == {"fcos_late_nms": "AP"} and cmp.score["fcos_late_nms"] == r.score()
 
 
 def test_run_errors_on_detection_data():

@@ -1,14 +1,15 @@
 """Effective rank, feature norms, Grad-CAM and gate maps on cases with known answers."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-from fusionzoo.interpret.gradcam import gate_maps, grad_cam, split_gate_channels
+from fusionzoo.interpret.gradcam import gate_maps, gate_streams, grad_cam, split_gate_channels
 from fusionzoo.interpret.health import EffectiveRank, FeatureNorm, effective_rank
-from fusionzoo.taps import TapSet
+from fusionzoo.taps import TapInfo, TapSet
 
 
 def _g(seed):
@@ -173,8 +174,17 @@ def test_gate_maps_and_channel_split():
     attn = torch.cat([torch.full((1, 4, 1, 1), 0.2), torch.full((1, 4, 1, 1), 0.8)], 1)
     split = split_gate_channels(attn, ("rgb", "depth"))
     assert split["rgb"].item() == pytest.approx(0.2) and split["depth"].item() == pytest.approx(0.8)
-    three = split_gate_channels(torch.arange(3.0).view(1, 3, 1, 1), ("rgb", "depth"))
+    # the layout comes from the tap's metadata: its declared channel count (M + 1: hybrid decision
+    # gates), or a declared stream layout when the tap has one
+    gate = TapInfo("head.gate", "head", "gate", 3, 4, "gate")
+    assert gate_streams(gate, ("rgb", "depth")) == ["fused", "rgb", "depth"]
+    three = split_gate_channels(torch.arange(3.0).view(1, 3, 1, 1), gate_streams(gate, ("rgb", "depth")))
     assert list(three) == ["fused", "rgb", "depth"] and three["depth"].item() == 2.0
+    assert gate_streams(TapInfo("x.attn", "fused", "stage1", 5, 0, "attn"), ("rgb", "depth")) == ["all"]
+    declared = SimpleNamespace(channels=2, streams=("depth", "rgb"))
+    assert gate_streams(declared, ("rgb", "depth")) == ["depth", "rgb"]
+    with pytest.raises(ValueError, match="cannot be split"):
+        split_gate_channels(torch.zeros(1, 3, 1, 1), ["rgb", "depth"])
 
 
 def test_object_class_region_picks_the_second_most_frequent_class():

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._json import to_json as _finite  # JSON has no NaN: absent classes are written as null
 from ..tasks import Task, get_task
 from ..weights import unwrap_model
 from .distributed import all_reduce_mean, all_reduce_step, dist_info
@@ -368,17 +369,6 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-
-
-def _finite(obj: Any) -> Any:
-    # JSON has no NaN; absent classes are written as null.
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Mapping):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ Building blocks (pure functions and streaming accumulators over captured tensors
 and the training callback :class:`ModalityBalanceCallback`. See ``docs/interpret.md``.
 """
 
-from .api import METRICS, ComparisonResult, InterpretResult, compare, load_result, run
+import importlib
+
+from .api import METRICS, InterpretResult, load_result, run
 from .callbacks import ModalityBalanceCallback, OGMGECallback
 from .cka import (
     MinibatchCKA,
@@ -23,11 +25,12 @@ from .cka import (
     linear_cka,
     reduce_spatial,
 )
+from .compare import ComparisonResult, compare
 from .contribution import (
     REMOVAL_POLICIES,
     ContributionAccumulator,
     ContributionResult,
-    ModalityStats,
+    StreamingModalityStats,
     derangement,
     modality_contribution,
     perceptual_score,
@@ -36,7 +39,7 @@ from .contribution import (
 )
 from .gradcam import gate_maps, grad_cam, split_gate_channels
 from .health import EffectiveRank, FeatureNorm, effective_rank
-from .runs import interpret_run, load_run, report_run
+from .runs import interpret_run, load_run
 from .semantic_variance import SemanticVariance, SemanticVarianceResult, labels_to_grid, semantic_variance
 
 __all__ = [
@@ -50,11 +53,11 @@ __all__ = [
     "InterpretResult",
     "MinibatchCKA",
     "ModalityBalanceCallback",
-    "ModalityStats",
     "OGMGECallback",
     "SemanticVariance",
     "SemanticVarianceResult",
     "StreamingCKA",
+    "StreamingModalityStats",
     "center_gram",
     "cka_from_gram",
     "compare",
@@ -86,8 +89,6 @@ __all__ = [
 
 def __getattr__(name: str):
     # The report pulls in matplotlib (~0.5 s); load it on first use so `import fusionzoo` stays light.
-    if name in ("write_report", "write_comparison"):
-        from . import report
-
-        return getattr(report, name)
+    if name in ("report_run", "write_report", "write_comparison"):
+        return getattr(importlib.import_module(".report", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,76 +1,62 @@
-"""``fusionzoo.interpret.run`` and ``compare``: every metric, one pass, any registered model.
+"""``fusionzoo.interpret.run``: every metric, one pass, any registered model.
 
-:func:`run` streams a dataset once. Per batch it runs the model on the full input while
-capturing the selected taps (CKA, semantic variance, health, gates), then on every coalition of
-modalities (contribution; the passes with one modality removed also capture taps for
-*reliance*, ``1 - CKA(tap on full input, tap with m removed)``), then with each modality
-permuted across the batch (perceptual score). Grad-CAM runs on the first batch. Memory is
-bounded by accumulators (:mod:`.cka`, :mod:`.semantic_variance`, :mod:`.health`), never by
-stored activations. Because it only sees taps, it works unchanged for early, middle, late and
-hybrid models: metrics whose taps a model lacks (e.g. cross-modal CKA for early fusion) are
-simply absent from its result. Detectors (``model.task == "detection"``) take the same path;
-only the task metric (COCO AP, :mod:`.detection`), the Grad-CAM score (top detections), the
-semantic-variance labels (box masks when batches have no mask) and the default CKA rows (one
-per ground-truth object) differ.
+:func:`run` streams a dataset once through a loop over metric accumulators
+(:mod:`.accumulators`, one metric a file, each with ``update`` / ``compute`` and a declaration
+of the taps and passes it needs). Per batch it runs the model on the full input while
+capturing the taps the accumulators need (CKA, semantic variance, health, gates), then the
+removal passes: every coalition of modalities (contribution; the passes with one modality
+removed also capture taps for *reliance*, ``1 - CKA(tap on full input, tap with m removed)``),
+then each modality permuted across the batch (perceptual score). Grad-CAM runs on the first
+batch. Memory is bounded by accumulators (:mod:`.cka`, :mod:`.semantic_variance`,
+:mod:`.health`), never by stored activations. Because it only sees taps, it works unchanged for
+early, middle, late and hybrid models: metrics whose taps a model lacks (e.g. cross-modal CKA
+for early fusion) are simply absent from its result. Everything task-specific comes from the
+model's :class:`~fusionzoo.tasks.Task` (:func:`fusionzoo.tasks.get_task`): its targets, its
+evaluator (the contribution metric: mIoU, or COCO AP for detectors) and its default CKA rows
+(one per ground-truth object for detectors); the Grad-CAM score is looked up by task name
+(:data:`.accumulators.EXPLAIN`).
 
-:func:`compare` aligns several results stage by stage (``stage1..4``) into one
-:class:`ComparisonResult`.
+:func:`fusionzoo.interpret.compare` (:mod:`.compare`) aligns several results stage by stage.
 """
 
 from __future__ import annotations
 
-import fnmatch
+import contextlib
 import json
-import math
-import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from tqdm.auto import tqdm
 
+from .._json import to_json
+from .._registry import model_entry
+from ..data import collate
 from ..taps import capture
-from .cka import StreamingCKA, object_rows, reduce_spatial
+from .accumulators import ACCUMULATORS, BatchContext, MetricAccumulator, Pass, RunSpec
 from .contribution import (
     REMOVAL_POLICIES,
-    ModalityStats,
-    contribution_accumulator,
+    StreamingModalityStats,
     contribution_keys,
     remove_modalities,
+    task_for,
 )
-from .detection import DetectionScore, detection_targets
-from .gradcam import MIN_GRID_CELLS, default_gradcam_taps, grad_cam, object_class_region, split_gate_channels
-from .health import EffectiveRank, FeatureNorm
-from .semantic_variance import SemanticVariance, box_masks
+from .plan import model_name, plan_taps
 
-__all__ = ["METRICS", "ComparisonResult", "InterpretResult", "compare", "load_result", "run"]
+__all__ = ["METRICS", "ROW_RULES", "InterpretResult", "load_result", "run"]
 
 METRICS = ("cka", "semantic_variance", "health", "contribution", "reliance", "gradcam", "gates")
 ROW_RULES = ("sample", "pool", "object")
-_STAGE_RE = re.compile(r"^stage(\d+)$")
 
 
 # --------------------------------------------------------------------------------------------
 # results
 # --------------------------------------------------------------------------------------------
-def _clean(x: Any) -> Any:
-    """JSON-safe copy: NaN / inf -> None, tuples -> lists, tensors -> lists."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, torch.Tensor):
-        return _clean(x.tolist())
-    if isinstance(x, Mapping):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if hasattr(x, "item") and callable(x.item):  # numpy scalars
-        return _clean(x.item())
-    return x
-
-
 @dataclass
 class InterpretResult:
     """Every number :func:`run` measured for one model on one dataset.
@@ -130,7 +116,7 @@ class InterpretResult:
 
     def to_json(self) -> dict[str, Any]:
         """A strict-JSON dict of every number (NaN -> null); ``artifacts`` are left out."""
-        return _clean({f.name: getattr(self, f.name) for f in fields(self) if f.name != "artifacts"})
+        return to_json({f.name: getattr(self, f.name) for f in fields(self) if f.name != "artifacts"})
 
     def save(self, path: str | Path) -> Path:
         """Write :meth:`to_json` to ``path``."""
@@ -182,33 +168,15 @@ def load_result(path: str | Path) -> InterpretResult:
 # --------------------------------------------------------------------------------------------
 # run
 # --------------------------------------------------------------------------------------------
-def _stage_index(stage: str) -> int | None:
-    m = _STAGE_RE.match(stage)
-    return int(m.group(1)) if m else None
-
-
-def _model_name(model: nn.Module) -> str:
-    cfg = getattr(model, "config", None)
-    if isinstance(cfg, Mapping) and isinstance(cfg.get("name"), str):
-        return cfg["name"]
-    return type(model).__name__
-
-
 def _fusion_of(name: str) -> str | None:
     try:
-        from .._registry import model_entry
-
         return model_entry(name).fusion
     except KeyError:  # not a registered name (a hand-built model): no family to report
         return None
 
 
 def _as_batches(data: Any, batch_size: int, num_workers: int) -> Iterable[Mapping[str, Any]]:
-    from torch.utils.data import DataLoader, Dataset
-
-    if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
-        from ..data import collate
-
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
         return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     if isinstance(data, Mapping):
         return [data]  # a single collated batch
@@ -222,67 +190,118 @@ def _display(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / (hi - lo).clamp(min=1e-12)
 
 
-@dataclass
-class _Plan:
-    features: list[str]                     # feature taps measured (CKA rows, SV, health)
-    spatial: list[str]                      # taps with a spatial map (SV)
-    gates: list[str]
-    pairs: list[tuple[str, str, str, str]]  # (a, b, kind, stage)
-    stage_taps: dict[str, dict[str, str]]   # stage -> stream -> tap
-    reliance_taps: list[str]
+def _segmentation_display(ctx: BatchContext, n: int) -> dict[str, Any]:
+    return {"predictions": ctx.output[:n].argmax(1).cpu()}
 
 
-def _plan(model: nn.Module, taps: str | Sequence[str]) -> _Plan:
-    info = model.tap_info()
-    patterns = [taps] if isinstance(taps, str) else list(taps)
-    for p in patterns:
-        if not any(fnmatch.fnmatchcase(n, p) for n in info):
-            raise KeyError(f"tap pattern {p!r} matches no tap of {_model_name(model)}; taps: {list(info)}")
-    chosen = [n for n in info if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    mods = list(model.modalities)
-    features = [n for n in chosen if info[n].kind in ("feature", "logits")]
-    spatial = [n for n in features if info[n].reduction > 0]
-    gates = [n for n in chosen if info[n].kind in ("gate", "attn")]
-    stage_taps: dict[str, dict[str, str]] = {}
-    for n in chosen:
-        t = info[n]
-        is_stage = t.kind == "feature" and _stage_index(t.stage) is not None and n == f"{t.stream}.{t.stage}"
-        if is_stage and (t.stream in mods or t.stream == "fused"):
-            stage_taps.setdefault(t.stage, {})[t.stream] = n
-    stage_taps = dict(sorted(stage_taps.items(), key=lambda kv: _stage_index(kv[0])))
-    pairs: list[tuple[str, str, str, str]] = []
-    for stage, streams in stage_taps.items():
-        present = [m for m in mods if m in streams]
-        for i, a in enumerate(present):
-            for b in present[i + 1:]:
-                pairs.append((streams[a], streams[b], "cross_modal", stage))
-        if "fused" in streams:
-            for a in present:
-                pairs.append((streams[a], streams["fused"], "modality_fused", stage))
-    for stream in [*mods, "fused"]:
-        seq = [(s, st[stream]) for s, st in stage_taps.items() if stream in st]
-        for i, (sa, a) in enumerate(seq):
-            for sb, b in seq[i + 1:]:
-                pairs.append((a, b, "within", f"{sa}-{sb}"))
-    # evolution towards the output: every stage tap against the final representation (decoder.out;
-    # late fusion has one decoder per modality, so its final representation is head.logits)
-    final = next((n for n in ("decoder.out", "head.logits") if n in features), None)
-    if final is not None:
-        for stage, streams in stage_taps.items():
-            for stream in [*mods, "fused"]:
-                if stream in streams:
-                    pairs.append((streams[stream], final, "to_final", stage))
-    reliance = list(features)
-    return _Plan(features, spatial, gates, pairs, stage_taps, reliance)
+def _detection_display(ctx: BatchContext, n: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"detections": [{k: d[k].cpu() for k in ("boxes", "scores", "labels")}
+                                          for d in ctx.output[:n]]}
+    if ctx.boxes() is not None:
+        out["targets"] = ctx.boxes()[:n]
+    return out
 
 
-def _gradcam_taps(model: nn.Module, plan: _Plan, size: tuple[int, int]) -> list[str]:
-    """Per modality stream and the fused stream, the deepest stage tap whose grid at input
-    ``size`` has at least ``MIN_GRID_CELLS`` cells per side (:func:`.gradcam.default_gradcam_taps`)."""
-    streams = {stream: [st[stream] for st in plan.stage_taps.values() if stream in st]
-               for stream in [*model.modalities, "fused"]}
-    reductions = {n: t.reduction for n, t in model.tap_info().items()}
-    return default_gradcam_taps({k: v for k, v in streams.items() if v}, reductions, size)
+# task name -> the first images' predictions shown in the report (artifacts)
+DISPLAY: dict[str, Callable[[BatchContext, int], dict[str, Any]]] = {
+    "segmentation": _segmentation_display,
+    "detection": _detection_display,
+}
+
+
+def _first_batch_artifacts(ctx: BatchContext) -> dict[str, Any]:
+    n = ctx.spec.gradcam_images
+    out: dict[str, Any] = {"images": {m: [_display(x[i]) for i in range(min(n, x.shape[0]))]
+                                      for m, x in ctx.inputs.items()}}
+    if ctx.mask is not None:
+        out["masks"] = ctx.mask[:n].cpu()
+    display = DISPLAY.get(ctx.spec.task.name)
+    if display is not None:
+        out.update(display(ctx, n))
+    return out
+
+
+def _union(accs: Sequence[MetricAccumulator], attr: str, order: Iterable[str]) -> list[str]:
+    """The taps any accumulator needs under ``needs.<attr>``, in execution order."""
+    wanted = {t for a in accs for t in getattr(a.needs, attr)}
+    return [t for t in order if t in wanted]
+
+
+def _own_removal_passes(ctx: BatchContext) -> Iterable[Pass]:
+    """One pass per modality removed (``spec.policy``), for reliance when no accumulator plans
+    the removal passes (no contribution, or a batch without the task's target)."""
+    spec = ctx.spec
+    gen = torch.Generator(device=spec.device).manual_seed(spec.seed + ctx.index)
+    full = frozenset(spec.modalities)
+    for m in spec.modalities:
+        x, miss = remove_modalities(ctx.inputs, [m], spec.policy, spec.stats, gen)
+        yield Pass(full - {m}, x, tuple(miss))
+
+
+def _run_passes(ctx: BatchContext, accs: Sequence[MetricAccumulator], removal_taps: list[str]) -> None:
+    """The removal passes of one batch, each given to every accumulator."""
+    model, full = ctx.spec.model, frozenset(ctx.spec.modalities)
+    planner = next((a for a in accs if a.needs.coalitions), None)
+    passes = planner.passes(ctx) if planner is not None else None
+    if passes is None:
+        passes = _own_removal_passes(ctx) if removal_taps else ()
+    for p in passes:
+        acts: Mapping[str, torch.Tensor] = {}
+        if p.kept == full and p.permuted is None:
+            output, acts = ctx.output, ctx.acts  # the full-input pass, already run
+        elif removal_taps and p.permuted is None and len(full - p.kept) == 1:
+            with capture(model, *removal_taps) as acts:
+                output = model(p.inputs, missing=p.missing)
+        else:
+            output = model(p.inputs, missing=p.missing)
+        for a in accs:
+            a.update_pass(ctx, p, output, acts)
+
+
+def _stream(spec: RunSpec, accs: Sequence[MetricAccumulator], batches: Iterable[Mapping[str, Any]],
+            max_batches: int | None, progress: bool) -> tuple[int, dict[str, Any]]:
+    """The one pass over the data: per batch the full-input forward (capturing the taps the
+    accumulators need), their updates, then the removal passes. Returns ``(images seen, the
+    first batch's display artifacts)``."""
+    model, mods = spec.model, spec.modalities
+    full_taps, removal_taps = _union(accs, "taps", spec.info), _union(accs, "removal_taps", spec.info)
+    total = None
+    try:
+        total = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        pass
+    if max_batches is not None and total is not None:
+        total = min(total, max_batches)
+    num_images, artifacts = 0, {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for bi, batch in enumerate(tqdm(batches, total=total, disable=not progress, desc="interpret")):
+                if max_batches is not None and bi >= max_batches:
+                    break
+                missing_keys = [m for m in mods if m not in batch]
+                if missing_keys:
+                    raise KeyError(f"batch {bi} lacks modalities {missing_keys}; the model takes {mods}, "
+                                   f"the batch has {list(batch)}")
+                mask = batch.get("mask")
+                task = spec.task
+                ctx = BatchContext(
+                    spec, bi, batch, {m: batch[m].to(spec.device) for m in mods},
+                    mask.to(spec.device) if mask is not None else None,
+                    task.targets(batch, spec.device) if task.target_key in batch else None)
+                num_images += ctx.batch_size
+                with capture(model, *full_taps) if full_taps else contextlib.nullcontext({}) as acts:
+                    ctx.output = model(ctx.inputs)
+                ctx.acts = acts
+                for a in accs:
+                    a.update(ctx)
+                if bi == 0:
+                    artifacts.update(_first_batch_artifacts(ctx))
+                _run_passes(ctx, accs, removal_taps)
+    finally:
+        model.train(was_training)
+    return num_images, artifacts
 
 
 def run(
@@ -299,7 +318,7 @@ def run(
     sv_stride: int | None = 4,
     policy: str = "zero",
     empty_policy: str | None = None,
-    stats: ModalityStats | None = None,
+    stats: StreamingModalityStats | None = None,
     perceptual: bool = True,
     gradcam_images: int = 2,
     class_names: Sequence[str] | None = None,
@@ -388,454 +407,58 @@ def run(
     metrics = list(dict.fromkeys(metrics))
     if empty_policy is None and policy == "missing":
         empty_policy = "zero"  # the models' own missing path fills zeros too
-    mods = list(model.modalities)
+    task = task_for(model, ignore_index)
+    rows = rows or task.default_rows
     k = int(model.num_classes)
-    task = getattr(model, "task", "segmentation")
-    detection = task == "detection"
-    if rows is None:
-        rows = "object" if detection else "sample"
     # label classes of the masks: the dataset's when it says (a detector's num_classes may count
-    # foreground classes only), else the model's
+    # foreground classes only), else the model's; box labels 0..box_k-1, box masks add background box_k
     data_k = getattr(data, "num_classes", None) or getattr(getattr(data, "dataset", None), "num_classes", None)
     mask_k = int(data_k) if data_k is not None else k
-    # detection labels 0..box_k-1 (AP categories, box-mask classes); box masks add background box_k
-    box_k = max(k, mask_k)
     if class_names is None:
         class_names = getattr(data, "classes", None)
         if class_names is None:
             class_names = getattr(getattr(data, "dataset", None), "classes", None)
-    class_names = list(class_names) if class_names is not None else None
-    plan = _plan(model, taps)
     info = model.tap_info()
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    batch_boxes: list[torch.Tensor] = []  # the current batch's ground-truth boxes (rows="object")
-
-    def to_rows(name: str, x: torch.Tensor) -> torch.Tensor:
-        if rows == "object":
-            return object_rows(x, batch_boxes, info[name].reduction)
-        return reduce_spatial(x, rows, samples_per_image, seed)
-
-    want = set(metrics)
-    skipped: dict[str, str] = {}
-    cka = StreamingCKA(pairs=[(a, b) for a, b, _, _ in plan.pairs]) if "cka" in want and plan.pairs else None
-    # semantic variance accumulators are made on the first batch, once the label source is known
-    svs: dict[str, SemanticVariance] = {}
-    sv_source: str | None = None
-    eranks = {n: EffectiveRank() for n in plan.features} if "health" in want else {}
-    norms = {n: FeatureNorm() for n in plan.features} if "health" in want else {}
-    contrib = (contribution_accumulator(task, mods, box_k if detection else k, policy, empty_policy, stats,
-                                        ignore_index, perceptual, seed, device)
-               if "contribution" in want else None)
-    # redundancy / uniqueness / synergy of the predictions (pixels: segmentation only), fed by
-    # the coalition passes above
-    joint = None
-    if contrib is not None and not detection and len(mods) >= 2:
-        from .pid import PredictionJoint
-
-        joint = PredictionJoint(mods, k, ignore_index)
-        contrib.observers.append(joint)
-    # one accumulator per removed modality, so each sees every example exactly once
-    rel = ({m: StreamingCKA(pairs=[(f"full::{t}", f"removed::{t}") for t in plan.reliance_taps]) for m in mods}
-           if "reliance" in want and plan.reliance_taps else None)
-    # unimodal heads of late / hybrid segmentation models ({m}.head taps): their own mIoU per class
-    head_taps = ({m: f"{m}.head" for m in mods if f"{m}.head" in plan.features}
-                 if "contribution" in want and not detection else {})
-    from ..tasks import ConfusionMatrix
-
-    head_cms = {m: ConfusionMatrix(k, ignore_index) for m in head_taps}
-    gate_sum: dict[str, dict[str, float]] = {}
-    gate_n = 0
-    capture_names = list(dict.fromkeys(plan.features + (plan.gates if "gates" in want else [])))
-    artifacts: dict[str, Any] = {}
-    gradcam_setting: dict[str, Any] | None = None  # the taps Grad-CAM explained and why (settings["gradcam"])
+    spec = RunSpec(
+        model=model, task=task, modalities=list(model.modalities), num_classes=k, label_classes=mask_k,
+        box_classes=max(k, mask_k), class_names=list(class_names) if class_names is not None else None,
+        plan=plan_taps(model, taps), info=info, device=next((p.device for p in model.parameters()), torch.device("cpu")),
+        rows=rows, samples_per_image=samples_per_image, sv_labels=sv_labels, sv_stride=sv_stride, policy=policy,
+        empty_policy=empty_policy, stats=stats, perceptual=perceptual, gradcam_images=gradcam_images,
+        ignore_index=ignore_index, purity=purity, seed=seed)
+    accs = [ACCUMULATORS[name](spec) for name in METRICS if name in metrics]
+    mods = spec.modalities
     timings: dict[str, float] = {}
-    num_images = 0
-    has_target = True  # every batch had the contribution's target (mask, or boxes for detectors)
-    batches = _as_batches(data, batch_size, num_workers)
-    total = None
-    try:
-        total = len(batches)  # type: ignore[arg-type]
-    except TypeError:
-        pass
-    if max_batches is not None and total is not None:
-        total = min(total, max_batches)
-    from tqdm.auto import tqdm
-
-    was_training = model.training
-    model.eval()
     t0 = time.perf_counter()
-    try:
-        with torch.no_grad():
-            for bi, batch in enumerate(tqdm(batches, total=total, disable=not progress, desc="interpret")):
-                if max_batches is not None and bi >= max_batches:
-                    break
-                missing_keys = [m for m in mods if m not in batch]
-                if missing_keys:
-                    raise KeyError(f"batch {bi} lacks modalities {missing_keys}; the model takes {mods}, "
-                                   f"the batch has {list(batch)}")
-                inputs = {m: batch[m].to(device) for m in mods}
-                b = next(iter(inputs.values())).shape[0]
-                size = tuple(next(iter(inputs.values())).shape[-2:])
-                mask = batch.get("mask")
-                if mask is not None:
-                    mask = mask.to(device)
-                # ground-truth boxes: the detectors' targets, and object rows / box masks for any model
-                use_boxes = detection or rows == "object" or sv_labels == "boxes" or (
-                    sv_labels == "auto" and mask is None)
-                targets = (detection_targets(batch, box_k if detection else None)
-                           if use_boxes and "boxes" in batch and "labels" in batch else None)
-                sv_mask = None
-                if targets is not None and len(targets) != b:
-                    raise ValueError(f"batch {bi} has {len(targets)} box lists for {b} images")
-                if rows == "object":
-                    if targets is None:
-                        raise KeyError(f"rows='object' needs ground-truth boxes, but batch {bi} has no 'boxes' / "
-                                       f"'labels' (keys {list(batch)}); use rows='sample' or 'pool'")
-                    batch_boxes[:] = [t["boxes"].to(device) for t in targets]
-                ctarget = targets if detection else mask
-                if ctarget is None:
-                    has_target = False
-                num_images += b
-
-                # semantic variance labels: the batch's mask, or its boxes painted into one
-                if "semantic_variance" in want and plan.spatial:
-                    if sv_source is None:
-                        sv_source = sv_labels if sv_labels != "auto" else (
-                            "mask" if mask is not None else "boxes" if targets is not None else "none")
-                        n_sv = box_k + 1 if sv_source == "boxes" else mask_k
-                        svs = {n: SemanticVariance(n_sv, ignore_index, purity, stride=sv_stride) for n in plan.spatial}
-                    if sv_source == "mask":
-                        sv_mask = mask
-                    elif sv_source == "boxes" and targets is not None:
-                        sv_mask = box_masks([t["boxes"] for t in targets], [t["labels"] for t in targets], size,
-                                            background=box_k, ignore_index=ignore_index).to(device)
-                    if sv_mask is None and sv_source != "none":
-                        skipped.setdefault("semantic_variance", f"batch {bi} has no {sv_source} (sv_labels="
-                                                                f"{sv_labels!r}); semantic variance needs it in every batch")
-
-                with capture(model, *capture_names) as acts:
-                    logits = model(inputs)
-                full_rows = {n: to_rows(n, acts[n]) for n in plan.features} if (cka or rel or eranks) else {}
-                # rows="object": a batch without objects gives no rows (nothing to add)
-                have_rows = bool(full_rows) and next(iter(full_rows.values())).shape[0] > 0
-                if cka is not None and have_rows:
-                    cka.update({n: full_rows[n] for n in _cka_names(cka)})
-                if sv_mask is not None:
-                    for n, acc in svs.items():
-                        acc.update(acts[n], sv_mask)
-                if mask is not None:
-                    for m, t in head_taps.items():
-                        up = torch.nn.functional.interpolate(acts[t].float(), size=mask.shape[-2:], mode="bilinear",
-                                                             align_corners=False)
-                        head_cms[m].update(up.argmax(1), mask)
-                for n, er in eranks.items():
-                    if have_rows:
-                        er.update(full_rows[n])
-                    norms[n].update(acts[n])
-                if "gates" in want:
-                    for n in plan.gates:
-                        split = split_gate_channels(acts[n], mods)
-                        dst = gate_sum.setdefault(n, {})
-                        for s, v in split.items():
-                            dst[s] = dst.get(s, 0.0) + float(v.double().mean()) * v.shape[0]
-                        if bi == 0:
-                            artifacts.setdefault("gate_maps", {})[n] = {s: v[:gradcam_images].cpu() for s, v in split.items()}
-                    gate_n += b
-                if bi == 0:
-                    artifacts["images"] = {m: [_display(inputs[m][i]) for i in range(min(gradcam_images, inputs[m].shape[0]))]
-                                           for m in mods}
-                    if mask is not None:
-                        artifacts["masks"] = mask[:gradcam_images].cpu()
-                    if detection:
-                        artifacts["detections"] = [{key: d[key].cpu() for key in ("boxes", "scores", "labels")}
-                                                   for d in logits[:gradcam_images]]
-                        if targets is not None:
-                            artifacts["targets"] = targets[:gradcam_images]
-                    else:
-                        artifacts["predictions"] = logits[:gradcam_images].argmax(1).cpu()
-                del acts
-
-                # removal passes: contribution coalitions; the "all but m" ones also feed reliance
-                rel_rows = full_rows if have_rows else None
-                if contrib is not None and ctarget is not None:
-                    for s, x, miss in contrib.coalitions(inputs):
-                        if s == contrib.full:
-                            contrib.add(s, logits, ctarget)
-                            continue
-                        dropped = [m for m in mods if m not in s]
-                        if rel is not None and len(dropped) == 1:
-                            out = _reliance_pass(model, x, miss, rel[dropped[0]], plan, rel_rows, to_rows)
-                            contrib.add(s, out, ctarget)
-                        else:
-                            contrib.add(s, model(x, missing=miss), ctarget)
-                    if perceptual:
-                        for m, x in contrib.permutations(inputs, logits, ctarget):
-                            contrib.add_permuted(m, model(x), ctarget)
-                elif rel is not None:
-                    gen = torch.Generator(device=device).manual_seed(seed + bi)
-                    for m in mods:
-                        x, miss = remove_modalities(inputs, [m], policy, stats, gen)
-                        _reliance_pass(model, x, miss, rel[m], plan, rel_rows, to_rows)
-
-                if bi == 0 and "gradcam" in want:
-                    tg = time.perf_counter()
-                    gtaps = _gradcam_taps(model, plan, size)
-                    gradcam_setting = {"taps": gtaps, "input_size": list(size), "min_grid_cells": MIN_GRID_CELLS}
-                    if gtaps:
-                        with torch.enable_grad():
-                            sub = {m: v[:gradcam_images] for m, v in inputs.items()}
-                            if detection:
-                                score = DetectionScore()
-                                artifacts["gradcam"] = grad_cam(model, sub, gtaps, score_fn=score)
-                                artifacts["gradcam_detections"] = score.selected
-                            else:  # per image its second most frequent predicted class (object_class_region)
-                                region, explained = object_class_region(logits[:gradcam_images].argmax(1))
-                                artifacts["gradcam"] = grad_cam(model, sub, gtaps, region=region)
-                                artifacts["gradcam_classes"] = explained
-                    timings["gradcam_s"] = time.perf_counter() - tg
-    finally:
-        model.train(was_training)
+    num_images, artifacts = _stream(spec, accs, _as_batches(data, batch_size, num_workers), max_batches, progress)
     timings["pass_s"] = time.perf_counter() - t0
     if num_images == 0:
         raise ValueError("the data yielded no batches")
-    if contrib is not None and not has_target:
-        skipped["contribution"] = (f"some batches carry no {'boxes' if detection else 'mask'}; the "
-                                   f"{contrib.metric} of every coalition needs the ground truth of every image")
-    if sv_source == "none":
-        skipped["semantic_variance"] = "the batches carry neither masks nor boxes"
 
-    result = InterpretResult(
-        model=_model_name(model),
-        fusion=_fusion_of(_model_name(model)),
+    t1 = time.perf_counter()
+    sections = {a.name: a.compute() for a in accs}
+    settings: dict[str, Any] = {
+        "metrics": metrics, "taps": taps, "rows": rows, "samples_per_image": samples_per_image, "policy": policy,
+        "empty_policy": empty_policy, "purity": purity, "sv_stride": sv_stride, "seed": seed,
+        "ignore_index": ignore_index, "cka_estimator": "exact streaming linear CKA (debiased; biased beside)",
+        "task": task.name, "sv_labels": None}
+    for a in accs:
+        settings.update(a.settings)
+        artifacts.update(a.artifacts)
+        timings.update(a.timings)
+    settings["skipped"] = {a.name: a.skipped for a in accs if a.skipped is not None}
+    timings["compute_s"] = time.perf_counter() - t1
+    return InterpretResult(
+        model=model_name(model),
+        fusion=_fusion_of(model_name(model)),
         config=dict(getattr(model, "config", {}) or {}),
         modalities=mods,
         num_classes=k,
-        class_names=class_names,
+        class_names=spec.class_names,
         num_images=num_images,
         taps={n: asdict(t) for n, t in info.items()},
-        settings={"metrics": metrics, "taps": taps, "rows": rows, "samples_per_image": samples_per_image,
-                  "policy": policy, "empty_policy": empty_policy, "purity": purity, "sv_stride": sv_stride, "seed": seed,
-                  "ignore_index": ignore_index, "cka_estimator": "exact streaming linear CKA (debiased; biased beside)",
-                  "task": task, "sv_labels": sv_source,
-                  **({"gradcam": gradcam_setting} if gradcam_setting else {}),
-                  **({"box_background": box_k} if sv_source == "boxes" else {}),
-                  "skipped": skipped},
+        settings=settings,
         timings=timings,
         artifacts=artifacts,
+        **{name: sections[name] for name in METRICS if sections.get(name) is not None and name != "gradcam"},
     )
-    t1 = time.perf_counter()
-    if cka is not None and cka.num_examples > 0:
-        out = []
-        for a, b, kind, stage in plan.pairs:
-            out.append({"a": a, "b": b, "kind": kind, "stage": stage,
-                        "cka": cka.cka(a, b, True) if cka.num_examples >= 4 else math.nan,
-                        "cka_biased": cka.cka(a, b, False)})
-        result.cka = {"pairs": out, "num_rows": cka.num_examples}
-    if svs and "semantic_variance" not in skipped:
-        result.semantic_variance = {n: acc.compute().to_dict() for n, acc in svs.items()}
-    if eranks:
-        fn = {n: norms[n].compute() for n in norms}
-        ratio: dict[str, dict[str, float]] = {}
-        for stage, streams in plan.stage_taps.items():
-            present = [m for m in mods if m in streams]
-            for i, a in enumerate(present):
-                for b in present[i + 1:]:
-                    nb = fn[streams[b]]
-                    ratio.setdefault(stage, {})[f"{a}/{b}"] = fn[streams[a]] / nb if nb > 0 else math.nan
-        result.health = {"effective_rank": {n: e.compute() for n, e in eranks.items()}, "feature_norm": fn,
-                         "norm_ratio": ratio}
-    if contrib is not None and has_target:
-        result.contribution = contrib.result(class_names).to_dict()
-        from .interaction import coalition_terms
-
-        result.contribution.update(coalition_terms(result.contribution))
-        if joint is not None:
-            result.contribution["pid"] = joint.result(class_names)
-        if head_cms:
-            from .contribution import _summary
-
-            result.contribution["unimodal_heads"] = {m: _summary(cm) for m, cm in head_cms.items()}
-    if rel is not None and all(acc.num_examples >= 4 for acc in rel.values()):
-        result.reliance = {t: {m: _reliance_value(rel[m], t) for m in mods} for t in plan.reliance_taps}
-    if gate_sum:
-        result.gates = {n: {s: v / gate_n for s, v in d.items()} for n, d in gate_sum.items()}
-    timings["compute_s"] = time.perf_counter() - t1
-    return result
-
-
-def _cka_names(acc: StreamingCKA) -> list[str]:
-    """Taps an accumulator's pairs need."""
-    return list(dict.fromkeys(t for p in acc.pairs for t in p))
-
-
-def _reliance_value(acc: StreamingCKA, tap: str) -> float:
-    """``1 - CKA(full, removed)``; 1 when removing the modality leaves the tap constant (all its
-    variation came from that modality), where CKA itself is undefined."""
-    a, b = f"full::{tap}", f"removed::{tap}"
-    h_full, h_removed = acc.hsic(a, a), acc.hsic(b, b)
-    if h_full > 0 and h_removed <= 1e-10 * h_full:
-        return 1.0
-    return 1.0 - acc.cka(a, b)
-
-
-def _reliance_pass(model, x, miss, acc: StreamingCKA, plan: _Plan, full_rows, to_rows) -> Any:
-    """Run the model with one modality removed, capture the reliance taps, update ``acc``
-    (unless ``full_rows`` is None: a batch without example rows, e.g. no objects); returns the
-    model's output."""
-    with capture(model, *plan.reliance_taps) as acts:
-        logits = model(x, missing=miss)
-    if full_rows is not None:
-        upd = {}
-        for t in plan.reliance_taps:
-            upd[f"full::{t}"] = full_rows[t]
-            upd[f"removed::{t}"] = to_rows(t, acts[t])
-        acc.update(upd)
-    return logits
-
-
-# --------------------------------------------------------------------------------------------
-# compare
-# --------------------------------------------------------------------------------------------
-@dataclass
-class ComparisonResult:
-    """Several :class:`InterpretResult` aligned stage by stage.
-
-    Attributes:
-        models: labels (model names, suffixed ``#2`` ... when repeated).
-        fusion: label -> fusion family.
-        stages: the union of stage names (``stage1``..``stage4``).
-        miou: label -> the task metric with all modalities (:meth:`InterpretResult.score`):
-            mIoU for segmentation, COCO AP for detection; ``metric`` says which.
-        shapley: label -> modality -> Shapley value of that metric.
-        drop: label -> modality -> metric drop when that modality is removed.
-        perceptual: label -> modality -> normalized perceptual score.
-        cka_cross_modal: label -> stage -> mean debiased CKA between modality pairs.
-        cka_modality_fused: label -> stage -> modality -> debiased CKA with the fused stream.
-        semantic_variance: label -> stream -> stage -> SV.
-        effective_rank: label -> stream -> stage -> effective rank.
-        reliance: label -> stage (or ``"head.logits"``) -> modality -> reliance of the fused
-            stage tap (models with a fused stream) and of the final logits (every model).
-        metric: label -> ``"mIoU"`` or ``"AP"`` (None without a contribution pass).
-    """
-
-    models: list[str]
-    fusion: dict[str, str | None]
-    stages: list[str]
-    miou: dict[str, float | None]
-    shapley: dict[str, dict[str, float]]
-    drop: dict[str, dict[str, float]]
-    perceptual: dict[str, dict[str, float]]
-    cka_cross_modal: dict[str, dict[str, float]]
-    cka_modality_fused: dict[str, dict[str, dict[str, float]]]
-    semantic_variance: dict[str, dict[str, dict[str, float]]]
-    effective_rank: dict[str, dict[str, dict[str, float]]]
-    reliance: dict[str, dict[str, dict[str, float]]]
-    metric: dict[str, str | None] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return _clean(asdict(self))
-
-
-def _per_stream_stage(res: InterpretResult, values: Mapping[str, Any] | None, key: str | None = None):
-    out: dict[str, dict[str, float]] = {}
-    for tap, v in (values or {}).items():
-        t = res.taps.get(tap)
-        if t is None or _stage_index(t["stage"]) is None or tap != f"{t['stream']}.{t['stage']}":
-            continue
-        val = v.get(key) if key else v
-        out.setdefault(t["stream"], {})[t["stage"]] = val if val is not None else math.nan
-    return out
-
-
-def _to_result(item: InterpretResult | nn.Module | str | Path, dataset: Any, metrics: Sequence[str],
-               run_kwargs: dict[str, Any]) -> InterpretResult:
-    if isinstance(item, InterpretResult):
-        return item
-    if isinstance(item, nn.Module):
-        if dataset is None:
-            raise ValueError("compare got a model; pass dataset=... to interpret it")
-        return run(item, dataset, metrics=metrics, **run_kwargs)
-    path = Path(item)
-    if path.is_file() or (path / "metrics.json").is_file():
-        return load_result(path)
-    if path.is_dir():
-        from .runs import interpret_run
-
-        return interpret_run(path, metrics, **run_kwargs)
-    # a registered model name: built untrained for the dataset (architecture-level comparison)
-    if dataset is None:
-        raise ValueError(f"compare got the model name {item!r}; pass dataset=... to interpret it")
-    from .._registry import create_model
-
-    model = create_model(str(item), num_classes=int(dataset.num_classes), modalities=tuple(dataset.modalities))
-    return run(model, dataset, metrics=metrics, **run_kwargs)
-
-
-def compare(
-    results: Sequence[InterpretResult | nn.Module | str | Path],
-    dataset: Any = None,
-    metrics: Sequence[str] = METRICS,
-    **run_kwargs: Any,
-) -> ComparisonResult:
-    """Align several models' interpretations stage by stage.
-
-    Args:
-        results: any mix of :class:`InterpretResult`, ``metrics.json`` files or folders,
-            training run folders (interpreted on their validation sets), models, and registered
-            model names (built untrained; needs ``dataset``).
-        dataset: data for the items that still need :func:`run`.
-        metrics: metrics for those runs.
-        **run_kwargs: more :func:`run` options for those runs.
-
-    Returns:
-        A :class:`ComparisonResult`; a metric a model does not have (e.g. cross-modal CKA of an
-        early-fusion model) is absent from that model's entry.
-
-    Example:
-        >>> cmp = compare(["early_concat_resnet18", "esanet_resnet18", "late_mean_resnet18"],
-        ...               dataset=ds, metrics=["cka", "semantic_variance", "contribution"])
-    """
-    res = [_to_result(r, dataset, metrics, run_kwargs) for r in results]
-    if not res:
-        raise ValueError("compare needs at least one result")
-    labels, seen = [], {}
-    for r in res:
-        seen[r.model] = seen.get(r.model, 0) + 1
-        labels.append(r.model if seen[r.model] == 1 else f"{r.model}#{seen[r.model]}")
-    stages: set[str] = set()
-    out = ComparisonResult(labels, {}, [], {}, {}, {}, {}, {}, {}, {}, {}, {})
-    for lab, r in zip(labels, res):
-        out.fusion[lab] = r.fusion
-        out.miou[lab] = r.score()
-        c = r.contribution or {}
-        out.metric[lab] = contribution_keys(c)[0] if c else None
-        out.shapley[lab] = dict(c.get("shapley", {}))
-        out.drop[lab] = dict(c.get("drop", {}))
-        out.perceptual[lab] = {m: v.get("normalized") for m, v in c.get("perceptual", {}).items()}
-        cross: dict[str, list[float]] = {}
-        for row in r.cka_pairs("cross_modal"):
-            if row["cka"] is not None:
-                cross.setdefault(row["stage"], []).append(row["cka"])
-        out.cka_cross_modal[lab] = {s: sum(v) / len(v) for s, v in cross.items()}
-        mf: dict[str, dict[str, float]] = {}
-        for row in r.cka_pairs("modality_fused"):
-            mf.setdefault(row["stage"], {})[r.taps[row["a"]]["stream"]] = row["cka"]
-        out.cka_modality_fused[lab] = mf
-        out.semantic_variance[lab] = _per_stream_stage(r, r.semantic_variance, "semantic_variance")
-        out.effective_rank[lab] = _per_stream_stage(r, (r.health or {}).get("effective_rank"))
-        # reliance of the fused stream per stage, and of the final logits (every family has them)
-        rel: dict[str, dict[str, float]] = {}
-        for tap, v in (r.reliance or {}).items():
-            t = r.taps.get(tap, {})
-            if t.get("stream") == "fused" and tap == f"fused.{t.get('stage')}" and _stage_index(t["stage"]):
-                rel[t["stage"]] = dict(v)
-            elif tap == "head.logits":
-                rel["head.logits"] = dict(v)
-        out.reliance[lab] = rel
-        for d in (out.cka_cross_modal[lab], mf):
-            stages.update(d)
-        stages.update(s for s in rel if _stage_index(s))
-        for d in out.semantic_variance[lab].values():
-            stages.update(d)
-    out.stages = sorted(stages, key=lambda s: _stage_index(s) or 0)
-    return out

@@ -27,19 +27,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from .._json import to_json
+from ..weights import unwrap_model
+from .contribution import remove_modalities
+
 __all__ = ["ModalityBalanceCallback", "OGMGECallback", "modality_owned_gradients"]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DistributedDataParallel / torch.compile keep the fusionzoo model as .module / ._orig_mod
-    while not hasattr(model, "modalities") and (hasattr(model, "module") or hasattr(model, "_orig_mod")):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
 
 
 def _ratios(values: Mapping[str, float], order: list[str]) -> dict[str, float]:
@@ -49,17 +46,6 @@ def _ratios(values: Mapping[str, float], order: list[str]) -> dict[str, float]:
             va, vb = values.get(a, math.nan), values.get(b, math.nan)
             out[f"{a}/{b}"] = va / vb if vb and not math.isnan(vb) and not math.isnan(va) else math.nan
     return out
-
-
-def _clean(x: Any) -> Any:
-    """NaN / inf -> None so the history is strict JSON."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_clean(v) for v in x]
-    return x
 
 
 class ModalityBalanceCallback:
@@ -81,6 +67,9 @@ class ModalityBalanceCallback:
         >>> json.dumps(cb.state_dict())
     """
 
+    # names the state in callbacks.json / checkpoints, whatever key the trainer files it under
+    state_key: ClassVar[str] = "modality_balance"
+
     def __init__(self, log_every: int = 1, ignore_index: int = 255) -> None:
         if log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {log_every}")
@@ -99,7 +88,7 @@ class ModalityBalanceCallback:
     def on_train_start(self, model: nn.Module) -> None:
         """Find the modalities and the ``{m}.head`` taps; attach confidence hooks."""
         self.close()
-        inner = _unwrap(model)
+        inner = unwrap_model(model)
         if not hasattr(inner, "modalities"):
             raise TypeError(f"{type(model).__name__} is not a fusionzoo model (no .modalities)")
         self.modalities = list(inner.modalities)
@@ -121,7 +110,7 @@ class ModalityBalanceCallback:
         self._mask = None
         if step % self.log_every:
             return
-        inner = _unwrap(model)
+        inner = unwrap_model(model)
         if not self.modalities:
             raise RuntimeError("ModalityBalanceCallback.on_after_backward called before on_train_start")
         norms = {}
@@ -151,7 +140,7 @@ class ModalityBalanceCallback:
             if keys:
                 entry[key] = {k: _nanmean([r[key].get(k, math.nan) for r in rows if key in r]) for k in sorted(keys)}
         if logs:
-            entry["logs"] = {k: _jsonable(v) for k, v in logs.items()}
+            entry["logs"] = {k: to_json(v, unknown="str") for k, v in logs.items()}
         self.epochs.append(entry)
 
     def on_train_end(self, model: nn.Module | None = None) -> None:
@@ -166,8 +155,8 @@ class ModalityBalanceCallback:
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """JSON-able history (NaN written as null)."""
-        return _clean({"modalities": self.modalities, "heads": self.heads, "log_every": self.log_every,
-                       "steps": self.steps, "epochs": self.epochs})
+        return to_json({"state_key": self.state_key, "modalities": self.modalities, "heads": self.heads,
+                        "log_every": self.log_every, "steps": self.steps, "epochs": self.epochs})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a history (for resumed runs); hooks are attached by ``on_train_start``."""
@@ -223,9 +212,9 @@ def modality_owned_gradients(model: nn.Module, modality: str) -> list[tuple[nn.P
 
     Raises:
         ValueError: the model has neither branch weights nor a first convolution over the
-            concatenated input (e.g. ``early_stem``: name the weights by hand).
+            concatenated input.
     """
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     owned = [(p, None) for p in inner.modality_parameters(modality) if p.dim() == 4]
     if owned:
         return owned
@@ -275,6 +264,9 @@ class OGMGECallback:
         seed: noise seed.
     """
 
+    # names the state in callbacks.json / checkpoints, whatever key the trainer files it under
+    state_key: ClassVar[str] = "ogm_ge"
+
     def __init__(self, alpha: float = 0.5, ge: bool = True, start_epoch: int = 0, end_epoch: int | None = None,
                  ignore_index: int = 255, seed: int = 0) -> None:
         if alpha <= 0:
@@ -291,7 +283,7 @@ class OGMGECallback:
 
     def on_train_start(self, model: nn.Module) -> None:
         """Find the modalities and the weights each one owns."""
-        inner = _unwrap(model)
+        inner = unwrap_model(model)
         if not hasattr(inner, "modalities") or len(inner.modalities) < 2:
             raise TypeError(f"{type(inner).__name__}: OGM-GE needs a fusionzoo model with >= 2 modalities")
         self.modalities = list(inner.modalities)
@@ -304,9 +296,7 @@ class OGMGECallback:
     @torch.no_grad()
     def scores(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, float]:
         """``s^m`` of one batch: mean true-class probability with only modality ``m`` kept."""
-        from .contribution import remove_modalities
-
-        inner = _unwrap(model)
+        inner = unwrap_model(model)
         mask = batch.get("mask") if isinstance(batch, Mapping) else None
         if not isinstance(mask, torch.Tensor):
             raise KeyError("OGM-GE needs the batch's 'mask' (segmentation labels); got keys "
@@ -397,27 +387,14 @@ class OGMGECallback:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able history and settings."""
-        return _clean({"alpha": self.alpha, "ge": self.ge, "start_epoch": self.start_epoch,
-                       "end_epoch": self.end_epoch, "modalities": self.modalities,
-                       "steps": self.steps, "epochs": self.epochs})
+        return to_json({"state_key": self.state_key, "alpha": self.alpha, "ge": self.ge,
+                        "start_epoch": self.start_epoch, "end_epoch": self.end_epoch, "modalities": self.modalities,
+                        "steps": self.steps, "epochs": self.epochs})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the history (resumed runs)."""
         self.steps = list(state.get("steps", []))
         self.epochs = list(state.get("epochs", []))
-
-
-def _jsonable(v: Any) -> Any:
-    """Numbers stay numbers (lists of them stay lists), anything else becomes its string."""
-    if isinstance(v, bool) or v is None:
-        return v
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):
-        return v
-    if isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
-        return [float(x) for x in v]
-    return str(v)
 
 
 def _nanmean(values: list[float]) -> float:

@@ -55,6 +55,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
+from torchvision.ops import roi_align
 
 __all__ = [
     "MinibatchCKA",
@@ -159,8 +160,6 @@ def object_rows(features: torch.Tensor, boxes: Sequence[torch.Tensor], reduction
         vec = features if features.dim() == 2 else features.mean(dim=(2, 3))
         counts = torch.tensor([x.shape[0] for x in bx], device=features.device)
         return vec.repeat_interleave(counts, dim=0)
-    from torchvision.ops import roi_align
-
     if sum(x.shape[0] for x in bx) == 0:
         return features.new_zeros(0, features.shape[1])
     pooled = roi_align(features, [x.to(features.dtype) for x in bx], output_size=1,

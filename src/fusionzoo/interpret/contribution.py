@@ -3,7 +3,7 @@
 - **Removal** (:func:`remove_modalities`): a modality is taken away at inference by one of
   ``REMOVAL_POLICIES``: ``"zero"`` (the tensor is zeros; inputs are normalized per modality,
   so zero is the dataset mean of a normalized input), ``"mean"`` (each channel set to a given
-  dataset mean, :class:`ModalityStats`), ``"noise"`` (Gaussian noise with the dataset's
+  dataset mean, :class:`StreamingModalityStats`), ``"noise"`` (Gaussian noise with the dataset's
   per-channel mean and std, or N(0, 1) for normalized inputs when no statistics are given) and
   ``"missing"`` (the model's own ``model(inputs, missing=...)`` path, e.g. late fusion dropping
   that modality's prediction).
@@ -26,9 +26,13 @@ ground truth) the per-class Shapley values average to the Shapley value of mIoU 
 class counted in some coalitions only (predicted with some modalities, in neither ground truth
 nor prediction with others) has a nan per-class Shapley value: its IoU is undefined there. For
 detectors (``model.task == "detection"``) it is COCO box AP (IoU 0.50:0.95, pycocotools) with
-per-class AP, through :class:`fusionzoo.interpret.detection.DetectionContributionAccumulator`,
-which reuses the coalitions, removal and permutations here and changes only the metric
-(:attr:`ContributionAccumulator.metric`). :attr:`ContributionResult.metric` says which it is.
+per-class AP. Both are the task's own evaluator (:meth:`fusionzoo.tasks.Task.evaluator`, the
+one training reports with), one per coalition: :class:`ContributionAccumulator` knows no task.
+AP is not a sum over images, so the detection evaluator keeps every pass's detections (boxes,
+scores, labels on the CPU) and runs pycocotools once per coalition at the end: with ``M``
+modalities that is ``2^M + M + 1`` detection sets per image (7 for RGB-T), at most
+``detections_per_img`` boxes each, small next to the images. :attr:`ContributionResult.metric`
+says which metric it is (:data:`TASK_RESULTS`).
 """
 
 from __future__ import annotations
@@ -43,26 +47,34 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..tasks import ConfusionMatrix
+from ..tasks import ConfusionMatrix, Evaluator, Task, get_task
 
 __all__ = [
     "METRIC_KEYS",
     "REMOVAL_POLICIES",
+    "TASK_RESULTS",
     "ContributionAccumulator",
     "ContributionResult",
-    "ModalityStats",
-    "contribution_accumulator",
+    "StreamingModalityStats",
     "contribution_keys",
     "derangement",
     "modality_contribution",
     "perceptual_score",
     "remove_modalities",
     "shapley_values",
+    "split_batch",
+    "task_for",
 ]
 
 REMOVAL_POLICIES = ("zero", "mean", "noise", "missing")
 # task metric -> (key of its dataset value, key of its per-class list) in a coalition entry
 METRIC_KEYS = {"mIoU": ("miou", "iou"), "AP": ("ap", "ap_per_class")}
+# task name -> (the metric as results name it, further evaluator values a coalition entry keeps
+# beside Task.metric and Task.per_class_key)
+TASK_RESULTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "segmentation": ("mIoU", ()),
+    "detection": ("AP", ("ap50", "ap75", "ap50_per_class")),
+}
 
 
 def contribution_keys(contribution: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -80,11 +92,14 @@ def contribution_keys(contribution: Mapping[str, Any]) -> tuple[str, str, str]:
     return (metric, *METRIC_KEYS[metric])
 
 
-class ModalityStats:
+class StreamingModalityStats:
     """Streaming per-channel mean and std of each modality (for the ``mean`` / ``noise`` policies).
 
+    Measured over a dataset here; :class:`fusionzoo.data.ModalityStats` is the fixed
+    ``(mean, std)`` pair that normalizes inputs.
+
     Example:
-        >>> stats = ModalityStats()
+        >>> stats = StreamingModalityStats()
         >>> for batch in loader:
         ...     stats.update({m: batch[m] for m in ("rgb", "depth")})   # (B, C, H, W) each
         >>> stats.mean["depth"]                                          # (C,)
@@ -99,7 +114,7 @@ class ModalityStats:
         """Add ``(B, C, H, W)`` tensors, one per modality."""
         for m, x in inputs.items():
             if x.dim() != 4:
-                raise ValueError(f"ModalityStats expects (B, C, H, W) for {m!r}, got {tuple(x.shape)}")
+                raise ValueError(f"StreamingModalityStats expects (B, C, H, W) for {m!r}, got {tuple(x.shape)}")
             x = x.detach().double()
             self._n[m] = self._n.get(m, 0) + x.shape[0] * x.shape[2] * x.shape[3]
             self._s[m] = self._s.get(m, 0) + x.sum((0, 2, 3)).cpu()
@@ -122,7 +137,7 @@ def remove_modalities(
     inputs: Mapping[str, torch.Tensor],
     removed: Iterable[str],
     policy: str = "zero",
-    stats: ModalityStats | None = None,
+    stats: StreamingModalityStats | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
     """Take modalities away from a batch.
@@ -153,7 +168,7 @@ def remove_modalities(
             out[m] = torch.zeros_like(x)
         elif policy == "mean":
             if stats is None or m not in stats.mean:
-                raise ValueError(f"policy 'mean' needs ModalityStats with modality {m!r}; "
+                raise ValueError(f"policy 'mean' needs StreamingModalityStats with modality {m!r}; "
                                  "accumulate them over the dataset first")
             out[m] = stats.mean[m].to(x)[None, :, None, None].expand_as(x).clone()
         else:  # noise
@@ -230,30 +245,29 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def contribution_accumulator(task: str, modalities: Sequence[str], num_classes: int, policy: str = "zero",
-                             empty_policy: str | None = None, stats: ModalityStats | None = None,
-                             ignore_index: int = 255, perceptual: bool = True, seed: int = 0,
-                             device: torch.device | str = "cpu") -> ContributionAccumulator:
-    """The accumulator of a task's metric: :class:`ContributionAccumulator` (mIoU) for
-    ``"segmentation"``, :class:`~.detection.DetectionContributionAccumulator` (COCO AP) for
-    ``"detection"`` (which has no ignore index). Arguments as :class:`ContributionAccumulator`."""
-    if task == "detection":
-        from .detection import DetectionContributionAccumulator  # detection.py imports this module
-
-        return DetectionContributionAccumulator(modalities, num_classes, policy, empty_policy, stats, perceptual,
-                                                seed, device)
-    return ContributionAccumulator(modalities, num_classes, policy, empty_policy, stats, ignore_index, perceptual,
-                                   seed, device)
+def task_for(model: nn.Module, ignore_index: int = 255) -> Task:
+    """``get_task(model)``, with ``ignore_index`` for tasks that have one (segmentation)."""
+    task = get_task(model)
+    if getattr(task, "ignore_index", ignore_index) != ignore_index:
+        task = get_task(model, ignore_index=ignore_index)
+    return task
 
 
-def _split(batch: Mapping[str, Any], modalities: Sequence[str], device: torch.device):
+def split_batch(task: Task, batch: Mapping[str, Any], modalities: Sequence[str],
+                device: torch.device | str) -> tuple[dict[str, torch.Tensor], Any]:
+    """``(inputs on device, task.targets(batch))`` of a collated batch.
+
+    Raises:
+        KeyError: a modality or the task's target is missing (names the keys the batch has).
+    """
     missing = [m for m in modalities if m not in batch]
-    if missing or "mask" not in batch:
-        raise KeyError(f"batch needs keys {list(modalities)} and 'mask'; got {list(batch)}")
-    return {m: batch[m].to(device) for m in modalities}, batch["mask"].to(device)
+    if missing or task.target_key not in batch:
+        raise KeyError(f"batch needs keys {list(modalities)} and {task.name}'s target {task.target_key!r}; "
+                       f"got {list(batch)}")
+    return {m: batch[m].to(device) for m in modalities}, task.targets(batch, device)
 
 
-def _summary(cm: ConfusionMatrix) -> dict[str, Any]:
+def miou_summary(cm: ConfusionMatrix) -> dict[str, Any]:
     """``{"miou", "iou"}`` of a coalition, in the convention of the training evaluator.
 
     Both come from :meth:`ConfusionMatrix.compute` (mmsegmentation's IoUMetric convention): a
@@ -318,38 +332,41 @@ class ContributionAccumulator:
     model on each, and :meth:`add` the outputs. Used by :func:`modality_contribution` and by
     :func:`fusionzoo.interpret.run` (which also captures taps on some of these passes).
 
-    The task metric lives in three hooks, :meth:`new_store`, :meth:`update_store` and
-    :meth:`summarize` (here: one confusion matrix per coalition, mIoU and class IoUs);
-    :class:`fusionzoo.interpret.detection.DetectionContributionAccumulator` overrides only
-    those (COCO AP) and :meth:`split_batch`.
+    The task metric is the task's own evaluator (:meth:`fusionzoo.tasks.Task.evaluator`, one per
+    coalition): a confusion matrix (mIoU and class IoUs) for segmentation, the stored detections
+    of every pass and pycocotools (COCO box AP and per-class AP) for detection. A coalition entry
+    keeps the evaluator's :attr:`~fusionzoo.tasks.Task.metric` and
+    :attr:`~fusionzoo.tasks.Task.per_class_key` values (plus, per :data:`TASK_RESULTS`, the
+    task's further values, e.g. AP50).
 
     Args:
+        task: the model's task (:func:`task_for`).
         modalities: the model's modalities (players).
         num_classes: ``K``.
         policy: removal policy for modalities outside a coalition.
         empty_policy: policy for the empty coalition (``None`` = ``policy``; must not be
             ``"missing"``).
         stats: statistics for ``"mean"`` / ``"noise"``.
-        ignore_index: label ignored by the metric.
         perceptual: also accumulate the permuted passes.
         seed: noise and permutation seed.
         device: device of the noise generator (the inputs' device).
     """
 
-    metric = "mIoU"
-
-    def __init__(self, modalities: Sequence[str], num_classes: int, policy: str = "zero",
-                 empty_policy: str | None = None, stats: ModalityStats | None = None,
-                 ignore_index: int = 255, perceptual: bool = True, seed: int = 0,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(self, task: Task, modalities: Sequence[str], num_classes: int, policy: str = "zero",
+                 empty_policy: str | None = None, stats: StreamingModalityStats | None = None,
+                 perceptual: bool = True, seed: int = 0, device: torch.device | str = "cpu") -> None:
         if policy not in REMOVAL_POLICIES:
             raise ValueError(f"removal policy must be one of {REMOVAL_POLICIES}, got {policy!r}")
         empty_policy = empty_policy or policy
         if empty_policy not in REMOVAL_POLICIES or empty_policy == "missing":
             raise ValueError("the empty coalition needs a policy other than 'missing' (a model needs at least "
                              "one modality); pass empty_policy='zero' (or 'mean' / 'noise')")
+        if task.name not in TASK_RESULTS:
+            raise ValueError(f"no contribution metric for task {task.name!r}; known: {sorted(TASK_RESULTS)}")
+        self.task = task
+        self.metric, self._extra_keys = TASK_RESULTS[task.name]
         self.modalities = list(modalities)
-        self.num_classes, self.ignore_index = int(num_classes), int(ignore_index)
+        self.num_classes = int(num_classes)
         self.policy, self.empty_policy, self.stats = policy, empty_policy, stats
         self.perceptual = perceptual
         self.subsets = [frozenset(c) for r in range(len(self.modalities) + 1)
@@ -365,23 +382,23 @@ class ContributionAccumulator:
         # :class:`.pid.PredictionJoint` (no forward pass of their own)
         self.observers: list[Any] = []
 
-    # -- the task metric (overridden for detection) ----------------------------------------------
-    def new_store(self) -> Any:
-        """An empty score store of one coalition (here a :class:`ConfusionMatrix`)."""
-        return ConfusionMatrix(self.num_classes, self.ignore_index)
+    # -- the task metric --------------------------------------------------------------------------
+    def new_store(self) -> Evaluator:
+        """An empty score store of one coalition: the task's evaluator (with per-class values)."""
+        return self.task.evaluator(self.num_classes, per_class=True)
 
-    def update_store(self, store: Any, output: Any, target: Any) -> None:
-        """Add one pass: ``output`` logits ``(B, K, H, W)``, ``target`` mask ``(B, H, W)``."""
-        store.update(output.argmax(1), target)
+    def update_store(self, store: Evaluator, output: Any, target: Any) -> None:
+        """Add one pass: ``output`` as :meth:`fusionzoo.tasks.Task.predict` returns it (logits
+        ``(B, K, H, W)``, or the detector's per-image dicts), ``target`` as
+        :meth:`fusionzoo.tasks.Task.targets` does."""
+        store.update(output, target)
 
-    def summarize(self, store: Any) -> dict[str, Any]:
-        """``{value key: metric, per-class key: [...]}`` of a store (here ``miou`` and ``iou``)."""
-        return _summary(store)
-
-    def split_batch(self, batch: Mapping[str, Any], modalities: Sequence[str],
-                    device: torch.device) -> tuple[dict[str, torch.Tensor], Any]:
-        """``(inputs, target)`` of a collated batch (here the target is its ``mask``)."""
-        return _split(batch, modalities, device)
+    def summarize(self, store: Evaluator) -> dict[str, Any]:
+        """The coalition entry of a store: ``{metric key: value, per-class key: [...], ...}``
+        (nan everywhere for a store that saw no pass)."""
+        keys = (self.task.metric, self.task.per_class_key, *self._extra_keys)
+        r = store.compute()
+        return {key: [float(v) for v in r[key]] if isinstance(r[key], (list, tuple)) else r[key] for key in keys}
 
     # -- passes ------------------------------------------------------------------------------------
     @property
@@ -465,7 +482,7 @@ def modality_contribution(
     batches: Iterable[Mapping[str, Any]],
     policy: str = "zero",
     empty_policy: str | None = None,
-    stats: ModalityStats | None = None,
+    stats: StreamingModalityStats | None = None,
     num_classes: int | None = None,
     ignore_index: int = 255,
     perceptual: bool = True,
@@ -477,7 +494,7 @@ def modality_contribution(
 
     Per batch this runs ``2^M`` forward passes (plus ``M`` permuted ones when ``perceptual``).
     Segmentation models are scored by mIoU; detectors (``model.task == "detection"``) by COCO
-    AP (:class:`fusionzoo.interpret.detection.DetectionContributionAccumulator`).
+    AP (the task's evaluator, :func:`fusionzoo.tasks.get_task`).
 
     Args:
         model: a fusionzoo segmentation model or detector (``model.modalities``,
@@ -502,22 +519,23 @@ def modality_contribution(
     """
     mods = list(model.modalities)
     device = _model_device(model)
-    acc = contribution_accumulator(getattr(model, "task", "segmentation"), mods, int(num_classes or model.num_classes),
-                                   policy, empty_policy, stats, ignore_index, perceptual, seed, device)
+    task = task_for(model, ignore_index)
+    acc = ContributionAccumulator(task, mods, int(num_classes or model.num_classes), policy, empty_policy, stats,
+                                  perceptual, seed, device)
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
-            inputs, mask = acc.split_batch(batch, mods, device)
-            full_logits = None
+            inputs, target = split_batch(task, batch, mods, device)
+            full_output = None
             for s, x, missing in acc.coalitions(inputs):
-                logits = model(x, missing=missing)
-                acc.add(s, logits, mask)
+                output = model(x, missing=missing)
+                acc.add(s, output, target)
                 if s == acc.full:
-                    full_logits = logits
+                    full_output = output
             if perceptual:
-                for m, x in acc.permutations(inputs, full_logits, mask):
-                    acc.add_permuted(m, model(x), mask)
+                for m, x in acc.permutations(inputs, full_output, target):
+                    acc.add_permuted(m, model(x), target)
     finally:
         model.train(was_training)
     return acc.result(class_names)
@@ -546,6 +564,7 @@ def perceptual_score(
     mods = list(model.modalities)
     device = _model_device(model)
     k = int(model.num_classes)
+    task = task_for(model, ignore_index)
     gen = torch.Generator().manual_seed(seed)
     base = ConfusionMatrix(k, ignore_index)
     perm = {m: [ConfusionMatrix(k, ignore_index) for _ in range(num_permutations)] for m in mods}
@@ -553,7 +572,7 @@ def perceptual_score(
     model.eval()
     try:
         for batch in batches:
-            inputs, mask = _split(batch, mods, device)
+            inputs, mask = split_batch(task, batch, mods, device)
             base.update(model(inputs).argmax(1), mask)
             for m in mods:
                 for cm in perm[m]:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+
 from .contribution import contribution_keys
 from .interaction import coalition_terms
 
@@ -342,14 +344,11 @@ def plot_evolution(labels: Sequence[str], results: Sequence[Any], path: str | Pa
     series = [_evolution_series(r) for r in results]
     if not any(c or s for c, s, _ in series):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     colors = {"rgb": "tab:red", "depth": "tab:blue", "thermal": "tab:orange", "fused": "tab:purple"}
     n = len(results)
-    fig, axes = plt.subplots(2, n, figsize=(max(3.2 * n + 0.8, 6.5), 5.8), sharey="row", squeeze=False)
+    # matplotlib's object API (no pyplot state, no global backend switch), as in report.py.
+    fig = Figure(figsize=(max(3.2 * n + 0.8, 6.5), 5.8))
+    axes = fig.subplots(2, n, sharey="row", squeeze=False)
     for j, (lab, (cka, sv, final)) in enumerate(zip(labels, series)):
         for i, (data, ylabel) in enumerate(((cka, f"debiased CKA to {final or 'output'}"),
                                             (sv, "semantic variance"))):
@@ -375,5 +374,4 @@ def plot_evolution(labels: Sequence[str], results: Sequence[Any], path: str | Pa
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path

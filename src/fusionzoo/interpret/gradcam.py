@@ -31,28 +31,31 @@ The score is pluggable (``score_fn``): :func:`segmentation_score` above for segm
 detections, read from each box head); the weights, map and normalization are the same.
 
 Gate maps come from taps of kind ``gate`` / ``attn``. Their channel layout is read from the
-channel count, never from the model name: ``M`` channels (or a multiple ``M * C``) are split into
-the model's ``M`` modalities in order; ``M + 1`` channels are ``("fused", *modalities)`` (hybrid
-decision gates). Values are reported as emitted (some taps carry softmax weights, some raw
+tap's metadata (:func:`gate_streams`), never from the model name: a declared ``streams`` layout,
+else the declared channel count: ``M`` channels (or a multiple ``M * C``) are the model's ``M``
+modalities in order; ``M + 1`` channels are ``("fused", *modalities)`` (hybrid decision gates). Values are reported as emitted (some taps carry softmax weights, some raw
 scores; see each model's docstring).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..taps import _taps_of, capture, select_taps
+from ..taps import TapInfo, _taps_of, capture, select_taps
+from .detection import DetectionScore
 
-__all__ = ["MIN_GRID_CELLS", "default_gradcam_taps", "gate_maps", "grad_cam", "object_class_region",
-           "segmentation_score", "split_gate_channels"]
+__all__ = ["GRADCAM_TASKS", "MIN_GRID_CELLS", "default_gradcam_taps", "gate_maps", "gate_streams", "grad_cam",
+           "object_class_region", "segmentation_score", "split_gate_channels"]
 
 MIN_GRID_CELLS = 8  # smallest grid side (cells) a default Grad-CAM tap must have at the given input
 
@@ -160,6 +163,51 @@ def object_class_region(pred: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     return pred == chosen[:, None, None], classes
 
 
+def _segmentation_default(target_class: int | None, region: torch.Tensor | None) -> Callable[[Any], torch.Tensor]:
+    def score_fn(out: torch.Tensor) -> torch.Tensor:
+        return segmentation_score(out, target_class, region)
+
+    return score_fn
+
+
+def _detection_default(target_class: int | None, region: torch.Tensor | None) -> Callable[[Any], torch.Tensor]:
+    if region is not None:
+        raise ValueError("region selects pixels of a segmentation output; a detector's Grad-CAM explains "
+                         "its detections (use target_class, or pass a DetectionScore as score_fn)")
+    return DetectionScore(target_class=target_class)
+
+
+@dataclass(frozen=True)
+class GradCamTask:
+    """What Grad-CAM needs to know about a task.
+
+    Attributes:
+        default_score: ``(target_class, region) -> score_fn``, the score explained when
+            :func:`grad_cam` gets no ``score_fn``.
+        size_divisible: the padding multiple of the task's models, used when a model does not
+            say (``model.size_divisible``).
+    """
+
+    default_score: Callable[[int | None, torch.Tensor | None], Callable[[Any], torch.Tensor]]
+    size_divisible: int = 1
+
+
+# task name -> its Grad-CAM defaults (detectors pad to a multiple of 32, as torchvision's batch_images)
+GRADCAM_TASKS: dict[str, GradCamTask] = {
+    "segmentation": GradCamTask(_segmentation_default),
+    "detection": GradCamTask(_detection_default, size_divisible=32),
+}
+
+
+def gradcam_task(model: nn.Module) -> GradCamTask:
+    """The :data:`GRADCAM_TASKS` entry of ``model.task`` (segmentation when a model has none)."""
+    name = getattr(model, "task", "segmentation")
+    if name not in GRADCAM_TASKS:
+        raise ValueError(f"Grad-CAM has no default score for task {name!r}; known: {sorted(GRADCAM_TASKS)} "
+                         "(pass score_fn=)")
+    return GRADCAM_TASKS[name]
+
+
 def grad_cam(
     model: nn.Module,
     inputs: Mapping[str, torch.Tensor],
@@ -203,17 +251,9 @@ def grad_cam(
     """
     patterns = [taps] if isinstance(taps, str) else list(taps)
     names = select_taps(model, *patterns)
+    task = gradcam_task(model)
     if score_fn is None:
-        if getattr(model, "task", "segmentation") == "detection":
-            if region is not None:
-                raise ValueError("region selects pixels of a segmentation output; a detector's Grad-CAM explains "
-                                 "its detections (use target_class, or pass a DetectionScore as score_fn)")
-            from .detection import DetectionScore
-
-            score_fn = DetectionScore(target_class=target_class)
-        else:
-            def score_fn(out: torch.Tensor) -> torch.Tensor:
-                return segmentation_score(out, target_class, region)
+        score_fn = task.default_score(target_class, region)
     elif target_class is not None or region is not None:
         raise ValueError("target_class / region configure the default score; with score_fn= put them in the score")
     watch = getattr(score_fn, "watch", None)
@@ -266,11 +306,9 @@ def grad_cam(
     acts = {n: fired[n][0].detach() for n in names}
     out = {}
     size = tuple(next(iter(inputs.values())).shape[-2:])
-    div = 1
-    if getattr(model, "task", "segmentation") == "detection":
-        # detectors zero-pad their inputs (bottom / right) to a multiple of 32, so their maps
-        # cover the padded image: upsample to it and crop the image part
-        from ..detection.models import SIZE_DIVISIBLE as div
+    # detectors zero-pad their inputs (bottom / right) to a multiple of size_divisible, so their
+    # maps cover the padded image: upsample to it and crop the image part
+    div = int(getattr(model, "size_divisible", None) or task.size_divisible)
     padded = (-(-size[0] // div) * div, -(-size[1] // div) * div)
     for name in names:
         a = acts[name]
@@ -289,29 +327,50 @@ def grad_cam(
     return out
 
 
-def split_gate_channels(x: torch.Tensor, modalities: Sequence[str]) -> dict[str, torch.Tensor]:
+def gate_streams(info: TapInfo, modalities: Sequence[str]) -> list[str]:
+    """The streams of a gate / attention tap's channel chunks, from the tap's metadata.
+
+    A tap that declares its layout (``info.streams``) is read as declared. Otherwise the layout
+    follows from the declared channel count ``G``: the model's ``M`` modalities in order when
+    ``G`` is a multiple of ``M``, ``("fused", *modalities)`` when ``G == M + 1`` (hybrid decision
+    gates), else one stream ``"all"``.
+
+    Args:
+        info: the tap's :class:`~fusionzoo.taps.TapInfo`.
+        modalities: the model's modalities in order.
+    """
+    declared = getattr(info, "streams", None)
+    if declared:
+        return list(declared)
+    m, g = len(modalities), int(info.channels)
+    if g % m == 0:
+        return list(modalities)
+    if g == m + 1:
+        return ["fused", *modalities]
+    return ["all"]
+
+
+def split_gate_channels(x: torch.Tensor, streams: Sequence[str]) -> dict[str, torch.Tensor]:
     """Split a gate / attention tap output into per-stream maps.
 
     Args:
         x: ``(B, G, h, w)`` tap output (``h = w = 1`` for channel attention).
-        modalities: the model's ``M`` modalities in order.
+        streams: the stream of each of ``len(streams)`` equal channel chunks, in order
+            (:func:`gate_streams`); ``["all"]`` averages every channel.
 
     Returns:
-        stream -> ``(B, h, w)`` (channel mean within the stream's chunk). Streams are the
-        modalities when ``G`` is a multiple of ``M``, ``("fused", *modalities)`` when
-        ``G == M + 1``; otherwise one stream ``"all"`` (the mean over all channels).
+        stream -> ``(B, h, w)`` (channel mean within the stream's chunk).
+
+    Raises:
+        ValueError: ``x`` is not 4-d, or ``G`` is not a multiple of ``len(streams)``.
     """
     if x.dim() != 4:
         raise ValueError(f"gate tap output must be (B, G, h, w), got {tuple(x.shape)}")
-    m, g = len(modalities), x.shape[1]
-    if g % m == 0:
-        names = list(modalities)
-    elif g == m + 1:
-        names = ["fused", *modalities]
-    else:
-        return {"all": x.mean(1)}
-    chunks = x.chunk(len(names), dim=1)
-    return {n: c.mean(1) for n, c in zip(names, chunks)}
+    if not streams or x.shape[1] % len(streams):
+        raise ValueError(f"a gate tap with {x.shape[1]} channels cannot be split into the streams {list(streams)}; "
+                         "expected a multiple of their count (see gate_streams)")
+    chunks = x.chunk(len(streams), dim=1)
+    return {n: c.mean(1) for n, c in zip(streams, chunks)}
 
 
 @torch.no_grad()
@@ -331,8 +390,6 @@ def gate_maps(
         :func:`split_gate_channels`.
     """
     info = model.tap_info()
-    import fnmatch
-
     names = [n for n in info if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     if not names:
         return {}
@@ -343,4 +400,5 @@ def gate_maps(
             model(dict(inputs))
     finally:
         model.train(was_training)
-    return {n: {k: v.cpu() for k, v in split_gate_channels(acts[n], model.modalities).items()} for n in names}
+    return {n: {k: v.cpu() for k, v in split_gate_channels(acts[n], gate_streams(info[n], model.modalities)).items()}
+            for n in names}

@@ -19,13 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
-from .api import ComparisonResult, InterpretResult, _stage_index, compare, load_result
+from .api import METRICS, InterpretResult, load_result
+from .compare import ComparisonResult, compare
 from .contribution import contribution_keys
+from .findings import comparison_findings_html, cooperation_tables, findings_html, plot_evolution
+from .plan import stage_index
+from .runs import interpret_run
 
-__all__ = ["write_comparison", "write_report"]
+__all__ = ["report_run", "write_comparison", "write_report"]
 
 _STREAM_COLORS = {"rgb": "#d62728", "depth": "#1f77b4", "thermal": "#ff7f0e", "hha": "#9467bd",
                   "fused": "#2ca02c", "decoder": "#7f7f7f", "head": "#17becf"}
@@ -46,8 +52,8 @@ def _nan(v: Any) -> float:
 
 
 def _stages(res: InterpretResult) -> list[str]:
-    st = {t["stage"] for t in res.taps.values() if _stage_index(t["stage"]) is not None}
-    return sorted(st, key=_stage_index)
+    st = {t["stage"] for t in res.taps.values() if stage_index(t["stage"]) is not None}
+    return sorted(st, key=stage_index)
 
 
 def _streams(res: InterpretResult) -> list[str]:
@@ -134,14 +140,14 @@ def _stage_curve(res: InterpretResult, values: Mapping[str, Any], key: str | Non
             v = values.get(f"{stream}.{s}")
             if v is not None:
                 v = v.get(key) if key else v
-                xs.append(_stage_index(s))
+                xs.append(stage_index(s))
                 ys.append(_nan(v))
         if xs:
             ax.plot(xs, ys, marker="o", label=stream, color=_color(stream, i))
             drawn = True
     if not drawn:
         return None
-    ax.set_xticks([_stage_index(s) for s in stages], stages)
+    ax.set_xticks([stage_index(s) for s in stages], stages)
     ax.set_xlabel("encoder stage (stride 4, 8, 16, 32)")
     ax.set_ylabel(ylabel)
     if ylim:
@@ -252,8 +258,6 @@ def _plot_training(res: InterpretResult, path: Path) -> Path | None:
         ax.set_ylim(0, 1)
         ax.set_title("per-modality head confidence")
         ax.legend(title="head")
-    from matplotlib.ticker import MaxNLocator
-
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs / steps are whole numbers
@@ -504,8 +508,6 @@ def write_report(result: InterpretResult, out_dir: str | Path, title: str | None
                 f"Rows for CKA / effective rank: <code>{html.escape(str(res.settings.get('rows')))}</code>; removal "
                 f"policy <code>{html.escape(str(res.settings.get('policy')))}</code>. All numbers are in "
                 f"<code>metrics.json</code>.</p>")
-    from .findings import cooperation_tables, findings_html, plot_evolution
-
     plots.insert(1, ("evolution", lambda r, p: plot_evolution([r.model], [r], p),
                      "Per stage and stream: debiased CKA to the final representation and semantic variance."))
     sections = [findings_html(res), intro]  # the first screen states the findings (findings.py)
@@ -562,7 +564,7 @@ def _plot_reliance(res: InterpretResult, path: Path) -> Path | None:
             for s in stages:
                 v = rel.get(f"{stream}.{s}")
                 if v is not None and (stream == "fused" or stream != m):
-                    xs.append(_stage_index(s))
+                    xs.append(stage_index(s))
                     ys.append(_nan(v.get(m)))
             if xs and (stream == "fused" or "fused" not in {t.split(".")[0] for t in rel}):
                 ax.plot(xs, ys, ls=ls, marker="o", color=_color(m, i), label=f"{stream} taps on {m}")
@@ -573,7 +575,7 @@ def _plot_reliance(res: InterpretResult, path: Path) -> Path | None:
             drawn = True
     if not drawn:
         return None
-    ax.set_xticks([_stage_index(s) for s in stages], stages)
+    ax.set_xticks([stage_index(s) for s in stages], stages)
     ax.set_xlabel("stage")
     ax.set_ylabel("reliance 1 - CKA (unitless)")
     ax.set_ylim(-0.05, 1.05)
@@ -606,8 +608,6 @@ def write_comparison(results: Sequence[InterpretResult | str | Path], out_dir: s
     path.write_text(json.dumps(cmp.to_json(), indent=1, allow_nan=False) + "\n")
     files["comparison"] = path
     figs = []
-    from .findings import comparison_findings_html, plot_evolution
-
     for name, fn, caption in [
         ("cmp_evolution", lambda c, p: plot_evolution(c.models, res, p),
          ("Per stage and stream, side by side: debiased CKA to the final representation (top) and semantic "
@@ -648,7 +648,7 @@ def comparison_tables(cmp: ComparisonResult, results: Sequence[InterpretResult])
     pass, so a depth-only class can be read off directly (its depth value should carry its IoU).
     """
     mods = list(dict.fromkeys(m for r in results for m in r.modalities))
-    summary = [[lab, str(cmp.fusion[lab]), _num(cmp.miou[lab], True)]
+    summary = [[lab, str(cmp.fusion[lab]), _num(cmp.score[lab], True)]
                + [_num(cmp.shapley[lab].get(m), True) for m in mods]
                + [_num(cmp.drop[lab].get(m), True) for m in mods]
                + [_num((cmp.reliance[lab].get("head.logits") or {}).get(m)) for m in mods]
@@ -673,8 +673,6 @@ def comparison_tables(cmp: ComparisonResult, results: Sequence[InterpretResult])
     tables.append(("Semantic variance per stream and stage", ["model", "stream", *cmp.stages],
                    [[lab, stream] + [_num(d.get(s)) for s in cmp.stages]
                     for lab in cmp.models for stream, d in cmp.semantic_variance[lab].items()]))
-    from .findings import cooperation_tables  # interaction, score decomposition, PID
-
     tables += cooperation_tables(cmp.models, results)
     return tables
 
@@ -733,16 +731,16 @@ def _cmp_cka(cmp: ComparisonResult, path: Path) -> Path | None:
         return None
     fig = Figure(figsize=(11, 4))
     ax1, ax2 = fig.subplots(1, 2)
-    xs_all = [_stage_index(s) for s in cmp.stages]
+    xs_all = [stage_index(s) for s in cmp.stages]
     for i, lab in enumerate(cmp.models):
         d = cmp.cka_cross_modal[lab]
         if d:
-            ax1.plot([_stage_index(s) for s in cmp.stages if s in d], [_nan(d[s]) for s in cmp.stages if s in d],
+            ax1.plot([stage_index(s) for s in cmp.stages if s in d], [_nan(d[s]) for s in cmp.stages if s in d],
                      marker="o", label=lab, color=f"C{i % 10}")
         mf = cmp.cka_modality_fused[lab]
         mods = list(dict.fromkeys(m for v in mf.values() for m in v))
         for m, ls in zip(mods, ("-", "--", ":")):
-            ax2.plot([_stage_index(s) for s in cmp.stages if s in mf],
+            ax2.plot([stage_index(s) for s in cmp.stages if s in mf],
                      [_nan(mf[s].get(m)) for s in cmp.stages if s in mf], marker="o", ls=ls,
                      label=f"{lab}: {m}", color=f"C{i % 10}")
     for ax, t in ((ax1, "between modalities"), (ax2, "modality vs fused stream")):
@@ -769,8 +767,8 @@ def _cmp_sv(cmp: ComparisonResult, path: Path) -> Path | None:
             d = cmp.semantic_variance[lab].get(stream)
             if d:
                 st = [s for s in cmp.stages if s in d]
-                ax.plot([_stage_index(s) for s in st], [_nan(d[s]) for s in st], marker="o", label=lab, color=f"C{i % 10}")
-        ax.set_xticks([_stage_index(s) for s in cmp.stages], cmp.stages)
+                ax.plot([stage_index(s) for s in st], [_nan(d[s]) for s in st], marker="o", label=lab, color=f"C{i % 10}")
+        ax.set_xticks([stage_index(s) for s in cmp.stages], cmp.stages)
         ax.set_xlabel("stage")
         ax.set_ylim(0, 1)
         ax.set_title(f"{stream} stream")
@@ -799,3 +797,15 @@ def _cmp_reliance(cmp: ComparisonResult, path: Path) -> Path | None:
     ax.legend(title="modality removed")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def report_run(run_dir: str | Path, out_dir: str | Path | None = None, metrics: Sequence[str] = METRICS,
+               device: str | torch.device | None = None, **run_kwargs: Any) -> dict[str, Path]:
+    """Interpret a training run folder (:func:`fusionzoo.interpret.runs.interpret_run`) and write
+    its report (default ``<run_dir>/report``).
+
+    Returns:
+        name -> path of every file written (``"report"`` is the HTML page).
+    """
+    result = interpret_run(run_dir, metrics, device, **run_kwargs)
+    return write_report(result, Path(out_dir) if out_dir is not None else Path(run_dir) / "report")

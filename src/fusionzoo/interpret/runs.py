@@ -4,13 +4,16 @@ A run folder is what ``train.py`` writes: ``config.json`` (the resolved training
 ``best/`` (``save_pretrained`` weights of the best validation epoch), ``callbacks.json`` and
 ``checkpoints/last/state.json`` (callback states, including :class:`ModalityBalanceCallback`).
 
->>> from fusionzoo.interpret.runs import report_run
->>> files = report_run("runs/esanet_resnet18-synthetic_rgbd-...")   # -> <run>/report/report.html
+>>> from fusionzoo.interpret.runs import interpret_run
+>>> result = interpret_run("runs/esanet_resnet18-synthetic_rgbd-...")
+>>> from fusionzoo.interpret.report import report_run                # interpret + write the report
+>>> files = report_run("runs/esanet_resnet18-synthetic_rgbd-...")    # -> <run>/report/report.html
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,9 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.builders import build_datasets
+from ..engine.config import config_from_dict
+from ..hub import from_pretrained
 from .api import METRICS, InterpretResult, run
+from .callbacks import ModalityBalanceCallback
 
-__all__ = ["find_weights", "interpret_run", "is_pretrained_dir", "load_run", "report_run", "training_history"]
+__all__ = ["find_weights", "interpret_run", "is_pretrained_dir", "load_run", "run_config", "training_history",
+           "validation_set"]
 
 WEIGHT_DIRS = ("best", "pretrained", "final")
 
@@ -52,7 +60,11 @@ def find_weights(run_dir: str | Path) -> Path:
 
 def training_history(run_dir: str | Path) -> dict[str, Any] | None:
     """The :class:`ModalityBalanceCallback` state of a run (``callbacks.json``, else the last
-    checkpoint's trainer state), or None."""
+    checkpoint's trainer state), or None.
+
+    The state is recognised by the key the callback writes into it
+    (``state["state_key"] == ModalityBalanceCallback.state_key``), not by how the trainer names
+    its entry."""
     run_dir = Path(run_dir)
     for path in (run_dir / "callbacks.json", run_dir / "checkpoints" / "last" / "state.json"):
         if not path.is_file():
@@ -63,9 +75,12 @@ def training_history(run_dir: str | Path) -> dict[str, Any] | None:
             continue
         if path.name == "state.json":
             data = (data.get("trainer") or {}).get("callbacks") or {}
-        for key, value in data.items():
-            if key.endswith("ModalityBalanceCallback") and isinstance(value, dict):
+        for value in data.values():
+            if isinstance(value, dict) and value.get("state_key") == ModalityBalanceCallback.state_key:
                 return value
+        if any(isinstance(v, dict) and "state_key" not in v for v in data.values()):
+            warnings.warn(f"{path}: callback states without a 'state_key' (written by an older fusionzoo); "
+                          f"no {ModalityBalanceCallback.state_key!r} history is read from it", stacklevel=2)
     return None
 
 
@@ -82,9 +97,6 @@ def run_config(run_dir: str | Path) -> dict[str, Any] | None:
 
 def validation_set(run_cfg: dict[str, Any]):
     """The run's validation set, built exactly as training built it."""
-    from ..engine.builders import build_datasets
-    from ..engine.config import config_from_dict
-
     saved = {k: v for k, v in run_cfg.items() if not k.startswith("_")}
     cfg = config_from_dict(saved, None, where="run config.json")
     _, val = build_datasets(cfg)
@@ -98,8 +110,6 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> t
         run_dir: the folder ``train.py`` wrote.
         device: where to put the model (default: CUDA when available).
     """
-    from ..hub import from_pretrained
-
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     if cfg is None:
@@ -117,16 +127,3 @@ def interpret_run(run_dir: str | Path, metrics: Sequence[str] = METRICS, device:
     result = run(model, val, metrics=metrics, **run_kwargs)
     result.training = history
     return result
-
-
-def report_run(run_dir: str | Path, out_dir: str | Path | None = None, metrics: Sequence[str] = METRICS,
-               device: str | torch.device | None = None, **run_kwargs: Any) -> dict[str, Path]:
-    """Interpret a run and write its report (default ``<run_dir>/report``).
-
-    Returns:
-        name -> path of every file written (``"report"`` is the HTML page).
-    """
-    from .report import write_report
-
-    result = interpret_run(run_dir, metrics, device, **run_kwargs)
-    return write_report(result, Path(out_dir) if out_dir is not None else Path(run_dir) / "report")

@@ -82,10 +82,18 @@ class DetectionEvaluator(Evaluator):
 
     AP is not a sum over images: every pass's detections are kept (CPU) and, under
     torch.distributed, gathered to all ranks by :meth:`all_reduce` before :meth:`compute`.
+
+    Args:
+        num_classes: ``K``; AP categories are ``0..K-1``.
+        per_class: also report ``ap_per_class`` and ``ap50_per_class`` (lists of ``K``): the
+            same evaluation restricted to one category at a time (its predictions and ground
+            truth only; nan for a category without ground truth), so their nan-mean is the
+            overall AP. Modality contribution scores coalitions per class with them.
     """
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, per_class: bool = False) -> None:
         self.num_classes = num_classes
+        self.per_class = per_class
         self.predictions: list[Detections] = []
         self.targets: list[Detections] = []
         self.metas: list[Mapping[str, Any]] = []
@@ -114,11 +122,27 @@ class DetectionEvaluator(Evaluator):
 
     def compute(self) -> dict[str, Any]:
         """``ap`` (AP at IoU 0.50:0.95), ``ap50``, ``ap75``, ``coco`` (all twelve
-        COCO numbers), ``images``; for KAIST also ``mr2``, ``mr2_day`` and ``mr2_night``."""
+        COCO numbers), ``images``; with ``per_class`` also ``ap_per_class`` and ``ap50_per_class``;
+        for KAIST also ``mr2``, ``mr2_day`` and ``mr2_night``."""
         res = coco_ap(self.predictions, self.targets, num_classes=self.num_classes)
         out = {"ap": res["AP"], "ap50": res["AP50"], "ap75": res["AP75"], "coco": res,
                "images": len(self.predictions)}
+        if self.per_class:
+            per = [coco_ap(_only(self.predictions, c), _only(self.targets, c), num_classes=None)
+                   for c in range(self.num_classes)]
+            out["ap_per_class"] = [r["AP"] for r in per]
+            out["ap50_per_class"] = [r["AP50"] for r in per]
         return {**out, **protocol_miss_rates(self.predictions, self.targets, self.metas, self.input_sizes)}
+
+
+def _only(dets: Sequence[Mapping[str, torch.Tensor]], label: int) -> list[Detections]:
+    """The boxes of class ``label`` of every image. COCOeval matches and accumulates per category,
+    so AP over these is exactly that category's share of the mean."""
+    out = []
+    for d in dets:
+        keep = d["labels"] == label
+        out.append({k: v[keep] for k, v in d.items() if k in ("boxes", "scores", "labels")})
+    return out
 
 
 @register_task
@@ -154,7 +178,8 @@ class DetectionTask(Task):
         return model(inputs, missing=tuple(missing)) if missing else model(inputs)
 
     def evaluator(self, num_classes: int, class_names: Sequence[str] | None = None, **options: Any) -> Evaluator:
-        return DetectionEvaluator(num_classes)
+        """A :class:`DetectionEvaluator`; ``per_class=True`` adds per-category AP."""
+        return DetectionEvaluator(num_classes, per_class=bool(options.get("per_class", False)))
 
     def log_record(self, result: Mapping[str, Any]) -> dict[str, Any]:
         keys = ("ap", "ap50", "ap75", "images", *sorted(k for k in result if k.startswith("mr2")))

@@ -1,0 +1,46 @@
+"""Representation health as a run metric: effective rank and feature norm of every feature tap
+(:mod:`fusionzoo.interpret.health`), and the feature-norm ratio of modality pairs per stage."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..health import EffectiveRank, FeatureNorm
+from .base import BatchContext, MetricAccumulator, Needs, RunSpec
+
+__all__ = ["HealthMetric"]
+
+
+class HealthMetric(MetricAccumulator):
+    """Section: ``{"effective_rank": {tap: v}, "feature_norm": {tap: v}, "norm_ratio": {stage:
+    {"a/b": v}}}`` (effective rank over the example rows, norms over every position)."""
+
+    name = "health"
+
+    def __init__(self, spec: RunSpec) -> None:
+        super().__init__(spec)
+        self.needs = Needs(taps=tuple(spec.plan.features))
+        self.eranks = {n: EffectiveRank() for n in spec.plan.features}
+        self.norms = {n: FeatureNorm() for n in spec.plan.features}
+
+    def update(self, batch: BatchContext) -> None:
+        for n, er in self.eranks.items():
+            if batch.has_rows:
+                er.update(batch.rows(n))
+            self.norms[n].update(batch.acts[n])
+
+    def compute(self) -> dict[str, Any] | None:
+        if not self.eranks:
+            return None
+        fn = {n: acc.compute() for n, acc in self.norms.items()}
+        ratio: dict[str, dict[str, float]] = {}
+        mods = self.spec.modalities
+        for stage, streams in self.spec.plan.stage_taps.items():
+            present = [m for m in mods if m in streams]
+            for i, a in enumerate(present):
+                for b in present[i + 1:]:
+                    nb = fn[streams[b]]
+                    ratio.setdefault(stage, {})[f"{a}/{b}"] = fn[streams[a]] / nb if nb > 0 else math.nan
+        return {"effective_rank": {n: e.compute() for n, e in self.eranks.items()}, "feature_norm": fn,
+                "norm_ratio": ratio}
