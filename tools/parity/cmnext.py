@@ -46,6 +46,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import fusionzoo as fz
+from fusionzoo.models.convert import convert_state_dict
+from fusionzoo.models.published import cmnext as ours
+from fusionzoo.models.published.parity import (
+    RULE,
+    fill_state_dict,
+    key_shapes,
+    max_abs_diff,
+    read_fixture,
+    seeded_inputs,
+)
+
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "cmnext"
 SEED_WEIGHTS = 4321
@@ -174,10 +186,6 @@ def _run(model: nn.Module, inputs: dict[str, torch.Tensor], forward: Callable[[d
 def check(folder: Path) -> dict[str, float]:
     """Max abs differences of ours against the committed fixture (no authors' code needed):
     eval and train logits, and train-mode input gradients relative to their largest value."""
-    import fusionzoo as fz
-    from fusionzoo.models.convert import convert_state_dict
-    from fusionzoo.models.published.parity import fill_state_dict, max_abs_diff, read_fixture, seeded_inputs
-
     fixture = read_fixture(folder)
     golden = load_file(folder / "outputs.safetensors")
     diffs: dict[str, float] = {}
@@ -208,9 +216,6 @@ def main() -> None:
         return
     if args.ref is None:
         parser.error("--ref is required to regenerate the fixture (or use --check)")
-
-    from fusionzoo.models.published import cmnext as ours
-    from fusionzoo.models.published.parity import RULE, fill_state_dict, key_shapes, seeded_inputs
 
     commit = _commit(args.ref)
     if commit != ours.REFERENCE_COMMIT:
