@@ -41,19 +41,18 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import torch
 from timm.layers import DropPath, LayerNorm2d
 from timm.models.pvt_v2 import Attention as PvtAttention
 from torch import nn
 
-from ..._registry import ReleasedWeights, register_model, register_weights
+from ..._registry import ReleasedWeights, register_weights
 from ...encoders import Encoder
 from ...fusion.cmx import CMXFusion
 from ...heads.segformer import SegFormerDecoder
 from ..base import FusionModel
-from ..convert import StateDict, build_or_load, register_converter, rename_keys
+from ..convert import StateDict, register_converter, rename_keys
 from .cmx import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -65,6 +64,7 @@ from .cmx import (
     _set_drop_path,
     _shift,
     load_mit_imagenet,
+    register_mit_entry,
     select_attention_kernel,
 )
 
@@ -450,24 +450,10 @@ ACCEPTS = ("num_classes", "modalities", "pretrained", "decoder_channels", "dropo
 
 
 def _entry(variant: str) -> Callable[..., nn.Module]:
-    name = f"cmnext_mit_{variant}"
-
-    def entry(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
-        def build() -> nn.Module:
-            model = CMNeXtMiT(variant, pretrained=pretrained, **kwargs)
-            model.config = {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
-            return model
-
-        return build_or_load(name, pretrained, build)
-
-    entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = f"CMNeXt on MiT-{variant.upper()}, the authors' network; paper: {PAPER}.\n\n{CMNeXtMiT.__doc__}"
-    register_model(
-        task="segmentation", fusion="middle", method="cmnext", encoder=f"mit_{variant}", paper=PAPER,
-        modalities=("rgb", "hha"), max_modalities=None, accepts=ACCEPTS,
-        published=True, reference_repo=REFERENCE_REPO, reference_commit=REFERENCE_COMMIT,
-    )(entry)
-    return entry
+    return register_mit_entry(
+        "cmnext", variant, CMNeXtMiT, title="CMNeXt", paper=PAPER, accepts=ACCEPTS, max_modalities=None,
+        reference_repo=REFERENCE_REPO, reference_commit=REFERENCE_COMMIT,
+    )
 
 
 cmnext_mit_b0 = _entry("b0")

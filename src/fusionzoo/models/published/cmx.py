@@ -321,25 +321,47 @@ ACCEPTS = (
 )
 
 
-def _entry(variant: str) -> Callable[..., nn.Module]:
-    name = f"cmx_mit_{variant}"
+def register_mit_entry(
+    method: str,
+    variant: str,
+    model_cls: Callable[..., nn.Module],
+    *,
+    title: str,
+    paper: str,
+    accepts: Sequence[str],
+    max_modalities: int | None,
+    reference_repo: str,
+    reference_commit: str,
+) -> Callable[..., nn.Module]:
+    """Register the published entry ``{method}_mit_{variant}``: ``model_cls(variant, **kwargs)``
+    with its ``config``, or the authors' released weights when ``pretrained`` is a tag (shared by
+    the MiT-based entries, CMX and CMNeXt)."""
+    name = f"{method}_mit_{variant}"
 
     def entry(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
         def build() -> nn.Module:
-            model = CMXMiT(variant, pretrained=pretrained, **kwargs)
+            model = model_cls(variant, pretrained=pretrained, **kwargs)
             model.config = {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
             return model
 
         return build_or_load(name, pretrained, build)
 
     entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = f"CMX on MiT-{variant.upper()}, the authors' network; paper: {PAPER}.\n\n{CMXMiT.__doc__}"
+    entry.__module__ = model_cls.__module__
+    entry.__doc__ = f"{title} on MiT-{variant.upper()}, the authors' network; paper: {paper}.\n\n{model_cls.__doc__}"
     register_model(
-        task="segmentation", fusion="middle", method="cmx", encoder=f"mit_{variant}", paper=PAPER,
-        modalities=("rgb", "hha"), max_modalities=2, accepts=ACCEPTS,
-        published=True, reference_repo=REFERENCE_REPO, reference_commit=REFERENCE_COMMIT,
+        task="segmentation", fusion="middle", method=method, encoder=f"mit_{variant}", paper=paper,
+        modalities=("rgb", "hha"), max_modalities=max_modalities, accepts=accepts,
+        published=True, reference_repo=reference_repo, reference_commit=reference_commit,
     )(entry)
     return entry
+
+
+def _entry(variant: str) -> Callable[..., nn.Module]:
+    return register_mit_entry(
+        "cmx", variant, CMXMiT, title="CMX", paper=PAPER, accepts=ACCEPTS, max_modalities=2,
+        reference_repo=REFERENCE_REPO, reference_commit=REFERENCE_COMMIT,
+    )
 
 
 cmx_mit_b0 = _entry("b0")
