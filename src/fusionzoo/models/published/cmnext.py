@@ -488,8 +488,8 @@ _MIOU = {  # README: DeLiVER, KITTI-360 (CMNeXt on MiT-B2)
     "kitti360": {"rgbd": 65.09, "rgbe": 66.13, "rgbl": 65.26, "rgbde": 67.73, "rgbdl": 66.55, "rgbdel": 67.84},
 }
 for _dataset, _url, _classes, _label in (
-    ("deliver", _DELIVER_URL, DELIVER_CLASSES, "DeLiVER val, 25 classes"),
-    ("kitti360", _KITTI360_URL, KITTI360_CLASSES, "KITTI-360 val, 19 classes"),
+    ("deliver", _DELIVER_URL, DELIVER_CLASSES, "DeLiVER, 25 classes"),
+    ("kitti360", _KITTI360_URL, KITTI360_CLASSES, "KITTI-360, 19 classes"),
 ):
     for _combo, _miou in _MIOU[_dataset].items():
         _mods = ("rgb", *(_LETTERS[c] for c in _combo[3:]))
