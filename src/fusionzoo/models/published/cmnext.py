@@ -1,7 +1,7 @@
 """CMNeXt on MiT, as published: ``cmnext_mit_b0`` .. ``cmnext_mit_b5``.
 
 Zhang, Liu, Shi, Yang, Reiss, Peng, Fu, Wang, Stiefelhagen, "Delivering Arbitrary-Modal Semantic
-Segmentation", CVPR 2023 (Sec. 4, Fig. 4: Hub2Fuse with asymmetric branches; Tables 3-6). The
+Segmentation", CVPR 2023 (CMNeXt: the Hub2Fuse paradigm with asymmetric branches). The
 reference is the authors' repository (:data:`REFERENCE_REPO` at :data:`REFERENCE_COMMIT`); its
 state dict maps onto these models tensor for tensor (:func:`convert_cmnext`), and
 ``tests/test_parity_cmnext.py`` checks the outputs against numbers computed by the authors' code
@@ -143,7 +143,7 @@ class ParallelPatchEmbed(nn.Module):
 
 
 class SelfQueryHub(nn.Module):
-    """Self-Query Hub (Sec. 4.2): a per-pixel score ``s_m = sigmoid(conv1x1(dwconv3x3(x_m)))``
+    """Self-Query Hub (the paper's hub step): a per-pixel score ``s_m = sigmoid(conv1x1(dwconv3x3(x_m)))``
     per modality; each feature becomes ``s_m * x_m + x_m`` and the hub keeps their element-wise
     maximum (taken pairwise in modality order, as ``functools.reduce(torch.max, ...)``)."""
 
@@ -163,7 +163,7 @@ class SelfQueryHub(nn.Module):
 
 
 class PoolingMixer(nn.Module):
-    """The PPX token mixer (Sec. 4.3): a depth-wise 7x7 conv, average pooling over 3x3, 7x7 and
+    """The PPX token mixer: a depth-wise 7x7 conv, average pooling over 3x3, 7x7 and
     11x11 windows (padding excluded from the mean) summed with it, a 1x1 conv and a sigmoid that
     re-weights the input: ``x * sigmoid(proj(d + p3(d) + p7(d) + p11(d))) + x``, ``d = dwconv(x)``."""
 
@@ -196,7 +196,7 @@ class ConvMlp(nn.Module):
 
 
 class PPXBlock(nn.Module):
-    """Parallel Pooling Mixer block (Sec. 4.3, Fig. 4c), the auxiliary branch's block.
+    """Parallel Pooling Mixer (PPX) block, the auxiliary branch's block.
 
     ``x = x + drop(g1 * mixer(BN1(x)))``, then a channel gate ``c = sigmoid(conv1d_3(avg(x)))``
     over the channel axis and ``x = c * x + drop(g2 * mlp(BN2(x)))``: the second residual is the
