@@ -45,8 +45,8 @@ def test_bad_filters_raise() -> None:
         fz.list_models(fusion="intermediate")
     with pytest.raises(ValueError, match="task must be one of"):
         fz.list_models(task="classification")
-    with pytest.raises(ValueError, match="unknown modality 'lidar'"):
-        fz.list_models(modalities=("rgb", "lidar"))
+    with pytest.raises(ValueError, match="unknown modality 'radar'"):
+        fz.list_models(modalities=("rgb", "radar"))
 
 
 def test_model_entry_metadata() -> None:
@@ -95,8 +95,8 @@ def test_duplicate_and_malformed_names_raise() -> None:
 def test_config_values_are_validated() -> None:
     with pytest.raises(ValueError, match="num_classes"):
         fz.create_model("late_mean_resnet18", num_classes=0)
-    with pytest.raises(ValueError, match="unknown modality 'lidar'"):
-        fz.create_model("late_mean_resnet18", modalities=("rgb", "lidar"))
+    with pytest.raises(ValueError, match="unknown modality 'radar'"):
+        fz.create_model("late_mean_resnet18", modalities=("rgb", "radar"))
     with pytest.raises(ValueError, match="unknown decoder 'unet'"):
         fz.create_model("late_mean_resnet18", decoder="unet")
     with pytest.raises(ValueError, match="in_chans names modality 'thermal'"):

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 # Channels of each modality as it enters an encoder. HHA (Gupta et al., ECCV 2014) encodes depth
-# as horizontal disparity, height above ground and angle with gravity: three channels.
-DEFAULT_CHANNELS: dict[str, int] = {"rgb": 3, "depth": 1, "thermal": 1, "hha": 3}
+# as horizontal disparity, height above ground and angle with gravity: three channels. Event and
+# LiDAR streams are 3-channel images as DeLiVER and KITTI-360 (CMNeXt, CVPR 2023) store them.
+DEFAULT_CHANNELS: dict[str, int] = {"rgb": 3, "depth": 1, "thermal": 1, "hha": 3, "event": 3, "lidar": 3}
 
 
 def check_modality_names(modalities: Iterable[str]) -> tuple[str, ...]:

@@ -7,6 +7,7 @@ fixtures that ``tools/parity/<method>.py`` regenerates from a checkout of their 
 """
 from . import (
     acnet,  # noqa: F401  (ACNet, Hu et al. ICIP 2019)
+    cmnext,  # noqa: F401  (CMNeXt, Zhang et al. CVPR 2023)
     cmx,  # noqa: F401  (CMX, Zhang et al. T-ITS 2023)
     esanet,  # noqa: F401  (ESANet, Seichter et al. ICRA 2021)
     fusenet,  # noqa: F401  (FuseNet, Hazirbas et al. ACCV 2016)

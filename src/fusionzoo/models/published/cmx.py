@@ -114,6 +114,21 @@ def _set_drop_path(encoder: Encoder, rates: Sequence[Sequence[float]]) -> None:
             block.drop_path2 = DropPath(p) if p > 0 else nn.Identity()
 
 
+def select_attention_kernel(attentions: Sequence[PvtAttention], x: torch.Tensor, current: bool | None) -> bool:
+    """Switch MiT's attention modules to the kernel that suits ``x``'s device; returns the choice.
+
+    timm's fused attention (scaled_dot_product_attention) parallelizes over batch x heads on CPU,
+    so MiT's stage 1 (one head) runs on one thread at batch 1; the authors' explicit
+    ``(q @ k^T) softmax @ v`` uses every thread there. Fused on accelerators, explicit on CPU.
+    ``current`` is the previous choice (``None`` before the first call), so nothing is set twice.
+    """
+    fused = x.device.type != "cpu"
+    if fused != current:
+        for attn in attentions:
+            attn.fused_attn = fused
+    return fused
+
+
 class CMXMiT(CMXModel):
     """CMX with dual MiT backbones and the MLP decoder, the authors' network (module docstring).
 
@@ -194,14 +209,7 @@ class CMXMiT(CMXModel):
             load_mit_imagenet(self, mit_weights)
 
     def forward_streams(self, xs: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
-        # timm's fused attention (scaled_dot_product_attention) parallelizes over batch x heads on
-        # CPU, so MiT's stage 1 (one head) runs on one thread at batch 1; the authors' explicit
-        # (q @ k^T) softmax @ v uses every thread there. Fused on accelerators, explicit on CPU.
-        fused = next(iter(xs.values())).device.type != "cpu"
-        if fused != self._fused_attn:
-            for attn in self._attentions:
-                attn.fused_attn = fused
-            self._fused_attn = fused
+        self._fused_attn = select_attention_kernel(self._attentions, next(iter(xs.values())), self._fused_attn)
         if self.replicate_x:  # (B, 1, H, W) -> (B, 3, H, W), as the authors' cv2.merge([x, x, x])
             x = self.modalities[1]
             xs = {**xs, x: xs[x].expand(-1, self.stem_chans[x], -1, -1)}
@@ -282,10 +290,11 @@ def convert_cmx(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Sta
     return {_shift(k): v for k, v in renamed.items()}
 
 
-def load_mit_imagenet(model: CMXMiT, path: str, strict: bool = True) -> CMXMiT:
-    """Initialize both streams from SegFormer's ImageNet MiT file (``mit_b2.pth``, from the
-    authors' README), as the authors' ``load_dualpath_model`` does: the same tensors into the RGB
-    and the X backbone; the classifier ``head.*`` is dropped.
+def load_mit_imagenet(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
+    """Initialize every MiT stream of ``model.encoders`` from SegFormer's ImageNet MiT file
+    (``mit_b2.pth``, from the authors' README), as the authors' ``load_dualpath_model`` does: for
+    CMX the same tensors into the RGB and the X backbone (CMNeXt has one, the RGB stream); the
+    classifier ``head.*`` is dropped.
 
     Raises:
         ConversionError: a backbone key that does not map; ValueError: a backbone tensor missing.
@@ -294,7 +303,7 @@ def load_mit_imagenet(model: CMXMiT, path: str, strict: bool = True) -> CMXMiT:
 
     sd = {k: v for k, v in read_authors_checkpoint(path).items() if not k.startswith("head.")}
     ours: StateDict = {}
-    for m in model.modalities:
+    for m in model.encoders:
         rules = _mit_rules("", f"encoders.{m}.segments")
         ours.update({_shift(k): v for k, v in rename_keys(sd, rules, where=str(path)).items()})
     own = {k for k in model.state_dict() if k.startswith("encoders.")}
@@ -312,25 +321,47 @@ ACCEPTS = (
 )
 
 
-def _entry(variant: str) -> Callable[..., nn.Module]:
-    name = f"cmx_mit_{variant}"
+def register_mit_entry(
+    method: str,
+    variant: str,
+    model_cls: Callable[..., nn.Module],
+    *,
+    title: str,
+    paper: str,
+    accepts: Sequence[str],
+    max_modalities: int | None,
+    reference_repo: str,
+    reference_commit: str,
+) -> Callable[..., nn.Module]:
+    """Register the published entry ``{method}_mit_{variant}``: ``model_cls(variant, **kwargs)``
+    with its ``config``, or the authors' released weights when ``pretrained`` is a tag (shared by
+    the MiT-based entries, CMX and CMNeXt)."""
+    name = f"{method}_mit_{variant}"
 
     def entry(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
         def build() -> nn.Module:
-            model = CMXMiT(variant, pretrained=pretrained, **kwargs)
+            model = model_cls(variant, pretrained=pretrained, **kwargs)
             model.config = {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
             return model
 
         return build_or_load(name, pretrained, build)
 
     entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = f"CMX on MiT-{variant.upper()}, the authors' network; paper: {PAPER}.\n\n{CMXMiT.__doc__}"
+    entry.__module__ = model_cls.__module__
+    entry.__doc__ = f"{title} on MiT-{variant.upper()}, the authors' network; paper: {paper}.\n\n{model_cls.__doc__}"
     register_model(
-        task="segmentation", fusion="middle", method="cmx", encoder=f"mit_{variant}", paper=PAPER,
-        modalities=("rgb", "hha"), max_modalities=2, accepts=ACCEPTS,
-        published=True, reference_repo=REFERENCE_REPO, reference_commit=REFERENCE_COMMIT,
+        task="segmentation", fusion="middle", method=method, encoder=f"mit_{variant}", paper=paper,
+        modalities=("rgb", "hha"), max_modalities=max_modalities, accepts=accepts,
+        published=True, reference_repo=reference_repo, reference_commit=reference_commit,
     )(entry)
     return entry
+
+
+def _entry(variant: str) -> Callable[..., nn.Module]:
+    return register_mit_entry(
+        "cmx", variant, CMXMiT, title="CMX", paper=PAPER, accepts=ACCEPTS, max_modalities=2,
+        reference_repo=REFERENCE_REPO, reference_commit=REFERENCE_COMMIT,
+    )
 
 
 cmx_mit_b0 = _entry("b0")
