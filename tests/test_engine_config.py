@@ -90,7 +90,7 @@ def test_yaml_type_errors(tmp_path, text, fragment):
     [
         (["--epochs", "three"], "expects an integer"),
         (["--compile", "maybe"], "expects a boolean"),
-        (["--epochs"], "needs a value"),
+        (["--epochs"], "--epochs: expected one argument"),
         (["stray"], "unexpected argument"),
         (["--modalities", "rgb,rgb"], "must not repeat"),
         (["--modalities", "rgb,depth", "--eval-missing", "thermal"], "must name modalities"),

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .config import ConfigError, TrainConfig, config_from_dict, config_to_dict
+from .config import CALLBACKS, ConfigError, TrainConfig, config_from_dict, config_to_dict
 from .distributed import DistInfo, EpochSampler, SeededDataset
 
 __all__ = [
@@ -35,13 +35,6 @@ __all__ = [
     "resolve_modalities",
     "resume_run_dir",
 ]
-
-# Named training callbacks (``--callbacks a,b``): "module:Class", imported on use.
-CALLBACKS = {
-    "modality_balance": "fusionzoo.interpret.callbacks:ModalityBalanceCallback",
-    "ogm_ge": "fusionzoo.interpret.callbacks:OGMGECallback",  # changes training: OGM-GE, alpha 0.5
-}
-
 
 def build_callbacks(names: Sequence[str]) -> list[Any]:
     """Instantiate the named callbacks (see :data:`CALLBACKS`)."""
