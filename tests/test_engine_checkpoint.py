@@ -19,7 +19,7 @@ from fusionzoo.engine.checkpoint import (
     save_checkpoint,
     save_tensors,
 )
-from fusionzoo.engine.loop import build_optimizer, build_scheduler
+from fusionzoo.engine.optim import build_optimizer, build_scheduler
 
 
 class Tiny(nn.Module):

@@ -29,7 +29,8 @@ from fusionzoo.cli import main
 from fusionzoo.engine import builders
 from fusionzoo.engine.checkpoint import atomic_write_bytes, save_checkpoint
 from fusionzoo.engine.config import ConfigError, TrainConfig, help_text, write_config
-from fusionzoo.engine.loop import EpochState, build_optimizer, train_one_epoch
+from fusionzoo.engine.loop import EpochState, train_one_epoch
+from fusionzoo.engine.optim import build_optimizer
 
 # Names this issue added are imported inside the tests, so that against the base commit each test
 # fails on its own behaviour rather than the whole module on an ImportError.
