@@ -528,6 +528,14 @@ def help_text() -> str:
     return _parser().format_help()
 
 
+def _dashed(token: str) -> str:
+    """``--eval_missing=a_b`` -> ``--eval-missing=a_b``: flags take either spelling, values keep theirs."""
+    if not token.startswith("--"):
+        return token
+    name, eq, value = token[2:].partition("=")
+    return f"--{name.replace('_', '-')}{eq}{value}"
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict[str, Any]]:
     """``(config, card)`` of :func:`parse_command_line` (which also says which keys were given)."""
     parsed = parse_command_line(argv)
@@ -549,10 +557,7 @@ def parse_command_line(argv: Sequence[str] | None = None) -> CommandLine:
         ConfigError: an unknown key (suggesting close matches and listing the valid ones), a
             missing value, or a bad value.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # --eval_missing = --eval-missing: the flag's name part only, never a value or after "=".
-    argv = [a[:2] + a[2:].partition("=")[0].replace("_", "-") + "".join(a[2:].partition("=")[1:])
-            if a.startswith("--") else a for a in argv]
+    argv = [_dashed(a) for a in (sys.argv[1:] if argv is None else argv)]
     namespace, extras = _parser().parse_known_args(argv)
     unknown = [a[2:].partition("=")[0].replace("-", "_") for a in extras if a.startswith("--")]
     if unknown:
