@@ -11,6 +11,8 @@ interpretation.
 
 from __future__ import annotations
 
+from ._lazy import lazy_exports
+
 __version__ = "0.1.0"
 
 # Every public name is imported on first use (PEP 562), so `import fusionzoo` and `fusionzoo --help`
@@ -30,21 +32,7 @@ _LAZY = {
 _LAZY_SUBMODULES = ("data", "interpret", "engine", "models", "detection")
 
 
-def __getattr__(name: str):
-    import importlib
-
-    if name in _LAZY_SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value  # later lookups skip __getattr__
-        return value
-    raise AttributeError(f"module 'fusionzoo' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY, *_LAZY_SUBMODULES})
-
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, _LAZY_SUBMODULES)
 
 __all__ = [
     "DEFAULT_CHANNELS",

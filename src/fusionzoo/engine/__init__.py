@@ -1,14 +1,13 @@
 """Training engine: config, loops, metrics, checkpoints, distributed helpers, hub save/load.
 
-Every public name is imported on first use (PEP 562, as in ``fusionzoo/__init__.py``), so
+Every public name is imported on first use (PEP 562, ``fusionzoo._lazy``), so
 ``from fusionzoo.engine.config import TrainConfig`` does not import the training loop, the hub
 and the distributed helpers.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_exports
 
 _LAZY = {
     "CheckpointError": ".checkpoint", "load_checkpoint": ".checkpoint", "load_model_weights": ".checkpoint",
@@ -20,17 +19,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value  # later lookups skip __getattr__
-        return value
-    raise AttributeError(f"module 'fusionzoo.engine' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
-
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
     "Callback",
