@@ -352,6 +352,7 @@ def test_train_help_has_descriptions_and_choices():
     assert "peak learning rate" in text and "--no-compile = false" in text
     flat = "".join(text.split())  # argparse wraps lines, also at hyphens
     for f in dataclasses.fields(TrainConfig):  # every key has its flag and its description
+        assert f.metadata.get("help"), f"TrainConfig.{f.name} has no description: declare it with _key(default, help)"
         assert f"--{f.name.replace('_', '-')}" in flat and "".join(f.metadata["help"].split()) in flat
     assert "'{dropout:0.1}'" in flat  # the YAML hint of --model-kwargs
 

@@ -508,10 +508,11 @@ def _parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     group: Any = p
     for f in dataclasses.fields(TrainConfig):
-        if f.metadata["section"]:
+        if f.metadata.get("section"):
             group = p.add_argument_group(f.metadata["section"])
         tp, flag = hints[f.name], "--" + f.name.replace("_", "-")
-        desc = f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r})"
+        # A field declared without _key() still parses; tests/test_silent_engine.py names it.
+        desc = f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)!r})"
         if tp is bool:
             group.add_argument(flag, dest=f.name, nargs="?", const=True, type=_parse_bool, metavar="BOOL",
                                help=f"{desc}; --no-{flag[2:]} = false")
