@@ -65,13 +65,11 @@ from fusionzoo.engine.loop import (
     MetricsLogger,
     StopOnSignal,
     TrainingInterrupted,
-    build_optimizer,
-    build_scheduler,
     evaluate,
     make_grad_scaler,
-    retarget_schedule,
     train_one_epoch,
 )
+from fusionzoo.engine.optim import build_optimizer, build_scheduler, retarget_schedule
 from fusionzoo.engine.sync_bn import convert_sync_batchnorm
 from fusionzoo.files import atomic_write_bytes
 from fusionzoo.hub import save_pretrained

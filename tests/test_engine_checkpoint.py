@@ -10,7 +10,7 @@ from torch import nn
 
 from fusionzoo.engine import checkpoint as ck
 from fusionzoo.engine.checkpoint import load_checkpoint, resolve_checkpoint_dir, save_checkpoint
-from fusionzoo.engine.loop import build_optimizer, build_scheduler
+from fusionzoo.engine.optim import build_optimizer, build_scheduler
 from fusionzoo.files import atomic_write_bytes
 from fusionzoo.weights import CheckpointError, load_model_weights, load_tensors, save_tensors
 

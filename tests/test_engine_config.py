@@ -90,7 +90,7 @@ def test_yaml_type_errors(tmp_path, text, fragment):
     [
         (["--epochs", "three"], "expects an integer"),
         (["--compile", "maybe"], "expects a boolean"),
-        (["--epochs"], "needs a value"),
+        (["--epochs"], "--epochs: expected one argument"),
         (["stray"], "unexpected argument"),
         (["--modalities", "rgb,rgb"], "must not repeat"),
         (["--modalities", "rgb,depth", "--eval-missing", "thermal"], "must name modalities"),
@@ -124,3 +124,8 @@ def test_resolved_config_round_trips_through_json(tmp_path):
     p = _yaml(tmp_path, json.dumps(data))  # JSON is YAML
     again, _ = load_config(p)
     assert again == cfg
+
+
+def test_flags_take_either_spelling_and_values_keep_underscores():
+    cfg, _ = parse_args(["--eval_missing=thermal", "--modalities", "rgb,thermal", "--run_name", "my_run"])
+    assert cfg.eval_missing == ("thermal",) and cfg.run_name == "my_run"

@@ -1,4 +1,4 @@
-"""Loop pieces: schedule, sampler sharding/resume, per-sample seeding, modality dropout, TTA,
+"""Loop pieces: sampler sharding/resume, per-sample seeding, modality dropout, TTA,
 callbacks and the train/evaluate functions on a tiny stand-in model."""
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ from fusionzoo.engine.loop import (
     Callback,
     CallbackList,
     EpochState,
-    LRSchedule,
-    build_optimizer,
-    build_scheduler,
     evaluate,
     sample_missing,
     train_one_epoch,
 )
+from fusionzoo.engine.optim import build_optimizer
 from fusionzoo.tasks import predict
 
 
@@ -55,41 +53,6 @@ def _batches(n: int, b: int = 2, size: int = 8, seed: int = 0):
         mask = (depth[:, 0] > 0).long() + (rgb[:, 0] > 1).long()  # learnable from the inputs
         out.append({"rgb": rgb, "depth": depth, "mask": mask})
     return out
-
-
-# -- schedule --------------------------------------------------------------------------------
-
-def test_warmup_then_poly():
-    s = LRSchedule("poly", total_steps=110, warmup_steps=10, warmup_factor=0.1, power=1.0)
-    assert s(0) == pytest.approx(0.1)
-    assert s(5) == pytest.approx(0.55)
-    assert s(10) == pytest.approx(1.0)
-    assert s(60) == pytest.approx(0.5)  # linear when power = 1
-    assert s(110) == pytest.approx(0.0)
-
-
-def test_cosine_and_floor():
-    s = LRSchedule("cosine", total_steps=100, min_ratio=0.2)
-    assert s(0) == pytest.approx(1.0)
-    assert s(50) == pytest.approx(0.2 + 0.8 * 0.5)
-    assert s(100) == pytest.approx(0.2)
-    with pytest.raises(ValueError, match="schedule"):
-        LRSchedule("step", 10)
-
-
-def test_scheduler_drives_optimizer_lr():
-    model = Tiny()
-    opt = build_optimizer(model, lr=0.1, weight_decay=0.05)
-    sched = build_scheduler(opt, kind="poly", total_steps=4, base_lr=0.1, power=1.0)
-    lrs = []
-    for _ in range(4):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert lrs == pytest.approx([0.1, 0.075, 0.05, 0.025])
-    # biases get no weight decay, kernels do
-    groups = {g["weight_decay"]: [p.ndim for p in g["params"]] for g in opt.param_groups}
-    assert groups == {0.05: [4, 4, 4], 0.0: [1, 1, 1]}
 
 
 # -- sampler and seeding ---------------------------------------------------------------------

@@ -14,7 +14,8 @@ from fusionzoo.data import collate, create_dataset
 from fusionzoo.data import statistics as stats
 from fusionzoo.engine.builders import build_task, check_side_loss, class_weights_for
 from fusionzoo.engine.config import ConfigError, TrainConfig, config_from_dict
-from fusionzoo.engine.loop import Callback, EpochState, build_optimizer, train_one_epoch
+from fusionzoo.engine.loop import Callback, EpochState, train_one_epoch
+from fusionzoo.engine.optim import build_optimizer
 from fusionzoo.losses import median_frequency_weights, segmentation_loss
 
 IGNORE = 255

@@ -11,7 +11,7 @@ interpretation.
 
 from __future__ import annotations
 
-import importlib
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -32,19 +32,7 @@ _LAZY = {
 _LAZY_SUBMODULES = ("data", "interpret", "engine", "models", "detection", "losses")
 
 
-def __getattr__(name: str):
-    if name in _LAZY_SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value  # later lookups skip __getattr__
-        return value
-    raise AttributeError(f"module 'fusionzoo' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY, *_LAZY_SUBMODULES})
-
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, _LAZY_SUBMODULES)
 
 __all__ = [
     "DEFAULT_CHANNELS",

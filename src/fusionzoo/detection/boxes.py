@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from torchvision.ops import batched_nms, box_iou
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 Detections = dict[str, torch.Tensor]
 
@@ -107,9 +107,7 @@ def check_targets(
                 f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} is degenerate: boxes are (x1, y1, x2, y2) "
                 "pixels with x2 > x1 and y2 > y1"
             )
-        clipped = torch.stack(
-            [boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], dim=1
-        )
+        clipped = clip_boxes_to_image(boxes, (h, w))
         outside = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
         if outside.any():
             j = int(outside.nonzero()[0])

@@ -1,12 +1,22 @@
 """Training engine: config, loops, checkpoints of the trainer's state, distributed helpers.
 
-Saving and loading models (``save_pretrained`` / ``from_pretrained``, safetensors weights) is the
-model layer's: :mod:`fusionzoo.hub` and :mod:`fusionzoo.weights`.
+Every public name is imported on first use (PEP 562, ``fusionzoo._lazy``), so
+``from fusionzoo.engine.config import TrainConfig`` does not import the training loop, the hub
+and the distributed helpers.
 """
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import ConfigError, TrainConfig, load_config, parse_args
-from .loop import Callback, evaluate, train_one_epoch
+from __future__ import annotations
+
+from .._lazy import lazy_exports
+
+_LAZY = {
+    "load_checkpoint": ".checkpoint", "save_checkpoint": ".checkpoint",
+    "ConfigError": ".config", "TrainConfig": ".config", "load_config": ".config", "parse_args": ".config",
+    "Callback": ".loop", "evaluate": ".loop", "train_one_epoch": ".loop",
+}
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
     "Callback",

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.statistics import class_pixel_counts
 from ..losses import median_frequency_weights
 from ..tasks import Task, get_task
-from .config import ConfigError, TrainConfig, config_from_dict, config_to_dict
+from .config import CALLBACKS, ConfigError, TrainConfig, config_from_dict, config_to_dict
 from .distributed import DistInfo, EpochSampler, SeededDataset, broadcast_object, dist_info
 
 __all__ = [
@@ -42,13 +42,6 @@ __all__ = [
     "resolve_modalities",
     "resume_run_dir",
 ]
-
-# Named training callbacks (``--callbacks a,b``): "module:Class", imported on use.
-CALLBACKS = {
-    "modality_balance": "fusionzoo.interpret.callbacks:ModalityBalanceCallback",
-    "ogm_ge": "fusionzoo.interpret.callbacks:OGMGECallback",  # changes training: OGM-GE, alpha 0.5
-}
-
 
 def build_callbacks(names: Sequence[str]) -> list[Any]:
     """Instantiate the named callbacks (see :data:`CALLBACKS`)."""

@@ -29,17 +29,13 @@ __all__ = [
     "Callback",
     "CallbackList",
     "EpochState",
-    "LRSchedule",
     "MetricsLogger",
     "NonFiniteLossError",
     "StopOnSignal",
     "TrainingInterrupted",
     "autocast_context",
-    "build_optimizer",
-    "build_scheduler",
     "evaluate",
     "make_grad_scaler",
-    "retarget_schedule",
     "sample_missing",
     "set_bn_eval",
     "split_batch",
@@ -130,124 +126,6 @@ class CallbackList(Callback):
             key = self._key(i, cb)
             if key in state and callable(getattr(cb, "load_state_dict", None)):
                 cb.load_state_dict(state[key])
-
-
-# ----------------------------------------------------------------------------------------------
-# optimizer and schedule
-
-
-def build_optimizer(
-    model: nn.Module,
-    *,
-    name: str = "adamw",
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float] = (0.9, 0.999),
-    momentum: float = 0.9,
-) -> torch.optim.Optimizer:
-    """AdamW (or SGD) with weight decay on weight matrices/kernels only.
-
-    Biases and normalization parameters (every tensor with fewer than 2 dims) get no decay, the
-    grouping used by CMX/SegFormer-style recipes (decaying BN scales fights the normalization).
-    """
-    decay, no_decay = [], []
-    for p in unwrap_model(model).parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {name!r}")
-
-
-class LRSchedule:
-    """Multiplier of the base learning rate at optimizer step ``t`` (a ``LambdaLR`` lambda).
-
-    Linear warm-up from ``warmup_factor`` to 1 over ``warmup_steps``, then ``poly``
-    (``(1 - t'/T')**power``, DeepLab/CMX) or ``cosine`` decay to ``min_ratio`` at ``total_steps``,
-    or ``constant``. Plain attributes only, so ``LambdaLR.state_dict()`` stores it as JSON.
-    """
-
-    def __init__(
-        self,
-        kind: str,
-        total_steps: int,
-        warmup_steps: int = 0,
-        warmup_factor: float = 0.1,
-        power: float = 0.9,
-        min_ratio: float = 0.0,
-    ) -> None:
-        if kind not in ("poly", "cosine", "constant"):
-            raise ValueError(f"schedule must be poly, cosine or constant, got {kind!r}")
-        if total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-        self.kind = kind
-        self.total_steps = int(total_steps)
-        self.warmup_steps = int(min(warmup_steps, total_steps))
-        self.warmup_factor = float(warmup_factor)
-        self.power = float(power)
-        self.min_ratio = float(min_ratio)
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            alpha = step / self.warmup_steps
-            return self.warmup_factor + (1.0 - self.warmup_factor) * alpha
-        if self.kind == "constant":
-            return 1.0
-        span = max(self.total_steps - self.warmup_steps, 1)
-        progress = min(max(step - self.warmup_steps, 0) / span, 1.0)
-        if self.kind == "poly":
-            decay = (1.0 - progress) ** self.power
-        else:
-            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return self.min_ratio + (1.0 - self.min_ratio) * decay
-
-
-def retarget_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> tuple[float, float]:
-    """Make a restored :class:`LRSchedule` end at ``total_steps`` (``--resume --epochs N``).
-
-    The checkpoint's schedule stores its own ``total_steps``; a run extended to more epochs
-    decays over the new length from the current step on (poly/cosine: the learning rate rises
-    from where the shorter schedule had taken it).
-
-    Returns:
-        The first group's learning rate before and after.
-    """
-    schedule = scheduler.lr_lambdas[0]
-    if not isinstance(schedule, LRSchedule):
-        raise TypeError(f"retarget_schedule needs an LRSchedule lambda, got {type(schedule).__name__}")
-    before = scheduler.optimizer.param_groups[0]["lr"]
-    for lam in scheduler.lr_lambdas:
-        lam.total_steps = int(total_steps)
-        lam.warmup_steps = min(lam.warmup_steps, lam.total_steps)
-    lrs = [base * lam(scheduler.last_epoch) for base, lam in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
-        group["lr"] = lr
-    scheduler._last_lr = lrs  # what get_last_lr() reports
-    return before, lrs[0]
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer,
-    *,
-    kind: str,
-    total_steps: int,
-    warmup_steps: int = 0,
-    warmup_factor: float = 0.1,
-    power: float = 0.9,
-    min_lr: float = 0.0,
-    base_lr: float,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """``LambdaLR`` over :class:`LRSchedule`, stepped once per optimizer step."""
-    schedule = LRSchedule(kind, total_steps, warmup_steps, warmup_factor, power, min_lr / base_lr)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 # ----------------------------------------------------------------------------------------------

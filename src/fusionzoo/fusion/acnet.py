@@ -19,7 +19,6 @@ import math
 import torch
 from torch import nn
 
-from ._common import check_features, check_positive_channels, check_stage_index
 from .base import FusionResult, StageFusion
 
 
@@ -54,9 +53,7 @@ class ACNetFusion(StageFusion):
     global_details = frozenset({"attn"})  # (B, 2C, 1, 1) channel weights
 
     def __init__(self, channels: int, num_modalities: int, *, stage_index: int = 0) -> None:
-        super().__init__(channels, num_modalities)
-        check_positive_channels(type(self).__name__, channels)
-        self.stage_index = check_stage_index(type(self).__name__, stage_index)
+        super().__init__(channels, num_modalities, stage_index=stage_index)
         self.atten_rgb = channel_attention(channels)
         self.atten_depth = channel_attention(channels)
         self.detail_channels = {"attn": 2 * channels}
@@ -67,7 +64,7 @@ class ACNetFusion(StageFusion):
         Returns:
             ``fused`` ``(B, C, h, w)``, ``streams`` None, ``details["attn"]`` ``(B, 2C, 1, 1)``.
         """
-        check_features(self, features)
+        self.check_features(features)
         rgb, depth = features
         a_rgb = self.atten_rgb(rgb)
         a_depth = self.atten_depth(depth)

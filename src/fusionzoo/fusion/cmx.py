@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from ._common import check_features, check_positive_channels, check_stage_index, reduced_channels
+from ._common import reduced_channels
 from .base import FusionResult, StageFusion
 
 PRESETS: dict[str, tuple[int, tuple[int, int, int, int]]] = {
@@ -287,10 +287,8 @@ class CMXFusion(StageFusion):
         lambda_c: float = 0.5,
         lambda_s: float = 0.5,
     ) -> None:
-        super().__init__(channels, num_modalities)
+        super().__init__(channels, num_modalities, stage_index=stage_index)
         name = type(self).__name__
-        check_positive_channels(name, channels)
-        self.stage_index = check_stage_index(name, stage_index)
         if preset not in PRESETS:
             raise ValueError(f"{name}: preset must be one of {sorted(PRESETS)}, got {preset!r}")
         preset_reduction, preset_heads = PRESETS[preset]
@@ -316,7 +314,7 @@ class CMXFusion(StageFusion):
             ``fused`` ``(B, C, h, w)``; ``streams`` the two rectified features ``(B, C, h, w)``;
             ``details`` ``gate`` ``(B, 2, h, w)`` and ``attn`` ``(B, 2C, 1, 1)``.
         """
-        check_features(self, features)
+        self.check_features(features)
         x1, x2 = features
         r1, r2, cw, sw = self.frm.rectify(x1, x2)
         fused = self.ffm(r1, r2)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import SqueezeExcite, check_features, check_positive_channels, check_stage_index
+from ._common import SqueezeExcite
 from .base import FusionResult, StageFusion
 
 
@@ -53,9 +53,7 @@ class ESANetFusion(StageFusion):
         reduction: int = 16,
         activation: str = "relu",
     ) -> None:
-        super().__init__(channels, num_modalities)
-        check_positive_channels(type(self).__name__, channels)
-        self.stage_index = check_stage_index(type(self).__name__, stage_index)
+        super().__init__(channels, num_modalities, stage_index=stage_index)
         self.se_rgb = SqueezeExcite(channels, reduction, activation)
         self.se_depth = SqueezeExcite(channels, reduction, activation)
         self.detail_channels = {"attn": 2 * channels}
@@ -67,7 +65,7 @@ class ESANetFusion(StageFusion):
             ``fused`` ``(B, C, h, w)``; ``streams`` ``[fused, depth]``; ``details["attn"]``
             ``(B, 2C, 1, 1)``.
         """
-        check_features(self, features)
+        self.check_features(features)
         rgb, depth = features
         w_rgb = self.se_rgb.weights(rgb)
         w_depth = self.se_depth.weights(depth)

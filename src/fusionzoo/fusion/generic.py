@@ -18,12 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import (
-    SqueezeExcite,
-    check_features,
-    check_positive_channels,
-    check_stage_index,
-)
+from ._common import SqueezeExcite
 from .base import FusionResult, StageFusion
 
 
@@ -47,13 +42,11 @@ class SumFusion(StageFusion):
     feeds_back = True
 
     def __init__(self, channels: int, num_modalities: int, *, stage_index: int = 0) -> None:
-        super().__init__(channels, num_modalities)
-        check_positive_channels(type(self).__name__, channels)
-        self.stage_index = check_stage_index(type(self).__name__, stage_index)
+        super().__init__(channels, num_modalities, stage_index=stage_index)
 
     def forward(self, features: list[torch.Tensor]) -> FusionResult:
         """``M`` tensors ``(B, C, h, w)`` -> ``fused`` ``(B, C, h, w)``, ``streams`` ``[fused, *rest]``."""
-        check_features(self, features)
+        self.check_features(features)
         fused = features[0]
         for x in features[1:]:  # pairwise adds: no (M, B, C, h, w) stack in memory
             fused = fused + x
@@ -72,9 +65,7 @@ class ConcatFusion(StageFusion):
     feeds_back = False
 
     def __init__(self, channels: int, num_modalities: int, *, stage_index: int = 0) -> None:
-        super().__init__(channels, num_modalities)
-        check_positive_channels(type(self).__name__, channels)
-        self.stage_index = check_stage_index(type(self).__name__, stage_index)
+        super().__init__(channels, num_modalities, stage_index=stage_index)
         self.proj = nn.Sequential(
             nn.Conv2d(num_modalities * channels, channels, kernel_size=1, bias=False),  # BN follows
             nn.BatchNorm2d(channels),
@@ -83,7 +74,7 @@ class ConcatFusion(StageFusion):
 
     def forward(self, features: list[torch.Tensor]) -> FusionResult:
         """``M`` tensors ``(B, C, h, w)`` -> ``fused`` ``(B, C, h, w)``."""
-        check_features(self, features)
+        self.check_features(features)
         return FusionResult(fused=self.proj(torch.cat(list(features), dim=1)))
 
 
@@ -113,15 +104,13 @@ class SEAddFusion(StageFusion):
         reduction: int = 16,
         activation: str = "relu",
     ) -> None:
-        super().__init__(channels, num_modalities)
-        check_positive_channels(type(self).__name__, channels)
-        self.stage_index = check_stage_index(type(self).__name__, stage_index)
+        super().__init__(channels, num_modalities, stage_index=stage_index)
         self.se = nn.ModuleList(SqueezeExcite(channels, reduction, activation) for _ in range(num_modalities))
         self.detail_channels = {"attn": num_modalities * channels}
 
     def forward(self, features: list[torch.Tensor]) -> FusionResult:
         """``M`` tensors ``(B, C, h, w)`` -> ``fused`` ``(B, C, h, w)``, ``streams`` ``[fused, *rest]``."""
-        check_features(self, features)
+        self.check_features(features)
         weights = [se.weights(x) for se, x in zip(self.se, features)]
         fused = features[0] * weights[0]
         for x, w in zip(features[1:], weights[1:]):
@@ -215,10 +204,8 @@ class CrossAttentionFusion(StageFusion):
         num_heads: int | None = None,
         sr_ratio: int | None = None,
     ) -> None:
-        super().__init__(channels, num_modalities)
+        super().__init__(channels, num_modalities, stage_index=stage_index)
         name = type(self).__name__
-        check_positive_channels(name, channels)
-        self.stage_index = check_stage_index(name, stage_index)
         self.num_heads = _default_heads(channels) if num_heads is None else num_heads
         if self.num_heads < 1 or channels % self.num_heads:
             raise ValueError(f"{name}: channels={channels} must be divisible by num_heads={self.num_heads}")
@@ -244,7 +231,7 @@ class CrossAttentionFusion(StageFusion):
 
     def forward(self, features: list[torch.Tensor]) -> FusionResult:
         """``M`` tensors ``(B, C, h, w)`` -> ``fused`` ``(B, C, h, w)``, ``details["attn"]`` ``(B, M, h, w)``."""
-        b, c, h, w = check_features(self, features)
+        b, c, h, w = self.check_features(features)
         m = self.num_modalities
         tokens = [x.flatten(2).transpose(1, 2) for x in features]  # (B, hw, C)
         sources = [kv(x) for kv, x in zip(self.kv, features)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import check_features, check_positive_channels, check_stage_index, reduced_channels
+from ._common import reduced_channels
 from .base import FusionResult, StageFusion
 
 
@@ -91,9 +91,7 @@ class SAGateFusion(StageFusion):
     def __init__(
         self, channels: int, num_modalities: int, *, stage_index: int = 0, reduction: int = 16
     ) -> None:
-        super().__init__(channels, num_modalities)
-        check_positive_channels(type(self).__name__, channels)
-        self.stage_index = check_stage_index(type(self).__name__, stage_index)
+        super().__init__(channels, num_modalities, stage_index=stage_index)
         self.fsp_rgb = FSP(channels, channels, reduction)
         self.fsp_hha = FSP(channels, channels, reduction)
         self.gate_rgb = nn.Conv2d(2 * channels, 1, kernel_size=1, bias=True)
@@ -107,7 +105,7 @@ class SAGateFusion(StageFusion):
             ``fused`` ``(B, C, h, w)``; ``streams`` the two fed-back streams ``(B, C, h, w)``;
             ``details["gate"]`` ``(B, 2, h, w)``.
         """
-        check_features(self, features)
+        self.check_features(features)
         rgb, hha = features
         rec_rgb = self.fsp_rgb(hha, rgb)  # RGB recalibrated by the other modality
         rec_hha = self.fsp_hha(rgb, hha)

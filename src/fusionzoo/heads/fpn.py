@@ -1,14 +1,23 @@
 """Semantic FPN decoder (Kirillov et al., "Panoptic Feature Pyramid Networks", CVPR 2019,
-section 3): an FPN (Lin et al., CVPR 2017) then, per level, 3x3 conv-GN-ReLU + 2x upsampling
-until stride 4, summed and classified."""
+section 3): an FPN (Lin et al., CVPR 2017; torchvision's ``FeaturePyramidNetwork``) then, per
+level, 3x3 conv-GN-ReLU + 2x upsampling until stride 4, summed and classified."""
 
 from __future__ import annotations
 
+import re
+from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import FeaturePyramidNetwork
+
+# State-dict keys of the pyramid before it was torchvision's module -> torchvision's names, so
+# weights saved then still load: lateral.i = inner_blocks.i.0 (1x1), smooth.i = layer_blocks.i.0 (3x3).
+_OLD_PYRAMID_KEYS = ((re.compile(r"lateral\.(\d+)\."), r"fpn.inner_blocks.\1.0."),
+                     (re.compile(r"smooth\.(\d+)\."), r"fpn.layer_blocks.\1.0."))
 
 
 def _conv_gn_relu(cin: int, cout: int) -> nn.Sequential:
@@ -27,8 +36,10 @@ class FPNDecoder(nn.Module):
         super().__init__()
         pyramid = 2 * channels
         self.out_channels = channels
-        self.lateral = nn.ModuleList([nn.Conv2d(c, pyramid, 1) for c in in_channels])
-        self.smooth = nn.ModuleList([nn.Conv2d(pyramid, pyramid, 3, padding=1) for _ in in_channels])
+        # Lateral 1x1 convs, nearest-neighbour top-down sum, 3x3 output convs; its convs start from
+        # torchvision's init (kaiming_uniform a=1, zero bias, as Detectron's FPN).
+        self.fpn = FeaturePyramidNetwork(list(in_channels), pyramid)
+        self.register_load_state_dict_pre_hook(_rename_old_pyramid_keys)
         # Level i (stride 4 * 2^i) needs max(1, i) conv blocks and i upsamplings to reach stride 4.
         self.semantic = nn.ModuleList(
             nn.ModuleList([_conv_gn_relu(pyramid if j == 0 else channels, channels) for j in range(max(1, i))])
@@ -39,13 +50,10 @@ class FPNDecoder(nn.Module):
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """``features[i]`` ``(B, C_i, H/s_i, W/s_i)`` -> embedding ``(B, channels, H/4, W/4)``."""
-        laterals = [lat(f) for lat, f in zip(self.lateral, features)]
-        for i in range(len(laterals) - 1, 0, -1):  # top-down pathway
-            laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest")
+        pyramid = self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features))).values()
         size = features[0].shape[-2:]
         out = 0
-        for level, (smooth, blocks) in enumerate(zip(self.smooth, self.semantic)):
-            x = smooth(laterals[level])
+        for level, (x, blocks) in enumerate(zip(pyramid, self.semantic)):
             for j, block in enumerate(blocks):
                 x = block(x)
                 if level > 0:
@@ -57,3 +65,12 @@ class FPNDecoder(nn.Module):
     def classify(self, embedding: torch.Tensor) -> torch.Tensor:
         """``(B, E, h, w)`` -> logits ``(B, K, h, w)``."""
         return self.classifier(self.dropout(embedding))
+
+
+def _rename_old_pyramid_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook: rename the pre-torchvision pyramid keys (``_OLD_PYRAMID_KEYS``)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        for old, new in _OLD_PYRAMID_KEYS:
+            if old.match(rest):
+                state_dict[prefix + old.sub(new, rest, count=1)] = state_dict.pop(key)
