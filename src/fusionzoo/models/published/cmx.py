@@ -42,7 +42,7 @@ from ..._registry import ReleasedWeights, register_model, register_weights
 from ...encoders import Encoder
 from ...heads.segformer import SegFormerDecoder
 from ..cmx import CMXModel
-from ..convert import StateDict, build_or_load, register_converter, rename_keys
+from ..convert import StateDict, build_or_load, read_authors_checkpoint, register_converter, rename_keys
 
 REFERENCE_REPO = "https://github.com/huaaaliu/RGBX_Semantic_Segmentation"
 REFERENCE_COMMIT = "e251d860aebc2f583a6c4919877e6bebe7f1aff3"
@@ -299,8 +299,6 @@ def load_mit_imagenet(model: nn.Module, path: str, strict: bool = True) -> nn.Mo
     Raises:
         ConversionError: a backbone key that does not map; ValueError: a backbone tensor missing.
     """
-    from ..convert import read_authors_checkpoint
-
     sd = {k: v for k, v in read_authors_checkpoint(path).items() if not k.startswith("head.")}
     ours: StateDict = {}
     for m in model.encoders:

@@ -33,16 +33,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..._registry import ReleasedWeights, register_model, register_weights
+from ...classes import NYU40_CLASSES
 from ...encoders import PretrainedWeightsError
 from ...fusion import ESANetFusion
 from ...fusion._common import make_activation
 from ..base import FusionModel
-from ..convert import build_or_load, register_converter, rename_keys
+from ..convert import build_or_load, read_authors_checkpoint, register_converter, rename_keys
 
 REFERENCE_REPO = "https://github.com/TUI-NICR/ESANet"
 REFERENCE_COMMIT = "f72ea8a5ddb9dee6cea145d5309a27f521c4f376"
@@ -375,8 +377,6 @@ class ESANet(FusionModel):
             FileNotFoundError / ConversionError: no such file, or not a checkpoint.
             PretrainedWeightsError: keys that do not fit this variant's encoder.
         """
-        from ..convert import read_authors_checkpoint
-
         weights = {}
         for key, tensor in read_authors_checkpoint(path).items():
             if key.startswith("encoder."):
@@ -399,8 +399,6 @@ class ESANet(FusionModel):
                 "(imagenet_r34_NBt1D.tar.gz, see https://github.com/TUI-NICR/ESANet#training): download it and "
                 "pass encoder_weights=<that file>, or use a released checkpoint (pretrained='nyuv2')"
             )
-        import timm
-
         name = f"resnet{self.depth[1:]}.tv_in1k"
         try:
             weights = timm.create_model(name, pretrained=True).state_dict()
@@ -538,8 +536,6 @@ _SUNRGBD_NORM = {"rgb": _RGB}
 
 
 def _nyuv2_classes() -> tuple[str, ...]:
-    from ...data.benchmarks import NYU40_CLASSES
-
     return tuple(NYU40_CLASSES)
 
 
