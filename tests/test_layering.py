@@ -54,7 +54,6 @@ KNOWN_VIOLATIONS: dict[str, dict[str, str]] = {
     "no import cycle": {
     },
     "no import statement inside a function": {
-        "detection/metrics.py": "pycocotools (a required dependency in pyproject.toml) inside coco_ap",
         "engine/builders.py": "importlib, data, data.transforms, data.io, data.collate, signal, fusionzoo, weights, checkpoint",
         "engine/loop.py": "signal, sys, threading, tqdm, torch.distributed, detection.kaist, detection.metrics",
     },

@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -71,9 +73,6 @@ def coco_ap(
         >>> round(coco_ap(pred, gt)["AP50"], 6)
         1.0
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     _check_pairs(predictions, targets)
     if num_classes is None:
         seen = {int(v) for t in targets for v in _numpy(t["labels"], np.int64)}
