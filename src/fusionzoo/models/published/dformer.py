@@ -56,6 +56,7 @@ has no depth residual); ``decoder.ham`` (Hamburger output, 512 channels, stride 
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -144,7 +145,7 @@ class DFormerAttention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.q_cut = nn.Linear(dim, half)
         self.a = nn.Linear(dim, dim)
-        self.l = nn.Linear(dim, dim)  # noqa: E741  (the authors' name, kept for the checkpoint keys)
+        self.l = nn.Linear(dim, dim)  # the authors' name, kept for the checkpoint keys
         self.conv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
         self.e_conv = nn.Conv2d(half, half, 7, padding=3, groups=half)
         self.e_fore = nn.Linear(half, half)
@@ -235,7 +236,7 @@ class DFormerBackbone(nn.Module):
         self.dims = tuple(dims)
         self.downsample_layers = nn.ModuleList([_stem(3, dims[0] // 2, dims[0])])
         self.downsample_layers_e = nn.ModuleList([_stem(1, dims[0] // 4, dims[0] // 2)])
-        for cin, cout in zip(dims[:-1], dims[1:]):
+        for cin, cout in itertools.pairwise(dims):
             self.downsample_layers.append(_downsample(cin, cout))
             self.downsample_layers_e.append(_downsample(cin // 2, cout // 2))
         # Linear over all blocks; under a meta device the schedule is still computed on the CPU.
