@@ -439,7 +439,10 @@ class DFormer(FusionModel):
             FileNotFoundError, ConversionError: no such file, or not a checkpoint.
             ValueError: a backbone tensor the file does not provide, or one of another shape.
         """
-        raw = torch.load(path, map_location="cpu", weights_only=True) if str(path).endswith((".tar", ".pth")) else None
+        try:  # their pretraining files hold the EMA weights beside the raw ones
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001  (any unreadable file: read_authors_checkpoint names the problem)
+            raw = None
         if isinstance(raw, Mapping) and isinstance(raw.get("state_dict_ema"), Mapping):
             weights = dict(raw["state_dict_ema"])
         else:
