@@ -136,24 +136,20 @@ def check(folder: Path) -> dict[str, float]:
 
     import fusionzoo as fz
     from fusionzoo.models.convert import convert_state_dict
-    from fusionzoo.models.published.parity import fill_state_dict, max_abs_diff, read_fixture, seeded_inputs
+    from fusionzoo.models.published.parity import (
+        eval_and_train_outputs,
+        fill_state_dict,
+        fixture_diffs,
+        read_fixture,
+        seeded_inputs,
+    )
 
     fixture = read_fixture(folder)
-    golden = load_file(folder / "outputs.safetensors")
     model = fz.create_model(fixture["model"], **fixture["config"])
     authors = fill_state_dict(fixture["authors_state_dict"], fixture["seed_weights"])
     model.load_state_dict(convert_state_dict(fixture["model"], authors, model))
-    inputs = seeded_inputs(fixture["inputs"], fixture["seed_inputs"])
-    with torch.no_grad():
-        diffs = {"eval_logits": max_abs_diff(model.eval()(inputs), golden["eval_logits"])}
-    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
-    out = model.train()(leaves)
-    out.square().mean().backward()
-    diffs["train_logits"] = max_abs_diff(out.detach(), golden["train_logits"])
-    for m, leaf in leaves.items():
-        reference = golden[f"train_grad_{m}"]
-        diffs[f"train_grad_{m} (relative)"] = max_abs_diff(leaf.grad, reference) / float(reference.abs().max())
-    return diffs
+    outputs = eval_and_train_outputs(model, model, seeded_inputs(fixture["inputs"], fixture["seed_inputs"]))
+    return fixture_diffs(outputs, load_file(folder / "outputs.safetensors"))
 
 
 def main() -> None:

@@ -47,8 +47,21 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+import fusionzoo as fz
+from fusionzoo.models.convert import convert_state_dict
+from fusionzoo.models.published import dformer as ours
+from fusionzoo.models.published.parity import (
+    RULE,
+    eval_and_train_outputs,
+    fill_state_dict,
+    fixture_diffs,
+    key_shapes,
+    read_fixture,
+    seeded_inputs,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "dformer"
@@ -145,30 +158,13 @@ def _no_dropout(model: nn.Module) -> None:
 def check(folder: Path) -> dict[str, float]:
     """Max abs differences of ours against the committed fixture (no authors' code needed):
     eval and train logits, and train-mode input gradients relative to their largest value."""
-    from safetensors.torch import load_file
-
-    import fusionzoo as fz
-    from fusionzoo.models.convert import convert_state_dict
-    from fusionzoo.models.published.parity import fill_state_dict, max_abs_diff, read_fixture, seeded_inputs
-
     fixture = read_fixture(folder)
-    golden = load_file(folder / "outputs.safetensors")
     model = fz.create_model(fixture["model"], **fixture["config"])
     authors = fill_state_dict(fixture["authors_state_dict"], fixture["seed_weights"])
     model.load_state_dict(convert_state_dict(fixture["model"], authors, model))
     inputs = seeded_inputs(fixture["inputs"], fixture["seed_inputs"])
-    with torch.no_grad():
-        torch.manual_seed(fixture["seed_nmf"])
-        diffs = {"eval_logits": max_abs_diff(model.eval()(inputs), golden["eval_logits"])}
-    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
-    torch.manual_seed(fixture["seed_nmf"])
-    out = model.train()(leaves)
-    out.square().mean().backward()
-    diffs["train_logits"] = max_abs_diff(out.detach(), golden["train_logits"])
-    for m, leaf in leaves.items():
-        reference = golden[f"train_grad_{m}"]
-        diffs[f"train_grad_{m} (relative)"] = max_abs_diff(leaf.grad, reference) / float(reference.abs().max())
-    return diffs
+    outputs = eval_and_train_outputs(model, model, inputs, seed=fixture["seed_nmf"])
+    return fixture_diffs(outputs, load_file(folder / "outputs.safetensors"))
 
 
 def main() -> None:
@@ -184,9 +180,6 @@ def main() -> None:
     if args.ref is None:
         parser.error("--ref is required to regenerate the fixture (or use --check)")
 
-    from fusionzoo.models.published import dformer as ours
-    from fusionzoo.models.published.parity import RULE, fill_state_dict, key_shapes, seeded_inputs
-
     commit = _commit(args.ref)
     if commit != ours.REFERENCE_COMMIT:
         print(f"warning: checkout is at {commit}, the entries name {ours.REFERENCE_COMMIT}", file=sys.stderr)
@@ -199,30 +192,14 @@ def main() -> None:
     input_shapes = {"rgb": [BATCH, 3, HEIGHT, WIDTH], "depth": [BATCH, 1, HEIGHT, WIDTH]}
     inputs = seeded_inputs(input_shapes, SEED_INPUTS)
 
-    model.eval()
-    with torch.no_grad():
-        torch.manual_seed(SEED_NMF)
-        eval_out = model(*reference_inputs(inputs))
-    model.train()
-    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
-    torch.manual_seed(SEED_NMF)
-    train_out = model(*reference_inputs(leaves))
-    train_out.square().mean().backward()
+    outputs = eval_and_train_outputs(lambda xs: model(*reference_inputs(xs)), model, inputs, seed=SEED_NMF)
 
     counts = {}
     for variant in BACKBONES:
         full = reference_model(args.ref, variant, FULL_CLASSES)
         counts[f"dformer_{variant}"] = sum(p.numel() for p in full.parameters())
     args.out.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {
-            "eval_logits": eval_out.contiguous(),
-            "train_logits": train_out.detach().contiguous(),
-            "train_grad_rgb": leaves["rgb"].grad.contiguous(),
-            "train_grad_depth": leaves["depth"].grad.contiguous(),
-        },
-        args.out / "outputs.safetensors",
-    )
+    save_file(outputs, args.out / "outputs.safetensors")
     fixture = {
         "reference_repo": ours.REFERENCE_REPO,
         "reference_commit": commit,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +71,44 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
     return float((a.double() - b.double()).abs().max())
+
+
+def eval_and_train_outputs(
+    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    model: torch.nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    *,
+    seed: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The outputs a fixture records, from either side: ``eval_logits`` (eval mode, no grad),
+    ``train_logits`` (train mode) and ``train_grad_<m>`` (gradient of ``mean(logits ** 2)`` with
+    respect to input ``m``). ``forward(inputs)`` calls ``model`` (the authors' take positional
+    arguments); ``seed``: ``torch.manual_seed(seed)`` right before each forward (a network that
+    draws random numbers in its forward, e.g. DFormer's NMF bases)."""
+    model.eval()
+    with torch.no_grad():
+        if seed is not None:
+            torch.manual_seed(seed)
+        eval_out = forward(dict(inputs))
+    model.train()
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    if seed is not None:
+        torch.manual_seed(seed)
+    out = forward(leaves)
+    out.square().mean().backward()
+    grads = {f"train_grad_{m}": leaf.grad.contiguous() for m, leaf in leaves.items()}
+    return {"eval_logits": eval_out.contiguous(), "train_logits": out.detach().contiguous(), **grads}
+
+
+def fixture_diffs(outputs: Mapping[str, torch.Tensor], golden: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Max abs differences of :func:`eval_and_train_outputs` against a fixture's: logits
+    absolute, input gradients relative to the fixture's largest (a mean over many logits makes
+    them ~1e-3)."""
+    diffs = {}
+    for key, value in outputs.items():
+        reference = golden[key]
+        if key.startswith("train_grad_"):
+            diffs[f"{key} (relative)"] = max_abs_diff(value, reference) / float(reference.abs().max())
+        else:
+            diffs[key] = max_abs_diff(value, reference)
+    return diffs
