@@ -53,7 +53,7 @@ def test_eval_and_train_outputs_equal_the_authors(fixture: dict, converted: torc
     """Both networks start the NMF from the same bases: torch.manual_seed(seed_nmf) before each
     forward. Train mode: BatchNorm on batch statistics, 6 NMF steps; drop path and dropout off."""
     inputs = seeded_inputs(fixture["inputs"], fixture["seed_inputs"])
-    outputs = eval_and_train_outputs(converted, converted, inputs, seed=fixture["seed_nmf"])
+    outputs = eval_and_train_outputs(converted, converted, inputs, seed=fixture["seed_forward"])
     diffs = fixture_diffs(outputs, load_file(FIXTURE / "outputs.safetensors"))
     assert set(diffs) == {"eval_logits", "train_logits", "train_grad_rgb (relative)", "train_grad_depth (relative)"}
     assert all(d <= TOLERANCE for d in diffs.values()), diffs
@@ -96,7 +96,7 @@ def test_convert_checkpoint_file_then_from_pretrained(fixture: dict, tmp_path: P
     model.decoder.ham.eval_seed = None  # the authors' per-call draw, from the seeded global generator
     golden = load_file(FIXTURE / "outputs.safetensors")
     with torch.no_grad():
-        torch.manual_seed(fixture["seed_nmf"])
+        torch.manual_seed(fixture["seed_forward"])
         logits = model(seeded_inputs(fixture["inputs"], fixture["seed_inputs"]))
     assert max_abs_diff(logits, golden["eval_logits"]) <= TOLERANCE
 

@@ -2,7 +2,7 @@
 """Regenerate tests/fixtures/parity/cmx/ from a checkout of the authors' CMX repository.
 
     python tools/parity/cmx.py --ref /path/to/RGBX_Semantic_Segmentation
-    python tools/parity/cmx.py --check     # ours against the committed fixture, max abs diffs
+    python tools/parity/cmx.py --check     # ours against the committed fixture (parity.check_fixture)
 
 Reference: https://github.com/huaaaliu/RGBX_Semantic_Segmentation (the commit is read from the
 checkout and must equal ``fusionzoo.models.published.cmx.REFERENCE_COMMIT``). Their code is
@@ -24,7 +24,6 @@ The module also gives ``bench/parity.py`` the authors' model: :func:`reference_m
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -34,6 +33,8 @@ from types import SimpleNamespace
 import torch
 from safetensors.torch import save_file
 from torch import nn
+
+from fusionzoo.models.published.parity import regeneration_args
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "cmx"
@@ -129,41 +130,10 @@ def _no_drop(model: nn.Module) -> None:
                 child.p = 0.0
 
 
-def check(folder: Path) -> dict[str, float]:
-    """Max abs differences of ours against the committed fixture (no authors' code needed):
-    eval and train logits, and train-mode input gradients relative to their largest value."""
-    from safetensors.torch import load_file
-
-    import fusionzoo as fz
-    from fusionzoo.models.convert import convert_state_dict
-    from fusionzoo.models.published.parity import (
-        eval_and_train_outputs,
-        fill_state_dict,
-        fixture_diffs,
-        read_fixture,
-        seeded_inputs,
-    )
-
-    fixture = read_fixture(folder)
-    model = fz.create_model(fixture["model"], **fixture["config"])
-    authors = fill_state_dict(fixture["authors_state_dict"], fixture["seed_weights"])
-    model.load_state_dict(convert_state_dict(fixture["model"], authors, model))
-    outputs = eval_and_train_outputs(model, model, seeded_inputs(fixture["inputs"], fixture["seed_inputs"]))
-    return fixture_diffs(outputs, load_file(folder / "outputs.safetensors"))
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ref", type=Path, help="checkout of huaaaliu/RGBX_Semantic_Segmentation")
-    parser.add_argument("--out", type=Path, default=FIXTURE)
-    parser.add_argument("--check", action="store_true", help="only print ours vs the committed fixture")
-    args = parser.parse_args()
-    if args.check:
-        for key, value in check(args.out).items():
-            print(f"{key}: max abs diff {value:.3g}")
+    args = regeneration_args(__doc__, FIXTURE, "huaaaliu/RGBX_Semantic_Segmentation")
+    if args is None:  # --check
         return
-    if args.ref is None:
-        parser.error("--ref is required to regenerate the fixture (or use --check)")
 
     from fusionzoo.models.published import cmx as ours
     from fusionzoo.models.published.parity import RULE, fill_state_dict, key_shapes, seeded_inputs

@@ -3,6 +3,7 @@
 
     python tools/parity/dformer.py --ref /path/to/DFormer
     python tools/parity/dformer.py --check     # ours against the committed fixture, max abs diffs
+                                               # (fusionzoo.models.published.parity.check_fixture)
 
 Reference: https://github.com/VCIP-RGBD/DFormer (the commit is read from the checkout and must
 equal ``fusionzoo.models.published.dformer.REFERENCE_COMMIT``). Their code is imported from the
@@ -35,7 +36,6 @@ The module also gives ``bench/parity.py`` the authors' model: :func:`reference_m
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -47,19 +47,16 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-import fusionzoo as fz
-from fusionzoo.models.convert import convert_state_dict
 from fusionzoo.models.published import dformer as ours
 from fusionzoo.models.published.parity import (
     RULE,
     eval_and_train_outputs,
     fill_state_dict,
-    fixture_diffs,
     key_shapes,
-    read_fixture,
+    regeneration_args,
     seeded_inputs,
 )
 
@@ -155,30 +152,10 @@ def _no_dropout(model: nn.Module) -> None:
             module.p = 0.0
 
 
-def check(folder: Path) -> dict[str, float]:
-    """Max abs differences of ours against the committed fixture (no authors' code needed):
-    eval and train logits, and train-mode input gradients relative to their largest value."""
-    fixture = read_fixture(folder)
-    model = fz.create_model(fixture["model"], **fixture["config"])
-    authors = fill_state_dict(fixture["authors_state_dict"], fixture["seed_weights"])
-    model.load_state_dict(convert_state_dict(fixture["model"], authors, model))
-    inputs = seeded_inputs(fixture["inputs"], fixture["seed_inputs"])
-    outputs = eval_and_train_outputs(model, model, inputs, seed=fixture["seed_nmf"])
-    return fixture_diffs(outputs, load_file(folder / "outputs.safetensors"))
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ref", type=Path, help="checkout of VCIP-RGBD/DFormer")
-    parser.add_argument("--out", type=Path, default=FIXTURE)
-    parser.add_argument("--check", action="store_true", help="only print ours vs the committed fixture")
-    args = parser.parse_args()
-    if args.check:
-        for key, value in check(args.out).items():
-            print(f"{key}: max abs diff {value:.3g}")
+    args = regeneration_args(__doc__, FIXTURE, "VCIP-RGBD/DFormer")
+    if args is None:  # --check
         return
-    if args.ref is None:
-        parser.error("--ref is required to regenerate the fixture (or use --check)")
 
     commit = _commit(args.ref)
     if commit != ours.REFERENCE_COMMIT:
@@ -213,8 +190,8 @@ def main() -> None:
         "rule": RULE,
         "seed_weights": SEED_WEIGHTS,
         "seed_inputs": SEED_INPUTS,
-        "seed_nmf": SEED_NMF,
-        "nmf": "torch.manual_seed(seed_nmf) right before each forward (eval, then train): the NMF bases are "
+        "seed_forward": SEED_NMF,
+        "nmf": "torch.manual_seed(seed_forward) right before each forward (eval, then train): the NMF bases are "
                "the forward's first draw from the global CPU generator on both sides",
         "inputs": input_shapes,
         "train_loss": "mean(logits ** 2), gradients w.r.t. both inputs",

@@ -8,6 +8,7 @@ rebuild the authors' state dict from the committed key/shape list alone, without
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import zlib
@@ -16,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+
+from ..._registry import create_model
+from ..convert import convert_state_dict
 
 RULE = (
     "per key: torch.Generator seeded with seed + crc32(key); num_batches_tracked = 0; "
@@ -112,3 +117,34 @@ def fixture_diffs(outputs: Mapping[str, torch.Tensor], golden: Mapping[str, torc
         else:
             diffs[key] = max_abs_diff(value, reference)
     return diffs
+
+
+def check_fixture(folder: Path) -> dict[str, float]:
+    """Ours against a committed fixture, no authors' code needed: the fixture's entry and config,
+    its authors' state dict rebuilt by the rule and converted, the seeded inputs (and
+    ``seed_forward`` before each forward where the fixture names one) -> :func:`fixture_diffs`."""
+    fixture = read_fixture(folder)
+    model = create_model(fixture["model"], **fixture["config"])
+    authors = fill_state_dict(fixture["authors_state_dict"], fixture["seed_weights"])
+    model.load_state_dict(convert_state_dict(fixture["model"], authors, model))
+    inputs = seeded_inputs(fixture["inputs"], fixture["seed_inputs"])
+    outputs = eval_and_train_outputs(model, model, inputs, seed=fixture.get("seed_forward"))
+    return fixture_diffs(outputs, load_file(folder / "outputs.safetensors"))
+
+
+def regeneration_args(description: str, default_out: Path, reference: str) -> Any:
+    """The command line of a ``tools/parity/<method>.py`` script: ``--check`` prints
+    :func:`check_fixture` of ``--out`` and returns ``None``; otherwise ``--ref`` is required and the
+    parsed arguments (``ref``, ``out``) are returned for the regeneration."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ref", type=Path, help=f"checkout of {reference}")
+    parser.add_argument("--out", type=Path, default=default_out)
+    parser.add_argument("--check", action="store_true", help="only print ours vs the committed fixture")
+    args = parser.parse_args()
+    if args.check:
+        for key, value in check_fixture(args.out).items():
+            print(f"{key}: max abs diff {value:.3g}")
+        return None
+    if args.ref is None:
+        parser.error("--ref is required to regenerate the fixture (or use --check)")
+    return args
