@@ -25,7 +25,6 @@ The module also gives ``bench/parity.py`` the authors' model: :func:`reference_m
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,6 +33,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from fusionzoo.models.published import cmx as ours
 from fusionzoo.models.published.parity import regeneration_args
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,10 +62,6 @@ def _import_authors(checkout: Path) -> SimpleNamespace:
     from models.encoders import dual_segformer  # type: ignore[import-not-found]
 
     return SimpleNamespace(builder=builder, DecoderHead=DecoderHead, dual_segformer=dual_segformer)
-
-
-def _commit(checkout: Path) -> str:
-    return subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def _cfg(variant: str, num_classes: int) -> SimpleNamespace:
@@ -131,16 +127,11 @@ def _no_drop(model: nn.Module) -> None:
 
 
 def main() -> None:
-    args = regeneration_args(__doc__, FIXTURE, "huaaaliu/RGBX_Semantic_Segmentation")
+    args = regeneration_args(__doc__, FIXTURE, "huaaaliu/RGBX_Semantic_Segmentation", ours.REFERENCE_COMMIT)
     if args is None:  # --check
         return
 
-    from fusionzoo.models.published import cmx as ours
     from fusionzoo.models.published.parity import RULE, fill_state_dict, key_shapes, seeded_inputs
-
-    commit = _commit(args.ref)
-    if commit != ours.REFERENCE_COMMIT:
-        print(f"warning: checkout is at {commit}, the entries name {ours.REFERENCE_COMMIT}", file=sys.stderr)
 
     torch.manual_seed(0)
     model = reference_model(args.ref, "b0", NUM_CLASSES)
@@ -171,7 +162,7 @@ def main() -> None:
     )
     fixture = {
         "reference_repo": ours.REFERENCE_REPO,
-        "reference_commit": commit,
+        "reference_commit": args.commit,
         "regenerate": "python tools/parity/cmx.py --ref <checkout of the reference repository>",
         "model": "cmx_mit_b0",
         "config": {"num_classes": NUM_CLASSES, "modalities": ["rgb", "hha"], "decoder_channels": EMBED_DIM,

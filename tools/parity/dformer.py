@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -107,10 +106,6 @@ def _import_authors(checkout: Path) -> SimpleNamespace:
     return SimpleNamespace(builder=builder)
 
 
-def _commit(checkout: Path) -> str:
-    return subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-
-
 def _cfg(variant: str, num_classes: int, drop_path_rate: float) -> SimpleNamespace:
     # The fields models/builder.py reads from local_configs/NYUDepthv2/DFormer_*.py, pretrained off.
     return SimpleNamespace(
@@ -153,13 +148,9 @@ def _no_dropout(model: nn.Module) -> None:
 
 
 def main() -> None:
-    args = regeneration_args(__doc__, FIXTURE, "VCIP-RGBD/DFormer")
+    args = regeneration_args(__doc__, FIXTURE, "VCIP-RGBD/DFormer", ours.REFERENCE_COMMIT)
     if args is None:  # --check
         return
-
-    commit = _commit(args.ref)
-    if commit != ours.REFERENCE_COMMIT:
-        print(f"warning: checkout is at {commit}, the entries name {ours.REFERENCE_COMMIT}", file=sys.stderr)
 
     torch.manual_seed(0)
     model = reference_model(args.ref, "tiny", NUM_CLASSES, drop_path_rate=0.0)
@@ -179,7 +170,7 @@ def main() -> None:
     save_file(outputs, args.out / "outputs.safetensors")
     fixture = {
         "reference_repo": ours.REFERENCE_REPO,
-        "reference_commit": commit,
+        "reference_commit": args.commit,
         "regenerate": "python tools/parity/dformer.py --ref <checkout of the reference repository>",
         "model": "dformer_tiny",
         "config": {"num_classes": NUM_CLASSES, "modalities": ["rgb", "depth"], "dropout": 0.0, "drop_path_rate": 0.0,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -132,10 +134,11 @@ def check_fixture(folder: Path) -> dict[str, float]:
     return fixture_diffs(outputs, load_file(folder / "outputs.safetensors"))
 
 
-def regeneration_args(description: str, default_out: Path, reference: str) -> Any:
+def regeneration_args(description: str, default_out: Path, reference: str, reference_commit: str) -> Any:
     """The command line of a ``tools/parity/<method>.py`` script: ``--check`` prints
     :func:`check_fixture` of ``--out`` and returns ``None``; otherwise ``--ref`` is required and the
-    parsed arguments (``ref``, ``out``) are returned for the regeneration."""
+    parsed arguments are returned for the regeneration (``ref``, ``out``, and ``commit``: the
+    checkout's HEAD, with a warning on stderr when it is not ``reference_commit``, the entries')."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ref", type=Path, help=f"checkout of {reference}")
     parser.add_argument("--out", type=Path, default=default_out)
@@ -147,4 +150,8 @@ def regeneration_args(description: str, default_out: Path, reference: str) -> An
         return None
     if args.ref is None:
         parser.error("--ref is required to regenerate the fixture (or use --check)")
+    git = ["git", "-C", str(args.ref), "rev-parse", "HEAD"]
+    args.commit = subprocess.run(git, capture_output=True, text=True, check=True).stdout.strip()
+    if args.commit != reference_commit:
+        print(f"warning: checkout is at {args.commit}, the entries name {reference_commit}", file=sys.stderr)
     return args
