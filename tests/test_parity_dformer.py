@@ -20,6 +20,7 @@ from fusionzoo.models.published.parity import (
     eval_and_train_outputs,
     fill_state_dict,
     fixture_diffs,
+    fixture_model,
     max_abs_diff,
     read_fixture,
     seeded_inputs,
@@ -37,11 +38,7 @@ def fixture() -> dict:
 
 @pytest.fixture(scope="module")
 def converted(fixture: dict) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = fz.create_model(fixture["model"], **fixture["config"])
-    authors = fill_state_dict(fixture["authors_state_dict"], fixture["seed_weights"])
-    model.load_state_dict(convert_state_dict(fixture["model"], authors, model), strict=True)
-    return model
+    return fixture_model(fixture)
 
 
 def test_fixture_names_the_entries_commit(fixture: dict) -> None:

@@ -121,14 +121,21 @@ def fixture_diffs(outputs: Mapping[str, torch.Tensor], golden: Mapping[str, torc
     return diffs
 
 
+def fixture_model(fixture: Mapping[str, Any]) -> torch.nn.Module:
+    """The fixture's entry at its config, holding the authors' state dict (rebuilt from the key
+    list by the rule) converted into ours."""
+    model = create_model(fixture["model"], **fixture["config"])
+    authors = fill_state_dict(fixture["authors_state_dict"], fixture["seed_weights"])
+    model.load_state_dict(convert_state_dict(fixture["model"], authors, model), strict=True)
+    return model
+
+
 def check_fixture(folder: Path) -> dict[str, float]:
     """Ours against a committed fixture, no authors' code needed: the fixture's entry and config,
     its authors' state dict rebuilt by the rule and converted, the seeded inputs (and
     ``seed_forward`` before each forward where the fixture names one) -> :func:`fixture_diffs`."""
     fixture = read_fixture(folder)
-    model = create_model(fixture["model"], **fixture["config"])
-    authors = fill_state_dict(fixture["authors_state_dict"], fixture["seed_weights"])
-    model.load_state_dict(convert_state_dict(fixture["model"], authors, model))
+    model = fixture_model(fixture)
     inputs = seeded_inputs(fixture["inputs"], fixture["seed_inputs"])
     outputs = eval_and_train_outputs(model, model, inputs, seed=fixture.get("seed_forward"))
     return fixture_diffs(outputs, load_file(folder / "outputs.safetensors"))
