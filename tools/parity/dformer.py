@@ -26,7 +26,9 @@ What it writes (numbers only):
   before every forward, so both networks start the NMF from the same bases), and the authors'
   parameter counts of DFormer-T/S/B/L at 40 classes (``EncoderDecoder`` with ``C.decoder =
   "ham"``, ``C.aux_rate = 0`` as their NYUDepthv2 configs) and their per-block drop-path rates
-  of DFormer-L (``C.drop_path_rate = 0.15``);
+  of DFormer-L (``C.drop_path_rate = 0.15``); and ours against theirs for Small, Base and Large at
+  full size and 40 classes on the same seeded inputs (max abs diffs, eval and train, as ``--check``
+  prints them), so the variants the fixture does not run are compared too;
 - ``outputs.safetensors``: eval-mode and train-mode logits, and in train mode the gradients of
   ``mean(logits ** 2)`` with respect to both inputs.
 
@@ -49,11 +51,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+import fusionzoo as fz
+from fusionzoo.models.convert import convert_state_dict
 from fusionzoo.models.published import dformer as ours
 from fusionzoo.models.published.parity import (
     RULE,
     eval_and_train_outputs,
     fill_state_dict,
+    fixture_diffs,
     key_shapes,
     regeneration_args,
     seeded_inputs,
@@ -140,6 +145,21 @@ def authors_drop_path(checkout: Path, variant: str) -> list[list[float]]:
     return [[float(getattr(b.dropout_layer, "drop_prob", 0.0)) for b in stage] for stage in model.backbone.stages]
 
 
+def full_size_diffs(checkout: Path, variant: str) -> dict[str, float]:
+    """Ours against theirs for ``variant`` at full size and 40 classes (drop path and dropout
+    off, weights by the rule, the fixture's input shapes and seeds): :func:`fixture_diffs`."""
+    theirs = reference_model(checkout, variant, FULL_CLASSES, drop_path_rate=0.0)
+    _no_dropout(theirs)
+    authors = fill_state_dict(key_shapes(theirs.state_dict()), SEED_WEIGHTS)
+    theirs.load_state_dict(authors)
+    name = f"dformer_{variant}"
+    mine = fz.create_model(name, num_classes=FULL_CLASSES, drop_path_rate=0.0, dropout=0.0, nmf_eval_seed=None)
+    mine.load_state_dict(convert_state_dict(name, authors, mine))
+    inputs = seeded_inputs({"rgb": [BATCH, 3, HEIGHT, WIDTH], "depth": [BATCH, 1, HEIGHT, WIDTH]}, SEED_INPUTS)
+    golden = eval_and_train_outputs(lambda xs: theirs(*reference_inputs(xs)), theirs, inputs, seed=SEED_NMF)
+    return fixture_diffs(eval_and_train_outputs(mine, mine, inputs, seed=SEED_NMF), golden)
+
+
 def _no_dropout(model: nn.Module) -> None:
     """The classifier's Dropout2d off (drop path is off through drop_path_rate=0)."""
     for module in model.modules():
@@ -188,6 +208,7 @@ def main() -> None:
         "train_loss": "mean(logits ** 2), gradients w.r.t. both inputs",
         "authors_param_counts_40_classes": counts,
         "authors_drop_path_large": authors_drop_path(args.ref, "large"),
+        "full_size_40_classes_diffs": {f"dformer_{v}": full_size_diffs(args.ref, v) for v in ("small", "base", "large")},
         "authors_state_dict": shapes,
     }
     (args.out / "fixture.json").write_text(json.dumps(fixture, indent=1) + "\n")
