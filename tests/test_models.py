@@ -25,7 +25,7 @@ SMALL_ENCODER = "convnext_atto"  # any timm encoder with strides 4..32 must work
 # every test per shared timm encoder (one used by several methods). Published backbones used by one
 # method are run for real by their parity tests (tests/test_parity_*.py). Issue 12: the suite stays
 # in minutes on 2 cores.
-LIGHT_ENCODERS = {"resnet18", "mit_b0", "r18", "r18_nbt1d", "tiny"}  # tiny: dformer_tiny (6.0 M)
+LIGHT_ENCODERS = {"resnet18", "mit_b0", "r18", "r18_nbt1d"}
 LIGHT = [n for n in VARIANTS if fz.model_entry(n).encoder in LIGHT_ENCODERS]
 HEAVY = [n for n in VARIANTS if n not in LIGHT]
 _heavy_by_encoder: dict[str, list[str]] = {}

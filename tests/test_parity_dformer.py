@@ -152,3 +152,27 @@ def test_three_channel_depth_and_authors_backbone_file(fixture: dict, converted:
         expected = converted.eval()(inputs)
         torch.manual_seed(1)
         assert torch.equal(model.eval()({"rgb": inputs["rgb"], "depth": three}), expected)
+
+
+def test_taps_missing_depth_and_capture_on_real_tensors(fixture: dict, converted: torch.nn.Module) -> None:
+    """What tests/test_models.py checks on light variants, here at one thread (dformer_tiny runs
+    there on the meta device only): taps fire once each with their declared shapes, capture
+    changes nothing, and a missing depth is the zero-filled input (seeded eval bases)."""
+    model = converted.eval()
+    model.decoder.ham.eval_seed = 0
+    inputs = seeded_inputs(fixture["inputs"], fixture["seed_inputs"])
+    h, w = inputs["rgb"].shape[-2:]
+    info = model.tap_info()
+    try:
+        with torch.no_grad():
+            before = model(inputs)
+            with fz.capture(model) as acts:
+                during = model(inputs)
+            missing = model({"rgb": inputs["rgb"]}, missing=("depth",))
+            zero = model({**inputs, "depth": torch.zeros_like(inputs["depth"])})
+    finally:
+        model.decoder.ham.eval_seed = fixture["config"]["nmf_eval_seed"]
+    assert list(acts) == list(info)
+    assert all(acts[k].shape[1:] == (t.channels, h // t.reduction, w // t.reduction) for k, t in info.items())
+    assert torch.equal(before, during) and torch.equal(missing, zero)
+    assert not any(m._forward_hooks for m in model.modules())
