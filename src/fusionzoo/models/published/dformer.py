@@ -59,17 +59,17 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from ..._registry import ReleasedWeights, register_model, register_weights
+from ..._registry import ReleasedWeights, register_weights
 from ...data.benchmarks import NYU40_CLASSES
 from ..base import FusionModel
-from ..convert import StateDict, build_or_load, read_authors_checkpoint, register_converter, rename_keys
+from ..convert import StateDict, published_entry, read_authors_checkpoint, register_converter, rename_keys
 
 REFERENCE_REPO = "https://github.com/VCIP-RGBD/DFormer"
 REFERENCE_COMMIT = "814799bb1f39eb380f72fdea1cd591f2cc27b6aa"
@@ -492,24 +492,13 @@ ACCEPTS = (
 
 
 def _entry(variant: str) -> Callable[..., nn.Module]:
-    name = f"dformer_{variant}"
-
-    def entry(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
-        def build() -> nn.Module:
-            model = DFormer(variant, pretrained=pretrained, **kwargs)
-            model.config = {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
-            return model
-
-        return build_or_load(name, pretrained, build)
-
-    entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = f"{VARIANTS[variant][2]}, the authors' network with the Ham decoder; paper: {PAPER}.\n\n{DFormer.__doc__}"
-    register_model(
+    return published_entry(
+        f"dformer_{variant}", partial(DFormer, variant),
+        doc=f"{VARIANTS[variant][2]}, the authors' network with the Ham decoder; paper: {PAPER}.\n\n{DFormer.__doc__}",
         task="segmentation", fusion="middle", method="dformer", encoder=variant, paper=PAPER,
         modalities=("rgb", "depth"), max_modalities=2, accepts=ACCEPTS,
-        published=True, reference_repo=REFERENCE_REPO, reference_commit=REFERENCE_COMMIT,
-    )(entry)
-    return entry
+        reference_repo=REFERENCE_REPO, reference_commit=REFERENCE_COMMIT,
+    )
 
 
 dformer_tiny = _entry("tiny")
