@@ -2,7 +2,7 @@
 """Regenerate tests/fixtures/parity/cmx/ from a checkout of the authors' CMX repository.
 
     python tools/parity/cmx.py --ref /path/to/RGBX_Semantic_Segmentation
-    python tools/parity/cmx.py --check     # ours against the committed fixture, max abs diffs
+    python tools/parity/cmx.py --check     # ours against the committed fixture (parity.check_fixture)
 
 Reference: https://github.com/huaaaliu/RGBX_Semantic_Segmentation (the commit is read from the
 checkout and must equal ``fusionzoo.models.published.cmx.REFERENCE_COMMIT``). Their code is
@@ -24,9 +24,7 @@ The module also gives ``bench/parity.py`` the authors' model: :func:`reference_m
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,6 +32,9 @@ from types import SimpleNamespace
 import torch
 from safetensors.torch import save_file
 from torch import nn
+
+from fusionzoo.models.published import cmx as ours
+from fusionzoo.models.published.parity import regeneration_args
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "cmx"
@@ -61,10 +62,6 @@ def _import_authors(checkout: Path) -> SimpleNamespace:
     from models.encoders import dual_segformer  # type: ignore[import-not-found]
 
     return SimpleNamespace(builder=builder, DecoderHead=DecoderHead, dual_segformer=dual_segformer)
-
-
-def _commit(checkout: Path) -> str:
-    return subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def _cfg(variant: str, num_classes: int) -> SimpleNamespace:
@@ -129,52 +126,12 @@ def _no_drop(model: nn.Module) -> None:
                 child.p = 0.0
 
 
-def check(folder: Path) -> dict[str, float]:
-    """Max abs differences of ours against the committed fixture (no authors' code needed):
-    eval and train logits, and train-mode input gradients relative to their largest value."""
-    from safetensors.torch import load_file
-
-    import fusionzoo as fz
-    from fusionzoo.models.convert import convert_state_dict
-    from fusionzoo.models.published.parity import fill_state_dict, max_abs_diff, read_fixture, seeded_inputs
-
-    fixture = read_fixture(folder)
-    golden = load_file(folder / "outputs.safetensors")
-    model = fz.create_model(fixture["model"], **fixture["config"])
-    authors = fill_state_dict(fixture["authors_state_dict"], fixture["seed_weights"])
-    model.load_state_dict(convert_state_dict(fixture["model"], authors, model))
-    inputs = seeded_inputs(fixture["inputs"], fixture["seed_inputs"])
-    with torch.no_grad():
-        diffs = {"eval_logits": max_abs_diff(model.eval()(inputs), golden["eval_logits"])}
-    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
-    out = model.train()(leaves)
-    out.square().mean().backward()
-    diffs["train_logits"] = max_abs_diff(out.detach(), golden["train_logits"])
-    for m, leaf in leaves.items():
-        reference = golden[f"train_grad_{m}"]
-        diffs[f"train_grad_{m} (relative)"] = max_abs_diff(leaf.grad, reference) / float(reference.abs().max())
-    return diffs
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ref", type=Path, help="checkout of huaaaliu/RGBX_Semantic_Segmentation")
-    parser.add_argument("--out", type=Path, default=FIXTURE)
-    parser.add_argument("--check", action="store_true", help="only print ours vs the committed fixture")
-    args = parser.parse_args()
-    if args.check:
-        for key, value in check(args.out).items():
-            print(f"{key}: max abs diff {value:.3g}")
+    args = regeneration_args(__doc__, FIXTURE, "huaaaliu/RGBX_Semantic_Segmentation", ours.REFERENCE_COMMIT)
+    if args is None:  # --check
         return
-    if args.ref is None:
-        parser.error("--ref is required to regenerate the fixture (or use --check)")
 
-    from fusionzoo.models.published import cmx as ours
     from fusionzoo.models.published.parity import RULE, fill_state_dict, key_shapes, seeded_inputs
-
-    commit = _commit(args.ref)
-    if commit != ours.REFERENCE_COMMIT:
-        print(f"warning: checkout is at {commit}, the entries name {ours.REFERENCE_COMMIT}", file=sys.stderr)
 
     torch.manual_seed(0)
     model = reference_model(args.ref, "b0", NUM_CLASSES)
@@ -205,7 +162,7 @@ def main() -> None:
     )
     fixture = {
         "reference_repo": ours.REFERENCE_REPO,
-        "reference_commit": commit,
+        "reference_commit": args.commit,
         "regenerate": "python tools/parity/cmx.py --ref <checkout of the reference repository>",
         "model": "cmx_mit_b0",
         "config": {"num_classes": NUM_CLASSES, "modalities": ["rgb", "hha"], "decoder_channels": EMBED_DIM,

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
-from .._registry import ReleasedWeights, create_model, model_entry, released_weights
+from .._registry import ReleasedWeights, create_model, model_entry, register_model, released_weights
 from ..files import sha256_file
 from ..hub import CONFIG_NAME, from_pretrained, save_pretrained
 from ..weights import load_model_weights
@@ -42,6 +42,7 @@ __all__ = [
     "convert_checkpoint",
     "convert_state_dict",
     "load_released",
+    "published_entry",
     "read_authors_checkpoint",
     "register_converter",
     "released_dir",
@@ -321,3 +322,26 @@ def build_or_load(name: str, pretrained: bool | str, build: Callable[[], nn.Modu
     if isinstance(pretrained, str):
         return load_released(name, pretrained)
     return build()
+
+
+def published_entry(name: str, build: Callable[..., nn.Module], *, doc: str, **registry: Any) -> Callable[..., nn.Module]:
+    """Register the entry point ``name`` of a published network whose keywords pass through:
+    ``entry(pretrained=False, **kwargs)`` builds ``build(pretrained=pretrained, **kwargs)`` and
+    records ``config`` (the name and the keywords, tuples as lists), or loads the released weights
+    of a tag (:func:`build_or_load`). ``registry``: :func:`register_model`'s metadata, with the
+    ``reference_repo`` and ``reference_commit`` that a published entry names (``published=True``
+    is set here)."""
+
+    def entry(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
+        def make() -> nn.Module:
+            model = build(pretrained=pretrained, **kwargs)
+            model.config = {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
+            return model
+
+        return build_or_load(name, pretrained, make)
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = doc
+    entry.__module__ = getattr(build, "func", build).__module__  # a functools.partial's function
+    register_model(published=True, **registry)(entry)
+    return entry

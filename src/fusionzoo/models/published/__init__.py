@@ -9,6 +9,7 @@ from . import (
     acnet,  # noqa: F401  (ACNet, Hu et al. ICIP 2019)
     cmnext,  # noqa: F401  (CMNeXt, Zhang et al. CVPR 2023)
     cmx,  # noqa: F401  (CMX, Zhang et al. T-ITS 2023)
+    dformer,  # noqa: F401  (DFormer, Yin et al. ICLR 2024)
     esanet,  # noqa: F401  (ESANet, Seichter et al. ICRA 2021)
     fusenet,  # noqa: F401  (FuseNet, Hazirbas et al. ACCV 2016)
     sagate,  # noqa: F401  (SA-Gate, Chen et al. ECCV 2020)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from functools import partial
 
 import torch
 from timm.layers import DropPath
@@ -38,11 +38,11 @@ from timm.models.pvt_v2 import Attention as PvtAttention
 from timm.models.pvt_v2 import PyramidVisionTransformerStage
 from torch import nn
 
-from ..._registry import ReleasedWeights, register_model, register_weights
+from ..._registry import ReleasedWeights, register_weights
 from ...encoders import Encoder
 from ...heads.segformer import SegFormerDecoder
 from ..cmx import CMXModel
-from ..convert import StateDict, build_or_load, read_authors_checkpoint, register_converter, rename_keys
+from ..convert import StateDict, published_entry, read_authors_checkpoint, register_converter, rename_keys
 
 REFERENCE_REPO = "https://github.com/huaaaliu/RGBX_Semantic_Segmentation"
 REFERENCE_COMMIT = "e251d860aebc2f583a6c4919877e6bebe7f1aff3"
@@ -331,28 +331,15 @@ def register_mit_entry(
     reference_repo: str,
     reference_commit: str,
 ) -> Callable[..., nn.Module]:
-    """Register the published entry ``{method}_mit_{variant}``: ``model_cls(variant, **kwargs)``
-    with its ``config``, or the authors' released weights when ``pretrained`` is a tag (shared by
-    the MiT-based entries, CMX and CMNeXt)."""
-    name = f"{method}_mit_{variant}"
-
-    def entry(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
-        def build() -> nn.Module:
-            model = model_cls(variant, pretrained=pretrained, **kwargs)
-            model.config = {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
-            return model
-
-        return build_or_load(name, pretrained, build)
-
-    entry.__name__ = entry.__qualname__ = name
-    entry.__module__ = model_cls.__module__
-    entry.__doc__ = f"{title} on MiT-{variant.upper()}, the authors' network; paper: {paper}.\n\n{model_cls.__doc__}"
-    register_model(
+    """Register the published entry ``{method}_mit_{variant}`` (:func:`~fusionzoo.models.convert.published_entry`
+    over ``model_cls(variant, ...)``), shared by the MiT-based entries, CMX and CMNeXt."""
+    return published_entry(
+        f"{method}_mit_{variant}", partial(model_cls, variant),
+        doc=f"{title} on MiT-{variant.upper()}, the authors' network; paper: {paper}.\n\n{model_cls.__doc__}",
         task="segmentation", fusion="middle", method=method, encoder=f"mit_{variant}", paper=paper,
         modalities=("rgb", "hha"), max_modalities=max_modalities, accepts=accepts,
-        published=True, reference_repo=reference_repo, reference_commit=reference_commit,
-    )(entry)
-    return entry
+        reference_repo=reference_repo, reference_commit=reference_commit,
+    )
 
 
 def _entry(variant: str) -> Callable[..., nn.Module]:

@@ -8,14 +8,21 @@ rebuild the authors' state dict from the committed key/shape list alone, without
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import subprocess
+import sys
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+
+from ..._registry import create_model
+from ..convert import convert_state_dict
 
 RULE = (
     "per key: torch.Generator seeded with seed + crc32(key); num_batches_tracked = 0; "
@@ -71,3 +78,87 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
     return float((a.double() - b.double()).abs().max())
+
+
+def eval_and_train_outputs(
+    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    model: torch.nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    *,
+    seed: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The outputs a fixture records, from either side: ``eval_logits`` (eval mode, no grad),
+    ``train_logits`` (train mode) and ``train_grad_<m>`` (gradient of ``mean(logits ** 2)`` with
+    respect to input ``m``). ``forward(inputs)`` calls ``model`` (the authors' take positional
+    arguments); ``seed``: ``torch.manual_seed(seed)`` right before each forward (a network that
+    draws random numbers in its forward, e.g. DFormer's NMF bases)."""
+    model.eval()
+    with torch.no_grad():
+        if seed is not None:
+            torch.manual_seed(seed)
+        eval_out = forward(dict(inputs))
+    model.train()
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    if seed is not None:
+        torch.manual_seed(seed)
+    out = forward(leaves)
+    out.square().mean().backward()
+    grads = {f"train_grad_{m}": leaf.grad.contiguous() for m, leaf in leaves.items()}
+    return {"eval_logits": eval_out.contiguous(), "train_logits": out.detach().contiguous(), **grads}
+
+
+def fixture_diffs(outputs: Mapping[str, torch.Tensor], golden: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Max abs differences of :func:`eval_and_train_outputs` against a fixture's: logits
+    absolute, input gradients relative to the fixture's largest (a mean over many logits makes
+    them ~1e-3)."""
+    diffs = {}
+    for key, value in outputs.items():
+        reference = golden[key]
+        if key.startswith("train_grad_"):
+            diffs[f"{key} (relative)"] = max_abs_diff(value, reference) / float(reference.abs().max())
+        else:
+            diffs[key] = max_abs_diff(value, reference)
+    return diffs
+
+
+def fixture_model(fixture: Mapping[str, Any]) -> torch.nn.Module:
+    """The fixture's entry at its config, holding the authors' state dict (rebuilt from the key
+    list by the rule) converted into ours."""
+    model = create_model(fixture["model"], **fixture["config"])
+    authors = fill_state_dict(fixture["authors_state_dict"], fixture["seed_weights"])
+    model.load_state_dict(convert_state_dict(fixture["model"], authors, model), strict=True)
+    return model
+
+
+def check_fixture(folder: Path) -> dict[str, float]:
+    """Ours against a committed fixture, no authors' code needed: the fixture's entry and config,
+    its authors' state dict rebuilt by the rule and converted, the seeded inputs (and
+    ``seed_forward`` before each forward where the fixture names one) -> :func:`fixture_diffs`."""
+    fixture = read_fixture(folder)
+    model = fixture_model(fixture)
+    inputs = seeded_inputs(fixture["inputs"], fixture["seed_inputs"])
+    outputs = eval_and_train_outputs(model, model, inputs, seed=fixture.get("seed_forward"))
+    return fixture_diffs(outputs, load_file(folder / "outputs.safetensors"))
+
+
+def regeneration_args(description: str, default_out: Path, reference: str, reference_commit: str) -> Any:
+    """The command line of a ``tools/parity/<method>.py`` script: ``--check`` prints
+    :func:`check_fixture` of ``--out`` and returns ``None``; otherwise ``--ref`` is required and the
+    parsed arguments are returned for the regeneration (``ref``, ``out``, and ``commit``: the
+    checkout's HEAD, with a warning on stderr when it is not ``reference_commit``, the entries')."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ref", type=Path, help=f"checkout of {reference}")
+    parser.add_argument("--out", type=Path, default=default_out)
+    parser.add_argument("--check", action="store_true", help="only print ours vs the committed fixture")
+    args = parser.parse_args()
+    if args.check:
+        for key, value in check_fixture(args.out).items():
+            print(f"{key}: max abs diff {value:.3g}")
+        return None
+    if args.ref is None:
+        parser.error("--ref is required to regenerate the fixture (or use --check)")
+    git = ["git", "-C", str(args.ref), "rev-parse", "HEAD"]
+    args.commit = subprocess.run(git, capture_output=True, text=True, check=True).stdout.strip()
+    if args.commit != reference_commit:
+        print(f"warning: checkout is at {args.commit}, the entries name {reference_commit}", file=sys.stderr)
+    return args
