@@ -10,5 +10,6 @@ from . import (
     cmx,  # noqa: F401  (CMX, Zhang et al. T-ITS 2023)
     esanet,  # noqa: F401  (ESANet, Seichter et al. ICRA 2021)
     fusenet,  # noqa: F401  (FuseNet, Hazirbas et al. ACCV 2016)
+    geminifusion,  # noqa: F401  (GeminiFusion, Jia et al. ICML 2024)
     sagate,  # noqa: F401  (SA-Gate, Chen et al. ECCV 2020)
 )
