@@ -2,6 +2,7 @@
 """Regenerate tests/fixtures/parity/geminifusion/ from a checkout of the authors' GeminiFusion.
 
     python tools/parity/geminifusion.py --ref /path/to/GeminiFusion
+    python tools/parity/geminifusion.py --check     # ours against the committed fixture, max abs diffs
 
 Reference: https://github.com/JiaDingCN/GeminiFusion (branch main: NYUDv2 / SUN RGB-D; the commit
 is read from the checkout and should equal ``fusionzoo.models.published.geminifusion.REFERENCE_COMMIT``).
@@ -155,11 +156,52 @@ def _counts(checkout: Path) -> dict[str, dict[str, int]]:
     }
 
 
+def check(folder: Path) -> dict[str, float]:
+    """Max abs differences of ours against the committed fixture (no authors' code needed): eval
+    and train outputs (ensemble at input size, their three stride-4 outputs), and train-mode
+    gradients relative to their largest value."""
+    from safetensors.torch import load_file
+
+    import fusionzoo as fz
+    from fusionzoo.models.convert import convert_state_dict
+    from fusionzoo.models.published.parity import fill_state_dict, max_abs_diff, read_fixture, seeded_inputs
+
+    fixture = read_fixture(folder)
+    golden = load_file(folder / "outputs.safetensors")
+    with torch.device("meta"):
+        model = fz.create_model(fixture["model"], **fixture["config"])
+    authors = fill_state_dict(fixture["authors_state_dict"], fixture["seed_weights"])
+    model.load_state_dict(convert_state_dict(fixture["model"], authors, model), assign=True)
+    inputs = seeded_inputs(fixture["inputs"], fixture["seed_inputs"])
+    taps = ("rgb.head", "depth.head", "head.logits")
+    diffs: dict[str, float] = {}
+    for mode in ("eval", "train"):
+        model.train(mode == "train")
+        leaves = {k: v.clone().requires_grad_(mode == "train") for k, v in inputs.items()}
+        with fz.capture(model, *taps) as acts:
+            out = model(leaves)
+        diffs[f"{mode}_logits"] = max_abs_diff(out.detach(), golden[f"{mode}_logits"])
+        for tap, theirs in zip(taps, ("rgb", "depth", "ens")):
+            diffs[f"{mode}_{theirs}"] = max_abs_diff(acts[tap], golden[f"{mode}_{theirs}"])
+    ensemble = model.forward_logits(model.check_inputs(leaves), ())
+    sum(z.square().mean() for z in (*model.side_logits, ensemble)).backward()
+    for name, grad in (*((f"train_grad_{m}", leaf.grad) for m, leaf in leaves.items()), ("alpha_grad", model.alpha.grad)):
+        diffs[f"{name} (relative)"] = max_abs_diff(grad, golden[name]) / float(golden[name].abs().max())
+    return diffs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ref", type=Path, required=True, help="checkout of JiaDingCN/GeminiFusion")
+    parser.add_argument("--ref", type=Path, help="checkout of JiaDingCN/GeminiFusion")
     parser.add_argument("--out", type=Path, default=FIXTURE)
+    parser.add_argument("--check", action="store_true", help="only print ours vs the committed fixture")
     args = parser.parse_args()
+    if args.check:
+        for key, value in check(args.out).items():
+            print(f"{key}: max abs diff {value:.3g}")
+        return
+    if args.ref is None:
+        parser.error("--ref is required to regenerate the fixture (or use --check)")
     from fusionzoo.models.published import geminifusion as ours
     from fusionzoo.models.published.parity import RULE, fill_state_dict, key_shapes, seeded_inputs
 
