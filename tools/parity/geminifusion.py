@@ -3,6 +3,7 @@
 
     python tools/parity/geminifusion.py --ref /path/to/GeminiFusion
     python tools/parity/geminifusion.py --check     # ours against the committed fixture, max abs diffs
+    python tools/parity/geminifusion.py --ref /path/to/GeminiFusion --float64   # both in float64
 
 Reference: https://github.com/JiaDingCN/GeminiFusion (branch main: NYUDv2 / SUN RGB-D; the commit
 is read from the checkout and should equal ``fusionzoo.models.published.geminifusion.REFERENCE_COMMIT``).
@@ -190,11 +191,42 @@ def check(folder: Path) -> dict[str, float]:
     return diffs
 
 
+def float64_diffs(checkout: Path) -> dict[str, float]:
+    """Theirs and ours side by side in float64 on the fixture's configuration (same rule-filled
+    weights, same input): max abs differences of the three outputs, eval and train mode."""
+    import fusionzoo as fz
+    from fusionzoo.models.convert import convert_state_dict
+    from fusionzoo.models.published.parity import fill_state_dict, key_shapes, seeded_inputs
+
+    net = _wetr(checkout, VARIANT, NUM_CLASSES, 0.0)
+    for module in net.modules():
+        if isinstance(module, (nn.Dropout, nn.Dropout2d)):
+            module.p = 0.0
+    authors = fill_state_dict(key_shapes(net.state_dict()), SEED_WEIGHTS)
+    net.load_state_dict(authors)
+    ours = fz.create_model(f"geminifusion_mit_{VARIANT}", num_classes=NUM_CLASSES, dropout=0.0, drop_path_rate=0.0)
+    ours.load_state_dict(convert_state_dict(f"geminifusion_mit_{VARIANT}", authors, ours))
+    net, ours = net.double(), ours.double()
+    inputs = {k: v.double() for k, v in seeded_inputs(input_shapes(), SEED_INPUTS).items()}
+    taps = ("rgb.head", "depth.head", "head.logits")
+    diffs: dict[str, float] = {}
+    for mode in ("eval", "train"):
+        net.train(mode == "train")
+        ours.train(mode == "train")
+        with torch.no_grad(), fz.capture(ours, *taps) as acts:
+            theirs = net(list(reference_inputs(inputs)))[0]
+            ours(inputs)
+        for tap, their, name in zip(taps, theirs, ("rgb", "depth", "ens")):
+            diffs[f"{mode}_{name}"] = float((acts[tap] - their).abs().max())
+    return diffs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ref", type=Path, help="checkout of JiaDingCN/GeminiFusion")
     parser.add_argument("--out", type=Path, default=FIXTURE)
     parser.add_argument("--check", action="store_true", help="only print ours vs the committed fixture")
+    parser.add_argument("--float64", action="store_true", help="with --ref: theirs vs ours in float64, no fixture written")
     args = parser.parse_args()
     if args.check:
         for key, value in check(args.out).items():
@@ -202,6 +234,10 @@ def main() -> None:
         return
     if args.ref is None:
         parser.error("--ref is required to regenerate the fixture (or use --check)")
+    if args.float64:
+        for key, value in float64_diffs(args.ref).items():
+            print(f"{key}: max abs diff {value:.3g} (float64)")
+        return
     from fusionzoo.models.published import geminifusion as ours
     from fusionzoo.models.published.parity import RULE, fill_state_dict, key_shapes, seeded_inputs
 
