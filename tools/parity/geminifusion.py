@@ -17,8 +17,8 @@ norm_cfg=dict(type="BN"))``: ``conv`` (1x1, no bias, as mmcv's ``bias="auto"`` w
 read (the network is then filled by the rule).
 
 What it writes (numbers only), with the fill rule of ``fusionzoo.models.published.parity`` (as
-``tools/parity/cmx.py``; ``seeded.py``'s He-scale rule amplifies float32 rounding through the
-attention to ~1.5e-5 here, against 2.6e-6 with this one; both sides agree to 7e-14 in float64):
+``tools/parity/cmx.py``; ``seeded.py``'s He-scale weights sharpen the attention and amplify
+float32 rounding; ``--float64`` shows the two networks compute the same function):
 
 - ``fixture.json``: the reference commit, the reduced configuration (MiT-B0, 3 classes,
   2x3x64x64 RGB and 2x1x64x64 depth, tiled to 3 channels for theirs as their loader does; drop
