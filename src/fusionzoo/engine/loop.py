@@ -526,6 +526,20 @@ class EpochState:
         return cls(**{k: d[k] for k in ("epoch", "batches_done", "global_step", "loss_sum", "images")})
 
 
+def side_loss(model: nn.Module, mask: torch.Tensor, ignore_index: int = 255, label_smoothing: float = 0.0) -> torch.Tensor | float:
+    """Cross-entropy on the side logits of the last training forward, for models whose reference
+    loss supervises them alike (``model.side_loss == "ce"``, e.g. GeminiFusion's per-modality
+    logits): each of ``model.side_logits`` upsampled bilinearly to the label size. 0 for every
+    other model (ESANet's side logits keep ``side_loss`` unset: its reference weighs them differently)."""
+    if getattr(model, "side_loss", None) != "ce":
+        return 0.0
+    total: torch.Tensor | float = 0.0
+    for side in model.side_logits:
+        side = F.interpolate(side.float(), size=mask.shape[-2:], mode="bilinear", align_corners=False)
+        total = total + F.cross_entropy(side, mask, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    return total
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable[Mapping[str, Any]],
@@ -619,6 +633,7 @@ def train_one_epoch(
                 logits = model(inputs, missing=missing) if missing else model(inputs)
             # Loss in float32: the softmax over K classes is where half precision loses digits.
             loss = F.cross_entropy(logits.float(), mask, ignore_index=ignore_index, label_smoothing=label_smoothing)
+            loss = loss + side_loss(plain, mask, ignore_index, label_smoothing)
         # One host sync per step: the loss averaged over ranks, and whether any rank must stop.
         loss_value, stop = all_reduce_step(loss, bool(stop_requested and stop_requested()), device)
         if not math.isfinite(loss_value):

@@ -35,8 +35,9 @@ but the MLP decoder:
 reference upsamples the same way for its loss; its evaluation resizes with cv2's bicubic). The
 per-modality logits are the taps ``rgb.head`` / ``depth.head`` (stride 4) and, in training
 mode, ``model.side_logits`` (rgb, depth): the reference's loss is cross-entropy on the output
-plus cross-entropy on each side logit, upsampled to the label size. Because the ensemble
-detaches its inputs, a loss on the output alone trains only ``alpha``.
+plus cross-entropy on each side logit, upsampled to the label size, and fusionzoo's trainer adds
+the same (``side_loss = "ce"``). Because the ensemble detaches its inputs, a loss on the output
+alone would train only ``alpha``.
 
 **Inputs.** Both streams enter the shared 3-channel patch embedding. The authors' depth is the
 gray image tiled to 3 identical channels and divided by 255 (no mean/std), so a 1-channel depth
@@ -242,8 +243,11 @@ class GeminiFusionMiT(FusionModel):
     Taps: ``fused.stage1..4.gate`` (per query modality, the head-averaged weight its pixels give
     the other modality's value in the stage's last block; 2 channels), ``{m}.stage1..4`` (each
     stage's normalized output), ``{m}.head`` (per-modality logits), ``head.logits`` (the
-    ensemble). ``model.side_logits``: the per-modality logits in training mode, else ``()``.
+    ensemble). ``model.side_logits``: the per-modality logits in training mode, else ``()``;
+    ``side_loss = "ce"`` makes fusionzoo's trainer add their cross-entropy, as the reference's loss.
     """
+
+    side_loss = "ce"  # read by fusionzoo.engine.loop.side_loss
 
     def __init__(
         self,
