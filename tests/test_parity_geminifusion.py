@@ -107,3 +107,21 @@ def test_one_channel_depth_is_the_authors_tiled_depth(fixture: dict, converted: 
     own = {n for n, _ in converted.named_parameters()}
     rgb_only = {n for n, p in converted.named_parameters() if any(p is q for q in converted.modality_parameters("rgb"))}
     assert rgb_only and all(".rgb." in n for n in rgb_only) and rgb_only < own
+
+
+def test_imagenet_mit_init_fills_the_shared_backbone(fixture: dict, converted: torch.nn.Module, tmp_path: Path) -> None:
+    """SegFormer's ImageNet MiT file (keys as the authors' minus ModuleParallel / LayerNormParallel
+    wrappers) -> shared weights and every modality's norms, as their expand_state_dict."""
+    authors = fill_state_dict(fixture["authors_state_dict"], fixture["seed_weights"])
+    fusion = (".cross_attn_", ".relation_judger.", "_noise.", ".ln_1.")
+    mit = {k.removeprefix("encoder.").replace(".module.", ".").replace(".ln_0.", "."): v
+           for k, v in authors.items() if k.startswith("encoder.") and not any(f in k for f in fusion)}
+    mit["head.weight"] = torch.zeros(1000, 256)  # the ImageNet classifier: dropped
+    torch.save(mit, tmp_path / "mit_b0.pth")
+    mapped = convert_state_dict(fixture["model"], authors, converted)
+    model = fz.create_model(fixture["model"], **fixture["config"], mit_weights=str(tmp_path / "mit_b0.pth"))
+    own = model.state_dict()
+    for key, value in mapped.items():
+        if key.startswith("stages.") and ".gemini." not in key and ".depth." not in key:
+            assert torch.equal(own[key], value), key
+            assert torch.equal(own[key.replace(".rgb.", ".depth.")], value), key

@@ -59,7 +59,7 @@ from torch import nn
 from ..._registry import ReleasedWeights, register_model, register_weights
 from ...heads.segformer import SegFormerDecoder
 from ..base import FusionModel
-from ..convert import StateDict, build_or_load, register_converter, rename_keys
+from ..convert import StateDict, build_or_load, read_authors_checkpoint, register_converter, rename_keys
 from .cmx import IMAGENET_MEAN, IMAGENET_STD, MIT_DEPTHS, NYUV2_CLASSES, _shift
 
 REFERENCE_REPO = "https://github.com/JiaDingCN/GeminiFusion"
@@ -239,6 +239,8 @@ class GeminiFusionMiT(FusionModel):
         dropout: dropout before the classifier (0.1).
         drop_path_rate: stochastic depth (:data:`DROP_PATH_RATES`; 0 for exact train-mode comparisons).
         cross_heads: heads of the cross-modal attention (8, the reference's ``--n_heads``).
+        mit_weights: path of SegFormer's ImageNet MiT file (``mit_b3.pth``), loaded as the
+            reference's ``WeTr`` does (:func:`load_mit_imagenet`).
 
     Taps: ``fused.stage1..4.gate`` (per query modality, the head-averaged weight its pixels give
     the other modality's value in the stage's last block; 2 channels), ``{m}.stage1..4`` (each
@@ -261,6 +263,7 @@ class GeminiFusionMiT(FusionModel):
         dropout: float = 0.1,
         drop_path_rate: float | None = None,
         cross_heads: int = CROSS_HEADS,
+        mit_weights: str | None = None,
     ) -> None:
         if variant not in MIT_DEPTHS:
             raise ValueError(f"unknown MiT variant {variant!r}; choose one of {sorted(MIT_DEPTHS)}")
@@ -299,6 +302,8 @@ class GeminiFusionMiT(FusionModel):
         self.alpha = nn.Parameter(torch.ones(len(modalities)))  # ensemble weights (softmax), as WeTr.alpha
         self.side_logits: tuple[torch.Tensor, ...] = ()
         self._fused_attn: bool | None = None
+        if mit_weights is not None:
+            load_mit_imagenet(self, mit_weights)
 
     def modality_parameters(self, modality: str):
         """The modality's own LayerNorms (everything else is shared)."""
@@ -377,8 +382,46 @@ def convert_geminifusion(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
     return {_shift(k): v for k, v in renamed.items()}
 
 
+def _mit_rules(modality: str) -> list[tuple[str, str]]:
+    """SegFormer's ImageNet MiT keys -> ours, the norms into ``modality``'s LayerNorms."""
+    blk, ours = r"block([1-4])\.(\d+)\.", r"stages.<\1-1>.blocks.\2."
+    return [
+        (r"patch_embed([1-4])\.proj\.(weight|bias)", r"stages.<\1-1>.proj.\2"),
+        (r"patch_embed([1-4])\.norm\.(weight|bias)", rf"stages.<\1-1>.proj_norm.{modality}.\2"),
+        (r"norm([1-4])\.(weight|bias)", rf"stages.<\1-1>.norm.{modality}.\2"),
+        (blk + r"(norm1|norm2|attn\.norm)\.(weight|bias)", ours + rf"\3.{modality}.\4"),
+        (blk + r"attn\.(q|kv|proj|sr)\.(weight|bias)", ours + r"attn.\3.\4"),
+        (blk + r"mlp\.(fc1|fc2)\.(weight|bias)", ours + r"mlp.\3.\4"),
+        (blk + r"mlp\.dwconv\.dwconv\.(weight|bias)", ours + r"mlp.dwconv.\3"),
+    ]
+
+
+def load_mit_imagenet(model: GeminiFusionMiT, path: str) -> GeminiFusionMiT:
+    """Initialize the shared backbone from SegFormer's ImageNet MiT file, as the reference's
+    ``WeTr`` does (``expand_state_dict``): shared weights take MiT's tensors, every modality's
+    LayerNorms the same norm; the GeminiFusion modules (cross attention, relation judger, noise)
+    keep their initialization; the classifier ``head.*`` is dropped.
+
+    Raises:
+        ConversionError: a key that does not map; ValueError: a backbone tensor missing.
+    """
+    sd = {k: v for k, v in read_authors_checkpoint(path).items() if not k.startswith("head.")}
+    ours: StateDict = {}
+    for m in model.modalities:
+        ours.update({_shift(k): v for k, v in rename_keys(sd, _mit_rules(m), where=str(path)).items()})
+    expected = {k for k in model.state_dict() if k.startswith("stages.") and ".gemini." not in k}
+    missing = sorted(expected - set(ours))
+    if missing:
+        raise ValueError(f"{path}: no tensor for {missing[0]!r} ({len(missing)} backbone tensors missing); is it MiT-{model.variant.upper()}?")
+    model.load_state_dict(ours, strict=False)
+    return model
+
+
 # ----------------------------------------------------------------------------- entry points
-ACCEPTS = ("num_classes", "modalities", "in_chans", "pretrained", "decoder_channels", "dropout", "drop_path_rate", "cross_heads")
+ACCEPTS = (
+    "num_classes", "modalities", "in_chans", "pretrained", "decoder_channels", "dropout", "drop_path_rate", "cross_heads",
+    "mit_weights",
+)
 
 
 def _entry(variant: str) -> Callable[..., nn.Module]:
