@@ -38,11 +38,7 @@ def golden() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def converted(fixture: dict) -> torch.nn.Module:
-    with torch.device("meta"):  # no initialisation: every tensor comes from the rule
-        model = fz.create_model(fixture["model"], **fixture["config"])
-    authors = fill_state_dict(fixture["authors_state_dict"], fixture["seed_weights"])
-    model.load_state_dict(convert_state_dict(fixture["model"], authors, model), strict=True, assign=True)
-    return model
+    return _tool.converted(fixture)
 
 
 def test_fixture_names_the_entries_commit(fixture: dict) -> None:

@@ -35,6 +35,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from seeded import print_diffs
+
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "cmx"
 SEED_WEIGHTS = 1234
@@ -163,9 +166,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="only print ours vs the committed fixture")
     args = parser.parse_args()
     if args.check:
-        for key, value in check(args.out).items():
-            print(f"{key}: max abs diff {value:.3g}")
-        return
+        return print_diffs(check(args.out))
     if args.ref is None:
         parser.error("--ref is required to regenerate the fixture (or use --check)")
 

@@ -48,11 +48,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+import fusionzoo as fz
+from fusionzoo.models.convert import convert_state_dict
+from fusionzoo.models.published import geminifusion as ours
+from fusionzoo.models.published.parity import (
+    RULE,
+    fill_state_dict,
+    key_shapes,
+    max_abs_diff,
+    read_fixture,
+    seeded_inputs,
+)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seeded import count_parameters
+from seeded import count_parameters, print_diffs
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "geminifusion"
@@ -117,6 +129,14 @@ def _wetr(checkout: Path, variant: str, num_classes: int, dpr: float) -> nn.Modu
         return segformer.WeTr(f"mit_{variant}", num_classes, N_HEADS, dpr, 0.0)
 
 
+def _no_dropout(net: nn.Module) -> nn.Module:
+    """Dropout off (their decoder's Dropout2d 0.1; the rest is 0 already)."""
+    for module in net.modules():
+        if isinstance(module, (nn.Dropout, nn.Dropout2d)):
+            module.p = 0.0
+    return net
+
+
 class _Ensemble(nn.Module):
     """Their ``WeTr`` returning the ensemble (the output they report); in training mode
     ``side_logits`` holds their per-modality outputs, which their loss also uses."""
@@ -157,22 +177,26 @@ def _counts(checkout: Path) -> dict[str, dict[str, int]]:
     }
 
 
+def converted(fixture: dict) -> nn.Module:
+    """Our entry of the fixture, built on the meta device (no initialization) and given the
+    converted authors' state dict that the rule rebuilds from the fixture's key/shape list."""
+
+    with torch.device("meta"):
+        model = fz.create_model(fixture["model"], **fixture["config"])
+    authors = fill_state_dict(fixture["authors_state_dict"], fixture["seed_weights"])
+    model.load_state_dict(convert_state_dict(fixture["model"], authors, model), strict=True, assign=True)
+    return model
+
+
 def check(folder: Path) -> dict[str, float]:
     """Max abs differences of ours against the committed fixture (no authors' code needed): eval
     and train outputs (ensemble at input size, their three stride-4 outputs), and train-mode
     gradients relative to their largest value."""
-    from safetensors.torch import load_file
 
-    import fusionzoo as fz
-    from fusionzoo.models.convert import convert_state_dict
-    from fusionzoo.models.published.parity import fill_state_dict, max_abs_diff, read_fixture, seeded_inputs
 
     fixture = read_fixture(folder)
     golden = load_file(folder / "outputs.safetensors")
-    with torch.device("meta"):
-        model = fz.create_model(fixture["model"], **fixture["config"])
-    authors = fill_state_dict(fixture["authors_state_dict"], fixture["seed_weights"])
-    model.load_state_dict(convert_state_dict(fixture["model"], authors, model), assign=True)
+    model = converted(fixture)
     inputs = seeded_inputs(fixture["inputs"], fixture["seed_inputs"])
     taps = ("rgb.head", "depth.head", "head.logits")
     diffs: dict[str, float] = {}
@@ -194,28 +218,22 @@ def check(folder: Path) -> dict[str, float]:
 def float64_diffs(checkout: Path) -> dict[str, float]:
     """Theirs and ours side by side in float64 on the fixture's configuration (same rule-filled
     weights, same input): max abs differences of the three outputs, eval and train mode."""
-    import fusionzoo as fz
-    from fusionzoo.models.convert import convert_state_dict
-    from fusionzoo.models.published.parity import fill_state_dict, key_shapes, seeded_inputs
 
-    net = _wetr(checkout, VARIANT, NUM_CLASSES, 0.0)
-    for module in net.modules():
-        if isinstance(module, (nn.Dropout, nn.Dropout2d)):
-            module.p = 0.0
+    net = _no_dropout(_wetr(checkout, VARIANT, NUM_CLASSES, 0.0))
     authors = fill_state_dict(key_shapes(net.state_dict()), SEED_WEIGHTS)
     net.load_state_dict(authors)
-    ours = fz.create_model(f"geminifusion_mit_{VARIANT}", num_classes=NUM_CLASSES, dropout=0.0, drop_path_rate=0.0)
-    ours.load_state_dict(convert_state_dict(f"geminifusion_mit_{VARIANT}", authors, ours))
-    net, ours = net.double(), ours.double()
+    mine = fz.create_model(f"geminifusion_mit_{VARIANT}", num_classes=NUM_CLASSES, dropout=0.0, drop_path_rate=0.0)
+    mine.load_state_dict(convert_state_dict(f"geminifusion_mit_{VARIANT}", authors, mine))
+    net, mine = net.double(), mine.double()
     inputs = {k: v.double() for k, v in seeded_inputs(input_shapes(), SEED_INPUTS).items()}
     taps = ("rgb.head", "depth.head", "head.logits")
     diffs: dict[str, float] = {}
     for mode in ("eval", "train"):
         net.train(mode == "train")
-        ours.train(mode == "train")
-        with torch.no_grad(), fz.capture(ours, *taps) as acts:
+        mine.train(mode == "train")
+        with torch.no_grad(), fz.capture(mine, *taps) as acts:
             theirs = net(list(reference_inputs(inputs)))[0]
-            ours(inputs)
+            mine(inputs)
         for tap, their, name in zip(taps, theirs, ("rgb", "depth", "ens")):
             diffs[f"{mode}_{name}"] = float((acts[tap] - their).abs().max())
     return diffs
@@ -229,26 +247,17 @@ def main() -> None:
     parser.add_argument("--float64", action="store_true", help="with --ref: theirs vs ours in float64, no fixture written")
     args = parser.parse_args()
     if args.check:
-        for key, value in check(args.out).items():
-            print(f"{key}: max abs diff {value:.3g}")
-        return
+        return print_diffs(check(args.out))
     if args.ref is None:
         parser.error("--ref is required to regenerate the fixture (or use --check)")
     if args.float64:
-        for key, value in float64_diffs(args.ref).items():
-            print(f"{key}: max abs diff {value:.3g} (float64)")
-        return
-    from fusionzoo.models.published import geminifusion as ours
-    from fusionzoo.models.published.parity import RULE, fill_state_dict, key_shapes, seeded_inputs
+        return print_diffs(float64_diffs(args.ref), " (float64)")
 
     commit = subprocess.run(["git", "-C", str(args.ref), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     if commit != ours.REFERENCE_COMMIT:
         print(f"warning: checkout is at {commit}, the entries name {ours.REFERENCE_COMMIT}", file=sys.stderr)
     torch.manual_seed(0)
-    net = _wetr(args.ref, VARIANT, NUM_CLASSES, 0.0)  # drop path off
-    for module in net.modules():  # dropout off (their decoder's Dropout2d 0.1; the rest is 0 already)
-        if isinstance(module, (nn.Dropout, nn.Dropout2d)):
-            module.p = 0.0
+    net = _no_dropout(_wetr(args.ref, VARIANT, NUM_CLASSES, 0.0))  # drop path off
     shapes = key_shapes(net.state_dict())
     net.load_state_dict(fill_state_dict(shapes, SEED_WEIGHTS))
     inputs = seeded_inputs(input_shapes(), SEED_INPUTS)

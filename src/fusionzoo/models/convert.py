@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
-from .._registry import ReleasedWeights, create_model, model_entry, released_weights
+from .._registry import ReleasedWeights, create_model, model_entry, register_model, released_weights
 from ..engine.checkpoint import load_model_weights
 from ..engine.hub import CONFIG_NAME, from_pretrained, save_pretrained
 
@@ -330,3 +330,23 @@ def build_or_load(name: str, pretrained: bool | str, build: Callable[[], nn.Modu
     if isinstance(pretrained, str):
         return load_released(name, pretrained)
     return build()
+
+
+def published_entry(name: str, build_model: Callable[..., nn.Module], doc: str, **registration: Any) -> Callable[..., nn.Module]:
+    """Register the published entry ``name``: ``entry(pretrained=False, **kwargs)`` builds
+    ``build_model(pretrained=pretrained, **kwargs)`` with ``config`` = the name and the keywords
+    (so ``create_model(**model.config)`` rebuilds it), or loads a released tag (:func:`build_or_load`).
+    ``registration``: the keywords of ``register_model`` (task, method, encoder, paper, ...)."""
+
+    def entry(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
+        def build() -> nn.Module:
+            model = build_model(pretrained=pretrained, **kwargs)
+            model.config = {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
+            return model
+
+        return build_or_load(name, pretrained, build)
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = doc
+    register_model(**registration)(entry)
+    return entry

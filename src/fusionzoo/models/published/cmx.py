@@ -28,9 +28,9 @@ What makes this the authors' network rather than fusionzoo's ``cmx`` family on `
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import torch
 from timm.layers import DropPath
@@ -38,11 +38,11 @@ from timm.models.pvt_v2 import Attention as PvtAttention
 from timm.models.pvt_v2 import PyramidVisionTransformerStage
 from torch import nn
 
-from ..._registry import ReleasedWeights, register_model, register_weights
+from ..._registry import ReleasedWeights, register_weights
 from ...encoders import Encoder
 from ...heads.segformer import SegFormerDecoder
 from ..cmx import CMXModel
-from ..convert import StateDict, build_or_load, register_converter, rename_keys
+from ..convert import StateDict, published_entry, register_converter, rename_keys
 
 REFERENCE_REPO = "https://github.com/huaaaliu/RGBX_Semantic_Segmentation"
 REFERENCE_COMMIT = "e251d860aebc2f583a6c4919877e6bebe7f1aff3"
@@ -313,24 +313,13 @@ ACCEPTS = (
 
 
 def _entry(variant: str) -> Callable[..., nn.Module]:
-    name = f"cmx_mit_{variant}"
-
-    def entry(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
-        def build() -> nn.Module:
-            model = CMXMiT(variant, pretrained=pretrained, **kwargs)
-            model.config = {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
-            return model
-
-        return build_or_load(name, pretrained, build)
-
-    entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = f"CMX on MiT-{variant.upper()}, the authors' network; paper: {PAPER}.\n\n{CMXMiT.__doc__}"
-    register_model(
+    return published_entry(
+        f"cmx_mit_{variant}", functools.partial(CMXMiT, variant),
+        f"CMX on MiT-{variant.upper()}, the authors' network; paper: {PAPER}.\n\n{CMXMiT.__doc__}",
         task="segmentation", fusion="middle", method="cmx", encoder=f"mit_{variant}", paper=PAPER,
         modalities=("rgb", "hha"), max_modalities=2, accepts=ACCEPTS,
         published=True, reference_repo=REFERENCE_REPO, reference_commit=REFERENCE_COMMIT,
-    )(entry)
-    return entry
+    )
 
 
 cmx_mit_b0 = _entry("b0")

@@ -47,8 +47,8 @@ takes a 3-channel X (e.g. HHA) instead.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,10 +56,10 @@ from timm.layers import DropPath, Mlp
 from timm.models.pvt_v2 import MlpWithDepthwiseConv
 from torch import nn
 
-from ..._registry import ReleasedWeights, register_model, register_weights
+from ..._registry import ReleasedWeights, register_weights
 from ...heads.segformer import SegFormerDecoder
 from ..base import FusionModel
-from ..convert import StateDict, build_or_load, read_authors_checkpoint, register_converter, rename_keys
+from ..convert import StateDict, published_entry, read_authors_checkpoint, register_converter, rename_keys
 from .cmx import IMAGENET_MEAN, IMAGENET_STD, MIT_DEPTHS, NYUV2_CLASSES, _shift
 
 REFERENCE_REPO = "https://github.com/JiaDingCN/GeminiFusion"
@@ -425,24 +425,13 @@ ACCEPTS = (
 
 
 def _entry(variant: str) -> Callable[..., nn.Module]:
-    name = f"geminifusion_mit_{variant}"
-
-    def entry(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
-        def build() -> nn.Module:
-            model = GeminiFusionMiT(variant, pretrained=pretrained, **kwargs)
-            model.config = {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
-            return model
-
-        return build_or_load(name, pretrained, build)
-
-    entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = f"GeminiFusion on MiT-{variant.upper()}, the authors' network; paper: {PAPER}.\n\n{GeminiFusionMiT.__doc__}"
-    register_model(
+    return published_entry(
+        f"geminifusion_mit_{variant}", functools.partial(GeminiFusionMiT, variant),
+        f"GeminiFusion on MiT-{variant.upper()}, the authors' network; paper: {PAPER}.\n\n{GeminiFusionMiT.__doc__}",
         task="segmentation", fusion="middle", method="geminifusion", encoder=f"mit_{variant}", paper=PAPER,
         modalities=("rgb", "depth"), max_modalities=2, accepts=ACCEPTS,
         published=True, reference_repo=REFERENCE_REPO, reference_commit=REFERENCE_COMMIT,
-    )(entry)
-    return entry
+    )
 
 
 geminifusion_mit_b0 = _entry("b0")
