@@ -59,8 +59,8 @@ from torch import nn
 from ..._registry import ReleasedWeights, register_weights
 from ...heads.segformer import SegFormerDecoder
 from ..base import FusionModel
-from ..convert import StateDict, published_entry, read_authors_checkpoint, register_converter, rename_keys
-from .cmx import IMAGENET_MEAN, IMAGENET_STD, MIT_DEPTHS, NYUV2_CLASSES, _shift
+from ..convert import StateDict, published_entry, register_converter
+from .cmx import IMAGENET_MEAN, IMAGENET_STD, MIT_DEPTHS, NYUV2_CLASSES, load_mit_file, rename_shifted
 
 REFERENCE_REPO = "https://github.com/JiaDingCN/GeminiFusion"
 REFERENCE_COMMIT = "1f102f6451ec7cd4546278ef2022f639f979c60b"
@@ -378,8 +378,7 @@ def convert_geminifusion(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
     Raises:
         ConversionError: a key that is not part of the network, named.
     """
-    renamed = rename_keys(state_dict, _geminifusion_rules(model.modalities), where="the GeminiFusion checkpoint")
-    return {_shift(k): v for k, v in renamed.items()}
+    return rename_shifted(state_dict, _geminifusion_rules(model.modalities), "the GeminiFusion checkpoint")
 
 
 def _mit_rules(modality: str) -> list[tuple[str, str]]:
@@ -405,16 +404,8 @@ def load_mit_imagenet(model: GeminiFusionMiT, path: str) -> GeminiFusionMiT:
     Raises:
         ConversionError: a key that does not map; ValueError: a backbone tensor missing.
     """
-    sd = {k: v for k, v in read_authors_checkpoint(path).items() if not k.startswith("head.")}
-    ours: StateDict = {}
-    for m in model.modalities:
-        ours.update({_shift(k): v for k, v in rename_keys(sd, _mit_rules(m), where=str(path)).items()})
-    expected = {k for k in model.state_dict() if k.startswith("stages.") and ".gemini." not in k}
-    missing = sorted(expected - set(ours))
-    if missing:
-        raise ValueError(f"{path}: no tensor for {missing[0]!r} ({len(missing)} backbone tensors missing); is it MiT-{model.variant.upper()}?")
-    model.load_state_dict(ours, strict=False)
-    return model
+    expected = [k for k in model.state_dict() if k.startswith("stages.") and ".gemini." not in k]
+    return load_mit_file(model, path, _mit_rules, expected)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -434,12 +425,9 @@ def _entry(variant: str) -> Callable[..., nn.Module]:
     )
 
 
-geminifusion_mit_b0 = _entry("b0")
-geminifusion_mit_b1 = _entry("b1")
-geminifusion_mit_b2 = _entry("b2")
-geminifusion_mit_b3 = _entry("b3")
-geminifusion_mit_b4 = _entry("b4")
-geminifusion_mit_b5 = _entry("b5")
+geminifusion_mit_b0, geminifusion_mit_b1, geminifusion_mit_b2, geminifusion_mit_b3, geminifusion_mit_b4, geminifusion_mit_b5 = (
+    _entry(v) for v in ("b0", "b1", "b2", "b3", "b4", "b5")
+)
 
 register_converter(*(f"geminifusion_mit_{v}" for v in MIT_DEPTHS), classifier_key="decoder.linear_pred.weight", with_model=True)(convert_geminifusion)
 
