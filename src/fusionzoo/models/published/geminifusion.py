@@ -48,7 +48,7 @@ takes a 3-channel X (e.g. HHA) instead.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -305,7 +305,7 @@ class GeminiFusionMiT(FusionModel):
         if mit_weights is not None:
             load_mit_imagenet(self, mit_weights)
 
-    def modality_parameters(self, modality: str):
+    def modality_parameters(self, modality: str) -> Iterator[nn.Parameter]:
         """The modality's own LayerNorms (everything else is shared)."""
         if modality not in self.modalities:
             raise ValueError(f"{modality!r} is not one of this model's modalities {self.modalities}")
