@@ -9,7 +9,8 @@ the same machine load.
 The authors' model comes from ``tools/parity/<method>.py`` (``reference_model(checkout, variant,
 num_classes)`` and ``reference_inputs(inputs)``; see tools/parity/README.md), so every published
 method plugs in. Both networks get the same inputs, the same loss (cross-entropy on the same
-random labels, on logits at input size) and the same optimizer (AdamW); a training step is
+random labels, on logits at input size, plus on the side logits where both models expose
+``side_logits``, as GeminiFusion's loss) and the same optimizer (AdamW); a training step is
 forward + backward + optimizer step in train mode, an inference step one forward in eval mode
 under ``torch.inference_mode``. Reported: median seconds per step -> images/s, ours/theirs, and
 the median of the per-step ratios (robust to a load that drifts during the run).
@@ -50,12 +51,17 @@ def load_method(method: str) -> ModuleType:
     return module
 
 
-def _train_step(forward: Callable[[], torch.Tensor], labels: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+def _train_step(forward: Callable[[], torch.Tensor], labels: torch.Tensor, opt: torch.optim.Optimizer,
+                sides: Callable[[], tuple[torch.Tensor, ...]] = tuple) -> None:
+    """One step; the loss is cross-entropy on the output plus on each of ``sides()`` (the side
+    logits of that forward), all upsampled to the label size."""
     opt.zero_grad(set_to_none=True)
-    logits = forward()
-    if logits.shape[-2:] != labels.shape[-2:]:
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    F.cross_entropy(logits, labels, ignore_index=255).backward()
+    loss = 0.0
+    for logits in (forward(), *sides()):
+        if logits.shape[-2:] != labels.shape[-2:]:
+            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        loss = loss + F.cross_entropy(logits, labels, ignore_index=255)
+    loss.backward()
     opt.step()
 
 
@@ -112,6 +118,11 @@ def main() -> None:
 
     models: dict[str, nn.Module] = {"ours": ours, "authors": theirs}
     forwards = {"ours": lambda: ours(inputs), "authors": lambda: theirs(*their_args)}
+    # Side outputs that the reference's loss also uses (GeminiFusion's per-modality logits): when
+    # both models expose `side_logits` (ours in training mode; the parity module's wrapper of
+    # theirs), both steps add their cross-entropy, so both train the whole network.
+    with_sides = all(hasattr(m, "side_logits") for m in models.values())
+    sides = {k: (lambda m=m: tuple(m.side_logits)) if with_sides else tuple for k, m in models.items()}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=6e-5, weight_decay=0.01) for k, m in models.items()}
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     print(
@@ -125,7 +136,7 @@ def main() -> None:
     for step in range(args.warmup + args.steps):
         for key, model in models.items():  # alternate: ours, theirs, ours, ...
             model.train()
-            dt = _timed(lambda m=key: _train_step(forwards[m], labels, opts[m]), device)
+            dt = _timed(lambda m=key: _train_step(forwards[m], labels, opts[m], sides[m]), device)
             if step >= args.warmup:
                 times[(key, "train")].append(dt)
         for key, model in models.items():

@@ -172,6 +172,33 @@ def test_train_one_epoch_learns_and_calls_callbacks():
     assert last["miou"] > first["miou"] and last["loss"] < first["loss"]
 
 
+class Sided(Tiny):
+    """A detached output plus side logits, as GeminiFusion's ensemble (reference-default side weights)."""
+
+    side_strides = (8,)
+    side_logits_resize = "bilinear-half-pixel"
+    side_loss_weights = (1.0,)
+
+    def forward(self, inputs, missing=()):
+        side = super().forward(inputs, missing)
+        self.side_logits = (nn.functional.avg_pool2d(side, 2),) if self.training else ()  # at half size
+        return side.detach() + 0 * self.head.bias.view(1, -1, 1, 1)
+
+
+def test_side_logits_are_supervised_when_the_model_declares_it():
+    """The loss on the detached output alone reaches no encoder weight; with the model's default
+    ``side_loss_weights`` the side logits' cross-entropy (upsampled to the labels) trains them."""
+    for declared in ((1.0,), None):
+        model = Sided()
+        model.side_loss_weights = declared
+        before = model.rgb.weight.detach().clone()
+        opt = build_optimizer(model, lr=0.05, weight_decay=0.0)
+        out = train_one_epoch(model, _batches(1), opt, None, modalities=("rgb", "depth"), device=torch.device("cpu"),
+                              state=EpochState(), num_batches=1)
+        assert math.isfinite(out["loss"])
+        assert torch.equal(model.rgb.weight, before) == (declared is None)
+
+
 def test_modality_dropout_and_withheld_streams_reach_the_model():
     model = Tiny()
     opt = build_optimizer(model, lr=0.01, weight_decay=0.0)

@@ -41,8 +41,9 @@ __all__ = ["SIDE_RESIZE", "median_frequency_weights", "segmentation_loss"]
 # How a side output meets the label, by reference (see the module docstring):
 # "nearest": the label down to the side output's size, OpenCV INTER_NEAREST (ESANet);
 # "nearest-exact": the label down, pixel-centre nearest (scikit-image order 0; ACNet);
-# "bilinear": the side logits up to the label's size, bilinear with align_corners=True (SA-Gate).
-SIDE_RESIZE = ("nearest", "nearest-exact", "bilinear")
+# "bilinear": the side logits up to the label's size, bilinear with align_corners=True (SA-Gate);
+# "bilinear-half-pixel": the same with align_corners=False (GeminiFusion's per-modality logits).
+SIDE_RESIZE = ("nearest", "nearest-exact", "bilinear", "bilinear-half-pixel")
 AVERAGES = ("weighted", "pixels")
 
 
@@ -66,8 +67,8 @@ def _cross_entropy(
 
 def _side_pair(side: torch.Tensor, target: torch.Tensor, resize: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Bring a side output ``(B, K, h, w)`` and the label ``(B, H, W)`` to one size, as ``resize`` says."""
-    if resize == "bilinear":
-        return F.interpolate(side, size=target.shape[-2:], mode="bilinear", align_corners=True), target
+    if resize in ("bilinear", "bilinear-half-pixel"):
+        return F.interpolate(side, size=target.shape[-2:], mode="bilinear", align_corners=resize == "bilinear"), target
     # Labels as float are exact (integers < 2^24); nearest sampling never mixes two labels.
     small = F.interpolate(target[:, None].float(), size=side.shape[-2:], mode=resize)
     return side, small[:, 0].to(target.dtype)
@@ -82,7 +83,7 @@ def segmentation_loss(
     class_weights: torch.Tensor | None = None,
     ignore_index: int = 255,
     label_smoothing: float = 0.0,
-    side_resize: Literal["nearest", "nearest-exact", "bilinear"] = "nearest",
+    side_resize: Literal["nearest", "nearest-exact", "bilinear", "bilinear-half-pixel"] = "nearest",
     average: Literal["weighted", "pixels"] = "weighted",
 ) -> torch.Tensor:
     """Cross-entropy of the main output plus weighted side-output (deep supervision) terms.

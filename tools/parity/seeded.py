@@ -82,6 +82,12 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def print_diffs(diffs: Mapping[str, float], note: str = "") -> None:
+    """One line per compared output: ``key: max abs diff 1.2e-06`` (``note`` appended)."""
+    for key, value in diffs.items():
+        print(f"{key}: max abs diff {value:.3g}{note}")
+
+
 def write_fixture(folder: Path, meta: dict[str, Any], outputs: Mapping[str, torch.Tensor]) -> None:
     """``reference.json`` (meta, with the key list) and ``outputs.safetensors``."""
     folder.mkdir(parents=True, exist_ok=True)

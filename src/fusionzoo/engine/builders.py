@@ -266,7 +266,7 @@ def check_side_loss(cfg: TrainConfig, model: nn.Module) -> None:
     strides = tuple(getattr(model, "side_strides", ()))
     weights = cfg.side_loss_weights
     if weights is None:
-        if strides:
+        if strides and getattr(model, "side_loss_weights", None) is None:  # no reference default either
             warnings.warn(f"{cfg.model} has side outputs at strides {list(strides)} (deep supervision) but "
                           "side_loss_weights is null, so they are not trained; set side_loss_weights to one "
                           f"weight per side output (its zoo card has the reference's) to supervise them", stacklevel=2)

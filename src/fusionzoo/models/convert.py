@@ -125,9 +125,9 @@ def rename_keys(
 
 
 def _unwrap(obj: Any, where: str) -> StateDict:
-    """The state dict inside a training checkpoint (``{"model": ...}``, ``{"state_dict": ...}``),
-    with DataParallel's ``module.`` prefix removed."""
-    for key in ("model", "state_dict", "model_state_dict", "net"):
+    """The state dict inside a training checkpoint (``{"model": ...}``, ``{"state_dict": ...}``,
+    TokenFusion / GeminiFusion's ``{"segmenter": ...}``), with DataParallel's ``module.`` prefix removed."""
+    for key in ("model", "state_dict", "model_state_dict", "net", "segmenter"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
             break

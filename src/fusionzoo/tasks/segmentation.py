@@ -228,8 +228,9 @@ class SegmentationTask(Task):
         ignore_index: label value excluded from loss and metrics.
         label_smoothing: of the training cross-entropy.
         class_weights: ``(K,)`` per-class loss weights (e.g. median frequency), or None.
-        side_weights: one loss weight per side output (``model.side_strides`` order); None = deep
-            supervision off (side outputs get an exact zero gradient).
+        side_weights: one loss weight per side output (``model.side_strides`` order); None = the
+            model's reference default ``model.side_loss_weights`` if it declares one (GeminiFusion),
+            else deep supervision off (side outputs get an exact zero gradient).
         average: ``"weighted"`` (each term / summed class weights of its labelled pixels, ESANet,
             SA-Gate) or ``"pixels"`` (/ their count, ACNet).
     """
@@ -265,7 +266,10 @@ class SegmentationTask(Task):
         # Side outputs (deep supervision): the model's side_logits of this training forward.
         # Loss in float32: the softmax over K classes is where half precision loses digits.
         sides = [s.float() for s in getattr(plain, "side_logits", ())]
-        return segmentation_loss(logits.float(), targets, side_logits=sides, side_weights=self.side_weights,
+        # A model whose reference loss always supervises its side outputs declares its default
+        # weights (GeminiFusion: the ensemble detaches its inputs, so without them only alpha learns).
+        side_weights = self.side_weights if self.side_weights is not None else getattr(plain, "side_loss_weights", None)
+        return segmentation_loss(logits.float(), targets, side_logits=sides, side_weights=side_weights,
                                  class_weights=self.class_weights, ignore_index=self.ignore_index,
                                  label_smoothing=self.label_smoothing,
                                  side_resize=getattr(plain, "side_logits_resize", "nearest"), average=self.average)

@@ -12,5 +12,6 @@ from . import (
     dformer,  # noqa: F401  (DFormer, Yin et al. ICLR 2024)
     esanet,  # noqa: F401  (ESANet, Seichter et al. ICRA 2021)
     fusenet,  # noqa: F401  (FuseNet, Hazirbas et al. ACCV 2016)
+    geminifusion,  # noqa: F401  (GeminiFusion, Jia et al. ICML 2024)
     sagate,  # noqa: F401  (SA-Gate, Chen et al. ECCV 2020)
 )

@@ -29,7 +29,7 @@ What makes this the authors' network rather than fusionzoo's ``cmx`` family on `
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 
 import torch
@@ -246,6 +246,31 @@ def _shift(key: str) -> str:
     return _SHIFT.sub(lambda m: str(int(m.group(1)) + int(m.group(2))), key)
 
 
+def rename_shifted(state_dict: Mapping[str, torch.Tensor], rules: Sequence[tuple[str, str]], where: str) -> StateDict:
+    """:func:`~fusionzoo.models.convert.rename_keys`, then the ``<k+1>`` / ``<k-1>`` stage shifts evaluated."""
+    return {_shift(k): v for k, v in rename_keys(state_dict, rules, where=where).items()}
+
+
+def load_mit_file(model: nn.Module, path: str, rules_for: Callable[[str], Sequence[tuple[str, str]]],
+                  expected: Iterable[str], strict: bool = True) -> nn.Module:
+    """SegFormer's ImageNet MiT file (its classifier ``head.*`` dropped) into ``model``, once per
+    modality: ``rules_for(m)`` maps its keys for modality ``m``; ``expected`` are our keys that
+    must receive a tensor (others keep their values).
+
+    Raises:
+        ConversionError: a key that does not map; ValueError: an expected tensor missing (with ``strict``).
+    """
+    sd = {k: v for k, v in read_authors_checkpoint(path).items() if not k.startswith("head.")}
+    ours: StateDict = {}
+    for m in model.modalities:
+        ours.update(rename_shifted(sd, rules_for(m), str(path)))
+    missing = sorted(set(expected) - set(ours))
+    if strict and missing:
+        raise ValueError(f"{path}: no tensor for {missing[0]!r} ({len(missing)} backbone tensors missing); is it MiT-{model.variant.upper()}?")
+    model.load_state_dict(ours, strict=False)
+    return model
+
+
 def _mit_rules(src: str, dst: str) -> list[tuple[str, str]]:
     """Rules mapping one MiT stream of the authors' (or SegFormer's) naming onto our encoder
     ``dst`` (``encoders.<modality>.segments``); ``src`` is the key prefix before
@@ -285,9 +310,7 @@ def convert_cmx(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Sta
         ConversionError: a key that is not part of the network (e.g. an ``aux_head`` of another
             decoder), named.
     """
-    rgb, x = model.modalities
-    renamed = rename_keys(state_dict, _cmx_rules(rgb, x), where="the CMX checkpoint")
-    return {_shift(k): v for k, v in renamed.items()}
+    return rename_shifted(state_dict, _cmx_rules(*model.modalities), "the CMX checkpoint")
 
 
 def load_mit_imagenet(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
@@ -299,17 +322,8 @@ def load_mit_imagenet(model: nn.Module, path: str, strict: bool = True) -> nn.Mo
     Raises:
         ConversionError: a backbone key that does not map; ValueError: a backbone tensor missing.
     """
-    sd = {k: v for k, v in read_authors_checkpoint(path).items() if not k.startswith("head.")}
-    ours: StateDict = {}
-    for m in model.encoders:
-        rules = _mit_rules("", f"encoders.{m}.segments")
-        ours.update({_shift(k): v for k, v in rename_keys(sd, rules, where=str(path)).items()})
-    own = {k for k in model.state_dict() if k.startswith("encoders.")}
-    missing = sorted(own - set(ours))
-    if strict and missing:
-        raise ValueError(f"{path}: no tensor for {missing[0]!r} ({len(missing)} backbone tensors missing); is it MiT-{model.variant.upper()}?")
-    model.load_state_dict(ours, strict=False)
-    return model
+    own = [k for k in model.state_dict() if k.startswith("encoders.")]
+    return load_mit_file(model, path, lambda m: _mit_rules("", f"encoders.{m}.segments"), own, strict)
 
 
 # ----------------------------------------------------------------------------- entry points
