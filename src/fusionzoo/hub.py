@@ -59,6 +59,7 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, 
 from torch import nn
 
 from . import _registry
+from ._json import to_json
 from .files import atomic_write_bytes, sha256_file
 from .weights import CheckpointError, load_model_weights, read_json_object, save_tensors, unwrap_model
 
@@ -110,14 +111,14 @@ def save_pretrained(
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model": {k: _json_value(v) for k, v in cfg.items() if k != "pretrained"},
+        "model": {k: _config_json(v) for k, v in cfg.items() if k != "pretrained"},
         "num_classes": num_classes,
         "modalities": list(model.modalities),
         "class_names": list(class_names) if class_names is not None else None,
-        "normalization": _json_value(dict(normalization)) if normalization is not None else None,
+        "normalization": _config_json(dict(normalization)) if normalization is not None else None,
     }
     if extra:
-        config["extra"] = _json_value(dict(extra))
+        config["extra"] = _config_json(dict(extra))
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     # Weights first, config last: a directory with a config.json is a complete one.
@@ -128,14 +129,8 @@ def save_pretrained(
     return out
 
 
-def _json_value(v: Any) -> Any:
-    if isinstance(v, Mapping):
-        return {str(k): _json_value(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_value(x) for x in v]
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    raise TypeError(f"cannot write {type(v).__name__} ({v!r}) to config.json; model.config must be JSON-able")
+def _config_json(value: Any) -> Any:
+    return to_json(value, nonfinite="keep", unknown="raise", where="config.json (model.config must be JSON-able)")
 
 
 def _resolve_files(

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._json import to_json
 from ..files import atomic_write_bytes, fsync_dir, sha256_file, umask_mode
 from ..weights import (
     CheckpointError,
@@ -151,19 +152,9 @@ def _join_optimizer_state(tensors: Mapping[str, torch.Tensor], facts: Mapping[st
     return {"state": state, "param_groups": facts["param_groups"]}
 
 
-def _jsonable(obj: Any) -> Any:
-    """State dicts of LambdaLR / GradScaler with tuples and tensors made JSON-safe."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"cannot store {type(obj).__name__} in checkpoint JSON: {obj!r}")
+def _checkpoint_json(obj: Any) -> Any:
+    """State dicts of optimizer / LambdaLR / GradScaler with tuples and tensors made JSON-safe."""
+    return to_json(obj, nonfinite="keep", unknown="raise", where="checkpoint JSON")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,15 +212,15 @@ def save_checkpoint(
             files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
 
         put("model.safetensors", unwrap_model(model).state_dict())
-        facts: dict[str, Any] = {"format_version": FORMAT_VERSION, "trainer": _jsonable(dict(state or {}))}
+        facts: dict[str, Any] = {"format_version": FORMAT_VERSION, "trainer": _checkpoint_json(dict(state or {}))}
         if optimizer is not None:
             opt_tensors, opt_facts = _split_optimizer_state(optimizer.state_dict())
             put("optimizer.safetensors", opt_tensors)
-            facts["optimizer"] = _jsonable(opt_facts)
+            facts["optimizer"] = _checkpoint_json(opt_facts)
         if scheduler is not None:
-            facts["scheduler"] = _jsonable(scheduler.state_dict())
+            facts["scheduler"] = _checkpoint_json(scheduler.state_dict())
         if scaler is not None:
-            facts["scaler"] = _jsonable(scaler.state_dict())
+            facts["scaler"] = _checkpoint_json(scaler.state_dict())
         rng_tensors, rng_facts = capture_rng_state()
         put("rng.safetensors", rng_tensors)
         facts["rng"] = rng_facts
