@@ -17,6 +17,7 @@ from fusionzoo.engine.loop import (
     CallbackList,
     EpochState,
     LRSchedule,
+    TrainStepOptions,
     build_optimizer,
     build_scheduler,
     evaluate,
@@ -197,7 +198,7 @@ def test_train_one_epoch_learns_and_calls_callbacks():
     for epoch in range(4):
         state = EpochState(epoch, 0, state.global_step)
         out = train_one_epoch(model, data, opt, None, modalities=("rgb", "depth"), device=torch.device("cpu"),
-                              state=state, num_batches=len(data), grad_clip=1.0, callbacks=hooks)
+                              state=state, num_batches=len(data), options=TrainStepOptions(grad_clip=1.0), callbacks=hooks)
         losses.append(out["loss"])
     assert losses[-1] < losses[0]
     assert state.global_step == 24
@@ -214,12 +215,13 @@ def test_modality_dropout_and_withheld_streams_reach_the_model():
     opt = build_optimizer(model, lr=0.01, weight_decay=0.0)
     state = EpochState()
     train_one_epoch(model, _batches(40), opt, None, modalities=("rgb", "depth"), device=torch.device("cpu"),
-                    state=state, num_batches=40, modality_dropout=0.5)
+                    state=state, num_batches=40, options=TrainStepOptions(modality_dropout=0.5))
     seen = model.seen_missing
     assert set(seen) == {(), ("depth",)} and 8 < seen.count(("depth",)) < 32
     model.seen_missing.clear()
     train_one_epoch(model, _batches(3), opt, None, modalities=("rgb", "depth"), device=torch.device("cpu"),
-                    state=EpochState(), num_batches=3, always_missing=("depth",), modality_dropout=0.9)
+                    state=EpochState(), num_batches=3,
+                    options=TrainStepOptions(always_missing=("depth",), modality_dropout=0.9))
     assert model.seen_missing == [("depth",)] * 3  # never drops the last remaining stream
 
 
