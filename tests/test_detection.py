@@ -141,7 +141,9 @@ def test_eval_detections_and_taps(name: str, built: nn.Module) -> None:
     if fusion in ("middle", "late", "hybrid"):
         assert {"rgb.stage1", "thermal.stage4"} <= set(info)
     if fusion in ("late", "hybrid"):
-        assert {"rgb.p3", "thermal.p7"} <= set(info)
+        assert {"rgb.p3", "thermal.p7", "rgb.head.p3", "thermal.head.p7"} <= set(info)
+    if fusion != "late":  # the fused box head's classification logits per level, as segmentation's head.logits
+        assert {f"head.p{k}" for k in range(3, 8)} <= set(info) and info["head.p3"].kind == "logits"
     if fusion == "early":
         assert not any(t.startswith(("rgb.", "thermal.")) for t in info)
     assert not any(m._forward_hooks for m in model.modules())

@@ -107,10 +107,20 @@ class DetectorMixin:
         if not self.training:
             self.head_detections = dict(zip(names, outputs))
 
-    def declare_levels(self, prefix: str, channels: int) -> None:
-        """Declare the FPN taps ``{prefix}.p3`` .. ``{prefix}.p7``."""
+    def declare_levels(self, prefix: str, detector: BoxDetector) -> None:
+        """Declare the taps of one box head, in the order they fire: its FPN levels
+        ``{prefix}.p3`` .. ``.p7``, then its classification logits per level, ``head.p3`` .. ``.p7``
+        for the fused head (``prefix="fpn"``), ``{m}.head.p3`` .. for modality ``m``'s own head."""
         for level, reduction in zip(LEVELS, LEVEL_REDUCTIONS):
-            self.taps.declare(f"{prefix}.{level}", channels, reduction)
+            self.taps.declare(f"{prefix}.{level}", detector.out_channels, reduction)
+        head = head_tap_prefix(prefix)
+        for level, reduction in zip(LEVELS, LEVEL_REDUCTIONS):
+            self.taps.declare(f"{head}.{level}", detector.anchors_per_location * self.num_classes, reduction, "logits")
+
+    def run_head(self, detector: BoxDetector, features: Sequence[torch.Tensor], images: ImageList,
+                 targets: list[Detections] | None, prefix: str) -> Output:
+        """``detector`` on stride-8/16/32 features, passing the taps :meth:`declare_levels` declared."""
+        return detector(features, images, targets, self.taps, prefix, head_tap_prefix(prefix))
 
     def fuse_boxes(self, per_detector: list[list[Detections]], present: list[bool]) -> list[Detections]:
         """Merge, image by image, the detections of several detectors with ``self.box_fusion``."""
@@ -120,6 +130,12 @@ class DetectorMixin:
             kwargs["iou_thresh"] = self.fusion_iou
         used = [d for d, p in zip(per_detector, present) if p]
         return [rule([d[i] for d in used], **kwargs) for i in range(len(used[0]))]
+
+
+def head_tap_prefix(fpn_prefix: str) -> str:
+    """Tap prefix of a box head's classification logits: ``head`` for the fused head (FPN taps
+    ``fpn.*``), ``{m}.head`` for modality ``m``'s own head (FPN taps ``{m}.*``)."""
+    return "head" if fpn_prefix == "fpn" else f"{fpn_prefix}.head"
 
 
 def _check_box_fusion(box_fusion: str) -> None:
@@ -142,7 +158,7 @@ class EarlyFusionDetector(DetectorMixin, FusionModel):
         score_thresh, nms_thresh, detections_per_img: post-processing (None: torchvision's default
             for the head: FCOS 0.2, 0.6, 100; RetinaNet 0.05, 0.5, 300).
 
-    Taps: ``fused.stage1..4``, ``fpn.p3..p7``.
+    Taps: ``fused.stage1..4``, ``fpn.p3..p7``, ``head.p3..p7`` (classification logits, kind ``logits``).
     """
 
     def __init__(
@@ -165,14 +181,14 @@ class EarlyFusionDetector(DetectorMixin, FusionModel):
             self.taps.declare(f"fused.{stage}", channels, reduction)
         self.detector = BoxDetector(head, self.encoder.channels[1:], num_classes, fpn_channels, score_thresh, nms_thresh,
                                     detections_per_img)
-        self.declare_levels("fpn", fpn_channels)
+        self.declare_levels("fpn", self.detector)
 
     def detect(
         self, xs: dict[str, torch.Tensor], images: ImageList, targets: list[Detections] | None, missing: tuple[str, ...]
     ) -> Output:
         x = torch.cat([xs[m] for m in self.modalities], dim=1)
         feats = [self.taps(f"fused.{s}", f) for s, f in zip(self.encoder.stage_names, self.encoder(x))]
-        out = self.detector(feats[1:], images, targets, self.taps, "fpn")
+        out = self.run_head(self.detector, feats[1:], images, targets, "fpn")
         self.keep_head_detections(["fused"], [out])
         return out
 
@@ -194,7 +210,7 @@ class MiddleFusionDetector(DetectorMixin, MiddleFusionModel):
         fusion_kwargs: extra keyword arguments for every stage's operator; for ``cmx`` the preset
             is picked from the encoder's channels as in :class:`~fusionzoo.models.cmx.CMXModel`.
 
-    Taps: ``{m}.stage1..4``, ``fused.stage2..4`` (+ operator details), ``fpn.p3..p7``.
+    Taps: ``{m}.stage1..4``, ``fused.stage2..4`` (+ operator details), ``fpn.p3..p7``, ``head.p3..p7``.
     """
 
     def __init__(
@@ -234,14 +250,14 @@ class MiddleFusionDetector(DetectorMixin, MiddleFusionModel):
         o = self.head_options
         self.detector = BoxDetector(o["head"], self.stage_channels[1:], self.num_classes, o["fpn_channels"],
                                     o["score_thresh"], o["nms_thresh"], o["detections_per_img"])
-        self.declare_levels("fpn", o["fpn_channels"])
+        self.declare_levels("fpn", self.detector)
         self.detections_per_img = self.detector.detections_per_img
 
     def detect(
         self, xs: dict[str, torch.Tensor], images: ImageList, targets: list[Detections] | None, missing: tuple[str, ...]
     ) -> Output:
         fused, _ = self.forward_streams(xs)
-        out = self.detector(fused, images, targets, self.taps, "fpn")
+        out = self.run_head(self.detector, fused, images, targets, "fpn")
         self.keep_head_detections(["fused"], [out])
         return out
 
@@ -259,7 +275,8 @@ class HybridFusionDetector(MiddleFusionDetector):
 
     Missing modalities: their own boxes are left out of the box fusion; the fused head stays.
 
-    Taps: ``{m}.stage1..4``, ``fused.stage2..4`` (+ details), ``fpn.p3..p7``, ``{m}.p3..p7``.
+    Taps: ``{m}.stage1..4``, ``fused.stage2..4`` (+ details), ``fpn.p3..p7``, ``head.p3..p7``, and per modality
+    ``{m}.p3..p7``, ``{m}.head.p3..p7``.
     """
 
     def __init__(self, encoder: str, *, box_fusion: str = "wbf", fusion_iou: float | None = None, **kwargs: Any) -> None:
@@ -276,7 +293,7 @@ class HybridFusionDetector(MiddleFusionDetector):
             self.modality_detectors[m] = BoxDetector(o["head"], self.stage_channels[1:], self.num_classes,
                                                      o["fpn_channels"], o["score_thresh"], o["nms_thresh"],
                                                      o["detections_per_img"])
-            self.declare_levels(m, o["fpn_channels"])
+            self.declare_levels(m, self.modality_detectors[m])
 
     def modality_parameters(self, modality: str) -> Iterator[nn.Parameter]:
         """The modality's encoder and its own FPN + head."""
@@ -287,9 +304,9 @@ class HybridFusionDetector(MiddleFusionDetector):
         self, xs: dict[str, torch.Tensor], images: ImageList, targets: list[Detections] | None, missing: tuple[str, ...]
     ) -> Output:
         fused, own = self.forward_streams(xs)
-        outputs = [self.detector(fused, images, targets, self.taps, "fpn")]
+        outputs = [self.run_head(self.detector, fused, images, targets, "fpn")]
         for m in self.modalities:
-            outputs.append(self.modality_detectors[m](own[m][1:], images, targets, self.taps, m))
+            outputs.append(self.run_head(self.modality_detectors[m], own[m][1:], images, targets, m))
         names = ["fused", *self.modalities]
         if self.training:
             return {f"{n}.{k}": v for n, out in zip(names, outputs) for k, v in out.items()}
@@ -308,7 +325,7 @@ class LateFusionDetector(DetectorMixin, FusionModel):
 
     Missing modalities: that detector still runs (its taps fire) but its boxes are left out.
 
-    Taps, per modality in order: ``{m}.stage1..4``, ``{m}.p3..p7``.
+    Taps, per modality in order: ``{m}.stage1..4``, ``{m}.p3..p7``, ``{m}.head.p3..p7`` (classification logits).
     """
 
     def __init__(
@@ -340,7 +357,7 @@ class LateFusionDetector(DetectorMixin, FusionModel):
                 self.taps.declare(f"{m}.{stage}", channels, reduction)
             self.detectors[m] = BoxDetector(head, enc.channels[1:], num_classes, fpn_channels, score_thresh, nms_thresh,
                                             detections_per_img)
-            self.declare_levels(m, fpn_channels)
+            self.declare_levels(m, self.detectors[m])
         self.detections_per_img = self.detectors[self.modalities[0]].detections_per_img
 
     def modality_parameters(self, modality: str) -> Iterator[nn.Parameter]:
@@ -355,7 +372,7 @@ class LateFusionDetector(DetectorMixin, FusionModel):
         for m in self.modalities:
             enc = self.encoders[m]
             feats = [self.taps(f"{m}.{s}", f) for s, f in zip(enc.stage_names, enc(xs[m]))]
-            outputs.append(self.detectors[m](feats[1:], images, targets, self.taps, m))
+            outputs.append(self.run_head(self.detectors[m], feats[1:], images, targets, m))
         if self.training:
             return {f"{m}.{k}": v for m, out in zip(self.modalities, outputs) for k, v in out.items()}
         self.keep_head_detections(self.modalities, outputs)
