@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -134,9 +134,9 @@ def setup(cfg: TrainConfig, given: set[str], info: DistInfo) -> tuple[TrainConfi
 
 
 # 2. Data.
-@dataclasses.dataclass(frozen=True)
-class Data:
-    """The run's loaders and what the model is built for."""
+class Data(NamedTuple):
+    """The run's loaders and what the model is built for. (A NamedTuple, not a dataclass: tests
+    load this script with importlib without registering it in sys.modules, which dataclasses need.)"""
 
     modalities: tuple[str, ...]
     num_classes: int
