@@ -22,6 +22,7 @@ from fusionzoo.engine.loop import (
     build_scheduler,
     evaluate,
     sample_missing,
+    split_batch,
     train_one_epoch,
 )
 from fusionzoo.tasks import predict
@@ -322,3 +323,11 @@ def test_metrics_logger_writes_jsonl_and_mirrors_to_tensorboard(tmp_path, monkey
     silent = MetricsLogger(tmp_path / "other", enabled=False)  # ranks other than 0
     silent.log({"kind": "train", "step": 1})
     assert not (tmp_path / "other").exists()
+
+
+def test_split_batch_returns_the_model_inputs_only():
+    batch = {"rgb": torch.zeros(2, 3, 4, 4), "depth": torch.zeros(2, 1, 4, 4), "mask": torch.zeros(2, 4, 4, dtype=torch.long)}
+    inputs = split_batch(batch, ("rgb", "depth"), torch.device("cpu"))
+    assert list(inputs) == ["rgb", "depth"]  # targets come from the task (Task.targets)
+    with pytest.raises(KeyError, match="thermal"):
+        split_batch(batch, ("rgb", "thermal"), torch.device("cpu"))
