@@ -27,12 +27,14 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
+from fusionzoo.cli import run_command
 from fusionzoo.engine.builders import (
     build_callbacks,
     build_datasets,
@@ -50,8 +52,10 @@ from fusionzoo.engine.builders import (
     resume_run_dir,
 )
 from fusionzoo.engine.checkpoint import load_checkpoint, remove_temp_leftovers, save_checkpoint
-from fusionzoo.engine.config import ConfigError, parse_command_line, write_config
+from fusionzoo.engine.config import ConfigError, TrainConfig, parse_command_line, write_config
 from fusionzoo.engine.distributed import (
+    DistInfo,
+    EpochSampler,
     all_reduce_step,
     auto_threads,
     broadcast_object,
@@ -65,6 +69,7 @@ from fusionzoo.engine.loop import (
     MetricsLogger,
     StopOnSignal,
     TrainingInterrupted,
+    TrainStepOptions,
     evaluate,
     make_grad_scaler,
     train_one_epoch,
@@ -73,18 +78,42 @@ from fusionzoo.engine.optim import build_optimizer, build_scheduler, retarget_sc
 from fusionzoo.engine.sync_bn import convert_sync_batchnorm
 from fusionzoo.files import atomic_write_bytes
 from fusionzoo.hub import save_pretrained
-from fusionzoo.tasks import get_task
+from fusionzoo.interpret.report import report_run
+from fusionzoo.tasks import Task, get_task
 
 
 def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Run training as configured by ``argv`` (``sys.argv[1:]`` when None); returns the summary."""
     t_start = time.perf_counter()
-
-    # 1. Configuration: defaults <- YAML recipe <- command line; a resume takes the run's own config
-    # (plus the keys given on this command line that may change: see builders.RESUME_MUTABLE).
     cfg, card, given = parse_command_line(argv)
     info, device = init_distributed(cfg.device)
-    run_dir = resume_run_dir(cfg.resume) if cfg.resume else None  # a fresh run's folder: once all is valid (5.)
+    cfg, run_dir = setup(cfg, given, info)
+    data = load_data(cfg, info)
+    model, plain, task = build_model_and_task(cfg, data, info, device)
+    optimizer, scheduler, scaler = build_optimization(cfg, plain, data, device)
+    hooks = CallbackList([*build_callbacks(cfg.callbacks), *(callbacks or [])])
+    if run_dir is None:
+        run_dir = Path(broadcast_object(str(make_run_dir(cfg)) if info.is_main else None))
+    run = Run(cfg, info, device, run_dir, data, model, plain, task, optimizer, scheduler, scaler, hooks, t_start)
+    start_or_resume(run, card)
+    train(run)
+    final = final_evaluation(run)
+    summary = summarize(run, final)
+    if info.is_main and cfg.report:
+        # Interpretation (fusionzoo.interpret): CKA, semantic variance, modality contribution (mIoU,
+        # or COCO AP for detectors), gradient balance, Grad-CAM of the best weights on the val split.
+        files = report_run(run.run_dir, device=device)
+        print(f"interpretability report: {files['report']}")
+    cleanup_distributed()
+    return summary
+
+
+# 1. Configuration: defaults <- YAML recipe <- command line; a resume takes the run's own config (plus
+# the keys given on this command line that may change: see builders.RESUME_MUTABLE).
+def setup(cfg: TrainConfig, given: set[str], info: DistInfo) -> tuple[TrainConfig, Path | None]:
+    """The run's final config and, for ``--resume``, its folder (a fresh run's folder is made
+    once configuration, data and model are valid: :func:`start_or_resume`); threads and seeds."""
+    run_dir = resume_run_dir(cfg.resume) if cfg.resume else None
     if run_dir is not None:
         cfg = config_for_resume(cfg, run_dir, given)
     else:
@@ -97,8 +126,26 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
+    return cfg, run_dir
 
-    # 2. Data.
+
+# 2. Data.
+class Data(NamedTuple):
+    """The run's loaders and what the model is built for. (A NamedTuple, not a dataclass: tests
+    load this script with importlib without registering it in sys.modules, which dataclasses need.)"""
+
+    modalities: tuple[str, ...]
+    num_classes: int
+    class_names: list[str] | None  # None unless the dataset names exactly num_classes classes
+    train_loader: DataLoader
+    sampler: EpochSampler
+    val_loader: DataLoader
+    steps_per_epoch: int
+    train_set: Dataset  # for statistics of the training labels (class weights)
+
+
+def load_data(cfg: TrainConfig, info: DistInfo) -> Data:
+    """Datasets, modalities, classes and loaders (this rank's share)."""
     train_set, val_set = build_datasets(cfg)
     modalities = resolve_modalities(cfg, train_set)
     num_classes = cfg.num_classes or train_set.num_classes
@@ -113,20 +160,24 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
             f"batch_size={cfg.batch_size} x {info.world_size} process(es) exceeds the {len(train_set)} "
             "training samples: no full batch per epoch"
         )
+    return Data(modalities, num_classes, class_names, train_loader, sampler, val_loader, steps_per_epoch, train_set)
 
-    # 3. Model.
-    model = build_model(cfg, modalities, num_classes).to(device)
+
+# 3. Model.
+def build_model_and_task(cfg: TrainConfig, data: Data, info: DistInfo,
+                         device: torch.device) -> tuple[nn.Module, nn.Module, Task]:
+    """``(model to train (DDP / compiled), the plain model, its task)``. The plain model is what gets
+    saved, evaluated and handed to callbacks; the task's targets, loss, prediction and metrics
+    serve both tasks (its metric picks best/: mIoU for segmentation, COCO box AP for detection)."""
+    model = build_model(cfg, data.modalities, data.num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if info.distributed and cfg.sync_bn:  # BN statistics over the global batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else convert_sync_batchnorm(model)
-    plain = model  # what gets saved, evaluated and handed to callbacks
-    # Targets, loss, prediction and metrics of the model's task; its metric picks best/ (mIoU for
-    # segmentation, COCO box AP for detection).
-    task = build_task(cfg, plain)
+    plain = model
+    task = build_task(cfg, plain)  # the config's loss settings; class weights come with the run folder (5.)
     if cfg.tta and not task.supports_tta:
         raise ConfigError(f"tta (multi-scale + flip) is implemented for segmentation only, not {task.name}")
-    metric = task.metric
     if info.distributed:
         # A withheld or dropped modality can leave parameters without gradient (late fusion heads).
         unused = cfg.modality_dropout > 0 or bool(cfg.train_missing)
@@ -135,167 +186,227 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
         )
     if cfg.compile:
         model = torch.compile(model)
+    return model, plain, task
 
-    # 4. Optimizer, schedule, precision.
+
+# 4. Optimizer, schedule, precision.
+def build_optimization(
+    cfg: TrainConfig, plain: nn.Module, data: Data, device: torch.device
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, torch.amp.GradScaler | None]:
+    """Optimizer, per-step LR schedule over the whole run, and the fp16 GradScaler (or None)."""
+    steps = data.steps_per_epoch
     optimizer = build_optimizer(plain, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 betas=cfg.betas, momentum=cfg.momentum)
-    scheduler = build_scheduler(optimizer, kind=cfg.schedule, total_steps=steps_per_epoch * cfg.epochs,
-                                warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+    scheduler = build_scheduler(optimizer, kind=cfg.schedule, total_steps=steps * cfg.epochs,
+                                warmup_steps=round(cfg.warmup_epochs * steps),
                                 warmup_factor=cfg.warmup_factor, power=cfg.poly_power, min_lr=cfg.min_lr, base_lr=cfg.lr)
-    scaler = make_grad_scaler(device, cfg.amp)
-    hooks = CallbackList([*build_callbacks(cfg.callbacks), *(callbacks or [])])
+    return optimizer, scheduler, make_grad_scaler(device, cfg.amp)
 
-    # 5. Fresh start or exact resume (weights, optimizer, schedule, scaler, RNG, epoch position).
-    if run_dir is None:
-        run_dir = Path(broadcast_object(str(make_run_dir(cfg)) if info.is_main else None))
-    if info.is_main:
-        for p in remove_temp_leftovers(run_dir):  # hidden temps of a write that a kill interrupted
-            print(f"removed {p} (left by an interrupted write)")
-    state, best = EpochState(), {"metric": metric, "value": -1.0, "epoch": None}
-    elapsed_before = 0.0  # wall time of earlier invocations (up to their last checkpoint)
-    if cfg.resume:
-        trainer = load_checkpoint(run_dir / "checkpoints" / "last", model=plain, optimizer=optimizer,
-                                  scheduler=scheduler, scaler=scaler)
-        state, best = EpochState.from_dict(trainer["position"]), dict(trainer["best"])
-        if "value" not in best:  # checkpoints written before detection support stored {"miou": ...}
-            best = {"metric": metric, "value": best.get(metric, -1.0), "epoch": best.get("epoch"), "iou": best.get("iou")}
-        hooks.load_state_dict(trainer.get("callbacks", {}))
-        elapsed_before = float(trainer.get("elapsed_s", 0.0))
-        started = state.epoch + (1 if state.batches_done else 0)  # epochs completed or under way
-        if cfg.epochs < started:
-            raise ConfigError(f"--epochs {cfg.epochs}: {run_dir} has already trained into epoch {started}; "
-                              f"pass --epochs {started} or more")
-        if scheduler.lr_lambdas[0].total_steps != steps_per_epoch * cfg.epochs:  # --epochs changed on resume
-            lr_before, lr_after = retarget_schedule(scheduler, steps_per_epoch * cfg.epochs)
-            saved = json.loads((run_dir / "config.json").read_text())
-            if info.is_main:
-                print(f"{run_dir}: epochs {saved['epochs']} -> {cfg.epochs}: the {cfg.schedule} schedule now ends at "
-                      f"step {steps_per_epoch * cfg.epochs}; lr at step {state.global_step} {lr_before:.3g} -> "
-                      f"{lr_after:.3g} (not the same as an uninterrupted {cfg.epochs}-epoch run)")
-                atomic_write_bytes(run_dir / "config.json",
-                                   (json.dumps({**saved, "epochs": cfg.epochs}, indent=2) + "\n").encode())
-        if info.is_main:
-            _drop_records_after(run_dir / "metrics.jsonl", state)
-            print(f"resumed {run_dir} at epoch {state.epoch}, batch {state.batches_done}, step {state.global_step}")
-    elif info.is_main:
-        write_config(cfg, run_dir / "config.json", extra={
-            "world_size": info.world_size, "modalities": list(modalities), "num_classes": num_classes,
-            "steps_per_epoch": steps_per_epoch, "device": str(device), "card": card,
-        })
-    logger = MetricsLogger(run_dir, enabled=info.is_main)
-    # Class weights of the loss (counted once, cached in the run folder).
-    task = build_task(cfg, plain, class_weights_for(cfg, train_set, num_classes, run_dir, device))
 
-    last_save = time.perf_counter()
-    stop = StopOnSignal()  # Ctrl-C / SIGTERM in the training loop: finish the step, checkpoint, stop
+class Run:
+    """What the training steps share: the parts built above, the position (``state``), the best
+    validation result (``best``), the run folder and its log, and the checkpoint hooks."""
 
-    def save_last(st: EpochState) -> None:
-        nonlocal last_save
-        last_save = time.perf_counter()
-        if info.is_main:
-            save_checkpoint(run_dir / "checkpoints" / "last", model=plain, optimizer=optimizer, scheduler=scheduler,
-                            scaler=scaler, state={"position": st.state_dict(), "best": best,
-                                                  "callbacks": hooks.state_dict(),
-                                                  "elapsed_s": elapsed_before + time.perf_counter() - t_start})
+    def __init__(self, cfg: TrainConfig, info: DistInfo, device: torch.device, run_dir: Path, data: Data,
+                 model: nn.Module, plain: nn.Module, task: Task, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LambdaLR, scaler: torch.amp.GradScaler | None,
+                 hooks: CallbackList, t_start: float) -> None:
+        self.cfg, self.info, self.device, self.run_dir, self.data = cfg, info, device, run_dir, data
+        self.model, self.plain, self.task = model, plain, task
+        self.optimizer, self.scheduler, self.scaler, self.hooks = optimizer, scheduler, scaler, hooks
+        self.t_start = t_start
+        self.elapsed_before = 0.0  # wall time of earlier invocations (up to their last checkpoint)
+        self.state = EpochState()
+        self.best: dict[str, Any] = {"metric": task.metric, "value": -1.0, "epoch": None}
+        self.logger = MetricsLogger(None)  # disabled until start_or_resume opens the run's log
+        self.last_save = time.perf_counter()  # when checkpoints/last was last written (checkpoint_minutes)
+        self.stop = StopOnSignal()  # Ctrl-C / SIGTERM in the training loop: finish the step, checkpoint, stop
 
-    def after_step(st: EpochState) -> None:
-        # By steps (checkpoint_interval) and by time (checkpoint_minutes: a kill in a long first epoch
-        # loses at most that much). Rank 0 decides alone: saving involves no collective.
+    def elapsed(self) -> float:
+        """Wall time of the whole run so far, earlier invocations included."""
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+    def save_last(self, st: EpochState) -> None:
+        """Write ``checkpoints/last`` (rank 0): weights, optimizer, schedule, scaler, position, best, callbacks."""
+        self.last_save = time.perf_counter()
+        if self.info.is_main:
+            save_checkpoint(self.run_dir / "checkpoints" / "last", model=self.plain, optimizer=self.optimizer,
+                            scheduler=self.scheduler, scaler=self.scaler,
+                            state={"position": st.state_dict(), "best": self.best, "callbacks": self.hooks.state_dict(),
+                                   "elapsed_s": self.elapsed()})
+
+    def after_step(self, st: EpochState) -> None:
+        """Checkpoint by steps (checkpoint_interval) and by time (checkpoint_minutes: a kill in a long
+        first epoch loses at most that much). Rank 0 decides alone: saving involves no collective."""
+        cfg = self.cfg
         if ((cfg.checkpoint_interval and st.global_step % cfg.checkpoint_interval == 0)
-                or (cfg.checkpoint_minutes and time.perf_counter() - last_save >= 60 * cfg.checkpoint_minutes)):
-            save_last(st)
+                or (cfg.checkpoint_minutes and time.perf_counter() - self.last_save >= 60 * cfg.checkpoint_minutes)):
+            self.save_last(st)
         if cfg.kill_after_step is not None and st.global_step == cfg.kill_after_step:
             os.kill(os.getpid(), getattr(signal, cfg.kill_signal))  # testing aid: a preempted job, a Ctrl-C
 
-    def interrupted(st: EpochState, saved: bool = False) -> TrainingInterrupted:
+    def interrupted(self, st: EpochState, saved: bool = False) -> TrainingInterrupted:
+        """Checkpoint (unless ``saved``) and the exception that ends the run with 128 + signal."""
         if not saved:
-            save_last(st)
-        name = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
+            self.save_last(st)
+        signum = self.stop.signum
+        name = signal.Signals(signum).name if signum else "a signal on another rank"
         msg = (f"stopped by {name} at epoch {st.epoch}, step {st.global_step}; checkpoint written. "
-               f"Continue with: python train.py --resume {run_dir}")
-        if info.is_main:
+               f"Continue with: python train.py --resume {self.run_dir}")
+        if self.info.is_main:
             print(msg, file=sys.stderr, flush=True)
-        return TrainingInterrupted(msg, stop.signum or signal.SIGTERM)
+        return TrainingInterrupted(msg, signum or signal.SIGTERM)
 
-    # 6. Training loop, with validation every eval_interval epochs.
-    eval_kwargs = {"modalities": modalities, "num_classes": num_classes, "device": device, "task": task, "amp": cfg.amp,
-                   "channels_last": cfg.channels_last, "class_names": class_names}
-    hooks.on_train_start(plain)
-    with stop:
-        for epoch in range(state.epoch, cfg.epochs):
+    def evaluate(self, missing: tuple[str, ...], **options: Any) -> dict[str, Any]:
+        """The task's metrics of the plain model on the validation loader."""
+        cfg, data = self.cfg, self.data
+        return evaluate(self.plain, data.val_loader, modalities=data.modalities, num_classes=data.num_classes,
+                        device=self.device, task=self.task, amp=cfg.amp, channels_last=cfg.channels_last,
+                        class_names=data.class_names, missing=missing, **options)
+
+
+# 5. Fresh start or exact resume (weights, optimizer, schedule, scaler, RNG, epoch position).
+def start_or_resume(run: Run, card: Any) -> None:
+    """Write a fresh run's config, or restore ``run`` from the resumed run's ``checkpoints/last``;
+    then open the metrics log."""
+    cfg, info, data, run_dir = run.cfg, run.info, run.data, run.run_dir
+    if info.is_main:
+        for p in remove_temp_leftovers(run_dir):  # hidden temps of a write that a kill interrupted
+            print(f"removed {p} (left by an interrupted write)")
+    if cfg.resume:
+        resume(run)
+    elif info.is_main:
+        write_config(cfg, run_dir / "config.json", extra={
+            "world_size": info.world_size, "modalities": list(data.modalities), "num_classes": data.num_classes,
+            "steps_per_epoch": data.steps_per_epoch, "device": str(run.device), "card": card,
+        })
+    run.logger = MetricsLogger(run_dir, enabled=info.is_main)
+    run.last_save = time.perf_counter()
+    if cfg.class_weighting != "none":  # counted once over the training labels, cached in the run folder
+        weights = class_weights_for(cfg, data.train_set, data.num_classes, run_dir, run.device)
+        run.task = build_task(cfg, run.plain, weights)
+
+
+def resume(run: Run) -> None:
+    """Load ``checkpoints/last`` into ``run``; ``--epochs`` may extend the run (the schedule is re-targeted)."""
+    cfg, info, run_dir, metric = run.cfg, run.info, run.run_dir, run.task.metric
+    total_steps = run.data.steps_per_epoch * cfg.epochs
+    trainer = load_checkpoint(run_dir / "checkpoints" / "last", model=run.plain, optimizer=run.optimizer,
+                              scheduler=run.scheduler, scaler=run.scaler)
+    state, best = EpochState.from_dict(trainer["position"]), dict(trainer["best"])
+    if "value" not in best:  # checkpoints written before detection support stored {"miou": ...}
+        best = {"metric": metric, "value": best.get(metric, -1.0), "epoch": best.get("epoch"), "iou": best.get("iou")}
+    run.state, run.best = state, best
+    run.hooks.load_state_dict(trainer.get("callbacks", {}))
+    run.elapsed_before = float(trainer.get("elapsed_s", 0.0))
+    started = state.epoch + (1 if state.batches_done else 0)  # epochs completed or under way
+    if cfg.epochs < started:
+        raise ConfigError(f"--epochs {cfg.epochs}: {run_dir} has already trained into epoch {started}; "
+                          f"pass --epochs {started} or more")
+    if run.scheduler.lr_lambdas[0].total_steps != total_steps:  # --epochs changed on resume
+        lr_before, lr_after = retarget_schedule(run.scheduler, total_steps)
+        saved = json.loads((run_dir / "config.json").read_text())
+        if info.is_main:
+            print(f"{run_dir}: epochs {saved['epochs']} -> {cfg.epochs}: the {cfg.schedule} schedule now ends at "
+                  f"step {total_steps}; lr at step {state.global_step} {lr_before:.3g} -> "
+                  f"{lr_after:.3g} (not the same as an uninterrupted {cfg.epochs}-epoch run)")
+            atomic_write_bytes(run_dir / "config.json",
+                               (json.dumps({**saved, "epochs": cfg.epochs}, indent=2) + "\n").encode())
+    if info.is_main:
+        _drop_records_after(run_dir / "metrics.jsonl", state)
+        print(f"resumed {run_dir} at epoch {state.epoch}, batch {state.batches_done}, step {state.global_step}")
+
+
+# 6. Training loop, with validation every eval_interval epochs.
+def step_options(cfg: TrainConfig) -> TrainStepOptions:
+    """The config's settings of each training step."""
+    return TrainStepOptions(amp=cfg.amp, channels_last=cfg.channels_last, grad_clip=cfg.grad_clip,
+                            freeze_bn=cfg.freeze_bn, modality_dropout=cfg.modality_dropout,
+                            dropout_candidates=cfg.modality_dropout_candidates, always_missing=cfg.train_missing,
+                            seed=cfg.seed, log_interval=cfg.log_interval, progress=cfg.progress)
+
+
+def train(run: Run) -> None:
+    """Epochs ``run.state.epoch .. cfg.epochs - 1``: train, validate, keep best/, log, checkpoint."""
+    cfg, data, task, hooks = run.cfg, run.data, run.task, run.hooks
+    options = step_options(cfg)
+    hooks.on_train_start(run.plain)
+    with run.stop:
+        for epoch in range(run.state.epoch, cfg.epochs):
+            state = run.state
             state.epoch = epoch
-            sampler.set_epoch(epoch, skip=state.batches_done * cfg.batch_size)
+            data.sampler.set_epoch(epoch, skip=state.batches_done * cfg.batch_size)
             stats = train_one_epoch(
-                model, train_loader, optimizer, scheduler, modalities=modalities, device=device, state=state,
-                num_batches=steps_per_epoch, grad_clip=cfg.grad_clip, amp=cfg.amp,
-                scaler=scaler, channels_last=cfg.channels_last, freeze_bn=cfg.freeze_bn,
-                modality_dropout=cfg.modality_dropout, dropout_candidates=cfg.modality_dropout_candidates,
-                always_missing=cfg.train_missing, seed=cfg.seed, callbacks=hooks, logger=logger,
-                log_interval=cfg.log_interval, after_step=after_step, progress=cfg.progress, task=task,
-                stop_requested=stop,
+                run.model, data.train_loader, run.optimizer, run.scheduler, modalities=data.modalities,
+                device=run.device, state=state, num_batches=data.steps_per_epoch, task=task, options=options,
+                scaler=run.scaler, callbacks=hooks, logger=run.logger, after_step=run.after_step,
+                stop_requested=run.stop,
             )
             if stats["interrupted"]:
-                raise interrupted(state)
+                raise run.interrupted(state)
             logs: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "step": state.global_step,
                                     "train_loss": stats["loss"], "img_per_s": stats["img_per_s"],
-                                    "lr": optimizer.param_groups[0]["lr"], "time_s": elapsed_before + time.perf_counter() - t_start}
+                                    "lr": run.optimizer.param_groups[0]["lr"], "time_s": run.elapsed()}
             if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs:
-                val = evaluate(plain, val_loader, missing=cfg.train_missing, progress=cfg.progress, **eval_kwargs)
-                logs.update(task.log_record(val))
-                score = val[metric]
-                if not math.isnan(score) and score > best["value"]:
-                    best = {"metric": metric, "value": score, "epoch": epoch, "iou": val.get("iou")}
-                    if info.is_main:
-                        save_pretrained(plain, run_dir / "best", class_names=class_names,
-                                        normalization=normalization_of(cfg, modalities),
-                                        extra={"epoch": epoch, f"val_{metric}": score, "dataset": cfg.dataset})
-                if info.is_main:
-                    print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats['loss']:.4f}, val {task.metric_label} "
-                          f"{score:.4f}, {stats['img_per_s']:.1f} img/s, {logs['time_s']:.0f}s", flush=True)
+                logs.update(validate(run, epoch, stats, logs["time_s"]))
             hooks.on_epoch_end(epoch, logs)
-            logger.log(logs)
-            state = EpochState(epoch + 1, 0, state.global_step)
-            save_last(state)
-            if all_reduce_step(torch.zeros(()), stop(), device)[1]:  # a signal during evaluation
-                raise interrupted(state, saved=True)
+            run.logger.log(logs)
+            run.state = EpochState(epoch + 1, 0, state.global_step)
+            run.save_last(run.state)
+            if all_reduce_step(torch.zeros(()), run.stop(), run.device)[1]:  # a signal during evaluation
+                raise run.interrupted(run.state, saved=True)
+    hooks.on_train_end(run.plain)
+    if run.info.is_main and hooks.callbacks:
+        atomic_write_bytes(run.run_dir / "callbacks.json", (json.dumps(hooks.state_dict()) + "\n").encode())
 
-    hooks.on_train_end(plain)
-    if info.is_main and hooks.callbacks:
-        atomic_write_bytes(run_dir / "callbacks.json", (json.dumps(hooks.state_dict()) + "\n").encode())
 
-    # 7. Final evaluation of the last weights: missing modalities and test-time augmentation.
+def validate(run: Run, epoch: int, stats: dict[str, float], time_s: float) -> dict[str, Any]:
+    """Evaluate after ``epoch``; a better task metric replaces best/. Returns the ``val_*`` log values."""
+    cfg, task, metric = run.cfg, run.task, run.task.metric
+    val = run.evaluate(cfg.train_missing, progress=cfg.progress)
+    score = val[metric]
+    if not math.isnan(score) and score > run.best["value"]:
+        run.best = {"metric": metric, "value": score, "epoch": epoch, "iou": val.get("iou")}
+        if run.info.is_main:
+            save_pretrained(run.plain, run.run_dir / "best", class_names=run.data.class_names,
+                            normalization=normalization_of(cfg, run.data.modalities),
+                            extra={"epoch": epoch, f"val_{metric}": score, "dataset": cfg.dataset})
+    if run.info.is_main:
+        print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats['loss']:.4f}, val {task.metric_label} "
+              f"{score:.4f}, {stats['img_per_s']:.1f} img/s, {time_s:.0f}s", flush=True)
+    return task.log_record(val)
+
+
+# 7. Final evaluation of the last weights: missing modalities and test-time augmentation.
+def final_evaluation(run: Run) -> dict[str, Any]:
+    """``missing_<m>`` per ``eval_missing`` modality and ``tta``; logged as a ``kind: final`` record."""
+    cfg, metric = run.cfg, run.task.metric
     final: dict[str, Any] = {}
     for m in cfg.eval_missing:
-        res = evaluate(plain, val_loader, missing=tuple(dict.fromkeys((*cfg.train_missing, m))), **eval_kwargs)
+        res = run.evaluate(tuple(dict.fromkeys((*cfg.train_missing, m))))
         final[f"missing_{m}"] = {k: res[k] for k in (metric, "pixel_acc", "iou", "ap50") if k in res}
     if cfg.tta:
-        res = evaluate(plain, val_loader, missing=cfg.train_missing, tta=True, tta_scales=cfg.tta_scales,
-                       tta_flip=cfg.tta_flip, **eval_kwargs)
+        res = run.evaluate(cfg.train_missing, tta=True, tta_scales=cfg.tta_scales, tta_flip=cfg.tta_flip)
         final["tta"] = {k: res[k] for k in (metric, "pixel_acc", "iou") if k in res}
     if final:
-        logger.log({"kind": "final", "step": state.global_step, **final})
-    logger.close()
+        run.logger.log({"kind": "final", "step": run.state.global_step, **final})
+    run.logger.close()
+    return final
 
+
+def summarize(run: Run, final: dict[str, Any]) -> dict[str, Any]:
+    """The run's ``summary.json`` (written and printed by rank 0, beside comparable runs)."""
+    cfg, info, best, metric = run.cfg, run.info, run.best, run.task.metric
     summary = {
-        "run_dir": str(run_dir), "model": cfg.model, "task": task.name, "dataset": cfg.dataset, "modalities": list(modalities),
-        "train_missing": list(cfg.train_missing), "epochs": cfg.epochs, "steps": state.global_step,
-        "world_size": info.world_size, "device": str(device), "wall_time_s": elapsed_before + time.perf_counter() - t_start,
-        "metric": metric, "best_value": best["value"], f"best_val_{metric}": best["value"],
-        "best_epoch": best["epoch"], "best_val_iou": best.get("iou"),
-        "class_names": class_names, **final,
+        "run_dir": str(run.run_dir), "model": cfg.model, "task": run.task.name, "dataset": cfg.dataset,
+        "modalities": list(run.data.modalities), "train_missing": list(cfg.train_missing), "epochs": cfg.epochs,
+        "steps": run.state.global_step, "world_size": info.world_size, "device": str(run.device),
+        "wall_time_s": run.elapsed(), "metric": metric, "best_value": best["value"], f"best_val_{metric}": best["value"],
+        "best_epoch": best["epoch"], "best_val_iou": best.get("iou"), "class_names": run.data.class_names, **final,
     }
     if info.is_main:
-        atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-        print_summary(summary, find_comparable_runs(cfg, run_dir))
-
-    # 8. Interpretation (fusionzoo.interpret): CKA, semantic variance, modality contribution (mIoU, or
-    # COCO AP for detectors), gradient balance, Grad-CAM of the best weights on the validation split.
-    if info.is_main and cfg.report:
-        from fusionzoo.interpret.report import report_run
-
-        files = report_run(run_dir, device=device)
-        print(f"interpretability report: {files['report']}")
-    cleanup_distributed()
+        atomic_write_bytes(run.run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+        print_summary(summary, find_comparable_runs(cfg, run.run_dir))
     return summary
 
 
@@ -342,6 +453,4 @@ def print_summary(summary: dict[str, Any], comparable: list[dict[str, Any]]) -> 
 
 
 if __name__ == "__main__":
-    from fusionzoo.cli import run_command
-
     sys.exit(run_command(main, sys.argv[1:], prog="train.py"))

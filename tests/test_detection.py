@@ -14,6 +14,8 @@ from torch import nn
 
 import fusionzoo as fz
 from fusionzoo.data import collate, create_dataset
+from fusionzoo.detection.models import HybridFusionDetector, MiddleFusionDetector
+from fusionzoo.models.base import init_parameters
 
 SIZE = 64
 NUM_CLASSES = 3
@@ -65,6 +67,16 @@ def test_zoo_covers_every_family_on_two_encoders() -> None:
     assert not set(ALL) & set(fz.list_models(task="segmentation"))
 
 
+def test_detectors_register_through_register_family() -> None:
+    """One registrar: a constructor that forwards **kwargs accepts its base constructor's keywords too."""
+    assert set(init_parameters(HybridFusionDetector)) == set(init_parameters(MiddleFusionDetector)) | {"box_fusion",
+                                                                                                     "fusion_iou"}
+    accepts = fz.model_entry("fcos_hybrid_wbf").accepts
+    assert "fpn_channels" in accepts and "box_fusion" not in accepts and "kwargs" not in accepts
+    with pytest.raises(ValueError, match="exactly 2 modalities.*fcos_sum"):
+        fz.create_model("fcos_cmx_resnet18", modalities=("rgb", "thermal", "depth"))
+
+
 @pytest.mark.parametrize("heavy", HEAVY)
 def test_heavy_variant_builds_on_meta_with_its_siblings_taps(heavy: str) -> None:
     entry = fz.model_entry(heavy)
@@ -92,6 +104,7 @@ def test_train_mode_returns_losses_and_every_parameter_learns(name: str, built: 
         assert {k.split(".")[0] for k in losses} == {"fused", "rgb", "thermal"}
     else:
         assert "classification" in losses and "bbox_regression" in losses
+    assert model.head_detections == {}  # eval-mode output only
     sum(losses.values()).backward()
     dead = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not dead, f"parameters without gradient (a dead branch?): {dead[:10]}"
@@ -128,10 +141,20 @@ def test_eval_detections_and_taps(name: str, built: nn.Module) -> None:
     if fusion in ("middle", "late", "hybrid"):
         assert {"rgb.stage1", "thermal.stage4"} <= set(info)
     if fusion in ("late", "hybrid"):
-        assert {"rgb.p3", "thermal.p7"} <= set(info)
+        assert {"rgb.p3", "thermal.p7", "rgb.head.p3", "thermal.head.p7"} <= set(info)
+    if fusion != "late":  # the fused box head's classification logits per level, as segmentation's head.logits
+        assert {f"head.p{k}" for k in range(3, 8)} <= set(info) and info["head.p3"].kind == "logits"
     if fusion == "early":
         assert not any(t.startswith(("rgb.", "thermal.")) for t in info)
     assert not any(m._forward_hooks for m in model.modules())
+    # per-head detections are model output (DetectorMixin.head_detections), heads in the order they ran
+    heads = model.head_detections
+    assert list(heads) == {"early": ["fused"], "middle": ["fused"], "late": ["rgb", "thermal"],
+                           "hybrid": ["fused", "rgb", "thermal"]}[fusion]
+    assert all(len(dets) == 2 and set(dets[0]) >= {"boxes", "scores", "labels"} for dets in heads.values())
+    if fusion in ("early", "middle"):
+        assert heads["fused"] is out
+    assert model.size_divisible == 32
 
 
 def test_bad_inputs_and_targets(built: nn.Module) -> None:

@@ -16,8 +16,10 @@ from fusionzoo.engine.loop import (
     Callback,
     CallbackList,
     EpochState,
+    TrainStepOptions,
     evaluate,
     sample_missing,
+    split_batch,
     train_one_epoch,
 )
 from fusionzoo.engine.optim import build_optimizer
@@ -160,7 +162,7 @@ def test_train_one_epoch_learns_and_calls_callbacks():
     for epoch in range(4):
         state = EpochState(epoch, 0, state.global_step)
         out = train_one_epoch(model, data, opt, None, modalities=("rgb", "depth"), device=torch.device("cpu"),
-                              state=state, num_batches=len(data), grad_clip=1.0, callbacks=hooks)
+                              state=state, num_batches=len(data), options=TrainStepOptions(grad_clip=1.0), callbacks=hooks)
         losses.append(out["loss"])
     assert losses[-1] < losses[0]
     assert state.global_step == 24
@@ -204,12 +206,13 @@ def test_modality_dropout_and_withheld_streams_reach_the_model():
     opt = build_optimizer(model, lr=0.01, weight_decay=0.0)
     state = EpochState()
     train_one_epoch(model, _batches(40), opt, None, modalities=("rgb", "depth"), device=torch.device("cpu"),
-                    state=state, num_batches=40, modality_dropout=0.5)
+                    state=state, num_batches=40, options=TrainStepOptions(modality_dropout=0.5))
     seen = model.seen_missing
     assert set(seen) == {(), ("depth",)} and 8 < seen.count(("depth",)) < 32
     model.seen_missing.clear()
     train_one_epoch(model, _batches(3), opt, None, modalities=("rgb", "depth"), device=torch.device("cpu"),
-                    state=EpochState(), num_batches=3, always_missing=("depth",), modality_dropout=0.9)
+                    state=EpochState(), num_batches=3,
+                    options=TrainStepOptions(always_missing=("depth",), modality_dropout=0.9))
     assert model.seen_missing == [("depth",)] * 3  # never drops the last remaining stream
 
 
@@ -310,3 +313,11 @@ def test_metrics_logger_writes_jsonl_and_mirrors_to_tensorboard(tmp_path, monkey
     silent = MetricsLogger(tmp_path / "other", enabled=False)  # ranks other than 0
     silent.log({"kind": "train", "step": 1})
     assert not (tmp_path / "other").exists()
+
+
+def test_split_batch_returns_the_model_inputs_only():
+    batch = {"rgb": torch.zeros(2, 3, 4, 4), "depth": torch.zeros(2, 1, 4, 4), "mask": torch.zeros(2, 4, 4, dtype=torch.long)}
+    inputs = split_batch(batch, ("rgb", "depth"), torch.device("cpu"))
+    assert list(inputs) == ["rgb", "depth"]  # targets come from the task (Task.targets)
+    with pytest.raises(KeyError, match="thermal"):
+        split_batch(batch, ("rgb", "thermal"), torch.device("cpu"))

@@ -95,6 +95,7 @@ class BoxDetector(nn.Module):
         targets: list[dict[str, torch.Tensor]] | None,
         tap: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
         tap_prefix: str = "fpn",
+        head_prefix: str | None = None,
     ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
         """Losses (training) or detections (eval).
 
@@ -102,7 +103,9 @@ class BoxDetector(nn.Module):
             features: stride-8, 16, 32 features ``(B, C_i, H_pad / s, W_pad / s)``.
             images: ``ImageList`` of the padded input ``(B, *, H_pad, W_pad)`` and the true sizes.
             targets: checked targets (``boxes`` ``(N, 4)`` xyxy, ``labels`` ``(N,)``) when training.
-            tap: the model's tap call; FPN levels pass ``{tap_prefix}.p3`` .. ``.p7``.
+            tap: the model's tap call; FPN levels pass ``{tap_prefix}.p3`` .. ``.p7`` and, with
+                ``head_prefix``, each level's classification logits ``(B, A * K, h, w)`` (A anchors
+                per location: FCOS 1, RetinaNet 9; channel ``a * K + k``) pass ``{head_prefix}.p3`` .. ``.p7``.
 
         Returns:
             Training: torchvision's loss dict (FCOS: classification, bbox_regression,
@@ -114,7 +117,7 @@ class BoxDetector(nn.Module):
         if tap is not None:
             levels = [tap(f"{tap_prefix}.{name}", x) for name, x in zip(LEVELS, levels)]
         tv = self.torchvision
-        head_outputs = tv.head(levels)
+        head_outputs = self.head_outputs(levels, tap if head_prefix else None, head_prefix or "")
         anchors = tv.anchor_generator(images, levels)
         locations = [x.size(2) * x.size(3) for x in levels]
         if self.training:
@@ -130,3 +133,31 @@ class BoxDetector(nn.Module):
         split_outputs = {k: list(v.split(split, dim=1)) for k, v in head_outputs.items()}
         split_anchors = [list(a.split(split)) for a in anchors]
         return tv.postprocess_detections(split_outputs, split_anchors, images.image_sizes)
+
+    @property
+    def anchors_per_location(self) -> int:
+        """``A``: anchors per feature-map cell (FCOS 1, RetinaNet 9)."""
+        return int(self.torchvision.anchor_generator.num_anchors_per_location()[0])
+
+    def head_outputs(self, levels: Sequence[torch.Tensor], tap: Callable[[str, torch.Tensor], torch.Tensor] | None,
+                     prefix: str) -> dict[str, torch.Tensor]:
+        """torchvision's ``head(levels)``, with the classification logits of each level passing the
+        tap ``{prefix}.p3`` .. ``.p7`` as maps ``(B, A * K, h, w)`` before torchvision's flattening
+        (the same operations as ``RetinaNetClassificationHead.forward`` / ``FCOSClassificationHead.forward``)."""
+        head = self.torchvision.head
+        if tap is None:
+            return head(levels)
+        cls_head = head.classification_head
+        k = cls_head.num_classes
+        flat = []
+        for name, x in zip(LEVELS, levels):
+            logits = tap(f"{prefix}.{name}", cls_head.cls_logits(cls_head.conv(x)))
+            n, _, h, w = logits.shape
+            # (B, A * K, h, w) -> (B, h * w * A, K), torchvision's anchor order
+            flat.append(logits.view(n, -1, k, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, k))
+        out = {"cls_logits": torch.cat(flat, dim=1)}
+        if self.head_name == "fcos":
+            out["bbox_regression"], out["bbox_ctrness"] = head.regression_head(levels)
+        else:
+            out["bbox_regression"] = head.regression_head(levels)
+        return out

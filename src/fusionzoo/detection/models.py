@@ -15,8 +15,7 @@ Names: ``{head}_{fusion}_{encoder}``, e.g. ``fcos_cmx_resnet18``, ``retinanet_la
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,15 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.image_list import ImageList
 
-from .._registry import encoder_key, register_model
 from ..encoders import Encoder
-from ..models.base import FusionModel, _jsonable
+from ..models.base import FusionModel, register_family
 from ..models.cmx import CMXModel
 from ..models.middle import MiddleFusionModel
 from .boxes import BOX_FUSIONS, Detections, check_targets
 from .heads import HEADS, LEVEL_REDUCTIONS, LEVELS, BoxDetector
 
-SIZE_DIVISIBLE = 32  # inputs are zero-padded (bottom/right) to a multiple of this, as torchvision's batch_images
+SIZE_DIVISIBLE = 32  # detectors' size_divisible: inputs are zero-padded (bottom/right) to a multiple, as torchvision's batch_images
 FPN_STAGES = ("stage2", "stage3", "stage4")  # strides 8, 16, 32 feed P3-P5
 DETECTION_ENCODERS = ("resnet18", "resnet50")
 
@@ -44,9 +42,26 @@ class DetectorMixin:
 
     Subclasses implement :meth:`detect`. Mixed in before the FusionModel base so that its
     ``forward`` replaces the segmentation one.
+
+    Attributes:
+        size_divisible: inputs are zero-padded (bottom / right) to a multiple of this (32) before
+            the encoder, as torchvision's ``batch_images``; feature maps and taps cover the padded
+            image (:attr:`FusionModel.size_divisible`).
+        head_detections: the detections of every box head (one
+            :class:`~fusionzoo.detection.heads.BoxDetector`) of the last eval-mode forward, before
+            box fusion: ``{head: [per image {"boxes" (N, 4) xyxy input pixels, "scores" (N,),
+            "labels" (N,)}]}``, heads in the order they ran. ``"fused"`` is the head on fused
+            features (early, middle, hybrid fusion: it is the model output for early and middle
+            fusion), a modality name that modality's own head (late and hybrid fusion), listed
+            also when that modality is in ``missing`` (the head runs, its boxes only leave the
+            fusion). The tensors are those the heads returned, so under autograd their ``scores``
+            carry gradients to the taps (Grad-CAM of a late detector). A train-mode forward sets
+            ``{}``; the next forward replaces it.
     """
 
     task = "detection"
+    size_divisible = SIZE_DIVISIBLE
+    head_detections: dict[str, list[Detections]]
 
     def forward(  # type: ignore[override]
         self,
@@ -73,21 +88,39 @@ class DetectorMixin:
         ref = xs[self.modalities[0]]
         batch, size = ref.shape[0], (int(ref.shape[-2]), int(ref.shape[-1]))
         checked = check_targets(targets, batch, size, self.num_classes, ref.device) if self.training else None
-        pad_h, pad_w = (-size[0]) % SIZE_DIVISIBLE, (-size[1]) % SIZE_DIVISIBLE
+        pad_h, pad_w = (-size[0]) % self.size_divisible, (-size[1]) % self.size_divisible
         if pad_h or pad_w:
             xs = {m: F.pad(x, (0, pad_w, 0, pad_h)) for m, x in xs.items()}
         images = ImageList(xs[self.modalities[0]], [size] * batch)
+        self.head_detections = {}
         return self.detect(xs, images, checked, missing)
 
     def detect(
         self, xs: dict[str, torch.Tensor], images: ImageList, targets: list[Detections] | None, missing: tuple[str, ...]
     ) -> Output:
+        """Losses (training) or detections (eval) of padded, checked inputs; eval mode records
+        every head's detections with :meth:`keep_head_detections`."""
         raise NotImplementedError
 
-    def declare_levels(self, prefix: str, channels: int) -> None:
-        """Declare the FPN taps ``{prefix}.p3`` .. ``{prefix}.p7``."""
+    def keep_head_detections(self, names: Sequence[str], outputs: Sequence[Output]) -> None:
+        """Record the eval outputs of the heads ``names`` as :attr:`head_detections` (no-op in training)."""
+        if not self.training:
+            self.head_detections = dict(zip(names, outputs))
+
+    def declare_levels(self, prefix: str, detector: BoxDetector) -> None:
+        """Declare the taps of one box head, in the order they fire: its FPN levels
+        ``{prefix}.p3`` .. ``.p7``, then its classification logits per level, ``head.p3`` .. ``.p7``
+        for the fused head (``prefix="fpn"``), ``{m}.head.p3`` .. for modality ``m``'s own head."""
         for level, reduction in zip(LEVELS, LEVEL_REDUCTIONS):
-            self.taps.declare(f"{prefix}.{level}", channels, reduction)
+            self.taps.declare(f"{prefix}.{level}", detector.out_channels, reduction)
+        head = head_tap_prefix(prefix)
+        for level, reduction in zip(LEVELS, LEVEL_REDUCTIONS):
+            self.taps.declare(f"{head}.{level}", detector.anchors_per_location * self.num_classes, reduction, "logits")
+
+    def run_head(self, detector: BoxDetector, features: Sequence[torch.Tensor], images: ImageList,
+                 targets: list[Detections] | None, prefix: str) -> Output:
+        """``detector`` on stride-8/16/32 features, passing the taps :meth:`declare_levels` declared."""
+        return detector(features, images, targets, self.taps, prefix, head_tap_prefix(prefix))
 
     def fuse_boxes(self, per_detector: list[list[Detections]], present: list[bool]) -> list[Detections]:
         """Merge, image by image, the detections of several detectors with ``self.box_fusion``."""
@@ -97,6 +130,12 @@ class DetectorMixin:
             kwargs["iou_thresh"] = self.fusion_iou
         used = [d for d, p in zip(per_detector, present) if p]
         return [rule([d[i] for d in used], **kwargs) for i in range(len(used[0]))]
+
+
+def head_tap_prefix(fpn_prefix: str) -> str:
+    """Tap prefix of a box head's classification logits: ``head`` for the fused head (FPN taps
+    ``fpn.*``), ``{m}.head`` for modality ``m``'s own head (FPN taps ``{m}.*``)."""
+    return "head" if fpn_prefix == "fpn" else f"{fpn_prefix}.head"
 
 
 def _check_box_fusion(box_fusion: str) -> None:
@@ -119,7 +158,7 @@ class EarlyFusionDetector(DetectorMixin, FusionModel):
         score_thresh, nms_thresh, detections_per_img: post-processing (None: torchvision's default
             for the head: FCOS 0.2, 0.6, 100; RetinaNet 0.05, 0.5, 300).
 
-    Taps: ``fused.stage1..4``, ``fpn.p3..p7``.
+    Taps: ``fused.stage1..4``, ``fpn.p3..p7``, ``head.p3..p7`` (classification logits, kind ``logits``).
     """
 
     def __init__(
@@ -142,14 +181,16 @@ class EarlyFusionDetector(DetectorMixin, FusionModel):
             self.taps.declare(f"fused.{stage}", channels, reduction)
         self.detector = BoxDetector(head, self.encoder.channels[1:], num_classes, fpn_channels, score_thresh, nms_thresh,
                                     detections_per_img)
-        self.declare_levels("fpn", fpn_channels)
+        self.declare_levels("fpn", self.detector)
 
     def detect(
         self, xs: dict[str, torch.Tensor], images: ImageList, targets: list[Detections] | None, missing: tuple[str, ...]
     ) -> Output:
         x = torch.cat([xs[m] for m in self.modalities], dim=1)
         feats = [self.taps(f"fused.{s}", f) for s, f in zip(self.encoder.stage_names, self.encoder(x))]
-        return self.detector(feats[1:], images, targets, self.taps, "fpn")
+        out = self.run_head(self.detector, feats[1:], images, targets, "fpn")
+        self.keep_head_detections(["fused"], [out])
+        return out
 
 
 class MiddleFusionDetector(DetectorMixin, MiddleFusionModel):
@@ -169,7 +210,7 @@ class MiddleFusionDetector(DetectorMixin, MiddleFusionModel):
         fusion_kwargs: extra keyword arguments for every stage's operator; for ``cmx`` the preset
             is picked from the encoder's channels as in :class:`~fusionzoo.models.cmx.CMXModel`.
 
-    Taps: ``{m}.stage1..4``, ``fused.stage2..4`` (+ operator details), ``fpn.p3..p7``.
+    Taps: ``{m}.stage1..4``, ``fused.stage2..4`` (+ operator details), ``fpn.p3..p7``, ``head.p3..p7``.
     """
 
     def __init__(
@@ -209,14 +250,16 @@ class MiddleFusionDetector(DetectorMixin, MiddleFusionModel):
         o = self.head_options
         self.detector = BoxDetector(o["head"], self.stage_channels[1:], self.num_classes, o["fpn_channels"],
                                     o["score_thresh"], o["nms_thresh"], o["detections_per_img"])
-        self.declare_levels("fpn", o["fpn_channels"])
+        self.declare_levels("fpn", self.detector)
         self.detections_per_img = self.detector.detections_per_img
 
     def detect(
         self, xs: dict[str, torch.Tensor], images: ImageList, targets: list[Detections] | None, missing: tuple[str, ...]
     ) -> Output:
         fused, _ = self.forward_streams(xs)
-        return self.detector(fused, images, targets, self.taps, "fpn")
+        out = self.run_head(self.detector, fused, images, targets, "fpn")
+        self.keep_head_detections(["fused"], [out])
+        return out
 
 
 class HybridFusionDetector(MiddleFusionDetector):
@@ -232,7 +275,8 @@ class HybridFusionDetector(MiddleFusionDetector):
 
     Missing modalities: their own boxes are left out of the box fusion; the fused head stays.
 
-    Taps: ``{m}.stage1..4``, ``fused.stage2..4`` (+ details), ``fpn.p3..p7``, ``{m}.p3..p7``.
+    Taps: ``{m}.stage1..4``, ``fused.stage2..4`` (+ details), ``fpn.p3..p7``, ``head.p3..p7``, and per modality
+    ``{m}.p3..p7``, ``{m}.head.p3..p7``.
     """
 
     def __init__(self, encoder: str, *, box_fusion: str = "wbf", fusion_iou: float | None = None, **kwargs: Any) -> None:
@@ -249,7 +293,7 @@ class HybridFusionDetector(MiddleFusionDetector):
             self.modality_detectors[m] = BoxDetector(o["head"], self.stage_channels[1:], self.num_classes,
                                                      o["fpn_channels"], o["score_thresh"], o["nms_thresh"],
                                                      o["detections_per_img"])
-            self.declare_levels(m, o["fpn_channels"])
+            self.declare_levels(m, self.modality_detectors[m])
 
     def modality_parameters(self, modality: str) -> Iterator[nn.Parameter]:
         """The modality's encoder and its own FPN + head."""
@@ -260,12 +304,13 @@ class HybridFusionDetector(MiddleFusionDetector):
         self, xs: dict[str, torch.Tensor], images: ImageList, targets: list[Detections] | None, missing: tuple[str, ...]
     ) -> Output:
         fused, own = self.forward_streams(xs)
-        outputs = [self.detector(fused, images, targets, self.taps, "fpn")]
+        outputs = [self.run_head(self.detector, fused, images, targets, "fpn")]
         for m in self.modalities:
-            outputs.append(self.modality_detectors[m](own[m][1:], images, targets, self.taps, m))
+            outputs.append(self.run_head(self.modality_detectors[m], own[m][1:], images, targets, m))
         names = ["fused", *self.modalities]
         if self.training:
             return {f"{n}.{k}": v for n, out in zip(names, outputs) for k, v in out.items()}
+        self.keep_head_detections(names, outputs)
         return self.fuse_boxes(outputs, [True] + [m not in missing for m in self.modalities])
 
 
@@ -280,7 +325,7 @@ class LateFusionDetector(DetectorMixin, FusionModel):
 
     Missing modalities: that detector still runs (its taps fire) but its boxes are left out.
 
-    Taps, per modality in order: ``{m}.stage1..4``, ``{m}.p3..p7``.
+    Taps, per modality in order: ``{m}.stage1..4``, ``{m}.p3..p7``, ``{m}.head.p3..p7`` (classification logits).
     """
 
     def __init__(
@@ -312,7 +357,7 @@ class LateFusionDetector(DetectorMixin, FusionModel):
                 self.taps.declare(f"{m}.{stage}", channels, reduction)
             self.detectors[m] = BoxDetector(head, enc.channels[1:], num_classes, fpn_channels, score_thresh, nms_thresh,
                                             detections_per_img)
-            self.declare_levels(m, fpn_channels)
+            self.declare_levels(m, self.detectors[m])
         self.detections_per_img = self.detectors[self.modalities[0]].detections_per_img
 
     def modality_parameters(self, modality: str) -> Iterator[nn.Parameter]:
@@ -327,58 +372,19 @@ class LateFusionDetector(DetectorMixin, FusionModel):
         for m in self.modalities:
             enc = self.encoders[m]
             feats = [self.taps(f"{m}.{s}", f) for s, f in zip(enc.stage_names, enc(xs[m]))]
-            outputs.append(self.detectors[m](feats[1:], images, targets, self.taps, m))
+            outputs.append(self.run_head(self.detectors[m], feats[1:], images, targets, m))
         if self.training:
             return {f"{m}.{k}": v for m, out in zip(self.modalities, outputs) for k, v in out.items()}
+        self.keep_head_detections(self.modalities, outputs)
         return self.fuse_boxes(outputs, [m not in missing for m in self.modalities])
 
 
 # -- registration -----------------------------------------------------------------------------
-def register_detector_family(
-    *,
-    method: str,
-    model_cls: type[nn.Module],
-    fusion: str,
-    paper: str,
-    fixed: Mapping[str, Any],
-    max_modalities: int | None = None,
-    encoders: Sequence[str] = DETECTION_ENCODERS,
-    default_encoder: str = "resnet50",
-) -> None:
-    """Register ``{method}`` (family entry, takes ``encoder=``) and ``{method}_{encoder}`` per
-    encoder with ``task="detection"`` and default modalities RGB + thermal; as
-    :func:`fusionzoo.models.base.register_family`, ``model.config`` rebuilds the architecture."""
-    params = inspect.signature(model_cls.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        params = {**inspect.signature(MiddleFusionDetector.__init__).parameters, **params}
-    accepts = frozenset(p for p, v in params.items() if p not in ("self", *fixed) and v.kind is not inspect.Parameter.VAR_KEYWORD)
-    doc = (model_cls.__doc__ or "").strip()
-
-    def make_entry(name: str, encoder_fixed: str | None) -> Callable[..., nn.Module]:
-        def entry(**kwargs: Any) -> nn.Module:
-            encoder = encoder_fixed or kwargs.pop("encoder", default_encoder)
-            streams = tuple(kwargs.get("modalities", ("rgb", "thermal")))
-            if max_modalities is not None and len(streams) != max_modalities:
-                raise ValueError(
-                    f"{name} is defined for exactly {max_modalities} modalities (RGB plus one auxiliary stream), "
-                    f"got {streams}; for more use fcos_sum, fcos_crossattn, fcos_early, fcos_late_* or fcos_hybrid_wbf"
-                )
-            model = model_cls(encoder, **kwargs, **fixed)
-            model.config = {"name": name, **({} if encoder_fixed else {"encoder": encoder}), **_jsonable(kwargs)}
-            model.encoder_name = encoder
-            return model
-
-        entry.__name__ = entry.__qualname__ = name
-        where = f"timm {encoder_fixed!r}" if encoder_fixed else f"any timm encoder (default {default_encoder!r})"
-        entry.__doc__ = f"{method} detector on {where}; paper: {paper}.\n\n{doc}"
-        entry.__module__ = model_cls.__module__
-        return entry
-
-    meta = {"task": "detection", "fusion": fusion, "method": method, "paper": paper, "modalities": ("rgb", "thermal"),
-            "max_modalities": max_modalities, "accepts": accepts}
-    register_model(encoder=default_encoder, **meta)(make_entry(method, None))
-    for encoder in encoders:
-        register_model(encoder=encoder, **meta)(make_entry(f"{method}_{encoder_key(encoder)}", encoder))
+def _register(**kwargs: Any) -> None:
+    """:func:`fusionzoo.models.base.register_family` with the detection zoo's task, default
+    modalities (RGB + thermal) and encoders."""
+    register_family(task="detection", modalities=("rgb", "thermal"), encoders=DETECTION_ENCODERS,
+                    generic_methods="fcos_sum, fcos_crossattn, fcos_early, fcos_late_* or fcos_hybrid_wbf", **kwargs)
 
 
 _HEAD_PAPERS = {
@@ -390,25 +396,25 @@ _PROBEN = "ProbEn (Chen, Li, Kong, Ramanan, 'Multimodal Object Detection via Pro
 
 for _head in HEADS:
     _hp = _HEAD_PAPERS[_head]
-    register_detector_family(method=f"{_head}_early", model_cls=EarlyFusionDetector, fusion="early", fixed={"head": _head},
-                             paper=f"{_hp}; input channel concatenation (Wagner et al., 'Multispectral Pedestrian "
-                                   "Detection using Deep Fusion Convolutional Neural Networks', ESANN 2016, early fusion)")
-    register_detector_family(method=f"{_head}_sum", model_cls=MiddleFusionDetector, fusion="middle",
-                             fixed={"head": _head, "fusion_op": "sum", "feedback": True},
-                             paper=f"{_hp}; FuseNet element-wise sum fusion (Hazirbas et al., ACCV 2016)")
-    register_detector_family(method=f"{_head}_cmx", model_cls=MiddleFusionDetector, fusion="middle", max_modalities=2,
-                             fixed={"head": _head, "fusion_op": "cmx", "feedback": True},
-                             paper=f"{_hp}; CMX rectification + fusion (Zhang et al., 'CMX: Cross-Modal Fusion for RGB-X "
-                                   "Semantic Segmentation with Transformers', T-ITS 2023)")
-    register_detector_family(method=f"{_head}_crossattn", model_cls=MiddleFusionDetector, fusion="middle",
-                             fixed={"head": _head, "fusion_op": "crossattn", "feedback": False},
-                             paper=f"{_hp}; cross-modality attention fusion at three backbone levels as in CFT (Qingyun "
-                                   "et al., 'Cross-Modality Fusion Transformer for Multispectral Object Detection', 2021)")
+    _register(method=f"{_head}_early", model_cls=EarlyFusionDetector, fusion="early", fixed={"head": _head},
+              paper=f"{_hp}; input channel concatenation (Wagner et al., 'Multispectral Pedestrian "
+                    "Detection using Deep Fusion Convolutional Neural Networks', ESANN 2016, early fusion)")
+    _register(method=f"{_head}_sum", model_cls=MiddleFusionDetector, fusion="middle",
+              fixed={"head": _head, "fusion_op": "sum", "feedback": True},
+              paper=f"{_hp}; FuseNet element-wise sum fusion (Hazirbas et al., ACCV 2016)")
+    _register(method=f"{_head}_cmx", model_cls=MiddleFusionDetector, fusion="middle", max_modalities=2,
+              fixed={"head": _head, "fusion_op": "cmx", "feedback": True},
+              paper=f"{_hp}; CMX rectification + fusion (Zhang et al., 'CMX: Cross-Modal Fusion for RGB-X "
+                    "Semantic Segmentation with Transformers', T-ITS 2023)")
+    _register(method=f"{_head}_crossattn", model_cls=MiddleFusionDetector, fusion="middle",
+              fixed={"head": _head, "fusion_op": "crossattn", "feedback": False},
+              paper=f"{_hp}; cross-modality attention fusion at three backbone levels as in CFT (Qingyun "
+                    "et al., 'Cross-Modality Fusion Transformer for Multispectral Object Detection', 2021)")
     for _rule, _rp in (("nms", "NMS over the union of per-modality boxes"), ("wbf", _WBF), ("proben", _PROBEN)):
-        register_detector_family(method=f"{_head}_late_{_rule}", model_cls=LateFusionDetector, fusion="late",
-                                 fixed={"head": _head, "box_fusion": _rule},
-                                 paper=f"{_hp}; one detector per modality, boxes fused by {_rp}")
-    register_detector_family(method=f"{_head}_hybrid_wbf", model_cls=HybridFusionDetector, fusion="hybrid",
-                             fixed={"head": _head, "box_fusion": "wbf", "fusion_op": "se_add", "feedback": False},
-                             paper=f"{_hp}; ESANet SE-add stage fusion (Seichter et al., ICRA 2021) + per-modality "
-                                   f"detectors, boxes of all heads fused by {_WBF}")
+        _register(method=f"{_head}_late_{_rule}", model_cls=LateFusionDetector, fusion="late",
+                  fixed={"head": _head, "box_fusion": _rule},
+                  paper=f"{_hp}; one detector per modality, boxes fused by {_rp}")
+    _register(method=f"{_head}_hybrid_wbf", model_cls=HybridFusionDetector, fusion="hybrid",
+              fixed={"head": _head, "box_fusion": "wbf", "fusion_op": "se_add", "feedback": False},
+              paper=f"{_hp}; ESANet SE-add stage fusion (Seichter et al., ICRA 2021) + per-modality "
+                    f"detectors, boxes of all heads fused by {_WBF}")

@@ -5,7 +5,9 @@ They keep ``train.py`` a top-to-bottom read; each one is a few lines of policy.
 
 from __future__ import annotations
 
+import importlib
 import json
+import signal
 import time
 import warnings
 from collections.abc import Collection, Sequence
@@ -16,9 +18,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .._registry import create_model, model_entry
+from ..data import collate, create_dataset, dataset_entry
+from ..data.io import DataError
 from ..data.statistics import class_pixel_counts
+from ..data.transforms import STATS, _stats_for, eval_transforms, train_transforms
 from ..losses import median_frequency_weights
 from ..tasks import Task, get_task
+from ..weights import CheckpointError
+from .checkpoint import remove_temp_leftovers, resolve_checkpoint_dir
 from .config import CALLBACKS, ConfigError, TrainConfig, config_from_dict, config_to_dict
 from .distributed import DistInfo, EpochSampler, SeededDataset, broadcast_object, dist_info
 
@@ -45,8 +53,6 @@ __all__ = [
 
 def build_callbacks(names: Sequence[str]) -> list[Any]:
     """Instantiate the named callbacks (see :data:`CALLBACKS`)."""
-    import importlib
-
     out = []
     for name in names:
         if name not in CALLBACKS:
@@ -64,14 +70,10 @@ RESUME_EXTENDABLE = ("epochs",)
 
 
 def _is_synthetic(name: str) -> bool:
-    from ..data import dataset_entry
-
     return not dataset_entry(name).needs_root
 
 
 def _stats_name(name: str) -> str | None:
-    from ..data.transforms import STATS
-
     return name if name in STATS else None
 
 
@@ -88,8 +90,6 @@ def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
             that is missing or incomplete, or training at native size with augmentation off
             (images of different sizes cannot be batched).
     """
-    from ..data import create_dataset, dataset_entry
-    from ..data.transforms import eval_transforms, train_transforms
 
     try:
         entry = dataset_entry(cfg.dataset)
@@ -127,8 +127,6 @@ def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
             raise ConfigError(
                 f"dataset {cfg.dataset!r} needs --data-root (the prepared layout; see datasets/{cfg.dataset}/README.md)"
             )
-        from ..data.io import DataError
-
         try:
             train = create_dataset(cfg.dataset, cfg.data_root, split=cfg.train_split, transforms=train_tf, **kwargs)
             val = create_dataset(cfg.dataset, cfg.data_root, split=cfg.val_split, transforms=val_tf, **kwargs)
@@ -167,15 +165,11 @@ def _worker_ignores_ctrl_c(worker_id: int) -> None:
     workers still end with the loader. (SIGTERM keeps its default: multiprocessing stops
     daemonic workers with it.)
     """
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_train_loader(dataset: Dataset, cfg: TrainConfig, info: DistInfo) -> tuple[DataLoader, EpochSampler]:
     """Loader over :class:`SeededDataset` with a resumable :class:`EpochSampler` (drop_last)."""
-    from ..data import collate
-
     sampler = EpochSampler(len(dataset), shuffle=True, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                            drop_last=True, with_epoch=True)
     loader = DataLoader(
@@ -197,8 +191,6 @@ def build_train_loader(dataset: Dataset, cfg: TrainConfig, info: DistInfo) -> tu
 
 def build_eval_loader(dataset: Dataset, cfg: TrainConfig, info: DistInfo) -> DataLoader:
     """Ordered loader; each sample lands on exactly one rank (no padding)."""
-    from ..data import collate
-
     sampler = EpochSampler(len(dataset), shuffle=False, rank=info.rank, world_size=info.world_size, even=False)
     return DataLoader(
         dataset,
@@ -220,10 +212,8 @@ def build_model(cfg: TrainConfig, modalities: Sequence[str], num_classes: int) -
             does not take (showing the YAML-parsed mapping), or a model that cannot run on these
             modalities (the message suggests the single-stream alternatives).
     """
-    import fusionzoo as fz
-
     try:
-        entry = fz.model_entry(cfg.model)
+        entry = model_entry(cfg.model)
     except KeyError as e:
         raise ConfigError(f"--model: {e.args[0]} (fusionzoo list prints every name)") from None
     kwargs: dict[str, Any] = dict(cfg.model_kwargs)
@@ -240,7 +230,7 @@ def build_model(cfg: TrainConfig, modalities: Sequence[str], num_classes: int) -
             f"model and withhold the other stream with --train-missing."
         )
     try:
-        model = fz.create_model(cfg.model, num_classes=num_classes, modalities=tuple(modalities), **kwargs)
+        model = create_model(cfg.model, num_classes=num_classes, modalities=tuple(modalities), **kwargs)
     except TypeError as e:
         if not cfg.model_kwargs or "keyword argument" not in str(e):
             raise
@@ -329,8 +319,6 @@ def class_weights_for(cfg: TrainConfig, train_set: Dataset, num_classes: int, ru
 
 def normalization_of(cfg: TrainConfig, modalities: Sequence[str]) -> dict[str, Any] | None:
     """Per-modality input statistics used for this dataset (stored with saved models)."""
-    from ..data.transforms import _stats_for
-
     stats = _stats_for(_stats_name(cfg.dataset))
     return {m: {"mean": list(stats[m].mean), "std": list(stats[m].std)} for m in modalities if m in stats}
 
@@ -382,9 +370,6 @@ def resume_run_dir(path: str | Path) -> Path:
         ConfigError: saying what is missing: the folder, its ``config.json``, or a complete
             checkpoint (a run stopped before its first checkpoint has nothing to resume).
     """
-    from ..weights import CheckpointError
-    from .checkpoint import resolve_checkpoint_dir
-
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"--resume {path}: no such folder; give a run folder (runs/<run>)")
@@ -401,8 +386,6 @@ def resume_run_dir(path: str | Path) -> Path:
             f"--resume {path}: no config.json there or in its parent folders; give the run folder that "
             "train.py created (runs/<run>, holding config.json and checkpoints/)"
         )
-    from .checkpoint import remove_temp_leftovers
-
     removed = remove_temp_leftovers(run)  # e.g. the .last.*.tmp/ of a kill during the first checkpoint write
     note = f" (removed {len(removed)} incomplete temp(s) of an interrupted write)" if removed else ""
     raise ConfigError(

@@ -8,8 +8,12 @@ the business of its :class:`~fusionzoo.tasks.Task` (``fusionzoo.tasks.get_task(m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import signal
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -32,6 +36,7 @@ __all__ = [
     "MetricsLogger",
     "NonFiniteLossError",
     "StopOnSignal",
+    "TrainStepOptions",
     "TrainingInterrupted",
     "autocast_context",
     "evaluate",
@@ -161,8 +166,8 @@ def split_batch(
     modalities: Sequence[str],
     device: torch.device,
     channels_last: bool = False,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """Model inputs ``{m: (B, C_m, H, W)}`` on ``device`` and the mask ``(B, H, W)`` (or None).
+) -> dict[str, torch.Tensor]:
+    """Model inputs ``{m: (B, C_m, H, W)}`` on ``device`` (the targets: ``Task.targets(batch)``).
 
     Raises:
         KeyError: a modality the model needs is not in the batch (names what the batch has).
@@ -172,11 +177,7 @@ def split_batch(
         have = sorted(k for k, v in batch.items() if isinstance(v, torch.Tensor))
         raise KeyError(f"batch lacks modality {missing} needed by the model; the batch has {have}")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    inputs = {m: batch[m].to(device, non_blocking=True).contiguous(memory_format=fmt) for m in modalities}
-    mask = batch.get("mask")
-    if mask is not None:
-        mask = mask.to(device, non_blocking=True)
-    return inputs, mask
+    return {m: batch[m].to(device, non_blocking=True).contiguous(memory_format=fmt) for m in modalities}
 
 
 def sample_missing(
@@ -332,23 +333,15 @@ class StopOnSignal:
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
         self._restore()
-        import signal
-        import sys
-
         print(f"\n{signal.Signals(signum).name}: stopping after this step and writing checkpoints/last "
               "(send it again to stop at once, without a checkpoint)", file=sys.stderr, flush=True)
 
     def _restore(self) -> None:
-        import signal
-
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
 
     def __enter__(self) -> StopOnSignal:  # noqa: PYI034  (typing.Self needs Python 3.11; we support 3.10)
-        import signal
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
                 sig = getattr(signal, name)
@@ -378,6 +371,39 @@ class EpochState:
         return cls(**{k: d[k] for k in ("epoch", "batches_done", "global_step", "loss_sum", "images")})
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainStepOptions:
+    """How :func:`train_one_epoch` takes each step: precision, memory format, clipping,
+    BatchNorm, modality dropout, logging. The defaults train in float32 with nothing withheld;
+    ``train.py`` fills every field from the run's ``TrainConfig`` (same names, except
+    ``dropout_candidates`` = ``modality_dropout_candidates`` and ``always_missing`` = ``train_missing``).
+
+    Attributes:
+        amp: ``off``, ``bf16`` or ``fp16`` (:func:`autocast_context`; fp16 with a GradScaler).
+        channels_last: inputs (and the model, set by the caller) in channels-last memory format.
+        grad_clip: max global gradient norm (None: no clipping; the norm is then not logged).
+        freeze_bn: BatchNorm layers stay in eval mode (running statistics frozen).
+        modality_dropout: probability per batch of passing ``missing=(m,)`` for one modality
+            (:func:`sample_missing`, seeded by ``(seed, global step)``).
+        dropout_candidates: the modalities dropout may drop (None: every one but the first).
+        always_missing: modalities withheld on every batch (``train_missing``).
+        seed: of the modality-dropout draws.
+        log_interval: a ``kind: train`` record every this many optimizer steps.
+        progress: a tqdm bar (rank 0).
+    """
+
+    amp: str = "off"
+    channels_last: bool = False
+    grad_clip: float | None = None
+    freeze_bn: bool = False
+    modality_dropout: float = 0.0
+    dropout_candidates: Sequence[str] | None = None
+    always_missing: Sequence[str] = ()
+    seed: int = 0
+    log_interval: int = 10
+    progress: bool = False
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable[Mapping[str, Any]],
@@ -389,36 +415,29 @@ def train_one_epoch(
     state: EpochState,
     num_batches: int,
     task: Task | str | None = None,
-    grad_clip: float | None = None,
-    amp: str = "off",
+    options: TrainStepOptions = TrainStepOptions(),
     scaler: torch.amp.GradScaler | None = None,
-    channels_last: bool = False,
-    freeze_bn: bool = False,
-    modality_dropout: float = 0.0,
-    dropout_candidates: Sequence[str] | None = None,
-    always_missing: Sequence[str] = (),
-    seed: int = 0,
     callbacks: Callback | None = None,
     logger: MetricsLogger | None = None,
-    log_interval: int = 10,
     after_step: Callable[[EpochState], None] | None = None,
-    progress: bool = False,
     stop_requested: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` (which already skips the batches ``state`` says are done).
 
     Args:
         model: the (possibly DDP / compiled) model in any mode; set to train mode here.
-        loader: yields batches ``{modality: (B, C, H, W), "mask": (B, H, W), ...}``.
+        loader: yields batches ``{modality: (B, C, H, W), <the task's targets>, ...}``.
         state: epoch position; updated in place after every step (a checkpoint saved from
             ``after_step`` therefore resumes at the next batch).
         num_batches: total batches of this epoch (for the progress bar and the step cap).
-        modality_dropout: probability per batch of passing ``missing=(m,)`` for one modality.
-        always_missing: modalities withheld on every batch (``train_missing``).
-        after_step: called after every optimizer step with the updated ``state`` (checkpoints).
         task: the :class:`~fusionzoo.tasks.Task` (or its name; default ``get_task(model)``) whose
             ``targets`` and ``training_loss`` make each step's loss (segmentation: cross-entropy
             on ``batch["mask"]``; detection: the detector's own loss dict, summed).
+        options: precision, clipping, BatchNorm, modality dropout and logging of each step.
+        scaler: the fp16 GradScaler (:func:`make_grad_scaler`), or None.
+        callbacks: ``on_batch_start`` / ``on_after_backward`` hooks.
+        logger: receives a ``kind: train`` record every ``options.log_interval`` steps.
+        after_step: called after every optimizer step with the updated ``state`` (checkpoints).
         stop_requested: polled once per step (e.g. a SIGINT flag); when any rank says so, the
             epoch ends after this step's ``after_step`` and the result has ``interrupted``.
 
@@ -435,10 +454,10 @@ def train_one_epoch(
     plain = unwrap_model(model)
     task = get_task(task if task is not None else plain)
     model.train()
-    if freeze_bn:
+    if options.freeze_bn:
         set_bn_eval(model)
     cb = callbacks or Callback()
-    bar = tqdm(total=num_batches, initial=state.batches_done, disable=not (progress and info.is_main),
+    bar = tqdm(total=num_batches, initial=state.batches_done, disable=not (options.progress and info.is_main),
                desc=f"epoch {state.epoch}", dynamic_ncols=True, leave=False)
     t_epoch = time.perf_counter()
     images_this_call = 0
@@ -449,15 +468,15 @@ def train_one_epoch(
         if state.batches_done >= num_batches:
             break
         t0 = time.perf_counter()
-        inputs, _ = split_batch(batch, modalities, device, channels_last)
+        inputs = split_batch(batch, modalities, device, options.channels_last)
         targets = task.targets(batch, device)
         cb.on_batch_start(batch)
         _copy_all(norm_backup, norm_stats)
-        missing = tuple(always_missing)
-        pool = [m for m in (dropout_candidates or modalities[1:]) if m not in missing]
+        missing = tuple(options.always_missing)
+        pool = [m for m in (options.dropout_candidates or modalities[1:]) if m not in missing]
         if len(modalities) - len(missing) >= 2:  # dropout must leave a modality to train on
-            missing += sample_missing(modalities, pool, modality_dropout, state.global_step, seed)
-        with autocast_context(device, amp):
+            missing += sample_missing(modalities, pool, options.modality_dropout, state.global_step, options.seed)
+        with autocast_context(device, options.amp):
             loss = task.training_loss(model, inputs, targets, missing)
         # One host sync per step: the loss averaged over ranks, and whether any rank must stop.
         loss_value, stop = all_reduce_step(loss, bool(stop_requested and stop_requested()), device)
@@ -473,8 +492,8 @@ def train_one_epoch(
             loss.backward()
         cb.on_after_backward(plain, state.global_step, state.epoch)
         grad_norm = None
-        if grad_clip is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(plain.parameters(), grad_clip))
+        if options.grad_clip is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(plain.parameters(), options.grad_clip))
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -492,7 +511,7 @@ def train_one_epoch(
         lr = optimizer.param_groups[0]["lr"]
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{batch_images / max(dt, 1e-9):.1f}")
         bar.update(1)
-        if logger is not None and state.global_step % log_interval == 0:
+        if logger is not None and state.global_step % options.log_interval == 0:
             rec = {"kind": "train", "epoch": state.epoch, "step": state.global_step, "loss": loss_value,
                    "lr": lr, "img_per_s": batch_images / max(dt, 1e-9)}
             if missing:
@@ -561,7 +580,7 @@ def evaluate(
     options = {"tta": tta, "tta_scales": tuple(tta_scales), "tta_flip": tta_flip} if tta else {}
     evaluator = task.evaluator(num_classes, class_names, **options)
     for batch in tqdm(loader, disable=not (progress and info.is_main), desc=desc, leave=False, dynamic_ncols=True):
-        inputs, _ = split_batch(batch, modalities, device, channels_last)
+        inputs = split_batch(batch, modalities, device, channels_last)
         targets = task.targets(batch, device)
         with autocast_context(device, amp):
             outputs = task.predict(model, inputs, missing, **options)

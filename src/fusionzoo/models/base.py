@@ -126,6 +126,11 @@ class FusionModel(nn.Module):
     # maps or unpools with the encoder's indices (published ESANet, ACNet, FuseNet); None: any size.
     input_multiple: int | None = None
     input_multiple_reason: str = ""
+    # The model zero-pads its inputs (bottom / right) to a multiple of this before the encoder, so a
+    # feature map of stride s covers the padded image ceil(H / size_divisible) * size_divisible / s
+    # cells high: map -> image alignment (Grad-CAM) upsamples to the padded size and crops. 1: no
+    # padding (segmentation models run on any size >= 32; published ones check input_multiple).
+    size_divisible: int = 1
 
     def check_inputs(self, inputs: Mapping[str, torch.Tensor], missing: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         """Validate inputs and fill absent modalities; returns tensors in ``self.modalities`` order.
@@ -245,31 +250,39 @@ def register_family(
     encoders: Sequence[str] = DEFAULT_ENCODERS,
     default_encoder: str = "resnet50",
     task: str = "segmentation",
+    modalities: tuple[str, ...] = ("rgb", "depth"),
+    generic_methods: str = "early_concat, early_stem, crossattn, late_*, hybrid_gate",
 ) -> None:
     """Register the family entry ``{method}`` (takes ``encoder=``, default ``default_encoder``)
-    and a named variant ``{method}_{encoder}`` per encoder in ``encoders``.
+    and a named variant ``{method}_{encoder}`` per encoder in ``encoders``; segmentation models
+    and detectors (``task="detection"``, ``fusionzoo.detection.models``) alike.
 
     Every entry builds ``model_cls(encoder, **defaults, **user_kwargs, **fixed)``: ``fixed`` is
     what makes the method (e.g. its fusion operator), ``defaults`` the method's published
     settings a user may change. The model's ``config`` records the entry name and the user-visible
     keywords, so ``create_model(**model.config)`` rebuilds the same architecture.
+
+    Args:
+        task: the registry's task of every entry (``model.task`` of what they build).
+        modalities: the entries' default modalities (also what ``max_modalities`` is checked on
+            when the user passes none).
+        generic_methods: named in the error when a ``max_modalities`` method gets more streams.
     """
     fixed = dict(fixed or {})
     defaults = dict(defaults or {})
-    params = inspect.signature(model_cls.__init__).parameters
-    accepts = frozenset(p for p in params if p not in ("self", *fixed))
+    accepts = frozenset(p for p in init_parameters(model_cls) if p not in fixed)
     doc = (model_cls.__doc__ or "").strip()
+    noun = "" if task == "segmentation" else " detector"  # the entry's docstring: "fcos_cmx detector on ..."
 
     def make_entry(name: str, encoder_fixed: str | None) -> Callable[..., FusionModel]:
         def entry(**kwargs: Any) -> FusionModel:
             encoder = encoder_fixed or kwargs.pop("encoder", default_encoder)
             options = {**defaults, **kwargs}
-            streams = tuple(options.get("modalities", ("rgb", "depth")))
+            streams = tuple(options.get("modalities", modalities))
             if max_modalities is not None and len(streams) != max_modalities:
                 raise ValueError(
                     f"{name} is defined for exactly {max_modalities} modalities (RGB plus one auxiliary "
-                    f"stream), got {streams}; for more use a generic method: "
-                    "early_concat, early_stem, crossattn, late_*, hybrid_gate"
+                    f"stream), got {streams}; for more use a generic method: {generic_methods}"
                 )
             model = model_cls(encoder, **options, **fixed)
             model.config = {"name": name, **({} if encoder_fixed else {"encoder": encoder}), **_jsonable(options)}
@@ -278,16 +291,32 @@ def register_family(
 
         entry.__name__ = entry.__qualname__ = name
         where = f"timm {encoder_fixed!r}" if encoder_fixed else f"any timm encoder (default {default_encoder!r})"
-        entry.__doc__ = f"{method} on {where}; paper: {paper}.\n\n{doc}"
+        entry.__doc__ = f"{method}{noun} on {where}; paper: {paper}.\n\n{doc}"
         entry.__module__ = model_cls.__module__
         return entry
 
-    meta = {"task": task, "fusion": fusion, "method": method, "paper": paper, "modalities": ("rgb", "depth"),
+    meta = {"task": task, "fusion": fusion, "method": method, "paper": paper, "modalities": tuple(modalities),
             "max_modalities": max_modalities, "accepts": accepts}
     register_model(encoder=default_encoder, **meta)(make_entry(method, None))
     for encoder in encoders:
         name = f"{method}_{encoder_key(encoder)}"
         register_model(encoder=encoder, **meta)(make_entry(name, encoder))
+
+
+def init_parameters(model_cls: type[nn.Module]) -> list[str]:
+    """The keyword names ``model_cls(...)`` takes, ``self`` left out; a constructor that forwards
+    ``**kwargs`` (``HybridFusionDetector``) takes its own names plus those of the nearest base
+    class constructor in the MRO (recursively)."""
+    names: list[str] = []
+    for cls in model_cls.__mro__:
+        if "__init__" not in vars(cls):
+            continue
+        params = inspect.signature(cls.__init__).parameters.values()
+        names += [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+                  and p.name not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
 
 
 def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
