@@ -12,26 +12,18 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import nn
 from torchvision.ops import box_iou
 
-# The one place interpret reaches into a model class: the box heads whose detections the score
-# reads (see box_heads). To be replaced by per-head detections in the model output.
-from ..detection.heads import BoxDetector
+from ..weights import unwrap_model
 
-__all__ = ["DetectionScore", "box_heads"]
+# The one place interpret reaches into a model class: the box heads whose detections the score
+
+__all__ = ["DetectionScore"]
 
 Detections = dict[str, torch.Tensor]
-
-
-def box_heads(model: nn.Module) -> list[nn.Module]:
-    """The modules whose eval output is one list of per-image detections: the model's box heads
-    (one for early and middle fusion, one per modality for late fusion, the fused one plus one
-    per modality for hybrid fusion); empty for a model without :class:`BoxDetector` heads."""
-    return [m for m in model.modules() if isinstance(m, BoxDetector)]
 
 
 class DetectionScore:
@@ -39,9 +31,9 @@ class DetectionScore:
 
     Definition. In each image take the ``top_k`` highest-scoring detections of the model's final
     (fused) output, of class ``target_class`` only when given. For each such detection ``d``
-    (box ``b``, label ``c``) and each box head ``h`` of the model (every
-    :class:`~fusionzoo.detection.heads.BoxDetector` submodule: one for early and middle fusion,
-    one per modality for late fusion, the fused one plus one per modality for hybrid fusion),
+    (box ``b``, label ``c``) and each box head ``h`` of the model (``model.head_detections``
+    after the forward: one for early and middle fusion, one per modality for late fusion, the
+    fused one plus one per modality for hybrid fusion),
     take ``h``'s detection of class ``c`` with the highest IoU with ``b``, if that IoU is at least
     ``iou_thresh``; the score is the sum of those heads' detection scores over all selected
     detections and images. With one head this is exactly the sum of the top detections' own
@@ -49,7 +41,7 @@ class DetectionScore:
     ProbEn rebuild scores as Python floats), and it credits each modality's detector with its own
     evidence for the object, which is what a per-modality Grad-CAM should show.
 
-    Models without ``BoxDetector`` submodules are scored on their output's own ``scores``.
+    Models without ``head_detections`` are scored on their output's own ``scores``.
 
     Args:
         top_k: detections explained per image.
@@ -68,37 +60,32 @@ class DetectionScore:
             raise ValueError(f"iou_thresh must be in [0, 1], got {iou_thresh}")
         self.top_k, self.target_class, self.iou_thresh = int(top_k), target_class, float(iou_thresh)
         self.selected: list[Detections] = []
-        self._heads: list[list[Detections]] | None = None
+        self._model: nn.Module | None = None
 
     @contextlib.contextmanager
     def watch(self, model: nn.Module) -> Iterator[DetectionScore]:
-        """Record each box head's detections during the forward pass inside the block."""
+        """Score forward passes of ``model`` inside the block: each box head's detections are the
+        model's ``head_detections`` after its eval forward (the detector contract, see
+        ``fusionzoo.detection.models.DetectorMixin``)."""
         num_classes = getattr(model, "num_classes", None)
         if self.target_class is not None and num_classes is not None and not 0 <= self.target_class < int(num_classes):
             raise ValueError(f"target_class {self.target_class} is outside [0, {num_classes})")
-        outputs: list[list[Detections]] = []
-
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if isinstance(output, list):  # eval output; training returns a loss dict
-                outputs.append(output)
-
-        handles = [m.register_forward_hook(hook) for m in box_heads(model)]
-        self._heads = outputs if handles else None
+        self._model = unwrap_model(model)
         try:
             with warnings.catch_warnings():
                 # WBF / ProbEn turn fused scores into floats; harmless here (the heads carry the gradient)
                 warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
                 yield self
         finally:
-            for h in handles:
-                h.remove()
+            self._model = None
 
     def __call__(self, output: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
         """The score of one forward pass's eval output (``B`` detection dicts)."""
         if not isinstance(output, (list, tuple)):
             raise TypeError(f"DetectionScore takes a detector's eval output (a list of dicts), got {type(output).__name__}")
-        heads = self._heads if self._heads else [list(output)]
-        self._heads = None  # one forward pass per watch
+        # Per-head detections of this forward pass (set by every eval forward), else the output alone.
+        per_head = getattr(self._model, "head_detections", None) if self._model is not None else None
+        heads = list(per_head.values()) if per_head else [list(output)]
         total: torch.Tensor | None = None
         self.selected = []
         for i, det in enumerate(output):

@@ -184,18 +184,15 @@ class GradCamTask:
     Attributes:
         default_score: ``(target_class, region) -> score_fn``, the score explained when
             :func:`grad_cam` gets no ``score_fn``.
-        size_divisible: the padding multiple of the task's models, used when a model does not
-            say (``model.size_divisible``).
     """
 
     default_score: Callable[[int | None, torch.Tensor | None], Callable[[Any], torch.Tensor]]
-    size_divisible: int = 1
 
 
-# task name -> its Grad-CAM defaults (detectors pad to a multiple of 32, as torchvision's batch_images)
+# task name -> its Grad-CAM defaults
 GRADCAM_TASKS: dict[str, GradCamTask] = {
     "segmentation": GradCamTask(_segmentation_default),
-    "detection": GradCamTask(_detection_default, size_divisible=32),
+    "detection": GradCamTask(_detection_default),
 }
 
 
@@ -308,7 +305,7 @@ def grad_cam(
     size = tuple(next(iter(inputs.values())).shape[-2:])
     # detectors zero-pad their inputs (bottom / right) to a multiple of size_divisible, so their
     # maps cover the padded image: upsample to it and crop the image part
-    div = int(getattr(model, "size_divisible", None) or task.size_divisible)
+    div = int(getattr(model, "size_divisible", 1))  # every fusionzoo model says (1: no padding)
     padded = (-(-size[0] // div) * div, -(-size[1] // div) * div)
     for name in names:
         a = acts[name]
