@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .._json import to_json
 from .._registry import encoder_key, register_model
 from ..heads import create_decoder
 from ..hub import save_pretrained
@@ -285,7 +286,7 @@ def register_family(
                     f"stream), got {streams}; for more use a generic method: {generic_methods}"
                 )
             model = model_cls(encoder, **options, **fixed)
-            model.config = {"name": name, **({} if encoder_fixed else {"encoder": encoder}), **_jsonable(options)}
+            model.config = entry_config(name, {**({} if encoder_fixed else {"encoder": encoder}), **options})
             model.encoder_name = encoder
             return model
 
@@ -319,5 +320,7 @@ def init_parameters(model_cls: type[nn.Module]) -> list[str]:
     return names
 
 
-def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+def entry_config(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``model.config`` of a registered entry: its name and the user-visible keywords, JSON-safe
+    (tuples as lists), so ``create_model(**model.config)`` rebuilds the same architecture."""
+    return {"name": name, **to_json(dict(options), nonfinite="keep")}

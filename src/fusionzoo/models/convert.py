@@ -34,6 +34,7 @@ from .._registry import ReleasedWeights, create_model, model_entry, register_mod
 from ..files import sha256_file
 from ..hub import CONFIG_NAME, from_pretrained, save_pretrained
 from ..weights import load_model_weights
+from .base import entry_config
 
 __all__ = [
     "ConversionError",
@@ -335,7 +336,7 @@ def published_entry(name: str, build: Callable[..., nn.Module], *, doc: str, **r
     def entry(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
         def make() -> nn.Module:
             model = build(pretrained=pretrained, **kwargs)
-            model.config = {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
+            model.config = entry_config(name, kwargs)
             return model
 
         return build_or_load(name, pretrained, make)

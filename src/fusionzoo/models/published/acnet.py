@@ -29,6 +29,7 @@ from torch import nn
 from ..._registry import ReleasedWeights, register_model, register_weights
 from ...fusion.base import FusionResult
 from ..acnet import ACNetModel
+from ..base import entry_config
 from ..convert import build_or_load, register_converter, rename_keys
 
 __all__ = ["ACNetDecoder", "ACNetR50", "TransBasicBlock", "acnet_r50"]
@@ -216,7 +217,7 @@ def acnet_r50(pretrained: bool | str = False, **kwargs: object) -> nn.Module:
 
     def build() -> ACNetR50:
         model = ACNetR50(pretrained=bool(pretrained), **kwargs)  # type: ignore[arg-type]
-        model.config = {"name": "acnet_r50", **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
+        model.config = entry_config("acnet_r50", kwargs)
         model.encoder_name = "resnet50.tv_in1k"
         return model
 

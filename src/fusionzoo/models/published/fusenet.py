@@ -30,7 +30,7 @@ from torch import nn
 from ..._registry import ReleasedWeights, register_model, register_weights
 from ...encoders import _weights_error
 from ...fusion import SumFusion
-from ..base import FusionModel
+from ..base import FusionModel, entry_config
 from ..convert import build_or_load, register_converter, rename_keys
 
 __all__ = ["FuseNetVGG16", "VGG16BNEncoder", "fusenet_vgg16"]
@@ -230,7 +230,7 @@ def fusenet_vgg16(pretrained: bool | str = False, **kwargs: object) -> nn.Module
 
     def build() -> FuseNetVGG16:
         model = FuseNetVGG16(pretrained=bool(pretrained), **kwargs)  # type: ignore[arg-type]
-        model.config = {"name": "fusenet_vgg16", **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
+        model.config = entry_config("fusenet_vgg16", kwargs)
         model.encoder_name = "vgg16"
         return model
 

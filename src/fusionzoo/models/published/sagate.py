@@ -35,6 +35,7 @@ from torch import nn
 
 from ..._registry import register_model
 from ...encoders import Encoder
+from ..base import entry_config
 from ..convert import ConversionError, build_or_load, register_converter, rename_keys
 from ..middle import MiddleFusionModel
 
@@ -226,7 +227,7 @@ class SAGateDeepLab(MiddleFusionModel):
 def _entry(name: str, depth: int, pretrained: bool | str, kwargs: Mapping[str, object]) -> nn.Module:
     def build() -> SAGateDeepLab:
         model = SAGateDeepLab(depth, pretrained=bool(pretrained), **kwargs)  # type: ignore[arg-type]
-        model.config = {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
+        model.config = entry_config(name, kwargs)
         model.encoder_name = f"resnet{depth}s.gluon_in1k"
         return model
 
