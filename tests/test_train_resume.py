@@ -3,6 +3,7 @@ uninterrupted run (bit for bit), and the run folder holds what the docs promise.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fusionzoo.cli import run_command
 from fusionzoo.engine.config import ConfigError
 from fusionzoo.weights import load_tensors
 
@@ -91,16 +93,26 @@ def test_run_folder_contents(runs):
     assert _epoch_records(run)[-1]["val_pixels"] == 2 * 32 * 32
 
 
-def test_resume_refuses_a_changed_recipe(runs, tmp_path):
+def _train_command(args: list[str], out: Path) -> int:
+    """train.py's command in this process (user errors: one line on stderr, status 2), as
+    ``python train.py`` runs it, without a new interpreter's imports."""
+    spec = importlib.util.spec_from_file_location("fz_train_script_resume", ROOT / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return run_command(script.main, [*args, "--out-dir", str(out)], prog="train.py")
+
+
+def test_resume_refuses_a_changed_recipe(runs, tmp_path, capsys):
     out, _ = runs
-    proc = _run(["--resume", str(out / "straight"), "--lr", "0.5"], tmp_path, check=False)
-    assert proc.returncode != 0
-    assert "cannot change lr" in proc.stderr and "exact resume" in proc.stderr
+    assert _train_command(["--resume", str(out / "straight"), "--lr", "0.5"], tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "cannot change lr" in err and "exact resume" in err
 
 
-def test_unknown_flag_lists_valid_keys(tmp_path):
-    proc = _run(["--epoch", "3"], tmp_path, check=False)
-    assert proc.returncode != 0 and "Valid keys:" in proc.stderr and "did you mean epochs" in proc.stderr
+def test_unknown_flag_lists_valid_keys(tmp_path, capsys):
+    assert _train_command(["--epoch", "3"], tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "Valid keys:" in err and "did you mean epochs" in err
 
 
 def test_single_modality_middle_fusion_explains_alternatives():
