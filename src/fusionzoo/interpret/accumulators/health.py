@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 from ..health import EffectiveRank, FeatureNorm
@@ -42,5 +43,10 @@ class HealthMetric(MetricAccumulator):
                 for b in present[i + 1:]:
                     nb = fn[streams[b]]
                     ratio.setdefault(stage, {})[f"{a}/{b}"] = fn[streams[a]] / nb if nb > 0 else math.nan
-        return {"effective_rank": {n: e.compute() for n, e in self.eranks.items()}, "feature_norm": fn,
-                "norm_ratio": ratio}
+        erank = {n: e.compute() for n, e in self.eranks.items()}
+        collapsed = sorted(n for n, v in erank.items() if math.isnan(v))
+        if collapsed:  # nan in the result (null in JSON) must not pass unexplained
+            warnings.warn(f"effective rank is undefined for taps {collapsed}: their features are constant over "
+                          "the example rows (a collapsed representation, or too few cells at the input size); "
+                          "reported as nan", stacklevel=2)
+        return {"effective_rank": erank, "feature_norm": fn, "norm_ratio": ratio}
