@@ -8,7 +8,10 @@ import torch
 
 # Tests never touch the network: timm/huggingface-hub must answer from the local cache or fail fast.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Torch threads per test process: the cores (at most 2) shared among pytest-xdist's workers, so
+# `-n auto` does not oversubscribe the CPU.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(scope="module")
