@@ -54,10 +54,14 @@ def load_method(method: str) -> ModuleType:
 def _train_step(forward: Callable[[], torch.Tensor], labels: torch.Tensor, opt: torch.optim.Optimizer,
                 sides: Callable[[], tuple[torch.Tensor, ...]] = tuple) -> None:
     """One step; the loss is cross-entropy on the output plus on each of ``sides()`` (the side
-    logits of that forward), all upsampled to the label size."""
+    logits of that forward), all upsampled to the label size. A reference that returns
+    ``(output, side outputs...)`` in training mode (ACNet) is timed on that whole forward; its loss
+    takes the output."""
     opt.zero_grad(set_to_none=True)
     loss = 0.0
-    for logits in (forward(), *sides()):
+    out = forward()
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    for logits in (out, *sides()):
         if logits.shape[-2:] != labels.shape[-2:]:
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         loss = loss + F.cross_entropy(logits, labels, ignore_index=255)
