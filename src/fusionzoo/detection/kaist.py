@@ -13,7 +13,8 @@ RA-L 2021, which ports Dollar's Matlab toolbox) on top of :func:`.metrics.log_av
 * subsets ``all``, ``day`` (test sets 06-08; train sets 00-02) and ``night`` (09-11; 03-05).
 
 :func:`miss_rates` is the one entry point: ``train.py`` (through
-``engine.loop.evaluate_detection``) and ``fusionzoo mr2`` both call it.
+the detection task's evaluator, ``fusionzoo.tasks.DetectionEvaluator``) and ``fusionzoo mr2``
+both call it.
 """
 
 from __future__ import annotations
