@@ -23,10 +23,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seeded import (
-    calibrate_batchnorm,
     count_parameters,
     key_shapes,
-    seeded_inputs,
+    run_modes,
     seeded_state_dict,
     write_fixture,
 )
@@ -67,12 +66,6 @@ def main() -> None:
     net = reference_model(args.ref, "r50", NUM_CLASSES)
     keys = key_shapes(net.state_dict())
     net.load_state_dict(seeded_state_dict(keys, STATE_SEED))
-    xs = seeded_inputs(input_shapes(), INPUT_SEED)
-    calib = seeded_inputs(input_shapes(), CALIB_SEED)
-    calibrate_batchnorm(net, lambda: net(*reference_inputs(calib)))
-    with torch.no_grad():
-        out_eval = net.eval()(*reference_inputs(xs))
-        out_train = net.train()(*reference_inputs(xs))[0]
     params = {}
     for k in FULL_CLASSES:
         full = reference_model(args.ref, "r50", k)
@@ -90,7 +83,8 @@ def main() -> None:
         "authors_params": params,
         "keys": keys,
     }
-    write_fixture(FIXTURE, meta, {"eval": out_eval, "train": out_train})
+    # The same runs as the test (seeded.run_modes: calibration, threads, train-mode side outputs dropped).
+    write_fixture(FIXTURE, meta, run_modes(net, lambda xs: net(*reference_inputs(xs)), meta))
     print(f"wrote {FIXTURE}: {len(keys)} keys, authors' parameters {params}")
 
 

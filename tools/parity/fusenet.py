@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seeded import count_parameters, key_shapes, seeded_inputs, seeded_state_dict, write_fixture
+from seeded import count_parameters, key_shapes, run_modes, seeded_state_dict, write_fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "fusenet"
@@ -72,11 +72,6 @@ def main() -> None:
     net = reference_model(args.ref, "vgg16", NUM_CLASSES)
     keys = key_shapes(net.state_dict())
     net.load_state_dict(seeded_state_dict(keys, STATE_SEED))
-    xs = seeded_inputs(input_shapes(), INPUT_SEED)
-    with torch.no_grad():
-        out_eval = net.eval()(*reference_inputs(xs))
-        torch.manual_seed(TRAIN_SEED)
-        out_train = net.train()(*reference_inputs(xs))
     params = {str(k): count_parameters(reference_model(args.ref, "vgg16", k)) for k in FULL_CLASSES}
     meta = {
         "reference_repo": "https://github.com/MehmetAygun/fusenet-pytorch",
@@ -90,7 +85,8 @@ def main() -> None:
         "authors_params": params,
         "keys": keys,
     }
-    write_fixture(FIXTURE, meta, {"eval": out_eval, "train": out_train})
+    # The same runs as the test (seeded.run_modes: threads, dropout masks from train_seed).
+    write_fixture(FIXTURE, meta, run_modes(net, lambda xs: net(*reference_inputs(xs)), meta))
     print(f"wrote {FIXTURE}: {len(keys)} keys, authors' parameters {params}")
 
 

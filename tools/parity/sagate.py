@@ -30,10 +30,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seeded import (
-    calibrate_batchnorm,
     count_parameters,
     key_shapes,
-    seeded_inputs,
+    run_modes,
     seeded_state_dict,
     tie_shared,
     write_fixture,
@@ -97,13 +96,6 @@ def main() -> None:
     net = reference_model(args.ref, VARIANT, NUM_CLASSES)
     keys = key_shapes(net.state_dict())
     net.load_state_dict(tie_shared(seeded_state_dict(keys, STATE_SEED), TIE))
-    xs = seeded_inputs(input_shapes(), INPUT_SEED)
-    calib = seeded_inputs(input_shapes(), CALIB_SEED)
-    calibrate_batchnorm(net, lambda: net(*reference_inputs(calib)))
-    with torch.no_grad():
-        out_eval = net.eval()(*reference_inputs(xs))
-        torch.manual_seed(TRAIN_SEED)
-        out_train = net.train()(*reference_inputs(xs))
     params = {}
     for variant in ("r50", "r101"):
         full = reference_model(args.ref, variant, FULL_CLASSES)
@@ -124,7 +116,8 @@ def main() -> None:
         "authors_params_at_40_classes": params,
         "keys": keys,
     }
-    write_fixture(FIXTURE, meta, {"eval": out_eval, "train": out_train})
+    # The same runs as the test (seeded.run_modes: calibration, threads, dropout masks from train_seed).
+    write_fixture(FIXTURE, meta, run_modes(net, lambda xs: net(*reference_inputs(xs)), meta))
     print(f"wrote {FIXTURE}: {len(keys)} keys, authors' parameters at {FULL_CLASSES} classes {params}")
 
 
