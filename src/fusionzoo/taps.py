@@ -44,6 +44,10 @@ class TapInfo:
         reduction: input size / feature size; 0 for global vectors shaped ``(B, C, 1, 1)``
             (e.g. channel-attention weights).
         kind: ``feature``, ``gate``, ``attn`` or ``logits``.
+        after_fusion: the tap sits downstream of a point where modalities meet, so its value
+            depends on more than its own stream's input (e.g. ESANet's ``rgb.stage2``, which reads
+            the fused stage-1 output). Convergence found on such taps is built into the
+            architecture, not learned (docs/interpret.md).
     """
 
     name: str
@@ -52,6 +56,7 @@ class TapInfo:
     channels: int
     reduction: int
     kind: str = "feature"
+    after_fusion: bool = False
 
 
 def tap_key(name: str) -> tuple[str, str]:

@@ -39,6 +39,7 @@ from .._registry import model_entry
 from ..data import collate
 from ..taps import capture
 from .accumulators import ACCUMULATORS, BatchContext, MetricAccumulator, Pass, RunSpec
+from .intervals import DEFAULT_LEVEL, DEFAULT_REPLICATES, interval_paths, poisson_weights
 from .contribution import (
     REMOVAL_POLICIES,
     StreamingModalityStats,
@@ -89,6 +90,9 @@ class InterpretResult:
         gates: tap -> stream -> mean value over the dataset.
         training: a training history (:class:`ModalityBalanceCallback` state), when known.
         timings: seconds per phase.
+        intervals: dotted path of a number (``"contribution.shapley.rgb"``) -> its ``[lo, hi]``
+            bootstrap interval over images (:mod:`.intervals`; ``settings["intervals"]`` says
+            how many replicates at which level); empty when the run kept no replicates.
         artifacts: in-memory extras for plots (Grad-CAM maps and, for segmentation, the class
             each image's map explains in ``gradcam_classes``, first-batch gate maps, display
             images; for detectors also the first images' ``detections``, ``targets`` and the
@@ -112,6 +116,7 @@ class InterpretResult:
     gates: dict[str, dict[str, float]] | None = None
     training: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    intervals: dict[str, Any] = field(default_factory=dict)
     artifacts: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -290,6 +295,10 @@ def _stream(spec: RunSpec, accs: Sequence[MetricAccumulator], batches: Iterable[
                     spec, bi, batch, {m: batch[m].to(spec.device) for m in mods},
                     mask.to(spec.device) if mask is not None else None,
                     task.targets(batch, spec.device) if task.target_key in batch else None)
+                ctx.first_image = num_images
+                if spec.replicates:
+                    ctx.weights = poisson_weights(spec.seed, range(num_images, num_images + ctx.batch_size),
+                                                  spec.replicates, spec.device)
                 num_images += ctx.batch_size
                 with capture(model, *full_taps) if full_taps else contextlib.nullcontext({}) as acts:
                     ctx.output = model(ctx.inputs)
@@ -325,6 +334,8 @@ def run(
     ignore_index: int = 255,
     purity: float = 0.5,
     seed: int = 0,
+    replicates: int = DEFAULT_REPLICATES,
+    level: float = DEFAULT_LEVEL,
     num_workers: int = 0,
     progress: bool = False,
 ) -> InterpretResult:
@@ -377,7 +388,10 @@ def run(
         class_names: defaults to ``data.classes`` when present.
         ignore_index: label ignored by semantic variance and mIoU.
         purity: area-vote threshold of semantic variance.
-        seed: seed of noise, permutations and pixel positions.
+        seed: seed of noise, permutations, pixel positions and bootstrap weights.
+        replicates: Poisson-bootstrap replicates over images behind ``result.intervals``
+            (:mod:`.intervals`); 0 gives no intervals.
+        level: coverage of the intervals.
         num_workers: DataLoader workers when ``data`` is a dataset.
         progress: show a progress bar.
 
@@ -400,6 +414,8 @@ def run(
         raise ValueError(f"policy must be one of {REMOVAL_POLICIES}, got {policy!r}")
     if rows not in (None, *ROW_RULES):
         raise ValueError(f"rows must be one of {ROW_RULES} (or None for the task's default), got {rows!r}")
+    if replicates < 0 or not 0.0 < level < 1.0:
+        raise ValueError(f"replicates must be >= 0 and level in (0, 1), got replicates={replicates}, level={level}")
     if sv_labels not in ("auto", "mask", "boxes"):
         raise ValueError(f"sv_labels must be 'auto', 'mask' or 'boxes', got {sv_labels!r}")
     if not hasattr(model, "tap_info") or not hasattr(model, "modalities"):
@@ -425,7 +441,7 @@ def run(
         plan=plan_taps(model, taps), info=info, device=next((p.device for p in model.parameters()), torch.device("cpu")),
         rows=rows, samples_per_image=samples_per_image, sv_labels=sv_labels, sv_stride=sv_stride, policy=policy,
         empty_policy=empty_policy, stats=stats, perceptual=perceptual, gradcam_images=gradcam_images,
-        ignore_index=ignore_index, purity=purity, seed=seed)
+        ignore_index=ignore_index, purity=purity, seed=seed, replicates=int(replicates), level=float(level))
     accs = [ACCUMULATORS[name](spec) for name in METRICS if name in metrics]
     mods = spec.modalities
     timings: dict[str, float] = {}
@@ -442,10 +458,14 @@ def run(
         "empty_policy": empty_policy, "purity": purity, "sv_stride": sv_stride, "seed": seed,
         "ignore_index": ignore_index, "cka_estimator": "exact streaming linear CKA (debiased; biased beside)",
         "task": task.name, "sv_labels": None}
+    settings["intervals"] = {"method": "poisson bootstrap over images", "replicates": spec.replicates,
+                             "level": spec.level}
+    intervals: dict[str, Any] = {}
     for a in accs:
         settings.update(a.settings)
         artifacts.update(a.artifacts)
         timings.update(a.timings)
+        intervals.update(interval_paths(a.name, a.intervals))
     settings["skipped"] = {a.name: a.skipped for a in accs if a.skipped is not None}
     timings["compute_s"] = time.perf_counter() - t1
     return InterpretResult(
@@ -459,6 +479,7 @@ def run(
         taps={n: asdict(t) for n, t in info.items()},
         settings=settings,
         timings=timings,
+        intervals=intervals,
         artifacts=artifacts,
         **{name: sections[name] for name in METRICS if sections.get(name) is not None and name != "gradcam"},
     )

@@ -14,7 +14,8 @@ After the last batch :meth:`MetricAccumulator.compute` returns the metric's sect
 :class:`~fusionzoo.interpret.api.InterpretResult` (None: absent). An accumulator keeps its
 state bounded (streaming sums, never stored activations) and may set :attr:`skipped` (why the
 data could not give the metric), :attr:`settings` (what it chose, recorded in the result's
-``settings``), :attr:`artifacts` (in-memory extras for plots) and :attr:`timings`.
+``settings``), :attr:`artifacts` (in-memory extras for plots), :attr:`timings` and :attr:`intervals` (95 % bootstrap intervals
+of its numbers from ``BatchContext.weights``: :mod:`fusionzoo.interpret.intervals`).
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class RunSpec:
         device: the model's device.
         rows, samples_per_image, sv_labels, sv_stride, policy, empty_policy, stats, perceptual,
         gradcam_images, ignore_index, purity, seed: the options of :func:`~fusionzoo.interpret.run`.
+        replicates: Poisson-bootstrap replicates kept by accumulators that give intervals (0: none).
+        level: coverage of the intervals (0.95).
     """
 
     model: nn.Module
@@ -93,6 +96,8 @@ class RunSpec:
     ignore_index: int
     purity: float
     seed: int
+    replicates: int = 0
+    level: float = 0.95
 
 
 @dataclass
@@ -109,6 +114,10 @@ class BatchContext:
             lacks them.
         acts: the captured taps of the full-input pass.
         output: the model's output on the full input.
+        weights: ``(R, B)`` float64 Poisson-bootstrap weights of the batch's images
+            (:func:`fusionzoo.interpret.intervals.poisson_weights`, drawn by global image index),
+            or None when the run keeps no replicates.
+        first_image: global index of the batch's first image.
     """
 
     spec: RunSpec
@@ -119,6 +128,8 @@ class BatchContext:
     targets: Any
     acts: Mapping[str, torch.Tensor] = field(default_factory=dict)
     output: Any = None
+    weights: torch.Tensor | None = None
+    first_image: int = 0
     _boxes: list[dict[str, torch.Tensor]] | None = field(default=None, repr=False)
     _boxes_read: bool = field(default=False, repr=False)
     _rows: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -208,6 +219,8 @@ class MetricAccumulator(abc.ABC):
         self.settings: dict[str, Any] = {}
         self.artifacts: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
+        # path relative to the section -> [lo, hi] (fusionzoo.interpret.intervals), set by compute()
+        self.intervals: dict[str, Any] = {}
 
     @abc.abstractmethod
     def update(self, batch: BatchContext) -> None:
