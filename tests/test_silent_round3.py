@@ -1,0 +1,185 @@
+"""Issue 22 ("nothing silent", round 3): bad input is refused with one line naming the file and the
+key; protocol details that only a data-dependent known answer used to catch get hand cases."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fusionzoo.cli import main
+from fusionzoo.detection.kaist import KAIST_PROTOCOL, evaluate_files, miss_rates
+from fusionzoo.detection.metrics import log_average_miss_rate
+
+# -- fusionzoo mr2 on bad result files (items 2, 11, 15) ---------------------------------------
+
+# Four KAIST frames, one pedestrian each at a different place (so a shifted id misses), 0-based ids
+# as in MLPD's KAIST_annotation.json.
+MR2_ANN = {
+    "images": [{"id": i, "im_name": f"set06/V000/I{i:05d}", "width": 640, "height": 512} for i in range(4)],
+    "categories": [{"id": 0, "name": "__ignore__"}, {"id": 1, "name": "person"}, {"id": 3, "name": "people"}],
+    "annotations": [
+        {"id": i, "image_id": i, "category_id": 1, "bbox": [50 + 120 * i, 100, 40, 100], "occlusion": 0, "ignore": 0}
+        for i in range(4)
+    ],
+}
+
+
+def _det(image_id, i, score=0.9, **over):
+    return {"image_id": image_id, "category_id": 1, "bbox": [50 + 120 * i, 100, 40, 100], "score": score, **over}
+
+
+def _mr2(tmp_path, capsys, results, name="res.json"):
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(MR2_ANN))
+    res = tmp_path / name
+    res.write_text(results if isinstance(results, str) else json.dumps(results))
+    code = main(["mr2", "--annotations", str(ann), "--results", str(res)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip()
+
+
+def test_mr2_good_json_and_txt_agree(tmp_path, capsys):
+    code, out, _ = _mr2(tmp_path, capsys, [_det(i, i) for i in range(4)])
+    assert code == 0 and "all: 0.00 %" in out
+    code, out, _ = _mr2(tmp_path, capsys, "".join(f"{i + 1}, {50 + 120 * i}, 100, 40, 100, 0.9\n" for i in range(4)),
+                        name="res.txt")
+    assert code == 0 and "all: 0.00 %" in out
+
+
+@pytest.mark.parametrize(
+    ("results", "expected"),
+    [
+        # the .txt file's 1-based ids written into a JSON (before: a plausible MR-2, exit 0)
+        ([_det(i + 1, i) for i in range(3)], "look off by one: read as image_id -1, 3 detections"),
+        ([_det(i, i, category_id=7) for i in range(4)], "category_id 7, not a category of the annotations"),
+        ([_det(i, i, category_id=0) for i in range(4)], "holds no person detection"),
+        ([], "holds no detection"),
+        ([_det(0, 0, score=float("nan"))] + [_det(i, i) for i in range(1, 4)], "score nan is not finite"),
+        ([_det(0, 0, bbox=[90, 100, -40, 100])], "has a width or height <= 0"),
+        ([_det(0, 0, bbox=[700, 100, 40, 100])], "lies wholly outside the 640x512 image"),
+        ([_det(0, 0, bbox=[50, 100, 40])], "bbox must be 4 numbers [x, y, w, h], got [50, 100, 40]"),
+        ([_det("0", 0)], "image_id '0', a str"),
+        ("", "not valid JSON"),
+    ],
+    ids=["one-based", "unknown-category", "no-person", "empty-json", "nan-score", "negative-width", "outside",
+         "three-numbers", "string-id", "empty-file"],
+)
+def test_mr2_refuses_bad_json_results(tmp_path, capsys, results, expected):
+    code, out, err = _mr2(tmp_path, capsys, results)
+    assert code == 2 and out == ""
+    assert err.startswith("fusionzoo: error: mr2: ") and "\n" not in err and "res.json" in err
+    assert expected in err
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", "holds no detection"),
+        ("1, 50, 100, 40, 100, inf\n", "score inf is not finite"),
+        ("1, 50, 100, 40, -100, 0.9\n", "has a width or height <= 0"),
+        ("1, -90, 100, 40, 100, 0.9\n", "lies wholly outside"),
+        ("1, 50, 100, 40, 0.9\n", "expected 'image_id, x, y, w, h, score' (5 fields)"),
+    ],
+    ids=["empty", "inf-score", "negative-height", "outside", "five-fields"],
+)
+def test_mr2_refuses_bad_txt_results(tmp_path, capsys, text, expected):
+    code, _, err = _mr2(tmp_path, capsys, text, name="res.txt")
+    assert code == 2 and "\n" not in err and "res.txt" in err and expected in err
+
+
+def test_mr2_skips_other_categories_with_a_warning(tmp_path):
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(MR2_ANN))
+    res = tmp_path / "res.json"
+    res.write_text(json.dumps([_det(i, i) for i in range(4)] + [_det(0, 2, category_id=3)]))
+    with pytest.warns(UserWarning, match="skipped 1 detection.*'people' \\(id 3\\)"):
+        assert evaluate_files(ann, res)["all"] == pytest.approx(1e-10)
+
+
+def test_mr2_help_documents_the_id_convention(capsys):
+    with pytest.raises(SystemExit):
+        main(["mr2", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "1-based" in text and "images[].id" in text and "0-based" in text
+
+
+# -- the miss rate is read at fppi <= r (item 17) ----------------------------------------------
+
+def test_miss_rate_read_at_fppi_equal_to_a_reference_point():
+    """Dollar's toolbox reads the miss rate at the last point with FPPI <= r. Here 100 images, one
+    pedestrian each: detections found on images 0..49 score 1.0, one false positive scores 0.9,
+    images 50..99 are then found at 0.8. FPPI is 0 up to 50 hits, then exactly 0.01 (= the first
+    reference point 10^-2) for the remaining hits, so at r = 0.01 the miss rate is 0 (all found),
+    while reading at FPPI < r gives 0.5 there."""
+    targets = [{"boxes": torch.tensor([[10.0, 10, 50, 110]]), "labels": torch.zeros(1)} for _ in range(100)]
+    preds = []
+    for i in range(100):
+        boxes, scores = [[10.0, 10, 50, 110]], [1.0 if i < 50 else 0.8]
+        if i == 0:
+            boxes.append([300.0, 300, 340, 400])
+            scores.append(0.9)
+        preds.append({"boxes": torch.tensor(boxes), "scores": torch.tensor(scores), "labels": torch.zeros(len(boxes))})
+    mr, fppi, miss = log_average_miss_rate(preds, targets, return_curve=True)
+    assert fppi[-1] == 0.01 and miss[-1] == 0.0
+    # every one of the 9 reference points (0.01 .. 1) sees FPPI 0.01 <= r: all found
+    assert mr == pytest.approx(1e-10)
+
+
+# -- the KAIST reasonable subset on a hand case, no data (item 18) ------------------------------
+
+FOUND = [100.0, 100.0, 140.0, 200.0]  # a regular pedestrian, 100 px tall, always detected
+
+
+def _mr_with(box, **flags):
+    """MR-2 (KAIST protocol) of one image holding the detected ``FOUND`` and an undetected ``box``
+    with the given flags: 0.5 when the protocol counts ``box`` (half the pedestrians missed),
+    ~0 when it makes ``box`` an ignore region."""
+    target = {"boxes": torch.tensor([FOUND, box]), "labels": torch.zeros(2, dtype=torch.int64)}
+    for key, value in flags.items():
+        target[key] = torch.tensor([0, value])
+    pred = {"boxes": torch.tensor([FOUND]), "scores": torch.ones(1), "labels": torch.zeros(1)}
+    return miss_rates([pred], [target])["all"]
+
+
+COUNTED, IGNORED = 0.5, 1e-10
+
+
+@pytest.mark.parametrize(
+    ("box", "flags", "expected"),
+    [
+        ([300.0, 100.0, 330.0, 155.0], {}, COUNTED),  # exactly 55 px tall: reasonable (height >= 55)
+        ([300.0, 100.0, 330.0, 154.9], {}, IGNORED),  # 54.9 px: too small
+        ([300.0, 100.0, 330.0, 152.0], {}, IGNORED),  # 52 px: too small (caught if the threshold moves to 50)
+        ([300.0, 100.0, 330.0, 156.0], {"occlusion": 1}, COUNTED),  # partial occlusion: reasonable
+        ([300.0, 100.0, 330.0, 156.0], {"occlusion": 2}, IGNORED),  # heavy occlusion: ignored
+        ([300.0, 100.0, 330.0, 156.0], {"ignore": True}, IGNORED),  # the file's own ignore flag
+        ([5.0, 5.0, 45.0, 105.0], {}, COUNTED),  # touches the 5 px border from inside: counted
+        ([4.0, 100.0, 44.0, 200.0], {}, IGNORED),  # crosses x = 5
+        ([300.0, 4.0, 340.0, 104.0], {}, IGNORED),  # crosses y = 5
+        ([596.0, 100.0, 636.0, 200.0], {}, IGNORED),  # crosses x = 635
+        ([300.0, 408.0, 340.0, 508.0], {}, IGNORED),  # crosses y = 507
+    ],
+    ids=["h55", "h54.9", "h52", "occl1", "occl2", "ignore", "border-inside", "border-x1", "border-y1", "border-x2",
+         "border-y2"],
+)
+def test_kaist_reasonable_subset_hand_case(box, flags, expected):
+    assert KAIST_PROTOCOL["height_range"][0] == 55.0 and KAIST_PROTOCOL["max_occlusion"] == 1
+    assert _mr_with(box, **flags) == pytest.approx(expected, rel=1e-6)
+
+
+def test_kaist_detections_on_ignore_regions_are_not_false_positives():
+    """A detection on a too-small (ignored) pedestrian is neither a hit nor a false positive; one on
+    empty ground is a false positive at FPPI 1 (it pushes the miss rate at r = 1 only)."""
+    small = [300.0, 100.0, 330.0, 150.0]  # 50 px tall
+    target = {"boxes": torch.tensor([FOUND, small]), "labels": torch.zeros(2, dtype=torch.int64)}
+    on_ignored = {"boxes": torch.tensor([FOUND, small]), "scores": torch.tensor([0.9, 0.95]), "labels": torch.zeros(2)}
+    assert miss_rates([on_ignored], [target])["all"] == pytest.approx(1e-10)
+    on_ground = {"boxes": torch.tensor([FOUND, [400.0, 300, 440, 400]]), "scores": torch.tensor([0.9, 0.95]),
+                 "labels": torch.zeros(2)}
+    # the false positive ranks first: FPPI 1 before the hit, so the miss rate is 1 at the 8
+    # reference points below 1 and 0 (floored at 1e-10) at r = 1
+    assert miss_rates([on_ground], [target])["all"] == pytest.approx(math.exp(math.log(1e-10) / 9), rel=1e-9)
