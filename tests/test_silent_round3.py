@@ -9,10 +9,12 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fusionzoo.cli import main
 from fusionzoo.detection.kaist import KAIST_PROTOCOL, evaluate_files, miss_rates
 from fusionzoo.detection.metrics import log_average_miss_rate
+from fusionzoo.tasks.segmentation import SegmentationEvaluator
 
 # -- fusionzoo mr2 on bad result files (items 2, 11, 15) ---------------------------------------
 
@@ -183,3 +185,21 @@ def test_kaist_detections_on_ignore_regions_are_not_false_positives():
     # the false positive ranks first: FPPI 1 before the hit, so the miss rate is 1 at the 8
     # reference points below 1 and 0 (floored at 1e-10) at r = 1
     assert miss_rates([on_ground], [target])["all"] == pytest.approx(math.exp(math.log(1e-10) / 9), rel=1e-9)
+
+
+# -- the segmentation evaluator's validation loss (item 16) ------------------------------------
+
+def test_segmentation_validation_loss_is_cross_entropy_over_labelled_pixels():
+    """The loss the evaluator reports over several batches equals ``F.cross_entropy(...,
+    ignore_index=255)`` of all of them at once: a mean over labelled pixels only (not over all
+    pixels, and not a mean of per-batch means when batches hold different numbers of them)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = [torch.randn(2, 5, 6, 7, generator=gen, dtype=torch.float64) * 3 for _ in range(2)]
+    targets = [torch.randint(0, 5, (2, 6, 7), generator=gen) for _ in range(2)]
+    targets[0][:, :4] = 255  # two thirds of batch 0 unlabelled, batch 1 fully labelled
+    targets[1][0, 0, 0] = 255
+    evaluator = SegmentationEvaluator(5)
+    for out, tgt in zip(logits, targets):
+        evaluator.update(out, tgt)
+    expected = F.cross_entropy(torch.cat(logits), torch.cat(targets), ignore_index=255).item()
+    assert evaluator.compute()["loss"] == pytest.approx(expected, rel=1e-6)
