@@ -10,10 +10,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+import fusionzoo as fz
+from fusionzoo import _registry
+from fusionzoo import encoders as encoders_module
 
 from fusionzoo.cli import main
 from fusionzoo.detection.kaist import KAIST_PROTOCOL, evaluate_files, miss_rates
 from fusionzoo.detection.metrics import log_average_miss_rate
+from fusionzoo.engine.builders import build_model
+from fusionzoo.engine.config import ConfigError, TrainConfig
+from fusionzoo.hub import save_pretrained
+from fusionzoo.models import convert
 from fusionzoo.tasks.segmentation import SegmentationEvaluator
 
 # -- fusionzoo mr2 on bad result files (items 2, 11, 15) ---------------------------------------
@@ -203,3 +212,103 @@ def test_segmentation_validation_loss_is_cross_entropy_over_labelled_pixels():
         evaluator.update(out, tgt)
     expected = F.cross_entropy(torch.cat(logits), torch.cat(targets), ignore_index=255).item()
     assert evaluator.compute()["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+# -- keyword arguments with a pretrained tag (items 1 and 13) -----------------------------------
+
+TOY = "silenttoy_tiny"
+
+
+class _ToyNet(nn.Module):
+    """Two 1x1 stems (one per stream), dropout, a classifier and a class-sized side head."""
+
+    def __init__(self, num_classes: int, modalities: tuple[str, ...], in_chans: dict | None, dropout: float) -> None:
+        super().__init__()
+        self.modalities, self.num_classes = tuple(modalities), num_classes
+        chans = {"rgb": 3, "depth": 1, "thermal": 1, **(in_chans or {})}
+        self.stems = nn.ModuleDict({m: nn.Conv2d(chans[m], 4, 1) for m in self.modalities})
+        self.drop = nn.Dropout2d(dropout)
+        self.cls = nn.Conv2d(4, num_classes, 1)
+        self.side = nn.Conv2d(4, num_classes, 1)
+        self.config = {"name": TOY, "num_classes": num_classes, "modalities": list(modalities), "dropout": dropout,
+                       **({"in_chans": dict(in_chans)} if in_chans else {})}
+
+    def forward(self, x):
+        return self.cls(self.drop(sum(self.stems[m](x[m]) for m in self.modalities)))
+
+
+@pytest.fixture
+def toy_release(tmp_path, monkeypatch):
+    """A published toy entry with a 5-class release ``toyset`` whose converted folder the test writes
+    itself (nothing is downloaded)."""
+    monkeypatch.setenv("FUSIONZOO_CACHE", str(tmp_path / "cache"))
+
+    def silenttoy_tiny(num_classes: int = 40, modalities=("rgb", "depth"), in_chans=None, dropout: float = 0.0,
+                       pretrained: bool | str = False):
+        return convert.build_or_load(TOY, pretrained, lambda: _ToyNet(num_classes, tuple(modalities), in_chans, dropout))
+
+    _registry.register_model(task="segmentation", fusion="middle", method="silenttoy", encoder="tiny", paper="toy",
+                             published=True, reference_repo="https://example.org/toy", reference_commit="0" * 40)(silenttoy_tiny)
+    release = _registry.register_weights(_registry.ReleasedWeights(
+        name=TOY, tag="toyset", url="https://example.org/toy.pth", filename="toy.pth", num_classes=5,
+        modalities=("rgb", "depth"), reported="mIoU 1.0", class_names=tuple("abcde")))
+    torch.manual_seed(0)
+    released = _ToyNet(5, ("rgb", "depth"), None, 0.0)
+    save_pretrained(released, convert.released_dir(TOY, "toyset"), class_names=tuple("abcde"))
+    try:
+        yield released
+    finally:
+        _registry._REGISTRY.pop(TOY, None)
+        _registry._RELEASED.pop(release.full_name, None)
+
+
+def test_tag_alone_loads_the_release_with_its_class_count(toy_release):
+    model = fz.create_model(TOY, pretrained="toyset")  # the entry's default is 40 classes; the release has 5
+    assert model.num_classes == 5 and not model.training
+    for key, value in toy_release.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert model.pretrained_cfg["class_names"] == list("abcde")
+
+
+def test_tag_with_num_classes_reinitialises_the_class_sized_tensors(toy_release):
+    with pytest.warns(UserWarning, match=r"silenttoy_tiny.toyset has 5 classes, num_classes=9: re-initialised "
+                                         r"cls.bias, cls.weight, side.bias, side.weight; the other 4 tensors"):
+        model = fz.create_model(TOY, pretrained="toyset", num_classes=9, dropout=0.25)
+    assert model.cls.weight.shape[0] == 9 and model.side.weight.shape[0] == 9
+    assert torch.equal(model.stems["rgb"].weight, toy_release.stems["rgb"].weight)  # the rest is the release's
+    assert model.drop.p == 0.25  # keywords that change no shape apply
+    assert model.pretrained_cfg["num_classes"] == 9 and model.pretrained_cfg["class_names"] is None
+    out = model({"rgb": torch.randn(1, 3, 4, 4), "depth": torch.randn(1, 1, 4, 4)})
+    assert out.shape == (1, 9, 4, 4)
+
+
+def test_tag_with_conflicting_modalities_or_shape_raises_naming_the_key(toy_release):
+    with pytest.raises(ValueError, match=r"modalities=\['rgb', 'thermal'\] conflicts with the release, trained on "
+                                         r"\['rgb', 'depth'\]"):
+        fz.create_model(TOY, pretrained="toyset", modalities=("rgb", "thermal"))
+    with pytest.raises(ValueError, match=r"in_chans=\{'depth': 3\} conflict with the released weights.*"
+                                         r"stems.depth.weight \(\(4, 1, 1, 1\) in the release, \(4, 3, 1, 1\) as built\)"):
+        fz.create_model(TOY, pretrained="toyset", in_chans={"depth": 3})
+
+
+def test_tag_on_a_family_entry_says_tags_belong_to_published_entries(monkeypatch):
+    def no_hub(*args, **kwargs):
+        raise AssertionError("no download may be tried for a tag on a family entry")
+
+    monkeypatch.setattr(encoders_module.timm, "create_model", no_hub)
+    with pytest.raises(ValueError, match=r"esanet_resnet18: pretrained='nyuv2' is a released-weights tag, and tags "
+                                         r"belong to published entries.*Closest: esanet_r34_nbt1d.*"
+                                         r"esanet_r34_nbt1d \(nyuv2, nyuv2_scenenet, sunrgbd, sunrgbd_scenenet\)"):
+        fz.create_model("esanet_resnet18", pretrained="nyuv2")
+
+
+def test_train_model_kwargs_tag_trains_the_right_head(toy_release, tmp_path):
+    """``train.py --model-kwargs "{pretrained: toyset}"`` on 3-class data: the head is rebuilt for
+    3 classes (a warning), so the epoch trains and validates."""
+    cfg = TrainConfig(model=TOY, model_kwargs={"pretrained": "toyset"})
+    with pytest.warns(UserWarning, match="num_classes=3: re-initialised"):
+        model = build_model(cfg, ("rgb", "depth"), 3)
+    assert model.num_classes == 3 and model.cls.weight.shape[0] == 3
+    cfg = TrainConfig(model=TOY, model_kwargs={"pretrained": "toyset"})
+    with pytest.raises(ConfigError, match="modalities=\\['rgb', 'thermal'\\] conflicts"):
+        build_model(cfg, ("rgb", "thermal"), 3)

@@ -21,6 +21,7 @@ import io
 import os
 import re
 import tarfile
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +31,10 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
-from .._registry import ReleasedWeights, create_model, model_entry, register_model, released_weights
+from .._registry import ReleasedWeights, create_model, model_entry, register_model, released_weights, set_release_loader
 from ..files import sha256_file
-from ..hub import CONFIG_NAME, from_pretrained, save_pretrained
-from ..weights import load_model_weights
+from ..hub import CONFIG_NAME, read_checked, save_pretrained
+from ..weights import load_model_weights, load_tensors
 from .base import entry_config
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "build_or_load",
     "convert_checkpoint",
     "convert_state_dict",
+    "fill_from_release",
     "load_released",
     "published_entry",
     "read_authors_checkpoint",
@@ -299,27 +301,93 @@ def convert_checkpoint(
 
 
 def load_released(name: str, tag: str) -> nn.Module:
-    """The published entry ``name`` with the authors' weights ``tag``, converted beforehand.
-
-    Nothing is downloaded: the authors host their files where no script can fetch them reliably
-    (Google Drive, Baidu), so the error says which file to get and which command converts it.
+    """The published entry ``name`` with the authors' weights ``tag``, converted beforehand: the
+    same as ``create_model(name, pretrained=tag)``, which also takes keywords.
 
     Raises:
         KeyError: unknown tag. FileNotFoundError: not converted yet (the message gives the fix).
     """
-    release = released_weights(name, tag)
-    folder = released_dir(name, tag)
+    return create_model(name, pretrained=tag)
+
+
+def _class_sized(released: tuple[int, ...], built: tuple[int, ...], k_released: int, k_built: int) -> bool:
+    """Whether two shapes differ only where one has the release's class count and the other the
+    requested one (a classifier ``(K, C, 1, 1)``, its bias ``(K,)``, ESANet's learned
+    upsampling ``(K, 1, 3, 3)``, side heads)."""
+    return len(released) == len(built) and all(
+        a == b or (a == k_released and b == k_built) for a, b in zip(released, built)
+    )
+
+
+def fill_from_release(model: nn.Module, release: ReleasedWeights, given: Mapping[str, Any]) -> nn.Module:
+    """Load the converted weights of ``release`` into ``model``, built by its entry with the
+    user's keywords ``given`` (``create_model(name, pretrained=tag, **given)``).
+
+    Nothing is downloaded: the authors host their files where no script can fetch them reliably
+    (Google Drive, Baidu), so a missing conversion says which file to get and which command
+    converts it. A ``num_classes`` other than the release's keeps the model's fresh
+    initialisation of the tensors whose shape counts classes, with a one-line warning naming
+    them (timm's behaviour); every other tensor must fit.
+
+    Returns:
+        ``model`` in eval mode with ``pretrained_cfg`` (the folder's ``config.json``; after a
+        class change, its ``num_classes`` is the model's and ``class_names`` None).
+
+    Raises:
+        FileNotFoundError: not converted yet. ValueError: keywords that change other tensors
+            (e.g. ``in_chans``), naming them and the first tensors that differ.
+    """
+    folder = released_dir(release.name, release.tag)
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(
             f"{release.full_name} is not converted yet ({folder} has no {CONFIG_NAME}): download "
-            f"{release.filename} from {release.url}, then run `fusionzoo convert {name} {release.filename} --tag {tag}`"
+            f"{release.filename} from {release.url}, then run "
+            f"`fusionzoo convert {release.name} {release.filename} --tag {release.tag}`"
         )
-    return from_pretrained(folder, local_files_only=True)
+    cfg, weights_path = read_checked(folder, local_files_only=True)
+    tensors = load_tensors(weights_path)
+    own = model.state_dict()
+    k_released, k_built = int(cfg["num_classes"]), int(getattr(model, "num_classes", cfg["num_classes"]))
+    reinit, conflicts = [], []
+    for key in sorted(set(own) | set(tensors)):
+        if key not in own or key not in tensors:
+            conflicts.append(f"{key} ({'only in the release' if key not in own else 'not in the release'})")
+        elif tuple(own[key].shape) != tuple(tensors[key].shape):
+            if k_built != k_released and _class_sized(tuple(tensors[key].shape), tuple(own[key].shape), k_released, k_built):
+                reinit.append(key)
+            else:
+                conflicts.append(f"{key} ({tuple(tensors[key].shape)} in the release, {tuple(own[key].shape)} as built)")
+    if conflicts:
+        keys = [k for k in given if k != "num_classes"]
+        culprit = (f"keyword argument(s) {', '.join(f'{k}={given[k]!r}' for k in keys)} conflict with"
+                   if keys else "the model built does not fit")
+        raise ValueError(
+            f"{release.full_name}: {culprit} the released weights in {folder}: {len(conflicts)} tensor(s) differ, "
+            f"e.g. {'; '.join(conflicts[:3])}. Drop {'them' if keys else 'the conversion and convert again'}, or build "
+            f"{release.name} without pretrained={release.tag!r}"
+        )
+    load_model_weights(model, {k: own[k] if k in reinit else v for k, v in tensors.items()})
+    if reinit:
+        warnings.warn(
+            f"{release.full_name} has {k_released} classes, num_classes={k_built}: re-initialised "
+            f"{', '.join(reinit)}; the other {len(own) - len(reinit)} tensors are the release's",
+            stacklevel=4,
+        )
+        cfg = {**cfg, "num_classes": k_built, "class_names": None, "reinitialized": reinit}
+    model.eval()
+    model.pretrained_cfg = cfg
+    return model
+
+
+set_release_loader(fill_from_release)
 
 
 def build_or_load(name: str, pretrained: bool | str, build: Callable[[], nn.Module]) -> nn.Module:
-    """Published entry points' handling of ``pretrained``: a tag loads the authors' released
-    weights (:func:`load_released`); ``True``/``False`` is passed to ``build`` (ImageNet encoder)."""
+    """Published entry points' handling of ``pretrained``: ``True``/``False`` is passed to ``build``
+    (ImageNet encoder); a tag loads the authors' released weights. ``create_model(name,
+    pretrained=tag, **kwargs)`` never reaches the tag branch (it builds with ``pretrained=False``
+    and the keywords, then :func:`fill_from_release`); an entry point called directly with a tag
+    is ``create_model(name, pretrained=tag)`` with the release's defaults."""
     if isinstance(pretrained, str):
         return load_released(name, pretrained)
     return build()
