@@ -3,8 +3,11 @@ key; protocol details that only a data-dependent known answer used to catch get 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,13 +19,17 @@ import fusionzoo as fz
 from fusionzoo import _registry
 from fusionzoo import encoders as encoders_module
 
-from fusionzoo.cli import main
+from fusionzoo.cli import main, run_command
+from fusionzoo.data.collate import collate
 from fusionzoo.detection.kaist import KAIST_PROTOCOL, evaluate_files, miss_rates
 from fusionzoo.detection.metrics import log_average_miss_rate
 from fusionzoo.engine.builders import build_model
 from fusionzoo.engine.config import ConfigError, TrainConfig
+from fusionzoo.engine.loop import Callback, TrainStepOptions
+from fusionzoo.engine.prerun import check_first_step
 from fusionzoo.hub import save_pretrained
 from fusionzoo.models import convert
+from fusionzoo.tasks import get_task
 from fusionzoo.tasks.segmentation import SegmentationEvaluator
 
 # -- fusionzoo mr2 on bad result files (items 2, 11, 15) ---------------------------------------
@@ -312,3 +319,87 @@ def test_train_model_kwargs_tag_trains_the_right_head(toy_release, tmp_path):
     cfg = TrainConfig(model=TOY, model_kwargs={"pretrained": "toyset"})
     with pytest.raises(ConfigError, match="modalities=\\['rgb', 'thermal'\\] conflicts"):
         build_model(cfg, ("rgb", "thermal"), 3)
+
+
+# -- train.py: checks before the run starts, and the folder of a run that failed at once (6, 7, 10)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model", "early_concat", "--model-kwargs", "{encoder: test_resnet}", "--image-size", "32,32",
+        "--train-samples", "4", "--val-samples", "2", "--batch-size", "2", "--epochs", "1", "--threads", "1",
+        "--no-progress", "--no-report", "--callbacks=", "--log-interval", "1"]
+
+
+def _train_module():
+    spec = importlib.util.spec_from_file_location("fz_train_script_silent3", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _folders(root: Path) -> list[Path]:
+    return sorted(root.iterdir()) if root.exists() else []
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        # published SA-Gate: ASPP's image pooling normalises a (1, C, 1, 1) map over a batch of 1
+        (["--model", "sagate_r50", "--model-kwargs", "{}", "--image-size", "64,64", "--batch-size", "1"],
+         r"sagate_r50 cannot train on batches of 1 per process.*use --batch-size 2 or more, or --freeze-bn"),
+        # published ESANet: the pyramid pooling context module, likewise
+        (["--model", "esanet_r18", "--model-kwargs", "{}", "--image-size", "64,64", "--batch-size", "1"],
+         r"esanet_r18: the pre-run check \(one training step on 1 training samples.*BatchNorm after pooling to 1x1"),
+        # published CMX on RGB-D: 1-channel depth into the 3-channel X stem
+        (["--model", "cmx_mit_b0", "--model-kwargs", "{}"],
+         r"cmx_mit_b0 takes a 3-channel 'depth' input.*--model-kwargs \"\{replicate_x: true\}\""),
+    ],
+    ids=["sagate-batch1", "esanet-batch1", "cmx-1ch-depth"],
+)
+def test_train_refuses_before_the_run_folder(tmp_path, capsys, argv, expected):
+    train = _train_module()
+    runs = tmp_path / "runs"
+    assert run_command(train.main, [*TINY, *argv, "--out-dir", str(runs)], prog="train.py") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(expected, err[0]), err
+    assert _folders(runs) == []
+
+
+def test_pre_run_check_leaves_no_trace():
+    """The dry step restores BatchNorm statistics, gradients and the RNG streams."""
+    model = fz.create_model("early_concat", encoder="test_resnet", num_classes=3)
+    task = get_task(model)
+    gen = torch.Generator().manual_seed(0)
+    samples = [{"rgb": torch.randn(3, 32, 32, generator=gen), "depth": torch.randn(1, 32, 32, generator=gen),
+                "mask": torch.randint(0, 3, (32, 32), generator=gen)} for _ in range(2)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    model.eval()
+    check_first_step(model, task, samples, collate, modalities=("rgb", "depth"), device=torch.device("cpu"),
+                     options=TrainStepOptions(), model_name="early_concat")
+    assert not model.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+class _Boom(Callback):
+    def __init__(self, at_step: int) -> None:
+        self.at_step, self.seen = at_step, 0
+
+    def on_batch_start(self, batch):
+        if self.seen == self.at_step:
+            raise RuntimeError("boom")
+        self.seen += 1
+
+
+def test_first_step_crash_removes_the_run_folder_later_crash_keeps_it(tmp_path, capsys):
+    train = _train_module()
+    runs = tmp_path / "runs"
+    with pytest.raises(RuntimeError, match="boom"):
+        train.main([*TINY, "--out-dir", str(runs)], callbacks=[_Boom(0)])
+    assert _folders(runs) == []
+    assert "failed before its first training step" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="boom"):  # after one completed step: the run had progress
+        train.main([*TINY, "--out-dir", str(runs), "--checkpoint-minutes", "0"], callbacks=[_Boom(1)])
+    (kept,) = _folders(runs)
+    assert (kept / "config.json").is_file() and (kept / "metrics.jsonl").read_text().strip()
