@@ -403,3 +403,59 @@ def test_first_step_crash_removes_the_run_folder_later_crash_keeps_it(tmp_path, 
         train.main([*TINY, "--out-dir", str(runs), "--checkpoint-minutes", "0"], callbacks=[_Boom(1)])
     (kept,) = _folders(runs)
     assert (kept / "config.json").is_file() and (kept / "metrics.jsonl").read_text().strip()
+
+
+# -- fusionzoo convert on wrong files and over an earlier conversion (item 12) ------------------
+
+@pytest.fixture
+def toy_converter(toy_release):
+    """The toy's "authors'" keys are ours with an ``a_`` prefix."""
+    convert.register_converter(TOY, classifier_key="a_cls.weight")(
+        lambda sd: convert.rename_keys(sd, [(r"a_(.*)", r"\1")]))
+    try:
+        yield {f"a_{k}": v.clone() for k, v in toy_release.state_dict().items()}
+    finally:
+        convert._CONVERTERS.pop(TOY, None)
+
+
+def _convert(args, capsys):
+    code = main(["convert", TOY, *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip()
+
+
+def test_convert_wrong_files_say_what_they_are(toy_converter, toy_release, tmp_path, capsys):
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint\n" * 4)
+    npy = tmp_path / "weights.npy"
+    np.save(npy, np.zeros(3))
+    pickled = tmp_path / "with_args.pth"
+    torch.save({"state_dict": toy_converter, "args": np.zeros(2)}, pickled)
+    own_pth = tmp_path / "ours.pth"
+    torch.save(toy_release.state_dict(), own_pth)
+    own_folder = save_pretrained(toy_release, tmp_path / "saved")
+    cases = [
+        (text, "is not a readable checkpoint (not a zip archive or pickle of tensors)"),
+        (npy, "is a NumPy array file (.npy), not a checkpoint"),
+        (pickled, "pickles an object that is not a tensor (numpy"),
+        (own_pth, "is already a fusionzoo state dict of silenttoy_tiny"),
+        (own_folder / "model.safetensors", "holds fusionzoo's own weights of silenttoy_tiny"),
+    ]
+    for path, expected in cases:
+        code, _, err = _convert([path, "--out", tmp_path / "out"], capsys)
+        assert code == 2 and "\n" not in err and str(path) in err and expected in err, err
+        assert "KeyError" not in err and "weights_only=False" not in err and "weights_only` set to `False" not in err
+    assert "from_pretrained" in _convert([own_folder / "model.safetensors", "--out", tmp_path / "o"], capsys)[2]
+    assert "from_pretrained" in _convert([own_pth, "--out", tmp_path / "o"], capsys)[2]
+
+
+def test_convert_refuses_to_overwrite_without_force(toy_converter, tmp_path, capsys):
+    authors = tmp_path / "toy.pth"
+    torch.save(toy_converter, authors)
+    out = tmp_path / "out"
+    assert _convert([authors, "--out", out], capsys)[0] == 0
+    stamp = (out / "config.json").read_bytes()
+    code, _, err = _convert([authors, "--out", out], capsys)
+    assert code == 2 and "already holds a conversion" in err and "--force" in err
+    assert (out / "config.json").read_bytes() == stamp
+    assert _convert([authors, "--out", out, "--force"], capsys)[0] == 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import re
 import tarfile
 import warnings
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
@@ -145,6 +147,8 @@ def _unwrap(obj: Any, where: str) -> StateDict:
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".pth.tar", ".ckpt")
+NUMPY_MAGIC = b"\x93NUMPY"  # the first bytes of a .npy file
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
 def _read_archive(path: Path) -> bytes:
@@ -175,6 +179,13 @@ def read_authors_checkpoint(path: str | Path) -> StateDict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (the authors' checkpoint to convert)")
+    with path.open("rb") as f:
+        head = f.read(8)
+    if head.startswith(NUMPY_MAGIC):
+        raise ConversionError(
+            f"{path} is a NumPy array file (.npy), not a checkpoint; convert reads the authors' PyTorch "
+            f"checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}, {', '.join(ARCHIVE_SUFFIXES)}) or a .safetensors file"
+        )
     try:
         if path.suffix == ".safetensors":
             obj: Any = load_safetensors(str(path))
@@ -184,9 +195,58 @@ def read_authors_checkpoint(path: str | Path) -> StateDict:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except ConversionError:
         raise
-    except Exception as e:  # noqa: BLE001  (torch.load raises many types on a wrong or truncated file)
-        raise ConversionError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001  (torch.load raises many types, e.g. KeyError, on a file that is no checkpoint)
+        found = _UNSUPPORTED_GLOBAL.search(str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if found is not None:
+            raise ConversionError(
+                f"{path} pickles an object that is not a tensor ({found.group(1)}); fusionzoo reads checkpoints with "
+                "torch.load(weights_only=True) and never runs pickled code. In the authors' environment, save the "
+                "state dict alone (torch.save(checkpoint['state_dict'], 'weights.pth')) and convert that"
+            ) from None
+        # torch's own text is long (weights_only advice) or cryptic ("KeyError: 101") for a file that is no checkpoint.
+        plain = str(e) and not isinstance(e, (KeyError, pickle.UnpicklingError))
+        detail = f"{type(e).__name__}: {e}" if plain else "not a zip archive or pickle of tensors"
+        raise ConversionError(
+            f"{path} is not a readable checkpoint ({detail}); give the authors' {', '.join(CHECKPOINT_SUFFIXES)}, "
+            ".safetensors or .tar.gz file, complete (a partial download is truncated)"
+        ) from None
     return _unwrap(obj, str(path))
+
+
+def _refuse_own_format(path: Path) -> None:
+    """A ``model.safetensors`` that fusionzoo wrote (``save_pretrained`` records the model name in
+    its metadata) is loaded, not converted.
+
+    Raises:
+        ConversionError: with the ``from_pretrained`` hint.
+    """
+    if path.suffix != ".safetensors" or not path.is_file():
+        return
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception:  # noqa: BLE001  (an unreadable file is reported by read_authors_checkpoint)
+        return
+    if "fusionzoo" in metadata:
+        raise ConversionError(
+            f"{path} holds fusionzoo's own weights of {metadata['fusionzoo']} (written by save_pretrained), not "
+            f"the authors' checkpoint: nothing to convert; load its folder with fusionzoo.from_pretrained({str(path.parent)!r})"
+        )
+
+
+def _refuse_own_state_dict(name: str, path: Path, state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """A file whose keys are (90 % or more) ``model``'s own is fusionzoo's state dict, not the authors'.
+
+    Raises:
+        ConversionError: with the ``from_pretrained`` / ``load_state_dict`` hint.
+    """
+    shared = len(set(state_dict) & set(model.state_dict()))
+    if shared >= 0.9 * len(state_dict):
+        raise ConversionError(
+            f"{path} is already a fusionzoo state dict of {name} ({shared} of its {len(state_dict)} keys are "
+            f"{name}'s), not the authors' checkpoint: nothing to convert. Load a save_pretrained folder with "
+            "fusionzoo.from_pretrained(folder), a bare state dict with model.load_state_dict"
+        )
 
 
 def convert_state_dict(name: str, authors_state_dict: Mapping[str, torch.Tensor], model: nn.Module, *, where: str = "the checkpoint") -> StateDict:
@@ -234,6 +294,7 @@ def convert_checkpoint(
     num_classes: int | None = None,
     modalities: Iterable[str] | None = None,
     class_names: Sequence[str] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Convert the authors' released checkpoint of published entry ``name`` into a
     :func:`fusionzoo.from_pretrained` folder.
@@ -248,13 +309,15 @@ def convert_checkpoint(
         num_classes: class count when no tag is given (default: read from the classifier).
         modalities: the streams, when no tag is given (default: the entry's).
         class_names: names written into ``config.json`` when no tag is given.
+        overwrite: replace a conversion already in ``out`` (``fusionzoo convert --force``).
 
     Returns:
         The output folder.
 
     Raises:
-        ConversionError: a wrong file (the first key that did not match is named), or a sha256
-            that differs from the authors'.
+        ConversionError: a wrong file (the first key that did not match is named; fusionzoo's
+            own weights get the hint to use ``from_pretrained``), a sha256 that differs from the
+            authors', or an earlier conversion in ``out`` without ``overwrite``.
 
     Example:
         >>> convert_checkpoint("cmx_mit_b2", "NYUDV2_CMX+Segformer-B2.pth", tag="nyuv2")
@@ -264,7 +327,17 @@ def convert_checkpoint(
         raise ConversionError(f"{name!r} is a fusionzoo family entry; only published entries convert authors' checkpoints")
     path = Path(checkpoint)
     release: ReleasedWeights | None = released_weights(name, tag) if tag is not None else None
+    if out is None:
+        if tag is None:
+            raise ValueError("give out= (an output folder) or tag= (then the cache folder is used)")
+        out = released_dir(name, tag)
+    _refuse_own_format(path)
     authors = read_authors_checkpoint(path)
+    if (Path(out) / CONFIG_NAME).is_file() and not overwrite:
+        raise ConversionError(
+            f"{out} already holds a conversion ({CONFIG_NAME}); pass --force (overwrite=True) to replace it, "
+            "or another --out"
+        )
     if release is not None and release.sha256 is not None:
         digest = sha256_file(path)
         if digest != release.sha256:
@@ -279,15 +352,16 @@ def convert_checkpoint(
     if num_classes is None:
         key = _CONVERTERS[name].classifier_key if name in _CONVERTERS else None
         if key is None or key not in authors:
+            _refuse_own_state_dict(name, path, authors, create_model(name, modalities=tuple(modalities or entry.modalities)))
             raise ConversionError(f"{path}: no classifier {key!r} to read the class count from; pass num_classes")
         num_classes = int(authors[key].shape[0])
     model = create_model(name, num_classes=num_classes, modalities=tuple(modalities or entry.modalities))
-    ours = convert_state_dict(name, authors, model, where=str(path))
+    try:
+        ours = convert_state_dict(name, authors, model, where=str(path))
+    except ConversionError:
+        _refuse_own_state_dict(name, path, authors, model)
+        raise
     load_model_weights(model, ours)
-    if out is None:
-        if tag is None:
-            raise ValueError("give out= (an output folder) or tag= (then the cache folder is used)")
-        out = released_dir(name, tag)
     extra = {"converted_from": path.name, "reference_repo": entry.reference_repo, "reference_commit": entry.reference_commit}
     if release is not None:
         extra.update(release=release.full_name, source=release.url, reported=release.reported)
