@@ -7,12 +7,14 @@ import importlib.util
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 import fusionzoo as fz
@@ -20,6 +22,7 @@ from fusionzoo import _registry
 from fusionzoo import encoders as encoders_module
 
 from fusionzoo.cli import main, run_command
+from fusionzoo.data import io as data_io
 from fusionzoo.data.collate import collate
 from fusionzoo.detection.kaist import KAIST_PROTOCOL, evaluate_files, miss_rates
 from fusionzoo.detection.metrics import log_average_miss_rate
@@ -459,3 +462,19 @@ def test_convert_refuses_to_overwrite_without_force(toy_converter, tmp_path, cap
     assert code == 2 and "already holds a conversion" in err and "--force" in err
     assert (out / "config.json").read_bytes() == stamp
     assert _convert([authors, "--out", out, "--force"], capsys)[0] == 0
+
+
+# -- a grayscale file read as RGB (item 14) ------------------------------------------------------
+
+def test_grayscale_rgb_file_warns_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_io, "_WARNED", set())
+    gray = tmp_path / "0001.png"
+    Image.fromarray(np.arange(48, dtype=np.uint8).reshape(6, 8), mode="L").save(gray)
+    colour = tmp_path / "0002.png"
+    Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(colour)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data_io.read_rgb(colour)  # a colour file: no warning
+    with pytest.warns(data_io.DataWarning, match=r"0001.png is a grayscale image \(PIL mode L\).*copied to R, G and B"):
+        rgb = data_io.read_rgb(gray)
+    assert rgb.shape == (6, 8, 3) and (rgb == rgb[..., :1]).all()
