@@ -278,15 +278,17 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     return entry.fn(**kwargs)
 
 
-# Fills a model built by a published entry with the converted weights of a release:
-# ``loader(model, release, given_kwargs) -> model``. Set by ``fusionzoo.models.convert`` when it is
-# imported (always before a published entry exists), so the registry needs no import of it.
-_RELEASE_LOADER: Callable[[nn.Module, ReleasedWeights, dict[str, Any]], nn.Module] | None = None
+# Builds a published entry's model and fills it with the converted weights of a release:
+# ``loader(build, release, given_kwargs) -> model``, where ``build()`` makes the model (the loader
+# finds and checks the converted files first, so a missing conversion fails before building).
+# Set by ``fusionzoo.models.convert`` when it is imported (always before a published entry
+# exists), so the registry needs no import of it.
+_RELEASE_LOADER: Callable[[Callable[[], nn.Module], ReleasedWeights, dict[str, Any]], nn.Module] | None = None
 
 
-def set_release_loader(loader: Callable[[nn.Module, ReleasedWeights, dict[str, Any]], nn.Module]) -> None:
-    """Install the function that loads a release's converted weights into a built model (see
-    :func:`create_model` with ``pretrained=TAG``)."""
+def set_release_loader(loader: Callable[[Callable[[], nn.Module], ReleasedWeights, dict[str, Any]], nn.Module]) -> None:
+    """Install the function that builds a published entry and loads a release's converted weights
+    into it (see :func:`create_model` with ``pretrained=TAG``)."""
     global _RELEASE_LOADER
     _RELEASE_LOADER = loader
 
@@ -327,8 +329,8 @@ def _create_released(entry: ModelEntry, tag: str, given: dict[str, Any]) -> nn.M
     accepted = accepted_kwargs(entry.name)
     defaults = {k: v for k, v in defaults.items() if accepted is None or k in accepted}
     # pretrained=False: the release replaces every weight, so no ImageNet encoder is fetched first.
-    model = entry.fn(**{**defaults, **given, "pretrained": False})
-    return _RELEASE_LOADER(model, release, given)
+    kwargs = {**defaults, **given, "pretrained": False}
+    return _RELEASE_LOADER(lambda: entry.fn(**kwargs), release, given)
 
 
 def accepted_kwargs(name: str) -> set[str] | None:

@@ -393,9 +393,10 @@ def _class_sized(released: tuple[int, ...], built: tuple[int, ...], k_released: 
     )
 
 
-def fill_from_release(model: nn.Module, release: ReleasedWeights, given: Mapping[str, Any]) -> nn.Module:
-    """Load the converted weights of ``release`` into ``model``, built by its entry with the
-    user's keywords ``given`` (``create_model(name, pretrained=tag, **given)``).
+def fill_from_release(build: Callable[[], nn.Module], release: ReleasedWeights, given: Mapping[str, Any]) -> nn.Module:
+    """Build the model (``build()``: its entry with the user's keywords ``given``, from
+    ``create_model(name, pretrained=tag, **given)``) and load the converted weights of
+    ``release`` into it; the converted files are found and checked (sha256 manifest) first.
 
     Nothing is downloaded: the authors host their files where no script can fetch them reliably
     (Google Drive, Baidu), so a missing conversion says which file to get and which command
@@ -404,7 +405,7 @@ def fill_from_release(model: nn.Module, release: ReleasedWeights, given: Mapping
     them (timm's behaviour); every other tensor must fit.
 
     Returns:
-        ``model`` in eval mode with ``pretrained_cfg`` (the folder's ``config.json``; after a
+        The model in eval mode with ``pretrained_cfg`` (the folder's ``config.json``; after a
         class change, its ``num_classes`` is the model's and ``class_names`` None).
 
     Raises:
@@ -420,6 +421,7 @@ def fill_from_release(model: nn.Module, release: ReleasedWeights, given: Mapping
         )
     cfg, weights_path = read_checked(folder, local_files_only=True)
     tensors = load_tensors(weights_path)
+    model = build()
     own = model.state_dict()
     k_released, k_built = int(cfg["num_classes"]), int(getattr(model, "num_classes", cfg["num_classes"]))
     reinit, conflicts = [], []
