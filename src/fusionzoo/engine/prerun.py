@@ -117,7 +117,7 @@ def check_input_channels(model: nn.Module, batch: Mapping[str, Any], modalities:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or m not in expected or x.shape[1] == expected[m]:
             continue
         got, want = int(x.shape[1]), int(expected[m])
-        if got == 1 and want == 3 and (accepted is None or "replicate_x" in accepted):
+        if got == 1 and want == 3 and accepted is not None and "replicate_x" in accepted:
             raise ConfigError(
                 f"{model_name} takes a 3-channel {m!r} input (the published recipe feeds HHA, or depth/thermal "
                 f"repeated to 3 channels), the data's {m!r} has 1 channel: add --model-kwargs \"{{replicate_x: true}}\" "
