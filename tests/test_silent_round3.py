@@ -478,3 +478,9 @@ def test_grayscale_rgb_file_warns_naming_the_file(tmp_path, monkeypatch):
     with pytest.warns(data_io.DataWarning, match=r"0001.png is a grayscale image \(PIL mode L\).*copied to R, G and B"):
         rgb = data_io.read_rgb(gray)
     assert rgb.shape == (6, 8, 3) and (rgb == rgb[..., :1]).all()
+
+
+def test_pretrained_flag_and_a_tag_in_model_kwargs_exclude_each_other(toy_release):
+    cfg = TrainConfig(model=TOY, model_kwargs={"pretrained": "toyset"}, pretrained=True)
+    with pytest.raises(ConfigError, match="--pretrained .* and model_kwargs pretrained='toyset' .* exclude each other"):
+        build_model(cfg, ("rgb", "depth"), 3)

@@ -221,6 +221,9 @@ def build_model(cfg: TrainConfig, modalities: Sequence[str], num_classes: int) -
         if k in kwargs:
             raise ConfigError(f"model_kwargs must not set {k!r}; use the top-level key {k!r}")
     if cfg.pretrained:
+        if isinstance(kwargs.get("pretrained"), str):
+            raise ConfigError(f"--pretrained (ImageNet encoders) and model_kwargs pretrained={kwargs['pretrained']!r} "
+                              "(released weights) exclude each other; give one")
         kwargs["pretrained"] = True
     if len(modalities) == 1 and entry.fusion in ("middle", "hybrid"):
         raise ConfigError(

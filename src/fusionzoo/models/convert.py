@@ -473,17 +473,16 @@ def published_entry(name: str, build: Callable[..., nn.Module], *, doc: str, **r
     """Register the entry point ``name`` of a published network whose keywords pass through:
     ``entry(pretrained=False, **kwargs)`` builds ``build(pretrained=pretrained, **kwargs)`` and
     records ``config`` (the name and the keywords, tuples as lists), or loads the released weights
-    of a tag (:func:`build_or_load`). ``registry``: :func:`register_model`'s metadata, with the
+    of a tag with the keywords applied (``create_model(name, pretrained=tag, **kwargs)``). ``registry``: :func:`register_model`'s metadata, with the
     ``reference_repo`` and ``reference_commit`` that a published entry names (``published=True``
     is set here)."""
 
     def entry(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
-        def make() -> nn.Module:
-            model = build(pretrained=pretrained, **kwargs)
-            model.config = entry_config(name, kwargs)
-            return model
-
-        return build_or_load(name, pretrained, make)
+        if isinstance(pretrained, str):  # called directly with a tag: the keywords apply, as through create_model
+            return create_model(name, pretrained=pretrained, **kwargs)
+        model = build(pretrained=pretrained, **kwargs)
+        model.config = entry_config(name, kwargs)
+        return model
 
     entry.__name__ = entry.__qualname__ = name
     entry.__doc__ = doc
