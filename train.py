@@ -75,6 +75,7 @@ from fusionzoo.engine.loop import (
     train_one_epoch,
 )
 from fusionzoo.engine.optim import build_optimizer, build_scheduler, retarget_schedule
+from fusionzoo.engine.prerun import check_first_step, discard_unstarted_run
 from fusionzoo.engine.sync_bn import convert_sync_batchnorm
 from fusionzoo.files import atomic_write_bytes
 from fusionzoo.hub import save_pretrained
@@ -92,11 +93,18 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
     model, plain, task = build_model_and_task(cfg, data, info, device)
     optimizer, scheduler, scaler = build_optimization(cfg, plain, data, device)
     hooks = CallbackList([*build_callbacks(cfg.callbacks), *(callbacks or [])])
+    pre_run_check(cfg, data, plain, task, device)
     if run_dir is None:
         run_dir = Path(broadcast_object(str(make_run_dir(cfg)) if info.is_main else None))
     run = Run(cfg, info, device, run_dir, data, model, plain, task, optimizer, scheduler, scaler, hooks, t_start)
-    start_or_resume(run, card)
-    train(run)
+    try:
+        start_or_resume(run, card)
+        train(run)
+    except BaseException as err:
+        if info.is_main:  # a fresh run that failed before its first step leaves no folder behind
+            run.logger.close()
+            discard_unstarted_run(run.run_dir, fresh=not cfg.resume, steps_done=run.state.global_step, error=err)
+        raise
     final = final_evaluation(run)
     summary = summarize(run, final)
     if info.is_main and cfg.report:
@@ -187,6 +195,14 @@ def build_model_and_task(cfg: TrainConfig, data: Data, info: DistInfo,
     if cfg.compile:
         model = torch.compile(model)
     return model, plain, task
+
+
+def pre_run_check(cfg: TrainConfig, data: Data, plain: nn.Module, task: Task, device: torch.device) -> None:
+    """One dry training step on the first ``batch_size`` training samples before the run folder
+    exists (fusionzoo.engine.prerun): a model that cannot train on this batch fails in one line."""
+    samples = [data.train_loader.dataset[i] for i in range(cfg.batch_size)]
+    check_first_step(plain, task, samples, data.train_loader.collate_fn, modalities=data.modalities, device=device,
+                     options=step_options(cfg), model_name=cfg.model)
 
 
 # 4. Optimizer, schedule, precision.

@@ -242,16 +242,25 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     Args:
         name: a registered name (``fusionzoo.list_models()``).
         **kwargs: entry-point arguments, e.g. ``num_classes``, ``modalities``, ``decoder``,
-            ``pretrained``; family entries also take ``encoder``.
+            ``pretrained``; family entries also take ``encoder``. ``pretrained=TAG`` (a published
+            entry's released weights, ``list_pretrained()``) keeps the other keywords, as in timm:
+            the model is built with them and filled with the release; a ``num_classes`` other
+            than the release's re-initialises the class-sized tensors (classifier, side heads)
+            with a warning naming them; ``modalities`` or a keyword that changes another tensor's
+            shape (``in_chans``) raises, naming the key; ``dropout``, ``drop_path_rate`` and
+            the like apply.
 
     Returns:
         The model; ``model({"rgb": (B, 3, H, W), "depth": (B, 1, H, W)})`` gives ``(B, K, H, W)``.
 
     Raises:
-        KeyError: unknown name. TypeError: an argument the entry point does not take.
+        KeyError: unknown name or tag. TypeError: an argument the entry point does not take.
+        ValueError: a tag given to a family entry (tags belong to published entries), or
+            keywords that conflict with the release. FileNotFoundError: a tag not converted yet.
 
     Example:
         >>> m = create_model("cmx_resnet50", num_classes=9, modalities=("rgb", "thermal"))
+        >>> m = create_model("dformer_tiny", pretrained="nyuv2", num_classes=9)  # warns: head re-initialised
     """
     entry = model_entry(name)
     if entry.encoder_fixed and "encoder" in kwargs:
@@ -264,7 +273,64 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         unknown = sorted(set(kwargs) - accepted)
         if unknown:
             raise TypeError(f"{name}() got unexpected keyword argument(s) {unknown}; it takes {sorted(accepted)}")
+    if isinstance(kwargs.get("pretrained"), str):
+        return _create_released(entry, kwargs["pretrained"], {k: v for k, v in kwargs.items() if k != "pretrained"})
     return entry.fn(**kwargs)
+
+
+# Builds a published entry's model and fills it with the converted weights of a release:
+# ``loader(build, release, given_kwargs) -> model``, where ``build()`` makes the model (the loader
+# finds and checks the converted files first, so a missing conversion fails before building).
+# Set by ``fusionzoo.models.convert`` when it is imported (always before a published entry
+# exists), so the registry needs no import of it.
+_RELEASE_LOADER: Callable[[Callable[[], nn.Module], ReleasedWeights, dict[str, Any]], nn.Module] | None = None
+
+
+def set_release_loader(loader: Callable[[Callable[[], nn.Module], ReleasedWeights, dict[str, Any]], nn.Module]) -> None:
+    """Install the function that builds a published entry and loads a release's converted weights
+    into it (see :func:`create_model` with ``pretrained=TAG``)."""
+    global _RELEASE_LOADER
+    _RELEASE_LOADER = loader
+
+
+def _tags_of_published() -> dict[str, list[str]]:
+    tags: dict[str, list[str]] = {}
+    for weights in _RELEASED.values():
+        tags.setdefault(weights.name, []).append(weights.tag)
+    return {name: sorted(t) for name, t in sorted(tags.items())}
+
+
+def _create_released(entry: ModelEntry, tag: str, given: dict[str, Any]) -> nn.Module:
+    """``create_model(name, pretrained=TAG, **given)``, as timm does it: the keywords apply. The
+    model is built with ``given`` over the release's class count and modalities, then filled with
+    the release's weights; a different ``num_classes`` re-initialises the class-sized tensors
+    (classifier, side heads) with a warning naming them, and keywords that change other shapes
+    or the modalities raise (the loader names the key)."""
+    if not entry.published:
+        published = _tags_of_published()
+        close = difflib.get_close_matches(entry.name, list(published), n=3, cutoff=0.4)
+        hint = f" Closest: {', '.join(close)}." if close else ""
+        listing = "; ".join(f"{n} ({', '.join(t)})" for n, t in published.items())
+        raise ValueError(
+            f"{entry.name}: pretrained={tag!r} is a released-weights tag, and tags belong to published entries "
+            f"(the authors' networks); {entry.name} is a fusionzoo {'named variant' if entry.encoder_fixed else 'family entry'}, "
+            f"whose pretrained= is True/False (timm ImageNet encoder weights).{hint} Published entries with tags: {listing}"
+        )
+    release = released_weights(entry.name, tag)
+    if "modalities" in given and tuple(given["modalities"]) != release.modalities:
+        raise ValueError(
+            f"{release.full_name}: modalities={list(given['modalities'])} conflicts with the release, trained on "
+            f"{list(release.modalities)} (its encoders' weights belong to those streams); drop modalities= or build "
+            f"{entry.name} without pretrained={tag!r}"
+        )
+    if _RELEASE_LOADER is None:
+        raise RuntimeError("fusionzoo.models.convert is not imported; it installs the released-weights loader")
+    defaults = {"num_classes": release.num_classes, "modalities": release.modalities}
+    accepted = accepted_kwargs(entry.name)
+    defaults = {k: v for k, v in defaults.items() if accepted is None or k in accepted}
+    # pretrained=False: the release replaces every weight, so no ImageNet encoder is fetched first.
+    kwargs = {**defaults, **given, "pretrained": False}
+    return _RELEASE_LOADER(lambda: entry.fn(**kwargs), release, given)
 
 
 def accepted_kwargs(name: str) -> set[str] | None:

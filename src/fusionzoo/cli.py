@@ -147,10 +147,15 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--tag", default=None, help="registered release, e.g. nyuv2 (class names, sha256, cache folder)")
     cv.add_argument("--out", default=None, help="output folder (default: the cache folder that pretrained=TAG reads)")
     cv.add_argument("--num-classes", type=int, default=None, help="without --tag: class count (default: from the classifier)")
+    cv.add_argument("--force", action="store_true", help="replace a conversion already in the output folder (refused otherwise)")
 
     mr = sub.add_parser("mr2", help="KAIST log-average miss rate (all / day / night) of a result file")
     mr.add_argument("--annotations", required=True, help="KAIST COCO-style annotation JSON (e.g. MLPD's KAIST_annotation.json)")
-    mr.add_argument("--results", required=True, help="detections: .txt 'image_id, x, y, w, h, score' (1-based) or COCO .json")
+    mr.add_argument("--results", required=True, help=(
+        "detections: .txt lines 'image_id, x, y, w, h, score' with image_id 1-based (k = the k-th image by id), or a "
+        "COCO results .json [{image_id, category_id, bbox: [x, y, w, h], score}] with image_id = the annotations' "
+        "own integer images[].id (0-based in MLPD's file) and category_id 1 (person); boxes in original-frame "
+        "pixels. Empty files, unknown categories, non-finite scores, bad boxes and ids off by one are refused"))
     return p
 
 

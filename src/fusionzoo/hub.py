@@ -63,7 +63,7 @@ from ._json import to_json
 from .files import atomic_write_bytes, sha256_file
 from .weights import CheckpointError, load_model_weights, read_json_object, save_tensors, unwrap_model
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "from_pretrained", "save_pretrained"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "from_pretrained", "read_checked", "save_pretrained"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -202,7 +202,7 @@ def _verify_weights(config_path: Path, weights_path: Path, cfg: dict[str, Any]) 
         warnings.warn(
             f"{config_path} has no sha256 manifest ('files'), so {weights_path} is loaded unverified; "
             "load and save_pretrained it again to add one",
-            stacklevel=3,
+            stacklevel=4,
         )
         return
     if not weights_path.is_file():
@@ -220,6 +220,28 @@ def _verify_weights(config_path: Path, weights_path: Path, cfg: dict[str, Any]) 
             f"{info['sha256'][:12]}... in {config_path} (modified after saving, e.g. a bad disk or copy). "
             "Save or download it again."
         )
+
+
+def read_checked(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+) -> tuple[dict[str, Any], Path]:
+    """``config.json`` of a saved model and its weights file, checked against the manifest
+    (size, sha256) before anything is built, so a corrupt file fails fast.
+
+    Returns:
+        ``(config, weights_path)``.
+
+    Raises:
+        FileNotFoundError, CheckpointError: as :func:`from_pretrained`.
+    """
+    config_path, weights_path = _resolve_files(name_or_path, revision, cache_dir, local_files_only)
+    cfg = _read_config(config_path)
+    _verify_weights(config_path, weights_path, cfg)
+    return cfg, weights_path
 
 
 def from_pretrained(
@@ -252,9 +274,7 @@ def from_pretrained(
         >>> model = from_pretrained("runs/esanet/pretrained")
         >>> logits = model({"rgb": rgb, "depth": depth})   # (B, K, H, W)
     """
-    config_path, weights_path = _resolve_files(name_or_path, revision, cache_dir, local_files_only)
-    cfg = _read_config(config_path)
-    _verify_weights(config_path, weights_path, cfg)  # before building: a corrupt file fails fast
+    cfg, weights_path = read_checked(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     kwargs = dict(cfg["model"])
     name = kwargs.pop("name")
     _registry.model_entry(name)  # raises KeyError with close matches for an unknown name

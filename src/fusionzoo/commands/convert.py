@@ -15,7 +15,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out is None and args.tag is None:
         raise UsageError("convert: give --tag (a registered release) or --out (an output folder)")
     try:
-        out = convert_checkpoint(args.name, args.checkpoint, args.out, tag=args.tag, num_classes=args.num_classes)
+        out = convert_checkpoint(args.name, args.checkpoint, args.out, tag=args.tag, num_classes=args.num_classes,
+                                 overwrite=args.force)
     except (FileNotFoundError, KeyError) as e:
         raise UsageError(f"convert: {e.args[0] if isinstance(e, KeyError) else e}") from None
     print(f"wrote {out} (load it with fusionzoo.from_pretrained({str(out)!r}))")

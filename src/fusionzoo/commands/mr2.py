@@ -1,4 +1,11 @@
-"""``fusionzoo mr2``: KAIST log-average miss rate (all / day / night) of a result file."""
+"""``fusionzoo mr2``: KAIST log-average miss rate (all / day / night) of a result file.
+
+Image ids: a ``.txt`` result line's id is 1-based (the ``k``-th image of the annotations sorted by
+id, as the KAIST benchmark files); a COCO ``.json`` result's ``image_id`` is the annotation file's
+own ``images[].id`` (0-based in MLPD's ``KAIST_annotation.json``). A file whose ids look off by
+one, or that holds no detection, an unknown ``category_id``, a non-finite score or a bad box, is
+refused with one line and exit code 2 (:func:`fusionzoo.detection.kaist.load_results`).
+"""
 
 from __future__ import annotations
 

@@ -117,13 +117,29 @@ def read_image(path: str | Path) -> np.ndarray:
 def read_rgb(path: str | Path) -> np.ndarray:
     """Read a colour image.
 
+    A grayscale file (one channel: PIL modes ``1``, ``L``, ``LA``, ``I``, ``I;16``, ``F``) is read
+    as its channel copied to R, G and B, with a :class:`DataWarning` naming the file (once per
+    folder): not an error, since some datasets hold a few grayscale photographs (SUN RGB-D), but
+    never silent, since a folder of them means the wrong files (e.g. depth or thermal) were
+    given as RGB.
+
     Returns:
         uint8 ``(H, W, 3)``.
     """
-    img = _open(Path(path))
+    path = Path(path)
+    img = _open(path)
+    if img.mode in GRAYSCALE_MODES:
+        _warn_once(
+            "grayscale-rgb", path,
+            f"{path} is a grayscale image (PIL mode {img.mode}) where a colour image is expected; it is read as its "
+            "one channel copied to R, G and B",
+        )
     if img.mode != "RGB":
         img = img.convert("RGB")
     return np.asarray(img)
+
+
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})  # one-channel PIL modes
 
 
 def clean_depth(depth: np.ndarray, path: str | Path, nonfinite: str = "invalid") -> np.ndarray:

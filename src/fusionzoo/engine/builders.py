@@ -221,6 +221,9 @@ def build_model(cfg: TrainConfig, modalities: Sequence[str], num_classes: int) -
         if k in kwargs:
             raise ConfigError(f"model_kwargs must not set {k!r}; use the top-level key {k!r}")
     if cfg.pretrained:
+        if isinstance(kwargs.get("pretrained"), str):
+            raise ConfigError(f"--pretrained (ImageNet encoders) and model_kwargs pretrained={kwargs['pretrained']!r} "
+                              "(released weights) exclude each other; give one")
         kwargs["pretrained"] = True
     if len(modalities) == 1 and entry.fusion in ("middle", "hybrid"):
         raise ConfigError(
@@ -236,6 +239,12 @@ def build_model(cfg: TrainConfig, modalities: Sequence[str], num_classes: int) -
             raise
         # model_kwargs is YAML: show what the entry point received, so '{a:1}' vs '{a: 1}' is visible.
         raise ConfigError(f"model_kwargs (YAML, parsed as {dict(cfg.model_kwargs)!r}) does not fit: {e}") from None
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        tag = kwargs.get("pretrained")
+        if not isinstance(tag, str):
+            raise
+        # A released-weights tag that conflicts with the data, is unknown, or is not converted yet.
+        raise ConfigError(f"model_kwargs pretrained={tag!r}: {e.args[0] if isinstance(e, KeyError) else e}") from None
     check_side_loss(cfg, model)
     return model
 
