@@ -142,7 +142,7 @@ def test_verdict_that_changes_with_the_policy_says_so():
     poster = next(f for f in carriers if "poster" in f.text)
     assert "under every removal policy measured (zero and missing) (numbers under zero)" in poster.text
     inter = _texts(res, "interaction")[0]
-    assert "overall: -0.0 under zero; +22.5 under missing" in inter
+    assert "overall: 0.0 under zero; +22.5 under missing" in inter
     assert ("ball depends on the removal policy: under zero: either suffices (-90.0); under missing: no interaction "
             "beyond the threshold (+0.0)") in inter
     assert any("evaluated under zero and missing" in t for t in _texts(res, "measurement"))
@@ -157,7 +157,7 @@ def test_convergence_reads_only_taps_upstream_of_fusion():
     cross = (0.2, 0.7)
     res = _result(cross, after={"rgb.stage2": True})
     text = _texts(res, "convergence")[0]
-    assert "taps upstream of fusion only; stage2 sit after fusion and are not used" in text
+    assert "taps upstream of fusion only; the pairs at stage2 sit after fusion and are not used" in text
     assert "stays below 0.5" in text and "stage2" not in text.split("not used")[1]
     down = _texts(_result(cross, after={n: True for n in _taps()}), "convergence")[0]
     assert "convergence cannot be separated from the architecture" in down and "toy is registered as middle fusion" in down

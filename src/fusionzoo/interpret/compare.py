@@ -46,8 +46,8 @@ from .runs import interpret_run
 
 __all__ = ["RECIPE_IGNORED", "STREAM_KEYS", "ComparisonResult", "IncomparableError", "PolicyView",
            "check_comparable", "compare", "comparison_extra_tables", "contribution_terms", "find_references",
-           "headline_numbers", "labels_of", "policy_views", "recipe_key", "reference_entries", "seed_differences",
-           "seed_groups", "seed_table_markdown", "training_config", "with_references"]
+           "headline_numbers", "labels_of", "markdown_tables", "policy_views", "recipe_key", "reference_entries",
+           "seed_differences", "seed_groups", "seed_rows", "training_config", "with_references"]
 
 # Training-config keys that do not make a different recipe: the seed (what seed groups vary) and
 # keys that change neither the data stream nor the arithmetic (engine.builders.RESUME_MUTABLE),
@@ -499,10 +499,10 @@ def comparison_extra_tables(labels: Sequence[str], results: Sequence[InterpretRe
     return tables
 
 
-def seed_table_markdown(labels: Sequence[str], results: Sequence[InterpretResult]) -> str:
-    """:func:`comparison_extra_tables` as GitHub markdown (printed by ``fusionzoo compare``)."""
+def markdown_tables(tables: Sequence[Table]) -> str:
+    """Tables as GitHub markdown (what ``fusionzoo compare`` prints after the comparison)."""
     parts = []
-    for title, header, rows in comparison_extra_tables(labels, results):
+    for title, header, rows in tables:
         lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         parts.append("\n".join(lines))

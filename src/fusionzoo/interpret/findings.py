@@ -129,9 +129,9 @@ class Estimate:
         f = f"{{:{'+' if sign else ''}.{digits}f}}"
         if math.isnan(self.value):
             return "n/a"
-        out = f.format(scale * self.value)
+        out = f.format(scale * self.value + 0.0)  # + 0.0: no "-0.0"
         if self.ci is not None:
-            out += f" [{f.format(scale * self.ci[0])}, {f.format(scale * self.ci[1])}]"
+            out += f" [{f.format(scale * self.ci[0] + 0.0)}, {f.format(scale * self.ci[1] + 0.0)}]"
         elif self.recorded:
             out += " [interval undefined]"
         return out
@@ -449,7 +449,7 @@ def _convergence(res: Any) -> list[Finding]:
         series = {s: _mean_est(res, by_stage[s]) for s in sorted(by_stage, key=_stage_key)}
         clause, outcomes = _first_reached(res, series, t, "the mean cross-modal CKA")
         dropped = sorted({r["stage"] for i, r in rows} - set(by_stage), key=_stage_key)
-        tail = f"; {', '.join(dropped)} sit after fusion and are not used" if dropped else ""
+        tail = (f"; the pairs at {', '.join(dropped)} sit after fusion and are not used" if dropped else "")
         out.append(Finding("convergence", f"{arch} Streams ({where}{tail}): {clause}.{_mark(res)}",
                            {"cross_modal": {s: e.value for s, e in series.items()}},
                            _status(outcomes, res) if "unresolved" in outcomes or not _has_intervals(res) else "holds"))
@@ -512,7 +512,7 @@ def _underuse(res: Any, views: Sequence[PolicyView]) -> list[Finding]:
                         "no share to judge.", {"total": totals[main]}, "note", [main])]
     names = [v.policy for v in these]
     stable, varying = _across(these, per)
-    desc = ", ".join(f"{m} {v.detail}" for m, v in per[main].items())
+    desc = "; ".join(f"{m} {v.detail}" for m, v in per[main].items())
     numbers = f"{desc} of {metric} under {main}"
     low = [m for m, _ in stable.get("under", [])]
     unresolved = [m for m, _ in stable.get("unresolved", [])]
