@@ -87,9 +87,8 @@ def _dataset_for(args: argparse.Namespace, run_cfg: dict[str, Any] | None, modal
     if run_cfg is not None:
         what = (f"{', '.join(flags)} replaced the run's validation set ({run_cfg.get('dataset')}, "
                 f"{run_cfg.get('val_samples')} images at {run_cfg.get('image_size')}) with other data")
-        _warn(args.command, what)
-        note.update({"source": "replaced by flags", "flags": flags, "replaced": what + "; scores are not the "
-                     "training's validation scores."})
+        # the warning is printed once the model is known to take the data (_resolve)
+        note.update({"flags": flags, "replaced": what + "; scores are not the training's validation scores."})
     name = args.dataset or (run_cfg or {}).get("dataset") or "synthetic_rgbd"
     entry = dataset_entry(name)
     kwargs: dict[str, Any] = {}
@@ -151,6 +150,8 @@ def _resolve(target: str, args: argparse.Namespace, device: torch.device) -> _Ta
             check_model_data(model, dataset, f"the data ({note.get('source')})")
         except ValueError as e:
             raise UsageError(f"{target}: {e}") from None
+        if note.get("replaced"):
+            _warn(args.command, note["replaced"].split(";")[0])
     elif path.exists():
         raise UsageError(f"{target} is a file; give a run folder, a save_pretrained folder or a model name")
     else:
