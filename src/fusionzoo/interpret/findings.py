@@ -676,9 +676,11 @@ def _reference_finding(res: Any, ref: Mapping[str, Any]) -> Finding:
     have = _has_intervals(res)
     fused = Estimate(_nan(ref["fused"]), _ci(ref.get("fused_interval")), have)
     refv = Estimate(_nan(ref["score"]), _ci(ref.get("interval")), ref.get("interval") is not None)
+    under = f" under {ref['policy']}" if ref.get("policy") else ""
     what = {"unimodal": f"a model retrained on {kept} alone",
-            "modality_dropout": f"the same recipe trained with modality dropout, evaluated on {kept} alone",
-            "train_missing": f"the same recipe trained with {removed} always missing"}.get(ref["kind"], ref["kind"])
+            "modality_dropout": f"the same recipe trained with modality dropout, evaluated on {kept} alone{under}",
+            "train_missing": f"the same recipe trained with {removed} always missing, evaluated on {kept}{under}"
+            }.get(ref["kind"], ref["kind"])
     label = f"{what} ({ref['label']})"
     drops = []
     breaks: dict[str, str] = {}
@@ -702,8 +704,8 @@ def _reference_finding(res: Any, ref: Mapping[str, Any]) -> Finding:
         text = (f"The fused model does worse than {label} ({nums}): adding {removed} costs {_pts(-fused.value + refv.value)} "
                 f"points; removing it drops the fused model by {drop_txt}.")
     elif broke:
-        text = (f"Breaks when {removed} is removed (drop {drop_txt}; it holds under {_policy_list(broke)}), but "
-                f"{label} does as well ({nums}, intervals overlap): the drop measures breakage, not what {removed} adds.")
+        text = (f"Breaks when {removed} is removed under {_policy_list(broke)} (drop {drop_txt}), but {label} does "
+                f"as well ({nums}, intervals overlap): the drop measures breakage, not what {removed} adds.")
     else:
         text = (f"What {removed} adds is not resolved with {_n(res)}: {nums} overlap, and removing it drops the "
                 f"fused model by {drop_txt}.")
