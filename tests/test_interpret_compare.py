@@ -107,6 +107,11 @@ def test_incomparable_runs_are_refused_naming_both():
         check_comparable(["a", "b"], [seg, _result(mods=("rgb", "thermal"))])
     with pytest.raises(IncomparableError, match=r"differ in classes"):
         check_comparable(["a", "b"], [seg, _result(classes=["person"] * 4)])
+    unnamed = _result()
+    unnamed.class_names = None  # an older result without names: the class counts are compared
+    check_comparable(["a", "b"], [seg, unnamed])
+    with pytest.raises(IncomparableError, match=r"differ in classes \(a: 4 classes; b: 2 classes\)"):
+        check_comparable(["a", "b"], [unnamed, _result(classes=["x", "y"])])
     check_comparable(["a", "b"], [seg, _result(mods=("rgb",))])  # a unimodal reference is welcome
 
 

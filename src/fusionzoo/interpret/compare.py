@@ -175,8 +175,11 @@ def _task(res: InterpretResult) -> str | None:
     return task
 
 
-def _classes(res: InterpretResult) -> tuple[Any, ...]:
-    return tuple(res.class_names) if res.class_names else (f"{res.num_classes} unnamed classes",)
+def _classes(a: InterpretResult, b: InterpretResult) -> tuple[Any, Any]:
+    """The class sets to compare: names when both results have them, else the class counts."""
+    if a.class_names and b.class_names:
+        return tuple(a.class_names), tuple(b.class_names)
+    return f"{a.num_classes} classes", f"{b.num_classes} classes"
 
 
 def check_comparable(labels: Sequence[str], results: Sequence[InterpretResult]) -> None:
@@ -196,7 +199,7 @@ def check_comparable(labels: Sequence[str], results: Sequence[InterpretResult]) 
     for b, rb in zip(labels, results):
         if rb is ra:
             continue
-        for what, va, vb in (("task", _task(ra), _task(rb)), ("classes", _classes(ra), _classes(rb))):
+        for what, va, vb in (("task", _task(ra), _task(rb)), ("classes", *_classes(ra, rb))):
             if va is not None and vb is not None and va != vb:
                 raise IncomparableError(f"cannot compare {a} and {b}: they differ in {what} "
                                         f"({a}: {_show(va)}; {b}: {_show(vb)})")
