@@ -91,7 +91,7 @@ def test_class_verdict_over_seeds():
     # seed redundant (both alone give 0.8) and two seeds synergy (neither alone gives anything)
     runs = [_result(seed=0, full=0.8, rgb=0.8, depth=0.8), _result(seed=1, full=0.8, rgb=0.0, depth=0.0),
             _result(seed=2, full=0.8, rgb=0.0, depth=0.0)]
-    (title, header, rows), = seed_verdicts(["a", "b", "c"], runs)
+    ((_, _, rows),) = seed_verdicts(["a", "b", "c"], runs)
     ball = next(r for r in rows if r[2] == "ball")
     assert ball[3] == "redundancy 1, synergy 2 (of 3)" and ball[4] == "no"
     stable = [_result(seed=s, full=0.8, rgb=0.0, depth=0.0) for s in range(3)]

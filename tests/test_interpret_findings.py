@@ -142,7 +142,7 @@ def test_verdict_that_changes_with_the_policy_says_so():
     poster = next(f for f in carriers if "poster" in f.text)
     assert "under every removal policy measured (zero and missing) (numbers under zero)" in poster.text
     inter = _texts(res, "interaction")[0]
-    assert "overall: 0.0 under zero; +22.5 under missing" in inter
+    assert "overall: +0.0 under zero; +22.5 under missing" in inter
     assert ("ball depends on the removal policy: under zero: either suffices (-90.0); under missing: no interaction "
             "beyond the threshold (+0.0)") in inter
     assert any("evaluated under zero and missing" in t for t in _texts(res, "measurement"))

@@ -45,9 +45,9 @@ from .plan import stage_index
 from .runs import interpret_run
 
 __all__ = ["RECIPE_IGNORED", "STREAM_KEYS", "ComparisonResult", "IncomparableError", "PolicyView",
-           "check_comparable", "compare", "comparison_extra_tables", "contribution_terms", "find_references",
-           "headline_numbers", "labels_of", "markdown_tables", "policy_views", "recipe_key", "reference_entries",
-           "seed_differences", "seed_groups", "seed_rows", "training_config", "with_references"]
+           "check_comparable", "compare", "comparison_extra_tables", "contribution_terms", "display_name",
+           "find_references", "headline_numbers", "labels_of", "markdown_tables", "policy_views", "recipe_key",
+           "reference_entries", "seed_differences", "seed_groups", "seed_rows", "training_config", "with_references"]
 
 # Training-config keys that do not make a different recipe: the seed (what seed groups vary) and
 # keys that change neither the data stream nor the arithmetic (engine.builders.RESUME_MUTABLE),
@@ -454,6 +454,18 @@ def with_references(labels: Sequence[str], results: Sequence[InterpretResult]) -
 Table = tuple[str, list[str], list[list[str]]]  # (title, header, rows of plain-text cells)
 
 
+def display_name(name: str) -> str:
+    """A headline number's name for a table cell: ``decomposition.rgb|depth.synergy`` ->
+    ``synergy rgb-depth`` (a ``|`` would split a markdown cell)."""
+    parts = name.split(".")
+    kind, rest = parts[0], [p.replace("|", "-") for p in parts[1:]]
+    if kind == "decomposition":
+        return f"{rest[1]} {rest[0]}"
+    if kind == "pid":
+        return f"PID {rest[1]} {rest[0]}"
+    return " ".join([{"shapley": "Shapley"}.get(kind, kind), *rest])
+
+
 def _fmt(v: float, scale: float) -> str:
     return "n/a" if v is None or math.isnan(v) else f"{scale * v:.{1 if scale == 100.0 else 3}f}"
 
@@ -470,7 +482,8 @@ def seed_rows(groups: Sequence[Mapping[str, Any]]) -> list[list[str]]:
         for name, s in g["stats"].items():
             sc = g["scale"][name]
             spread = (f"{_fmt(s['mean'], sc)} +- {_fmt(s['std'], sc)}" if s["n"] > 1 else _fmt(s["mean"], sc))
-            rows.append([g["label"], name, spread, f"{_fmt(s['min'], sc)}..{_fmt(s['max'], sc)}", str(s["n"])])
+            rows.append([g["label"], display_name(name), spread, f"{_fmt(s['min'], sc)}..{_fmt(s['max'], sc)}",
+                         str(s["n"])])
     return rows
 
 
@@ -485,7 +498,7 @@ def comparison_extra_tables(labels: Sequence[str], results: Sequence[InterpretRe
         rows = [[lab] + [_with_ci(n[k][0], _iv(r, n[k][1]), n[k][2]) if k in n else "n/a" for k in names]
                 for lab, r, n in zip(labels, results, per)]
         tables.append(("Headline numbers with 95% bootstrap intervals over images (metric points; PID in bits)",
-                       ["model", *names], rows))
+                       ["model", *map(display_name, names)], rows))
     groups = seed_groups(labels, results)
     if any(g["n"] > 1 for g in groups):
         tables.append(("Seeds: mean +- std over runs of one recipe (min..max, n)",
@@ -495,7 +508,7 @@ def comparison_extra_tables(labels: Sequence[str], results: Sequence[InterpretRe
         if diffs:
             tables.append(("Do two recipes differ by more than the seed spread? (rule: seed ranges do not overlap)",
                            ["a", "b", "number", "mean a - b", "exceeds seed spread", "p (complete separation)"],
-                           [[d["a"], d["b"], d["number"], _fmt(d["diff"], next(
+                           [[d["a"], d["b"], display_name(d["number"]), _fmt(d["diff"], next(
                                g["scale"][d["number"]] for g in groups if g["label"] == d["a"])),
                              "yes" if d["exceeds_seed_spread"] else "no", f"{d['p_separation']:.3f}"]
                             for d in diffs]))

@@ -126,12 +126,17 @@ class Estimate:
 
     def text(self, scale: float = 100.0, digits: int = 1, sign: bool = False) -> str:
         """``"80.0 [78.1, 82.0]"`` (``scale`` times the value; the interval omitted without one)."""
-        f = f"{{:{'+' if sign else ''}.{digits}f}}"
+        spec = f"{{:{'+' if sign else ''}.{digits}f}}"
+
+        def f(x: float) -> str:
+            out = spec.format(x)
+            return spec.format(0.0) if float(out) == 0 else out  # no "-0.0" from rounding noise
+
         if math.isnan(self.value):
             return "n/a"
-        out = f.format(scale * self.value + 0.0)  # + 0.0: no "-0.0"
+        out = f(scale * self.value)
         if self.ci is not None:
-            out += f" [{f.format(scale * self.ci[0] + 0.0)}, {f.format(scale * self.ci[1] + 0.0)}]"
+            out += f" [{f(scale * self.ci[0])}, {f(scale * self.ci[1])}]"
         elif self.recorded:
             out += " [interval undefined]"
         return out
@@ -413,8 +418,9 @@ def _first_reached(res: Any, series: Mapping[str, Estimate], t: float, subject: 
         stage = list(series)[k]
         before = [s for s, o in zip(series, outcomes[:k]) if o == "unresolved"]
         if before:
-            return (f"{subject} reaches {t} by {stage} ({series[stage].text(1.0, 2)}); whether it already does at "
-                    f"{', '.join(before)} is not resolved with {_n(res)} ({desc})", outcomes)
+            clause = (f"{subject} reaches {t} by {stage} ({series[stage].text(1.0, 2)}); whether it already does at "
+                      f"{', '.join(before)} is not resolved with {_n(res)} ({desc})")
+            return clause, outcomes
         return f"{subject} reaches {t} at {stage} ({desc})", outcomes
     if all(o == "no" for o in outcomes):
         return f"{subject} stays below {t} at every stage ({desc})", outcomes
@@ -558,7 +564,7 @@ def _direction(res: Any, first: Estimate, last: Estimate) -> str:
 
 def _separability(res: Any) -> list[Finding]:
     streams: dict[str, dict[str, str]] = {}
-    for tap, v in (res.semantic_variance or {}).items():
+    for tap in res.semantic_variance or {}:
         t = res.taps.get(tap)
         if t and _STAGE.match(t["stage"]) and tap == f"{t['stream']}.{t['stage']}":
             streams.setdefault(t["stream"], {})[t["stage"]] = tap
