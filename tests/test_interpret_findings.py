@@ -2,6 +2,7 @@
 interval straddles the threshold, per removal policy, and first on the pages."""
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import fusionzoo as fz
 from fusionzoo._registry import model_entry
 from fusionzoo.interpret import InterpretResult
 from fusionzoo.interpret.contribution import shapley_values
-from fusionzoo.interpret.findings import THRESHOLDS, findings, findings_html
+from fusionzoo.interpret.findings import THRESHOLDS, findings, findings_html, harsanyi_dividend
 from fusionzoo.interpret.plan import plan_taps
 
 CLASSES = ["poster", "box", "ball", "crate"]
@@ -246,3 +247,26 @@ def test_report_and_compare_open_with_findings(tmp_path):
     assert "Headline numbers with 95% bootstrap intervals" in html_text
     assert "Score decomposition per class" in cmp["markdown"].read_text()
     assert "withheld" in findings_html(_result())
+
+
+def test_three_way_interaction_is_the_harsanyi_dividend():
+    # v = 1 only with all three modalities: the dividend of {rgb, depth, thermal} is the whole score
+    mods = ["rgb", "depth", "thermal"]
+    coal = {}
+    for k in range(4):
+        for combo in itertools.combinations(mods, k):
+            v = 0.9 if k == 3 else 0.0
+            coal["+".join(combo) or "none"] = {"miou": v, "iou": [v, 0.0]}
+    assert harsanyi_dividend(coal, mods, "miou") == pytest.approx(0.9)
+    assert harsanyi_dividend(coal, mods, "iou") == pytest.approx([0.9, 0.0])
+    # a pairwise synergy of rgb and depth leaves no 3-way term
+    pair = {k: {"miou": 0.9 if {"rgb", "depth"} <= set(k.split("+")) else 0.0} for k in coal}
+    assert harsanyi_dividend(pair, mods, "miou") == pytest.approx(0.0)
+    sh = shapley_values(mods, lambda s: coal["+".join(m for m in mods if m in s) or "none"]["miou"])
+    res = InterpretResult(model="toy3", fusion="late", config={}, modalities=mods, num_classes=2,
+                          class_names=["a", "b"], num_images=8, taps={}, settings={"policy": "zero"},
+                          contribution={"metric": "mIoU", "policy": "zero", "modalities": mods, "coalitions": coal,
+                                        "shapley": sh, "drop": {m: 0.9 for m in mods}})
+    text = next(t for t in _texts(res, "interaction") if "3-way" in t)
+    assert "Under zero, the 3-way interaction of rgb, depth, thermal" in text and "+90.0 points overall" in text
+    assert "All three are needed together (dividend >= +10.0) on a (+90.0)" in text

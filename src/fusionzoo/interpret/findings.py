@@ -39,6 +39,7 @@ terms (:func:`cooperation_tables`) and the side-by-side evolution plot (:func:`p
 from __future__ import annotations
 
 import html
+import itertools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -46,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from .compare import PolicyView, Table, comparison_extra_tables, policy_views, seed_groups, with_references
@@ -54,7 +56,7 @@ from .contribution import contribution_keys
 from .intervals import interval
 
 __all__ = ["KINDS", "THRESHOLDS", "Estimate", "Finding", "comparison_findings_html", "cooperation_tables",
-           "findings", "findings_html", "plot_evolution", "seed_verdicts"]
+           "findings", "findings_html", "harsanyi_dividend", "plot_evolution", "seed_verdicts"]
 
 THRESHOLDS: dict[str, float] = {
     "min_gain": 0.05,          # a class must gain >= 5 metric points from its modalities to be judged
@@ -371,6 +373,70 @@ def _interaction(res: Any, views: Sequence[PolicyView]) -> list[Finding]:
                             "unresolved": [n for n, _ in stable.get("unresolved", [])],
                             "by_policy": {c: {p: v.label for p, v in seq} for c, seq in varying.items()}},
                            status, names))
+    return out
+
+
+def harsanyi_dividend(coalitions: Mapping[str, Any], modalities: Sequence[str], key: str) -> Any:
+    """The Harsanyi dividend of the full coalition: ``d(N) = sum_{T subset of N} (-1)^{|N|-|T|} v(T)``
+    (Harsanyi 1963), the part of ``v(N)`` that no smaller coalition accounts for. For three
+    modalities it is the 3-way interaction ``v(abc) - v(ab) - v(ac) - v(bc) + v(a) + v(b) + v(c) - v()``.
+
+    Args:
+        coalitions: ``contribution["coalitions"]`` (``"rgb+depth"`` ... ``"none"``).
+        modalities: the players, in the order the coalition names use.
+        key: ``"miou"`` / ``"iou"`` (or ``"ap"`` / ``"ap_per_class"``): a number or per-class list.
+
+    Returns:
+        A float, or a list of floats per class (NaN where a coalition has none).
+    """
+    mods = list(modalities)
+    total = 0.0
+    for k in range(len(mods) + 1):
+        for combo in itertools.combinations(mods, k):
+            v = coalitions["+".join(combo) or "none"][key]
+            v = np.array([_nan(x) for x in v]) if isinstance(v, list) else _nan(v)
+            total = total + (-1) ** (len(mods) - k) * v
+    return [float(x) for x in total] if isinstance(total, np.ndarray) else float(total)
+
+
+def _three_way(res: Any, views: Sequence[PolicyView]) -> list[Finding]:
+    """The 3-way interaction (Harsanyi dividend of all three modalities) under each policy."""
+    t = THRESHOLDS["interaction"]
+    out = []
+    for v in views:
+        mods = list(v.contribution.get("modalities") or res.modalities)
+        if len(mods) != 3:
+            return []
+        _, vk, ck = contribution_keys(v.contribution)
+        coal = v.contribution["coalitions"]
+        name = "|".join(mods)
+        overall = _est(res, f"{v.prefix}harsanyi.{name}.value", harsanyi_dividend(coal, mods, vk))
+        per = harsanyi_dividend(coal, mods, ck)
+        pos, neg, unresolved = [], [], []
+        for i, (cls, x) in enumerate(zip(_class_names(res, len(per)), per)):
+            e = _est(res, f"{v.prefix}harsanyi.{name}.per_class.{i}", x)
+            if math.isnan(e.value):
+                continue
+            up, down = e.at_least(t), e.at_most(-t)
+            item = f"{cls} ({e.text(sign=True)})"
+            if up == "yes":
+                pos.append(item)
+            elif down == "yes":
+                neg.append(item)
+            elif "unresolved" in (up, down):
+                unresolved.append(item)
+        head = (f"Under {v.policy}, the 3-way interaction of {', '.join(mods)} (Harsanyi dividend: what no pair "
+                f"accounts for) is {overall.text(sign=True)} points overall.")
+        parts = [head]
+        if pos:
+            parts.append(f"All three are needed together (dividend >= +{_pts(t)}) on {', '.join(pos)}.")
+        if neg:
+            parts.append(f"The pairs already give it (dividend <= -{_pts(t)}) on {', '.join(neg)}.")
+        if unresolved:
+            parts.append(f"Not resolved with {_n(res)}: {', '.join(unresolved)}.")
+        out.append(Finding("interaction", " ".join(parts) + _mark(res),
+                           {"modalities": mods, "policy": v.policy, "value": overall.value, "positive": pos,
+                            "negative": neg}, _status(["unresolved"] * bool(unresolved) + ["yes"], res), [v.policy]))
     return out
 
 
@@ -756,6 +822,7 @@ def findings(res: Any) -> list[Finding]:
     if views:
         out += _carriers(res, views)
         out += _interaction(res, views)
+        out += _three_way(res, views)
     out += _references(res)
     out += _convergence(res)
     if res.contribution and res.contribution.get("shapley"):
