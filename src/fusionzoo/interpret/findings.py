@@ -770,8 +770,9 @@ def _reference_finding(res: Any, ref: Mapping[str, Any]) -> Finding:
     nums = f"fused {fused.text()}, reference {refv.text()}"
     mark = "" if (fused.ci is not None and refv.ci is not None) else _POINT
     if adds == "yes":
-        text = (f"Learned to use both: the fused model beats {label} by {gap} points, more than their intervals "
-                f"({nums}); removing {removed} drops it by {drop_txt}.")
+        beyond = ", more than their intervals" if not mark else ""
+        text = (f"Learned to use both: the fused model beats {label} by {gap} points{beyond} ({nums}); removing "
+                f"{removed} drops it by {drop_txt}.")
     elif adds == "worse":
         text = (f"The fused model does worse than {label} ({nums}): adding {removed} costs {_pts(-fused.value + refv.value)} "
                 f"points; removing it drops the fused model by {drop_txt}.")
