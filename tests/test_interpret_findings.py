@@ -97,6 +97,8 @@ def test_sentences_follow_the_numbers_and_say_there_is_no_interval():
                for f in findings(res) if f.kind in ("carriers", "interaction", "underuse"))
     zero = _result(settings={"policy": "zero", "intervals": {"replicates": 0}})
     assert "replicates=0" in _texts(zero, "measurement")[0]
+    unfilled = _result(settings={"policy": "zero", "intervals": {"replicates": 200}})
+    assert "none of its metrics recorded intervals from the 200 replicates" in _texts(unfilled, "measurement")[0]
 
 
 def test_threshold_changes_the_judgement(monkeypatch):

@@ -798,7 +798,9 @@ def _measurement(res: Any, views: Sequence[PolicyView]) -> list[Finding]:
         out.append(Finding("measurement", f"Data: {data['replaced']}", dict(data)))
     if not _has_intervals(res):
         reps = (s.get("intervals") or {}).get("replicates")
-        why = "it was run with replicates=0" if reps == 0 else "its metrics.json was written before intervals existed"
+        why = ("it was run with replicates=0" if reps == 0 else
+               "its metrics.json was written before intervals existed" if reps is None else
+               f"none of its metrics recorded intervals from the {reps} replicates")
         out.append(Finding("measurement", (
             f"This result carries no bootstrap intervals ({why}): the findings below judge point values against the "
             "thresholds, are marked 'point values, no interval', and are not supported by an uncertainty estimate; "
@@ -923,6 +925,9 @@ def comparison_findings_html(labels: Sequence[str], results: Sequence[Any],
     rows = []
     for kind in KINDS:
         cells = ["<br>".join(html.escape(f.text) for f in fs if f.kind == kind) or "n/a" for fs in per]
+        if len(cells) > 1 and len(set(cells)) == 1:  # the same for every model: said once, across the row
+            rows.append(f"<tr><th>{_TITLES[kind]}</th><td colspan='{len(cells)}'>{cells[0]}</td></tr>")
+            continue
         rows.append(f"<tr><th>{_TITLES[kind]}</th>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     tables = list(extra_tables(labels, results) if extra_tables is not None
                   else comparison_extra_tables(labels, results)) + seed_verdicts(labels, results)
