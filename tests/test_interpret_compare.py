@@ -163,64 +163,67 @@ def test_retrained_reference_tells_learned_use_from_breakage():
     assert find_references(["f", "r"], [_result(), _result(mods=("rgb",), lr=0.1)]) == {}
 
 
-def _run_folder(tmp_path, name, modalities=None, num_classes=5):
+def _run_folder(root, name, modalities=None):
     torch.manual_seed(0)
-    run = tmp_path / name
+    run = root / name
     run.mkdir(parents=True)
     cfg = TrainConfig(model="late_mean_resnet18", image_size=(32, 32), val_samples=4,
                       modalities=tuple(modalities) if modalities else None)
     val = create_dataset("synthetic_rgbd", split=cfg.val_split, num_samples=4, image_size=(32, 32))
     write_config(cfg, run / "config.json", extra={"modalities": list(modalities or val.modalities)})
-    model = fz.create_model("late_mean_resnet18", num_classes=num_classes,
+    model = fz.create_model("late_mean_resnet18", num_classes=val.num_classes,
                             modalities=tuple(modalities or val.modalities)).eval()
-    save_pretrained(model, run / "best", class_names=val.classes if num_classes == 5 else None)
+    save_pretrained(model, run / "best", class_names=val.classes)
     return run
 
 
-def test_interpret_says_when_flags_replace_the_runs_validation_set(tmp_path, capsys):
-    run = _run_folder(tmp_path, "r")
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two run folders of one recipe as train.py writes them: RGB-D and RGB only (untrained weights)."""
+    root = tmp_path_factory.mktemp("runs")
+    return {"fused": _run_folder(root, "fused"), "rgb": _run_folder(root, "rgb", modalities=("rgb",))}
+
+
+ARGS = ["--metrics", "contribution", "--no-progress", "--batch-size", "2"]
+
+
+def test_interpret_says_when_flags_replace_the_runs_validation_set(runs, tmp_path, capsys):
     out = tmp_path / "rep"
-    assert main(["interpret", str(run), "--out", str(out), "--metrics", "contribution", "--no-progress",
-                 "--batch-size", "2", "--num-samples", "4", "--image-size", "32", "32"]) == 0
+    assert main(["interpret", str(runs["fused"]), "--out", str(out), *ARGS, "--num-samples", "4",
+                 "--image-size", "32", "32"]) == 0
     err = capsys.readouterr().err
     assert "warning: --num-samples replaced the run's validation set" in err
     data = json.loads((out / "metrics.json").read_text())
     assert data["settings"]["data"]["flags"] == ["--num-samples"]
     assert "replaced the run&#x27;s validation set" in (out / "report.html").read_text()
     assert data["settings"]["run"]["config"]["model"] == "late_mean_resnet18"
-    # without the flag: the run's own set, said in the settings, no warning
-    assert main(["interpret", str(run), "--out", str(out), "--metrics", "contribution", "--no-progress",
-                 "--batch-size", "2"]) == 0
-    assert "warning" not in capsys.readouterr().err
-    assert json.loads((out / "metrics.json").read_text())["settings"]["data"]["source"] == "the run's validation set"
 
 
-def test_interpret_refuses_data_the_model_cannot_take(tmp_path, capsys):
+def test_interpret_refuses_data_the_model_cannot_take(runs, tmp_path, capsys):
     wide = tmp_path / "m40"
     save_pretrained(fz.create_model("late_mean_resnet18", num_classes=40), wide)
-    tiny = ["--num-samples", "4", "--image-size", "32", "32", "--batch-size", "2", "--no-progress",
-            "--metrics", "contribution"]
+    tiny = ["--num-samples", "4", "--image-size", "32", "32", *ARGS]
     assert main(["interpret", str(wide), "--out", str(tmp_path / "o"), *tiny]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "predicts 40 classes but the data" in err[0] and "has 5" in err[0]
-    best = _run_folder(tmp_path, "r") / "best"
+    best = runs["fused"] / "best"
     assert main(["interpret", str(best), "--dataset", "synthetic_rgbt", "--out", str(tmp_path / "o"), *tiny]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "takes rgb+depth but the data" in err[0] and "(no depth)" in err[0]
 
 
-def test_interpret_with_a_retrained_reference_end_to_end(tmp_path, capsys):
-    fused, rgb_only = _run_folder(tmp_path, "fused"), _run_folder(tmp_path, "rgb", modalities=("rgb",))
+def test_interpret_with_a_retrained_reference_end_to_end(runs, tmp_path, capsys):
     out = tmp_path / "rep"
-    assert main(["interpret", str(fused), "--reference", f"rgb={rgb_only}", "--out", str(out), "--metrics",
-                 "contribution", "--no-progress", "--batch-size", "2"]) == 0
+    assert main(["interpret", str(runs["fused"]), "--reference", f"rgb={runs['rgb']}", "--out", str(out), *ARGS]) == 0
+    assert "warning" not in capsys.readouterr().err  # the run's own validation set: nothing replaced
     data = json.loads((out / "metrics.json").read_text())
+    assert data["settings"]["data"]["source"] == "the run's validation set"
     (ref,) = data["settings"]["references"]
     assert ref["kind"] == "unimodal" and ref["kept"] == ["rgb"] and ref["removed"] == ["depth"]
     assert ref["score"] is not None and ref["fused"] == pytest.approx(
         data["contribution"]["coalitions"]["rgb+depth"]["miou"])
     assert "retrained references" in (out / "report.html").read_text()
-    other = _run_folder(tmp_path, "other", modalities=("depth",))
-    assert main(["interpret", str(fused), "--reference", f"rgb={other}", "--out", str(out), "--metrics",
-                 "contribution", "--no-progress", "--batch-size", "2"]) == 2
+    # the fused run's own output is no reference for it (same streams, no modality dropout)
+    assert main(["interpret", str(runs["fused"]), "--reference", f"rgb={out}", "--out", str(tmp_path / "o2"),
+                 *ARGS]) == 2
     assert "is no reference for rgb+depth keeping rgb" in capsys.readouterr().err
