@@ -214,8 +214,11 @@ def test_interpret_refuses_data_the_model_cannot_take(runs, tmp_path, capsys):
 
 def test_interpret_with_a_retrained_reference_end_to_end(runs, tmp_path, capsys):
     out = tmp_path / "rep"
-    assert main(["interpret", str(runs["fused"]), "--reference", f"rgb={runs['rgb']}", "--out", str(out), *ARGS]) == 0
-    assert "warning" not in capsys.readouterr().err  # the run's own validation set: nothing replaced
+    assert main(["interpret", str(runs["fused"]), "--reference", f"rgb={runs['rgb']}", "--out", str(out), *ARGS,
+                 "--image-size", "32", "32"]) == 0
+    # the run's own validation set: nothing replaced, and a flag that cannot apply to it says so
+    err = capsys.readouterr().err
+    assert "replaced" not in err and "warning: --image-size ignored: the run's own validation set is used" in err
     data = json.loads((out / "metrics.json").read_text())
     assert data["settings"]["data"]["source"] == "the run's validation set"
     (ref,) = data["settings"]["references"]
