@@ -114,7 +114,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--dataset", default=None, help="dataset name (default: the run's, else synthetic_rgbd)")
         sp.add_argument("--data-root", default=None, help="prepared dataset folder (benchmarks)")
         sp.add_argument("--split", default=None, help="split to interpret (default: the run's validation split, else val)")
-        sp.add_argument("--num-samples", type=int, default=None, help="synthetic sets: images to generate (default 32)")
+        sp.add_argument("--num-samples", type=int, default=None,
+                        help="synthetic sets: images to generate (default 32); with a run folder it replaces the "
+                             "run's validation set (a warning and the report say so)")
         sp.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None)
         sp.add_argument("--batch-size", type=int, default=8)
         sp.add_argument("--max-batches", type=int, default=None)
@@ -134,9 +136,20 @@ def _parser() -> argparse.ArgumentParser:
     it = sub.add_parser("interpret", help="interpret one model: metrics.json, PNG plots, report.html")
     it.add_argument("target", help="run folder, save_pretrained folder, or registered model name")
     it.add_argument("--out", required=True, help="output folder")
+    it.add_argument("--reference", action="append", default=None, metavar="[MODS=]RUN",
+                    help="a run of the same recipe trained without a modality (train.py --modalities rgb), with "
+                         "--modality-dropout or with --train-missing: the reference for what a modality adds; the "
+                         "findings tell 'learned to use both' from 'breaks when one is removed' (repeatable; MODS, "
+                         "e.g. rgb, picks the kept modalities of a dropout run)")
     data_args(it)
 
-    cp = sub.add_parser("compare", help="interpret several models and lay them side by side")
+    cp = sub.add_parser("compare", help="interpret several models and lay them side by side",
+                        description="Interpret (or reuse) several targets and lay them side by side. Runs of one "
+                                    "recipe (same training config apart from the seed) are grouped: mean +- std "
+                                    "(min..max, n) per headline number, and two recipes differ when their seed "
+                                    "ranges do not overlap. A run on a subset of the modalities, or trained with "
+                                    "modality dropout, of the same recipe is a retrained reference. Runs of "
+                                    "different tasks, class sets or modalities are refused.")
     cp.add_argument("targets", nargs="+", help="run folders, interpret output folders, or model names")
     cp.add_argument("--out", required=True, help="output folder")
     data_args(cp)

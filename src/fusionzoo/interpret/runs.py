@@ -26,9 +26,10 @@ from ..engine.config import config_from_dict
 from ..hub import from_pretrained
 from .api import METRICS, InterpretResult, run
 from .callbacks import ModalityBalanceCallback
+from .contribution import task_for
 
-__all__ = ["find_weights", "interpret_run", "is_pretrained_dir", "load_run", "run_config", "training_history",
-           "validation_set"]
+__all__ = ["check_model_data", "find_weights", "interpret_run", "is_pretrained_dir", "load_run", "record_run",
+           "run_config", "training_history", "validation_set"]
 
 WEIGHT_DIRS = ("best", "pretrained", "final")
 
@@ -119,11 +120,41 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> t
     return model.to(device), validation_set(cfg), training_history(run_dir)
 
 
+def check_model_data(model: nn.Module, dataset: Any, where: str = "the data") -> None:
+    """Refuse data a model cannot be interpreted on, before any batch runs.
+
+    Raises:
+        ValueError: the data lacks one of the model's modalities, or (segmentation) its class
+            count differs from the model's; the message names both and what to do.
+    """
+    name = (getattr(model, "config", None) or {}).get("name", type(model).__name__)
+    have = list(getattr(dataset, "modalities", None) or [])
+    missing = [m for m in model.modalities if have and m not in have]
+    if missing:
+        raise ValueError(f"{name} takes {'+'.join(model.modalities)} but {where} provides {'+'.join(have)} "
+                         f"(no {', '.join(missing)}); interpret it on data with its modalities")
+    data_k = getattr(dataset, "num_classes", None)
+    if data_k is not None and task_for(model, 255).name == "segmentation" and int(data_k) != int(model.num_classes):
+        raise ValueError(f"{name} predicts {model.num_classes} classes but {where} has {data_k}; interpret it on "
+                         "data with its class set (--dataset / --data-root of the data it was trained on)")
+
+
+def record_run(result: InterpretResult, run_dir: str | Path | None, run_cfg: dict[str, Any] | None) -> None:
+    """Record which run a result was measured on (``settings["run"]``: its folder and training
+    config), so :mod:`.compare` can group seeds of one recipe and find its references."""
+    if run_cfg is not None:
+        result.settings["run"] = {"dir": str(run_dir) if run_dir is not None else None,
+                                  "config": {k: v for k, v in run_cfg.items() if not k.startswith("_")}}
+
+
 def interpret_run(run_dir: str | Path, metrics: Sequence[str] = METRICS, device: str | torch.device | None = None,
                   **run_kwargs: Any) -> InterpretResult:
     """:func:`fusionzoo.interpret.run` on a run's best weights and validation set, with the
-    run's training history attached (``result.training``)."""
+    run's training history attached (``result.training``) and its training config recorded
+    (``result.settings["run"]``, :func:`record_run`)."""
     model, val, history = load_run(run_dir, device)
+    check_model_data(model, val, f"{run_dir}'s validation set")
     result = run(model, val, metrics=metrics, **run_kwargs)
     result.training = history
+    record_run(result, run_dir, run_config(run_dir))
     return result
