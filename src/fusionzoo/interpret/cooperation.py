@@ -47,7 +47,11 @@ from ..weights import unwrap_model
 from .api import run
 from .callbacks import modality_owned_gradients, probe_mode
 
-__all__ = ["EpochInterpretCallback", "GradientDirectionCallback", "LearningSpeedCallback", "shared_parameters"]
+__all__ = ["RECORD_KINDS", "EpochInterpretCallback", "GradientDirectionCallback", "LearningSpeedCallback",
+           "shared_parameters", "summarize_result"]
+
+# ``kind`` of the metrics.jsonl records these callbacks write (interpret.runs.training_history reads them)
+RECORD_KINDS = ("grad_direction", "learning_speed", "epoch_interpret")
 
 
 def shared_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
