@@ -212,17 +212,17 @@ class GradientDirectionCallback(_Recorder):
                 full: Sequence[torch.Tensor | None]) -> dict[str, Any]:
         """The record's numbers from per-modality gradients and the step's gradient (same order as :attr:`shared`)."""
         streams = {**grads, "_all": full}
-        names = list(streams)
         groups = [n.split(".")[0] for n, _ in self.shared]
-        # per tensor: squared norms per stream and dot products per pair, float64 (shape (T,))
-        flat = {s: [None if g is None else g.detach().double().flatten() for g in streams[s]] for s in names}
-        sq = {s: torch.tensor([0.0 if g is None else float(g @ g) for g in flat[s]], dtype=torch.float64)
-              for s in names}
+        sizes = [p.numel() for _, p in self.shared]
+        # one float64 vector per stream (an unused tensor contributes zeros); per-tensor sums by split
+        flat = {s: torch.cat([torch.zeros(n, dtype=torch.float64, device=p.device) if g is None
+                              else g.detach().double().flatten() for g, n, (_, p) in zip(v, sizes, self.shared)])
+                for s, v in streams.items()}
 
-        def dots(a: str, b: str) -> torch.Tensor:
-            return torch.tensor([0.0 if ga is None or gb is None else float(ga @ gb)
-                                 for ga, gb in zip(flat[a], flat[b])], dtype=torch.float64)
+        def dots(a: str, b: str) -> torch.Tensor:  # (T,) per-tensor dot products
+            return torch.stack([c.sum() for c in (flat[a] * flat[b]).split(sizes)]).cpu()
 
+        sq = {s: dots(s, s) for s in streams}
         row: dict[str, Any] = {"cosine": {}, "conflict": {}, "by_module": {}, "cosine_to_update": {}, "norm": {}}
         for a, b in _pairs(self.modalities):
             d, key = dots(a, b), f"{a}|{b}"
@@ -346,10 +346,11 @@ class LearningSpeedCallback(_Recorder):
             return
         grad_ratio, self._before = {}, {}
         for m, group in self.groups.items():
-            w2 = sum(float(_view(p, sl).double().pow(2).sum()) for p, sl in group)
-            g2 = sum(float(_view(p.grad, sl).double().pow(2).sum()) for p, sl in group if p.grad is not None)
-            grad_ratio[m] = g2 / w2 if w2 > 0 else math.nan
-            self._before[m] = [_view(p, sl).detach().clone() for p, sl in group]
+            weights = [_view(p, sl).detach() for p, sl in group]
+            grads = [_view(p.grad, sl) for p, sl in group if p.grad is not None]
+            w2 = _sq_norm(weights)
+            grad_ratio[m] = _sq_norm(grads) / w2 if w2 > 0 else math.nan
+            self._before[m] = [w.clone() for w in weights]
         self._row = {"step": int(step) + 1, "epoch": int(epoch), "grad_ratio": grad_ratio}
 
     @torch.no_grad()
@@ -360,9 +361,9 @@ class LearningSpeedCallback(_Recorder):
         before, row, self._before, self._row = self._before, self._row, None, None
         update_ratio = {}
         for m, group in self.groups.items():
-            d2 = sum(float((_view(p, sl).double() - b.double()).pow(2).sum()) for (p, sl), b in zip(group, before[m]))
-            w2 = sum(float(b.double().pow(2).sum()) for b in before[m])
-            update_ratio[m] = d2 / w2 if w2 > 0 else math.nan
+            w2 = _sq_norm(before[m])
+            update_ratio[m] = _sq_norm(torch._foreach_sub([_view(p, sl) for p, sl in group], before[m])) / w2 \
+                if w2 > 0 else math.nan
         for m in self.modalities:
             for mu, r in ((self.mu_grad, row["grad_ratio"][m]), (self.mu_update, update_ratio[m])):
                 if not math.isnan(r):
@@ -382,6 +383,13 @@ class LearningSpeedCallback(_Recorder):
         super().load_state_dict(state)
         self.mu_grad = {k: float(v) for k, v in (state.get("mu_grad") or {}).items() if v is not None}
         self.mu_update = {k: float(v) for k, v in (state.get("mu_update") or {}).items() if v is not None}
+
+
+def _sq_norm(tensors: list[torch.Tensor]) -> float:
+    """Sum of squared entries of ``tensors`` (one fused norm per tensor, summed in float64)."""
+    if not tensors:
+        return 0.0
+    return float(torch.stack([n.double() for n in torch._foreach_norm(tensors)]).pow(2).sum())
 
 
 def _view(t: torch.Tensor, sl: slice | None) -> torch.Tensor:
