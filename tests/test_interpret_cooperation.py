@@ -113,12 +113,13 @@ def test_records_per_logged_step_with_bias_corrected_ema():
     assert all(-1 <= r["cosine_to_update"]["rgb"] <= 1 for r in rows)
 
 
-def _train(model, callbacks=(), steps=40, options=TrainStepOptions(), lr=0.05) -> list[dict]:
+def _train(model, callbacks=(), steps=40, options: TrainStepOptions | None = None, lr=0.05) -> list[dict]:
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     batches, log, hooks = [_world(16, 100 + s) for s in range(steps)], Collect(), CallbackList(list(callbacks))
     hooks.on_train_start(model)
     train_one_epoch(model, batches, opt, None, modalities=model.modalities, device=torch.device("cpu"),
-                    state=EpochState(), num_batches=steps, callbacks=hooks, options=options, logger=log)
+                    state=EpochState(), num_batches=steps, callbacks=hooks, options=options or TrainStepOptions(),
+                    logger=log)
     return log.rows
 
 
