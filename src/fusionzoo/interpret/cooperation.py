@@ -46,6 +46,7 @@ from ..tasks import Task, get_task
 from ..weights import unwrap_model
 from .api import run
 from .callbacks import modality_owned_gradients, probe_mode
+from .contribution import _coalition_key
 
 __all__ = ["RECORD_KINDS", "EpochInterpretCallback", "GradientDirectionCallback", "LearningSpeedCallback",
            "shared_parameters", "summarize_result"]
@@ -520,8 +521,7 @@ def _utilisation(section: Mapping[str, Any], modalities: Sequence[str]) -> tuple
     coalitions = section.get("coalitions") or {}
 
     def score(names: Sequence[str]) -> float:
-        key = "+".join(names) if names else "none"
-        entry = coalitions.get(key) or {}
+        entry = coalitions.get(_coalition_key(names, modalities)) or {}
         metric = str(section.get("metric") or "").lower()
         v = entry.get(metric, entry.get("miou", entry.get("ap")))
         return float(v) if isinstance(v, (int, float)) else math.nan
