@@ -31,6 +31,14 @@ __all__ = ["training_figures"]
 Color = Callable[[str, int], str]
 
 
+# pairs of modalities (cosines, interactions, speed ratios): colours that no stream uses
+_PAIR_COLORS = ("#555555", "#8c564b", "#bcbd22")
+
+
+def _pair_color(i: int) -> str:
+    return _PAIR_COLORS[i % len(_PAIR_COLORS)]
+
+
 def _default_color(stream: str, i: int = 0) -> str:
     return f"C{i % 10}"
 
@@ -70,15 +78,15 @@ def _gradients_figure(rows: list[Mapping[str, Any]], model: str, color: Callable
     fig = Figure(figsize=(12, 3.8))
     ax_cos, ax_conf, ax_upd = fig.subplots(1, 3)
     for i, (pair, vals) in enumerate(cos.items()):
-        ax_cos.plot(steps, vals, ".", alpha=0.35, color=f"C{i}")
-        ax_cos.plot(steps, ema.get(pair, vals), "-", color=f"C{i}", label=f"{pair.replace('|', ' vs ')} (EMA)")
+        ax_cos.plot(steps, vals, ".", alpha=0.35, color=_pair_color(i))
+        ax_cos.plot(steps, ema.get(pair, vals), "-", color=_pair_color(i), label=f"{pair.replace('|', ' vs ')} (EMA)")
     ax_cos.axhline(0, color="black", lw=0.8, ls="--")
     ax_cos.set_ylim(-1.05, 1.05)
     ax_cos.set_ylabel("cosine of the two gradients (unitless)")
     ax_cos.set_title("agreement on the shared weights")
     ax_cos.legend(fontsize=8)
     for i, (pair, vals) in enumerate(_series(rows, "conflict").items()):
-        ax_conf.plot(steps, vals, ".-", color=f"C{i}", label=pair.replace("|", " vs "))
+        ax_conf.plot(steps, vals, ".-", color=_pair_color(i), label=pair.replace("|", " vs "))
     ax_conf.set_ylim(-0.02, 1.02)
     ax_conf.set_ylabel("fraction of shared tensors with cosine < 0")
     ax_conf.set_title("conflict (PCGrad's case)")
@@ -115,9 +123,9 @@ def _speed_figure(rows: list[Mapping[str, Any]], model: str, color: Callable[[st
     ax_mu.set_title("learning speed of each encoder")
     ax_mu.legend(fontsize=8)
     for i, (pair, vals) in enumerate(_series(rows, "conditional_speed").items()):
-        ax_cond.plot(steps, vals, "-", color=f"C{i}", label=f"log10 mu {pair.replace('|', ' / mu ')} (updates)")
+        ax_cond.plot(steps, vals, "-", color=_pair_color(i), label=f"log10 mu {pair.replace('|', ' / mu ')} (updates)")
     for i, (pair, vals) in enumerate(_series(rows, "conditional_speed_grad").items()):
-        ax_cond.plot(steps, vals, "--", color=f"C{i}", label=f"log10 mu {pair.replace('|', ' / mu ')} (gradients)")
+        ax_cond.plot(steps, vals, "--", color=_pair_color(i), label=f"log10 mu {pair.replace('|', ' / mu ')} (gradients)")
     ax_cond.axhline(0, color="black", lw=0.8, ls="--")
     ax_cond.set_ylabel("conditional learning speed (log10 ratio)")
     ax_cond.set_title("> 0: the first modality learns faster")
@@ -154,7 +162,7 @@ def _epochs_figure(rows: list[Mapping[str, Any]], model: str, color: Callable[[s
         else:
             ax_s.plot(epochs, vals, ".-", color=color(m), label=f"Shapley {m}")
     for i, (pair, vals) in enumerate(_series(rows, "interaction").items()):
-        ax_s.plot(epochs, vals, "--", color=f"C{i + 2}", label=f"interaction {pair.replace('|', '-')}")
+        ax_s.plot(epochs, vals, "--", color=_pair_color(i), label=f"interaction {pair.replace('|', '-')}")
     ax_s.axhline(0, color="black", lw=0.8, ls="--")
     ax_s.set_ylabel(f"{metric} points (fraction)")
     ax_s.set_title("contribution and interaction")
