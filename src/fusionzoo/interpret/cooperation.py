@@ -154,7 +154,9 @@ class GradientDirectionCallback(_Recorder):
     Args:
         log_every: measure every this many optimizer steps.
         ema: decay of the moving averages.
-        task: the run's :class:`~fusionzoo.tasks.Task` (default: the model's).
+        task: the run's :class:`~fusionzoo.tasks.Task` (default: the model's). ``train.py`` passes
+            the task as the config builds it, before ``class_weighting`` counts its weights in
+            the run folder: the probes' loss has no class weights.
     """
 
     state_key: ClassVar[str] = "grad_direction"
