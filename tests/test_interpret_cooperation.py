@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from fusionzoo.models.base import FusionModel
 from fusionzoo.engine.loop import CallbackList, EpochState, TrainStepOptions, train_one_epoch
 from fusionzoo.interpret.callbacks import OGMGECallback
 from fusionzoo.interpret.cooperation import (
@@ -25,6 +24,7 @@ from fusionzoo.interpret.cooperation import (
 )
 from fusionzoo.interpret.runs import training_history
 from fusionzoo.interpret.training_report import training_figures
+from fusionzoo.models.base import FusionModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 ROOT = Path(__file__).resolve().parents[1]
