@@ -13,6 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+from fusionzoo.engine.builders import build_callbacks
+from fusionzoo.engine.config import ConfigError, TrainConfig
 from fusionzoo.engine.loop import CallbackList, EpochState, TrainStepOptions, train_one_epoch
 from fusionzoo.interpret.callbacks import OGMGECallback
 from fusionzoo.interpret.cooperation import (
@@ -216,3 +218,20 @@ def test_train_py_records_reach_metrics_history_and_report(tmp_path):
     assert [(r["kind"], r.get("step"), r.get("epoch")) for r in kept if r["kind"] != "train"] == [
         ("grad_direction", 1, 0), ("learning_speed", 1, 0), ("learning_speed", 2, 0), ("epoch", 2, 0),
         ("epoch_interpret", 2, 0)]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"grad_direction": {"log_every": 0}}, "--callbacks grad_direction: grad_direction log_every must be >= 1"),
+    ({"grad_direction": {"every": 2}}, "--callback-options grad_direction: unknown setting(s) ['every']"),
+    ({"epoch_interpret": {"metrics": ["cka", "shapley"]}}, "--callbacks epoch_interpret: epoch_interpret metrics"),
+    ({"epoch_interpret": {"policy": "blank"}}, "--callbacks epoch_interpret: epoch_interpret policy"),
+])
+def test_bad_callback_settings_name_the_callback(options, message):
+    with pytest.raises(ConfigError) as err:
+        build_callbacks(["grad_direction", "epoch_interpret"], options, context={"val_set": [0]})
+    assert str(err.value).startswith(message)
+
+
+def test_options_for_an_unselected_callback_are_refused():
+    with pytest.raises(ConfigError, match="callback_options.*must configure callbacks that --callbacks selects"):
+        TrainConfig(callbacks=("grad_direction",), callback_options={"ogm_ge": {"alpha": 0.3}})

@@ -44,9 +44,9 @@ from torch.utils.data import Subset
 from .._json import to_json
 from ..tasks import Task, get_task
 from ..weights import unwrap_model
-from .api import run
+from .api import METRICS, run
 from .callbacks import modality_owned_gradients, probe_mode
-from .contribution import _coalition_key
+from .contribution import REMOVAL_POLICIES, _coalition_key
 
 __all__ = ["RECORD_KINDS", "EpochInterpretCallback", "GradientDirectionCallback", "LearningSpeedCallback",
            "shared_parameters", "summarize_result"]
@@ -435,6 +435,11 @@ class EpochInterpretCallback(_Recorder):
         if images < 1 or every < 1 or replicates < 0 or batch_size < 1:
             raise ValueError(f"epoch_interpret: images, every and batch_size must be >= 1 and replicates >= 0, got "
                              f"images={images}, every={every}, batch_size={batch_size}, replicates={replicates}")
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown or not metrics:
+            raise ValueError(f"epoch_interpret metrics must be some of {list(METRICS)}, got {list(metrics)}")
+        if policy not in REMOVAL_POLICIES:
+            raise ValueError(f"epoch_interpret policy must be one of {REMOVAL_POLICIES}, got {policy!r}")
         self.val_set, self.images, self.metrics = val_set, int(images), tuple(metrics)
         self.replicates, self.every, self.policy, self.batch_size = int(replicates), int(every), policy, int(batch_size)
         self._model: nn.Module | None = None
