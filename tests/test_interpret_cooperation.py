@@ -13,9 +13,10 @@ import pytest
 import torch
 from torch import nn
 
+import fusionzoo as fz
 from fusionzoo.engine.builders import build_callbacks
 from fusionzoo.engine.config import ConfigError, TrainConfig
-from fusionzoo.engine.loop import CallbackList, EpochState, TrainStepOptions, train_one_epoch
+from fusionzoo.engine.loop import CallbackList, EpochState, TrainStepOptions, set_bn_eval, train_one_epoch
 from fusionzoo.interpret.callbacks import OGMGECallback
 from fusionzoo.interpret.cooperation import (
     EpochInterpretCallback,
@@ -235,3 +236,20 @@ def test_bad_callback_settings_name_the_callback(options, message):
 def test_options_for_an_unselected_callback_are_refused():
     with pytest.raises(ConfigError, match="callback_options.*must configure callbacks that --callbacks selects"):
         TrainConfig(callbacks=("grad_direction",), callback_options={"ogm_ge": {"alpha": 0.3}})
+
+
+def test_epoch_interpretation_keeps_every_module_flag():
+    """interpret.run switches the model to eval; afterwards --freeze-bn's BatchNorms stay frozen."""
+    model = fz.create_model("early_concat", encoder="resnet10t", num_classes=3).train()
+    set_bn_eval(model)
+    flags = {n: m.training for n, m in model.named_modules()}
+    g = torch.Generator().manual_seed(0)
+    val = [{"rgb": torch.randn(3, 32, 32, generator=g), "depth": torch.randn(1, 32, 32, generator=g),
+            "mask": torch.randint(0, 3, (32, 32), generator=g)} for _ in range(2)]
+    cb = EpochInterpretCallback(val_set=val, images=2, metrics=("contribution",))
+    cb.on_train_start(model)
+    cb.on_epoch_end(0, {"val_miou": 0.5})
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    assert cb.records()[0]["images"] == 2
+    cb.on_epoch_end(1, {"train_loss": 1.0})                  # no evaluation this epoch: nothing measured
+    assert cb.records() == []
