@@ -92,7 +92,10 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
     data = load_data(cfg, info)
     model, plain, task = build_model_and_task(cfg, data, info, device)
     optimizer, scheduler, scaler = build_optimization(cfg, plain, data, device)
-    hooks = CallbackList([*build_callbacks(cfg.callbacks), *(callbacks or [])])
+    # Training-time measurements (--callbacks, --callback-options), checked against the model before the run folder exists.
+    context = {"total_epochs": cfg.epochs, "val_set": data.val_loader.dataset, "task": task, "seed": cfg.seed}
+    hooks = CallbackList([*build_callbacks(cfg.callbacks, cfg.callback_options, context=context, model=plain),
+                          *(callbacks or [])])
     pre_run_check(cfg, data, plain, task, device)
     if run_dir is None:
         run_dir = Path(broadcast_object(str(make_run_dir(cfg)) if info.is_main else None))
@@ -367,6 +370,8 @@ def train(run: Run) -> None:
                 logs.update(validate(run, epoch, stats, logs["time_s"]))
             hooks.on_epoch_end(epoch, logs)
             run.logger.log(logs)
+            for rec in hooks.records():  # e.g. epoch_interpret's per-epoch interpretation
+                run.logger.log(rec)
             run.state = EpochState(epoch + 1, 0, state.global_step)
             run.save_last(run.state)
             if all_reduce_step(torch.zeros(()), run.stop(), run.device)[1]:  # a signal during evaluation
@@ -431,10 +436,10 @@ def _drop_records_after(path: Path, state: EpochState) -> None:
     if not path.is_file():
         return
 
-    def kept(rec: dict[str, Any]) -> bool:
-        if rec.get("kind") == "epoch":
+    def kept(rec: dict[str, Any]) -> bool:  # callbacks' records say their scope (engine.loop.Callback.records)
+        if rec.get("kind") == "epoch" or rec.get("scope") == "epoch":
             return rec["epoch"] < state.epoch
-        return rec.get("kind") == "train" and rec["step"] <= state.global_step
+        return (rec.get("kind") == "train" or rec.get("scope") == "step") and rec["step"] <= state.global_step
 
     keep = [line for line in path.read_text().splitlines() if line.strip() and kept(json.loads(line))]
     atomic_write_bytes(path, ("\n".join(keep) + "\n").encode() if keep else b"")

@@ -99,3 +99,19 @@ def test_early_fusion_has_no_modality_gradients():
         cb.on_after_backward(model, step, 0)
     assert [r["step"] for r in cb.steps] == [0, 2]
     assert math.isnan(cb.steps[0]["grad_norm"]["rgb"])
+
+
+def test_confidence_ignores_other_callbacks_probe_passes(late_model):
+    """Probe forwards that other callbacks (grad_direction, ogm_ge) run inside a step are not the step's."""
+    model = late_model.train()
+    cb = ModalityBalanceCallback()
+    cb.on_train_start(model)
+    b = _batch(4)
+    torch.manual_seed(1)                                     # the same dropout masks in both steps
+    _step(model, cb, b, 0, 0)
+    with torch.no_grad():                                    # a probe after this callback's on_after_backward
+        model({"rgb": b["rgb"] * 0, "depth": b["depth"]})
+    torch.manual_seed(1)
+    _step(model, cb, b, 1, 0)
+    cb.close()
+    assert cb.steps[1]["confidence"] == pytest.approx(cb.steps[0]["confidence"], rel=1e-6)  # same batch and weights

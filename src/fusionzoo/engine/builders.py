@@ -6,11 +6,12 @@ They keep ``train.py`` a top-to-bottom read; each one is a few lines of policy.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import signal
 import time
 import warnings
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +52,41 @@ __all__ = [
     "resume_run_dir",
 ]
 
-def build_callbacks(names: Sequence[str]) -> list[Any]:
-    """Instantiate the named callbacks (see :data:`CALLBACKS`)."""
+def build_callbacks(names: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None, *,
+                    context: Mapping[str, Any] | None = None, model: nn.Module | None = None) -> list[Any]:
+    """Instantiate the named callbacks (see :data:`CALLBACKS`) and check them against ``model``.
+
+    Args:
+        names: callback names (``--callbacks``).
+        options: per-name constructor settings (``--callback-options``).
+        context: facts of the run a callback may take as a constructor argument of the same name
+            when the user did not set it (``total_epochs``, ``val_set``, ``task``, ``seed``).
+        model: when given, each callback's optional ``check(model)`` runs now, before training.
+
+    Raises:
+        ConfigError: an unknown callback or setting, a bad value, or a callback that cannot run
+            on ``model``; the message names the callback.
+    """
+    options, context = dict(options or {}), dict(context or {})
     out = []
     for name in names:
         if name not in CALLBACKS:
             raise ConfigError(f"unknown callback {name!r}; known: {sorted(CALLBACKS)}")
-        module, cls = CALLBACKS[name].split(":")
-        out.append(getattr(importlib.import_module(module), cls)())
+        module, cls_name = CALLBACKS[name].split(":")
+        cls = getattr(importlib.import_module(module), cls_name)
+        params = inspect.signature(cls).parameters
+        given = dict(options.get(name) or {})
+        unknown = sorted(set(given) - set(params))
+        if unknown:
+            raise ConfigError(f"--callback-options {name}: unknown setting(s) {unknown}; {name} takes {sorted(params)}")
+        kwargs = {**{k: v for k, v in context.items() if k in params}, **given}
+        try:
+            cb = cls(**kwargs)
+            if model is not None and callable(getattr(cb, "check", None)):
+                cb.check(model)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"--callbacks {name}: {e}") from None
+        out.append(cb)
     return out
 
 

@@ -34,6 +34,7 @@ from ..files import atomic_write_bytes
 
 __all__ = [
     "CALLBACKS",
+    "CALLBACK_HELP",
     "CARD_KEYS",
     "CommandLine",
     "ConfigError",
@@ -59,7 +60,23 @@ class ConfigError(ValueError):
 CALLBACKS = {
     "modality_balance": "fusionzoo.interpret.callbacks:ModalityBalanceCallback",
     "ogm_ge": "fusionzoo.interpret.callbacks:OGMGECallback",  # changes training: OGM-GE, alpha 0.5
+    "grad_direction": "fusionzoo.interpret.cooperation:GradientDirectionCallback",
+    "learning_speed": "fusionzoo.interpret.cooperation:LearningSpeedCallback",
+    "epoch_interpret": "fusionzoo.interpret.cooperation:EpochInterpretCallback",
 }
+# What each callback measures and its settings (--callback-options), for --help; docs/interpret.md,
+# "Optimization collaboration", has the definitions.
+CALLBACK_HELP = (
+    "modality_balance: per-modality encoder gradient norms and head confidence (log_every); "
+    "ogm_ge: OGM-GE gradient modulation, CHANGES training (alpha 0.5, ge true, start_epoch 0, end_epoch "
+    "= first half of training, modulate encoder|branch, seed); "
+    "grad_direction: cosine / conflict between the modalities' gradients on the shared (fusion, decoder) "
+    "weights, one extra forward+backward per modality every log_every steps (log_every 10, ema 0.9); "
+    "learning_speed: Wu et al. 2022 learning speed of each modality's encoder and the conditional learning "
+    "speed (log_every 1); "
+    "epoch_interpret: contribution, utilisation rate, interaction and CKA to the output on a fixed "
+    "validation subset after every evaluation (images 16, replicates 0, every 1, policy zero, metrics)"
+)
 
 
 def _key(default: Any, help: str, section: str | None = None) -> Any:
@@ -144,8 +161,12 @@ class TrainConfig:
     tta_flip: bool = _key(True, "TTA also averages the horizontal flip")
 
     callbacks: tuple[str, ...] = _key(
-        ("modality_balance",), f"per-modality gradient norms etc. -> callbacks.json; known: {', '.join(CALLBACKS)}",
-        section="training-time measurements")
+        ("modality_balance",), "training-time measurements (records -> metrics.jsonl, summaries -> callbacks.json, "
+        f"plots in the report); {CALLBACK_HELP}", section="training-time measurements")
+    callback_options: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "settings of the selected callbacks as YAML, one mapping per callback name: "
+                "'{ogm_ge: {alpha: 0.3}, grad_direction: {log_every: 5}, epoch_interpret: {images: 32}}'",
+        "section": None})
     report: bool = _key(True, "end by writing the interpretability report <run>/report/report.html")
 
     seed: int = _key(0, "weights, data order, augmentation and modality dropout", section="bookkeeping")
@@ -312,6 +333,10 @@ def check_values(cfg: TrainConfig) -> None:
             need(not unknown, key, f"must name modalities the model uses {list(cfg.modalities)}")
     unknown_cb = [c for c in cfg.callbacks if c not in CALLBACKS]
     need(not unknown_cb, "callbacks", f"must name known callbacks {sorted(CALLBACKS)}")
+    unselected = [c for c in cfg.callback_options if c not in cfg.callbacks]
+    need(not unselected, "callback_options", f"must configure callbacks that --callbacks selects {list(cfg.callbacks)}")
+    need(all(isinstance(v, Mapping) for v in cfg.callback_options.values()), "callback_options",
+         "must map each callback name to a mapping of its settings, e.g. {ogm_ge: {alpha: 0.3}}")
     if cfg.modalities is not None:
         need(len(set(cfg.train_missing)) < len(cfg.modalities), "train_missing", "must leave one modality")
     need(

@@ -74,8 +74,20 @@ class Callback:
             epoch: the current epoch (0-based).
         """
 
+    def on_step_end(self, model: nn.Module, step: int, epoch: int) -> None:
+        """Optional: called after the optimizer step (the weights are updated) with the same
+        ``step`` and ``epoch`` as :meth:`on_after_backward`."""
+
     def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
         """Called after each epoch (after evaluation when it ran) with that epoch's log record."""
+
+    def records(self) -> list[dict[str, Any]]:
+        """Optional: records made since the last call, appended to ``metrics.jsonl`` by the
+        training loop (after every step) and by ``train.py`` (after :meth:`on_epoch_end`). Each
+        has a ``kind`` and a ``scope``: ``"step"`` records carry the ``step`` count after their
+        update (as ``kind: train`` records do), ``"epoch"`` records their ``epoch``; a resume
+        drops those after its checkpoint by that key."""
+        return []
 
     def on_train_end(self, model: nn.Module) -> None:
         """Optional: called once after the last epoch (release hooks here)."""
@@ -114,10 +126,25 @@ class CallbackList(Callback):
         for cb in self.callbacks:
             cb.on_after_backward(model, step, epoch)
 
+    def on_step_end(self, model: nn.Module, step: int, epoch: int) -> None:
+        for cb in self.callbacks:
+            if callable(getattr(cb, "on_step_end", None)):  # optional hook
+                cb.on_step_end(model, step, epoch)
+
     def on_train_end(self, model: nn.Module) -> None:
         for cb in self.callbacks:
             if callable(getattr(cb, "on_train_end", None)):  # optional hook
                 cb.on_train_end(model)
+
+    def records(self) -> list[dict[str, Any]]:
+        return [r for cb in self.callbacks if callable(getattr(cb, "records", None)) for r in cb.records()]
+
+    def check(self, model: nn.Module) -> None:
+        """Each callback's optional ``check(model)``: raises ``ValueError`` naming the callback
+        when it cannot run on ``model`` (called before training starts)."""
+        for cb in self.callbacks:
+            if callable(getattr(cb, "check", None)):
+                cb.check(model)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
         for cb in self.callbacks:
@@ -435,7 +462,8 @@ def train_one_epoch(
             on ``batch["mask"]``; detection: the detector's own loss dict, summed).
         options: precision, clipping, BatchNorm, modality dropout and logging of each step.
         scaler: the fp16 GradScaler (:func:`make_grad_scaler`), or None.
-        callbacks: ``on_batch_start`` / ``on_after_backward`` hooks.
+        callbacks: ``on_batch_start`` / ``on_after_backward`` / ``on_step_end`` hooks; their
+            ``records()`` go to ``logger`` after every step.
         logger: receives a ``kind: train`` record every ``options.log_interval`` steps.
         after_step: called after every optimizer step with the updated ``state`` (checkpoints).
         stop_requested: polled once per step (e.g. a SIGINT flag); when any rank says so, the
@@ -501,6 +529,10 @@ def train_one_epoch(
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        cb.on_step_end(plain, state.global_step, state.epoch)
+        for rec in cb.records():  # training-time measurements (fusionzoo.interpret.cooperation); drained always
+            if logger is not None:
+                logger.log(rec)
         batch_images = int(next(iter(inputs.values())).shape[0]) * info.world_size
         state.global_step += 1
         state.batches_done += 1

@@ -37,6 +37,7 @@ from .contribution import (
     remove_modalities,
     shapley_values,
 )
+from .cooperation import EpochInterpretCallback, GradientDirectionCallback, LearningSpeedCallback
 from .gradcam import gate_maps, grad_cam, split_gate_channels
 from .health import EffectiveRank, FeatureNorm, effective_rank
 from .runs import interpret_run, load_run
@@ -49,8 +50,11 @@ __all__ = [
     "ContributionAccumulator",
     "ContributionResult",
     "EffectiveRank",
+    "EpochInterpretCallback",
     "FeatureNorm",
+    "GradientDirectionCallback",
     "InterpretResult",
+    "LearningSpeedCallback",
     "MinibatchCKA",
     "ModalityBalanceCallback",
     "OGMGECallback",

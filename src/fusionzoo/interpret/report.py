@@ -30,6 +30,7 @@ from .contribution import contribution_keys
 from .findings import comparison_findings_html, cooperation_tables, findings_html, plot_evolution
 from .plan import stage_index
 from .runs import interpret_run
+from .training_report import training_figures
 
 __all__ = ["report_run", "write_comparison", "write_report"]
 
@@ -520,6 +521,9 @@ def write_report(result: InterpretResult, out_dir: str | Path, title: str | None
         if p is not None:
             files[name] = p
             figs.append(_img(p, caption))
+    for name, p, caption in training_figures(res.training, res.model, out, _color):  # training_report.py (coop)
+        files[name] = p
+        figs.append(_img(p, caption))
     sections.append("<h2>Plots</h2>" + "".join(figs))
     page = out / "report.html"
     page.write_text(_page(title or f"fusionzoo interpretation: {res.model}", sections))

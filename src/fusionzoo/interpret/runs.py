@@ -27,6 +27,7 @@ from ..hub import from_pretrained
 from .api import METRICS, InterpretResult, run
 from .callbacks import ModalityBalanceCallback
 from .contribution import task_for
+from .cooperation import RECORD_KINDS
 
 __all__ = ["check_model_data", "find_weights", "interpret_run", "is_pretrained_dir", "load_run", "record_run",
            "run_config", "training_history", "validation_set"]
@@ -60,13 +61,20 @@ def find_weights(run_dir: str | Path) -> Path:
 
 
 def training_history(run_dir: str | Path) -> dict[str, Any] | None:
-    """The :class:`ModalityBalanceCallback` state of a run (``callbacks.json``, else the last
-    checkpoint's trainer state), or None.
+    """A run's training-time measurements, or None when it has none.
 
-    The state is recognised by the key the callback writes into it
-    (``state["state_key"] == ModalityBalanceCallback.state_key``), not by how the trainer names
-    its entry."""
+    - The :class:`ModalityBalanceCallback` state (``callbacks.json``, else the last checkpoint's
+      trainer state) at the top level, as before: ``steps``, ``epochs``, ``modalities``, ...;
+    - ``"callbacks"``: every other callback state by its ``state_key`` (``ogm_ge``,
+      ``grad_direction``, ``learning_speed``, ``epoch_interpret``: settings and per-epoch summaries);
+    - ``"records"``: the ``metrics.jsonl`` lines of the cooperation callbacks by kind
+      (:data:`~fusionzoo.interpret.cooperation.RECORD_KINDS`: per-step gradient directions and learning
+      speeds, per-epoch interpretation), what :mod:`.training_report` plots.
+
+    States are recognised by the key each callback writes into them (``state["state_key"]``), not
+    by how the trainer names its entry."""
     run_dir = Path(run_dir)
+    states: dict[str, Any] = {}
     for path in (run_dir / "callbacks.json", run_dir / "checkpoints" / "last" / "state.json"):
         if not path.is_file():
             continue
@@ -77,12 +85,29 @@ def training_history(run_dir: str | Path) -> dict[str, Any] | None:
         if path.name == "state.json":
             data = (data.get("trainer") or {}).get("callbacks") or {}
         for value in data.values():
-            if isinstance(value, dict) and value.get("state_key") == ModalityBalanceCallback.state_key:
-                return value
+            if isinstance(value, dict) and value.get("state_key"):
+                states.setdefault(value["state_key"], value)
         if any(isinstance(v, dict) and "state_key" not in v for v in data.values()):
             warnings.warn(f"{path}: callback states without a 'state_key' (written by an older fusionzoo); "
                           f"no {ModalityBalanceCallback.state_key!r} history is read from it", stacklevel=2)
-    return None
+        if states:
+            break  # callbacks.json is the finished run's; the checkpoint only stands in for it
+    records: dict[str, list[dict[str, Any]]] = {}
+    log = run_dir / "metrics.jsonl"
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if isinstance(rec, dict) and rec.get("kind") in RECORD_KINDS:
+                records.setdefault(rec["kind"], []).append(rec)
+    history = dict(states.pop(ModalityBalanceCallback.state_key, {}))
+    if states:
+        history["callbacks"] = states
+    if records:
+        history["records"] = records
+    return history or None
 
 
 def run_config(run_dir: str | Path) -> dict[str, Any] | None:
