@@ -113,7 +113,7 @@ def _streams(res: InterpretResult) -> list[str]:
 # single-run plots
 # --------------------------------------------------------------------------------------------
 def _cka_heatmaps(res: InterpretResult, rows: Sequence[Mapping[str, Any]],
-                  panels: Sequence[tuple[str, list[str], list[str]]], axis: str, title: str, path: Path) -> Path:
+                  panels: Sequence[tuple[str, list[str], list[str]]], axis: str, title: str) -> Figure:
     """One symmetric CKA matrix per panel ``(title, tick labels, taps)`` from the CKA ``rows``; each cell
     shows its value and, when the result has one, its interval ``[lo, hi]`` below."""
     index = _cka_row_index(res)
@@ -147,11 +147,26 @@ def _cka_heatmaps(res: InterpretResult, rows: Sequence[Mapping[str, Any]],
     axes[0].set_ylabel(axis)
     fig.colorbar(im, ax=list(axes), label="debiased linear CKA (unitless)", shrink=0.85)
     fig.suptitle(title)
+    return fig
+
+
+def _saved(fig: Figure | None, path: Path) -> Path | None:
+    """Save a constrained-layout figure (no tight_layout: its colorbars would move)."""
+    if fig is None:
+        return None
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
 
 
 def _plot_cka_stages(res: InterpretResult, path: Path) -> Path | None:
+    return _saved(_cka_stages_figure(res), path)
+
+
+def _plot_cka_within(res: InterpretResult, path: Path) -> Path | None:
+    return _saved(_cka_within_figure(res), path)
+
+
+def _cka_stages_figure(res: InterpretResult) -> Figure | None:
     rows = [r for r in res.cka_pairs() if r["kind"] in ("cross_modal", "modality_fused")]
     if not rows:
         return None
@@ -161,10 +176,10 @@ def _plot_cka_stages(res: InterpretResult, path: Path) -> Path | None:
         streams = [s for s in _streams(res) if f"{s}.{stage}" in res.taps]
         panels.append((stage, [_after_fusion_label(res, f"{s}.{stage}", s) for s in streams],
                        [f"{s}.{stage}" for s in streams]))
-    return _cka_heatmaps(res, rows, panels, "stream", f"{res.model}: feature similarity between streams, per stage", path)
+    return _cka_heatmaps(res, rows, panels, "stream", f"{res.model}: feature similarity between streams, per stage")
 
 
-def _plot_cka_within(res: InterpretResult, path: Path) -> Path | None:
+def _cka_within_figure(res: InterpretResult) -> Figure | None:
     rows = res.cka_pairs("within")
     if not rows:
         return None
@@ -174,8 +189,7 @@ def _plot_cka_within(res: InterpretResult, path: Path) -> Path | None:
         stages = [s for s in _stages(res) if f"{stream}.{s}" in res.taps]
         panels.append((stream, [_after_fusion_label(res, f"{stream}.{s}", s) for s in stages],
                        [f"{stream}.{s}" for s in stages]))
-    return _cka_heatmaps(res, rows, panels, "stage",
-                         f"{res.model}: how each stream's representation evolves across stages", path)
+    return _cka_heatmaps(res, rows, panels, "stage", f"{res.model}: how each stream's representation evolves across stages")
 
 
 def _after_fusion_label(res: InterpretResult, tap: str, label: str) -> str:
@@ -770,14 +784,7 @@ def write_report(result: InterpretResult, out_dir: str | Path, title: str | None
         ("gradcam", _plot_gradcam, _gradcam_caption(res, detector)),
         ("gates", _plot_gates, "Fusion gates / attention weights per stream."),
     ]
-    intro = (f"<p>Model <code>{html.escape(res.model)}</code> (fusion family from its registry entry: "
-             f"{html.escape(_fusion_label(res))}), modalities {', '.join(res.modalities)}, {res.num_images} images, "
-             f"{res.num_classes} classes. Rows for CKA / effective rank: "
-             f"<code>{html.escape(str(res.settings.get('rows')))}</code>; removal policy "
-             f"<code>{html.escape(str(res.settings.get('policy')))}</code>"
-             + (f" (also measured: {html.escape(', '.join(p for p in c['policies'] if p != c.get('policy')))})"
-                if len(c.get("policies") or {}) > 1 else "")
-             + ". All numbers are in <code>metrics.json</code>.</p>" + _intervals_note([res]))
+    intro = _intro(res)
     plots.insert(1, ("evolution", lambda r, p: plot_evolution([r.model], [r], p),
                      "Per stage and stream: debiased CKA to the final representation and semantic variance."))
     sections = [findings_html(res), intro]  # the first screen states the findings (findings.py)
@@ -795,6 +802,20 @@ def write_report(result: InterpretResult, out_dir: str | Path, title: str | None
     page.write_text(_page(title or f"fusionzoo interpretation: {res.model}", sections))
     files["report"] = page
     return files
+
+
+def _intro(res: InterpretResult) -> str:
+    """What was measured on what: model, fusion family (the registry's), data, row rule, removal
+    policies, and whether the numbers carry intervals."""
+    c = res.contribution or {}
+    others = [p for p in c.get("policies") or {} if p != c.get("policy")]
+    return (f"<p>Model <code>{html.escape(res.model)}</code> (fusion family from its registry entry: "
+            f"{html.escape(_fusion_label(res))}), modalities {', '.join(res.modalities)}, {res.num_images} images, "
+            f"{res.num_classes} classes. Rows for CKA / effective rank: "
+            f"<code>{html.escape(str(res.settings.get('rows')))}</code>; removal policy "
+            f"<code>{html.escape(str(res.settings.get('policy')))}</code>"
+            + (f" (also measured: {html.escape(', '.join(others))})" if others else "")
+            + ". All numbers are in <code>metrics.json</code>.</p>" + _intervals_note([res]))
 
 
 def _sv_grid_note(res: InterpretResult) -> str:
