@@ -90,7 +90,14 @@ def build(name: str) -> nn.Module:
 
 
 def random_inputs(model: nn.Module, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    return {m: torch.randn(batch, model.in_chans[m], SIZE, SIZE, generator=g) for m in model.modalities}
+    """Noise images with a random offset and scale per image and channel: globally pooled features
+    (squeeze-excitation, channel attention) then differ between images and draws, as they do
+    between real images, instead of all pooling to about the same vector."""
+    def draw(c: int) -> torch.Tensor:
+        scale = torch.exp(0.5 * torch.randn(batch, c, 1, 1, generator=g))
+        return scale * torch.randn(batch, c, SIZE, SIZE, generator=g) + torch.randn(batch, c, 1, 1, generator=g)
+
+    return {m: draw(model.in_chans[m]) for m in model.modalities}
 
 
 def observed_dependence(model: nn.Module) -> dict[str, set[str]]:
