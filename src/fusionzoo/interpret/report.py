@@ -352,8 +352,7 @@ def _plot_contribution_classes(res: InterpretResult, path: Path) -> Path | None:
                   if _class_metric(c) == "IoU" else "class (missing bars: class absent from the ground truth)")
     ax.set_ylabel(f"Shapley value of class {_class_metric(c)} (points)")
     ax.set_title(f"{res.model}: per-class modality contribution")
-    ax.margins(y=0.15)  # headroom so the legend does not cover bars
-    ax.legend(title="modality")
+    ax.legend(title="modality", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, never on them
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -509,7 +508,7 @@ def _plot_gates(res: InterpretResult, path: Path) -> Path | None:
                        [_nan(res.gates[t].get(s)) for t in taps], width, label=s, color=_color(s, j))
         ax_bar.set_xticks(range(len(taps)), taps, rotation=20, ha="right", fontsize=8)
         ax_bar.set_ylabel("mean gate / attention value\n(as emitted by the tap)")
-        ax_bar.legend(title="stream", fontsize=8)
+        ax_bar.legend(title="stream", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
         ax_bar.grid(axis="y", alpha=0.3)
         ax_bar.set_title(f"{res.model}: fusion gates and attention, dataset mean")
     col = 0
@@ -865,6 +864,9 @@ def _plot_reliance(res: InterpretResult, path: Path) -> Path | None:
         if "head.logits" in rel:
             ax.axhline(_nan(rel["head.logits"].get(m)), color=_color(m, i), lw=1, ls="--",
                        label=f"final logits on {m}")
+            iv = interval(res, f"reliance.head.logits.{m}")
+            if iv is not None:  # the logits' interval as a band across the stages
+                ax.axhspan(iv[0], iv[1], color=_color(m, i), alpha=0.12, lw=0)
             drawn = True
     if not drawn:
         return None
@@ -873,8 +875,8 @@ def _plot_reliance(res: InterpretResult, path: Path) -> Path | None:
     ax.set_ylabel("reliance 1 - CKA (unitless)")
     ax.set_ylim(-0.05, 1.05)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     ax.set_title(f"{res.model}: reliance on each modality")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, path)
 
 
