@@ -596,12 +596,13 @@ def _intervals_note(results: Sequence[InterpretResult], labels: Sequence[str] | 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     h = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+    # class "num": a number and its interval stay on one line; prose tables (findings) still wrap
+    return f"<table class='num'><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.6em 0 1.4em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-td{white-space:nowrap}
+table.num td{white-space:nowrap}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}figure{margin:1em 0}
 img{max-width:100%}figcaption{color:#555;font-size:0.9em}h2{border-bottom:1px solid #ddd;padding-bottom:0.2em}
 code{background:#f5f5f5;padding:0 3px}"""
