@@ -45,9 +45,14 @@ class TapInfo:
             (e.g. channel-attention weights).
         kind: ``feature``, ``gate``, ``attn`` or ``logits``.
         after_fusion: the tap sits downstream of a point where modalities meet, so its value
-            depends on more than its own stream's input (e.g. ESANet's ``rgb.stage2``, which reads
-            the fused stage-1 output). Convergence found on such taps is built into the
-            architecture, not learned (docs/interpret.md).
+            depends on more than its own stream's input: for a modality stream, on another
+            modality's input (ESANet's ``rgb.stage2`` reads the fused stage-1 output; CMX and
+            SA-Gate feed rectified features back into both streams); for ``fused``, ``decoder``,
+            ``head`` and other shared streams, on more than one modality (every one of them
+            except, e.g., CMNeXt's stage-1 ``fused.stage1.hub`` with a single auxiliary
+            modality). Declared by each model from its data flow and checked empirically for
+            every registered model (tests/test_taps_after_fusion.py). Convergence found on such
+            taps is built into the architecture, not learned (docs/interpret.md).
     """
 
     name: str
@@ -73,8 +78,12 @@ class TapSet(nn.ModuleDict):
         super().__init__()
         self._info: dict[str, TapInfo] = {}
 
-    def declare(self, name: str, channels: int, reduction: int, kind: str = "feature") -> Tap:
-        """Create the tap ``name``; declare taps in the order the forward pass reaches them."""
+    def declare(self, name: str, channels: int, reduction: int, kind: str = "feature", *,
+                after_fusion: bool = False) -> Tap:
+        """Create the tap ``name``; declare taps in the order the forward pass reaches them.
+
+        ``after_fusion``: whether the tap's value depends on more than its own stream's input
+        (see :class:`TapInfo`); the model knows it from its data flow."""
         if name in self._info:
             raise ValueError(f"tap {name!r} is declared twice")
         if kind not in TAP_KINDS:
@@ -87,7 +96,9 @@ class TapSet(nn.ModuleDict):
             self[stream] = nn.ModuleDict()
         tap = Tap(name)
         self[stream][key] = tap
-        self._info[name] = TapInfo(name, stream, parts[1], int(channels), int(reduction), kind)
+        if not isinstance(after_fusion, bool):
+            raise TypeError(f"tap {name!r}: after_fusion must be a bool, got {after_fusion!r}")
+        self._info[name] = TapInfo(name, stream, parts[1], int(channels), int(reduction), kind, after_fusion)
         return tap
 
     def get(self, name: str) -> Tap:

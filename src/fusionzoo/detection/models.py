@@ -107,15 +107,17 @@ class DetectorMixin:
         if not self.training:
             self.head_detections = dict(zip(names, outputs))
 
-    def declare_levels(self, prefix: str, detector: BoxDetector) -> None:
+    def declare_levels(self, prefix: str, detector: BoxDetector, after_fusion: bool) -> None:
         """Declare the taps of one box head, in the order they fire: its FPN levels
         ``{prefix}.p3`` .. ``.p7``, then its classification logits per level, ``head.p3`` .. ``.p7``
-        for the fused head (``prefix="fpn"``), ``{m}.head.p3`` .. for modality ``m``'s own head."""
+        for the fused head (``prefix="fpn"``), ``{m}.head.p3`` .. for modality ``m``'s own head.
+        ``after_fusion``: whether the head's input features already mix modalities."""
         for level, reduction in zip(LEVELS, LEVEL_REDUCTIONS):
-            self.taps.declare(f"{prefix}.{level}", detector.out_channels, reduction)
+            self.taps.declare(f"{prefix}.{level}", detector.out_channels, reduction, after_fusion=after_fusion)
         head = head_tap_prefix(prefix)
         for level, reduction in zip(LEVELS, LEVEL_REDUCTIONS):
-            self.taps.declare(f"{head}.{level}", detector.anchors_per_location * self.num_classes, reduction, "logits")
+            self.taps.declare(f"{head}.{level}", detector.anchors_per_location * self.num_classes, reduction, "logits",
+                              after_fusion=after_fusion)
 
     def run_head(self, detector: BoxDetector, features: Sequence[torch.Tensor], images: ImageList,
                  targets: list[Detections] | None, prefix: str) -> Output:
@@ -178,10 +180,10 @@ class EarlyFusionDetector(DetectorMixin, FusionModel):
         super().__init__(modalities, num_classes, in_chans)
         self.encoder = Encoder(encoder, in_chans=sum(self.in_chans.values()), pretrained=pretrained)
         for stage, channels, reduction in zip(self.encoder.stage_names, self.encoder.channels, self.encoder.reductions):
-            self.taps.declare(f"fused.{stage}", channels, reduction)
+            self.taps.declare(f"fused.{stage}", channels, reduction, after_fusion=True)  # one encoder sees all
         self.detector = BoxDetector(head, self.encoder.channels[1:], num_classes, fpn_channels, score_thresh, nms_thresh,
                                     detections_per_img)
-        self.declare_levels("fpn", self.detector)
+        self.declare_levels("fpn", self.detector, after_fusion=True)
 
     def detect(
         self, xs: dict[str, torch.Tensor], images: ImageList, targets: list[Detections] | None, missing: tuple[str, ...]
@@ -250,7 +252,7 @@ class MiddleFusionDetector(DetectorMixin, MiddleFusionModel):
         o = self.head_options
         self.detector = BoxDetector(o["head"], self.stage_channels[1:], self.num_classes, o["fpn_channels"],
                                     o["score_thresh"], o["nms_thresh"], o["detections_per_img"])
-        self.declare_levels("fpn", self.detector)
+        self.declare_levels("fpn", self.detector, after_fusion=True)  # on the fused features
         self.detections_per_img = self.detector.detections_per_img
 
     def detect(
@@ -293,7 +295,7 @@ class HybridFusionDetector(MiddleFusionDetector):
             self.modality_detectors[m] = BoxDetector(o["head"], self.stage_channels[1:], self.num_classes,
                                                      o["fpn_channels"], o["score_thresh"], o["nms_thresh"],
                                                      o["detections_per_img"])
-            self.declare_levels(m, self.modality_detectors[m])
+            self.declare_levels(m, self.modality_detectors[m], after_fusion=self.own_stream_mixed(m))
 
     def modality_parameters(self, modality: str) -> Iterator[nn.Parameter]:
         """The modality's encoder and its own FPN + head."""
@@ -354,10 +356,10 @@ class LateFusionDetector(DetectorMixin, FusionModel):
             enc = Encoder(encoder, in_chans=self.in_chans[m], pretrained=pretrained)
             self.encoders[m] = enc
             for stage, channels, reduction in zip(enc.stage_names, enc.channels, enc.reductions):
-                self.taps.declare(f"{m}.{stage}", channels, reduction)
+                self.taps.declare(f"{m}.{stage}", channels, reduction)  # one detector per modality: before fusion
             self.detectors[m] = BoxDetector(head, enc.channels[1:], num_classes, fpn_channels, score_thresh, nms_thresh,
                                             detections_per_img)
-            self.declare_levels(m, self.detectors[m])
+            self.declare_levels(m, self.detectors[m], after_fusion=False)
         self.detections_per_img = self.detectors[self.modalities[0]].detections_per_img
 
     def modality_parameters(self, modality: str) -> Iterator[nn.Parameter]:

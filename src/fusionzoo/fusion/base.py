@@ -49,6 +49,10 @@ class StageFusion(nn.Module):
 
     max_modalities: ClassVar[int | None] = None
     feeds_back: ClassVar[bool] = False
+    # With feeds_back, which streams continue from features of every modality: "all" (CMX and
+    # SA-Gate rectify both streams) or "first" (FuseNet's sum and ESANet's SE-add replace the RGB
+    # stream; the others go on with their own features). Models derive the taps' after_fusion from it.
+    feeds_back_into: ClassVar[str] = "all"
     # Details that are global vectors (B, C, 1, 1), e.g. channel-attention weights; their taps
     # get reduction 0 instead of the stage's stride.
     global_details: ClassVar[frozenset[str]] = frozenset()
@@ -74,6 +78,13 @@ class StageFusion(nn.Module):
         self.num_modalities = num_modalities
         self.stage_index = stage_index
         self.detail_channels: dict[str, int] = {}
+
+    def mixed_streams(self, modalities: Sequence[str]) -> tuple[str, ...]:
+        """The modalities (in ``modalities`` order, one per input stream) whose stream continues
+        from this operator's mixed features when the model feeds its ``streams`` back."""
+        if not self.feeds_back:
+            return ()
+        return tuple(modalities[:1]) if self.feeds_back_into == "first" else tuple(modalities)
 
     def check_features(self, features: Sequence[torch.Tensor]) -> tuple[int, int, int, int]:
         """Check the per-modality feature list handed to ``forward``.

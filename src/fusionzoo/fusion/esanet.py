@@ -42,6 +42,7 @@ class ESANetFusion(StageFusion):
 
     max_modalities = 2
     feeds_back = True
+    feeds_back_into = "first"
     global_details = frozenset({"attn"})  # (B, 2C, 1, 1) SE channel weights
 
     def __init__(

@@ -40,6 +40,7 @@ class SumFusion(StageFusion):
     """
 
     feeds_back = True
+    feeds_back_into = "first"
 
     def __init__(self, channels: int, num_modalities: int, *, stage_index: int = 0) -> None:
         super().__init__(channels, num_modalities, stage_index=stage_index)
@@ -93,6 +94,7 @@ class SEAddFusion(StageFusion):
     """
 
     feeds_back = True
+    feeds_back_into = "first"
     global_details = frozenset({"attn"})  # (B, M*C, 1, 1) SE channel weights
 
     def __init__(

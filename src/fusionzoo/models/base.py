@@ -98,10 +98,11 @@ class FusionModel(nn.Module):
         self, in_channels: Sequence[int], decoder: str, decoder_channels: int | None, dropout: float, tapped: bool = True
     ) -> nn.Module:
         """Create a decoder over stage features (strides 4..32); the model's main decoder
-        (``tapped``) declares the ``decoder.out`` tap, per-modality decoders of late fusion do not."""
+        (``tapped``, on features of every modality: after fusion) declares the ``decoder.out`` tap,
+        per-modality decoders of late fusion do not."""
         dec = create_decoder(decoder, in_channels, self.num_classes, channels=decoder_channels, dropout=dropout)
         if tapped:
-            self.taps.declare("decoder.out", dec.out_channels, 4)
+            self.taps.declare("decoder.out", dec.out_channels, 4, after_fusion=True)
         return dec
 
     def decode(self, decoder: nn.Module, features: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -45,17 +45,17 @@ class EarlyFusionModel(FusionModel):
                 for m, c in self.in_chans.items()
             })
             for m in self.modalities:
-                self.taps.declare(f"{m}.stem", stem_channels, 1)
+                self.taps.declare(f"{m}.stem", stem_channels, 1)  # the modality's own stem: before fusion
             self.mix = nn.Conv2d(stem_channels * len(self.modalities), 3, 1)
-            self.taps.declare("fused.stem", 3, 1)
+            self.taps.declare("fused.stem", 3, 1, after_fusion=True)
             encoder_in = 3
         else:
             encoder_in = sum(self.in_chans.values())
         self.encoder = Encoder(encoder, in_chans=encoder_in, pretrained=pretrained)
         for stage, channels, reduction in zip(self.encoder.stage_names, self.encoder.channels, self.encoder.reductions):
-            self.taps.declare(f"fused.{stage}", channels, reduction)
+            self.taps.declare(f"fused.{stage}", channels, reduction, after_fusion=True)  # one encoder sees all
         self.decoder = self.build_decoder(self.encoder.channels, decoder, decoder_channels, dropout)
-        self.taps.declare("head.logits", num_classes, 4, "logits")
+        self.taps.declare("head.logits", num_classes, 4, "logits", after_fusion=True)
 
     def modality_parameters(self, modality: str) -> Iterator[nn.Parameter]:
         """The modality's own input stem (``stem_channels`` set, e.g. ``early_stem``); nothing for plain

@@ -24,14 +24,14 @@ class HybridFusionModel(MiddleFusionModel):
     """
 
     def build_late_heads(self, decoder: str, decoder_channels: int | None, dropout: float) -> None:
-        self.taps.declare("fused.head", self.num_classes, 4, "logits")
+        self.taps.declare("fused.head", self.num_classes, 4, "logits", after_fusion=True)
         self.decoders = nn.ModuleDict()
         for m in self.modalities:
             self.decoders[m] = self.build_decoder(self.stage_channels, decoder, decoder_channels, dropout, tapped=False)
-            self.taps.declare(f"{m}.head", self.num_classes, 4, "logits")
+            self.taps.declare(f"{m}.head", self.num_classes, 4, "logits", after_fusion=self.own_stream_mixed(m))
         embed = self.decoder.out_channels
         self.gate = nn.Conv2d(embed * (1 + len(self.modalities)), 1 + len(self.modalities), 1)
-        self.taps.declare("head.gate", 1 + len(self.modalities), 4, "gate")
+        self.taps.declare("head.gate", 1 + len(self.modalities), 4, "gate", after_fusion=True)
 
     def modality_parameters(self, modality: str):
         """The modality's encoder and its own decoder."""

@@ -75,7 +75,7 @@ class LateFusionModel(FusionModel):
             enc = Encoder(encoder, in_chans=self.in_chans[m], pretrained=pretrained)
             self.encoders[m] = enc
             for stage, channels, reduction in zip(enc.stage_names, enc.channels, enc.reductions):
-                self.taps.declare(f"{m}.{stage}", channels, reduction)
+                self.taps.declare(f"{m}.{stage}", channels, reduction)  # one network per modality: before fusion
             self.decoders[m] = self.build_decoder(enc.channels, decoder, decoder_channels, dropout, tapped=False)
             self.taps.declare(f"{m}.head", num_classes, 4, "logits")
         num = len(self.modalities)
@@ -84,8 +84,8 @@ class LateFusionModel(FusionModel):
         if rule == "gate":
             embed = self.decoders[self.modalities[0]].out_channels
             self.gate = nn.Conv2d(embed * num, num, 1)
-            self.taps.declare("head.gate", num, 4, "gate")
-        self.taps.declare("head.logits", num_classes, 4, "logits")
+            self.taps.declare("head.gate", num, 4, "gate", after_fusion=True)  # from every modality's embedding
+        self.taps.declare("head.logits", num_classes, 4, "logits", after_fusion=True)
 
     def modality_parameters(self, modality: str):
         """The modality's encoder and decoder."""

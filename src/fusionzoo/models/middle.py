@@ -82,9 +82,10 @@ class MiddleFusionModel(FusionModel):
         self.fusion_kwargs = dict(fusion_kwargs or {})
         self.fusions = nn.ModuleDict()
         self._detail_names: dict[str, list[str]] = {}
+        mixed: set[str] = set()  # modalities whose stream has taken in another modality's features
         for k, (stage, channels, reduction) in enumerate(zip(self.stage_names, first.channels, first.reductions)):
             for m in self.modalities:
-                self.taps.declare(f"{m}.{stage}", channels, reduction)
+                self.taps.declare(f"{m}.{stage}", channels, reduction, after_fusion=m in mixed)
             if not self.fuses_stage(stage):
                 continue
             # The stem shares the first stage's hyper-parameters (stage_index 0).
@@ -92,6 +93,8 @@ class MiddleFusionModel(FusionModel):
             op = op_cls(channels, len(self.modalities), stage_index=stage_index, **self.op_kwargs(first.channels[offset:]))
             self.fusions[stage] = op
             self.declare_fused_taps(stage, channels, reduction, op)
+            if self.feedback:  # the next stage of these streams runs on the operator's mixed streams
+                mixed.update(op.mixed_streams(self.modalities))
         self.stage_channels = [c for s, c in zip(self.stage_names, first.channels) if s != "stem"]
         self.pretrained = pretrained
         self.build_extra()
@@ -102,15 +105,23 @@ class MiddleFusionModel(FusionModel):
         and ``head.logits``; detection models (``fusionzoo.detection``) build an FPN + box head."""
         self.decoder = self.build_decoder(self.stage_channels, decoder, decoder_channels, dropout)
         self.build_late_heads(decoder, decoder_channels, dropout)
-        self.taps.declare("head.logits", self.num_classes, 4, "logits")
+        self.taps.declare("head.logits", self.num_classes, 4, "logits", after_fusion=True)
 
     def declare_fused_taps(self, stage: str, channels: int, reduction: int, op: nn.Module) -> None:
-        self.taps.declare(f"fused.{stage}", channels, reduction)
+        self.taps.declare(f"fused.{stage}", channels, reduction, after_fusion=True)
         global_details = getattr(op, "global_details", frozenset())
         self._detail_names[stage] = list(op.detail_channels)
         for detail, detail_channels in op.detail_channels.items():
             kind = detail if detail in ("gate", "attn") else "feature"
-            self.taps.declare(f"fused.{stage}.{detail}", detail_channels, 0 if detail in global_details else reduction, kind)
+            self.taps.declare(f"fused.{stage}.{detail}", detail_channels, 0 if detail in global_details else reduction, kind,
+                              after_fusion=True)
+
+    def own_stream_mixed(self, modality: str) -> bool:
+        """Whether ``modality``'s own stage features (the ``{m}.stage*`` taps that
+        :meth:`forward_streams` returns per modality) already carry another modality's input: the
+        ``after_fusion`` of a modality-specific head on them (hybrid models)."""
+        info = self.taps.info()
+        return any(info[f"{modality}.{s}"].after_fusion for s in self.decoder_stages)
 
     # Hooks for subclasses (CMX's presets, ACNet's merged branch, hybrid heads, detection).
     def make_encoder(self, modality: str, encoder: str, *, pretrained: bool, with_stem: bool, mono_init: str) -> Encoder:

@@ -177,11 +177,11 @@ class ACNetR50(ACNetModel):
     def build_head(self, decoder: str, decoder_channels: int | None, dropout: float) -> None:
         first = self.encoders[self.modalities[0]]
         self.decoder = ACNetDecoder(first.channels, self.num_classes)
-        self.taps.declare("decoder.out", self.decoder.out_channels, 2)
+        self.taps.declare("decoder.out", self.decoder.out_channels, 2, after_fusion=True)
         self.side_logits: tuple[torch.Tensor, ...] = ()  # set by every forward (training mode: 4 tensors)
         # The classifier: a 2x2 stride-2 transposed conv from stride 2 to input resolution.
         self.head = nn.ConvTranspose2d(self.decoder.out_channels, self.num_classes, kernel_size=2, stride=2)
-        self.taps.declare("head.logits", self.num_classes, 1, "logits")
+        self.taps.declare("head.logits", self.num_classes, 1, "logits", after_fusion=True)
 
     def merge_result(
         self, index: int, result: FusionResult, features: list[torch.Tensor], previous: torch.Tensor | None

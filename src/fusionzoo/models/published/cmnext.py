@@ -322,20 +322,24 @@ class CMNeXtMiT(FusionModel):
             raise ValueError(f"timm pvt_v2_{variant} has stage widths {rgb.channels}, MiT-{variant.upper()} {list(widths)}")
         self.auxiliary = AuxiliaryBranch(widths, depths, len(self.auxiliary_modalities), rates)
         self.fusions = nn.ModuleDict()
+        several_aux = len(self.auxiliary_modalities) > 1
         for k, (stage, channels, reduction) in enumerate(zip(self.stage_names, widths, rgb.reductions)):
+            # Stage k > 0 runs on the streams the previous stage's FRM rectified with both branches.
             for m in self.modalities:
-                self.taps.declare(f"{m}.{stage}", channels, reduction)
-            if len(self.auxiliary_modalities) > 1:
-                self.taps.declare(f"fused.{stage}.scores", len(self.auxiliary_modalities), reduction, "gate")
-            self.taps.declare(f"fused.{stage}.hub", channels, reduction)
+                self.taps.declare(f"{m}.{stage}", channels, reduction, after_fusion=k > 0)
+            if several_aux:
+                self.taps.declare(f"fused.{stage}.scores", len(self.auxiliary_modalities), reduction, "gate",
+                                  after_fusion=True)
+            # The hub merges the auxiliary modalities: with one of them, its stage-1 output is that modality's own.
+            self.taps.declare(f"fused.{stage}.hub", channels, reduction, after_fusion=k > 0 or several_aux)
             op = CMXFusion(channels, 2, stage_index=k, preset="mit")
             self.fusions[stage] = op
-            self.taps.declare(f"fused.{stage}", channels, reduction)
-            self.taps.declare(f"fused.{stage}.gate", op.detail_channels["gate"], reduction, "gate")
-            self.taps.declare(f"fused.{stage}.attn", op.detail_channels["attn"], 0, "attn")
+            self.taps.declare(f"fused.{stage}", channels, reduction, after_fusion=True)
+            self.taps.declare(f"fused.{stage}.gate", op.detail_channels["gate"], reduction, "gate", after_fusion=True)
+            self.taps.declare(f"fused.{stage}.attn", op.detail_channels["attn"], 0, "attn", after_fusion=True)
         self.decoder = SegFormerDecoder(widths, num_classes, channels=decoder_channels or decoder_embed_dim(variant), dropout=dropout)
-        self.taps.declare("decoder.out", self.decoder.out_channels, 4)
-        self.taps.declare("head.logits", num_classes, 4, "logits")
+        self.taps.declare("decoder.out", self.decoder.out_channels, 4, after_fusion=True)
+        self.taps.declare("head.logits", num_classes, 4, "logits", after_fusion=True)
         self.apply(_init_cmnext_weights)
         self._attentions = [m for m in rgb.modules() if isinstance(m, PvtAttention)]
         self._fused_attn: bool | None = None

@@ -231,7 +231,7 @@ class CMXMiT(CMXModel):
             in_channels, self.num_classes, channels=decoder_channels or DECODER_EMBED_DIM, dropout=dropout,
             fuse_bias=True, bn_eps=DECODER_BN_EPS,
         )
-        self.taps.declare("decoder.out", dec.out_channels, 4)
+        self.taps.declare("decoder.out", dec.out_channels, 4, after_fusion=True)
         return dec
 
 

@@ -388,14 +388,16 @@ class DFormer(FusionModel):
         self.drop_path_rate = DROP_PATH[variant] if drop_path_rate is None else drop_path_rate
         self.encoder = DFormerBackbone(dims, depths, self.drop_path_rate)
         self.decoder = LightHamDecoder(dims[1:], num_classes, decoder_channels, dropout, nmf_eval_seed)
-        self.taps.declare(f"{rgb}.stem", dims[0], 4)
+        self.taps.declare(f"{rgb}.stem", dims[0], 4)  # each stream's own stem: before any interaction
         self.taps.declare(f"{aux}.stem", dims[0] // 2, 4)
+        # Every RGB-D block mixes the streams both ways (LEA gates RGB with depth; the depth update
+        # projects the concatenation; Sec. 3.2), from the first block of stage 1 on.
         for i, dim in enumerate(dims):
-            self.taps.declare(f"fused.stage{i + 1}", dim, 4 * 2**i)
-            self.taps.declare(f"{aux}.stage{i + 1}", dim // 2, 4 * 2**i)
-        self.taps.declare("decoder.ham", HAM_CHANNELS, 8)
-        self.taps.declare("decoder.out", decoder_channels, 8)
-        self.taps.declare("head.logits", num_classes, 8, "logits")
+            self.taps.declare(f"fused.stage{i + 1}", dim, 4 * 2**i, after_fusion=True)
+            self.taps.declare(f"{aux}.stage{i + 1}", dim // 2, 4 * 2**i, after_fusion=True)
+        self.taps.declare("decoder.ham", HAM_CHANNELS, 8, after_fusion=True)
+        self.taps.declare("decoder.out", decoder_channels, 8, after_fusion=True)
+        self.taps.declare("head.logits", num_classes, 8, "logits", after_fusion=True)
         if encoder_weights is not None:
             self.load_encoder_weights(encoder_weights)
 

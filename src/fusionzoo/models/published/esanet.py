@@ -326,25 +326,27 @@ class ESANet(FusionModel):
         enc = self.encoders[self.modalities[0]]
         stage_channels = [64, *enc.channels]
         self.fusions = nn.ModuleDict()
+        mixed: set[str] = set()  # streams that continue from a fused map (the RGB stream, from the stem on)
         for k, (stage, c) in enumerate(zip(("stem", *STAGES), stage_channels)):
             reduction = 2 ** (k + 1)  # stem 2, stages 4..32
             for m in self.modalities:
-                self.taps.declare(f"{m}.{stage}", c, reduction)
+                self.taps.declare(f"{m}.{stage}", c, reduction, after_fusion=m in mixed)
             self.fusions[stage] = ESANetFusion(c, 2, stage_index=max(k - 1, 0), activation=activation)
-            self.taps.declare(f"fused.{stage}", c, reduction)
-            self.taps.declare(f"fused.{stage}.attn", 2 * c, 0, "attn")
+            mixed.update(self.fusions[stage].mixed_streams(self.modalities))
+            self.taps.declare(f"fused.{stage}", c, reduction, after_fusion=True)
+            self.taps.declare(f"fused.{stage}.attn", 2 * c, 0, "attn", after_fusion=True)
         # Encoder skips into the decoder modules: a 1x1 ConvBNAct where the channels differ.
         self.skips = nn.ModuleDict({
             stage: ConvBNAct(c, d, 1, activation) if c != d else nn.Identity()
             for stage, c, d in zip(STAGES[:3], enc.channels[:3], channels[::-1])
         })
         self.context = PyramidPooling(enc.channels[3], channels[0], PPM_BINS, activation)
-        self.taps.declare("decoder.context", channels[0], 32)
+        self.taps.declare("decoder.context", channels[0], 32, after_fusion=True)
         self.decoder = ESANetDecoder(channels[0], channels, blocks, num_classes, activation)
         for stride in (32, 16, 8):
-            self.taps.declare(f"decoder.side{stride}", num_classes, stride, "logits")
-        self.taps.declare("decoder.out", channels[2], 4)
-        self.taps.declare("head.logits", num_classes, 1, "logits")
+            self.taps.declare(f"decoder.side{stride}", num_classes, stride, "logits", after_fusion=True)
+        self.taps.declare("decoder.out", channels[2], 4, after_fusion=True)
+        self.taps.declare("head.logits", num_classes, 1, "logits", after_fusion=True)
         self.side_logits: tuple[torch.Tensor, ...] = ()
         if pretrained and encoder_weights is not None:
             raise ValueError("give pretrained=True (torchvision's ImageNet ResNets) or encoder_weights= (the authors' file), not both")

@@ -164,12 +164,14 @@ class FuseNetVGG16(FusionModel):
 
         aux = self.modalities[1]
         for stage, c, r in zip(self.stage_names, first.channels, first.reductions):
-            self.taps.declare(f"{aux}.{stage}", c, r)
+            self.taps.declare(f"{aux}.{stage}", c, r)  # the auxiliary branch receives nothing back
+        mixed: set[str] = set()  # the RGB branch continues from the fused map after stage 1
         for stage, c, r in zip(self.stage_names, first.channels, first.reductions):
-            self.taps.declare(f"{self.modalities[0]}.{stage}", c, r)
-            self.taps.declare(f"fused.{stage}", c, r)
-        self.taps.declare("decoder.out", 64, 1)
-        self.taps.declare("head.logits", num_classes, 1, "logits")
+            self.taps.declare(f"{self.modalities[0]}.{stage}", c, r, after_fusion=self.modalities[0] in mixed)
+            mixed.update(self.fusions[stage].mixed_streams(self.modalities))
+            self.taps.declare(f"fused.{stage}", c, r, after_fusion=True)
+        self.taps.declare("decoder.out", 64, 1, after_fusion=True)
+        self.taps.declare("head.logits", num_classes, 1, "logits", after_fusion=True)
 
     def forward_logits(self, xs: dict[str, torch.Tensor], missing: tuple[str, ...]) -> torch.Tensor:
         rgb_name, aux_name = self.modalities

@@ -297,13 +297,14 @@ class GeminiFusionMiT(FusionModel):
             ))
             self.stages[k].blocks[-1].attn.keep_gate = True
             cur += depth
-            self.taps.declare(f"fused.stage{k + 1}.gate", 2, 4 * 2**k, "gate")
+            # Every stage's blocks cross-attend between the modalities (from stage 1 on): all after fusion.
+            self.taps.declare(f"fused.stage{k + 1}.gate", 2, 4 * 2**k, "gate", after_fusion=True)
             for m in modalities:
-                self.taps.declare(f"{m}.stage{k + 1}", width, 4 * 2**k)
+                self.taps.declare(f"{m}.stage{k + 1}", width, 4 * 2**k, after_fusion=True)
         self.decoder = SegFormerDecoder(widths, num_classes, channels=decoder_channels, dropout=dropout)
         for m in modalities:
-            self.taps.declare(f"{m}.head", num_classes, 4, "logits")
-        self.taps.declare("head.logits", num_classes, 4, "logits")
+            self.taps.declare(f"{m}.head", num_classes, 4, "logits", after_fusion=True)  # on mixed stage features
+        self.taps.declare("head.logits", num_classes, 4, "logits", after_fusion=True)
         self.alpha = nn.Parameter(torch.ones(len(modalities)))  # ensemble weights (softmax), as WeTr.alpha
         self.side_logits: tuple[torch.Tensor, ...] = ()
         self._fused_attn: bool | None = None

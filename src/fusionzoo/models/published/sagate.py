@@ -207,9 +207,9 @@ class SAGateDeepLab(MiddleFusionModel):
 
     def build_head(self, decoder: str, decoder_channels: int | None, dropout: float) -> None:
         self.decoder = DeepLabV3PlusHead(self.stage_channels[0], self.stage_channels[-1])
-        self.taps.declare("decoder.out", self.decoder.out_channels, 4)
+        self.taps.declare("decoder.out", self.decoder.out_channels, 4, after_fusion=True)
         self.head = nn.Conv2d(self.decoder.out_channels, self.num_classes, 1)
-        self.taps.declare("head.logits", self.num_classes, 4, "logits")
+        self.taps.declare("head.logits", self.num_classes, 4, "logits", after_fusion=True)
         self.auxlayer = FCNHead(self.stage_channels[-1], self.num_classes)
         self.side_logits: tuple[torch.Tensor, ...] = ()  # set by every forward (training mode: 1 tensor)
 
