@@ -54,6 +54,7 @@ from .compare import PolicyView, Table, comparison_extra_tables, policy_views, s
 from .compare import contribution_terms as _terms
 from .contribution import contribution_keys
 from .intervals import interval
+from .style import stream_color
 
 __all__ = ["KINDS", "THRESHOLDS", "Estimate", "Finding", "comparison_findings_html", "cooperation_tables",
            "findings", "findings_html", "harsanyi_dividend", "plot_evolution", "seed_verdicts"]
@@ -1008,19 +1009,18 @@ def plot_evolution(labels: Sequence[str], results: Sequence[Any], path: str | Pa
     series = [_evolution_series(r) for r in results]
     if not any(c or s for c, s, _ in series):
         return None
-    colors = {"rgb": "tab:red", "depth": "tab:blue", "thermal": "tab:orange", "fused": "tab:purple"}
     n = len(results)
     # matplotlib's object API (no pyplot state, no global backend switch), as in report.py.
     fig = Figure(figsize=(max(3.2 * n + 0.8, 6.5), 5.8))
     axes = fig.subplots(2, n, sharey="row", squeeze=False)
     for j, (lab, (cka, sv, final)) in enumerate(zip(labels, series)):
-        for i, (data, ylabel) in enumerate(((cka, f"debiased CKA to {final or 'output'}"),
+        for i, (data, ylabel) in enumerate(((cka, "debiased CKA to the final representation"),
                                             (sv, "semantic variance"))):
             ax = axes[i][j]
             for stream, d in data.items():
                 stages = sorted(d, key=_stage_key)
                 ax.plot([_stage_key(s) for s in stages], [d[s] for s in stages], "o-", label=stream,
-                        color=colors.get(stream))
+                        color=stream_color(stream))
             ax.set_xticks([1, 2, 3, 4])
             ax.set_xlabel("stage")
             ax.set_ylim(-0.05, 1.05)
@@ -1028,7 +1028,7 @@ def plot_evolution(labels: Sequence[str], results: Sequence[Any], path: str | Pa
             if j == 0:
                 ax.set_ylabel(ylabel)
             if i == 0:
-                ax.set_title(f"{lab}\n({results[j].fusion})", fontsize=9)
+                ax.set_title(f"{lab}\n({results[j].fusion}; final: {final or 'none'})", fontsize=9)
             if data:
                 ax.legend(fontsize=7)
             else:
