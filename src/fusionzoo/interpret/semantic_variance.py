@@ -64,10 +64,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MIN_CELLS", "SemanticVariance", "SemanticVarianceResult", "box_mask", "box_masks", "labels_to_grid",
-           "resample_features", "semantic_variance"]
+__all__ = ["MIN_CELLS", "WHITENED_RIDGE", "SemanticVariance", "SemanticVarianceResult", "box_mask", "box_masks",
+           "labels_to_grid", "resample_features", "semantic_variance", "whitened_sv"]
 
 MIN_CELLS = 100  # fewer labelled cells than this over a whole dataset: SV is reported with a warning
+WHITENED_RIDGE = 1e-6  # added to the standardized total scatter (unit diagonal) before the whitened form's solve
 
 
 def resample_features(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -237,7 +238,8 @@ class SemanticVarianceResult:
     """Everything :class:`SemanticVariance` knows after streaming.
 
     Attributes:
-        semantic_variance: ``SV = S_B / S_T`` (nan when there is no variance or no data).
+        semantic_variance: ``SV = S_B / S_T``, the trace form (nan when there is no variance or
+            no data); ``to_dict`` also writes it as ``sv``, beside ``sv_whitened``.
         within_share: ``S_W / S_T = 1 - SV``.
         fisher_ratio: ``S_B / S_W`` (inf when ``S_W = 0``).
         s_between: ``S_B`` (squared feature units per pixel).
@@ -251,6 +253,8 @@ class SemanticVarianceResult:
         grid: ``[h, w]`` of the cells SV was computed on (of the last batch; the common grid
             with ``stride``, the tap's own grid without).
         stride: the common grid's stride (``None``: the tap's own grid).
+        sv_whitened: the scale-invariant form ``tr(S_T^-1 S_B) / min(K - 1, C)`` (Pillai's trace
+            over its maximum, in ``[0, 1]``; module docstring), nan when not tracked.
     """
 
     semantic_variance: float
@@ -266,9 +270,69 @@ class SemanticVarianceResult:
     channel_semantic_variance: list[float] | None = field(default=None, repr=False)
     grid: list[int] | None = None
     stride: int | None = None
+    sv_whitened: float = math.nan
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        out["sv"] = self.semantic_variance  # the trace form under the name the whitened form sits beside
+        return out
+
+
+def _scatter(cnt: torch.Tensor, s: torch.Tensor, sqn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Trace-form scatter from per-class statistics, batched over leading dims.
+
+    Args:
+        cnt: ``(..., K)`` class counts.
+        s: ``(..., K, C)`` per-class sums of the (shifted) features.
+        sqn: ``(..., K)`` per-class sums of squared norms.
+
+    Returns:
+        ``N (...)``, ``n_k |mu_k - mu|^2 (..., K)`` and ``sum_{i in k} |f_i - mu_k|^2 (..., K)``
+        (both 0 for absent classes).
+    """
+    n = cnt.sum(-1)
+    present = cnt > 0
+    safe = cnt.clamp(min=1)
+    mu = s.sum(-2) / n.clamp(min=1e-300)[..., None]
+    between = cnt * ((s / safe[..., None] - mu[..., None, :]) ** 2).sum(-1) * present
+    within = (sqn - (s * s).sum(-1) / safe).clamp(min=0) * present
+    return n, between, within
+
+
+def whitened_sv(cnt: torch.Tensor, s: torch.Tensor, second: torch.Tensor, ridge: float | None = None) -> torch.Tensor:
+    """``tr(S_T^-1 S_B) / min(K - 1, C)`` from streamed statistics, batched over a leading dim.
+
+    Channels are first standardized by their standard deviation (constant channels, variance
+    below ``1e-12`` of their second moment, are dropped), and ``ridge`` is added to the diagonal
+    of the resulting correlation matrix before the Cholesky solve (module docstring).
+
+    Args:
+        cnt: ``(R, K)`` class counts.
+        s: ``(R, K, C)`` per-class sums of the (shifted) features.
+        second: ``(R, C, C)`` sums of ``z z^T`` of the (shifted) features.
+        ridge: added to the correlation matrix's diagonal (default :data:`WHITENED_RIDGE`).
+
+    Returns:
+        ``(R,)`` values in ``[0, 1]``; nan with fewer than 2 classes present or no varying channel.
+    """
+    ridge = WHITENED_RIDGE if ridge is None else ridge
+    n = cnt.sum(-1).clamp(min=1e-300)
+    mu = s.sum(-2) / n[:, None]
+    st = second / n[:, None, None] - mu[:, :, None] * mu[:, None, :]          # (R, C, C) total scatter
+    m2 = torch.diagonal(second, dim1=1, dim2=2) / n[:, None]
+    var = torch.diagonal(st, dim1=1, dim2=2)
+    live = var > 1e-12 * m2
+    inv = torch.where(live, var.clamp(min=1e-300).rsqrt(), torch.zeros_like(var))
+    corr = st * inv[:, :, None] * inv[:, None, :]
+    corr = corr + ridge * torch.eye(corr.shape[-1], dtype=corr.dtype, device=corr.device)
+    present = cnt > 0
+    d = (s / cnt.clamp(min=1)[..., None] - mu[:, None, :]) * inv[:, None, :] * present[..., None]  # (R, K, C)
+    chol, info = torch.linalg.cholesky_ex(corr)
+    y = torch.linalg.solve_triangular(chol, d.transpose(1, 2), upper=False)    # L^-1 (mu_k - mu), (R, C, K)
+    trace = ((y * y).sum(1) * cnt).sum(-1) / n                                # tr(S_T^-1 S_B)
+    dof = torch.minimum(present.sum(-1) - 1, live.sum(-1)).to(trace.dtype)
+    ok = (dof > 0) & (info == 0)
+    return torch.where(ok, trace / dof.clamp(min=1), torch.full_like(trace, math.nan))
 
 
 class SemanticVariance:
@@ -283,6 +347,9 @@ class SemanticVariance:
         stride: measure on the common grid ``ceil(H / stride) x ceil(W / stride)`` of the mask's
             ``H x W`` (features resampled by :func:`resample_features`; see the module
             docstring); ``None``: on the tap's own grid.
+        whitened: also keep the ``C x C`` second moment the whitened form needs.
+        blocks: ``G``: keep the class statistics (and second moment) per block of images, for
+            :meth:`replicates` (1: totals only).
 
     Example:
         >>> sv = SemanticVariance(num_classes=40)
@@ -292,61 +359,91 @@ class SemanticVariance:
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, purity: float = 0.5,
-                 per_channel: bool = True, stride: int | None = None) -> None:
+                 per_channel: bool = True, stride: int | None = None, whitened: bool = True,
+                 blocks: int = 1) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if stride is not None and int(stride) < 1:
             raise ValueError(f"stride must be a positive integer (or None for the tap's own grid), got {stride}")
+        if int(blocks) < 1:
+            raise ValueError(f"blocks must be >= 1, got {blocks}")
         self.stride = None if stride is None else int(stride)
         self.grid: tuple[int, int] | None = None
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
         self.purity = float(purity)
         self.per_channel = per_channel
+        self.whitened = whitened
+        self.blocks = int(blocks)
         self._shift: torch.Tensor | None = None
-        self._count: torch.Tensor | None = None  # (K,)
-        self._sum: torch.Tensor | None = None    # (K, C) sum of shifted features
-        self._sq: torch.Tensor | None = None     # (K, C) or (K,) sum of squares of shifted features
+        self._count: torch.Tensor | None = None    # (G, K)
+        self._sum: torch.Tensor | None = None      # (G, K, C) sum of shifted features
+        self._sqn: torch.Tensor | None = None      # (G, K) sum of squared norms of shifted features
+        self._chan_sq: torch.Tensor | None = None  # (K, C) per-channel sums of squares (per_channel)
+        self._second: torch.Tensor | None = None   # (G, C, C) sum of z z^T (whitened)
 
-    def update(self, features: torch.Tensor, mask: torch.Tensor) -> None:
+    @staticmethod
+    def state_bytes(num_classes: int, channels: int, whitened: bool = True) -> int:
+        """Bytes of one block's float64 state for ``K`` classes and ``C`` channels."""
+        return 8 * (num_classes * (channels + 2) + (channels * channels if whitened else 0))
+
+    def update(self, features: torch.Tensor, mask: torch.Tensor, blocks: torch.Tensor | None = None) -> None:
         """Add a batch.
 
         Args:
             features: ``(B, C, h, w)`` tap output (any float dtype and device).
             mask: ``(B, H, W)`` labels of the same images at input resolution (or, without
                 ``stride``, already at ``(h, w)``).
+            blocks: ``(B,)`` block of each image, in ``[0, G)``; None: block 0.
         """
         if features.dim() != 4:
             raise ValueError(f"features must be (B, C, h, w), got shape {tuple(features.shape)}")
         if mask.dim() != 3 or mask.shape[0] != features.shape[0]:
             raise ValueError(f"mask must be (B, H, W) with B={features.shape[0]} to match the "
                              f"features, got shape {tuple(mask.shape)}")
-        _, c, h, w = features.shape
+        b, c, h, w = features.shape
+        if blocks is None:
+            blocks = torch.zeros(b, dtype=torch.long)
+        blocks = torch.as_tensor(blocks).reshape(-1).long().to(features.device)
+        if blocks.numel() != b or (b and (int(blocks.min()) < 0 or int(blocks.max()) >= self.blocks)):
+            raise ValueError(f"blocks must give each of the {b} images a block in [0, {self.blocks}), "
+                             f"got shape {tuple(blocks.shape)}")
         if self.stride is not None:
             h, w = -(-mask.shape[-2] // self.stride), -(-mask.shape[-1] // self.stride)
         self.grid = (h, w)
         grid = labels_to_grid(mask.to(features.device), (h, w), self.num_classes, self.ignore_index, self.purity)
         keep_all = grid != self.ignore_index  # (B, h, w)
         rows = []
-        for i in range(features.shape[0]):  # one image at a time: an upsampled deep map is large
+        for i in range(b):  # one image at a time: an upsampled deep map is large
             fi = resample_features(features[i : i + 1].detach(), (h, w))[0]  # (C, h, w)
             rows.append(fi.permute(1, 2, 0)[keep_all[i]].to(torch.float64))
         f = torch.cat(rows) if rows else features.new_zeros(0, c, dtype=torch.float64)
         lab = grid[keep_all]
+        blk = blocks.repeat_interleave(keep_all.flatten(1).sum(1))  # block of each kept cell
+        k = self.num_classes
         if self._shift is None:
             kw = {"dtype": torch.float64, "device": features.device}
             self._shift = f.mean(0) if f.shape[0] else torch.zeros(c, **kw)
-            self._count = torch.zeros(self.num_classes, **kw)
-            self._sum = torch.zeros(self.num_classes, c, **kw)
-            self._sq = torch.zeros(self.num_classes, c, **kw) if self.per_channel else torch.zeros(self.num_classes, **kw)
+            self._count = torch.zeros(self.blocks, k, **kw)
+            self._sum = torch.zeros(self.blocks, k, c, **kw)
+            self._sqn = torch.zeros(self.blocks, k, **kw)
+            self._chan_sq = torch.zeros(k, c, **kw) if self.per_channel else None
+            self._second = torch.zeros(self.blocks, c, c, **kw) if self.whitened else None
         elif c != self._shift.numel():
             raise ValueError(f"features changed channel count: {c} vs {self._shift.numel()} before")
         if f.shape[0] == 0:
             return
         z = f - self._shift
-        self._count.index_add_(0, lab, torch.ones_like(lab, dtype=torch.float64))
-        self._sum.index_add_(0, lab, z)
-        self._sq.index_add_(0, lab, z * z if self.per_channel else (z * z).sum(1))
+        cell = blk * k + lab  # (block, class) bin of each cell
+        self._count.view(-1).index_add_(0, cell, torch.ones_like(lab, dtype=torch.float64))
+        self._sum.view(-1, c).index_add_(0, cell, z)
+        self._sqn.view(-1).index_add_(0, cell, (z * z).sum(1))
+        if self._chan_sq is not None:
+            self._chan_sq.index_add_(0, lab, z * z)
+        if self._second is not None:
+            for g in blk.unique().tolist():
+                zg = z[blk == g]
+                self._second[g].addmm_(zg.T, zg)
 
     def compute(self) -> SemanticVarianceResult:
         """The statistics over everything seen so far."""
@@ -355,30 +452,27 @@ class SemanticVariance:
             nan = math.nan
             return SemanticVarianceResult(nan, nan, nan, nan, nan, nan, 0, [0] * k, [nan] * k, [nan] * k, None,
                                           list(self.grid) if self.grid else None, self.stride)
-        cnt, s = self._count, self._sum
-        sq = self._sq.sum(1) if self.per_channel else self._sq
-        n = cnt.sum()
+        cnt, s, sqn = self._count.sum(0), self._sum.sum(0), self._sqn.sum(0)
+        n, between_k, within_k = _scatter(cnt, s, sqn)
         if float(n) < MIN_CELLS:
             where = f"the common stride-{self.stride} grid" if self.stride else "the tap's own grid"
             warnings.warn(f"semantic variance computed on only {int(n)} labelled cells (< {MIN_CELLS}) of "
                           f"{where} {self.grid[0]}x{self.grid[1]}: too few for a stable value; use more or larger "
                           "images, or a smaller stride (fusionzoo.interpret.run(sv_stride=...))", stacklevel=2)
-        present = cnt > 0
-        safe = cnt.clamp(min=1)[:, None]
-        mu = s.sum(0) / n                                    # global mean (shifted)
-        mu_k = s / safe                                       # class means (shifted)
-        between_k = cnt * ((mu_k - mu) ** 2).sum(1)           # n_k |mu_k - mu|^2
-        within_k = (sq - (s * s).sum(1) / safe[:, 0]).clamp(min=0)  # sum |f - mu_k|^2
-        between_k, within_k = between_k * present, within_k * present
         s_b, s_w = float(between_k.sum() / n), float(within_k.sum() / n)
         s_t = s_b + s_w
         sv = s_b / s_t if s_t > 0 else math.nan
         chan = None
-        if self.per_channel:
+        if self._chan_sq is not None:
+            present = cnt > 0
+            safe = cnt.clamp(min=1)[:, None]
+            mu, mu_k = s.sum(0) / n, s / safe
             b_c = (cnt[:, None] * (mu_k - mu) ** 2 * present[:, None]).sum(0)
-            w_c = ((self._sq - s * s / safe) * present[:, None]).clamp(min=0).sum(0)
+            w_c = ((self._chan_sq - s * s / safe) * present[:, None]).clamp(min=0).sum(0)
             t_c = b_c + w_c
             chan = torch.where(t_c > 0, b_c / t_c.clamp(min=1e-300), torch.full_like(t_c, math.nan)).tolist()
+        whitened = (float(whitened_sv(cnt[None], s[None], self._second.sum(0)[None])[0])
+                    if self._second is not None else math.nan)
         denom = float(n) * s_t
         return SemanticVarianceResult(
             semantic_variance=sv,
@@ -394,7 +488,50 @@ class SemanticVariance:
             channel_semantic_variance=chan,
             grid=list(self.grid) if self.grid else None,
             stride=self.stride,
+            sv_whitened=whitened,
         )
+
+    def replicates(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Exact values on reweighted data: replicate ``r`` counts every cell of block ``g``
+        ``weights[r, g]`` times (a block of weight ``k`` is its images duplicated ``k`` times).
+
+        Every statistic is a sum over cells, so the replicate's sums are the weighted sums of the
+        blocks'; the whitened form solves one ``C x C`` system per replicate (in chunks that
+        keep about 32 MiB of matrices at a time).
+
+        Args:
+            weights: ``(R, G)`` non-negative block weights.
+
+        Returns:
+            ``{"sv": (R,), "within_share": (R,), "class_between_share": (R, K), "sv_whitened": (R,)}``
+            (``sv_whitened`` only when tracked), float64 on the CPU.
+        """
+        wt = torch.as_tensor(weights, dtype=torch.float64)
+        if wt.dim() != 2 or wt.shape[1] != self.blocks:
+            raise ValueError(f"weights must be (R, {self.blocks}) block weights, got shape {tuple(wt.shape)}")
+        if self._count is None:
+            nan = torch.full((wt.shape[0],), math.nan, dtype=torch.float64)
+            return {"sv": nan, "within_share": nan.clone(),
+                    "class_between_share": torch.full((wt.shape[0], self.num_classes), math.nan, dtype=torch.float64)}
+        wt = wt.to(self._count.device)
+        cnt = wt @ self._count                                  # (R, K)
+        s = torch.einsum("rg,gkc->rkc", wt, self._sum)          # (R, K, C)
+        n, between, within = _scatter(cnt, s, wt @ self._sqn)
+        total = between.sum(-1) + within.sum(-1)
+        ok = total > 0
+        nan = torch.full_like(total, math.nan)
+        out = {"sv": torch.where(ok, between.sum(-1) / total.clamp(min=1e-300), nan),
+               "within_share": torch.where(ok, within.sum(-1) / total.clamp(min=1e-300), nan),
+               "class_between_share": torch.where(ok[:, None], between / total.clamp(min=1e-300)[:, None],
+                                                  nan[:, None].expand_as(between))}
+        if self._second is not None:
+            c = self._second.shape[-1]
+            chunk = max(1, (1 << 22) // (c * c))
+            flat = self._second.reshape(self.blocks, -1)
+            out["sv_whitened"] = torch.cat([
+                whitened_sv(cnt[i:i + chunk], s[i:i + chunk], (wt[i:i + chunk] @ flat).view(-1, c, c))
+                for i in range(0, wt.shape[0], chunk)])
+        return {key: v.cpu() for key, v in out.items()}
 
 
 def semantic_variance(features: torch.Tensor, mask: torch.Tensor, num_classes: int,
