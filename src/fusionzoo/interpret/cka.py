@@ -387,6 +387,8 @@ class StreamingCKA:
         self._self: dict[str, _SelfMoments] = {}
         self._cross: dict[tuple[str, str], _CrossMoments] = {}
         self._cache: dict[tuple[str, str, bool], float] = {}  # HSIC values, cleared by update()
+        self._rep_cache: dict[tuple[str, str], tuple[torch.Tensor, ...]] = {}  # replicate terms, same
+        self._rep_weights: torch.Tensor | None = None  # the weights the replicate terms are for
 
     @property
     def names(self) -> list[str]:
@@ -413,6 +415,7 @@ class StreamingCKA:
         if not rows:
             raise ValueError("StreamingCKA.update got no features")
         self._cache.clear()
+        self._rep_cache.clear()
         ns = {k: v.shape[0] for k, v in rows.items()}
         if len(set(ns.values())) != 1:
             raise ValueError(f"every tap must give the same number of rows in a batch, got {ns}")
@@ -518,7 +521,8 @@ class StreamingCKA:
         ``s_a^T M s_b`` (cubic), with ``M = sum_g W_g M_g``, ``s = sum_g W_g s_g``. They come from the
         ``G x G`` Gram of the block moments, ``Q_gh = <M_g, M_h>_F``, and the ``G x G x G`` tensor
         ``T_hgk = s_a,g^T M_h s_b,k``: ``||M||^2 = W^T Q W`` and ``s_a^T M s_b = sum W_h W_g W_k T_hgk``.
-        Cost ``O(G^2 p q)`` once plus ``O(R G^3)``; no replicate ever holds a ``p x q`` matrix.
+        Cost ``O(G^2 p q)`` once per pair and weights (cached until the next :meth:`update`) plus
+        ``O(R G^3)``; no replicate ever holds a ``p x q`` matrix.
 
         Args:
             a, b: an accumulated pair, or ``a == b`` (self-similarity).
@@ -529,28 +533,39 @@ class StreamingCKA:
             ``(R,)`` float64 HSIC values (nan where a replicate has fewer than 4 rows for the
             debiased value, or fewer than 2 for the biased one).
         """
-        n_g, s_a, s_b, m, u, v, w_g, tr_a, tr_b = self._block_terms(a, b)
-        wt = torch.as_tensor(weights, dtype=torch.float64).to(m.device)
-        if wt.dim() != 2 or wt.shape[1] != self.blocks:
-            raise ValueError(f"weights must be (R, {self.blocks}) block weights, got shape {tuple(wt.shape)}")
-        g = self.blocks
-        flat = m.reshape(g, -1)
-        q = flat @ flat.T                                              # (G, G) <M_g, M_h>
-        mm = ((wt @ q) * wt).sum(1)                                    # ||M_r||_F^2
-        t = torch.matmul(s_a, m) @ s_b.T                               # (G_h, G_g, G_k)
-        sms = ((torch.einsum("hgk,rk->rhg", t, wt) * wt[:, None, :]).sum(2) * wt).sum(1)  # s_a^T M s_b
-        n = wt @ n_g
-        sa, sb = wt @ s_a, wt @ s_b
-        saa, sbb = (sa * sa).sum(1), (sb * sb).sum(1)
-        w = wt @ w_g
+        n, mm, sms, saa, sbb, tr_a, tr_b, sau, sbv, w = self._replicate_terms(a, b, weights)
         if not debiased:
             val = (mm - 2.0 * sms / n + saa * sbb / (n * n)) / (n - 1) ** 2
             return torch.where(n >= 2, val, torch.full_like(val, math.nan))
-        k1 = saa - wt @ tr_a
-        l1 = sbb - wt @ tr_b
-        kl1 = sms - (sa * (wt @ u)).sum(1) - (sb * (wt @ v)).sum(1) + w
+        k1, l1 = saa - tr_a, sbb - tr_b
+        kl1 = sms - sau - sbv + w
         val = ((mm - w) + k1 * l1 / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * kl1) / (n * (n - 3))
         return torch.where(n >= 4, val, torch.full_like(val, math.nan))
+
+    def _replicate_terms(self, a: str, b: str, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(n, ||M||^2, s_a^T M s_b, |s_a|^2, |s_b|^2, tr_a, tr_b, s_a.u, s_b.v, w)`` per replicate."""
+        if self._rep_weights is not weights:
+            self._rep_cache.clear()
+            self._rep_weights = weights
+        key = (a, b) if (a, b) in self._cross or a == b else (b, a)
+        if key not in self._rep_cache:
+            n_g, s_a, s_b, m, u, v, w_g, tr_a, tr_b = self._block_terms(*key)
+            wt = torch.as_tensor(weights, dtype=torch.float64).to(m.device)
+            if wt.dim() != 2 or wt.shape[1] != self.blocks:
+                raise ValueError(f"weights must be (R, {self.blocks}) block weights, got shape {tuple(wt.shape)}")
+            g = self.blocks
+            flat = m.reshape(g, -1)
+            q = flat @ flat.T                                          # (G, G) <M_g, M_h>
+            mm = ((wt @ q) * wt).sum(1)                                # ||M_r||_F^2
+            t = torch.matmul(s_a, m) @ s_b.T                           # (G_h, G_g, G_k)
+            sms = ((torch.einsum("hgk,rk->rhg", t, wt) * wt[:, None, :]).sum(2) * wt).sum(1)  # s_a^T M s_b
+            sa, sb = wt @ s_a, wt @ s_b
+            self._rep_cache[key] = (wt @ n_g, mm, sms, (sa * sa).sum(1), (sb * sb).sum(1), wt @ tr_a, wt @ tr_b,
+                                    (sa * (wt @ u)).sum(1), (sb * (wt @ v)).sum(1), wt @ w_g)
+        n, mm, sms, saa, sbb, tr_a, tr_b, sau, sbv, w = self._rep_cache[key]
+        if key != (a, b):  # the reversed pair: the roles of a and b swap, ||M|| and s_a^T M s_b do not change
+            saa, sbb, tr_a, tr_b, sau, sbv = sbb, saa, tr_b, tr_a, sbv, sau
+        return n, mm, sms, saa, sbb, tr_a, tr_b, sau, sbv, w
 
     def replicates(self, weights: torch.Tensor, debiased: bool = True,
                    pairs: Sequence[tuple[str, str]] | None = None) -> dict[tuple[str, str], torch.Tensor]:

@@ -302,9 +302,9 @@ def _scatter(cnt: torch.Tensor, s: torch.Tensor, sqn: torch.Tensor) -> tuple[tor
 def whitened_sv(cnt: torch.Tensor, s: torch.Tensor, second: torch.Tensor, ridge: float | None = None) -> torch.Tensor:
     """``tr(S_T^-1 S_B) / min(K - 1, C)`` from streamed statistics, batched over a leading dim.
 
-    Channels are first standardized by their standard deviation (constant channels, variance
-    below ``1e-12`` of their second moment, are dropped), and ``ridge`` is added to the diagonal
-    of the resulting correlation matrix before the Cholesky solve (module docstring).
+    Channels are standardized by their standard deviation (constant channels, variance below
+    ``1e-12`` of their second moment, are dropped) and ``ridge`` is added to the diagonal of the
+    resulting correlation matrix before the Cholesky solve (module docstring).
 
     Args:
         cnt: ``(R, K)`` class counts.
@@ -318,16 +318,18 @@ def whitened_sv(cnt: torch.Tensor, s: torch.Tensor, second: torch.Tensor, ridge:
     ridge = WHITENED_RIDGE if ridge is None else ridge
     n = cnt.sum(-1).clamp(min=1e-300)
     mu = s.sum(-2) / n[:, None]
-    st = second / n[:, None, None] - mu[:, :, None] * mu[:, None, :]          # (R, C, C) total scatter
-    m2 = torch.diagonal(second, dim1=1, dim2=2) / n[:, None]
-    var = torch.diagonal(st, dim1=1, dim2=2)
-    live = var > 1e-12 * m2
-    inv = torch.where(live, var.clamp(min=1e-300).rsqrt(), torch.zeros_like(var))
-    corr = st * inv[:, :, None] * inv[:, None, :]
-    corr = corr + ridge * torch.eye(corr.shape[-1], dtype=corr.dtype, device=corr.device)
+    # S_T = second / n - mu mu^T, in place: this (R, C, C) tensor is the largest of the computation
+    st = (second / n[:, None, None]).baddbmm_(mu[:, :, None], mu[:, None, :], alpha=-1.0)
+    var = torch.diagonal(st, dim1=1, dim2=2).clone()
+    live = var > 1e-12 * (var + mu * mu)  # variance against the channel's second moment (about the shift)
+    # A ridge on the standardized scatter, corr + ridge I with corr = D S_T D and D = diag(var)^-1/2,
+    # gives tr((corr + ridge I)^-1 D S_B D) = tr((S_T + ridge diag(var))^-1 S_B): the same number
+    # without forming corr. A constant channel gets 1 on the diagonal (its class means are equal,
+    # so it adds nothing) and is not counted in min(K - 1, C).
+    torch.diagonal(st, dim1=1, dim2=2).add_(torch.where(live, ridge * var, torch.ones_like(var)))
     present = cnt > 0
-    d = (s / cnt.clamp(min=1)[..., None] - mu[:, None, :]) * inv[:, None, :] * present[..., None]  # (R, K, C)
-    chol, info = torch.linalg.cholesky_ex(corr)
+    d = (s / cnt.clamp(min=1)[..., None] - mu[:, None, :]) * present[..., None] * live[:, None, :]  # (R, K, C)
+    chol, info = torch.linalg.cholesky_ex(st)
     y = torch.linalg.solve_triangular(chol, d.transpose(1, 2), upper=False)    # L^-1 (mu_k - mu), (R, C, K)
     trace = ((y * y).sum(1) * cnt).sum(-1) / n                                # tr(S_T^-1 S_B)
     dof = torch.minimum(present.sum(-1) - 1, live.sum(-1)).to(trace.dtype)
