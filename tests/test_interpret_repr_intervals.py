@@ -286,3 +286,18 @@ def test_intervals_withheld_when_blocks_exceed_the_budget(monkeypatch):
         res = interpret.run(Tiny(), _batches(), metrics=["cka"], samples_per_image=4, replicates=20)
     assert "withheld" in res.settings["cka_intervals"] and not res.intervals
     assert res.cka["pairs"]
+
+
+@pytest.mark.filterwarnings("ignore:semantic variance computed on only")
+def test_intervals_withheld_below_min_blocks_images():
+    """Four images are four bootstrap units: too few to state an interval; the states hold
+    four blocks, not G."""
+    res = interpret.run(Tiny(), _batches(n=4), metrics=["cka", "semantic_variance"], samples_per_image=4,
+                        sv_stride=None, replicates=50)
+    assert not res.intervals
+    assert "fewer than MIN_BLOCKS" in res.settings["cka_intervals"]["withheld"]
+    assert "fewer than MIN_BLOCKS" in res.settings["semantic_variance_intervals"]["withheld"]
+    acc = StreamingCKA(pairs=[("x", "y")], blocks=20)
+    x, y = _cka_data(n=12)
+    acc.update({"x": x, "y": y}, torch.arange(12) // 4)
+    assert acc._self["x"].g.shape[0] == 3  # the three blocks seen, not G = 20

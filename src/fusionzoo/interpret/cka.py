@@ -14,7 +14,9 @@ Three estimators, all for the linear kernel ``K = X X^T``:
    the debiased one, as Kornblith et al.'s reference does), never from the raw sums of Song et
    al.'s eq. 5, which cancel catastrophically when the features share a large offset.
 2. **Exact, streaming** (:class:`StreamingCKA`): the same two numbers over a whole dataset in
-   one pass, from moment accumulators whose size is ``O(d^2)`` and independent of ``n``.
+   one pass, from moment accumulators whose size is ``O(d^2)`` and independent of ``n``. Kept
+   per block of rows, they also give the exact CKA of any reweighting of the blocks
+   (:meth:`StreamingCKA.replicates`: bootstrap replicates without a ``d x d`` matrix per replicate).
 3. **Minibatch** (:class:`MinibatchCKA`): Nguyen et al. 2021, section 3.1: average the unbiased
    HSIC over minibatches, then normalize. It matches the full-dataset debiased CKA only
    statistically (the minibatch HSIC is unbiased for the population HSIC, so the ratio is
@@ -355,6 +357,11 @@ def _total(x: torch.Tensor) -> torch.Tensor:
     return x[0] if x.shape[0] == 1 else x.sum(0)
 
 
+def grow_blocks(x: torch.Tensor, cap: int) -> torch.Tensor:
+    """``x`` with its block dimension zero-padded to ``cap``."""
+    return torch.cat([x, x.new_zeros(cap - x.shape[0], *x.shape[1:])]) if cap > x.shape[0] else x
+
+
 class StreamingCKA:
     """Exact full-dataset linear CKA (biased and debiased) between many taps, in one pass.
 
@@ -384,6 +391,9 @@ class StreamingCKA:
             raise ValueError(f"blocks must be >= 1, got {blocks}")
         self._pairs: list[tuple[str, str]] | None = [tuple(p) for p in pairs] if pairs is not None else None
         self.blocks = int(blocks)
+        # blocks allocated so far: grown (doubling) as images reach new blocks, so a run over
+        # fewer images than blocks never holds G copies of its moments
+        self._cap = 1
         self._self: dict[str, _SelfMoments] = {}
         self._cross: dict[tuple[str, str], _CrossMoments] = {}
         self._cache: dict[tuple[str, str, bool], float] = {}  # HSIC values, cleared by update()
@@ -435,6 +445,12 @@ class StreamingCKA:
                 raise ValueError(f"blocks must give each of the {n_rows} rows a block in [0, {self.blocks}), got "
                                  f"shape {tuple(blocks.shape)}")
             groups = [(int(g), (blocks == g).nonzero().flatten()) for g in blocks.unique().tolist()]
+            if n_rows and int(blocks.max()) >= self._cap:
+                self._cap = min(self.blocks, max(int(blocks.max()) + 1, 2 * self._cap))
+                for st in [*self._self.values(), *self._cross.values()]:
+                    for k, v in vars(st).items():
+                        if k != "shift":
+                            setattr(st, k, grow_blocks(v, self._cap))
         z: dict[str, torch.Tensor] = {}
         sq: dict[str, torch.Tensor] = {}
         for name in sorted(needed, key=list(rows).index):
@@ -443,7 +459,7 @@ class StreamingCKA:
             if st is None:
                 # Shift by the first batch mean: HSIC (biased and unbiased) is invariant to it and
                 # it keeps the uncentred sums from cancelling catastrophically.
-                st = self._self[name] = _SelfMoments(x.mean(0), self.blocks)
+                st = self._self[name] = _SelfMoments(x.mean(0), self._cap)
             elif x.shape[1] != st.shift.numel():
                 raise ValueError(f"tap {name!r} changed width: {x.shape[1]} vs {st.shift.numel()} before")
             zz = x - st.shift.to(x.device)
@@ -459,7 +475,7 @@ class StreamingCKA:
             for a, b in self._pairs:
                 cr = self._cross.get((a, b))
                 if cr is None:
-                    cr = self._cross[(a, b)] = _CrossMoments(z[a].shape[1], z[b].shape[1], self.blocks, z[a].device)
+                    cr = self._cross[(a, b)] = _CrossMoments(z[a].shape[1], z[b].shape[1], self._cap, z[a].device)
                 za, zb, qa, qb = z[a][idx], z[b][idx], sq[a][idx], sq[b][idx]
                 cr.m[g].addmm_(za.T, zb)
                 cr.u[g] += qb @ za
@@ -553,7 +569,8 @@ class StreamingCKA:
             wt = torch.as_tensor(weights, dtype=torch.float64).to(m.device)
             if wt.dim() != 2 or wt.shape[1] != self.blocks:
                 raise ValueError(f"weights must be (R, {self.blocks}) block weights, got shape {tuple(wt.shape)}")
-            g = self.blocks
+            g = m.shape[0]  # blocks allocated; the others are empty
+            wt = wt[:, :g]
             flat = m.reshape(g, -1)
             q = flat @ flat.T                                          # (G, G) <M_g, M_h>
             mm = ((wt @ q) * wt).sum(1)                                # ||M_r||_F^2

@@ -20,6 +20,36 @@ quotes), so no direction is ambiguous. Per class, ``SV`` and ``1 - SV`` split ex
 class shares ``n_k |mu_k - mu|^2 / (N S_T)`` and ``sum_{i in k} |f_i - mu_k|^2 / (N S_T)``; per
 channel, the same ratio computed on one channel.
 
+Whitened form (scale invariant). ``SV`` is a trace over channels, so a channel's weight in it is
+its variance: one loud channel without class information drowns a quiet channel that separates
+the classes perfectly, and rescaling a channel (which the next layer undoes for free) changes
+``SV``. The whitened form measures the between-class scatter in the metric of the total one::
+
+    S_T = sum_i (f_i - mu)(f_i - mu)^T / N                 (C x C total scatter)
+    S_B = sum_k n_k (mu_k - mu)(mu_k - mu)^T / N            (C x C between-class scatter)
+    SV_whitened = tr(S_T^-1 S_B) / min(K - 1, C)  in [0, 1]
+
+``tr(S_T^-1 S_B)`` is Pillai's trace (Pillai, "Some new test criteria in multivariate analysis",
+Ann. Math. Statist. 1955), the sum of the squared canonical correlations between the features
+and the class indicators; each is in ``[0, 1]`` and there are at most ``min(K - 1, C)`` of them
+(``K`` = classes present), hence the normalization. It is the share of the class-separable
+directions the features make *linearly* separable, whatever their scale: invariant to any
+invertible linear map of the channels (rescaling, rotation, mixing), which a linear probe or the
+next linear layer can undo. ``K = 2`` gives the squared correlation of the best linear
+discriminant with the class. Its chance level is not 0: with no class structure its expectation
+is about ``C / (N - 1)`` for ``N`` independent cells (more, since neighbouring cells are not
+independent), e.g. 0.017 for 512 channels on 30,694 cells.
+
+Streaming adds one ``C x C`` sum of ``z z^T`` per tap to the per-class sums. Rank-deficient
+``S_T`` (dead ReLU channels, duplicated channels, fewer cells than channels) is handled by a
+ridge on the *standardized* scale: channels are divided by their standard deviation (constant
+channels, variance below ``1e-12`` of their second moment, are dropped and not counted in
+``C``), and :data:`WHITENED_RIDGE` ``= 1e-6`` is added to the diagonal of the resulting
+correlation matrix before the Cholesky solve. Standardizing first keeps exact invariance to
+rescaling a channel; the ridge ignores directions carrying less than ``1e-6`` of a standardized
+channel's variance and moves the value by ``O(1e-6)`` otherwise (a rotation changes it by about
+that much: tested to 1e-5).
+
 Relation to the literature. Chen, Zhou, Deng, "Interpretation on Multi-modal Visual Fusion"
 (arXiv:2308.10019, 2023; later retitled "Dissecting RGB-D Learning for Improved Multi-modal
 Fusion") propose a "semantic variance" measured across modalities and levels to study the
@@ -50,8 +80,11 @@ names taps measured on fewer than ``MIN_CELLS`` labelled cells. The grid used is
 :attr:`SemanticVarianceResult.grid`.
 
 Streaming: per class the count, the sum of features and the sum of squares per channel are
-accumulated (``O(K * C)`` memory), which gives every quantity above exactly over any dataset
-size. Features are shifted by a fixed reference (the first batch's mean) before accumulating;
+accumulated (``O(K * C)`` memory; ``O(C^2)`` more for the whitened form), which gives every
+quantity above exactly over any dataset size. With ``blocks = G`` the class statistics and the
+second moment are kept per block of images and :meth:`SemanticVariance.replicates` gives the
+exact values of any reweighting of the blocks (bootstrap intervals:
+:mod:`fusionzoo.interpret.accumulators.blocks`). Features are shifted by a fixed reference (the first batch's mean) before accumulating;
 all quantities are shift invariant and the shift keeps float64 sums from cancelling.
 """
 
@@ -63,6 +96,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from .cka import grow_blocks
 
 __all__ = ["MIN_CELLS", "WHITENED_RIDGE", "SemanticVariance", "SemanticVarianceResult", "box_mask", "box_masks",
            "labels_to_grid", "resample_features", "semantic_variance", "whitened_sv"]
@@ -377,6 +412,7 @@ class SemanticVariance:
         self.per_channel = per_channel
         self.whitened = whitened
         self.blocks = int(blocks)
+        self._cap = 1  # blocks allocated so far, grown (doubling) as images reach new blocks
         self._shift: torch.Tensor | None = None
         self._count: torch.Tensor | None = None    # (G, K)
         self._sum: torch.Tensor | None = None      # (G, K, C) sum of shifted features
@@ -426,13 +462,18 @@ class SemanticVariance:
         if self._shift is None:
             kw = {"dtype": torch.float64, "device": features.device}
             self._shift = f.mean(0) if f.shape[0] else torch.zeros(c, **kw)
-            self._count = torch.zeros(self.blocks, k, **kw)
-            self._sum = torch.zeros(self.blocks, k, c, **kw)
-            self._sqn = torch.zeros(self.blocks, k, **kw)
+            self._count = torch.zeros(self._cap, k, **kw)
+            self._sum = torch.zeros(self._cap, k, c, **kw)
+            self._sqn = torch.zeros(self._cap, k, **kw)
             self._chan_sq = torch.zeros(k, c, **kw) if self.per_channel else None
-            self._second = torch.zeros(self.blocks, c, c, **kw) if self.whitened else None
+            self._second = torch.zeros(self._cap, c, c, **kw) if self.whitened else None
         elif c != self._shift.numel():
             raise ValueError(f"features changed channel count: {c} vs {self._shift.numel()} before")
+        if b and int(blocks.max()) >= self._cap:
+            self._cap = min(self.blocks, max(int(blocks.max()) + 1, 2 * self._cap))
+            self._count, self._sum, self._sqn = (grow_blocks(t, self._cap) for t in (self._count, self._sum, self._sqn))
+            if self._second is not None:
+                self._second = grow_blocks(self._second, self._cap)
         if f.shape[0] == 0:
             return
         z = f - self._shift
@@ -515,10 +556,10 @@ class SemanticVariance:
             nan = torch.full((wt.shape[0],), math.nan, dtype=torch.float64)
             return {"sv": nan, "within_share": nan.clone(),
                     "class_between_share": torch.full((wt.shape[0], self.num_classes), math.nan, dtype=torch.float64)}
-        wt = wt.to(self._count.device)
+        wt = wt.to(self._count.device)[:, : self._cap]  # blocks never allocated are empty
         cnt = wt @ self._count                                  # (R, K)
         s = torch.einsum("rg,gkc->rkc", wt, self._sum)          # (R, K, C)
-        n, between, within = _scatter(cnt, s, wt @ self._sqn)
+        _, between, within = _scatter(cnt, s, wt @ self._sqn)
         total = between.sum(-1) + within.sum(-1)
         ok = total > 0
         nan = torch.full_like(total, math.nan)
@@ -529,7 +570,7 @@ class SemanticVariance:
         if self._second is not None:
             c = self._second.shape[-1]
             chunk = max(1, (1 << 22) // (c * c))
-            flat = self._second.reshape(self.blocks, -1)
+            flat = self._second.reshape(self._cap, -1)
             out["sv_whitened"] = torch.cat([
                 whitened_sv(cnt[i:i + chunk], s[i:i + chunk], (wt[i:i + chunk] @ flat).view(-1, c, c))
                 for i in range(0, wt.shape[0], chunk)])

@@ -70,6 +70,7 @@ class BlockBootstrap:
         self.blocks = max(int(g), 1)
         self.state_bytes = int(state_bytes)
         self._weights: torch.Tensor | None = None  # (R, G) float64
+        self.images = 0
 
     @property
     def active(self) -> bool:
@@ -77,7 +78,9 @@ class BlockBootstrap:
         return self.replicates > 0 and self.withheld is None
 
     def observe(self, batch: BatchContext) -> None:
-        """Record the weights of the batch's images whose global index ``g < G`` (block ``g``'s)."""
+        """Count the batch's images and record the weights of those whose global index
+        ``g < G`` (block ``g``'s)."""
+        self.images += batch.batch_size
         if not self.active or batch.weights is None:
             return
         if self._weights is None:
@@ -91,8 +94,16 @@ class BlockBootstrap:
         return (batch.first_image + torch.arange(batch.batch_size)) % self.blocks
 
     def weights(self) -> torch.Tensor | None:
-        """``(R, G)`` block weights (blocks no image reached weigh 0: they are empty), or None."""
-        return self._weights if self.active else None
+        """``(R, G)`` block weights (blocks no image reached weigh 0: they are empty), or None:
+        no replicates, or fewer than :data:`MIN_BLOCKS` non-empty blocks (then :attr:`withheld`
+        says so: a bootstrap over so few units cannot resolve an interval)."""
+        if not self.active:
+            return None
+        if min(self.images, self.blocks) < MIN_BLOCKS:
+            self.withheld = (f"intervals withheld: {self.images} images give {min(self.images, self.blocks)} blocks, "
+                             f"fewer than MIN_BLOCKS = {MIN_BLOCKS}; the data cannot resolve an interval")
+            return None
+        return self._weights
 
     def settings(self) -> dict[str, Any]:
         """What the metric's intervals rest on, for ``settings``."""

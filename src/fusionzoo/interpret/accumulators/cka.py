@@ -60,9 +60,9 @@ class CKAMetric(MetricAccumulator):
                 "cka": acc.cka(a, b, True) if acc.num_examples >= 4 else math.nan,
                 "cka_biased": acc.cka(a, b, False)}
                for a, b, kind, stage in self.spec.plan.pairs]
+        w = self.boot.weights()
         if self.spec.replicates:
             self.settings["cka_intervals"] = self.boot.settings()
-        w = self.boot.weights()
         if w is not None:
             for key, debiased in (("cka", True), ("cka_biased", False)):
                 reps = acc.replicates(w, debiased)

@@ -79,9 +79,9 @@ class RelianceMetric(MetricAccumulator):
     def compute(self) -> dict[str, dict[str, float]] | None:
         if not self.accs or any(acc.num_examples < 4 for acc in self.accs.values()):
             return None
+        w = self.boot.weights()
         if self.spec.replicates:
             self.settings["reliance_intervals"] = self.boot.settings()
-        w = self.boot.weights()
         if w is not None:
             for t in self.taps:
                 for m, acc in self.accs.items():

@@ -81,9 +81,9 @@ class SemanticVarianceMetric(MetricAccumulator):
             self.skipped = "the batches carry neither masks nor boxes"
         if not self.accs or self.skipped is not None:
             return None
+        w = self.boot.weights()
         if self.spec.replicates:
             self.settings["semantic_variance_intervals"] = self.boot.settings()
-        w = self.boot.weights()
         if w is not None:
             level = self.spec.level
             for n, acc in self.accs.items():
