@@ -11,6 +11,7 @@ from torch import nn
 
 from fusionzoo import interpret
 from fusionzoo.interpret.accumulators import blocks as blocks_mod
+from fusionzoo.interpret.accumulators.blocks import checked_interval
 from fusionzoo.interpret.accumulators.reliance import reliance_replicates, reliance_value
 from fusionzoo.interpret.cka import StreamingCKA, cka_from_gram, gram_linear
 from fusionzoo.interpret.intervals import percentile_interval, poisson_weights
@@ -107,12 +108,15 @@ def test_semantic_variance_replicates_are_exact():
     assert reps["within_share"][0] == pytest.approx(point.within_share, rel=1e-10)
     assert reps["sv_whitened"][0] == pytest.approx(point.sv_whitened, rel=1e-10)
     assert reps["class_between_share"][0].tolist() == pytest.approx(point.class_between_share, rel=1e-10)
-    idx = _duplicate(blk, w[1])
-    dup = SemanticVariance(3)
-    dup.update(f[idx], lab[idx])
+    assert reps["sv_whitened_plugin"][0] == pytest.approx(point.sv_whitened_plugin, rel=1e-10)
+    # the duplicated images, each copy in its block (so in its block's half for the split form)
+    img = _duplicate(blk, w[1])
+    dup = SemanticVariance(3, blocks=4)
+    dup.update(f[img], lab[img], blk[img])
     d = dup.compute()
     assert reps["sv"][1] == pytest.approx(d.semantic_variance, rel=1e-9)
     assert reps["sv_whitened"][1] == pytest.approx(d.sv_whitened, rel=1e-9)
+    assert reps["sv_whitened_plugin"][1] == pytest.approx(d.sv_whitened_plugin, rel=1e-9)
     assert reps["class_between_share"][1].tolist() == pytest.approx(d.class_between_share, rel=1e-9)
 
 
@@ -245,10 +249,11 @@ def test_run_gives_intervals_at_the_contract_paths():
         assert lo <= pair["cka"] + 1e-12 and pair["cka"] - 1e-12 <= hi or not math.isfinite(pair["cka"])
         assert f"cka.pairs.{i}.cka_biased" in res.intervals
     for tap, v in res.semantic_variance.items():
-        assert v["sv"] == v["semantic_variance"] and 0.0 <= v["sv_whitened"] <= 1.0
-        for key in ("sv", "within_share", "sv_whitened"):
+        assert v["sv"] == v["semantic_variance"] and 0.0 <= v["sv_whitened_plugin"] <= 1.0
+        assert v["sv_whitened"] <= v["sv_whitened_plugin"] + 0.05  # the split form has no chance term
+        for key in ("sv", "within_share", "sv_whitened", "sv_whitened_plugin"):
             lo, hi = res.intervals[f"semantic_variance.{tap}.{key}"]
-            assert lo <= hi
+            assert lo <= hi or (math.isnan(lo) and math.isnan(hi))  # nan: withheld (bootstrap bias)
         assert f"semantic_variance.{tap}.class_between_share.2" in res.intervals
     for tap, mods in res.reliance.items():
         for m in mods:
@@ -301,3 +306,22 @@ def test_intervals_withheld_below_min_blocks_images():
     x, y = _cka_data(n=12)
     acc.update({"x": x, "y": y}, torch.arange(12) // 4)
     assert acc._self["x"].g.shape[0] == 3  # the three blocks seen, not G = 20
+
+
+def test_split_half_whitened_form_has_no_chance_term():
+    """Label-independent features, 40 channels on 16 images of 4x4 cells (256 cells): Pillai's
+    plug-in trace sits at its chance level (about C / N = 0.16); the split-half form near 0."""
+    g = _gen(8)
+    lab = torch.randint(0, 3, (16, 4, 4), generator=g)
+    f = torch.randn(16, 40, 4, 4, generator=g, dtype=torch.float64)
+    acc = SemanticVariance(3)
+    acc.update(f, lab)
+    r = acc.compute()
+    assert r.sv_whitened_plugin > 0.1
+    assert abs(r.sv_whitened) < 0.03
+
+
+def test_interval_withheld_when_the_bootstrap_bias_is_large():
+    reps = torch.linspace(0.0, 1.0, 201, dtype=torch.float64)  # mean 0.5, sd 0.29
+    assert checked_interval(reps, 0.55, 0.95) == pytest.approx([0.025, 0.975])
+    assert all(math.isnan(v) for v in checked_interval(reps, 0.9, 0.95))  # bias 0.4 > 0.5 sd

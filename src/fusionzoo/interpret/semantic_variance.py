@@ -288,8 +288,12 @@ class SemanticVarianceResult:
         grid: ``[h, w]`` of the cells SV was computed on (of the last batch; the common grid
             with ``stride``, the tap's own grid without).
         stride: the common grid's stride (``None``: the tap's own grid).
-        sv_whitened: the scale-invariant form ``tr(S_T^-1 S_B) / min(K - 1, C)`` (Pillai's trace
-            over its maximum, in ``[0, 1]``; module docstring), nan when not tracked.
+        sv_whitened: the scale-invariant form ``tr(S_T^-1 S_B^x) / min(K - 1, C)``, between-class
+            scatter crossed between two halves of the images, free of the chance term (module
+            docstring); nan when not tracked.
+        sv_whitened_plugin: ``tr(S_T^-1 S_B) / min(K - 1, C)`` (Pillai's trace over its maximum,
+            in ``[0, 1]``), biased upwards by chance when channels are many against the
+            independent cells.
     """
 
     semantic_variance: float
@@ -306,6 +310,7 @@ class SemanticVarianceResult:
     grid: list[int] | None = None
     stride: int | None = None
     sv_whitened: float = math.nan
+    sv_whitened_plugin: float = math.nan
 
     def to_dict(self) -> dict:
         out = dict(self.__dict__)
@@ -334,25 +339,30 @@ def _scatter(cnt: torch.Tensor, s: torch.Tensor, sqn: torch.Tensor) -> tuple[tor
     return n, between, within
 
 
-def whitened_sv(cnt: torch.Tensor, s: torch.Tensor, second: torch.Tensor, ridge: float | None = None) -> torch.Tensor:
-    """``tr(S_T^-1 S_B) / min(K - 1, C)`` from streamed statistics, batched over a leading dim.
+def whitened_sv(cnt: torch.Tensor, s: torch.Tensor, second: torch.Tensor,
+                ridge: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whitened semantic variance, split-half and plug-in, batched over a leading dim.
 
     Channels are standardized by their standard deviation (constant channels, variance below
     ``1e-12`` of their second moment, are dropped) and ``ridge`` is added to the diagonal of the
     resulting correlation matrix before the Cholesky solve (module docstring).
 
     Args:
-        cnt: ``(R, K)`` class counts.
-        s: ``(R, K, C)`` per-class sums of the (shifted) features.
-        second: ``(R, C, C)`` sums of ``z z^T`` of the (shifted) features.
+        cnt: ``(R, 2, K)`` class counts of the two halves of the images.
+        s: ``(R, 2, K, C)`` per-class sums of the (shifted) features of each half.
+        second: ``(R, C, C)`` sums of ``z z^T`` of the (shifted) features, both halves.
         ridge: added to the correlation matrix's diagonal (default :data:`WHITENED_RIDGE`).
 
     Returns:
-        ``(R,)`` values in ``[0, 1]``; nan with fewer than 2 classes present or no varying channel.
+        ``(split, plugin)``, each ``(R,)``: ``tr(S_T^-1 S_B^x) / min(K - 1, C)`` with the
+        between-class scatter crossed between the halves (no chance term; can be slightly
+        negative) and ``tr(S_T^-1 S_B) / min(K - 1, C)`` (Pillai's trace, in ``[0, 1]``); nan with
+        fewer than 2 classes present or no varying channel.
     """
     ridge = WHITENED_RIDGE if ridge is None else ridge
-    n = cnt.sum(-1).clamp(min=1e-300)
-    mu = s.sum(-2) / n[:, None]
+    ctot, stot = cnt.sum(1), s.sum(1)                                         # (R, K), (R, K, C)
+    n = ctot.sum(-1).clamp(min=1e-300)
+    mu = stot.sum(-2) / n[:, None]
     # S_T = second / n - mu mu^T, in place: this (R, C, C) tensor is the largest of the computation
     st = (second / n[:, None, None]).baddbmm_(mu[:, :, None], mu[:, None, :], alpha=-1.0)
     var = torch.diagonal(st, dim1=1, dim2=2).clone()
@@ -362,14 +372,24 @@ def whitened_sv(cnt: torch.Tensor, s: torch.Tensor, second: torch.Tensor, ridge:
     # without forming corr. A constant channel gets 1 on the diagonal (its class means are equal,
     # so it adds nothing) and is not counted in min(K - 1, C).
     torch.diagonal(st, dim1=1, dim2=2).add_(torch.where(live, ridge * var, torch.ones_like(var)))
-    present = cnt > 0
-    d = (s / cnt.clamp(min=1)[..., None] - mu[:, None, :]) * present[..., None] * live[:, None, :]  # (R, K, C)
     chol, info = torch.linalg.cholesky_ex(st)
-    y = torch.linalg.solve_triangular(chol, d.transpose(1, 2), upper=False)    # L^-1 (mu_k - mu), (R, C, K)
-    trace = ((y * y).sum(1) * cnt).sum(-1) / n                                # tr(S_T^-1 S_B)
-    dof = torch.minimum(present.sum(-1) - 1, live.sum(-1)).to(trace.dtype)
+
+    def whitened_deviations(c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``L^-1 (mu_k - mu)`` of counts ``(R, K)`` and sums ``(R, K, C)``: ``(R, C, K)``."""
+        m = t.sum(-2) / c.sum(-1).clamp(min=1e-300)[:, None]
+        d = (t / c.clamp(min=1)[..., None] - m[:, None, :]) * (c > 0)[..., None] * live[:, None, :]
+        return torch.linalg.solve_triangular(chol, d.transpose(1, 2), upper=False)
+
+    y = whitened_deviations(ctot, stot)
+    plugin = ((y * y).sum(1) * ctot).sum(-1) / n                              # tr(S_T^-1 S_B)
+    ya, yb = whitened_deviations(cnt[:, 0], s[:, 0]), whitened_deviations(cnt[:, 1], s[:, 1])
+    both = (cnt[:, 0] > 0) & (cnt[:, 1] > 0)  # a class seen in one half only has no crossed term
+    split = ((ya * yb).sum(1) * ctot * both).sum(-1) / n                      # tr(S_T^-1 S_B^x)
+    dof = torch.minimum((ctot > 0).sum(-1) - 1, live.sum(-1)).to(plugin.dtype)
     ok = (dof > 0) & (info == 0)
-    return torch.where(ok, trace / dof.clamp(min=1), torch.full_like(trace, math.nan))
+    nan = torch.full_like(plugin, math.nan)
+    return (torch.where(ok & (both.sum(-1) >= 2), split / dof.clamp(min=1), nan),
+            torch.where(ok, plugin / dof.clamp(min=1), nan))
 
 
 class SemanticVariance:
@@ -386,7 +406,8 @@ class SemanticVariance:
             docstring); ``None``: on the tap's own grid.
         whitened: also keep the ``C x C`` second moment the whitened form needs.
         blocks: ``G``: keep the class statistics (and second moment) per block of images, for
-            :meth:`replicates` (1: totals only).
+            :meth:`replicates` (1: totals only). Even: block ``g`` lies in half ``g mod 2`` of
+            the images (split-half whitened form); without blocks image ``i`` is in half ``i mod 2``.
 
     Example:
         >>> sv = SemanticVariance(num_classes=40)
@@ -402,8 +423,8 @@ class SemanticVariance:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if stride is not None and int(stride) < 1:
             raise ValueError(f"stride must be a positive integer (or None for the tap's own grid), got {stride}")
-        if int(blocks) < 1:
-            raise ValueError(f"blocks must be >= 1, got {blocks}")
+        if int(blocks) < 1 or (int(blocks) > 1 and int(blocks) % 2):
+            raise ValueError(f"blocks must be 1 or even (a block must lie in one half of the images), got {blocks}")
         self.stride = None if stride is None else int(stride)
         self.grid: tuple[int, int] | None = None
         self.num_classes = int(num_classes)
@@ -419,6 +440,9 @@ class SemanticVariance:
         self._sqn: torch.Tensor | None = None      # (G, K) sum of squared norms of shifted features
         self._chan_sq: torch.Tensor | None = None  # (K, C) per-channel sums of squares (per_channel)
         self._second: torch.Tensor | None = None   # (G, C, C) sum of z z^T (whitened)
+        self._half_count: torch.Tensor | None = None  # (2, K) class counts of each half of the images
+        self._half_sum: torch.Tensor | None = None    # (2, K, C) per-class sums of each half
+        self._images = 0  # images seen: without blocks, image i is in half i mod 2
 
     @staticmethod
     def state_bytes(num_classes: int, channels: int, whitened: bool = True) -> int:
@@ -457,7 +481,13 @@ class SemanticVariance:
             rows.append(fi.permute(1, 2, 0)[keep_all[i]].to(torch.float64))
         f = torch.cat(rows) if rows else features.new_zeros(0, c, dtype=torch.float64)
         lab = grid[keep_all]
-        blk = blocks.repeat_interleave(keep_all.flatten(1).sum(1))  # block of each kept cell
+        per_image = keep_all.flatten(1).sum(1)
+        blk = blocks.repeat_interleave(per_image)  # block of each kept cell
+        # half of each image (split-half whitened form): its block's parity with blocks (image i
+        # of a run is in block i mod G, G even, so also i mod 2), else i mod 2 by arrival order
+        halves = blocks % 2 if self.blocks > 1 else (self._images + torch.arange(b, device=blocks.device)) % 2
+        self._images += b
+        half = halves.repeat_interleave(per_image)
         k = self.num_classes
         if self._shift is None:
             kw = {"dtype": torch.float64, "device": features.device}
@@ -467,6 +497,8 @@ class SemanticVariance:
             self._sqn = torch.zeros(self._cap, k, **kw)
             self._chan_sq = torch.zeros(k, c, **kw) if self.per_channel else None
             self._second = torch.zeros(self._cap, c, c, **kw) if self.whitened else None
+            self._half_count = torch.zeros(2, k, **kw)
+            self._half_sum = torch.zeros(2, k, c, **kw)
         elif c != self._shift.numel():
             raise ValueError(f"features changed channel count: {c} vs {self._shift.numel()} before")
         if b and int(blocks.max()) >= self._cap:
@@ -481,6 +513,8 @@ class SemanticVariance:
         self._count.view(-1).index_add_(0, cell, torch.ones_like(lab, dtype=torch.float64))
         self._sum.view(-1, c).index_add_(0, cell, z)
         self._sqn.view(-1).index_add_(0, cell, (z * z).sum(1))
+        self._half_count.view(-1).index_add_(0, half * k + lab, torch.ones_like(lab, dtype=torch.float64))
+        self._half_sum.view(-1, c).index_add_(0, half * k + lab, z)
         if self._chan_sq is not None:
             self._chan_sq.index_add_(0, lab, z * z)
         if self._second is not None:
@@ -514,8 +548,10 @@ class SemanticVariance:
             w_c = ((self._chan_sq - s * s / safe) * present[:, None]).clamp(min=0).sum(0)
             t_c = b_c + w_c
             chan = torch.where(t_c > 0, b_c / t_c.clamp(min=1e-300), torch.full_like(t_c, math.nan)).tolist()
-        whitened = (float(whitened_sv(cnt[None], s[None], self._second.sum(0)[None])[0])
-                    if self._second is not None else math.nan)
+        split = plugin = math.nan
+        if self._second is not None:
+            split, plugin = (float(v[0]) for v in whitened_sv(self._half_count[None], self._half_sum[None],
+                                                               self._second.sum(0)[None]))
         denom = float(n) * s_t
         return SemanticVarianceResult(
             semantic_variance=sv,
@@ -531,7 +567,8 @@ class SemanticVariance:
             channel_semantic_variance=chan,
             grid=list(self.grid) if self.grid else None,
             stride=self.stride,
-            sv_whitened=whitened,
+            sv_whitened=split,
+            sv_whitened_plugin=plugin,
         )
 
     def replicates(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -546,8 +583,9 @@ class SemanticVariance:
             weights: ``(R, G)`` non-negative block weights.
 
         Returns:
-            ``{"sv": (R,), "within_share": (R,), "class_between_share": (R, K), "sv_whitened": (R,)}``
-            (``sv_whitened`` only when tracked), float64 on the CPU.
+            ``{"sv": (R,), "within_share": (R,), "class_between_share": (R, K), "sv_whitened": (R,),
+            "sv_whitened_plugin": (R,)}`` (the whitened forms only when tracked), float64 on the
+            CPU. Each copy of a duplicated block stays in its block's half (half ``g mod 2``).
         """
         wt = torch.as_tensor(weights, dtype=torch.float64)
         if wt.dim() != 2 or wt.shape[1] != self.blocks:
@@ -571,9 +609,14 @@ class SemanticVariance:
             c = self._second.shape[-1]
             chunk = max(1, (1 << 22) // (c * c))
             flat = self._second.reshape(self._cap, -1)
-            out["sv_whitened"] = torch.cat([
-                whitened_sv(cnt[i:i + chunk], s[i:i + chunk], (wt[i:i + chunk] @ flat).view(-1, c, c))
-                for i in range(0, wt.shape[0], chunk)])
+            odd = torch.arange(self._cap, device=wt.device) % 2 == 1  # block g lies in half g mod 2
+            hc = torch.stack([cnt - wt[:, odd] @ self._count[odd], wt[:, odd] @ self._count[odd]], 1)
+            hs = torch.einsum("rg,gkc->rkc", wt[:, odd], self._sum[odd])
+            hs = torch.stack([s - hs, hs], 1)
+            parts = [whitened_sv(hc[i:i + chunk], hs[i:i + chunk], (wt[i:i + chunk] @ flat).view(-1, c, c))
+                     for i in range(0, wt.shape[0], chunk)]
+            out["sv_whitened"] = torch.cat([p[0] for p in parts])
+            out["sv_whitened_plugin"] = torch.cat([p[1] for p in parts])
         return {key: v.cpu() for key, v in out.items()}
 
 

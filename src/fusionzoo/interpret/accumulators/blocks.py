@@ -31,18 +31,42 @@ no intervals and says so (``settings["<metric>_intervals"]["withheld"]``).
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
 import torch
 
+from ..intervals import percentile_interval
 from .base import BatchContext
 
-__all__ = ["BLOCKS", "BLOCK_BUDGET", "MIN_BLOCKS", "BlockBootstrap", "row_blocks"]
+__all__ = ["BIAS_LIMIT", "BLOCKS", "BLOCK_BUDGET", "MIN_BLOCKS", "BlockBootstrap", "checked_interval", "row_blocks"]
 
 BLOCKS = 20  # blocks kept when memory allows (coverage as with one block per image: module docstring)
 MIN_BLOCKS = 8  # a bootstrap over fewer units than this cannot resolve an interval: withheld
 BLOCK_BUDGET = 1 << 30  # bytes of block state one accumulator may keep (1 GiB)
+BIAS_LIMIT = 0.5  # |bootstrap bias| above this many bootstrap standard deviations: interval withheld
+
+
+def checked_interval(replicates: torch.Tensor, point: float, level: float) -> list[float]:
+    """The percentile interval of ``replicates`` (``(R,)``), or ``[nan, nan]`` (the data cannot
+    resolve it) when the bootstrap says the estimator moves with the sample itself: its bias
+    ``mean(replicates) - point`` exceeds :data:`BIAS_LIMIT` bootstrap standard deviations.
+
+    Why: a percentile interval is centred on the replicates, so a biased estimator's interval
+    misses its own value (Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993, sec. 10.6,
+    call a bias below 0.25 standard errors negligible). Seen on the whitened semantic variance of
+    deep taps, where the channels are many against the independent cells and a replicate, holding
+    about 63 % of the distinct images, changes the estimator's regime, and on trace-form values
+    near 0, whose chance term grows when the images repeat.
+    """
+    lo, hi = percentile_interval(replicates, level)
+    ok = replicates[torch.isfinite(replicates)]
+    if not (math.isfinite(point) and math.isfinite(lo)) or ok.numel() < 2:
+        return [math.nan, math.nan]
+    if abs(float(ok.mean()) - point) > BIAS_LIMIT * float(ok.std()):
+        return [math.nan, math.nan]
+    return [lo, hi]
 
 
 class BlockBootstrap:
@@ -62,6 +86,7 @@ class BlockBootstrap:
         self.replicates = int(replicates)
         self.withheld: str | None = None
         g = min(BLOCKS, BLOCK_BUDGET // max(int(state_bytes), 1)) if self.replicates else 1
+        g -= g % 2 if g > 1 else 0  # even: block g then lies in half g mod 2 of the images (split-half SV)
         if self.replicates and g < MIN_BLOCKS:
             self.withheld = (f"{metric} intervals withheld: one copy of its state is {state_bytes / 2**20:.0f} MiB, so "
                              f"fusionzoo.interpret.accumulators.blocks.BLOCK_BUDGET ({BLOCK_BUDGET / 2**20:.0f} MiB) "

@@ -8,9 +8,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..cka import StreamingCKA
-from ..intervals import percentile_interval
 from .base import BatchContext, MetricAccumulator, Needs, RunSpec
-from .blocks import BlockBootstrap, row_blocks
+from .blocks import BlockBootstrap, checked_interval, row_blocks
 
 __all__ = ["CKAMetric", "cka_state_bytes"]
 
@@ -67,5 +66,5 @@ class CKAMetric(MetricAccumulator):
             for key, debiased in (("cka", True), ("cka_biased", False)):
                 reps = acc.replicates(w, debiased)
                 for i, (a, b, _, _) in enumerate(self.spec.plan.pairs):
-                    self.intervals[f"pairs.{i}.{key}"] = percentile_interval(reps[(a, b)], self.spec.level)
+                    self.intervals[f"pairs.{i}.{key}"] = checked_interval(reps[(a, b)], out[i][key], self.spec.level)
         return {"pairs": out, "num_rows": acc.num_examples}

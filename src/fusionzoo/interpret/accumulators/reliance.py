@@ -10,9 +10,8 @@ from typing import Any
 import torch
 
 from ..cka import StreamingCKA
-from ..intervals import percentile_interval
 from .base import BatchContext, MetricAccumulator, Needs, Pass, RunSpec
-from .blocks import BlockBootstrap, row_blocks
+from .blocks import BlockBootstrap, checked_interval, row_blocks
 from .cka import cka_state_bytes
 
 __all__ = ["RelianceMetric", "reliance_replicates", "reliance_value"]
@@ -79,11 +78,13 @@ class RelianceMetric(MetricAccumulator):
     def compute(self) -> dict[str, dict[str, float]] | None:
         if not self.accs or any(acc.num_examples < 4 for acc in self.accs.values()):
             return None
+        out = {t: {m: reliance_value(self.accs[m], t) for m in self.spec.modalities} for t in self.taps}
         w = self.boot.weights()
         if self.spec.replicates:
             self.settings["reliance_intervals"] = self.boot.settings()
         if w is not None:
             for t in self.taps:
                 for m, acc in self.accs.items():
-                    self.intervals[f"{t}.{m}"] = percentile_interval(reliance_replicates(acc, t, w), self.spec.level)
-        return {t: {m: reliance_value(self.accs[m], t) for m in self.spec.modalities} for t in self.taps}
+                    self.intervals[f"{t}.{m}"] = checked_interval(reliance_replicates(acc, t, w), out[t][m],
+                                                                  self.spec.level)
+        return out

@@ -9,10 +9,9 @@ from typing import Any
 
 import torch
 
-from ..intervals import percentile_interval
 from ..semantic_variance import WHITENED_RIDGE, SemanticVariance, box_masks
 from .base import BatchContext, MetricAccumulator, Needs, RunSpec
-from .blocks import BlockBootstrap
+from .blocks import BlockBootstrap, checked_interval
 
 __all__ = ["SemanticVarianceMetric"]
 
@@ -23,7 +22,7 @@ class SemanticVarianceMetric(MetricAccumulator):
     Settings: ``sv_labels`` (the label source used: ``"mask"``, ``"boxes"`` or ``"none"``), on
     boxes ``box_background`` (the background class index), ``sv_whitened_ridge`` and
     ``semantic_variance_intervals``. Intervals: ``<tap>.sv``, ``<tap>.within_share``,
-    ``<tap>.sv_whitened``, ``<tap>.class_between_share.<k>``."""
+    ``<tap>.sv_whitened``, ``<tap>.sv_whitened_plugin``, ``<tap>.class_between_share.<k>``."""
 
     name = "semantic_variance"
 
@@ -81,6 +80,7 @@ class SemanticVarianceMetric(MetricAccumulator):
             self.skipped = "the batches carry neither masks nor boxes"
         if not self.accs or self.skipped is not None:
             return None
+        out = {n: acc.compute().to_dict() for n, acc in self.accs.items()}
         w = self.boot.weights()
         if self.spec.replicates:
             self.settings["semantic_variance_intervals"] = self.boot.settings()
@@ -88,9 +88,10 @@ class SemanticVarianceMetric(MetricAccumulator):
             level = self.spec.level
             for n, acc in self.accs.items():
                 reps = acc.replicates(w)
-                for key in ("sv", "within_share", "sv_whitened"):
+                for key in ("sv", "within_share", "sv_whitened", "sv_whitened_plugin"):
                     if key in reps:
-                        self.intervals[f"{n}.{key}"] = percentile_interval(reps[key], level)
-                for k, iv in enumerate(percentile_interval(reps["class_between_share"], level)):
-                    self.intervals[f"{n}.class_between_share.{k}"] = iv
-        return {n: acc.compute().to_dict() for n, acc in self.accs.items()}
+                        self.intervals[f"{n}.{key}"] = checked_interval(reps[key], out[n][key], level)
+                for k, point in enumerate(out[n]["class_between_share"]):
+                    self.intervals[f"{n}.class_between_share.{k}"] = checked_interval(
+                        reps["class_between_share"][:, k], point, level)
+        return out
