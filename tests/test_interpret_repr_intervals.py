@@ -328,3 +328,16 @@ def test_interval_withheld_when_the_bootstrap_bias_is_large():
     reps = torch.linspace(0.0, 1.0, 201, dtype=torch.float64)  # mean 0.5, sd 0.29
     assert checked_interval(reps, 0.55, 0.95) == pytest.approx([0.025, 0.975])
     assert all(math.isnan(v) for v in checked_interval(reps, 0.9, 0.95))  # bias 0.4 > 0.5 sd
+
+
+@pytest.mark.filterwarnings("ignore:semantic variance computed on only")
+def test_wide_taps_keep_trace_intervals_when_whitened_blocks_exceed_the_budget(monkeypatch):
+    """A budget that holds the per-class sums in 10 blocks but not the C x C moments: the trace
+    form keeps its intervals, the whitened forms keep their values and say why they have none."""
+    monkeypatch.setattr(blocks_mod, "BLOCK_BUDGET", 6000)  # Tiny: 552 B a block without, 1008 B with C x C
+    res = interpret.run(Tiny(), _batches(), metrics=["semantic_variance"], sv_stride=None, replicates=50)
+    assert "sv_whitened intervals withheld" in res.settings["semantic_variance_intervals"]["sv_whitened"]
+    assert res.settings["semantic_variance_intervals"]["blocks"] == 10
+    for tap, v in res.semantic_variance.items():
+        assert f"semantic_variance.{tap}.sv" in res.intervals
+        assert f"semantic_variance.{tap}.sv_whitened" not in res.intervals and math.isfinite(v["sv_whitened_plugin"])

@@ -418,7 +418,9 @@ class SemanticVariance:
             docstring); ``None``: on the tap's own grid.
         whitened: also keep the ``C x C`` second moment the whitened form needs.
         blocks: ``G``: keep the class statistics (and second moment) per block of images, for
-            :meth:`replicates` (1: totals only). Even: block ``g`` lies in half ``g mod 2`` of
+            :meth:`replicates` (1: totals only).
+        whitened_blocks: keep the ``C x C`` second moment per block too (the whitened forms'
+            replicates); False keeps one total (their point values only), for wide taps. Even: block ``g`` lies in half ``g mod 2`` of
             the images (split-half whitened form); without blocks image ``i`` is in half ``i mod 2``.
 
     Example:
@@ -430,7 +432,7 @@ class SemanticVariance:
 
     def __init__(self, num_classes: int, ignore_index: int = 255, purity: float = 0.5,
                  per_channel: bool = True, stride: int | None = None, whitened: bool = True,
-                 blocks: int = 1) -> None:
+                 blocks: int = 1, whitened_blocks: bool = True) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if stride is not None and int(stride) < 1:
@@ -445,6 +447,7 @@ class SemanticVariance:
         self.per_channel = per_channel
         self.whitened = whitened
         self.blocks = int(blocks)
+        self.whitened_blocks = whitened_blocks
         self._cap = 1  # blocks allocated so far, grown (doubling) as images reach new blocks
         self._shift: torch.Tensor | None = None
         self._count: torch.Tensor | None = None    # (G, K)
@@ -508,7 +511,7 @@ class SemanticVariance:
             self._sum = torch.zeros(self._cap, k, c, **kw)
             self._sqn = torch.zeros(self._cap, k, **kw)
             self._chan_sq = torch.zeros(k, c, **kw) if self.per_channel else None
-            self._second = torch.zeros(self._cap, c, c, **kw) if self.whitened else None
+            self._second = torch.zeros(self._cap if self.whitened_blocks else 1, c, c, **kw) if self.whitened else None
             self._half_count = torch.zeros(2, k, **kw)
             self._half_sum = torch.zeros(2, k, c, **kw)
         elif c != self._shift.numel():
@@ -516,7 +519,7 @@ class SemanticVariance:
         if b and int(blocks.max()) >= self._cap:
             self._cap = min(self.blocks, max(int(blocks.max()) + 1, 2 * self._cap))
             self._count, self._sum, self._sqn = (grow_blocks(t, self._cap) for t in (self._count, self._sum, self._sqn))
-            if self._second is not None:
+            if self._second is not None and self.whitened_blocks:
                 self._second = grow_blocks(self._second, self._cap)
         if f.shape[0] == 0:
             return
@@ -529,7 +532,9 @@ class SemanticVariance:
         self._half_sum.view(-1, c).index_add_(0, half * k + lab, z)
         if self._chan_sq is not None:
             self._chan_sq.index_add_(0, lab, z * z)
-        if self._second is not None:
+        if self._second is not None and not self.whitened_blocks:
+            self._second[0].addmm_(z.T, z)
+        elif self._second is not None:
             for g in blk.unique().tolist():
                 zg = z[blk == g]
                 self._second[g].addmm_(zg.T, zg)
@@ -596,7 +601,7 @@ class SemanticVariance:
 
         Returns:
             ``{"sv": (R,), "within_share": (R,), "class_between_share": (R, K), "sv_whitened": (R,),
-            "sv_whitened_plugin": (R,)}`` (the whitened forms only when tracked), float64 on the
+            "sv_whitened_plugin": (R,)}`` (the whitened forms only when tracked per block), float64 on the
             CPU. Each copy of a duplicated block stays in its block's half (half ``g mod 2``).
         """
         wt = torch.as_tensor(weights, dtype=torch.float64)
@@ -617,7 +622,7 @@ class SemanticVariance:
                "within_share": torch.where(ok, within.sum(-1) / total.clamp(min=1e-300), nan),
                "class_between_share": torch.where(ok[:, None], between / total.clamp(min=1e-300)[:, None],
                                                   nan[:, None].expand_as(between))}
-        if self._second is not None:
+        if self._second is not None and self.whitened_blocks:
             c = self._second.shape[-1]
             chunk = max(1, (1 << 22) // (c * c))
             flat = self._second.reshape(self._cap, -1)

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from ..semantic_variance import WHITENED_RIDGE, SemanticVariance, box_masks
+from . import blocks as _blocks
 from .base import BatchContext, MetricAccumulator, Needs, RunSpec
-from .blocks import BlockBootstrap, checked_interval
+from .blocks import MIN_BLOCKS, BlockBootstrap, checked_interval
 
 __all__ = ["SemanticVarianceMetric"]
 
@@ -37,11 +38,20 @@ class SemanticVarianceMetric(MetricAccumulator):
         self.source = spec.sv_labels if spec.sv_labels != "auto" else (
             "mask" if batch.mask is not None else "boxes" if batch.boxes() is not None else "none")
         n = spec.box_classes + 1 if self.source == "boxes" else spec.label_classes
-        state = sum(SemanticVariance.state_bytes(n, spec.info[t].channels) for t in spec.plan.spatial)
-        self.boot = BlockBootstrap(spec.replicates, state, self.name)
+        def state(whitened: bool) -> int:
+            return sum(SemanticVariance.state_bytes(n, spec.info[t].channels, whitened) for t in spec.plan.spatial)
+
+        # the whitened forms' C x C moments dominate the block state of wide taps: when the budget
+        # cannot hold them in MIN_BLOCKS blocks, keep them as one total (point values) and give
+        # the trace form its intervals alone
+        whitened_blocks = _blocks.BLOCK_BUDGET // state(True) >= MIN_BLOCKS
+        self.boot = BlockBootstrap(spec.replicates, state(whitened_blocks), self.name)
         self.accs = {t: SemanticVariance(n, spec.ignore_index, spec.purity, stride=spec.sv_stride,
-                                         blocks=self.boot.blocks)
+                                         blocks=self.boot.blocks, whitened_blocks=whitened_blocks)
                      for t in spec.plan.spatial}
+        self.whitened_note = None if whitened_blocks or not spec.replicates else (
+            f"sv_whitened intervals withheld: its C x C block moments ({state(True) / 2**20:.0f} MiB a block) "
+            f"exceed fusionzoo.interpret.accumulators.blocks.BLOCK_BUDGET / MIN_BLOCKS; raise BLOCK_BUDGET")
         self.settings["sv_labels"] = self.source
         self.settings["sv_whitened_ridge"] = WHITENED_RIDGE
         if self.source == "boxes":
@@ -84,6 +94,8 @@ class SemanticVarianceMetric(MetricAccumulator):
         w = self.boot.weights()
         if self.spec.replicates:
             self.settings["semantic_variance_intervals"] = self.boot.settings()
+            if self.whitened_note is not None:
+                self.settings["semantic_variance_intervals"]["sv_whitened"] = self.whitened_note
         if w is not None:
             level = self.spec.level
             for n, acc in self.accs.items():
