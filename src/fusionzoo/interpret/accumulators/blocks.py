@@ -20,10 +20,10 @@ What the interval resamples. With at most ``G`` images a block is one image and 
 per-image Poisson bootstrap of the other metrics (the same weights). With more images it is a
 bootstrap of ``G`` blocks: the blocks are independent and identically distributed when the
 images are (each is every ``G``-th image), so it estimates the same sampling distribution,
-resting on ``G`` units instead of ``N``. On synthetic draws (60 images, 100 seeds) the 95 %
-intervals of CKA and semantic variance covered the large-sample value in 0.87-0.92 of seeds with
-``G = 20`` and in 0.85-0.88 with one block per image: blocks did not make the (slightly narrow)
-percentile bootstrap worse. Memory is ``G`` times the metric's state (grown block by block as
+resting on ``G`` units instead of ``N``. On synthetic draws (60 or 200 images, 60-100 seeds)
+the 95 % percentile intervals of CKA and of the trace-form semantic variance covered the
+large-sample value in 0.87-0.92 of seeds with ``G = 20`` and in 0.84-0.97 with one block per
+image: blocks did not make the (slightly narrow) percentile bootstrap worse. Memory is ``G`` times the metric's state (grown block by block as
 images arrive), capped by :data:`BLOCK_BUDGET`; when the cap leaves fewer than
 :data:`MIN_BLOCKS` blocks, or the data has fewer than :data:`MIN_BLOCKS` images, the metric gives
 no intervals and says so (``settings["<metric>_intervals"]["withheld"]``).
