@@ -14,7 +14,9 @@ Three estimators, all for the linear kernel ``K = X X^T``:
    the debiased one, as Kornblith et al.'s reference does), never from the raw sums of Song et
    al.'s eq. 5, which cancel catastrophically when the features share a large offset.
 2. **Exact, streaming** (:class:`StreamingCKA`): the same two numbers over a whole dataset in
-   one pass, from moment accumulators whose size is ``O(d^2)`` and independent of ``n``.
+   one pass, from moment accumulators whose size is ``O(d^2)`` and independent of ``n``. Kept
+   per block of rows, they also give the exact CKA of any reweighting of the blocks
+   (:meth:`StreamingCKA.replicates`: bootstrap replicates without a ``d x d`` matrix per replicate).
 3. **Minibatch** (:class:`MinibatchCKA`): Nguyen et al. 2021, section 3.1: average the unbiased
    HSIC over minibatches, then normalize. It matches the full-dataset debiased CKA only
    statistically (the minibatch HSIC is unbiased for the population HSIC, so the ratio is
@@ -328,38 +330,54 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = True) -> float
 # Exact, streaming
 # --------------------------------------------------------------------------------------------
 class _SelfMoments:
-    """Per-tap sums over shifted rows ``z = x - shift``."""
+    """Per-tap sums over shifted rows ``z = x - shift``, one set per block (leading dim ``G``)."""
 
-    def __init__(self, shift: torch.Tensor) -> None:
+    def __init__(self, shift: torch.Tensor, blocks: int) -> None:
         p = shift.numel()
         kw = {"dtype": torch.float64, "device": shift.device}
         self.shift = shift
-        self.n = 0
-        self.s = torch.zeros(p, **kw)          # sum z
-        self.g = torch.zeros(p, p, **kw)       # sum z z^T
-        self.r = torch.zeros(p, **kw)          # sum |z|^2 z
-        self.f = torch.zeros((), **kw)         # sum |z|^4
+        self.n = torch.zeros(blocks, **kw)        # rows
+        self.s = torch.zeros(blocks, p, **kw)     # sum z
+        self.g = torch.zeros(blocks, p, p, **kw)  # sum z z^T
+        self.r = torch.zeros(blocks, p, **kw)     # sum |z|^2 z
+        self.f = torch.zeros(blocks, **kw)        # sum |z|^4
 
 
 class _CrossMoments:
-    def __init__(self, p: int, q: int, device: torch.device) -> None:
+    def __init__(self, p: int, q: int, blocks: int, device: torch.device) -> None:
         kw = {"dtype": torch.float64, "device": device}
-        self.m = torch.zeros(p, q, **kw)       # sum z_x z_y^T
-        self.u = torch.zeros(p, **kw)          # sum |z_y|^2 z_x
-        self.v = torch.zeros(q, **kw)          # sum |z_x|^2 z_y
-        self.w = torch.zeros((), **kw)         # sum |z_x|^2 |z_y|^2
+        self.m = torch.zeros(blocks, p, q, **kw)  # sum z_x z_y^T
+        self.u = torch.zeros(blocks, p, **kw)     # sum |z_y|^2 z_x
+        self.v = torch.zeros(blocks, q, **kw)     # sum |z_x|^2 z_y
+        self.w = torch.zeros(blocks, **kw)        # sum |z_x|^2 |z_y|^2
+
+
+def _total(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the block dimension (a view when there is one block)."""
+    return x[0] if x.shape[0] == 1 else x.sum(0)
+
+
+def grow_blocks(x: torch.Tensor, cap: int) -> torch.Tensor:
+    """``x`` with its block dimension zero-padded to ``cap``."""
+    return torch.cat([x, x.new_zeros(cap - x.shape[0], *x.shape[1:])]) if cap > x.shape[0] else x
 
 
 class StreamingCKA:
     """Exact full-dataset linear CKA (biased and debiased) between many taps, in one pass.
 
-    Memory is ``O(sum_t d_t^2 + sum_pairs d_a d_b)`` float64 numbers, independent of the number
-    of examples; the result equals :func:`linear_cka` on the concatenated data up to float64
-    rounding (see the module docstring for the derivation).
+    Memory is ``O(G (sum_t d_t^2 + sum_pairs d_a d_b))`` float64 numbers, independent of the
+    number of examples; the result equals :func:`linear_cka` on the concatenated data up to
+    float64 rounding (see the module docstring for the derivation).
+
+    With ``blocks = G > 1`` every moment is kept per block of rows (the caller says which block
+    each row belongs to), and :meth:`replicates` gives the exact CKA of any reweighting of the
+    blocks: block ``g`` counted ``W_rg`` times (bootstrap replicates,
+    :mod:`fusionzoo.interpret.accumulators.blocks`).
 
     Args:
         pairs: the (a, b) tap pairs to compare; ``None`` = every unordered pair of the taps seen
             in the first :meth:`update`.
+        blocks: ``G``, the blocks the moments are kept for (1: totals only).
 
     Example:
         >>> acc = StreamingCKA()
@@ -368,11 +386,19 @@ class StreamingCKA:
         >>> acc.cka("rgb.stage1", "depth.stage1")      # debiased by default
     """
 
-    def __init__(self, pairs: Iterable[tuple[str, str]] | None = None) -> None:
+    def __init__(self, pairs: Iterable[tuple[str, str]] | None = None, blocks: int = 1) -> None:
+        if int(blocks) < 1:
+            raise ValueError(f"blocks must be >= 1, got {blocks}")
         self._pairs: list[tuple[str, str]] | None = [tuple(p) for p in pairs] if pairs is not None else None
+        self.blocks = int(blocks)
+        # blocks allocated so far: grown (doubling) as images reach new blocks, so a run over
+        # fewer images than blocks never holds G copies of its moments
+        self._cap = 1
         self._self: dict[str, _SelfMoments] = {}
         self._cross: dict[tuple[str, str], _CrossMoments] = {}
         self._cache: dict[tuple[str, str, bool], float] = {}  # HSIC values, cleared by update()
+        self._rep_cache: dict[tuple[str, str], tuple[torch.Tensor, ...]] = {}  # replicate terms, same
+        self._rep_weights: torch.Tensor | None = None  # the weights the replicate terms are for
 
     @property
     def names(self) -> list[str]:
@@ -385,19 +411,21 @@ class StreamingCKA:
 
     @property
     def num_examples(self) -> int:
-        return next(iter(self._self.values())).n if self._self else 0
+        return int(next(iter(self._self.values())).n.sum()) if self._self else 0
 
-    def update(self, features: Mapping[str, torch.Tensor]) -> None:
+    def update(self, features: Mapping[str, torch.Tensor], blocks: torch.Tensor | None = None) -> None:
         """Add one batch of example rows.
 
         Args:
             features: tap name -> ``(n_b, d_tap)`` rows of the same ``n_b`` examples in the same
                 order (use :func:`reduce_spatial` on feature maps first).
+            blocks: ``(n_b,)`` block of each row, in ``[0, G)``; None: block 0.
         """
         rows = {k: _as_rows(v, f"features[{k!r}]").detach() for k, v in features.items()}
         if not rows:
             raise ValueError("StreamingCKA.update got no features")
         self._cache.clear()
+        self._rep_cache.clear()
         ns = {k: v.shape[0] for k, v in rows.items()}
         if len(set(ns.values())) != 1:
             raise ValueError(f"every tap must give the same number of rows in a batch, got {ns}")
@@ -408,6 +436,21 @@ class StreamingCKA:
         missing = needed - set(rows)
         if missing:
             raise KeyError(f"StreamingCKA.update is missing taps {sorted(missing)}; got {sorted(rows)}")
+        n_rows = next(iter(ns.values()))
+        if blocks is None:
+            groups = [(0, slice(None))]
+        else:
+            blocks = torch.as_tensor(blocks).reshape(-1).cpu()
+            if blocks.numel() != n_rows or (n_rows and (int(blocks.min()) < 0 or int(blocks.max()) >= self.blocks)):
+                raise ValueError(f"blocks must give each of the {n_rows} rows a block in [0, {self.blocks}), got "
+                                 f"shape {tuple(blocks.shape)}")
+            groups = [(int(g), (blocks == g).nonzero().flatten()) for g in blocks.unique().tolist()]
+            if n_rows and int(blocks.max()) >= self._cap:
+                self._cap = min(self.blocks, max(int(blocks.max()) + 1, 2 * self._cap))
+                for st in [*self._self.values(), *self._cross.values()]:
+                    for k, v in vars(st).items():
+                        if k != "shift":
+                            setattr(st, k, grow_blocks(v, self._cap))
         z: dict[str, torch.Tensor] = {}
         sq: dict[str, torch.Tensor] = {}
         for name in sorted(needed, key=list(rows).index):
@@ -416,29 +459,33 @@ class StreamingCKA:
             if st is None:
                 # Shift by the first batch mean: HSIC (biased and unbiased) is invariant to it and
                 # it keeps the uncentred sums from cancelling catastrophically.
-                st = self._self[name] = _SelfMoments(x.mean(0))
+                st = self._self[name] = _SelfMoments(x.mean(0), self._cap)
             elif x.shape[1] != st.shift.numel():
                 raise ValueError(f"tap {name!r} changed width: {x.shape[1]} vs {st.shift.numel()} before")
             zz = x - st.shift.to(x.device)
-            n2 = (zz * zz).sum(1)
-            st.n += zz.shape[0]
-            st.s += zz.sum(0)
-            st.g.addmm_(zz.T, zz)  # in place: no d x d temporary per batch
-            st.r += n2 @ zz
-            st.f += (n2 * n2).sum()
-            z[name], sq[name] = zz, n2
-        for a, b in self._pairs:
-            cr = self._cross.get((a, b))
-            if cr is None:
-                cr = self._cross[(a, b)] = _CrossMoments(z[a].shape[1], z[b].shape[1], z[a].device)
-            cr.m.addmm_(z[a].T, z[b])
-            cr.u += sq[b] @ z[a]
-            cr.v += sq[a] @ z[b]
-            cr.w += (sq[a] * sq[b]).sum()
+            z[name], sq[name] = zz, (zz * zz).sum(1)
+        for g, idx in groups:
+            for name in z:
+                st, zz, n2 = self._self[name], z[name][idx], sq[name][idx]
+                st.n[g] += zz.shape[0]
+                st.s[g] += zz.sum(0)
+                st.g[g].addmm_(zz.T, zz)  # in place: no d x d temporary per batch
+                st.r[g] += n2 @ zz
+                st.f[g] += (n2 * n2).sum()
+            for a, b in self._pairs:
+                cr = self._cross.get((a, b))
+                if cr is None:
+                    cr = self._cross[(a, b)] = _CrossMoments(z[a].shape[1], z[b].shape[1], self._cap, z[a].device)
+                za, zb, qa, qb = z[a][idx], z[b][idx], sq[a][idx], sq[b][idx]
+                cr.m[g].addmm_(za.T, zb)
+                cr.u[g] += qb @ za
+                cr.v[g] += qa @ zb
+                cr.w[g] += (qa * qb).sum()
 
     # -- HSIC terms ----------------------------------------------------------------------------
-    def _terms(self, a: str, b: str):
-        """(n, s_a, s_b, M, u, v, w, trace_a, trace_b) for the pair (a, b) or self pair (a, a)."""
+    def _block_terms(self, a: str, b: str):
+        """Per block ``(n, s_a, s_b, M, u, v, w, trace_a, trace_b)`` (leading dim ``G``) for the
+        pair (a, b) or the self pair (a, a)."""
         if a not in self._self or b not in self._self:
             raise KeyError(f"no data for taps {a!r}/{b!r}; seen {self.names}")
         sa, sb = self._self[a], self._self[b]
@@ -449,10 +496,12 @@ class StreamingCKA:
             m, u, v, w = cr.m, cr.u, cr.v, cr.w
         elif (b, a) in self._cross:
             cr = self._cross[(b, a)]
-            m, u, v, w = cr.m.T, cr.v, cr.u, cr.w
+            m, u, v, w = cr.m.transpose(1, 2), cr.v, cr.u, cr.w
         else:
             raise KeyError(f"pair ({a!r}, {b!r}) was not accumulated; pairs: {self._pairs}")
-        return sa.n, sa.s, sb.s, m, u, v, w, torch.trace(sa.g), torch.trace(sb.g)
+        tr_a = torch.diagonal(sa.g, dim1=1, dim2=2).sum(-1)
+        tr_b = tr_a if a == b else torch.diagonal(sb.g, dim1=1, dim2=2).sum(-1)
+        return sa.n, sa.s, sb.s, m, u, v, w, tr_a, tr_b
 
     def hsic(self, a: str, b: str, debiased: bool = True) -> float:
         """Linear HSIC between taps ``a`` and ``b`` over all examples seen.
@@ -466,18 +515,92 @@ class StreamingCKA:
         return self._cache[key]
 
     def _hsic(self, a: str, b: str, debiased: bool) -> float:
-        n, s_a, s_b, m, u, v, w, tr_a, tr_b = self._terms(a, b)
+        n, s_a, s_b, m, u, v, w, tr_a, tr_b = (_total(t) for t in self._block_terms(a, b))
+        n = float(n)
         if not debiased:
             c = m - torch.outer(s_a, s_b) / n
             return float((c * c).sum()) / (n - 1) ** 2
         if n < 4:
-            raise ValueError(f"debiased HSIC needs n >= 4 examples, got {n}")
+            raise ValueError(f"debiased HSIC needs n >= 4 examples, got {n:.0f}")
         trace_kl = (m * m).sum() - w
         k1 = s_a @ s_a - tr_a
         l1 = s_b @ s_b - tr_b
         kl1 = s_a @ m @ s_b - s_a @ u - s_b @ v + w
         val = (trace_kl + k1 * l1 / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * kl1) / (n * (n - 3))
         return float(val)
+
+    def replicate_hsic(self, a: str, b: str, weights: torch.Tensor, debiased: bool = True) -> torch.Tensor:
+        """HSIC of reweighted data: replicate ``r`` counts every row of block ``g`` ``weights[r, g]``
+        times (a weight-``k`` block is its rows duplicated ``k`` times, exactly).
+
+        Every term of the HSIC is linear in the weights except ``||M||_F^2`` (quadratic) and
+        ``s_a^T M s_b`` (cubic), with ``M = sum_g W_g M_g``, ``s = sum_g W_g s_g``. They come from the
+        ``G x G`` Gram of the block moments, ``Q_gh = <M_g, M_h>_F``, and the ``G x G x G`` tensor
+        ``T_hgk = s_a,g^T M_h s_b,k``: ``||M||^2 = W^T Q W`` and ``s_a^T M s_b = sum W_h W_g W_k T_hgk``.
+        Cost ``O(G^2 p q)`` once per pair and weights (cached until the next :meth:`update`) plus
+        ``O(R G^3)``; no replicate ever holds a ``p x q`` matrix.
+
+        Args:
+            a, b: an accumulated pair, or ``a == b`` (self-similarity).
+            weights: ``(R, G)`` non-negative block weights.
+            debiased: the unbiased HSIC (default) or the biased one.
+
+        Returns:
+            ``(R,)`` float64 HSIC values (nan where a replicate has fewer than 4 rows for the
+            debiased value, or fewer than 2 for the biased one).
+        """
+        n, mm, sms, saa, sbb, tr_a, tr_b, sau, sbv, w = self._replicate_terms(a, b, weights)
+        if not debiased:
+            val = (mm - 2.0 * sms / n + saa * sbb / (n * n)) / (n - 1) ** 2
+            return torch.where(n >= 2, val, torch.full_like(val, math.nan))
+        k1, l1 = saa - tr_a, sbb - tr_b
+        kl1 = sms - sau - sbv + w
+        val = ((mm - w) + k1 * l1 / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * kl1) / (n * (n - 3))
+        return torch.where(n >= 4, val, torch.full_like(val, math.nan))
+
+    def _replicate_terms(self, a: str, b: str, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(n, ||M||^2, s_a^T M s_b, |s_a|^2, |s_b|^2, tr_a, tr_b, s_a.u, s_b.v, w)`` per replicate."""
+        if self._rep_weights is not weights:
+            self._rep_cache.clear()
+            self._rep_weights = weights
+        key = (a, b) if (a, b) in self._cross or a == b else (b, a)
+        if key not in self._rep_cache:
+            n_g, s_a, s_b, m, u, v, w_g, tr_a, tr_b = self._block_terms(*key)
+            wt = torch.as_tensor(weights, dtype=torch.float64).to(m.device)
+            if wt.dim() != 2 or wt.shape[1] != self.blocks:
+                raise ValueError(f"weights must be (R, {self.blocks}) block weights, got shape {tuple(wt.shape)}")
+            g = m.shape[0]  # blocks allocated; the others are empty
+            wt = wt[:, :g]
+            flat = m.reshape(g, -1)
+            q = flat @ flat.T                                          # (G, G) <M_g, M_h>
+            mm = ((wt @ q) * wt).sum(1)                                # ||M_r||_F^2
+            t = torch.matmul(s_a, m) @ s_b.T                           # (G_h, G_g, G_k)
+            sms = ((torch.einsum("hgk,rk->rhg", t, wt) * wt[:, None, :]).sum(2) * wt).sum(1)  # s_a^T M s_b
+            sa, sb = wt @ s_a, wt @ s_b
+            self._rep_cache[key] = (wt @ n_g, mm, sms, (sa * sa).sum(1), (sb * sb).sum(1), wt @ tr_a, wt @ tr_b,
+                                    (sa * (wt @ u)).sum(1), (sb * (wt @ v)).sum(1), wt @ w_g)
+        n, mm, sms, saa, sbb, tr_a, tr_b, sau, sbv, w = self._rep_cache[key]
+        if key != (a, b):  # the reversed pair: the roles of a and b swap, ||M|| and s_a^T M s_b do not change
+            saa, sbb, tr_a, tr_b, sau, sbv = sbb, saa, tr_b, tr_a, sbv, sau
+        return n, mm, sms, saa, sbb, tr_a, tr_b, sau, sbv, w
+
+    def replicates(self, weights: torch.Tensor, debiased: bool = True,
+                   pairs: Sequence[tuple[str, str]] | None = None) -> dict[tuple[str, str], torch.Tensor]:
+        """CKA of every pair (or of ``pairs``) under each block reweighting (:meth:`replicate_hsic`).
+
+        Returns:
+            pair -> ``(R,)`` float64 CKA values (nan where a self-similarity is not positive).
+        """
+        selfs: dict[str, torch.Tensor] = {}
+        out = {}
+        for a, b in (self.pairs if pairs is None else pairs):
+            for t in (a, b):
+                if t not in selfs:
+                    selfs[t] = self.replicate_hsic(t, t, weights, debiased)
+            xy, xx, yy = self.replicate_hsic(a, b, weights, debiased), selfs[a], selfs[b]
+            ok = (xx > 0) & (yy > 0)
+            out[(a, b)] = torch.where(ok, xy / (xx * yy).clamp(min=1e-300).sqrt(), torch.full_like(xy, math.nan)).cpu()
+        return out
 
     def cka(self, a: str, b: str, debiased: bool = True) -> float:
         """Linear CKA between taps ``a`` and ``b`` over all examples seen (exact)."""

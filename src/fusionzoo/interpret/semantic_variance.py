@@ -20,6 +20,48 @@ quotes), so no direction is ambiguous. Per class, ``SV`` and ``1 - SV`` split ex
 class shares ``n_k |mu_k - mu|^2 / (N S_T)`` and ``sum_{i in k} |f_i - mu_k|^2 / (N S_T)``; per
 channel, the same ratio computed on one channel.
 
+Whitened form (scale invariant). ``SV`` is a trace over channels, so a channel's weight in it is
+its variance: one loud channel without class information drowns a quiet channel that separates
+the classes perfectly, and rescaling a channel (which the next layer undoes for free) changes
+``SV``. The whitened form measures the between-class scatter in the metric of the total one::
+
+    S_T = sum_i (f_i - mu)(f_i - mu)^T / N                 (C x C total scatter)
+    S_B = sum_k n_k (mu_k - mu)(mu_k - mu)^T / N            (C x C between-class scatter)
+    plug-in:     tr(S_T^-1 S_B) / min(K - 1, C)                         in [0, 1]
+    split-half:  tr(S_T^-1 S_B^x) / min(K - 1, C),
+                 S_B^x = sum_k n_k (mu_k^A - mu^A)(mu_k^B - mu^B)^T / N   (halves A, B of the images)
+
+``tr(S_T^-1 S_B)`` is Pillai's trace (Pillai, "Some new test criteria in multivariate analysis",
+Ann. Math. Statist. 1955), the sum of the squared canonical correlations between the features
+and the class indicators; each is in ``[0, 1]`` and there are at most ``min(K - 1, C)`` of them
+(``K`` = classes present), hence the normalization. It is the share of the class-separable
+directions the features make *linearly* separable, whatever their scale: invariant to any
+invertible linear map of the channels (rescaling, rotation, mixing), which a linear probe or the
+next linear layer can undo. ``K = 2`` gives the squared correlation of the best linear
+discriminant with the class.
+
+The plug-in value has a chance term: with no class structure its expectation is about
+``C / (N - 1)`` for ``N`` independent cells, and cells of one image are not independent (a
+stage-4 tap upsampled from 2x3 cells to the common grid has at most 6 independent cells per
+image). On the default run's 96 images, 512 stage-4 channels against about 576 independent cells
+put every stream's plug-in value at 0.27, class structure or not. ``sv_whitened`` is therefore
+the **split-half** form: the class-mean deviations of the even images (half A) times those of
+the odd images (half B) have the true between-class scatter as expectation and no noise term,
+because the two halves' noise is independent (the same idea as the unbiased HSIC of CKA). It
+keeps the invariance, is about 0 without class structure (tested), and can be slightly negative.
+The plug-in value is reported beside it as ``sv_whitened_plugin``. The halves are image ``i mod 2``
+(with blocks: block ``g mod 2``, the same images since ``G`` is even).
+
+Streaming adds one ``C x C`` sum of ``z z^T`` per tap and per-class sums per half to the
+per-class sums. Rank-deficient ``S_T`` (dead ReLU channels, duplicated channels, fewer cells than
+channels) is handled by a ridge on the *standardized* scale: channels are divided by their
+standard deviation (constant channels, variance below ``1e-12`` of their second moment, are
+dropped and not counted in ``C``), and :data:`WHITENED_RIDGE` ``= 1e-6`` is added to the diagonal
+of the resulting correlation matrix before the Cholesky solve. Standardizing first keeps exact
+invariance to rescaling a channel; the ridge ignores directions carrying less than ``1e-6`` of
+a standardized channel's variance and moves the value by ``O(1e-6)`` otherwise (a rotation
+changes it by about that much: tested to 1e-5).
+
 Relation to the literature. Chen, Zhou, Deng, "Interpretation on Multi-modal Visual Fusion"
 (arXiv:2308.10019, 2023; later retitled "Dissecting RGB-D Learning for Improved Multi-modal
 Fusion") propose a "semantic variance" measured across modalities and levels to study the
@@ -50,8 +92,11 @@ names taps measured on fewer than ``MIN_CELLS`` labelled cells. The grid used is
 :attr:`SemanticVarianceResult.grid`.
 
 Streaming: per class the count, the sum of features and the sum of squares per channel are
-accumulated (``O(K * C)`` memory), which gives every quantity above exactly over any dataset
-size. Features are shifted by a fixed reference (the first batch's mean) before accumulating;
+accumulated (``O(K * C)`` memory; ``O(C^2)`` more for the whitened form), which gives every
+quantity above exactly over any dataset size. With ``blocks = G`` the class statistics and the
+second moment are kept per block of images and :meth:`SemanticVariance.replicates` gives the
+exact values of any reweighting of the blocks (bootstrap intervals:
+:mod:`fusionzoo.interpret.accumulators.blocks`). Features are shifted by a fixed reference (the first batch's mean) before accumulating;
 all quantities are shift invariant and the shift keeps float64 sums from cancelling.
 """
 
@@ -64,10 +109,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MIN_CELLS", "SemanticVariance", "SemanticVarianceResult", "box_mask", "box_masks", "labels_to_grid",
-           "resample_features", "semantic_variance"]
+from .cka import grow_blocks
+
+__all__ = ["MIN_CELLS", "WHITENED_RIDGE", "SemanticVariance", "SemanticVarianceResult", "box_mask", "box_masks",
+           "labels_to_grid", "resample_features", "semantic_variance", "whitened_sv"]
 
 MIN_CELLS = 100  # fewer labelled cells than this over a whole dataset: SV is reported with a warning
+WHITENED_RIDGE = 1e-6  # added to the standardized total scatter (unit diagonal) before the whitened form's solve
 
 
 def resample_features(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -237,7 +285,8 @@ class SemanticVarianceResult:
     """Everything :class:`SemanticVariance` knows after streaming.
 
     Attributes:
-        semantic_variance: ``SV = S_B / S_T`` (nan when there is no variance or no data).
+        semantic_variance: ``SV = S_B / S_T``, the trace form (nan when there is no variance or
+            no data); ``to_dict`` also writes it as ``sv``, beside ``sv_whitened``.
         within_share: ``S_W / S_T = 1 - SV``.
         fisher_ratio: ``S_B / S_W`` (inf when ``S_W = 0``).
         s_between: ``S_B`` (squared feature units per pixel).
@@ -251,6 +300,12 @@ class SemanticVarianceResult:
         grid: ``[h, w]`` of the cells SV was computed on (of the last batch; the common grid
             with ``stride``, the tap's own grid without).
         stride: the common grid's stride (``None``: the tap's own grid).
+        sv_whitened: the scale-invariant form ``tr(S_T^-1 S_B^x) / min(K - 1, C)``, between-class
+            scatter crossed between two halves of the images, free of the chance term (module
+            docstring); nan when not tracked.
+        sv_whitened_plugin: ``tr(S_T^-1 S_B) / min(K - 1, C)`` (Pillai's trace over its maximum,
+            in ``[0, 1]``), biased upwards by chance when channels are many against the
+            independent cells.
     """
 
     semantic_variance: float
@@ -266,9 +321,87 @@ class SemanticVarianceResult:
     channel_semantic_variance: list[float] | None = field(default=None, repr=False)
     grid: list[int] | None = None
     stride: int | None = None
+    sv_whitened: float = math.nan
+    sv_whitened_plugin: float = math.nan
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        out["sv"] = self.semantic_variance  # the trace form under the name the whitened form sits beside
+        return out
+
+
+def _scatter(cnt: torch.Tensor, s: torch.Tensor, sqn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Trace-form scatter from per-class statistics, batched over leading dims.
+
+    Args:
+        cnt: ``(..., K)`` class counts.
+        s: ``(..., K, C)`` per-class sums of the (shifted) features.
+        sqn: ``(..., K)`` per-class sums of squared norms.
+
+    Returns:
+        ``N (...)``, ``n_k |mu_k - mu|^2 (..., K)`` and ``sum_{i in k} |f_i - mu_k|^2 (..., K)``
+        (both 0 for absent classes).
+    """
+    n = cnt.sum(-1)
+    present = cnt > 0
+    safe = cnt.clamp(min=1)
+    mu = s.sum(-2) / n.clamp(min=1e-300)[..., None]
+    between = cnt * ((s / safe[..., None] - mu[..., None, :]) ** 2).sum(-1) * present
+    within = (sqn - (s * s).sum(-1) / safe).clamp(min=0) * present
+    return n, between, within
+
+
+def whitened_sv(cnt: torch.Tensor, s: torch.Tensor, second: torch.Tensor,
+                ridge: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whitened semantic variance, split-half and plug-in, batched over a leading dim.
+
+    Channels are standardized by their standard deviation (constant channels, variance below
+    ``1e-12`` of their second moment, are dropped) and ``ridge`` is added to the diagonal of the
+    resulting correlation matrix before the Cholesky solve (module docstring).
+
+    Args:
+        cnt: ``(R, 2, K)`` class counts of the two halves of the images.
+        s: ``(R, 2, K, C)`` per-class sums of the (shifted) features of each half.
+        second: ``(R, C, C)`` sums of ``z z^T`` of the (shifted) features, both halves.
+        ridge: added to the correlation matrix's diagonal (default :data:`WHITENED_RIDGE`).
+
+    Returns:
+        ``(split, plugin)``, each ``(R,)``: ``tr(S_T^-1 S_B^x) / min(K - 1, C)`` with the
+        between-class scatter crossed between the halves (no chance term; can be slightly
+        negative) and ``tr(S_T^-1 S_B) / min(K - 1, C)`` (Pillai's trace, in ``[0, 1]``); nan with
+        fewer than 2 classes present or no varying channel.
+    """
+    ridge = WHITENED_RIDGE if ridge is None else ridge
+    ctot, stot = cnt.sum(1), s.sum(1)                                         # (R, K), (R, K, C)
+    n = ctot.sum(-1).clamp(min=1e-300)
+    mu = stot.sum(-2) / n[:, None]
+    # S_T = second / n - mu mu^T, in place: this (R, C, C) tensor is the largest of the computation
+    st = (second / n[:, None, None]).baddbmm_(mu[:, :, None], mu[:, None, :], alpha=-1.0)
+    var = torch.diagonal(st, dim1=1, dim2=2).clone()
+    live = var > 1e-12 * (var + mu * mu)  # variance against the channel's second moment (about the shift)
+    # A ridge on the standardized scatter, corr + ridge I with corr = D S_T D and D = diag(var)^-1/2,
+    # gives tr((corr + ridge I)^-1 D S_B D) = tr((S_T + ridge diag(var))^-1 S_B): the same number
+    # without forming corr. A constant channel gets 1 on the diagonal (its class means are equal,
+    # so it adds nothing) and is not counted in min(K - 1, C).
+    torch.diagonal(st, dim1=1, dim2=2).add_(torch.where(live, ridge * var, torch.ones_like(var)))
+    chol, info = torch.linalg.cholesky_ex(st)
+
+    def whitened_deviations(c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``L^-1 (mu_k - mu)`` of counts ``(R, K)`` and sums ``(R, K, C)``: ``(R, C, K)``."""
+        m = t.sum(-2) / c.sum(-1).clamp(min=1e-300)[:, None]
+        d = (t / c.clamp(min=1)[..., None] - m[:, None, :]) * (c > 0)[..., None] * live[:, None, :]
+        return torch.linalg.solve_triangular(chol, d.transpose(1, 2), upper=False)
+
+    y = whitened_deviations(ctot, stot)
+    plugin = ((y * y).sum(1) * ctot).sum(-1) / n                              # tr(S_T^-1 S_B)
+    ya, yb = whitened_deviations(cnt[:, 0], s[:, 0]), whitened_deviations(cnt[:, 1], s[:, 1])
+    both = (cnt[:, 0] > 0) & (cnt[:, 1] > 0)  # a class seen in one half only has no crossed term
+    split = ((ya * yb).sum(1) * ctot * both).sum(-1) / n                      # tr(S_T^-1 S_B^x)
+    dof = torch.minimum((ctot > 0).sum(-1) - 1, live.sum(-1)).to(plugin.dtype)
+    ok = (dof > 0) & (info == 0)
+    nan = torch.full_like(plugin, math.nan)
+    return (torch.where(ok & (both.sum(-1) >= 2), split / dof.clamp(min=1), nan),
+            torch.where(ok, plugin / dof.clamp(min=1), nan))
 
 
 class SemanticVariance:
@@ -283,6 +416,12 @@ class SemanticVariance:
         stride: measure on the common grid ``ceil(H / stride) x ceil(W / stride)`` of the mask's
             ``H x W`` (features resampled by :func:`resample_features`; see the module
             docstring); ``None``: on the tap's own grid.
+        whitened: also keep the ``C x C`` second moment the whitened form needs.
+        blocks: ``G``: keep the class statistics (and second moment) per block of images, for
+            :meth:`replicates` (1: totals only).
+        whitened_blocks: keep the ``C x C`` second moment per block too (the whitened forms'
+            replicates); False keeps one total (their point values only), for wide taps. Even: block ``g`` lies in half ``g mod 2`` of
+            the images (split-half whitened form); without blocks image ``i`` is in half ``i mod 2``.
 
     Example:
         >>> sv = SemanticVariance(num_classes=40)
@@ -292,61 +431,113 @@ class SemanticVariance:
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, purity: float = 0.5,
-                 per_channel: bool = True, stride: int | None = None) -> None:
+                 per_channel: bool = True, stride: int | None = None, whitened: bool = True,
+                 blocks: int = 1, whitened_blocks: bool = True) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if stride is not None and int(stride) < 1:
             raise ValueError(f"stride must be a positive integer (or None for the tap's own grid), got {stride}")
+        if int(blocks) < 1 or (int(blocks) > 1 and int(blocks) % 2):
+            raise ValueError(f"blocks must be 1 or even (a block must lie in one half of the images), got {blocks}")
         self.stride = None if stride is None else int(stride)
         self.grid: tuple[int, int] | None = None
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
         self.purity = float(purity)
         self.per_channel = per_channel
+        self.whitened = whitened
+        self.blocks = int(blocks)
+        self.whitened_blocks = whitened_blocks
+        self._cap = 1  # blocks allocated so far, grown (doubling) as images reach new blocks
         self._shift: torch.Tensor | None = None
-        self._count: torch.Tensor | None = None  # (K,)
-        self._sum: torch.Tensor | None = None    # (K, C) sum of shifted features
-        self._sq: torch.Tensor | None = None     # (K, C) or (K,) sum of squares of shifted features
+        self._count: torch.Tensor | None = None    # (G, K)
+        self._sum: torch.Tensor | None = None      # (G, K, C) sum of shifted features
+        self._sqn: torch.Tensor | None = None      # (G, K) sum of squared norms of shifted features
+        self._chan_sq: torch.Tensor | None = None  # (K, C) per-channel sums of squares (per_channel)
+        self._second: torch.Tensor | None = None   # (G, C, C) sum of z z^T (whitened)
+        self._half_count: torch.Tensor | None = None  # (2, K) class counts of each half of the images
+        self._half_sum: torch.Tensor | None = None    # (2, K, C) per-class sums of each half
+        self._images = 0  # images seen: without blocks, image i is in half i mod 2
 
-    def update(self, features: torch.Tensor, mask: torch.Tensor) -> None:
+    @staticmethod
+    def state_bytes(num_classes: int, channels: int, whitened: bool = True) -> int:
+        """Bytes of one block's float64 state for ``K`` classes and ``C`` channels."""
+        return 8 * (num_classes * (channels + 2) + (channels * channels if whitened else 0))
+
+    def update(self, features: torch.Tensor, mask: torch.Tensor, blocks: torch.Tensor | None = None) -> None:
         """Add a batch.
 
         Args:
             features: ``(B, C, h, w)`` tap output (any float dtype and device).
             mask: ``(B, H, W)`` labels of the same images at input resolution (or, without
                 ``stride``, already at ``(h, w)``).
+            blocks: ``(B,)`` block of each image, in ``[0, G)``; None: block 0.
         """
         if features.dim() != 4:
             raise ValueError(f"features must be (B, C, h, w), got shape {tuple(features.shape)}")
         if mask.dim() != 3 or mask.shape[0] != features.shape[0]:
             raise ValueError(f"mask must be (B, H, W) with B={features.shape[0]} to match the "
                              f"features, got shape {tuple(mask.shape)}")
-        _, c, h, w = features.shape
+        b, c, h, w = features.shape
+        if blocks is None:
+            blocks = torch.zeros(b, dtype=torch.long)
+        blocks = torch.as_tensor(blocks).reshape(-1).long().to(features.device)
+        if blocks.numel() != b or (b and (int(blocks.min()) < 0 or int(blocks.max()) >= self.blocks)):
+            raise ValueError(f"blocks must give each of the {b} images a block in [0, {self.blocks}), "
+                             f"got shape {tuple(blocks.shape)}")
         if self.stride is not None:
             h, w = -(-mask.shape[-2] // self.stride), -(-mask.shape[-1] // self.stride)
         self.grid = (h, w)
         grid = labels_to_grid(mask.to(features.device), (h, w), self.num_classes, self.ignore_index, self.purity)
         keep_all = grid != self.ignore_index  # (B, h, w)
         rows = []
-        for i in range(features.shape[0]):  # one image at a time: an upsampled deep map is large
+        for i in range(b):  # one image at a time: an upsampled deep map is large
             fi = resample_features(features[i : i + 1].detach(), (h, w))[0]  # (C, h, w)
             rows.append(fi.permute(1, 2, 0)[keep_all[i]].to(torch.float64))
         f = torch.cat(rows) if rows else features.new_zeros(0, c, dtype=torch.float64)
         lab = grid[keep_all]
+        per_image = keep_all.flatten(1).sum(1)
+        blk = blocks.repeat_interleave(per_image)  # block of each kept cell
+        # half of each image (split-half whitened form): its block's parity with blocks (image i
+        # of a run is in block i mod G, G even, so also i mod 2), else i mod 2 by arrival order
+        halves = blocks % 2 if self.blocks > 1 else (self._images + torch.arange(b, device=blocks.device)) % 2
+        self._images += b
+        half = halves.repeat_interleave(per_image)
+        k = self.num_classes
         if self._shift is None:
             kw = {"dtype": torch.float64, "device": features.device}
             self._shift = f.mean(0) if f.shape[0] else torch.zeros(c, **kw)
-            self._count = torch.zeros(self.num_classes, **kw)
-            self._sum = torch.zeros(self.num_classes, c, **kw)
-            self._sq = torch.zeros(self.num_classes, c, **kw) if self.per_channel else torch.zeros(self.num_classes, **kw)
+            self._count = torch.zeros(self._cap, k, **kw)
+            self._sum = torch.zeros(self._cap, k, c, **kw)
+            self._sqn = torch.zeros(self._cap, k, **kw)
+            self._chan_sq = torch.zeros(k, c, **kw) if self.per_channel else None
+            self._second = torch.zeros(self._cap if self.whitened_blocks else 1, c, c, **kw) if self.whitened else None
+            self._half_count = torch.zeros(2, k, **kw)
+            self._half_sum = torch.zeros(2, k, c, **kw)
         elif c != self._shift.numel():
             raise ValueError(f"features changed channel count: {c} vs {self._shift.numel()} before")
+        if b and int(blocks.max()) >= self._cap:
+            self._cap = min(self.blocks, max(int(blocks.max()) + 1, 2 * self._cap))
+            self._count, self._sum, self._sqn = (grow_blocks(t, self._cap) for t in (self._count, self._sum, self._sqn))
+            if self._second is not None and self.whitened_blocks:
+                self._second = grow_blocks(self._second, self._cap)
         if f.shape[0] == 0:
             return
         z = f - self._shift
-        self._count.index_add_(0, lab, torch.ones_like(lab, dtype=torch.float64))
-        self._sum.index_add_(0, lab, z)
-        self._sq.index_add_(0, lab, z * z if self.per_channel else (z * z).sum(1))
+        cell = blk * k + lab  # (block, class) bin of each cell
+        self._count.view(-1).index_add_(0, cell, torch.ones_like(lab, dtype=torch.float64))
+        self._sum.view(-1, c).index_add_(0, cell, z)
+        self._sqn.view(-1).index_add_(0, cell, (z * z).sum(1))
+        self._half_count.view(-1).index_add_(0, half * k + lab, torch.ones_like(lab, dtype=torch.float64))
+        self._half_sum.view(-1, c).index_add_(0, half * k + lab, z)
+        if self._chan_sq is not None:
+            self._chan_sq.index_add_(0, lab, z * z)
+        if self._second is not None and not self.whitened_blocks:
+            self._second[0].addmm_(z.T, z)
+        elif self._second is not None:
+            for g in blk.unique().tolist():
+                zg = z[blk == g]
+                self._second[g].addmm_(zg.T, zg)
 
     def compute(self) -> SemanticVarianceResult:
         """The statistics over everything seen so far."""
@@ -355,30 +546,29 @@ class SemanticVariance:
             nan = math.nan
             return SemanticVarianceResult(nan, nan, nan, nan, nan, nan, 0, [0] * k, [nan] * k, [nan] * k, None,
                                           list(self.grid) if self.grid else None, self.stride)
-        cnt, s = self._count, self._sum
-        sq = self._sq.sum(1) if self.per_channel else self._sq
-        n = cnt.sum()
+        cnt, s, sqn = self._count.sum(0), self._sum.sum(0), self._sqn.sum(0)
+        n, between_k, within_k = _scatter(cnt, s, sqn)
         if float(n) < MIN_CELLS:
             where = f"the common stride-{self.stride} grid" if self.stride else "the tap's own grid"
             warnings.warn(f"semantic variance computed on only {int(n)} labelled cells (< {MIN_CELLS}) of "
                           f"{where} {self.grid[0]}x{self.grid[1]}: too few for a stable value; use more or larger "
                           "images, or a smaller stride (fusionzoo.interpret.run(sv_stride=...))", stacklevel=2)
-        present = cnt > 0
-        safe = cnt.clamp(min=1)[:, None]
-        mu = s.sum(0) / n                                    # global mean (shifted)
-        mu_k = s / safe                                       # class means (shifted)
-        between_k = cnt * ((mu_k - mu) ** 2).sum(1)           # n_k |mu_k - mu|^2
-        within_k = (sq - (s * s).sum(1) / safe[:, 0]).clamp(min=0)  # sum |f - mu_k|^2
-        between_k, within_k = between_k * present, within_k * present
         s_b, s_w = float(between_k.sum() / n), float(within_k.sum() / n)
         s_t = s_b + s_w
         sv = s_b / s_t if s_t > 0 else math.nan
         chan = None
-        if self.per_channel:
+        if self._chan_sq is not None:
+            present = cnt > 0
+            safe = cnt.clamp(min=1)[:, None]
+            mu, mu_k = s.sum(0) / n, s / safe
             b_c = (cnt[:, None] * (mu_k - mu) ** 2 * present[:, None]).sum(0)
-            w_c = ((self._sq - s * s / safe) * present[:, None]).clamp(min=0).sum(0)
+            w_c = ((self._chan_sq - s * s / safe) * present[:, None]).clamp(min=0).sum(0)
             t_c = b_c + w_c
             chan = torch.where(t_c > 0, b_c / t_c.clamp(min=1e-300), torch.full_like(t_c, math.nan)).tolist()
+        split = plugin = math.nan
+        if self._second is not None:
+            split, plugin = (float(v[0]) for v in whitened_sv(self._half_count[None], self._half_sum[None],
+                                                               self._second.sum(0)[None]))
         denom = float(n) * s_t
         return SemanticVarianceResult(
             semantic_variance=sv,
@@ -394,7 +584,57 @@ class SemanticVariance:
             channel_semantic_variance=chan,
             grid=list(self.grid) if self.grid else None,
             stride=self.stride,
+            sv_whitened=split,
+            sv_whitened_plugin=plugin,
         )
+
+    def replicates(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Exact values on reweighted data: replicate ``r`` counts every cell of block ``g``
+        ``weights[r, g]`` times (a block of weight ``k`` is its images duplicated ``k`` times).
+
+        Every statistic is a sum over cells, so the replicate's sums are the weighted sums of the
+        blocks'; the whitened form solves one ``C x C`` system per replicate (in chunks that
+        keep about 32 MiB of matrices at a time).
+
+        Args:
+            weights: ``(R, G)`` non-negative block weights.
+
+        Returns:
+            ``{"sv": (R,), "within_share": (R,), "class_between_share": (R, K), "sv_whitened": (R,),
+            "sv_whitened_plugin": (R,)}`` (the whitened forms only when tracked per block), float64 on the
+            CPU. Each copy of a duplicated block stays in its block's half (half ``g mod 2``).
+        """
+        wt = torch.as_tensor(weights, dtype=torch.float64)
+        if wt.dim() != 2 or wt.shape[1] != self.blocks:
+            raise ValueError(f"weights must be (R, {self.blocks}) block weights, got shape {tuple(wt.shape)}")
+        if self._count is None:
+            nan = torch.full((wt.shape[0],), math.nan, dtype=torch.float64)
+            return {"sv": nan, "within_share": nan.clone(),
+                    "class_between_share": torch.full((wt.shape[0], self.num_classes), math.nan, dtype=torch.float64)}
+        wt = wt.to(self._count.device)[:, : self._cap]  # blocks never allocated are empty
+        cnt = wt @ self._count                                  # (R, K)
+        s = torch.einsum("rg,gkc->rkc", wt, self._sum)          # (R, K, C)
+        _, between, within = _scatter(cnt, s, wt @ self._sqn)
+        total = between.sum(-1) + within.sum(-1)
+        ok = total > 0
+        nan = torch.full_like(total, math.nan)
+        out = {"sv": torch.where(ok, between.sum(-1) / total.clamp(min=1e-300), nan),
+               "within_share": torch.where(ok, within.sum(-1) / total.clamp(min=1e-300), nan),
+               "class_between_share": torch.where(ok[:, None], between / total.clamp(min=1e-300)[:, None],
+                                                  nan[:, None].expand_as(between))}
+        if self._second is not None and self.whitened_blocks:
+            c = self._second.shape[-1]
+            chunk = max(1, (1 << 22) // (c * c))
+            flat = self._second.reshape(self._cap, -1)
+            odd = torch.arange(self._cap, device=wt.device) % 2 == 1  # block g lies in half g mod 2
+            hc = torch.stack([cnt - wt[:, odd] @ self._count[odd], wt[:, odd] @ self._count[odd]], 1)
+            hs = torch.einsum("rg,gkc->rkc", wt[:, odd], self._sum[odd])
+            hs = torch.stack([s - hs, hs], 1)
+            parts = [whitened_sv(hc[i:i + chunk], hs[i:i + chunk], (wt[i:i + chunk] @ flat).view(-1, c, c))
+                     for i in range(0, wt.shape[0], chunk)]
+            out["sv_whitened"] = torch.cat([p[0] for p in parts])
+            out["sv_whitened_plugin"] = torch.cat([p[1] for p in parts])
+        return {key: v.cpu() for key, v in out.items()}
 
 
 def semantic_variance(features: torch.Tensor, mask: torch.Tensor, num_classes: int,

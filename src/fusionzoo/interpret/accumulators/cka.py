@@ -1,14 +1,26 @@
-"""CKA between tap pairs (:class:`fusionzoo.interpret.cka.StreamingCKA`) as a run metric."""
+"""CKA between tap pairs (:class:`fusionzoo.interpret.cka.StreamingCKA`) as a run metric, with
+block-bootstrap intervals (:mod:`.blocks`)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..cka import StreamingCKA
 from .base import BatchContext, MetricAccumulator, Needs, RunSpec
+from .blocks import BlockBootstrap, checked_interval, row_blocks
 
-__all__ = ["CKAMetric"]
+__all__ = ["CKAMetric", "cka_state_bytes"]
+
+
+def cka_state_bytes(channels: Mapping[str, int], pairs: Iterable[tuple[str, str]]) -> int:
+    """Bytes of one copy of a :class:`StreamingCKA`'s float64 moments: per tap ``d^2 + 2 d + 2``,
+    per pair ``p q + p + q + 1``."""
+    pairs = list(pairs)
+    taps = {t for p in pairs for t in p}
+    return 8 * (sum(channels[t] ** 2 + 2 * channels[t] + 2 for t in taps)
+                + sum(channels[a] * channels[b] + channels[a] + channels[b] + 1 for a, b in pairs))
 
 
 class CKAMetric(MetricAccumulator):
@@ -16,7 +28,9 @@ class CKAMetric(MetricAccumulator):
     ``modality_fused``, ``within``, ``to_final``), over the example rows of the full-input pass.
 
     Section: ``{"pairs": [{"a", "b", "kind", "stage", "cka", "cka_biased"}], "num_rows"}``
-    (``cka`` is nan below 4 rows, where the debiased estimator is undefined).
+    (``cka`` is nan below 4 rows, where the debiased estimator is undefined). Intervals:
+    ``pairs.<i>.cka`` and ``pairs.<i>.cka_biased`` (block bootstrap, :mod:`.blocks`); setting
+    ``cka_intervals`` says what they rest on.
     """
 
     name = "cka"
@@ -24,13 +38,18 @@ class CKAMetric(MetricAccumulator):
     def __init__(self, spec: RunSpec) -> None:
         super().__init__(spec)
         pairs = [(a, b) for a, b, _, _ in spec.plan.pairs]
-        self.acc = StreamingCKA(pairs=pairs) if pairs else None
         self.taps = list(dict.fromkeys(t for p in pairs for t in p))
+        self.boot = BlockBootstrap(spec.replicates, cka_state_bytes({t: spec.info[t].channels for t in self.taps},
+                                                                    dict.fromkeys(pairs)), self.name)
+        self.acc = StreamingCKA(pairs=pairs, blocks=self.boot.blocks) if pairs else None
         self.needs = Needs(taps=tuple(self.taps))
 
     def update(self, batch: BatchContext) -> None:
+        self.boot.observe(batch)
         if self.acc is not None and batch.has_rows:
-            self.acc.update({n: batch.rows(n) for n in self.taps})
+            rows = {n: batch.rows(n) for n in self.taps}
+            blocks = row_blocks(batch, self.boot.image_blocks(batch), next(iter(rows.values())).shape[0])
+            self.acc.update(rows, blocks if self.acc.blocks > 1 else None)
 
     def compute(self) -> dict[str, Any] | None:
         acc = self.acc
@@ -40,4 +59,12 @@ class CKAMetric(MetricAccumulator):
                 "cka": acc.cka(a, b, True) if acc.num_examples >= 4 else math.nan,
                 "cka_biased": acc.cka(a, b, False)}
                for a, b, kind, stage in self.spec.plan.pairs]
+        w = self.boot.weights()
+        if self.spec.replicates:
+            self.settings["cka_intervals"] = self.boot.settings()
+        if w is not None:
+            for key, debiased in (("cka", True), ("cka_biased", False)):
+                reps = acc.replicates(w, debiased)
+                for i, (a, b, _, _) in enumerate(self.spec.plan.pairs):
+                    self.intervals[f"pairs.{i}.{key}"] = checked_interval(reps[(a, b)], out[i][key], self.spec.level)
         return {"pairs": out, "num_rows": acc.num_examples}
