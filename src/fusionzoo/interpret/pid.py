@@ -39,9 +39,12 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["TERMS", "PredictionJoint", "broja_pid", "dominant_term", "mutual_information", "pid_tables"]
+__all__ = ["PID_KEYS", "REPLICATE_BUDGET", "TERMS", "PredictionJoint", "broja_pid", "dominant_term", "mutual_information", "pid_tables"]
 
 TERMS = ("redundancy", "unique_1", "unique_2", "synergy")
+PID_KEYS = (*TERMS, "mi", "mi_1", "mi_2")
+# memory allowed for the bootstrap replicates of the K^3 counts (K = 40 would need ~200 MB a pair)
+REPLICATE_BUDGET = 64 * 2**20
 
 
 def _entropy(p: np.ndarray) -> float:
@@ -173,17 +176,31 @@ class PredictionJoint:
 
     targets = ("prediction", "label")
 
-    def __init__(self, modalities: Sequence[str], num_classes: int, ignore_index: int = 255) -> None:
+    def __init__(self, modalities: Sequence[str], num_classes: int, ignore_index: int = 255,
+                 replicates: int = 0) -> None:
         if len(modalities) < 2:
             raise ValueError(f"a decomposition needs >= 2 modalities, got {list(modalities)}")
         self.modalities, self.k, self.ignore_index = list(modalities), int(num_classes), int(ignore_index)
         self.pairs = list(itertools.combinations(self.modalities, 2))
         self.counts = {(a, b, t): torch.zeros(self.k ** 3, dtype=torch.int64) for a, b in self.pairs
                        for t in self.targets}
+        # bootstrap replicates of the counts, (R, K^3) float64 each, when they fit REPLICATE_BUDGET
+        self.replicates = int(replicates) if self.replicate_bytes(len(modalities), num_classes, replicates) \
+            <= REPLICATE_BUDGET else 0
+        self.rep_counts = ({key: torch.zeros(self.replicates, self.k ** 3, dtype=torch.float64) for key in self.counts}
+                           if self.replicates else {})
         self._cache: dict[frozenset, torch.Tensor] = {}
 
-    def add(self, subset: frozenset, logits: torch.Tensor, mask: torch.Tensor) -> None:
-        """One coalition pass: logits ``(B, K, H, W)`` and mask ``(B, H, W)``."""
+    @classmethod
+    def replicate_bytes(cls, num_modalities: int, num_classes: int, replicates: int) -> int:
+        """Memory of the replicate counts: ``R K^3`` float64 per pair and target."""
+        pairs = num_modalities * (num_modalities - 1) // 2
+        return 8 * replicates * num_classes ** 3 * pairs * len(cls.targets)
+
+    def add(self, subset: frozenset, logits: torch.Tensor, mask: torch.Tensor,
+            weights: torch.Tensor | None = None) -> None:
+        """One coalition pass: logits ``(B, K, H, W)``, mask ``(B, H, W)`` and, with replicates,
+        the batch's image weights ``(R, B)``."""
         if len(subset) == len(self.modalities):
             self._cache = {}  # a new batch starts with its full pass
         if len(subset) not in (1, len(self.modalities)):
@@ -196,11 +213,20 @@ class PredictionJoint:
             if y["label"].numel() and int(y["label"].max()) >= self.k:
                 raise ValueError(f"mask holds label {int(y['label'].max())} >= num_classes {self.k} "
                                  f"(ignore index {self.ignore_index})")
-            for a, b in self.pairs:
-                xa, xb = self._cache[frozenset([a])][valid], self._cache[frozenset([b])][valid]
+            # image of every valid pixel, for the replicates' per-image counts
+            image = torch.arange(mask.shape[0], device=mask.device)[:, None, None].expand_as(mask)[valid]
+            k3, b = self.k ** 3, mask.shape[0]
+            for a, bm in self.pairs:
+                xa, xb = self._cache[frozenset([a])][valid], self._cache[frozenset([bm])][valid]
                 for t in self.targets:
-                    idx = ((xa * self.k + xb) * self.k + y[t]).cpu()
-                    self.counts[(a, b, t)] += torch.bincount(idx, minlength=self.k ** 3)
+                    idx = (xa * self.k + xb) * self.k + y[t]
+                    self.counts[(a, bm, t)] += torch.bincount(idx, minlength=k3).cpu()
+                    if self.replicates:
+                        if weights is None:
+                            raise ValueError("PredictionJoint keeps bootstrap replicates: pass the batch's (R, B) "
+                                             "image weights")
+                        per_image = torch.bincount(image * k3 + idx, minlength=b * k3).reshape(b, k3).double()
+                        self.rep_counts[(a, bm, t)] += (weights.to(per_image) @ per_image).cpu()
             self._cache = {}
 
     def result(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
@@ -214,6 +240,24 @@ class PredictionJoint:
                 if c.sum() == 0:
                     continue
                 entry[t] = pid_tables(c, class_names)
+            out["pairs"][f"{a}|{b}"] = entry
+        return out
+
+    def replicate_values(self) -> dict[str, Any] | None:
+        """Bootstrap replicates of :meth:`result`'s overall terms: ``{"pairs": {"a|b": {target:
+        {"overall": {term: (R,)}}}}}`` (None without replicates). Per-class terms carry no
+        replicates: ``K`` more solves per replicate would cost more than the whole run."""
+        if not self.replicates:
+            return None
+        out: dict[str, Any] = {"pairs": {}}
+        for a, b in self.pairs:
+            entry = {}
+            for t in self.targets:
+                c = self.rep_counts[(a, b, t)].reshape(-1, self.k, self.k, self.k).numpy()
+                if self.counts[(a, b, t)].sum() == 0:
+                    continue
+                solved = [broja_pid(r) if r.sum() > 0 else dict.fromkeys(PID_KEYS, math.nan) for r in c]
+                entry[t] = {"overall": {key: np.array([r[key] for r in solved]) for key in PID_KEYS}}
             out["pairs"][f"{a}|{b}"] = entry
         return out
 
