@@ -35,8 +35,8 @@ from fusionzoo.interpret.interaction import (
 )
 from fusionzoo.interpret.intervals import percentile_interval, poisson_weights
 from fusionzoo.interpret.pid import PredictionJoint
-from fusionzoo.tasks import get_task
 from fusionzoo.taps import TapSet
+from fusionzoo.tasks import get_task
 
 K = 5  # synthetic world classes
 N, SEEDS, TRUTH = 12, 20, 120  # images per interval, seeds, images of the reference value

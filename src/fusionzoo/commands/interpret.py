@@ -118,7 +118,8 @@ def _interpret_one(target: str, args: argparse.Namespace, out: Path, device: tor
     model, dataset, history, label = _resolve(target, args, device)
     result = interpret_model(model, dataset, metrics=metrics, taps=args.taps, batch_size=args.batch_size,
                              max_batches=args.max_batches, rows=args.rows, samples_per_image=args.samples_per_image,
-                             policy=args.policy, seed=args.seed, progress=not args.no_progress)
+                             policy=args.policy, policies=args.policies, seed=args.seed,
+                             progress=not args.no_progress)
     if history is not None:
         result.training = history
     files = write_report(result, out)

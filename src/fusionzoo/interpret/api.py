@@ -40,7 +40,6 @@ from .._registry import model_entry
 from ..data import collate
 from ..taps import capture
 from .accumulators import ACCUMULATORS, BatchContext, MetricAccumulator, Pass, RunSpec
-from .intervals import DEFAULT_LEVEL, DEFAULT_REPLICATES, interval_paths, poisson_weights
 from .contribution import (
     REMOVAL_POLICIES,
     StreamingModalityStats,
@@ -48,6 +47,7 @@ from .contribution import (
     remove_modalities,
     task_for,
 )
+from .intervals import DEFAULT_LEVEL, DEFAULT_REPLICATES, interval_paths, poisson_weights
 from .plan import model_name, plan_taps
 
 __all__ = ["METRICS", "ROW_RULES", "InterpretResult", "load_result", "run"]
@@ -85,8 +85,11 @@ class InterpretResult:
             segmentation, ``"AP"`` for detection), plus ``unimodal_heads`` (modality ->
             ``{"miou", "iou"}`` of that modality's own prediction) for segmentation models with
             ``{m}.head`` taps, ``interaction`` and ``decomposition`` (pairwise interaction index
-            and redundancy / uniqueness / synergy of the score, :mod:`.interaction`) and, for
-            segmentation, ``pid`` (BROJA decomposition of the predictions in bits, :mod:`.pid`).
+            and redundancy / uniqueness / synergy of the score, :mod:`.interaction`), ``harsanyi``
+            (the 3-way interaction when ``M >= 3``), for segmentation ``pid`` (BROJA
+            decomposition of the predictions in bits, :mod:`.pid`), all under the run's main
+            ``policy``, and ``policies``: removal policy -> the same keys under that policy
+            (``settings["policies"]``).
         reliance: tap -> modality -> ``1 - CKA(tap, tap with that modality removed)``.
         gates: tap -> stream -> mean value over the dataset.
         training: a training history (:class:`ModalityBalanceCallback` state), when known.

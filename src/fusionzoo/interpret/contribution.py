@@ -33,6 +33,12 @@ scores, labels on the CPU) and runs pycocotools once per coalition at the end: w
 modalities that is ``2^M + M + 1`` detection sets per image (7 for RGB-T), at most
 ``detections_per_img`` boxes each, small next to the images. :attr:`ContributionResult.metric`
 says which metric it is (:data:`TASK_RESULTS`).
+
+:class:`ContributionAccumulator` measures several removal policies in one pass (passes that a
+policy does not change are shared) and, for segmentation, keeps Poisson-bootstrap replicates of
+every pass's confusion matrix (:class:`WeightedConfusion`), from which :meth:`ContributionAccumulator.derive`
+recomputes every derived number per replicate with the code of the point values
+(:mod:`.intervals`; detectors' AP has no replicates: :data:`REPLICATE_SCORES`).
 """
 
 from __future__ import annotations

@@ -27,7 +27,12 @@ anyway, so they cost no forward pass:
   what Shapley values average away. For ``M > 2`` each pair is decomposed in the game restricted
   to coalitions within the pair (the other modalities removed).
 
-The information-theoretic decomposition of the predictions is in :mod:`.pid`.
+- **Harsanyi dividend** (:func:`harsanyi_dividend`) of three or more modalities: the part of the
+  score that only all of them together explain, ``d(N) = sum_{S subset of N} (-1)^(|N| - |S|) v(S)``.
+
+:func:`game_terms` computes all of them from any value function whose values are arrays, so the
+same code gives point values and bootstrap replicates (:mod:`.intervals`). The
+information-theoretic decomposition of the predictions is in :mod:`.pid`.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ from ..contribution import (
     REPLICATE_SCORES,
     ContributionAccumulator,
     WeightedConfusion,
-    outputs_agree,
     miou_summary,
+    outputs_agree,
     replicate_intervals,
 )
 from ..interaction import coalition_game, coalition_terms, game_terms
