@@ -11,6 +11,8 @@ Harsanyi dividend: known answers.
 - Harsanyi: the 3-way dividend of hand-computed 3-player games.
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -310,3 +312,17 @@ def test_harsanyi_of_three_modalities_with_intervals():
     reps = _replicates(acc)["harsanyi"]["rgb|depth|thermal"]
     lo, hi = percentile_interval(reps["per_class"][:, 1], 0.95)
     assert lo == pytest.approx(1.0) and hi == pytest.approx(1.0)
+
+
+def test_cli_policies_reach_metrics_json(tmp_path, capsys):
+    from fusionzoo.cli import main
+
+    tiny = ["--num-samples", "4", "--image-size", "32", "32", "--batch-size", "2", "--no-progress"]
+    assert main(["interpret", "late_mean_resnet18", "--out", str(tmp_path), "--metrics", "contribution",
+                 "--policies", "zero,mean", *tiny]) == 0
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(data["contribution"]["policies"]) == data["settings"]["policies"] == ["zero", "mean"]
+    assert "contribution.policies.mean.shapley.rgb" in data["intervals"]
+    with pytest.raises(SystemExit) as e:
+        main(["interpret", "late_mean_resnet18", "--out", str(tmp_path), "--policies", "zero,blur", *tiny])
+    assert e.value.code == 2 and "unknown removal policy 'blur'" in capsys.readouterr().err
