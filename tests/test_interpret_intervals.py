@@ -326,3 +326,61 @@ def test_cli_policies_reach_metrics_json(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["interpret", "late_mean_resnet18", "--out", str(tmp_path), "--policies", "zero,blur", *tiny])
     assert e.value.code == 2 and "unknown removal policy 'blur'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- detection
+def _detections(n_images, seed=0):
+    """Random boxes with some near-copies of the ground truth, 3 classes."""
+    g = torch.Generator().manual_seed(seed)
+    preds, tgts = [], []
+    for _ in range(n_images):
+        n, m = int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(0, 6, (1,), generator=g))
+        corner = torch.rand(n, 2, generator=g) * 50
+        gt = torch.cat([corner, corner + 10 + torch.rand(n, 2, generator=g) * 20], 1)
+        labels = torch.randint(0, 3, (n,), generator=g)
+        corner = torch.rand(m, 2, generator=g) * 50
+        boxes = torch.cat([corner, corner + 10 + torch.rand(m, 2, generator=g) * 20], 1)
+        pl = torch.randint(0, 3, (m,), generator=g)
+        j = min(n, m)
+        boxes[:j], pl[:j] = gt[:j] + torch.randn(j, 4, generator=g), labels[:j]
+        preds.append({"boxes": boxes, "scores": torch.rand(m, generator=g), "labels": pl})
+        tgts.append({"boxes": gt, "labels": labels})
+    return preds, tgts
+
+
+def test_weighted_coco_ap_is_pycocotools_and_duplication():
+    from fusionzoo.detection.metrics import weighted_coco_ap
+    from fusionzoo.tasks import DetectionEvaluator
+
+    preds, tgts = _detections(12)
+    ev = DetectionEvaluator(3, per_class=True)
+    ev.update(preds, tgts)
+    ref, w = ev.compute(), weighted_coco_ap(preds, tgts, np.ones((2, 12)), 3)
+    for key in ("ap", "ap50", "ap75"):
+        np.testing.assert_allclose(w[key], ref[key], rtol=1e-12)
+    for key in ("ap_per_class", "ap50_per_class"):
+        np.testing.assert_allclose(w[key], np.tile(ref[key], (2, 1)), rtol=1e-12)
+    counts = np.array([[2, 0, 1, 3, 1, 0, 2, 1, 1, 1, 0, 2]], dtype=float)
+    dup = [i for i in range(12) for _ in range(int(counts[0, i]))]
+    ev = DetectionEvaluator(3, per_class=True)
+    ev.update([preds[i] for i in dup], [tgts[i] for i in dup])
+    ref, w = ev.compute(), weighted_coco_ap(preds, tgts, counts, 3)
+    assert w["ap"][0] == pytest.approx(ref["ap"], rel=1e-12)
+    np.testing.assert_allclose(w["ap_per_class"][0], ref["ap_per_class"], rtol=1e-12)
+    with pytest.raises(ValueError, match=r"weights must be \(R, 12\)"):
+        weighted_coco_ap(preds, tgts, np.ones((2, 11)), 3)
+
+
+def test_detector_contribution_carries_intervals():
+    import fusionzoo as fz
+
+    ds = create_dataset("synthetic_rgbt", split="val", num_samples=4, image_size=(64, 64), seed=0)
+    torch.manual_seed(0)
+    model = fz.create_model("fcos_late_nms", encoder="resnet10t", num_classes=ds.num_classes - 1)
+    res = interpret.run(model, ds, metrics=["contribution"], batch_size=2, replicates=20, policies=(),
+                        perceptual=False)
+    c = res.contribution
+    assert c["metric"] == "AP" and "COCO AP with weighted" in res.settings["contribution_intervals"]
+    for path in ("coalitions.rgb+thermal.ap", "shapley.rgb", "interaction.rgb|thermal.value",
+                 "decomposition.rgb|thermal.overall.synergy"):
+        assert f"contribution.{path}" in res.intervals, path

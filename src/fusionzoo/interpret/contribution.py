@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..detection.metrics import weighted_coco_ap
 from ..tasks import ConfusionMatrix, Evaluator, Task, get_task
 from .intervals import percentile_interval
 
@@ -65,6 +66,7 @@ __all__ = [
     "ContributionResult",
     "StreamingModalityStats",
     "WeightedConfusion",
+    "WeightedDetections",
     "confusion_iou",
     "contribution_keys",
     "derangement",
@@ -434,11 +436,46 @@ class WeightedConfusion:
         return {"miou": miou.numpy(), "iou": iou.numpy()}
 
 
+class WeightedDetections:
+    """``R`` bootstrap replicates of COCO AP: AP is not a sum over images, so the pass's
+    detections and targets are kept (as :class:`~fusionzoo.tasks.DetectionEvaluator` keeps them)
+    with each image's replicate weights ``(R,)``, and :func:`fusionzoo.detection.metrics.weighted_coco_ap`
+    redoes pycocotools' accumulation per replicate at the end. Memory ``R`` floats per image
+    beside the detections.
+
+    Args:
+        num_classes: ``K`` (AP categories ``0..K-1``).
+        ignore_index: unused (the signature of :data:`REPLICATE_SCORES`).
+        replicates: ``R``.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int, replicates: int) -> None:
+        self.k, self.replicates = int(num_classes), int(replicates)
+        self.predictions: list[dict[str, torch.Tensor]] = []
+        self.targets: list[dict[str, torch.Tensor]] = []
+        self.weights: list[np.ndarray] = []
+
+    def update(self, output: Sequence[Mapping[str, torch.Tensor]], target: Sequence[Mapping[str, torch.Tensor]],
+               weights: torch.Tensor) -> None:
+        """Add a detector's per-image outputs and targets with image weights ``(R, B)``."""
+        if weights.shape != (self.replicates, len(target)) or len(output) != len(target):
+            raise ValueError(f"{len(output)} detection outputs, {len(target)} targets and weights "
+                             f"{tuple(weights.shape)}: expected one output per image and ({self.replicates}, B)")
+        self.predictions += [{k: o[k].detach().float().cpu() for k in ("boxes", "scores", "labels")} for o in output]
+        self.targets += [{k: v.cpu() for k, v in t.items()} for t in target]
+        self.weights.append(weights.detach().double().cpu().numpy())
+
+    def values(self) -> dict[str, np.ndarray]:
+        """``{"ap": (R,), "ap_per_class": (R, K), ...}`` (:func:`~fusionzoo.detection.metrics.weighted_coco_ap`)."""
+        w = np.concatenate(self.weights, 1) if self.weights else np.zeros((self.replicates, 0))
+        return weighted_coco_ap(self.predictions, self.targets, w, self.k)
+
+
 # task name -> the bootstrap-replicate score store of a coalition, (num_classes, ignore_index,
 # replicates) -> object with update(output, target, weights (R, B)) and values() -> {value key: (R,),
-# per-class key: (R, K)}. Tasks not listed (detection: AP is not a sum over images) carry no
-# replicates, so their contribution numbers have no interval (settings say so).
-REPLICATE_SCORES: dict[str, Callable[[int, int, int], Any]] = {"segmentation": WeightedConfusion}
+# per-class key: (R, K)}. A task not listed carries no replicates: its contribution has no interval.
+REPLICATE_SCORES: dict[str, Callable[[int, int, int], Any]] = {"segmentation": WeightedConfusion,
+                                                               "detection": WeightedDetections}
 
 
 def outputs_agree(a: Any, b: Any) -> bool:

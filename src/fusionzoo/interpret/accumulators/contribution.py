@@ -175,11 +175,13 @@ class ContributionMetric(MetricAccumulator):
         if not spec.replicates:
             return "none (replicates=0)"
         if spec.task.name not in REPLICATE_SCORES:
-            return (f"none: the {self.acc.metric} of a {spec.task.name} model is not a sum over images, and "
-                    "replicates of it are not implemented; coalition scores, Shapley values, interaction and "
-                    "decomposition of detectors carry no interval")
+            return f"none: no bootstrap replicates of the {self.acc.metric} of a {spec.task.name} model"
         note = ("coalition scores and per-class scores, drop, Shapley values (overall and per class), perceptual "
-                "score, interaction, decomposition and Harsanyi terms under every policy; unimodal heads")
+                "score, interaction, decomposition and Harsanyi terms under every policy")
+        if spec.task.name == "detection":
+            note += " (COCO AP with weighted detections and ground truths: detection.metrics.weighted_coco_ap)"
+        if self.head_reps:
+            note += "; unimodal heads"
         if any(o for obs in self.acc.observers.values() for o in obs):
             if PredictionJoint.replicate_bytes(len(spec.modalities), spec.num_classes, spec.replicates) \
                     <= REPLICATE_BUDGET:
