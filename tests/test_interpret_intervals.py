@@ -384,3 +384,16 @@ def test_detector_contribution_carries_intervals():
     for path in ("coalitions.rgb+thermal.ap", "shapley.rgb", "interaction.rgb|thermal.value",
                  "decomposition.rgb|thermal.overall.synergy"):
         assert f"contribution.{path}" in res.intervals, path
+
+
+def test_passes_of_further_policies_reach_contribution_only(world):
+    # reliance rides on the main policy's one-removed passes; the further policies' passes must not
+    # reach it (Pass.shared), so reliance is the same with or without them
+    batch, model = world
+    data = [{k: v[i:i + 4] for k, v in batch.items()} for i in range(0, 8, 4)]
+    kw = {"metrics": ["contribution", "reliance"], "replicates": 0, "perceptual": False, "samples_per_image": 8}
+    alone = interpret.run(model, data, policies=(), **kw)
+    several = interpret.run(model, data, **kw)
+    assert list(several.contribution["policies"]) == ["zero", "mean", "missing"]
+    assert several.reliance["head.logits"] == pytest.approx(alone.reliance["head.logits"], rel=1e-9)
+    assert several.contribution["shapley"] == pytest.approx(alone.contribution["shapley"], rel=1e-12)
