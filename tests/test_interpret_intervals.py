@@ -11,8 +11,6 @@ Harsanyi dividend: known answers.
 - Harsanyi: the 3-way dividend of hand-computed 3-player games.
 """
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -314,15 +312,28 @@ def test_harsanyi_of_three_modalities_with_intervals():
     assert lo == pytest.approx(1.0) and hi == pytest.approx(1.0)
 
 
-def test_cli_policies_reach_metrics_json(tmp_path, capsys):
+def test_cli_policies_reach_interpret_run(tmp_path, capsys, monkeypatch):
+    # the pass-through only (run() itself is tested above; tests/test_cli.py runs the command end to end)
+    import fusionzoo.commands.interpret as command
     from fusionzoo.cli import main
 
-    tiny = ["--num-samples", "4", "--image-size", "32", "32", "--batch-size", "2", "--no-progress"]
-    assert main(["interpret", "late_mean_resnet18", "--out", str(tmp_path), "--metrics", "contribution",
-                 "--policies", "zero,mean", *tiny]) == 0
-    data = json.loads((tmp_path / "metrics.json").read_text())
-    assert list(data["contribution"]["policies"]) == data["settings"]["policies"] == ["zero", "mean"]
-    assert "contribution.policies.mean.shapley.rgb" in data["intervals"]
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_run(model, dataset, **options):
+        seen.update(options)
+        raise Stop
+
+    monkeypatch.setattr(command, "interpret_model", fake_run)
+    tiny = ["--num-samples", "2", "--image-size", "32", "32", "--no-progress"]
+    with pytest.raises(Stop):
+        main(["interpret", "late_mean_resnet18", "--out", str(tmp_path), "--policies", "zero,mean", *tiny])
+    assert seen["policies"] == ["zero", "mean"]
+    with pytest.raises(Stop):
+        main(["interpret", "late_mean_resnet18", "--out", str(tmp_path), *tiny])
+    assert seen["policies"] is None  # run()'s default: zero, mean and missing where the model has its own
     with pytest.raises(SystemExit) as e:
         main(["interpret", "late_mean_resnet18", "--out", str(tmp_path), "--policies", "zero,blur", *tiny])
     assert e.value.code == 2 and "unknown removal policy 'blur'" in capsys.readouterr().err
@@ -374,7 +385,7 @@ def test_weighted_coco_ap_is_pycocotools_and_duplication():
 def test_detector_contribution_carries_intervals():
     import fusionzoo as fz
 
-    ds = create_dataset("synthetic_rgbt", split="val", num_samples=4, image_size=(64, 64), seed=0)
+    ds = create_dataset("synthetic_rgbt", split="val", num_samples=2, image_size=(32, 32), seed=0)
     torch.manual_seed(0)
     model = fz.create_model("fcos_late_nms", encoder="resnet10t", num_classes=ds.num_classes - 1)
     res = interpret.run(model, ds, metrics=["contribution"], batch_size=2, replicates=20, policies=(),
