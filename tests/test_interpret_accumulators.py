@@ -52,7 +52,7 @@ def batch():
 ])
 def test_one_forward_per_batch_plus_the_planned_passes(batch, metrics, forwards):
     model = Counting()
-    res = interpret.run(model, [batch], metrics=metrics, samples_per_image=4)
+    res = interpret.run(model, [batch], metrics=metrics, samples_per_image=4, policies=())  # the main policy only
     assert len(model.calls) == forwards
     for name in metrics:
         assert getattr(res, name) is not None, name

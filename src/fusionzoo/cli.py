@@ -95,6 +95,15 @@ def run_command(fn: Callable[[list[str]], Any], argv: Sequence[str], prog: str) 
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
+def _policy_list(text: str) -> list[str]:
+    """``--policies zero,mean``: comma-separated removal policies (REMOVAL_POLICIES, as literals)."""
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in names if p not in ("zero", "mean", "noise", "missing")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown removal policy {bad[0]!r}; choose from zero, mean, noise, missing")
+    return names
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fusionzoo", description="RGB-D / RGB-T fusion model zoo with uniform interpretation.",
                                 epilog="--debug: print the full traceback of an error instead of one line.")
@@ -128,6 +137,11 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--samples-per-image", type=int, default=16)
         sp.add_argument("--policy", choices=("zero", "noise", "missing"), default="zero",
                         help="modality removal policy for contribution and reliance")
+        sp.add_argument("--policies", type=_policy_list, default=None, metavar="P,P,...",
+                        help="removal policies that contribution also measures in the same pass, reported side by "
+                             "side (zero, mean, noise, missing; mean uses exact dataset statistics from a pre-pass). "
+                             "Default: zero,mean,missing, missing only where the model has its own missing path; "
+                             "'' for --policy alone")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -73,6 +74,19 @@ def coco_ap(
         >>> round(coco_ap(pred, gt)["AP50"], 6)
         1.0
     """
+    evaluator = _coco_eval(predictions, targets, num_classes, max_detections)
+    if evaluator is None:
+        return {k: math.nan for k in COCO_STATS}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and tables
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {k: (float(v) if v >= 0 else math.nan) for k, v in zip(COCO_STATS, evaluator.stats)}
+
+
+def _coco_eval(predictions: Sequence[Mapping[str, torch.Tensor]], targets: Sequence[Mapping[str, torch.Tensor]],
+               num_classes: int | None, max_detections: int) -> COCOeval | None:
+    """pycocotools' ``COCOeval`` of :func:`coco_ap` after ``evaluate()`` (per-image matching), or
+    None when there is no ground truth. Image ``i`` has COCO id ``i + 1``, category ``c`` id ``c + 1``."""
     _check_pairs(predictions, targets)
     if num_classes is None:
         seen = {int(v) for t in targets for v in _numpy(t["labels"], np.int64)}
@@ -98,7 +112,7 @@ def coco_ap(
             dts.append({"id": len(dts) + 1, "image_id": i + 1, "category_id": int(label) + 1, "bbox": box.tolist(),
                         "area": float(box[2] * box[3]), "score": float(score), "iscrowd": 0})
     if not gts:
-        return {k: math.nan for k in COCO_STATS}
+        return None
     coco_gt, coco_dt = COCO(), COCO()
     coco_gt.dataset = {"images": images, "annotations": gts, "categories": categories}
     # Built directly rather than with loadRes, which cannot take an empty detection list.
@@ -110,9 +124,80 @@ def coco_ap(
         evaluator.params.catIds = [c["id"] for c in categories]
         evaluator.params.maxDets = [1, 10, max_detections]
         evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return {k: (float(v) if v >= 0 else math.nan) for k, v in zip(COCO_STATS, evaluator.stats)}
+    return evaluator
+
+
+def weighted_coco_ap(
+    predictions: Sequence[Mapping[str, torch.Tensor]],
+    targets: Sequence[Mapping[str, torch.Tensor]],
+    weights: np.ndarray | torch.Tensor,
+    num_classes: int,
+    max_detections: int = 100,
+) -> dict[str, np.ndarray]:
+    """COCO box AP, AP50, AP75 and per-class AP / AP50 of ``R`` weighted copies of a dataset.
+
+    Image ``i`` counts ``weights[r, i]`` times in copy ``r`` (bootstrap replicates,
+    :mod:`fusionzoo.interpret.intervals`): pycocotools' per-image matching (``evaluate``) is run
+    once, and its ``accumulate`` is redone with each image's detections and non-ignored ground
+    truths weighted, vectorised over replicates. All-one weights give :func:`coco_ap`'s numbers
+    (the same arithmetic); integer weights give those of the dataset with images repeated, up to
+    the order of tied detection scores inside one precision step.
+
+    Args:
+        predictions, targets: as :func:`coco_ap`.
+        weights: ``(R, N)`` non-negative image weights.
+        num_classes: categories ``0..K-1``.
+        max_detections: COCO's ``maxDets``.
+
+    Returns:
+        ``{"ap", "ap50", "ap75": (R,), "ap_per_class", "ap50_per_class": (R, K)}``; a category
+        without (weighted) ground truth in a copy is NaN there and left out of its mean, as
+        pycocotools leaves it out.
+    """
+    w = _numpy(weights)
+    if w.ndim != 2 or w.shape[1] != len(targets):
+        raise ValueError(f"weights must be (R, {len(targets)}) (replicates x images), got {tuple(w.shape)}")
+    r_count, k_count = w.shape[0], int(num_classes)
+    evaluator = _coco_eval(predictions, targets, k_count, max_detections)
+    n_thr = 10  # IoU 0.50:0.05:0.95
+    prec = np.full((r_count, n_thr, k_count), math.nan)  # mean precision over the 101 recall points
+    if evaluator is not None:
+        p = evaluator.params
+        n_img, n_area = len(p.imgIds), len(p.areaRng)
+        for k in range(k_count):
+            evals = [e for e in evaluator.evalImgs[k * n_area * n_img: k * n_area * n_img + n_img] if e is not None]
+            if evals:
+                prec[:, :, k] = _weighted_precision(evals, w, max_detections, np.asarray(p.recThrs))
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices: no ground truth in a copy
+        return {"ap": np.nanmean(prec, (1, 2)), "ap50": np.nanmean(prec[:, 0], 1), "ap75": np.nanmean(prec[:, 5], 1),
+                "ap_per_class": np.nanmean(prec, 1), "ap50_per_class": prec[:, 0]}
+
+
+def _weighted_precision(evals: Sequence[Mapping], w: np.ndarray, max_det: int, rec_thrs: np.ndarray) -> np.ndarray:
+    """``(R, T)`` mean interpolated precision of one category (area "all") under image weights
+    ``w (R, N)``: pycocotools' ``COCOeval.accumulate`` with weighted cumulative counts."""
+    img = np.concatenate([np.full(len(e["dtScores"][:max_det]), e["image_id"] - 1) for e in evals]).astype(np.int64)
+    scores = np.concatenate([e["dtScores"][:max_det] for e in evals])
+    order = np.argsort(-scores, kind="mergesort")  # pycocotools' order
+    dtm = np.concatenate([e["dtMatches"][:, :max_det] for e in evals], axis=1)[:, order]
+    dt_ig = np.concatenate([e["dtIgnore"][:, :max_det] for e in evals], axis=1)[:, order]
+    npig = sum(w[:, e["image_id"] - 1] * np.count_nonzero(np.asarray(e["gtIgnore"]) == 0) for e in evals)  # (R,)
+    wd = w[:, img[order]][:, None, :]                                                            # (R, 1, D)
+    tp = np.cumsum(np.logical_and(dtm, ~dt_ig.astype(bool))[None] * wd, axis=2)                 # (R, T, D)
+    fp = np.cumsum(np.logical_and(~dtm.astype(bool), ~dt_ig.astype(bool))[None] * wd, axis=2)
+    out = np.full((w.shape[0], dtm.shape[0]), math.nan)
+    for r in np.flatnonzero(npig > 0):
+        rc = tp[r] / npig[r]
+        pr = tp[r] / (fp[r] + tp[r] + np.spacing(1))
+        pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # precision envelope
+        for t in range(dtm.shape[0]):
+            idx = np.searchsorted(rc[t], rec_thrs, side="left")
+            q = np.zeros(len(rec_thrs))
+            ok = idx < len(rc[t])
+            q[ok] = pr[t, idx[ok]]
+            out[r, t] = q.mean()
+    return out
 
 
 # -- log-average miss rate --------------------------------------------------------------------

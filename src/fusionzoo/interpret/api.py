@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -39,7 +40,6 @@ from .._registry import model_entry
 from ..data import collate
 from ..taps import capture
 from .accumulators import ACCUMULATORS, BatchContext, MetricAccumulator, Pass, RunSpec
-from .intervals import DEFAULT_LEVEL, DEFAULT_REPLICATES, interval_paths, poisson_weights
 from .contribution import (
     REMOVAL_POLICIES,
     StreamingModalityStats,
@@ -47,6 +47,7 @@ from .contribution import (
     remove_modalities,
     task_for,
 )
+from .intervals import DEFAULT_LEVEL, DEFAULT_REPLICATES, interval_paths, poisson_weights
 from .plan import model_name, plan_taps
 
 __all__ = ["METRICS", "ROW_RULES", "InterpretResult", "load_result", "run"]
@@ -84,8 +85,11 @@ class InterpretResult:
             segmentation, ``"AP"`` for detection), plus ``unimodal_heads`` (modality ->
             ``{"miou", "iou"}`` of that modality's own prediction) for segmentation models with
             ``{m}.head`` taps, ``interaction`` and ``decomposition`` (pairwise interaction index
-            and redundancy / uniqueness / synergy of the score, :mod:`.interaction`) and, for
-            segmentation, ``pid`` (BROJA decomposition of the predictions in bits, :mod:`.pid`).
+            and redundancy / uniqueness / synergy of the score, :mod:`.interaction`), ``harsanyi``
+            (the 3-way interaction when ``M >= 3``), for segmentation ``pid`` (BROJA
+            decomposition of the predictions in bits, :mod:`.pid`), all under the run's main
+            ``policy``, and ``policies``: removal policy -> the same keys under that policy
+            (``settings["policies"]``).
         reliance: tap -> modality -> ``1 - CKA(tap, tap with that modality removed)``.
         gates: tap -> stream -> mean value over the dataset.
         training: a training history (:class:`ModalityBalanceCallback` state), when known.
@@ -254,12 +258,12 @@ def _run_passes(ctx: BatchContext, accs: Sequence[MetricAccumulator], removal_ta
         acts: Mapping[str, torch.Tensor] = {}
         if p.kept == full and p.permuted is None:
             output, acts = ctx.output, ctx.acts  # the full-input pass, already run
-        elif removal_taps and p.permuted is None and len(full - p.kept) == 1:
+        elif removal_taps and p.shared and p.permuted is None and len(full - p.kept) == 1:
             with capture(model, *removal_taps) as acts:
                 output = model(p.inputs, missing=p.missing)
         else:
             output = model(p.inputs, missing=p.missing)
-        for a in accs:
+        for a in (accs if p.shared else [planner]):
             a.update_pass(ctx, p, output, acts)
 
 
@@ -313,6 +317,84 @@ def _stream(spec: RunSpec, accs: Sequence[MetricAccumulator], batches: Iterable[
     return num_images, artifacts
 
 
+DEFAULT_POLICIES = ("zero", "mean", "missing")
+
+
+def _check_options(model: nn.Module, metrics: Sequence[str], policy: str, rows: str | None, replicates: int,
+                   level: float, sv_labels: str) -> list[str]:
+    """Validate :func:`run`'s options (each error names the option); returns the metrics, deduplicated."""
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
+    if policy not in REMOVAL_POLICIES:
+        raise ValueError(f"policy must be one of {REMOVAL_POLICIES}, got {policy!r}")
+    if rows not in (None, *ROW_RULES):
+        raise ValueError(f"rows must be one of {ROW_RULES} (or None for the task's default), got {rows!r}")
+    if replicates < 0 or not 0.0 < level < 1.0:
+        raise ValueError(f"replicates must be >= 0 and level in (0, 1), got replicates={replicates}, level={level}")
+    if sv_labels not in ("auto", "mask", "boxes"):
+        raise ValueError(f"sv_labels must be 'auto', 'mask' or 'boxes', got {sv_labels!r}")
+    if not hasattr(model, "tap_info") or not hasattr(model, "modalities"):
+        raise TypeError(f"{type(model).__name__} is not a fusionzoo model (needs tap_info() and modalities)")
+    return list(dict.fromkeys(metrics))
+
+
+def _policies(policy: str, policies: Sequence[str] | None) -> tuple[tuple[str, ...], bool]:
+    """``(the further removal policies, whether they are the default)`` of :func:`run`."""
+    if isinstance(policies, str):
+        policies = [p.strip() for p in policies.split(",") if p.strip()]
+    if policies is None:
+        return tuple(p for p in DEFAULT_POLICIES if p != policy), True
+    bad = [p for p in policies if p not in REMOVAL_POLICIES]
+    if bad:
+        raise ValueError(f"policies must be among {REMOVAL_POLICIES}, got {bad}")
+    return tuple(p for p in dict.fromkeys(policies) if p != policy), False
+
+
+def _mean_stats(batches: Iterable[Mapping[str, Any]], model: nn.Module, policy: str, policies: tuple[str, ...],
+                auto: bool, stats: StreamingModalityStats | None, max_batches: int | None
+                ) -> tuple[StreamingModalityStats | None, str | None, tuple[str, ...]]:
+    """``(stats, how they were obtained, policies)``: the ``mean`` policy without given ``stats``
+    measures them exactly by a pre-pass that reads the inputs only. Data that can be read once
+    only (an iterator) cannot be pre-passed: an explicit ``mean`` raises, the default drops it
+    with a warning."""
+    if stats is not None:
+        return stats, "given", policies
+    if "mean" not in (policy, *policies):
+        return None, None, policies
+    if iter(batches) is batches:
+        if auto and policy != "mean":
+            warnings.warn("policies: the default 'mean' policy is left out because the data is an iterator that "
+                          "can be read only once; pass stats= or a dataset / list of batches", stacklevel=3)
+            return None, None, tuple(p for p in policies if p != "mean")
+        raise ValueError("the 'mean' removal policy needs dataset statistics: pass stats= (StreamingModalityStats) "
+                         "or data that can be read twice (a dataset or a list of batches), not an iterator")
+    stats = StreamingModalityStats.measure(batches, list(model.modalities), max_batches)
+    return stats, "measured by a pre-pass over the run's images", policies
+
+
+def _run_spec(model: nn.Module, data: Any, taps: str | Sequence[str], class_names: Sequence[str] | None,
+              ignore_index: int, rows: str | None, **options: Any) -> RunSpec:
+    """The :class:`RunSpec` of :func:`run`: the model's task, classes, taps and device, plus the
+    run's ``options``."""
+    task = task_for(model, ignore_index)
+    k = int(model.num_classes)
+    # label classes of the masks: the dataset's when it says (a detector's num_classes may count
+    # foreground classes only), else the model's; box labels 0..box_k-1, box masks add background box_k
+    data_k = getattr(data, "num_classes", None) or getattr(getattr(data, "dataset", None), "num_classes", None)
+    mask_k = int(data_k) if data_k is not None else k
+    if class_names is None:
+        class_names = getattr(data, "classes", None)
+        if class_names is None:
+            class_names = getattr(getattr(data, "dataset", None), "classes", None)
+    return RunSpec(
+        model=model, task=task, modalities=list(model.modalities), num_classes=k, label_classes=mask_k,
+        box_classes=max(k, mask_k), class_names=list(class_names) if class_names is not None else None,
+        plan=plan_taps(model, taps), info=model.tap_info(),
+        device=next((p.device for p in model.parameters()), torch.device("cpu")), rows=rows or task.default_rows,
+        ignore_index=ignore_index, **options)
+
+
 def run(
     model: nn.Module,
     data: Any,
@@ -336,6 +418,7 @@ def run(
     seed: int = 0,
     replicates: int = DEFAULT_REPLICATES,
     level: float = DEFAULT_LEVEL,
+    policies: Sequence[str] | None = None,
     num_workers: int = 0,
     progress: bool = False,
 ) -> InterpretResult:
@@ -392,6 +475,13 @@ def run(
         replicates: Poisson-bootstrap replicates over images behind ``result.intervals``
             (:mod:`.intervals`); 0 gives no intervals.
         level: coverage of the intervals.
+        policies: removal policies that contribution measures in the same pass besides ``policy``
+            (``contribution["policies"][p]``, intervals under ``contribution.policies.<p>.``); the
+            top-level contribution section stays ``policy``'s. None: ``DEFAULT_POLICIES``
+            (zero, mean and missing), ``"missing"`` kept only where the model's missing path
+            differs from zero filling on the first batch (``settings["policies_dropped"]`` says
+            when not); ``()``: ``policy`` alone. ``"mean"`` without ``stats`` measures them
+            exactly by a pre-pass over the inputs (``settings["stats"]``).
         num_workers: DataLoader workers when ``data`` is a dataset.
         progress: show a progress bar.
 
@@ -407,46 +497,23 @@ def run(
         >>> res = fusionzoo.interpret.run(model, ds, metrics=["cka", "contribution"])
         >>> res.contribution["shapley"]
     """
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
-    if policy not in REMOVAL_POLICIES:
-        raise ValueError(f"policy must be one of {REMOVAL_POLICIES}, got {policy!r}")
-    if rows not in (None, *ROW_RULES):
-        raise ValueError(f"rows must be one of {ROW_RULES} (or None for the task's default), got {rows!r}")
-    if replicates < 0 or not 0.0 < level < 1.0:
-        raise ValueError(f"replicates must be >= 0 and level in (0, 1), got replicates={replicates}, level={level}")
-    if sv_labels not in ("auto", "mask", "boxes"):
-        raise ValueError(f"sv_labels must be 'auto', 'mask' or 'boxes', got {sv_labels!r}")
-    if not hasattr(model, "tap_info") or not hasattr(model, "modalities"):
-        raise TypeError(f"{type(model).__name__} is not a fusionzoo model (needs tap_info() and modalities)")
-    metrics = list(dict.fromkeys(metrics))
+    metrics = _check_options(model, metrics, policy, rows, replicates, level, sv_labels)
+    policies, policies_auto = _policies(policy, policies)
     if empty_policy is None and policy == "missing":
         empty_policy = "zero"  # the models' own missing path fills zeros too
-    task = task_for(model, ignore_index)
-    rows = rows or task.default_rows
-    k = int(model.num_classes)
-    # label classes of the masks: the dataset's when it says (a detector's num_classes may count
-    # foreground classes only), else the model's; box labels 0..box_k-1, box masks add background box_k
-    data_k = getattr(data, "num_classes", None) or getattr(getattr(data, "dataset", None), "num_classes", None)
-    mask_k = int(data_k) if data_k is not None else k
-    if class_names is None:
-        class_names = getattr(data, "classes", None)
-        if class_names is None:
-            class_names = getattr(getattr(data, "dataset", None), "classes", None)
-    info = model.tap_info()
-    spec = RunSpec(
-        model=model, task=task, modalities=list(model.modalities), num_classes=k, label_classes=mask_k,
-        box_classes=max(k, mask_k), class_names=list(class_names) if class_names is not None else None,
-        plan=plan_taps(model, taps), info=info, device=next((p.device for p in model.parameters()), torch.device("cpu")),
-        rows=rows, samples_per_image=samples_per_image, sv_labels=sv_labels, sv_stride=sv_stride, policy=policy,
-        empty_policy=empty_policy, stats=stats, perceptual=perceptual, gradcam_images=gradcam_images,
-        ignore_index=ignore_index, purity=purity, seed=seed, replicates=int(replicates), level=float(level))
+    batches = _as_batches(data, batch_size, num_workers)
+    if "contribution" not in metrics:
+        policies = ()
+    stats, stats_note, policies = _mean_stats(batches, model, policy, policies, policies_auto, stats, max_batches)
+    spec = _run_spec(model, data, taps, class_names, ignore_index, rows, samples_per_image=samples_per_image,
+                     sv_labels=sv_labels, sv_stride=sv_stride, policy=policy, empty_policy=empty_policy, stats=stats,
+                     perceptual=perceptual, gradcam_images=gradcam_images, purity=purity, seed=seed,
+                     replicates=int(replicates), level=float(level), policies=policies, policies_auto=policies_auto)
     accs = [ACCUMULATORS[name](spec) for name in METRICS if name in metrics]
     mods = spec.modalities
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    num_images, artifacts = _stream(spec, accs, _as_batches(data, batch_size, num_workers), max_batches, progress)
+    num_images, artifacts = _stream(spec, accs, batches, max_batches, progress)
     timings["pass_s"] = time.perf_counter() - t0
     if num_images == 0:
         raise ValueError("the data yielded no batches")
@@ -454,12 +521,11 @@ def run(
     t1 = time.perf_counter()
     sections = {a.name: a.compute() for a in accs}
     settings: dict[str, Any] = {
-        "metrics": metrics, "taps": taps, "rows": rows, "samples_per_image": samples_per_image, "policy": policy,
-        "empty_policy": empty_policy, "purity": purity, "sv_stride": sv_stride, "seed": seed,
-        "ignore_index": ignore_index, "cka_estimator": "exact streaming linear CKA (debiased; biased beside)",
-        "task": task.name, "sv_labels": None}
-    settings["intervals"] = {"method": "poisson bootstrap over images", "replicates": spec.replicates,
-                             "level": spec.level}
+        "metrics": metrics, "taps": taps, "rows": spec.rows, "samples_per_image": samples_per_image,
+        "policy": policy, "empty_policy": empty_policy, "stats": stats_note, "purity": purity, "sv_stride": sv_stride,
+        "seed": seed, "ignore_index": ignore_index, "task": spec.task.name, "sv_labels": None,
+        "cka_estimator": "exact streaming linear CKA (debiased; biased beside)",
+        "intervals": {"method": "poisson bootstrap over images", "replicates": spec.replicates, "level": spec.level}}
     intervals: dict[str, Any] = {}
     for a in accs:
         settings.update(a.settings)
@@ -473,10 +539,10 @@ def run(
         fusion=_fusion_of(model_name(model)),
         config=dict(getattr(model, "config", {}) or {}),
         modalities=mods,
-        num_classes=k,
+        num_classes=spec.num_classes,
         class_names=spec.class_names,
         num_images=num_images,
-        taps={n: asdict(t) for n, t in info.items()},
+        taps={n: asdict(t) for n, t in spec.info.items()},
         settings=settings,
         timings=timings,
         intervals=intervals,

@@ -27,7 +27,12 @@ anyway, so they cost no forward pass:
   what Shapley values average away. For ``M > 2`` each pair is decomposed in the game restricted
   to coalitions within the pair (the other modalities removed).
 
-The information-theoretic decomposition of the predictions is in :mod:`.pid`.
+- **Harsanyi dividend** (:func:`harsanyi_dividend`) of three or more modalities: the part of the
+  score that only all of them together explain, ``d(N) = sum_{S subset of N} (-1)^(|N| - |S|) v(S)``.
+
+:func:`game_terms` computes all of them from any value function whose values are arrays, so the
+same code gives point values and bootstrap replicates (:mod:`.intervals`). The
+information-theoretic decomposition of the predictions is in :mod:`.pid`.
 """
 
 from __future__ import annotations
@@ -39,9 +44,11 @@ from typing import Any
 
 import numpy as np
 
-from .contribution import contribution_keys
+from .contribution import contribution_keys, plain
+from .pid import dominant_term
 
-__all__ = ["SCORE_TERMS", "coalition_terms", "interaction_index", "score_decomposition"]
+__all__ = ["SCORE_TERMS", "coalition_game", "coalition_terms", "game_terms", "harsanyi_dividend", "interaction_index",
+           "score_decomposition"]
 
 SCORE_TERMS = ("redundancy", "unique_a", "unique_b", "synergy")
 
@@ -108,6 +115,70 @@ def score_decomposition(v_ab: Any, v_a: Any, v_b: Any, v_none: Any) -> dict[str,
     return {k: (float(x) if x.ndim == 0 else x) for k, x in out.items()}
 
 
+def harsanyi_dividend(players: Sequence[str], value: Callable[[frozenset[str]], Any]) -> Any:
+    """Harsanyi dividend of the grand coalition of ``players`` (Harsanyi, "A simplified bargaining
+    model for the n-person cooperative game", Int. Econ. Rev. 1963):
+    ``d(N) = sum_{S subset of N} (-1)^(|N| - |S|) v(S)``, the part of ``v(N)`` that no smaller
+    coalition explains. For three modalities it is the 3-way interaction
+    ``v(abc) - v(ab) - v(ac) - v(bc) + v(a) + v(b) + v(c) - v(none)``, and the pairwise index
+    of the 3-player game is ``I_ab = d(ab) + d(abc) / 2``.
+
+    Args:
+        players: the players of the coalition (any number >= 1).
+        value: ``v(S)``; numbers or equally shaped arrays (per class, or bootstrap replicates).
+
+    Example:
+        >>> harsanyi_dividend(["a", "b", "c"], lambda s: float(len(s) == 3))   # only all three
+        1.0
+        >>> harsanyi_dividend(["a", "b", "c"], lambda s: float(len(s) >= 2))   # any two suffice
+        -2.0
+    """
+    players = list(players)
+    n = len(players)
+    total = 0.0
+    for k in range(n + 1):
+        for combo in itertools.combinations(players, k):
+            total = total + (-1) ** (n - k) * np.asarray(value(frozenset(combo)), dtype=np.float64)
+    total = np.asarray(total, dtype=np.float64)
+    return float(total) if total.ndim == 0 else total
+
+
+def game_terms(mods: Sequence[str], value: Callable[[frozenset[str], bool], Any]) -> dict[str, Any]:
+    """Interaction index, score decomposition and (``M >= 3``) Harsanyi dividends of a game.
+
+    One piece of code for point values and bootstrap replicates: ``value(S, per_class)`` returns
+    the coalition's score as an array, ``()`` / ``(K,)`` for a point estimate, ``(R,)`` /
+    ``(R, K)`` for ``R`` replicates; every term comes back in the same shape (arrays).
+
+    Returns:
+        ``{"interaction": {"a|b": {"value", "per_class"}}, "decomposition": {"a|b": {"a", "b",
+        "overall": {term: v}, "per_class": {term: v}}}, "harsanyi": {"a|b|c": {"value",
+        "per_class"}}}``; ``harsanyi`` holds the dividend of every coalition of three or more
+        modalities (empty for ``M = 2``).
+    """
+    mods = list(mods)
+    out: dict[str, Any] = {"interaction": {}, "decomposition": {}, "harsanyi": {}}
+    if len(mods) < 2:
+        return out
+    overall = interaction_index(mods, lambda s: value(s, False))
+    per_class = interaction_index(mods, lambda s: value(s, True))
+    for a, b in itertools.combinations(mods, 2):
+        out["interaction"][f"{a}|{b}"] = {"value": overall[(a, b)], "per_class": per_class[(a, b)]}
+        rename = {"redundancy": "redundancy", "unique_a": f"unique_{a}", "unique_b": f"unique_{b}",
+                  "synergy": "synergy"}
+        ent: dict[str, Any] = {"a": a, "b": b}
+        for per in (False, True):
+            terms = score_decomposition(*(value(frozenset(s), per) for s in ((a, b), (a,), (b,), ())))
+            ent["per_class" if per else "overall"] = {rename[k]: x for k, x in terms.items()}
+        out["decomposition"][f"{a}|{b}"] = ent
+    for r in range(3, len(mods) + 1):
+        for group in itertools.combinations(mods, r):
+            out["harsanyi"]["|".join(group)] = {
+                "value": harsanyi_dividend(group, lambda s: value(s, False)),
+                "per_class": harsanyi_dividend(group, lambda s: value(s, True))}
+    return out
+
+
 def _coalition(coalitions: Mapping[str, Any], members: Sequence[str], order: Sequence[str]) -> Mapping[str, Any]:
     key = "+".join(m for m in order if m in members) or "none"
     if key not in coalitions:
@@ -115,56 +186,40 @@ def _coalition(coalitions: Mapping[str, Any], members: Sequence[str], order: Seq
     return coalitions[key]
 
 
-def _nan_list(x: np.ndarray) -> list[float]:
-    return [float(v) for v in np.asarray(x, dtype=np.float64)]
-
-
 def coalition_terms(contribution: Mapping[str, Any]) -> dict[str, Any]:
-    """Interaction index and score decomposition of every modality pair, from a contribution dict.
+    """Interaction index, score decomposition and Harsanyi dividends from a contribution dict.
 
     Args:
         contribution: :meth:`.contribution.ContributionResult.to_dict` output, or the
             ``contribution`` of a saved ``metrics.json`` (nulls read as NaN).
 
     Returns:
-        ``{"interaction": {"a|b": {"value", "per_class"}}, "decomposition": {"a|b": {"a", "b",
-        "overall": {term: v}, "per_class": {term: [...]}, "dominant": [term per class]}}}`` in the
-        contribution's metric (fractions: mIoU / AP). ``dominant`` is the largest term of each
-        class (``"none"`` where the class is absent); ``unique_a`` / ``unique_b`` are named after
-        the pair's modalities in the output (``unique_rgb``...).
+        :func:`game_terms` as floats and lists, in the contribution's metric (fractions: mIoU /
+        AP), plus per pair ``dominant``: the largest term of each class (``"none"`` where the
+        class is absent); ``unique_a`` / ``unique_b`` are named after the pair's modalities
+        (``unique_rgb``...).
     """
+    out = plain(game_terms(*coalition_game(contribution)))
+    for ent in out["decomposition"].values():
+        names = list(ent["per_class"])
+        ent["dominant"] = [dominant_term({t: ent["per_class"][t][c] for t in names}, names)
+                           for c in range(len(ent["per_class"]["redundancy"]))]
+    return out
+
+
+def coalition_game(contribution: Mapping[str, Any]) -> tuple[list[str], Callable[[frozenset, bool], np.ndarray]]:
+    """``(modalities, value)`` of a contribution dict for :func:`game_terms`: ``value(S,
+    per_class)`` is coalition ``S``'s score as an array (nulls as NaN). Coalition entries may hold
+    numbers and lists (a result) or ``(R,)`` / ``(R, K)`` arrays (bootstrap replicates)."""
     mods = list(contribution["modalities"])
-    if len(mods) < 2:
-        return {"interaction": {}, "decomposition": {}}
     _, vk, ck = contribution_keys(contribution)
     coal = contribution["coalitions"]
 
-    def num(x: Any) -> float:
-        return math.nan if x is None else float(x)
+    def value(s: frozenset, per_class: bool) -> np.ndarray:
+        x = _coalition(coal, list(s), mods)[ck if per_class else vk]
+        if isinstance(x, np.ndarray):
+            return x
+        return np.array([math.nan if v is None else v for v in x] if per_class else
+                        (math.nan if x is None else x), dtype=np.float64)
 
-    def value(s: frozenset, per_class: bool) -> Any:
-        entry = _coalition(coal, list(s), mods)
-        return np.array([num(x) for x in entry[ck]]) if per_class else num(entry[vk])
-
-    overall = interaction_index(mods, lambda s: value(s, False))
-    per_class = interaction_index(mods, lambda s: value(s, True))
-    out: dict[str, Any] = {"interaction": {}, "decomposition": {}}
-    for a, b in itertools.combinations(mods, 2):
-        pair = f"{a}|{b}"
-        out["interaction"][pair] = {"value": overall[(a, b)], "per_class": _nan_list(per_class[(a, b)])}
-        rename = {"redundancy": "redundancy", "unique_a": f"unique_{a}", "unique_b": f"unique_{b}",
-                  "synergy": "synergy"}
-        ent = {}
-        for per in (False, True):
-            vs = [value(frozenset(s), per) for s in ((a, b), (a,), (b,), ())]
-            terms = score_decomposition(*vs)
-            ent["per_class" if per else "overall"] = {rename[k]: (_nan_list(x) if per else x) for k, x in terms.items()}
-        names = list(ent["per_class"])
-        n_cls = len(ent["per_class"]["redundancy"])
-        dom = []
-        for c in range(n_cls):
-            vals = [(ent["per_class"][t][c], t) for t in names]
-            vals = [(x, t) for x, t in vals if not math.isnan(x)]
-            dom.append(max(vals, key=lambda xt: xt[0])[1] if vals else "none")
-        out["decomposition"][pair] = {"a": a, "b": b, **ent, "dominant": dom}
-    return out
+    return mods, value

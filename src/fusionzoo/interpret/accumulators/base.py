@@ -72,6 +72,9 @@ class RunSpec:
         gradcam_images, ignore_index, purity, seed: the options of :func:`~fusionzoo.interpret.run`.
         replicates: Poisson-bootstrap replicates kept by accumulators that give intervals (0: none).
         level: coverage of the intervals (0.95).
+        policies: further removal policies that modality contribution measures beside ``policy``.
+        policies_auto: the policies were not chosen by the user: ``"missing"`` is kept only where
+            the model's missing path differs from zero filling.
     """
 
     model: nn.Module
@@ -98,6 +101,8 @@ class RunSpec:
     seed: int
     replicates: int = 0
     level: float = 0.95
+    policies: tuple[str, ...] = ()
+    policies_auto: bool = False
 
 
 @dataclass
@@ -194,6 +199,8 @@ class Pass:
         permuted: the modality deranged across the batch (perceptual score), or None.
         source: the name of the accumulator that planned it (``""``: ``run``'s own
             one-modality-removed passes).
+        shared: False for a pass only its planner sees (contribution's passes under a removal
+            policy other than the run's ``policy``: reliance must not see them).
     """
 
     kept: frozenset[str]
@@ -201,6 +208,7 @@ class Pass:
     missing: tuple[str, ...] = ()
     permuted: str | None = None
     source: str = ""
+    shared: bool = True
 
 
 class MetricAccumulator(abc.ABC):
