@@ -19,7 +19,7 @@ from fusionzoo.models.convert import convert_state_dict
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "parity"))
 from parity_helpers import converted_model
-from seeded import read_fixture, run_modes
+from seeded import assert_parity, read_fixture, run_modes
 
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "acnet"
 NAME = "acnet_r50"
@@ -45,9 +45,10 @@ def test_fixture_is_from_the_registered_commit(case):
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_outputs_equal_the_reference(case, mode):
-    _, outputs, ours = case
-    diff = (ours[mode] - outputs[mode]).abs().max().item()
-    assert diff <= 1e-5, f"{mode}: max abs diff {diff:.3g} to the reference"
+    """float64 on both sides; relative error bounded by ``seeded.tolerance`` of the reference's own
+    float32 drift (recorded in the fixture), so the bound holds on any CPU (issue 22)."""
+    meta, outputs, ours = case
+    assert_parity({mode: ours[mode]}, {mode: outputs[mode]}, meta["float32_drift"])
 
 
 def test_parameter_count_equals_the_reference():
@@ -78,5 +79,5 @@ def test_side_outputs_in_training_mode_only(case, converted):
     assert (model.side_strides, model.side_logits_resize) == ((2, 4, 8, 16), "nearest-exact")
     model.eval()
     with torch.no_grad():
-        model({"rgb": torch.randn(1, 3, 32, 32), "depth": torch.randn(1, 1, 32, 32)})
+        model({"rgb": torch.randn(1, 3, 32, 32).double(), "depth": torch.randn(1, 1, 32, 32).double()})  # run_modes left it float64
     assert model.side_logits == ()

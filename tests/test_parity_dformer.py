@@ -5,6 +5,8 @@ at 40 classes, and the NMF's bases (the one random part of the network)."""
 
 from __future__ import annotations
 
+import copy
+import sys
 import warnings
 from pathlib import Path
 
@@ -19,15 +21,20 @@ from fusionzoo.models.published.dformer import NMF2D
 from fusionzoo.models.published.parity import (
     eval_and_train_outputs,
     fill_state_dict,
-    fixture_diffs,
     fixture_model,
     max_abs_diff,
     read_fixture,
     seeded_inputs,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "parity"))
+from seeded import RTOL_FLOOR, assert_parity, to_float64
+
 FIXTURE = Path(__file__).parent / "fixtures" / "parity" / "dformer"
-TOLERANCE = 1e-5  # float32, issue 10
+# Issue 22: the fixture is float64 and ours runs in float64; each output's relative error is bounded
+# by seeded.tolerance of how far the authors' own float32 run moved it (fixture "float32_drift").
+# One image against its batch, ours alone in float32 (batched kernels may sum in another order).
+BATCH_TOLERANCE = 1e-5
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -49,11 +56,12 @@ def test_fixture_names_the_entries_commit(fixture: dict) -> None:
 def test_eval_and_train_outputs_equal_the_authors(fixture: dict, converted: torch.nn.Module) -> None:
     """Both networks start the NMF from the same bases: torch.manual_seed(seed_nmf) before each
     forward. Train mode: BatchNorm on batch statistics, 6 NMF steps; drop path and dropout off."""
-    inputs = seeded_inputs(fixture["inputs"], fixture["seed_inputs"])
-    outputs = eval_and_train_outputs(converted, converted, inputs, seed=fixture["seed_forward"])
-    diffs = fixture_diffs(outputs, load_file(FIXTURE / "outputs.safetensors"))
-    assert set(diffs) == {"eval_logits", "train_logits", "train_grad_rgb (relative)", "train_grad_depth (relative)"}
-    assert all(d <= TOLERANCE for d in diffs.values()), diffs
+    model = copy.deepcopy(converted).double()
+    inputs = to_float64(seeded_inputs(fixture["inputs"], fixture["seed_inputs"]))
+    outputs = eval_and_train_outputs(model, model, inputs, seed=fixture["seed_forward"])
+    golden = load_file(FIXTURE / "outputs.safetensors")
+    assert set(golden) == {"eval_logits", "train_logits", "train_grad_rgb", "train_grad_depth"}
+    assert_parity(outputs, golden, fixture["float32_drift"])
 
 
 def test_wrong_checkpoint_names_the_first_key(fixture: dict, converted: torch.nn.Module) -> None:
@@ -74,10 +82,11 @@ def test_parameter_count_equals_the_authors(fixture: dict, variant: str) -> None
 
 def test_full_size_variants_were_equal_to_the_authors(fixture: dict) -> None:
     """Small, Base and Large at 40 classes, compared by tools/parity/dformer.py against their code
-    (too large to rerun here; the recorded differences must be within the tolerance)."""
-    diffs = fixture["full_size_40_classes_diffs"]
-    assert set(diffs) == {"dformer_small", "dformer_base", "dformer_large"}
-    assert all(d <= TOLERANCE for variant in diffs.values() for d in variant.values()), diffs
+    in float64 (too large to rerun here; the recorded relative errors must be float64 rounding)."""
+    errors = fixture["full_size_40_classes_float64_relative_errors"]
+    assert set(errors) == {"dformer_small", "dformer_base", "dformer_large"}
+    assert all(set(variant) == {"eval_logits", "train_logits", "train_grad_rgb", "train_grad_depth"} for variant in errors.values())
+    assert all(e <= RTOL_FLOOR for variant in errors.values() for e in variant.values()), errors
 
 
 def test_drop_path_schedule_equals_the_authors(fixture: dict) -> None:
@@ -97,13 +106,13 @@ def test_convert_checkpoint_file_then_from_pretrained(fixture: dict, tmp_path: P
     optimizer = {"state": {}, "param_groups": [{"lr": 6e-5, "params": [0]}]}
     torch.save({"model": authors, "optimizer": optimizer, "epoch": 500, "iteration": 50000}, tmp_path / "epoch-last.pth")
     out = fz.convert_checkpoint(fixture["model"], tmp_path / "epoch-last.pth", tmp_path / "converted")
-    model = fz.from_pretrained(out)  # num_classes read from the classifier: 3
+    model = fz.from_pretrained(out).double()  # num_classes read from the classifier: 3
     model.decoder.ham.eval_seed = None  # the authors' per-call draw, from the seeded global generator
     golden = load_file(FIXTURE / "outputs.safetensors")
     with torch.no_grad():
         torch.manual_seed(fixture["seed_forward"])
-        logits = model(seeded_inputs(fixture["inputs"], fixture["seed_inputs"]))
-    assert max_abs_diff(logits, golden["eval_logits"]) <= TOLERANCE
+        logits = model(to_float64(seeded_inputs(fixture["inputs"], fixture["seed_inputs"])))
+    assert_parity({"eval_logits": logits}, {"eval_logits": golden["eval_logits"]}, fixture["float32_drift"])
 
 
 def test_nmf_bases_are_the_authors_draw_and_eval_is_deterministic(fixture: dict, converted: torch.nn.Module) -> None:
@@ -126,7 +135,7 @@ def test_nmf_bases_are_the_authors_draw_and_eval_is_deterministic(fixture: dict,
             batch = model(inputs)
             assert torch.equal(model(inputs), batch)
             one = model({m: x[1:] for m, x in inputs.items()})
-        assert max_abs_diff(one, batch[1:]) <= TOLERANCE
+        assert max_abs_diff(one, batch[1:]) <= BATCH_TOLERANCE
     finally:
         model.decoder.ham.eval_seed = fixture["config"]["nmf_eval_seed"]
 

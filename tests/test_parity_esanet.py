@@ -3,8 +3,11 @@
 The fixtures come from ``tools/parity/esanet.py --ref <checkout of TUI-NICR/ESANet>``: the
 reference network in reduced configurations (3 classes, small decoders, one case per encoder
 block type), its state dict filled by the shared rule (``models/published/parity.py``), and its outputs on a seeded 64x64
-input in eval and train mode. Here the same state dict is rebuilt from the key list, converted
-with the registered converter and loaded into our entry; outputs must agree to 1e-5.
+input in eval and train mode, in float64. Here the same state dict is rebuilt from the key list,
+converted with the registered converter and loaded into our entry, run in float64; each output must
+agree relative to its largest value within ``seeded.tolerance`` of the reference's recorded float32
+drift (issue 22: float32 fixtures did not travel between CPUs; train-mode BatchNorm over the 2x2
+map at stride 32 with batch 2 magnifies rounding, and that drift, not a guess, widens its bound).
 
 Cost: about 1-2 s per reduced case on one thread, mostly filling the state dict; the reference fixes
 the encoders' widths, so even the reduced cases hold two full ResNets (ResNet-50: 47 M values).
@@ -25,10 +28,7 @@ from fusionzoo.models.published.parity import read_fixture
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "parity" / "esanet"
 REFERENCE = read_fixture(FIXTURES)
-ATOL = 1e-5
-# One intra-op thread, as the fixtures were computed: convolution kernels sum in another order with
-# more threads, and train-mode BatchNorm over a 2x2 map at stride 32 amplifies those 1e-7 differences.
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")  # speed only: the float64 bounds hold at any thread count
 
 _spec = importlib.util.spec_from_file_location("parity_esanet", ROOT / "tools" / "parity" / "esanet.py")
 parity = importlib.util.module_from_spec(_spec)
@@ -38,9 +38,10 @@ _spec.loader.exec_module(parity)
 @pytest.mark.parametrize("case", sorted(REFERENCE["cases"]))
 def test_outputs_equal_authors(case: str) -> None:
     """Eval output, train output and the three train-mode side outputs (``model.side_logits``)."""
-    diffs = parity.measure_diffs(FIXTURES, cases=[case])
-    assert len(diffs) == 5
-    assert all(d <= ATOL for d in diffs.values()), diffs
+    errors = parity.measure_errors(FIXTURES, cases=[case])
+    assert len(errors) == 5
+    misses = {k: f"relative error {e:.3g} > {t:.3g}" for k, (e, t) in errors.items() if not e <= t}
+    assert not misses, misses
 
 
 @pytest.mark.parametrize("variant", sorted(REFERENCE["full"]))

@@ -21,7 +21,7 @@ from fusionzoo.models.convert import convert_state_dict
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "parity"))
 from parity_helpers import converted_model
-from seeded import authors_state_dict, read_fixture, run_modes
+from seeded import assert_parity, authors_state_dict, read_fixture, run_modes
 
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "sagate"
 NAME = "sagate_r50"
@@ -48,9 +48,10 @@ def test_fixture_is_from_the_registered_commit(case):
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_outputs_equal_the_reference(case, mode):
-    _, outputs, _, ours = case
-    diff = (ours[mode] - outputs[mode]).abs().max().item()
-    assert diff <= 1e-5, f"{mode}: max abs diff {diff:.3g} to the reference"
+    """float64 on both sides; relative error bounded by ``seeded.tolerance`` of the reference's own
+    float32 drift (recorded in the fixture), so the bound holds on any CPU (issue 22)."""
+    meta, outputs, _, ours = case
+    assert_parity({mode: ours[mode]}, {mode: outputs[mode]}, meta["float32_drift"])
 
 
 def test_shortcut_projections_are_shared_as_in_the_reference(case):
@@ -100,5 +101,5 @@ def test_aux_output_in_training_mode_only(case):
     assert (model.side_strides, model.side_logits_resize) == ((16,), "bilinear")
     model.eval()
     with torch.no_grad():
-        model({"rgb": torch.randn(1, 3, 32, 32), "hha": torch.randn(1, 3, 32, 32)})
+        model({"rgb": torch.randn(1, 3, 32, 32).double(), "hha": torch.randn(1, 3, 32, 32).double()})  # run_modes left it float64
     assert model.side_logits == ()

@@ -24,7 +24,9 @@ What it writes (numbers only):
   of CMNeXt-B0..B5 for RGB-D at 40 classes and of the DeLiVER RGB-D-E-L network (B2, 25
   classes); and their per-block drop-path rates of B2;
 - ``outputs.safetensors``: per configuration the eval-mode and train-mode logits, and in train
-  mode the gradients of ``mean(logits ** 2)`` with respect to every input.
+  mode the gradients of ``mean(logits ** 2)`` with respect to every input, in float64 (the rule's
+  float32 weights and inputs cast); ``fixture.json`` also records ``float32_drift``, how far a
+  float32 run of theirs moves each (``seeded.float32_drift``; the test's bound is ``seeded.tolerance``).
 
 The module also gives ``bench/parity.py`` the authors' model: :func:`reference_model` and
 :func:`reference_inputs`.
@@ -53,10 +55,12 @@ from fusionzoo.models.published.parity import (
     RULE,
     fill_state_dict,
     key_shapes,
-    max_abs_diff,
     read_fixture,
     seeded_inputs,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from seeded import loaded_in_both_precisions, parity_errors, print_errors, to_float64
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "cmnext"
@@ -183,25 +187,24 @@ def _run(model: nn.Module, inputs: dict[str, torch.Tensor], forward: Callable[[d
     return out
 
 
-def check(folder: Path) -> dict[str, float]:
-    """Max abs differences of ours against the committed fixture (no authors' code needed):
-    eval and train logits, and train-mode input gradients relative to their largest value."""
+def to_float(inputs: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype) for k, v in inputs.items()}
+
+
+def check(folder: Path) -> dict[str, tuple[float, float]]:
+    """Ours against the committed fixture in float64 (no authors' code needed): eval and train
+    logits and train-mode input gradients, each ``seeded.parity_errors`` (relative error, bound)."""
     fixture = read_fixture(folder)
     golden = load_file(folder / "outputs.safetensors")
-    diffs: dict[str, float] = {}
+    errors: dict[str, tuple[float, float]] = {}
     for key, cfg in fixture["configs"].items():
         model = fz.create_model(fixture["model"], **cfg["config"])
         authors = fill_state_dict(cfg["authors_state_dict"], fixture["seed_weights"])
         model.load_state_dict(convert_state_dict(fixture["model"], authors, model))
-        ours = _run(model, seeded_inputs(cfg["inputs"], fixture["seed_inputs"]), model)
-        for name, value in ours.items():
-            reference = golden[f"{key}.{name}"]
-            diff = max_abs_diff(value, reference)
-            if "grad" in name:
-                diffs[f"{key}.{name} (relative)"] = diff / float(reference.abs().max())
-            else:
-                diffs[f"{key}.{name}"] = diff
-    return diffs
+        ours = _run(model.double(), to_float64(seeded_inputs(cfg["inputs"], fixture["seed_inputs"])), model)
+        ours = {f"{key}.{name}": value for name, value in ours.items()}
+        errors.update(parity_errors(ours, {k: golden[k] for k in ours}, fixture["float32_drift"]))
+    return errors
 
 
 def main() -> None:
@@ -211,9 +214,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="only print ours vs the committed fixture")
     args = parser.parse_args()
     if args.check:
-        for key, value in check(args.out).items():
-            print(f"{key}: max abs diff {value:.3g}")
-        return
+        return print_errors(check(args.out))
     if args.ref is None:
         parser.error("--ref is required to regenerate the fixture (or use --check)")
 
@@ -222,17 +223,21 @@ def main() -> None:
         print(f"warning: checkout is at {commit}, the entries name {ours.REFERENCE_COMMIT}", file=sys.stderr)
 
     outputs: dict[str, torch.Tensor] = {}
+    drifts: dict[str, float] = {}
     configs = {}
     for key, modalities in CONFIGS.items():
         torch.manual_seed(0)
         model = _authors_model(args.ref, "b0", NUM_CLASSES, modalities)
         _no_drop(model)
         shapes = key_shapes(model.state_dict())
-        model.load_state_dict(fill_state_dict(shapes, SEED_WEIGHTS))
         input_shapes = {m: [BATCH, 3, HEIGHT, WIDTH] for m in modalities}
         inputs = seeded_inputs(input_shapes, SEED_INPUTS)
-        run = _run(model, inputs, lambda xs, model=model: model(*reference_inputs(xs)))
+        # In float64 (written) and float32 (its drift, which sets the test's bound).
+        run, drift = loaded_in_both_precisions(
+            model, fill_state_dict(shapes, SEED_WEIGHTS),
+            lambda dtype, model=model, inputs=inputs: _run(model, to_float(inputs, dtype), lambda xs: model(*reference_inputs(xs))))
         outputs.update({f"{key}.{name}": value for name, value in run.items()})
+        drifts.update({f"{key}.{name}": value for name, value in drift.items()})
         configs[key] = {
             "config": {"num_classes": NUM_CLASSES, "modalities": list(modalities), "dropout": 0.0, "drop_path_rate": 0.0},
             "authors_config": {"backbone": "CMNeXt-B0", "num_classes": NUM_CLASSES,
@@ -254,6 +259,8 @@ def main() -> None:
         "seed_weights": SEED_WEIGHTS,
         "seed_inputs": SEED_INPUTS,
         "train_loss": "mean(logits ** 2), gradients w.r.t. every input",
+        "dtype": "float64",
+        "float32_drift": drifts,
         "authors_param_counts_rgbd_40_classes": counts,
         "authors_param_count_b2_rgbdel_25_classes": deliver,
         "authors_drop_path_b2": authors_drop_path(args.ref, "b2"),

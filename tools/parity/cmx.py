@@ -16,7 +16,9 @@ What it writes (numbers only):
   CMX-B0..B5 at 40 classes (their backbone classes ``mit_b0..mit_b5`` plus their ``DecoderHead``
   with embedding 512, as ``models/builder.py`` composes them);
 - ``outputs.safetensors``: the inputs' eval-mode and train-mode logits, and in train mode the
-  gradients of ``mean(logits ** 2)`` with respect to both inputs.
+  gradients of ``mean(logits ** 2)`` with respect to both inputs, in float64 (the rule's float32
+  weights and inputs cast); ``fixture.json`` also records ``float32_drift``, how far a float32
+  run of theirs moves each (``seeded.float32_drift``; the test's bound is ``seeded.tolerance``).
 
 The module also gives ``bench/parity.py`` the authors' model: :func:`reference_model` and
 :func:`reference_inputs`.
@@ -34,7 +36,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fusionzoo.models.published import cmx as ours
-from fusionzoo.models.published.parity import regeneration_args
+from fusionzoo.models.published.parity import (
+    RULE,
+    eval_and_train_outputs,
+    fill_state_dict,
+    key_shapes,
+    regeneration_args,
+    seeded_inputs,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from seeded import loaded_in_both_precisions
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "cmx"
@@ -131,35 +143,21 @@ def main() -> None:
     if args is None:  # --check
         return
 
-    from fusionzoo.models.published.parity import RULE, fill_state_dict, key_shapes, seeded_inputs
-
     torch.manual_seed(0)
     model = reference_model(args.ref, "b0", NUM_CLASSES)
     _no_drop(model)
     shapes = key_shapes(model.state_dict())
-    model.load_state_dict(fill_state_dict(shapes, SEED_WEIGHTS))
     input_shapes = {"rgb": [BATCH, 3, SIZE, SIZE], "hha": [BATCH, 3, SIZE, SIZE]}
     inputs = seeded_inputs(input_shapes, SEED_INPUTS)
-
-    model.eval()
-    with torch.no_grad():
-        eval_out = model(*reference_inputs(inputs))
-    model.train()
-    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
-    train_out = model(*reference_inputs(leaves))
-    train_out.square().mean().backward()
+    # Eval, then train mode (batch statistics) with the input gradients of mean(logits ** 2): in
+    # float64 (written) and float32 (its drift, which sets the test's bound).
+    outputs, drift = loaded_in_both_precisions(
+        model, fill_state_dict(shapes, SEED_WEIGHTS),
+        lambda dtype: eval_and_train_outputs(lambda xs: model(*reference_inputs(xs)), model, {k: v.to(dtype) for k, v in inputs.items()}))
 
     counts = {f"cmx_mit_{v}": authors_param_count(args.ref, v) for v in ("b0", "b1", "b2", "b3", "b4", "b5")}
     args.out.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {
-            "eval_logits": eval_out.contiguous(),
-            "train_logits": train_out.detach().contiguous(),
-            "train_grad_rgb": leaves["rgb"].grad.contiguous(),
-            "train_grad_hha": leaves["hha"].grad.contiguous(),
-        },
-        args.out / "outputs.safetensors",
-    )
+    save_file(outputs, args.out / "outputs.safetensors")
     fixture = {
         "reference_repo": ours.REFERENCE_REPO,
         "reference_commit": args.commit,
@@ -174,6 +172,8 @@ def main() -> None:
         "seed_inputs": SEED_INPUTS,
         "inputs": input_shapes,
         "train_loss": "mean(logits ** 2), gradients w.r.t. both inputs",
+        "dtype": "float64",
+        "float32_drift": drift,
         "authors_param_counts_40_classes": counts,
         "authors_drop_path_b2": authors_drop_path(args.ref, "b2"),
         "authors_state_dict": shapes,

@@ -16,7 +16,8 @@ replaced at run time, in this script:
 - ``mmseg.ops.resize`` (mmsegmentation 0.x's wrapper of ``F.interpolate``; their repository's
   ``mmseg/`` folder holds only configs): ``F.interpolate`` with the same arguments;
 - ``NMF2D._build_bases`` moves the bases to CUDA unconditionally (``torch.rand(...).cuda()``);
-  here the same draw from the global CPU generator stays on the CPU when CUDA is absent.
+  here the same draw from the global CPU generator stays on the CPU when CUDA is absent, and is
+  cast to the network's dtype before it is normalized in the float64 run (ours does the same).
 
 What it writes (numbers only):
 
@@ -27,10 +28,12 @@ What it writes (numbers only):
   parameter counts of DFormer-T/S/B/L at 40 classes (``EncoderDecoder`` with ``C.decoder =
   "ham"``, ``C.aux_rate = 0`` as their NYUDepthv2 configs) and their per-block drop-path rates
   of DFormer-L (``C.drop_path_rate = 0.15``); and ours against theirs for Small, Base and Large at
-  full size and 40 classes on the same seeded inputs (max abs diffs, eval and train, as ``--check``
-  prints them), so the variants the fixture does not run are compared too;
+  full size and 40 classes on the same seeded inputs, both in float64 (relative errors, eval and
+  train), so the variants the fixture does not run are compared too;
 - ``outputs.safetensors``: eval-mode and train-mode logits, and in train mode the gradients of
-  ``mean(logits ** 2)`` with respect to both inputs.
+  ``mean(logits ** 2)`` with respect to both inputs, in float64 (the rule's float32 weights and
+  inputs cast); ``fixture.json`` also records ``float32_drift``, how far a float32 run of theirs
+  moves each (``seeded.float32_drift``; the test's bound is ``seeded.tolerance``).
 
 The module also gives ``bench/parity.py`` the authors' model: :func:`reference_model` and
 :func:`reference_inputs`.
@@ -58,11 +61,13 @@ from fusionzoo.models.published.parity import (
     RULE,
     eval_and_train_outputs,
     fill_state_dict,
-    fixture_diffs,
     key_shapes,
     regeneration_args,
     seeded_inputs,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from seeded import loaded_in_both_precisions, relative_error, to_float64
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "dformer"
@@ -81,11 +86,17 @@ def _resize(input, size=None, scale_factor=None, mode="nearest", align_corners=N
     return F.interpolate(input, size, scale_factor, mode, align_corners)
 
 
+# The dtype the NMF bases are cast to before normalizing (set per run by main: float64 or float32).
+BASES_DTYPE = [torch.float32]
+
+
 def _cpu_bases(self, B, S, D, R, cuda=False):
     bases = torch.rand((B * S, D, R))  # their draw, from the global CPU generator
     if cuda and torch.cuda.is_available():
         bases = bases.cuda()
-    return F.normalize(bases, dim=1)
+    # Their bases are always float32 (torch.rand's default), which torch.bmm refuses to multiply
+    # with a float64 network: in the float64 run the same draw is cast before normalizing.
+    return F.normalize(bases.to(BASES_DTYPE[0]), dim=1)
 
 
 def _import_authors(checkout: Path) -> SimpleNamespace:
@@ -146,8 +157,9 @@ def authors_drop_path(checkout: Path, variant: str) -> list[list[float]]:
 
 
 def full_size_diffs(checkout: Path, variant: str) -> dict[str, float]:
-    """Ours against theirs for ``variant`` at full size and 40 classes (drop path and dropout
-    off, weights by the rule, the fixture's input shapes and seeds): :func:`fixture_diffs`."""
+    """Ours against theirs for ``variant`` at full size and 40 classes, both in float64 (drop path
+    and dropout off, weights by the rule, the fixture's input shapes and seeds): per output of
+    :func:`eval_and_train_outputs`, ``seeded.relative_error``."""
     theirs = reference_model(checkout, variant, FULL_CLASSES, drop_path_rate=0.0)
     _no_dropout(theirs)
     authors = fill_state_dict(key_shapes(theirs.state_dict()), SEED_WEIGHTS)
@@ -155,9 +167,15 @@ def full_size_diffs(checkout: Path, variant: str) -> dict[str, float]:
     name = f"dformer_{variant}"
     mine = fz.create_model(name, num_classes=FULL_CLASSES, drop_path_rate=0.0, dropout=0.0, nmf_eval_seed=None)
     mine.load_state_dict(convert_state_dict(name, authors, mine))
-    inputs = seeded_inputs({"rgb": [BATCH, 3, HEIGHT, WIDTH], "depth": [BATCH, 1, HEIGHT, WIDTH]}, SEED_INPUTS)
-    golden = eval_and_train_outputs(lambda xs: theirs(*reference_inputs(xs)), theirs, inputs, seed=SEED_NMF)
-    return fixture_diffs(eval_and_train_outputs(mine, mine, inputs, seed=SEED_NMF), golden)
+    theirs, mine = theirs.double(), mine.double()
+    inputs = to_float64(seeded_inputs({"rgb": [BATCH, 3, HEIGHT, WIDTH], "depth": [BATCH, 1, HEIGHT, WIDTH]}, SEED_INPUTS))
+    BASES_DTYPE[0] = torch.float64
+    try:
+        golden = eval_and_train_outputs(lambda xs: theirs(*reference_inputs(xs)), theirs, inputs, seed=SEED_NMF)
+    finally:
+        BASES_DTYPE[0] = torch.float32
+    ours = eval_and_train_outputs(mine, mine, inputs, seed=SEED_NMF)
+    return {k: relative_error(ours[k], v) for k, v in golden.items()}
 
 
 def _no_dropout(model: nn.Module) -> None:
@@ -176,11 +194,17 @@ def main() -> None:
     model = reference_model(args.ref, "tiny", NUM_CLASSES, drop_path_rate=0.0)
     _no_dropout(model)
     shapes = key_shapes(model.state_dict())
-    model.load_state_dict(fill_state_dict(shapes, SEED_WEIGHTS))
     input_shapes = {"rgb": [BATCH, 3, HEIGHT, WIDTH], "depth": [BATCH, 1, HEIGHT, WIDTH]}
     inputs = seeded_inputs(input_shapes, SEED_INPUTS)
 
-    outputs = eval_and_train_outputs(lambda xs: model(*reference_inputs(xs)), model, inputs, seed=SEED_NMF)
+    def record(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        BASES_DTYPE[0] = dtype
+        xs = {k: v.to(dtype) for k, v in inputs.items()}
+        return eval_and_train_outputs(lambda xs: model(*reference_inputs(xs)), model, xs, seed=SEED_NMF)
+
+    # In float64 (written) and float32 (its drift, which sets the test's bound).
+    outputs, drift = loaded_in_both_precisions(model, fill_state_dict(shapes, SEED_WEIGHTS), record)
+    BASES_DTYPE[0] = torch.float32
 
     counts = {}
     for variant in BACKBONES:
@@ -206,9 +230,11 @@ def main() -> None:
                "the forward's first draw from the global CPU generator on both sides",
         "inputs": input_shapes,
         "train_loss": "mean(logits ** 2), gradients w.r.t. both inputs",
+        "dtype": "float64",
+        "float32_drift": drift,
         "authors_param_counts_40_classes": counts,
         "authors_drop_path_large": authors_drop_path(args.ref, "large"),
-        "full_size_40_classes_diffs": {f"dformer_{v}": full_size_diffs(args.ref, v) for v in ("small", "base", "large")},
+        "full_size_40_classes_float64_relative_errors": {f"dformer_{v}": full_size_diffs(args.ref, v) for v in ("small", "base", "large")},
         "authors_state_dict": shapes,
     }
     (args.out / "fixture.json").write_text(json.dumps(fixture, indent=1) + "\n")

@@ -36,6 +36,9 @@ from fusionzoo.models.published.parity import (
     seeded_inputs,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from seeded import loaded_in_both_precisions, parity_errors, print_errors, to_float64
+
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "parity" / "esanet"
 WEIGHT_SEED = 0
 INPUT_SEED = 1
@@ -143,9 +146,10 @@ def check_convert(checkout: Path, workdir: Path) -> float:
         return max_abs_diff(model.eval()(*reference_inputs(inputs)), ours.eval()(inputs))
 
 
-def measure_diffs(fixtures: Path = FIXTURES, cases: list[str] | None = None) -> dict[str, float]:
-    """Max abs difference of our entries (converted authors' state dict) to the fixture outputs,
-    per case and mode; what tests/test_parity_esanet.py bounds by 1e-5. Needs no checkout."""
+def measure_errors(fixtures: Path = FIXTURES, cases: list[str] | None = None) -> dict[str, tuple[float, float]]:
+    """Our entries (converted authors' state dict) against the fixture outputs, per case and mode,
+    both in float64: ``seeded.parity_errors`` (relative error, tolerance from the reference's
+    float32 drift); what tests/test_parity_esanet.py bounds. Needs no checkout."""
     from safetensors.torch import load_file
 
     import fusionzoo as fz
@@ -153,7 +157,7 @@ def measure_diffs(fixtures: Path = FIXTURES, cases: list[str] | None = None) -> 
 
     meta = read_fixture(fixtures)
     golden = load_file(str(fixtures / "outputs.safetensors"))
-    diffs = {}
+    errors = {}
     for case, cfg in meta["cases"].items():
         if cases is not None and case not in cases:
             continue
@@ -163,13 +167,24 @@ def measure_diffs(fixtures: Path = FIXTURES, cases: list[str] | None = None) -> 
                                     decoder_blocks=cfg["decoder_blocks"])
         authors = fill_state_dict(cfg["keys"], meta["weight_seed"])
         model.load_state_dict(convert_state_dict(name, authors, model), strict=True, assign=True)
-        inputs = make_inputs(meta["input_seed"])
+        model.double()
+        inputs = to_float64(make_inputs(meta["input_seed"]))
         with torch.no_grad():
-            diffs[f"{case}.eval"] = max_abs_diff(model.eval()(inputs), golden[f"{case}.eval"])
-            diffs[f"{case}.train"] = max_abs_diff(model.train()(inputs), golden[f"{case}.train"])
-            for stride, side in zip((8, 16, 32), model.side_logits):
-                diffs[f"{case}.train.side{stride}"] = max_abs_diff(side, golden[f"{case}.train.side{stride}"])
-    return diffs
+            ours = {f"{case}.eval": model.eval()(inputs), f"{case}.train": model.train()(inputs)}
+            ours.update({f"{case}.train.side{stride}": side for stride, side in zip((8, 16, 32), model.side_logits)})
+        errors.update(parity_errors(ours, {k: golden[k] for k in ours}, meta["float32_drift"]))
+    return errors
+
+
+def reference_outputs(model: nn.Module, case: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The reference's eval output, then its train output and three side outputs, in ``dtype``."""
+    inputs = {k: v.to(dtype) for k, v in make_inputs().items()}
+    with torch.no_grad():
+        out = {f"{case}.eval": model.eval()(*reference_inputs(inputs))}
+        train, side8, side16, side32 = model.train()(*reference_inputs(inputs))
+    out[f"{case}.train"] = train
+    out.update({f"{case}.train.side{stride}": side for stride, side in ((8, side8), (16, side16), (32, side32))})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,49 +194,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-convert", type=Path, metavar="DIR",
                         help="instead: convert a full-size authors'-format release file in DIR end to end and print the max abs diff")
     parser.add_argument("--diffs", action="store_true",
-                        help="instead: print our max abs differences to the committed fixtures (no checkout needed)")
+                        help="instead: print our relative errors to the committed fixtures and their tolerances (no checkout needed)")
     args = parser.parse_args(argv)
     if args.diffs:
-        torch.set_num_threads(1)  # as the fixtures were computed
-        for key, diff in measure_diffs(args.out).items():
-            print(f"{key}: max abs diff {diff:.3g}")
+        print_errors(measure_errors(args.out))
         return 0
     if args.ref is None:
         parser.error("--ref is required (a checkout of https://github.com/TUI-NICR/ESANet)")
     if args.check_convert is not None:
-        torch.set_num_threads(1)
         print(f"esanet_r34_nbt1d convert end to end: max abs diff {check_convert(args.ref, args.check_convert):.3g}")
         return 0
     from safetensors.torch import save_file
 
     torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     meta: dict = {
         "reference_repo": "https://github.com/TUI-NICR/ESANet",
         "weight_seed": WEIGHT_SEED, "input_seed": INPUT_SEED, "input_shape": list(INPUT_SHAPE),
-        "num_classes": NUM_CLASSES, "rule": RULE,
-        "cases": {}, "full": {},
+        "num_classes": NUM_CLASSES, "rule": RULE, "dtype": "float64",
+        "float32_drift": {}, "cases": {}, "full": {},
     }
     tensors: dict[str, torch.Tensor] = {}
-    inputs = make_inputs()
     for case, cfg in CASES.items():
         model = reference_model(args.ref, cfg["variant"], NUM_CLASSES, cfg["decoder_channels"], cfg["decoder_blocks"])
         keys = key_shapes(model.state_dict())
-        model.load_state_dict(fill_state_dict(keys, WEIGHT_SEED), strict=True)
-        with torch.no_grad():
-            model.eval()
-            tensors[f"{case}.eval"] = model(*reference_inputs(inputs)).contiguous()
-            model.train()
-            out, side8, side16, side32 = model(*reference_inputs(inputs))
-        tensors[f"{case}.train"] = out.contiguous()
-        for stride, side in ((8, side8), (16, side16), (32, side32)):
-            tensors[f"{case}.train.side{stride}"] = side.contiguous()
+        state = fill_state_dict(keys, WEIGHT_SEED)
+        outputs, drift = loaded_in_both_precisions(model, state, lambda dtype, model=model, case=case: reference_outputs(model, case, dtype))
+        tensors.update(outputs)
+        meta["float32_drift"].update(drift)
         meta["cases"][case] = {
             "variant": cfg["variant"], "decoder_channels": list(cfg["decoder_channels"]),
             "decoder_blocks": list(cfg["decoder_blocks"]), "keys": keys,
         }
-        print(f"{case}: {len(keys)} tensors, eval output max |x| {tensors[f'{case}.eval'].abs().max():.3g}")
+        print(f"{case}: {len(keys)} tensors, eval output max |x| {tensors[f'{case}.eval'].abs().max():.3g}, float32 drift {drift}")
     for variant in VARIANTS:
         with torch.device("meta"):
             model = reference_model(args.ref, variant, FULL_NUM_CLASSES)

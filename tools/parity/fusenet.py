@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seeded import count_parameters, key_shapes, run_modes, seeded_state_dict, write_fixture
+from seeded import count_parameters, key_shapes, reference_runs, seeded_state_dict, write_fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "fusenet"
@@ -71,7 +71,7 @@ def main() -> None:
     commit = subprocess.run(["git", "-C", str(args.ref), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     net = reference_model(args.ref, "vgg16", NUM_CLASSES)
     keys = key_shapes(net.state_dict())
-    net.load_state_dict(seeded_state_dict(keys, STATE_SEED))
+    state = seeded_state_dict(keys, STATE_SEED)
     params = {str(k): count_parameters(reference_model(args.ref, "vgg16", k)) for k in FULL_CLASSES}
     meta = {
         "reference_repo": "https://github.com/MehmetAygun/fusenet-pytorch",
@@ -85,8 +85,10 @@ def main() -> None:
         "authors_params": params,
         "keys": keys,
     }
-    # The same runs as the test (seeded.run_modes: threads, dropout masks from train_seed).
-    write_fixture(FIXTURE, meta, run_modes(net, lambda xs: net(*reference_inputs(xs)), meta))
+    # The same runs as the test (seeded.run_modes), in float64 and float32 (seeded.reference_runs).
+    outputs, drift = reference_runs(net, lambda xs: net(*reference_inputs(xs)), meta, state)
+    write_fixture(FIXTURE, {**meta, "dtype": "float64", "float32_drift": drift}, outputs)
+    print(f"float32 drift (relative to each output's largest value): {drift}")
     print(f"wrote {FIXTURE}: {len(keys)} keys, authors' parameters {params}")
 
 

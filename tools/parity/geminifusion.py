@@ -18,7 +18,9 @@ read (the network is then filled by the rule).
 
 What it writes (numbers only), with the fill rule of ``fusionzoo.models.published.parity`` (as
 ``tools/parity/cmx.py``; ``seeded.py``'s He-scale weights sharpen the attention and amplify
-float32 rounding; ``--float64`` shows the two networks compute the same function):
+rounding), in float64 (the rule's float32 weights and inputs cast), plus ``float32_drift`` in
+``fixture.json``: how far a float32 run of theirs moves each output (``seeded.float32_drift``;
+the test's bound is ``seeded.tolerance``). ``--float64`` runs theirs and ours side by side:
 
 - ``fixture.json``: the reference commit, the reduced configuration (MiT-B0, 3 classes,
   2x3x64x64 RGB and 2x1x64x64 depth, tiled to 3 channels for theirs as their loader does; drop
@@ -58,13 +60,19 @@ from fusionzoo.models.published.parity import (
     RULE,
     fill_state_dict,
     key_shapes,
-    max_abs_diff,
     read_fixture,
     seeded_inputs,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seeded import count_parameters, print_diffs
+from seeded import (
+    count_parameters,
+    loaded_in_both_precisions,
+    parity_errors,
+    print_diffs,
+    print_errors,
+    to_float64,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "geminifusion"
@@ -188,31 +196,29 @@ def converted(fixture: dict) -> nn.Module:
     return model
 
 
-def check(folder: Path) -> dict[str, float]:
-    """Max abs differences of ours against the committed fixture (no authors' code needed): eval
-    and train outputs (ensemble at input size, their three stride-4 outputs), and train-mode
-    gradients relative to their largest value."""
-
-
+def check(folder: Path) -> dict[str, tuple[float, float]]:
+    """Ours against the committed fixture in float64 (no authors' code needed): eval and train
+    outputs (ensemble at input size, their three stride-4 outputs), and train-mode gradients w.r.t.
+    both inputs and alpha; each ``seeded.parity_errors`` (relative error, bound from the drift)."""
     fixture = read_fixture(folder)
     golden = load_file(folder / "outputs.safetensors")
-    model = converted(fixture)
-    inputs = seeded_inputs(fixture["inputs"], fixture["seed_inputs"])
+    model = converted(fixture).double()
+    inputs = to_float64(seeded_inputs(fixture["inputs"], fixture["seed_inputs"]))
     taps = ("rgb.head", "depth.head", "head.logits")
-    diffs: dict[str, float] = {}
+    ours: dict[str, torch.Tensor] = {}
     for mode in ("eval", "train"):
         model.train(mode == "train")
         leaves = {k: v.clone().requires_grad_(mode == "train") for k, v in inputs.items()}
         with fz.capture(model, *taps) as acts:
             out = model(leaves)
-        diffs[f"{mode}_logits"] = max_abs_diff(out.detach(), golden[f"{mode}_logits"])
+        ours[f"{mode}_logits"] = out.detach()
         for tap, theirs in zip(taps, ("rgb", "depth", "ens")):
-            diffs[f"{mode}_{theirs}"] = max_abs_diff(acts[tap], golden[f"{mode}_{theirs}"])
+            ours[f"{mode}_{theirs}"] = acts[tap]
     ensemble = model.forward_logits(model.check_inputs(leaves), ())
     sum(z.square().mean() for z in (*model.side_logits, ensemble)).backward()
-    for name, grad in (*((f"train_grad_{m}", leaf.grad) for m, leaf in leaves.items()), ("alpha_grad", model.alpha.grad)):
-        diffs[f"{name} (relative)"] = max_abs_diff(grad, golden[name]) / float(golden[name].abs().max())
-    return diffs
+    ours.update({f"train_grad_{m}": leaf.grad for m, leaf in leaves.items()})
+    ours["alpha_grad"] = model.alpha.grad
+    return parity_errors(ours, golden, fixture["float32_drift"])
 
 
 def float64_diffs(checkout: Path) -> dict[str, float]:
@@ -239,6 +245,26 @@ def float64_diffs(checkout: Path) -> dict[str, float]:
     return diffs
 
 
+def reference_outputs(net: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Their ``WeTr`` in eval mode, then train mode (batch statistics) with the gradients of
+    ``sum(mean(out ** 2))`` over the three outputs: the fixture's eleven tensors."""
+    outputs: dict[str, torch.Tensor] = {}
+    net.eval()
+    with torch.no_grad():
+        rgb, depth, ens = net(list(reference_inputs(inputs)))[0]
+    outputs.update({"eval_rgb": rgb, "eval_depth": depth, "eval_ens": ens})
+    outputs["eval_logits"] = F.interpolate(ens, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    net.train()  # BatchNorm on batch statistics
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    rgb, depth, ens = net(list(reference_inputs(leaves)))[0]
+    sum(out.square().mean() for out in (rgb, depth, ens)).backward()
+    outputs.update({"train_rgb": rgb, "train_depth": depth, "train_ens": ens, "alpha_grad": net.alpha.grad.clone()})
+    outputs["train_logits"] = F.interpolate(ens, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    outputs.update({f"train_grad_{m}": leaf.grad for m, leaf in leaves.items()})
+    net.zero_grad(set_to_none=True)
+    return outputs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ref", type=Path, help="checkout of JiaDingCN/GeminiFusion")
@@ -247,7 +273,7 @@ def main() -> None:
     parser.add_argument("--float64", action="store_true", help="with --ref: theirs vs ours in float64, no fixture written")
     args = parser.parse_args()
     if args.check:
-        return print_diffs(check(args.out))
+        return print_errors(check(args.out))
     if args.ref is None:
         parser.error("--ref is required to regenerate the fixture (or use --check)")
     if args.float64:
@@ -259,22 +285,10 @@ def main() -> None:
     torch.manual_seed(0)
     net = _no_dropout(_wetr(args.ref, VARIANT, NUM_CLASSES, 0.0))  # drop path off
     shapes = key_shapes(net.state_dict())
-    net.load_state_dict(fill_state_dict(shapes, SEED_WEIGHTS))
     inputs = seeded_inputs(input_shapes(), SEED_INPUTS)
-
-    outputs: dict[str, torch.Tensor] = {}
-    net.eval()
-    with torch.no_grad():
-        rgb, depth, ens = net(list(reference_inputs(inputs)))[0]
-    outputs.update({"eval_rgb": rgb, "eval_depth": depth, "eval_ens": ens})
-    outputs["eval_logits"] = F.interpolate(ens, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-    net.train()  # BatchNorm on batch statistics
-    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
-    rgb, depth, ens = net(list(reference_inputs(leaves)))[0]
-    sum(out.square().mean() for out in (rgb, depth, ens)).backward()
-    outputs.update({"train_rgb": rgb, "train_depth": depth, "train_ens": ens, "alpha_grad": net.alpha.grad})
-    outputs["train_logits"] = F.interpolate(ens, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-    outputs.update({f"train_grad_{m}": leaf.grad for m, leaf in leaves.items()})
+    # In float64 (written) and float32 (its drift, which sets the test's bound).
+    outputs, drift = loaded_in_both_precisions(
+        net, fill_state_dict(shapes, SEED_WEIGHTS), lambda dtype: reference_outputs(net, {k: v.to(dtype) for k, v in inputs.items()}))
     fixture = {
         "reference_repo": ours.REFERENCE_REPO,
         "reference_commit": commit,
@@ -289,6 +303,8 @@ def main() -> None:
         "outputs": "{mode}_rgb / _depth / _ens: their three outputs at stride 4; {mode}_logits: ens upsampled "
                    "bilinearly to the input size (our output); train: eval first, then train mode",
         "train_loss": "sum of mean(out ** 2) over their three outputs; gradients w.r.t. both inputs and alpha",
+        "dtype": "float64",
+        "float32_drift": drift,
         "authors_param_counts": _counts(args.ref),
         "authors_state_dict": shapes,
     }

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seeded import (
     count_parameters,
     key_shapes,
-    run_modes,
+    reference_runs,
     seeded_state_dict,
     tie_shared,
     write_fixture,
@@ -95,7 +95,7 @@ def main() -> None:
     commit = subprocess.run(["git", "-C", str(args.ref), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     net = reference_model(args.ref, VARIANT, NUM_CLASSES)
     keys = key_shapes(net.state_dict())
-    net.load_state_dict(tie_shared(seeded_state_dict(keys, STATE_SEED), TIE))
+    state = tie_shared(seeded_state_dict(keys, STATE_SEED), TIE)
     params = {}
     for variant in ("r50", "r101"):
         full = reference_model(args.ref, variant, FULL_CLASSES)
@@ -116,8 +116,10 @@ def main() -> None:
         "authors_params_at_40_classes": params,
         "keys": keys,
     }
-    # The same runs as the test (seeded.run_modes: calibration, threads, dropout masks from train_seed).
-    write_fixture(FIXTURE, meta, run_modes(net, lambda xs: net(*reference_inputs(xs)), meta))
+    # The same runs as the test (seeded.run_modes), in float64 and float32 (seeded.reference_runs).
+    outputs, drift = reference_runs(net, lambda xs: net(*reference_inputs(xs)), meta, state)
+    write_fixture(FIXTURE, {**meta, "dtype": "float64", "float32_drift": drift}, outputs)
+    print(f"float32 drift (relative to each output's largest value): {drift}")
     print(f"wrote {FIXTURE}: {len(keys)} keys, authors' parameters at {FULL_CLASSES} classes {params}")
 
 

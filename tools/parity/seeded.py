@@ -2,15 +2,26 @@
 format shared by the CNN parity scripts (fusenet, acnet, sagate) and their tests.
 
 Rule (per key, independent of dict order): a CPU ``torch.Generator`` seeded with
-``seed * 1_000_003 + crc32(key)`` draws
+``seed * 1_000_003 + crc32(key)`` draws ``U = torch.rand`` (float32), and ``S = sqrt(3) * (2U - 1)``
+(:func:`unit_uniform`: zero mean, unit variance; uniform because ``torch.randn``'s draws differ
+between CPUs with and without AVX2), cast to float32 at the end:
 
-- ``*.running_var``: ``0.5 + U(0, 1)``;
-- ``*.running_mean``: ``0.1 * N(0, 1)``;
+- ``*.running_var``: ``0.5 + U``;
+- ``*.running_mean``: ``0.1 * S``;
 - ``*.num_batches_tracked``: 0;
-- tensors of rank >= 2 (conv / linear weights): ``N(0, 1) * sqrt(2 / fan_in)`` (He scale, so
+- tensors of rank >= 2 (conv / linear weights): ``S * sqrt(2 / fan_in)`` (He scale, so
   activations keep their size through deep networks);
-- rank-1 ``*.weight`` (norm scales): ``1 + 0.1 * N(0, 1)``;
-- any other rank-1 or scalar tensor (biases): ``0.1 * N(0, 1)``.
+- rank-1 ``*.weight`` (norm scales): ``1 + 0.1 * S``;
+- any other rank-1 or scalar tensor (biases): ``0.1 * S``.
+
+Precision (issue 22): fixtures hold float64 outputs, and both sides run in float64 (the rule's
+float32 draws, cast exactly). float32 rounding depends on the CPU's vector instructions (AVX2 vs
+AVX-512 sum in other orders), and the rule-filled networks magnify it (train-mode BatchNorm over
+2x2 maps, outputs ~80 after calibration): float32 fixtures missed by up to 0.5 from one CPU to the
+next. Each script also runs the reference in float32 and records, per output, how far that moves
+it (``float32_drift``, relative to the output's largest magnitude): the output's sensitivity to
+rounding. :func:`tolerance` scales it down to float64 rounding, so a set-up that magnifies
+rounding gets a proportionally wider, measured bound instead of a flaky one.
 
 Nothing here imports fusionzoo or the authors' code, so tests and regeneration scripts share it.
 """
@@ -29,6 +40,76 @@ from safetensors.torch import load_file, save_file
 
 KeyShapes = list[tuple[str, list[int], str]]
 
+# float64 unit roundoff over float32's (2**-29): how much smaller float64 rounding perturbs an output.
+EPS_RATIO = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
+# Headroom over the one measured float32 drift (another CPU, thread count or summation order
+# rounds differently; the drift is one sample of it).
+SAFETY = 100.0
+# Relative bound for outputs that float32 hardly moves: float64 reductions over ~1e5 terms. Any
+# wrong weight, layer or mode misses by more than 1e-6 relative.
+RTOL_FLOOR = 1e-10
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """``max |ours - reference| / max |reference|`` in float64 (shapes must agree)."""
+    if ours.shape != reference.shape:
+        raise ValueError(f"shapes differ: {tuple(ours.shape)} vs {tuple(reference.shape)}")
+    scale = float(reference.double().abs().max())
+    return float((ours.double() - reference.double()).abs().max()) / (scale if scale > 0 else 1.0)
+
+
+def float32_drift(out32: Mapping[str, torch.Tensor], out64: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Per output, :func:`relative_error` of the reference's float32 run to its float64 run."""
+    return {k: relative_error(out32[k], v) for k, v in out64.items()}
+
+
+def tolerance(drift: float) -> float:
+    """The relative bound of a float64 comparison for an output whose float32 drift is ``drift``:
+    ``max(RTOL_FLOOR, SAFETY * drift * EPS_RATIO)``."""
+    return max(RTOL_FLOOR, SAFETY * drift * EPS_RATIO)
+
+
+def parity_errors(ours: Mapping[str, torch.Tensor], golden: Mapping[str, torch.Tensor], drift: Mapping[str, float]) -> dict[str, tuple[float, float]]:
+    """Per fixture output: (:func:`relative_error` of ours, :func:`tolerance` from its drift).
+
+    Raises:
+        KeyError: an output of the fixture that ``ours`` lacks (or one without a recorded drift).
+    """
+    missing = sorted(set(golden) - set(ours))
+    if missing:
+        raise KeyError(f"outputs {missing} of the fixture were not computed (computed: {sorted(ours)})")
+    return {k: (relative_error(ours[k], golden[k]), tolerance(drift[k])) for k in golden}
+
+
+def assert_parity(ours: Mapping[str, torch.Tensor], golden: Mapping[str, torch.Tensor], drift: Mapping[str, float]) -> None:
+    """Every fixture output within its :func:`tolerance` (the message lists every miss)."""
+    errors = parity_errors(ours, golden, drift)
+    misses = {k: f"relative error {e:.3g} > {t:.3g}" for k, (e, t) in errors.items() if not e <= t}
+    assert not misses, misses
+
+
+def to_float64(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating tensors cast to float64 (exact from float32); others unchanged."""
+    return {k: v.double() if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def in_both_precisions(outputs: Callable[[torch.dtype], Mapping[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """``outputs(dtype)`` (a fresh reference network and inputs in that dtype) in float64 and in
+    float32 -> (the float64 outputs, their :func:`float32_drift`), what a fixture records."""
+    out64 = {k: v.detach().contiguous() for k, v in outputs(torch.float64).items()}
+    out32 = outputs(torch.float32)
+    return out64, float32_drift(out32, out64)
+
+
+def unit_uniform(shape: Iterable[int], generator: torch.Generator) -> torch.Tensor:
+    """``sqrt(3) * (2U - 1)`` in float64 (zero mean, unit variance), ``U = torch.rand`` (float32).
+
+    Uniform, not ``torch.randn``: torch's normal sampler has a vectorised AVX2 kernel and a scalar one
+    that round differently, so its draws depend on the CPU (issue 22); ``torch.rand`` is exact
+    integer arithmetic, and the float64 steps here are correctly rounded on any CPU.
+    """
+    return (2 * torch.rand([int(s) for s in shape], generator=generator).double() - 1) * math.sqrt(3)
+
 
 def seeded_tensor(key: str, shape: Iterable[int], dtype: str, seed: int) -> torch.Tensor:
     """The value of ``key`` under the rule in the module docstring."""
@@ -38,13 +119,14 @@ def seeded_tensor(key: str, shape: Iterable[int], dtype: str, seed: int) -> torc
     g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
     if key.endswith("running_var"):
         return 0.5 + torch.rand(shape, generator=g)
+    s = unit_uniform(shape, g)
     if key.endswith("running_mean"):
-        return 0.1 * torch.randn(shape, generator=g)
+        return (0.1 * s).float()
     if len(shape) >= 2:
-        return torch.randn(shape, generator=g) * math.sqrt(2.0 / max(1, math.prod(shape[1:])))
+        return (s * math.sqrt(2.0 / max(1, math.prod(shape[1:])))).float()
     if key.endswith("weight"):
-        return 1.0 + 0.1 * torch.randn(shape, generator=g)
-    return 0.1 * torch.randn(shape, generator=g)
+        return (1.0 + 0.1 * s).float()
+    return (0.1 * s).float()
 
 
 def seeded_state_dict(keys: KeyShapes, seed: int) -> dict[str, torch.Tensor]:
@@ -73,9 +155,9 @@ def key_shapes(state_dict: Mapping[str, torch.Tensor]) -> KeyShapes:
 
 
 def seeded_inputs(shapes: Mapping[str, Iterable[int]], seed: int) -> dict[str, torch.Tensor]:
-    """``N(0, 1)`` inputs drawn in the order of ``shapes`` from one generator seeded ``seed``."""
+    """float32 inputs :func:`unit_uniform` drawn in the order of ``shapes`` from one generator seeded ``seed``."""
     g = torch.Generator().manual_seed(seed)
-    return {m: torch.randn([int(s) for s in shape], generator=g) for m, shape in shapes.items()}
+    return {m: unit_uniform(shape, g).float() for m, shape in shapes.items()}
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -86,6 +168,12 @@ def print_diffs(diffs: Mapping[str, float], note: str = "") -> None:
     """One line per compared output: ``key: max abs diff 1.2e-06`` (``note`` appended)."""
     for key, value in diffs.items():
         print(f"{key}: max abs diff {value:.3g}{note}")
+
+
+def print_errors(errors: Mapping[str, tuple[float, float]]) -> None:
+    """One line per output of :func:`parity_errors`: relative error and its tolerance."""
+    for key, (error, bound) in errors.items():
+        print(f"{key}: relative error {error:.3g} (tolerance {bound:.3g}){'' if error <= bound else '  FAIL'}")
 
 
 def write_fixture(folder: Path, meta: dict[str, Any], outputs: Mapping[str, torch.Tensor]) -> None:
@@ -121,28 +209,40 @@ def calibrate_batchnorm(model: torch.nn.Module, run: Callable[[], Any]) -> None:
         model.eval()
 
 
-def run_modes(model: torch.nn.Module, run: Callable[[dict[str, torch.Tensor]], torch.Tensor], meta: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Outputs of ``run(inputs)`` in eval and train mode as a fixture records them: BatchNorm
-    calibrated first when the fixture names a ``calibration_seed``; ``torch.manual_seed(train_seed)``
-    before the train-mode call when it names one (dropout masks)."""
-    xs = seeded_inputs(meta["inputs"], meta["input_seed"])
-    # The rule-filled CNNs' outputs reach ~10^3, where float32 summation order shows at 1e-1: the
-    # same intra-op thread count as the fixture (2, the default when they were computed) makes the
-    # comparison bit-exact on any machine and under pytest-xdist.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(int(meta.get("threads", 2)))
-    try:
-        if "calibration_seed" in meta:
-            calib = seeded_inputs(meta["inputs"], meta["calibration_seed"])
-            calibrate_batchnorm(model, lambda: run(calib))
-        with torch.no_grad():
-            out_eval = run_in_mode(model, run, xs, train=False)
-            if "train_seed" in meta:
-                torch.manual_seed(meta["train_seed"])
-            out_train = run_in_mode(model, run, xs, train=True)
-    finally:
-        torch.set_num_threads(threads)
+def run_modes(model: torch.nn.Module, run: Callable[[dict[str, torch.Tensor]], torch.Tensor], meta: Mapping[str, Any], dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """Outputs of ``run(inputs)`` in eval and train mode as a fixture records them, ``model`` and the
+    seeded inputs cast to ``dtype`` first: BatchNorm calibrated first when the fixture names a
+    ``calibration_seed``; ``torch.manual_seed(train_seed)`` before the train-mode call when it names
+    one (dropout masks). ``model`` must hold the freshly loaded state dict (calibration and train
+    mode move its running statistics)."""
+    model.to(dtype)
+    xs = {k: v.to(dtype) for k, v in seeded_inputs(meta["inputs"], meta["input_seed"]).items()}
+    if "calibration_seed" in meta:
+        calib = {k: v.to(dtype) for k, v in seeded_inputs(meta["inputs"], meta["calibration_seed"]).items()}
+        calibrate_batchnorm(model, lambda: run(calib))
+    with torch.no_grad():
+        out_eval = run_in_mode(model, run, xs, train=False)
+        if "train_seed" in meta:
+            torch.manual_seed(meta["train_seed"])
+        out_train = run_in_mode(model, run, xs, train=True)
     return {"eval": out_eval, "train": out_train}
+
+
+def loaded_in_both_precisions(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], record: Callable[[torch.dtype], Mapping[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """:func:`in_both_precisions` of ``record(dtype)``, run right after ``model`` is cast to
+    ``dtype`` and ``state_dict`` loaded afresh (train mode and calibration move BatchNorm statistics)."""
+
+    def outputs(dtype: torch.dtype) -> Mapping[str, torch.Tensor]:
+        model.to(dtype).load_state_dict(state_dict)
+        return record(dtype)
+
+    return in_both_precisions(outputs)
+
+
+def reference_runs(model: torch.nn.Module, run: Callable[[dict[str, torch.Tensor]], torch.Tensor], meta: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """What a CNN fixture records: :func:`run_modes` of the reference with ``state_dict`` freshly
+    loaded, in float64 and in float32 -> (float64 outputs, their :func:`float32_drift`)."""
+    return loaded_in_both_precisions(model, state_dict, lambda dtype: run_modes(model, run, meta, dtype))
 
 
 def run_in_mode(model: torch.nn.Module, run: Callable[[dict[str, torch.Tensor]], torch.Tensor], xs: dict[str, torch.Tensor], *, train: bool) -> torch.Tensor:

@@ -25,11 +25,21 @@ from ..._registry import create_model
 from ..convert import convert_state_dict
 
 RULE = (
-    "per key: torch.Generator seeded with seed + crc32(key); num_batches_tracked = 0; "
-    "running_mean = 0.1 * N(0,1); running_var = 0.5 + U(0,1); other 1-D '*.weight' (norm scales) "
-    "= 1 + 0.1 * N(0,1); 1-D '*.bias' = 0.1 * N(0,1); tensors of 2+ dims = N(0,1) / sqrt(fan_in), "
-    "fan_in = product of all dims but the first; float32"
+    "per key: torch.Generator seeded with seed + crc32(key); U = torch.rand (float32), S = sqrt(3) * (2U - 1) "
+    "(zero mean, unit variance, computed in float64); num_batches_tracked = 0; running_mean = 0.1 * S; "
+    "running_var = 0.5 + U; other 1-D '*.weight' (norm scales) = 1 + 0.1 * S; 1-D '*.bias' = 0.1 * S; "
+    "tensors of 2+ dims = S / sqrt(fan_in), fan_in = product of all dims but the first; cast to float32"
 )
+
+
+def unit_uniform(shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+    """``sqrt(3) * (2U - 1)`` in float64 (zero mean, unit variance), ``U = torch.rand`` (float32).
+
+    Uniform, not ``torch.randn``: torch's normal sampler has a vectorised AVX2 kernel and a scalar one
+    that round differently, so its draws depend on the CPU (issue 22); ``torch.rand`` is exact
+    integer arithmetic, and the float64 steps here are correctly rounded on any CPU.
+    """
+    return (2 * torch.rand(tuple(shape), generator=generator).double() - 1) * math.sqrt(3)
 
 
 def fill_tensor(key: str, shape: Sequence[int], seed: int) -> torch.Tensor:
@@ -40,13 +50,13 @@ def fill_tensor(key: str, shape: Sequence[int], seed: int) -> torch.Tensor:
     shape = tuple(int(s) for s in shape)
     if key.endswith("running_var"):
         return 0.5 + torch.rand(shape, generator=g)
-    normal = torch.randn(shape, generator=g)
+    s = unit_uniform(shape, g)
     if key.endswith("running_mean"):
-        return 0.1 * normal
+        return (0.1 * s).float()
     if len(shape) <= 1:
-        return 1.0 + 0.1 * normal if key.endswith("weight") else 0.1 * normal
+        return (1.0 + 0.1 * s if key.endswith("weight") else 0.1 * s).float()
     fan_in = math.prod(shape[1:])
-    return normal / math.sqrt(fan_in)
+    return (s / math.sqrt(fan_in)).float()
 
 
 def fill_state_dict(shapes: Mapping[str, Sequence[int]], seed: int) -> dict[str, torch.Tensor]:
@@ -60,9 +70,9 @@ def key_shapes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
 
 
 def seeded_inputs(shapes: Mapping[str, Sequence[int]], seed: int) -> dict[str, torch.Tensor]:
-    """Inputs ``N(0,1)`` drawn in the order of ``shapes`` from one generator seeded ``seed``."""
+    """float32 inputs :func:`unit_uniform` drawn in the order of ``shapes`` from one generator seeded ``seed``."""
     g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(tuple(s), generator=g) for k, s in shapes.items()}
+    return {k: unit_uniform(s, g).float() for k, s in shapes.items()}
 
 
 def read_fixture(folder: Path) -> dict[str, Any]:
@@ -137,6 +147,8 @@ def check_fixture(folder: Path) -> dict[str, float]:
     fixture = read_fixture(folder)
     model = fixture_model(fixture)
     inputs = seeded_inputs(fixture["inputs"], fixture["seed_inputs"])
+    if fixture.get("dtype") == "float64":  # issue 22: float64 fixtures are compared in float64
+        model, inputs = model.double(), {k: v.double() for k, v in inputs.items()}
     outputs = eval_and_train_outputs(model, model, inputs, seed=fixture.get("seed_forward"))
     return fixture_diffs(outputs, load_file(folder / "outputs.safetensors"))
 
