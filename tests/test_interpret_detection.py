@@ -345,7 +345,7 @@ def test_run_without_masks_uses_box_masks_and_keeps_row_rules(dataset, tmp_path)
     # the single-run report labels contribution in AP
     files = interpret.write_report(r, tmp_path)
     page = files["report"].read_text()
-    assert "Modality contribution (AP points)" in page and "AP50 (%)" in page
+    assert "Modality contribution (AP points, removal policy" in page and "AP50 (%)" in page
     cmp = interpret.compare([r])
     assert cmp.metric == {"fcos_late_nms": "AP"} and cmp.score["fcos_late_nms"] == r.score()
 
