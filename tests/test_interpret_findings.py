@@ -11,7 +11,8 @@ import fusionzoo as fz
 from fusionzoo._registry import model_entry
 from fusionzoo.interpret import InterpretResult
 from fusionzoo.interpret.contribution import shapley_values
-from fusionzoo.interpret.findings import THRESHOLDS, findings, findings_html, harsanyi_dividend
+from fusionzoo.interpret.findings import THRESHOLDS, findings, findings_html
+from fusionzoo.interpret.interaction import coalition_terms
 from fusionzoo.interpret.plan import plan_taps
 
 CLASSES = ["poster", "box", "ball", "crate"]
@@ -259,11 +260,12 @@ def test_three_way_interaction_is_the_harsanyi_dividend():
         for combo in itertools.combinations(mods, k):
             v = 0.9 if k == 3 else 0.0
             coal["+".join(combo) or "none"] = {"miou": v, "iou": [v, 0.0]}
-    assert harsanyi_dividend(coal, mods, "miou") == pytest.approx(0.9)
-    assert harsanyi_dividend(coal, mods, "iou") == pytest.approx([0.9, 0.0])
+    three = coalition_terms({"metric": "mIoU", "modalities": mods, "coalitions": coal})["harsanyi"]["rgb|depth|thermal"]
+    assert three["value"] == pytest.approx(0.9) and three["per_class"] == pytest.approx([0.9, 0.0])
     # a pairwise synergy of rgb and depth leaves no 3-way term
-    pair = {k: {"miou": 0.9 if {"rgb", "depth"} <= set(k.split("+")) else 0.0} for k in coal}
-    assert harsanyi_dividend(pair, mods, "miou") == pytest.approx(0.0)
+    pair = {k: {"miou": 0.9 if {"rgb", "depth"} <= set(k.split("+")) else 0.0, "iou": [0.0, 0.0]} for k in coal}
+    assert coalition_terms({"metric": "mIoU", "modalities": mods, "coalitions": pair})["harsanyi"][
+        "rgb|depth|thermal"]["value"] == pytest.approx(0.0)
     sh = shapley_values(mods, lambda s: coal["+".join(m for m in mods if m in s) or "none"]["miou"])
     res = InterpretResult(model="toy3", fusion="late", config={}, modalities=mods, num_classes=2,
                           class_names=["a", "b"], num_images=8, taps={}, settings={"policy": "zero"},

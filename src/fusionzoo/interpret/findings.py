@@ -39,7 +39,6 @@ terms (:func:`cooperation_tables`) and the side-by-side evolution plot (:func:`p
 from __future__ import annotations
 
 import html
-import itertools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -47,17 +46,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from matplotlib.figure import Figure
 
 from .compare import PolicyView, Table, comparison_extra_tables, policy_views, seed_groups, with_references
 from .compare import contribution_terms as _terms
 from .contribution import contribution_keys
+from .interaction import coalition_terms
 from .intervals import interval
 from .style import stream_color
 
 __all__ = ["KINDS", "THRESHOLDS", "Estimate", "Finding", "comparison_findings_html", "cooperation_tables",
-           "findings", "findings_html", "harsanyi_dividend", "plot_evolution", "seed_verdicts"]
+           "findings", "findings_html", "plot_evolution", "seed_verdicts"]
 
 THRESHOLDS: dict[str, float] = {
     "min_gain": 0.05,          # a class must gain >= 5 metric points from its modalities to be judged
@@ -377,29 +376,6 @@ def _interaction(res: Any, views: Sequence[PolicyView]) -> list[Finding]:
     return out
 
 
-def harsanyi_dividend(coalitions: Mapping[str, Any], modalities: Sequence[str], key: str) -> Any:
-    """The Harsanyi dividend of the full coalition: ``d(N) = sum_{T subset of N} (-1)^{|N|-|T|} v(T)``
-    (Harsanyi 1963), the part of ``v(N)`` that no smaller coalition accounts for. For three
-    modalities it is the 3-way interaction ``v(abc) - v(ab) - v(ac) - v(bc) + v(a) + v(b) + v(c) - v()``.
-
-    Args:
-        coalitions: ``contribution["coalitions"]`` (``"rgb+depth"`` ... ``"none"``).
-        modalities: the players, in the order the coalition names use.
-        key: ``"miou"`` / ``"iou"`` (or ``"ap"`` / ``"ap_per_class"``): a number or per-class list.
-
-    Returns:
-        A float, or a list of floats per class (NaN where a coalition has none).
-    """
-    mods = list(modalities)
-    total = 0.0
-    for k in range(len(mods) + 1):
-        for combo in itertools.combinations(mods, k):
-            v = coalitions["+".join(combo) or "none"][key]
-            v = np.array([_nan(x) for x in v]) if isinstance(v, list) else _nan(v)
-            total = total + (-1) ** (len(mods) - k) * v
-    return [float(x) for x in total] if isinstance(total, np.ndarray) else float(total)
-
-
 def _three_way(res: Any, views: Sequence[PolicyView]) -> list[Finding]:
     """The 3-way interaction (Harsanyi dividend of all three modalities) under each policy."""
     t = THRESHOLDS["interaction"]
@@ -408,11 +384,13 @@ def _three_way(res: Any, views: Sequence[PolicyView]) -> list[Finding]:
         mods = list(v.contribution.get("modalities") or res.modalities)
         if len(mods) != 3:
             return []
-        _, vk, ck = contribution_keys(v.contribution)
-        coal = v.contribution["coalitions"]
         name = "|".join(mods)
-        overall = _est(res, f"{v.prefix}harsanyi.{name}.value", harsanyi_dividend(coal, mods, vk))
-        per = harsanyi_dividend(coal, mods, ck)
+        # the section's own Harsanyi terms (interpret.run), else computed from its coalitions (older results)
+        stored = v.contribution.get("harsanyi") or coalition_terms(v.contribution).get("harsanyi", {})
+        if name not in stored:
+            continue
+        overall = _est(res, f"{v.prefix}harsanyi.{name}.value", _nan(stored[name]["value"]))
+        per = [_nan(x) for x in stored[name]["per_class"]]
         pos, neg, unresolved = [], [], []
         for i, (cls, x) in enumerate(zip(_class_names(res, len(per)), per)):
             e = _est(res, f"{v.prefix}harsanyi.{name}.per_class.{i}", x)
