@@ -20,7 +20,6 @@ from torch import nn
 import fusionzoo as fz
 from fusionzoo import _registry
 from fusionzoo import encoders as encoders_module
-
 from fusionzoo.cli import main, run_command
 from fusionzoo.data import io as data_io
 from fusionzoo.data.collate import collate

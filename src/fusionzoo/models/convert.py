@@ -33,7 +33,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
-from .._registry import ReleasedWeights, create_model, model_entry, register_model, released_weights, set_release_loader
+from .._registry import (
+    ReleasedWeights,
+    create_model,
+    model_entry,
+    register_model,
+    released_weights,
+    set_release_loader,
+)
 from ..files import sha256_file
 from ..hub import CONFIG_NAME, read_checked, save_pretrained
 from ..weights import load_model_weights, load_tensors
