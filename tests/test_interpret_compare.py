@@ -230,3 +230,19 @@ def test_interpret_with_a_retrained_reference_end_to_end(runs, tmp_path, capsys)
     assert main(["interpret", str(runs["fused"]), "--reference", f"rgb={out}", "--out", str(tmp_path / "o2"),
                  *ARGS]) == 2
     assert "is no reference for rgb+depth keeping rgb" in capsys.readouterr().err
+
+
+def test_repeated_models_are_labelled_by_their_run_folders():
+    from fusionzoo.interpret.api import InterpretResult
+    from fusionzoo.interpret.compare import labels_of
+
+    def res(run_dir):
+        settings = {"run": {"dir": run_dir}} if run_dir else {}
+        return InterpretResult(model="esanet_resnet18", fusion="middle", config={}, modalities=["rgb", "depth"],
+                               num_classes=5, class_names=None, num_images=4, taps={}, settings=settings)
+
+    assert labels_of([res("runs/seed0"), res("runs/seed1")]) == ["esanet_resnet18@seed0", "esanet_resnet18@seed1"]
+    # folders of one name, or one without a folder: numbered as before
+    assert labels_of([res("a/x"), res("b/x")]) == ["esanet_resnet18", "esanet_resnet18#2"]
+    assert labels_of([res("runs/seed0"), res(None)]) == ["esanet_resnet18", "esanet_resnet18#2"]
+    assert labels_of([res("runs/seed0")]) == ["esanet_resnet18"]

@@ -160,11 +160,24 @@ def contribution_terms(c: Mapping[str, Any]) -> dict[str, Any]:
 # labels, comparability
 # --------------------------------------------------------------------------------------------
 def labels_of(results: Sequence[InterpretResult]) -> list[str]:
-    """Model names, suffixed ``#2``, ``#3`` ... when repeated."""
+    """Model names; a repeated name is told apart by its run folder's name (``esanet_resnet18@seed1``)
+    when every result of that name records a distinct one (``settings["run"]["dir"]``), else
+    suffixed ``#2``, ``#3`` ..."""
+    def run_name(r: InterpretResult) -> str | None:
+        d = ((r.settings or {}).get("run") or {}).get("dir")
+        return Path(d).name if d else None
+
+    by_model: dict[str, list[str | None]] = {}
+    for r in results:
+        by_model.setdefault(r.model, []).append(run_name(r))
     labels, seen = [], {}
     for r in results:
         seen[r.model] = seen.get(r.model, 0) + 1
-        labels.append(r.model if seen[r.model] == 1 else f"{r.model}#{seen[r.model]}")
+        names = by_model[r.model]
+        if len(names) > 1 and None not in names and len(set(names)) == len(names):
+            labels.append(f"{r.model}@{run_name(r)}")
+        else:
+            labels.append(r.model if seen[r.model] == 1 else f"{r.model}#{seen[r.model]}")
     return labels
 
 
