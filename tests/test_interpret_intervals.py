@@ -334,6 +334,9 @@ def test_cli_policies_reach_interpret_run(tmp_path, capsys, monkeypatch):
     with pytest.raises(Stop):
         main(["interpret", "late_mean_resnet18", "--out", str(tmp_path), *tiny])
     assert seen["policies"] is None  # run()'s default: zero, mean and missing where the model has its own
+    with pytest.raises(Stop):  # run() measures the mean policy's statistics itself, so it may be the main one
+        main(["interpret", "late_mean_resnet18", "--out", str(tmp_path), "--policy", "mean", *tiny])
+    assert seen["policy"] == "mean"
     with pytest.raises(SystemExit) as e:
         main(["interpret", "late_mean_resnet18", "--out", str(tmp_path), "--policies", "zero,blur", *tiny])
     assert e.value.code == 2 and "unknown removal policy 'blur'" in capsys.readouterr().err

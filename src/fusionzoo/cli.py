@@ -135,8 +135,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="CKA rows: fixed pixel sample per image, global average pool, or one row per "
                              "ground-truth box (default: object for detectors, sample otherwise)")
         sp.add_argument("--samples-per-image", type=int, default=16)
-        sp.add_argument("--policy", choices=("zero", "noise", "missing"), default="zero",
-                        help="modality removal policy for contribution and reliance")
+        sp.add_argument("--policy", choices=("zero", "mean", "noise", "missing"), default="zero",
+                        help="main modality removal policy for contribution and reliance (mean: exact dataset means from a pre-pass)")
         sp.add_argument("--policies", type=_policy_list, default=None, metavar="P,P,...",
                         help="removal policies that contribution also measures in the same pass, reported side by "
                              "side (zero, mean, noise, missing; mean uses exact dataset statistics from a pre-pass). "
