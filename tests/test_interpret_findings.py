@@ -274,3 +274,17 @@ def test_three_way_interaction_is_the_harsanyi_dividend():
     text = next(t for t in _texts(res, "interaction") if "3-way" in t)
     assert "Under zero, the 3-way interaction of rgb, depth, thermal" in text and "+90.0 points overall" in text
     assert "All three are needed together (dividend >= +10.0) on a (+90.0)" in text
+
+
+def test_a_dominant_term_must_be_separated_from_a_runner_up_that_also_reaches_the_share():
+    # poster: unique rgb 47 and synergy 43 of 90 points, both above 40 % of the gain
+    iou = {k: list(v) for k, v in IOU.items()}
+    iou["rgb"][0], iou["rgb+depth"][0] = 0.47, 0.9
+    res = _result(iou=iou)
+    wide = _result(iou=iou, intervals=_around(res, 0.05))
+    text = " ".join(_texts(wide, "carriers"))
+    assert "poster (unique rgb 47.0 [42.0, 52.0] of 90.0 points, 52%, but synergy 43.0 [38.0, 48.0] may also " \
+           "reach 36.0 and overlaps it)" in text
+    assert "rgb alone carries the IoU of poster" not in text
+    narrow = _result(iou=iou, intervals=_around(res, 0.01))
+    assert "rgb alone carries the IoU of poster (unique rgb 47.0 [46.0, 48.0]" in " ".join(_texts(narrow, "carriers"))
