@@ -205,6 +205,21 @@ class ModalityBalanceCallback:
 MODULATE_SCOPES = ("encoder", "branch")
 
 
+def check_owned_weights(model: nn.Module, callback: str, scope: str = "encoder", conv_only: bool = True,
+                        why: str = "") -> None:
+    """Raise ``ValueError`` naming ``callback`` unless the model has >= 2 modalities and each owns
+    some weights in ``scope`` (:func:`modality_owned_gradients`)."""
+    inner = unwrap_model(model)
+    if len(getattr(inner, "modalities", ())) < 2:
+        raise ValueError(f"callback {callback!r} needs a fusionzoo model with >= 2 modalities, "
+                         f"got {type(inner).__name__}")
+    for m in inner.modalities:
+        try:
+            modality_owned_gradients(inner, m, scope, conv_only=conv_only)
+        except ValueError as e:
+            raise ValueError(f"callback {callback!r}{why}{e}") from None
+
+
 def modality_owned_gradients(model: nn.Module, modality: str, scope: str = "encoder",
                              conv_only: bool = True) -> list[tuple[nn.Parameter, slice | None]]:
     """The weights whose gradient belongs to one modality, as OGM-GE modulates them.
@@ -413,14 +428,7 @@ class OGMGECallback:
     def check(self, model: nn.Module) -> None:
         """Raise ``ValueError`` (before training starts) when OGM-GE cannot run on ``model``."""
         check_segmentation(model, "ogm_ge", "its scores are true-class softmax probabilities per labelled pixel")
-        inner = unwrap_model(model)
-        if len(getattr(inner, "modalities", ())) < 2:
-            raise ValueError(f"callback 'ogm_ge' needs a fusionzoo model with >= 2 modalities, got {type(inner).__name__}")
-        for m in inner.modalities:
-            try:
-                modality_owned_gradients(inner, m, self.modulate)
-            except ValueError as e:
-                raise ValueError(f"callback 'ogm_ge' cannot modulate this model: {e}") from None
+        check_owned_weights(model, "ogm_ge", self.modulate, why=" cannot modulate this model: ")
 
     def on_train_start(self, model: nn.Module) -> None:
         """Find the modalities, the weights each one owns and the unimodal outputs."""

@@ -45,7 +45,7 @@ from .._json import to_json
 from ..tasks import Task, get_task
 from ..weights import unwrap_model
 from .api import METRICS, run
-from .callbacks import modality_owned_gradients, probe_mode
+from .callbacks import check_owned_weights, modality_owned_gradients, probe_mode
 from .contribution import REMOVAL_POLICIES, _coalition_key
 
 __all__ = ["RECORD_KINDS", "EpochInterpretCallback", "GradientDirectionCallback", "LearningSpeedCallback",
@@ -323,15 +323,7 @@ class LearningSpeedCallback(_Recorder):
 
     def check(self, model: nn.Module) -> None:
         """Raise ``ValueError`` unless every modality owns some weights."""
-        inner = unwrap_model(model)
-        if len(getattr(inner, "modalities", ())) < 2:
-            raise ValueError(f"callback 'learning_speed' needs a fusionzoo model with >= 2 modalities, "
-                             f"got {type(inner).__name__}")
-        for m in inner.modalities:
-            try:
-                modality_owned_gradients(inner, m, "encoder", conv_only=False)
-            except ValueError as e:
-                raise ValueError(f"callback 'learning_speed': {e}") from None
+        check_owned_weights(model, "learning_speed", "encoder", conv_only=False, why=": ")
 
     def on_train_start(self, model: nn.Module) -> None:
         """Find each modality's encoder weights."""
