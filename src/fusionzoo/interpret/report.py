@@ -601,8 +601,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table class='num'><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
 
 
+# Tables scroll sideways inside the page (display:block + overflow-x) rather than pushing it wider
+# than the window: a compare page of six models has a findings column per model.
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:0.6em 0 1.4em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+table{border-collapse:collapse;margin:0.6em 0 1.4em;display:block;overflow-x:auto;max-width:100%}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 table.num td{white-space:nowrap}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}figure{margin:1em 0}
 img{max-width:100%}figcaption{color:#555;font-size:0.9em}h2{border-bottom:1px solid #ddd;padding-bottom:0.2em}
