@@ -20,7 +20,7 @@ from PIL import Image
 
 import fusionzoo as fz
 from fusionzoo.cli import main
-from fusionzoo.data.transforms import STATS, Normalize
+from fusionzoo.data.transforms import STATS, ModalityStats, Normalize
 from fusionzoo.detection.kaist import evaluate_files
 from fusionzoo.engine.predict import pair_files
 from fusionzoo.hub import save_pretrained
@@ -59,11 +59,13 @@ def _frames(folder: Path, n: int = 3, size: tuple[int, int] = (70, 90), start: i
     return rgb, th
 
 
-def _expected_classes(model_dir: Path, rgb: Path, th: Path, missing: tuple[str, ...] = ()) -> np.ndarray:
-    """What the model predicts on the files, normalized by hand with synthetic_rgbt's statistics
-    (the ones train.py stored) at the native size padded to 64x96: the reference for predict."""
+def _expected_classes(model_dir: Path, rgb: Path, th: Path, missing: tuple[str, ...] = (),
+                      norm: Normalize | None = None) -> np.ndarray:
+    """What the model predicts on the files, normalized by hand (default: synthetic_rgbt's
+    statistics, the ones train.py stored) at the native size padded to a multiple of 32: the
+    reference for predict."""
     model = fz.from_pretrained(model_dir)
-    norm = Normalize("synthetic_rgbt")
+    norm = norm or Normalize("synthetic_rgbt")
     x = {"rgb": norm("rgb", np.asarray(Image.open(rgb).convert("RGB")))}
     if "thermal" not in missing:
         x["thermal"] = norm("thermal", np.asarray(Image.open(th), np.float32) / 255)
@@ -94,6 +96,25 @@ def test_segmentation_run_folder_writes_palette_masks_and_overlays(run_dir: Path
     assert manifest["settings"]["normalization"]["thermal"]["mean"] == list(STATS["synthetic_rgbt"]["thermal"].mean)
     assert manifest["model_kind"] == "training run" and manifest["settings"]["size_policy"] == "pad"
     assert "3 frame(s)" in capsys.readouterr().out
+
+
+def test_the_statistics_stored_with_the_model_are_applied(run_dir, tmp_path) -> None:
+    # A save_pretrained folder whose stored statistics differ from fusionzoo's for its dataset:
+    # predict must use the stored ones (the weights' manifest does not cover config.json).
+    folder = tmp_path / "saved"
+    shutil.copytree(run_dir / "best", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    stored = {"rgb": ModalityStats((0.3, 0.3, 0.3), (0.4, 0.4, 0.4)), "thermal": ModalityStats((0.1,), (0.6,))}
+    cfg["normalization"] = {m: {"mean": list(s.mean), "std": list(s.std)} for m, s in stored.items()}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    rgb, th = _frames(tmp_path / "in", n=1)
+    out = tmp_path / "out"
+    assert main(["predict", str(folder), "--rgb", str(rgb), "--thermal", str(th), "--out", str(out)]) == 0
+    got = np.asarray(Image.open(out / "masks" / "0000.png"))
+    np.testing.assert_array_equal(got, _expected_classes(folder, rgb / "0000.png", th / "0000.png",
+                                                         norm=Normalize(stored)))
+    assert not np.array_equal(got, _expected_classes(folder, rgb / "0000.png", th / "0000.png"))  # it matters
+    assert json.loads((out / "predict.json").read_text())["settings"]["size_policy"] == "pad"  # size unknown
 
 
 def test_resize_policy_defaults_to_the_runs_training_size_and_returns_the_original_size(run_dir, tmp_path) -> None:
