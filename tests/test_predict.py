@@ -141,6 +141,8 @@ def test_missing_runs_without_the_modality(run_dir, tmp_path) -> None:
     (["--missing", "thermal"], "--thermal given but thermal is not used (named by --missing)"),
     (["--missing", "depth"], "--missing depth: the model takes rgb, thermal"),
     (["--size", "64", "64", "--size-policy", "pad"], "--size applies to --size-policy resize"),
+    (["--size", "16", "64"], "--size 16 64: models need at least 32x32"),
+    (["--annotations", "ann.json"], "--annotations applies to detectors"),
 ])
 def test_flag_mistakes_are_one_line(run_dir, tmp_path, capsys, argv, says) -> None:
     rgb, th = _frames(tmp_path / "in", n=1)
@@ -148,6 +150,13 @@ def test_flag_mistakes_are_one_line(run_dir, tmp_path, capsys, argv, says) -> No
                  *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert says in err and "\n" not in err
+
+
+def test_a_path_that_does_not_exist_is_one_line(run_dir, tmp_path, capsys) -> None:
+    rgb, _ = _frames(tmp_path / "in", n=1)
+    assert main(["predict", str(run_dir), "--rgb", str(rgb), "--thermal", str(tmp_path / "nope"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == f"fusionzoo: error: --thermal {tmp_path / 'nope'}: no such file or folder"
 
 
 def test_unmatched_files_are_named_in_one_line(run_dir, tmp_path, capsys) -> None:
@@ -177,7 +186,9 @@ def test_model_that_is_not_loadable_is_one_line(tmp_path, capsys, monkeypatch) -
     rgb, th = _frames(tmp_path / "in", n=1)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    for model, says in (("early_concat_resnet18", "untrained"), ("nobody/none", "not in the Hugging Face cache"),
+    for model, says in (("early_concat_resnet18", "untrained"),
+                        ("nobody/none", "no such folder, and as a Hub id: config.json of hub model 'nobody/none' is "
+                                        "not in the Hugging Face cache"),
                         ("esanet_r34_nbt1d.nosuchtag", "known tags")):
         assert main(["predict", model, "--rgb", str(rgb), "--thermal", str(th), "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip()

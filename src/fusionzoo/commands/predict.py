@@ -99,7 +99,10 @@ def load_model(target: str) -> tuple[nn.Module, dict[str, Any]]:
             model, info["kind"] = create_model(name, pretrained=tag).eval(), "published weights"
             info["dataset"] = tag
         elif target.count("/") == 1 and not path.exists():
-            model, info["kind"] = from_pretrained(target), "Hub model"
+            try:
+                model, info["kind"] = from_pretrained(target), "Hub model"
+            except FileNotFoundError as err:  # most often a mistyped run folder: say both readings
+                raise UsageError(f"MODEL {target}: no such folder, and as a Hub id: {err}") from None
         else:
             raise UsageError(
                 f"MODEL {target!r}: expected a training run folder, a save_pretrained folder, a Hub id owner/name "
@@ -143,6 +146,8 @@ def _settings(args: argparse.Namespace, model: nn.Module, info: Mapping[str, Any
                          "at (only training run folders do); or use --size-policy pad")
     if policy == "pad" and args.size:
         raise UsageError("--size applies to --size-policy resize; pad keeps each image's own size")
+    if policy == "resize" and min(size) < 32:
+        raise UsageError(f"--size {size[0]} {size[1]}: models need at least 32x32 (stride-32 features)")
     multiple = int(getattr(model, "input_multiple", 0) or 0)
     divisor = max(32, multiple)
     if policy == "resize" and multiple and (size[0] % multiple or size[1] % multiple):
@@ -197,7 +202,12 @@ def run(args: argparse.Namespace) -> int:
     if extra:
         why = "named by --missing" if any(m in missing for m in extra) else f"the model takes {'+'.join(model.modalities)}"
         raise UsageError(f"--{extra[0]} given but {extra[0]} is not used ({why})")
-    pairs = pair_files({m: given[m] for m in present})
+    if args.annotations and getattr(model, "task", "segmentation") != "detection":
+        raise UsageError("--annotations applies to detectors (the image ids of detections.json)")
+    try:
+        pairs = pair_files({m: given[m] for m in present})
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
     settings = _settings(args, model, info, present)
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
@@ -205,8 +215,6 @@ def run(args: argparse.Namespace) -> int:
     names = list(info["class_names"] or [str(k) for k in range(model.num_classes)])
     palette = palette_for(info["dataset"], model.num_classes)
     ids = _annotation_ids(args.annotations, [s for s, _ in pairs]) if args.annotations else None
-    if args.annotations and not detection:
-        raise UsageError("--annotations applies to detectors (image ids of detections.json)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
