@@ -228,7 +228,9 @@ def test_detection_json_is_read_by_mr2_and_pycocotools(detector_dir, tmp_path, c
                  "--annotations", str(ann)]) == 0
     dets = json.loads((out / "detections.json").read_text())
     assert dets and {d["category_id"] for d in dets} == {1}
-    assert {d["image_id"] for d in dets} == {0, 1}  # the annotation file's ids, matched by name
+    assert {d["image_id"] for d in dets} == {0, 1}
+    images = json.loads((out / "images.json").read_text())["images"]  # the annotation file's ids, matched by name
+    assert {im["file_name"]: im["id"] for im in images} == {"set08_V000_I00000.png": 1, "set08_V000_I00001.png": 0}
     assert np.asarray(Image.open(out / "boxes" / "set08_V000_I00000.png")).shape == (96, 128, 3)
     res = evaluate_files(ann, out / "detections.json")  # what fusionzoo mr2 runs
     assert 0 <= res["all"] <= 1
