@@ -187,8 +187,8 @@ def test_model_that_is_not_loadable_is_one_line(tmp_path, capsys, monkeypatch) -
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     for model, says in (("early_concat_resnet18", "untrained"),
-                        ("nobody/none", "no such folder, and as a Hub id: config.json of hub model 'nobody/none' is "
-                                        "not in the Hugging Face cache"),
+                        ("nobody/none", ("no such folder, and as a Hub id: config.json of hub model 'nobody/none' is "
+                                         "not in the Hugging Face cache")),
                         ("esanet_r34_nbt1d.nosuchtag", "known tags")):
         assert main(["predict", model, "--rgb", str(rgb), "--thermal", str(th), "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip()
