@@ -271,3 +271,31 @@ def test_kaist_frame_detections_are_accepted_by_mr2(detector_dir, shared_data, k
     assert all(0 <= d["bbox"][0] < 640 and 0 <= d["bbox"][1] < 512 for d in dets)
     assert main(["mr2", "--annotations", str(kaist_eval / "KAIST_annotation.json"),
                  "--results", str(out / "detections.json")]) == 0
+
+
+def test_depth_scale_reads_integer_depth_in_the_given_units(tmp_path) -> None:
+    # The same depth as a uint16 PNG in 1/5000 m (TUM) and as float metres (.npy): equal masks with
+    # --depth-scale 5000, other masks when the PNG is read as millimetres (the default).
+    torch.manual_seed(0)
+    model = fz.create_model("early_concat_resnet18", num_classes=4, modalities=("rgb", "depth")).eval()
+    with torch.no_grad():  # an untrained head predicts one class everywhere; noise makes the mask follow the input
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    folder = save_pretrained(model, tmp_path / "rgbd", normalization={
+        m: {"mean": list(s.mean), "std": list(s.std)} for m, s in STATS["nyuv2"].items() if m in ("rgb", "depth")})
+    rng = np.random.default_rng(0)
+    units = rng.integers(2000, 20000, (64, 96), dtype=np.uint16)  # 0.4 .. 4 m at 5000 units per metre
+    units[:8, :8] = 0  # invalid
+    Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "rgb.png")
+    Image.fromarray(units).save(tmp_path / "depth.png")
+    np.save(tmp_path / "depth.npy", units.astype(np.float32) / np.float32(5000))
+    masks = {}
+    for name, depth, scale in (("png", "depth.png", ["--depth-scale", "5000"]), ("npy", "depth.npy", []),
+                               ("mm", "depth.png", [])):
+        out = tmp_path / name
+        assert main(["predict", str(folder), "--rgb", str(tmp_path / "rgb.png"), "--depth", str(tmp_path / depth),
+                     "--out", str(out), *scale]) == 0
+        masks[name] = np.asarray(Image.open(out / "masks" / "rgb.png"))
+    np.testing.assert_array_equal(masks["png"], masks["npy"])
+    assert not np.array_equal(masks["png"], masks["mm"])
+    assert json.loads((tmp_path / "png" / "predict.json").read_text())["settings"]["depth_scale"] == 5000
