@@ -7,6 +7,7 @@
     fusionzoo compare A B C [--dataset ...] --out DIR
     fusionzoo convert PUBLISHED_NAME AUTHORS_CHECKPOINT [--tag nyuv2] [--out DIR]
     fusionzoo mr2 --annotations KAIST_annotation.json --results RESULT.txt|.json
+    fusionzoo predict MODEL --rgb FILE|DIR --depth|--thermal FILE|DIR --out DIR
 
 ``RUN_DIR_OR_MODEL`` is a training run folder (``runs/<run>``: its ``best/`` weights, its
 validation set and its training history are used), a folder written by ``save_pretrained``, or
@@ -183,7 +184,52 @@ def _parser() -> argparse.ArgumentParser:
         "COCO results .json [{image_id, category_id, bbox: [x, y, w, h], score}] with image_id = the annotations' "
         "own integer images[].id (0-based in MLPD's file) and category_id 1 (person); boxes in original-frame "
         "pixels. Empty files, unknown categories, non-finite scores, bad boxes and ids off by one are refused"))
+    _predict_parser(sub)
     return p
+
+
+def _predict_parser(sub: Any) -> None:
+    """``fusionzoo predict`` (src/fusionzoo/commands/predict.py; docs/predict.md)."""
+    pr = sub.add_parser(
+        "predict", help="run a trained model on your own RGB-D / RGB-T files: masks, overlays, boxes, COCO JSON",
+        description="Run a trained model on image files. Give one file per modality, or one folder per modality: "
+                    "files pair by stem (rgb/0001.jpg with thermal/0001.png); unmatched files are refused. Inputs are "
+                    "read as in training (depth: integer PNG in 1/--depth-scale m, or float metres in .npy/.tif; "
+                    "thermal scaled to [0, 1]) and normalized with the statistics stored with the model. "
+                    "Segmentation writes masks/<stem>.png (palette PNG: pixel value = class id, dataset colours) "
+                    "and overlays/<stem>.png; detection writes boxes/<stem>.png, detections.json (COCO results: "
+                    "category_id = class + 1, bbox [x, y, w, h] in original pixels) and images.json. predict.json "
+                    "records the settings used.")
+    pr.add_argument("model", metavar="MODEL",
+                    help="training run folder (its best/ weights), save_pretrained folder, Hub id owner/name, or a "
+                         "published entry with converted weights name.tag (e.g. esanet_r34_nbt1d.nyuv2)")
+    pr.add_argument("--rgb", default=None, metavar="FILE|DIR", help="colour image(s)")
+    pr.add_argument("--depth", default=None, metavar="FILE|DIR", help="depth map(s): uint16 PNG in 1/--depth-scale m, "
+                    "or float metres (.npy, float TIFF); 0 = invalid")
+    pr.add_argument("--thermal", default=None, metavar="FILE|DIR", help="thermal image(s), 8/16-bit or float in [0, 1]")
+    pr.add_argument("--hha", default=None, metavar="FILE|DIR", help="HHA image(s), for models that take hha")
+    pr.add_argument("--out", required=True, help="output folder")
+    pr.add_argument("--missing", action="append", default=None, metavar="MODALITY",
+                    help="run without this modality through the model's own missing-modality path (repeatable)")
+    pr.add_argument("--depth-scale", type=float, default=None,
+                    help="integer depth units per metre (default: the training dataset's, else 1000 = millimetres; "
+                         "5000 for TUM / ICL-NUIM), as ESANet's inference script's --depth_scale")
+    pr.add_argument("--thermal-bits", type=int, default=None,
+                    help="significant bits of 16-bit thermal files (12 or 14 for radiometric cameras; default: the "
+                         "training run's, else the file's own)")
+    pr.add_argument("--size-policy", choices=("resize", "pad"), default=None,
+                    help="resize: every frame to the training size (--size, default: the run's image_size), outputs "
+                         "resized back; pad: native size zero-padded to a multiple of 32, outputs cropped back "
+                         "(default: resize when the training size is known, else pad)")
+    pr.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None, help="model input size for resize")
+    pr.add_argument("--annotations", default=None, metavar="COCO_JSON",
+                    help="detection: take image_id from this COCO annotation file (images[].id, matched by "
+                         "im_name/file_name, '/' as '_'), e.g. KAIST_annotation.json for fusionzoo mr2")
+    pr.add_argument("--draw-threshold", type=float, default=0.3, help="detection: draw boxes with score >= this "
+                    "(the JSON keeps every detection)")
+    pr.add_argument("--alpha", type=float, default=0.5, help="segmentation: opacity of the overlay colours")
+    pr.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 # Subcommand -> (module, function), loaded when that subcommand runs (src/fusionzoo/commands/).
@@ -193,6 +239,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("fusionzoo.commands.interpret", "run_compare"),
     "convert": ("fusionzoo.commands.convert", "run"),
     "mr2": ("fusionzoo.commands.mr2", "run"),
+    "predict": ("fusionzoo.commands.predict", "run"),
 }
 
 
