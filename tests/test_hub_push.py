@@ -4,11 +4,15 @@ No test touches the network. :class:`FakeHub` replaces ``HfApi.create_repo``, ``
 ``upload_folder`` (same keyword signatures, so a wrong call fails as it would against the Hub) and
 lays every uploaded folder out as huggingface-hub's cache holds a downloaded snapshot; loading
 ``"owner/name"`` then goes through ``hf_hub_download`` in offline mode (``HF_HUB_OFFLINE``), the
-way a user on another machine gets it once downloaded. The run is a real ``train.py`` run (3 s).
+way a user on another machine gets it once downloaded. :class:`HttpHub` stands in one level lower,
+for the Hub's HTTP endpoints (huggingface_hub's client factory with an ``httpx2.MockTransport``):
+the real ``create_repo`` and ``upload_folder`` run, LFS included. The run is a real ``train.py``
+run (3 s).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib.util
 import json
@@ -17,12 +21,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import huggingface_hub
 import huggingface_hub.constants as hf_constants
 import pytest
 import torch
 import yaml
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
+from huggingface_hub.utils._http import default_client_factory
 from PIL import Image
 
 import fusionzoo as fz
@@ -190,6 +196,7 @@ def test_push_model_object_and_plain_folder(hub, tmp_path, monkeypatch):
     model = fz.create_model(NAME, num_classes=3, modalities=("rgb", "thermal")).eval()
     push_to_hub(model, "someone/untrained", revision="v1")
     assert [c[0] for c in hub.calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert hub.calls[0][1]["private"] is None  # the Hub's default visibility, not forced public
     assert hub.calls[1][1] == {"repo_id": "someone/untrained", "branch": "v1", "exist_ok": True}
     assert hub.calls[2][1]["revision"] == "v1"
     assert hub.names(0) == ["README.md", "config.json", "model.safetensors"]
@@ -264,6 +271,86 @@ def test_cli_push_offline_is_one_line(run_dir, monkeypatch, capsys):
     assert main(["push", str(run_dir), "someone/x"]) == 2
     err = capsys.readouterr().err
     assert "offline mode" in err and "HF_HUB_OFFLINE" in err and err.count("\n") == 1
+
+
+class HttpHub:
+    """The Hub's HTTP endpoints that ``create_repo`` and ``upload_folder`` call (huggingface_hub's
+    single-commit path: preupload, LFS batch + PUT for binary files, NDJSON commit), keeping what
+    they receive: ``repos`` (create bodies), ``trees`` (path -> bytes per committed repo)."""
+
+    def __init__(self) -> None:
+        self.repos: dict[str, dict[str, Any]] = {}
+        self.trees: dict[str, dict[str, bytes]] = {}
+        self.blobs: dict[str, bytes] = {}
+        self.readmes: list[str] = []
+
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
+        method, path = request.method, request.url.path
+        if method == "POST" and path == "/api/repos/create":
+            body = json.loads(request.content)
+            self.repos[f"{body['organization']}/{body['name']}"] = body
+            return httpx2.Response(200, json={"url": f"https://huggingface.co/{body['organization']}/{body['name']}"})
+        if method == "POST" and path == "/api/validate-yaml":
+            self.readmes.append(json.loads(request.content)["content"])
+            return httpx2.Response(200, json={"errors": [], "warnings": []})
+        if method == "POST" and "/preupload/" in path:
+            files = json.loads(request.content)["files"]
+            return httpx2.Response(200, json={"files": [
+                {"path": f["path"], "uploadMode": "regular" if f["path"].endswith((".md", ".json")) else "lfs",
+                 "shouldIgnore": False} for f in files]})
+        if method == "POST" and path.endswith(".git/info/lfs/objects/batch"):
+            objects = json.loads(request.content)["objects"]
+            return httpx2.Response(200, json={"transfer": "basic", "objects": [
+                {"oid": o["oid"], "size": o["size"],
+                 "actions": {"upload": {"href": f"https://huggingface.co/lfs-upload/{o['oid']}"}}} for o in objects]})
+        if method == "PUT" and path.startswith("/lfs-upload/"):
+            data = bytes(request.content)
+            oid = path.rsplit("/", 1)[1]
+            if hashlib.sha256(data).hexdigest() != oid:
+                return httpx2.Response(400, json={"error": "sha256 does not match the oid"})
+            self.blobs[oid] = data
+            return httpx2.Response(200)
+        if method == "POST" and path.startswith("/api/models/") and "/commit/" in path:
+            repo_id = path[len("/api/models/"):].split("/commit/")[0]
+            tree = self.trees.setdefault(repo_id, {})
+            for line in request.content.decode().splitlines():
+                rec = json.loads(line)
+                if rec["key"] == "file":
+                    tree[rec["value"]["path"]] = base64.b64decode(rec["value"]["content"])
+                elif rec["key"] == "lfsFile":
+                    tree[rec["value"]["path"]] = self.blobs[rec["value"]["oid"]]
+            oid = hashlib.sha1(request.content).hexdigest()
+            return httpx2.Response(200, json={"commitUrl": f"https://huggingface.co/{repo_id}/commit/{oid}",
+                                              "commitOid": oid})
+        return httpx2.Response(404, json={"error": f"the stand-in Hub has no {method} {path}"})
+
+
+def test_push_over_http(run_dir, tmp_path, monkeypatch):
+    """The real HfApi against the stand-in HTTP Hub; the committed tree loads from the cache."""
+    http = HttpHub()
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)  # the LFS protocol, not hf_xet's own client
+    huggingface_hub.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(http)))
+    try:
+        url = push_to_hub(run_dir, "someone/over-http", private=True, token="hf_test")
+    finally:
+        huggingface_hub.set_client_factory(default_client_factory)
+    assert http.repos["someone/over-http"]["visibility"] == "private"
+    tree = http.trees["someone/over-http"]
+    assert url.startswith("https://huggingface.co/someone/over-http/commit/")
+    assert sorted(tree) == ["README.md", "config.json", "model.safetensors", "report/cka_stages.png",
+                            "report/contribution.png"]
+    assert tree["report/contribution.png"] == (run_dir / "report" / "contribution.png").read_bytes()
+    assert ModelCard(tree["README.md"].decode()).data.library_name == "fusionzoo"
+    assert http.readmes and http.readmes[0] == tree["README.md"].decode()  # the Hub's YAML check saw the card
+
+    snapshot = tmp_path / "cache" / "models--someone--over-http" / "snapshots" / url.rsplit("/", 1)[1]
+    for name, data in tree.items():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).write_bytes(data)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(snapshot.name)
+    _offline(monkeypatch)
+    _same_weights(from_pretrained(run_dir / "best"), fz.from_pretrained("someone/over-http", cache_dir=tmp_path / "cache"))
 
 
 def test_lazy_export():

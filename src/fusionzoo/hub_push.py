@@ -90,7 +90,8 @@ def push_to_hub(
             folder, e.g. ``runs/<run>/best``, the card also covers that run), or a model built by
             ``fusionzoo.create_model`` / ``from_pretrained`` (the card then says what its config says).
         repo_id: ``owner/name``; created if it does not exist.
-        private: create the repository private (an existing repository keeps its visibility).
+        private: create the repository private (default: the Hub's default for the owner, public
+            unless an organization defaults to private); an existing repository keeps its visibility.
         token: Hub token (default: huggingface_hub's, from ``HF_TOKEN`` or ``hf auth login``).
         commit_message: default ``"Upload <model> with fusionzoo <version>"``.
         revision: branch to commit to (created from main when missing; default main).
@@ -113,7 +114,9 @@ def push_to_hub(
         folder = write_hub_folder(model_or_run, tmp, repo_id=repo_id)
         name = json.loads((folder / CONFIG_NAME).read_text())["model"]["name"]
         api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        # False -> None: a new repository gets the Hub's default (public, unless the owner
+        # organization defaults to private) instead of being forced public.
+        api.create_repo(repo_id, private=True if private else None, exist_ok=True)
         if revision is not None and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.upload_folder(
