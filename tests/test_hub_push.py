@@ -170,7 +170,7 @@ def test_card_of_a_run(run_dir, hub):
         assert f"| {name} | {iou:.4f} |" in text
     assert "![contribution](report/contribution.png)" in text
     # the recipe block retrains: it parses into the run's training config
-    recipe = yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1))
+    recipe = yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.DOTALL).group(1))
     run_cfg = json.loads((run_dir / "config.json").read_text())
     cfg = config_from_dict(recipe, None, where="card recipe")
     assert cfg.model == NAME and cfg.epochs == run_cfg["epochs"] and cfg.train_samples == 8

@@ -42,7 +42,7 @@ from torch import nn
 
 from . import __version__, _registry
 from .hub import CONFIG_NAME, FORMAT, WEIGHTS_NAME, from_pretrained, save_pretrained
-from .interpret.runs import find_weights, is_pretrained_dir, run_config
+from .interpret.runs import find_weights, is_pretrained_dir, log_records, run_config
 from .weights import unwrap_model
 
 __all__ = ["CARD_NAME", "REPORT_DIR", "check_repo_id", "push_to_hub", "write_hub_folder"]
@@ -194,16 +194,7 @@ def read_scores(run_dir: Path) -> dict[str, Any]:
         "best": {"value", "epoch"} | None}``; ``best`` is the summary's, else the best epoch's.
     """
     summary = _read_json(run_dir / "summary.json")
-    epochs: list[dict[str, Any]] = []
-    log = run_dir / "metrics.jsonl"
-    if log.is_file():
-        for line in log.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            if isinstance(rec, dict) and rec.get("kind") == "epoch":
-                epochs.append(rec)
+    epochs = log_records(run_dir, ("epoch",)).get("epoch", [])
     metric = (summary or {}).get("metric") or next(
         (m for m in HUB_METRICS if any(f"val_{m}" in r for r in epochs)), None)
     best = None
@@ -255,14 +246,14 @@ def model_card(config: Mapping[str, Any], repo_id: str, run_dir: Path | None = N
     if scores is not None:
         body += _scores_section(scores, config.get("class_names"))
     elif best is not None:
-        body += ["## Scores", "", f"Validation {metric} {best['value']:.4f} (epoch {_epoch(best['epoch'])}), as "
-                 "recorded in config.json's `extra`.", ""]
+        body += ["## Scores", "", (f"Validation {metric} {best['value']:.4f} (epoch {_epoch(best['epoch'])}), as "
+                                   "recorded in config.json's `extra`."), ""]
     if recipe is not None:
         body += _recipe_section(recipe)
     if images:
         body += ["## Interpretability report", "",
-                 f"Plots of `fusionzoo interpret` on the run's validation set (see fusionzoo's docs/interpret.md "
-                 "for what each shows and the intervals behind the findings).", ""]
+                 ("Plots of `fusionzoo interpret` on the run's validation set (see fusionzoo's docs/interpret.md "
+                  "for what each shows and the intervals behind the findings)."), ""]
         body += [f"![{Path(p).stem}]({p})\n" for p in images]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body).rstrip() + "\n")
 
@@ -289,10 +280,11 @@ def _usage(repo_id: str, config: Mapping[str, Any], task: str) -> list[str]:
     out = ("logits = model({" + inputs + "})   # (B, K, H, W) at the input size" if task == "segmentation"
            else "detections = model({" + inputs + "})   # per image: boxes (xyxy), scores, labels")
     return ["## Use", "", "```python", "import fusionzoo as fz", f'model = fz.from_pretrained("{repo_id}")',
-            out, "```", "", "Each input is a float tensor `(B, C, H, W)`, normalized as in training (Inputs below, when recorded); "
-            "`config.json` holds them (`model.pretrained_cfg`), with the class names and the sha256 of the weights, "
-            "checked on load. A modality can be left out with "
-            f"`model(inputs, missing=(\"{config['modalities'][-1]}\",))`.", ""]
+            out, "```", "",
+            ("Each input is a float tensor `(B, C, H, W)`, normalized as in training (Inputs below, when recorded); "
+             "`config.json` holds them (`model.pretrained_cfg`), with the class names and the sha256 of the weights, "
+             "checked on load. A modality can be left out with "
+             f"`model(inputs, missing=(\"{config['modalities'][-1]}\",))`."), ""]
 
 
 def _classes_and_inputs(config: Mapping[str, Any]) -> list[str]:
