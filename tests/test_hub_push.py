@@ -253,6 +253,8 @@ def test_cli_push(run_dir, hub, tmp_path, capsys, monkeypatch):
     assert "nothing uploaded" in capsys.readouterr().out and len(hub.uploads) == 1
     assert sorted(p.name for p in (tmp_path / "look").iterdir()) == ["README.md", "config.json", "model.safetensors",
                                                                      "report"]
+    assert main(["push", str(run_dir), "someone/cli-run", "--out", str(tmp_path / "look")]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
 
     empty = tmp_path / "no-weights"
     shutil.copytree(run_dir, empty, ignore=shutil.ignore_patterns("best", "checkpoints"))

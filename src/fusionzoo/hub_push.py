@@ -133,13 +133,19 @@ def write_hub_folder(model_or_run: nn.Module | str | os.PathLike, out_dir: str |
 
     Args:
         model_or_run: as :func:`push_to_hub`.
-        out_dir: the folder (created; files of the same names are replaced).
+        out_dir: a new or empty folder (a non-empty one would mix older files into the upload).
         repo_id: shown in the card's loading example (default ``"<owner>/<name>"``).
 
     Returns:
         ``out_dir``.
+
+    Raises:
+        FileExistsError: ``out_dir`` is not empty.
+        FileNotFoundError, CheckpointError: as :func:`push_to_hub`.
     """
     out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder; give a new folder to write the upload into")
     run_dir: Path | None = None
     if isinstance(model_or_run, nn.Module):
         model = unwrap_model(model_or_run)
@@ -259,10 +265,10 @@ def model_card(config: Mapping[str, Any], repo_id: str, run_dir: Path | None = N
 
 
 def _about(name: str, entry: Any, config: Mapping[str, Any], run_dir: Path | None) -> str:
-    kind = "the authors' network, converted to the parameter" if entry.published else "a fusionzoo family entry"
+    kind = "a published entry: the authors' whole network, to the parameter" if entry.published else "a fusionzoo family entry"
     kwargs = {k: v for k, v in config["model"].items() if k not in ("name", "num_classes", "modalities")}
     text = (f"`{name}` ({kind}; {entry.fusion} fusion, {entry.task}) from "
-            f"[fusionzoo](https://pypi.org/project/fusionzoo/), {config['num_classes']} classes, modalities "
+            f"fusionzoo, {config['num_classes']} classes, modalities "
             f"{', '.join(config['modalities'])}.")
     if entry.paper:
         text += f" Paper: {entry.paper}."

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         url = push_to_hub(args.source, args.repo_id, private=args.private, token=args.token,
                           commit_message=args.message, revision=args.revision)
-    except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, json.JSONDecodeError) as e:
         raise UsageError(f"push: {e}") from None
     except OfflineModeIsEnabled as e:
         raise UsageError(f"push: the Hub cannot be reached in offline mode (unset HF_HUB_OFFLINE): {e}") from None
