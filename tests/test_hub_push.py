@@ -220,6 +220,12 @@ def test_best_folder_of_a_run_gets_the_run_card(run_dir, tmp_path):
     out = write_hub_folder(run_dir / "best", tmp_path / "out")
     _, text = _card(out)
     assert "(summary.json)" in text and "## Training recipe" in text and (out / "report" / "contribution.png").is_file()
+    # a model folder beside an unrelated config.json (a project root) is not a run
+    project = tmp_path / "project"
+    shutil.copytree(run_dir / "best", project / "best")
+    (project / "config.json").write_text(json.dumps({"model": "bert-base", "lr": 1}))
+    _, text = _card(write_hub_folder(project / "best", tmp_path / "out2"))
+    assert "no training run" in text and "bert-base" not in text and "## Training recipe" not in text
 
 
 def test_errors_upload_nothing(run_dir, hub, tmp_path):

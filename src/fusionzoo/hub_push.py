@@ -42,7 +42,7 @@ from torch import nn
 
 from . import __version__, _registry
 from .hub import CONFIG_NAME, FORMAT, WEIGHTS_NAME, from_pretrained, save_pretrained
-from .interpret.runs import find_weights, is_pretrained_dir, log_records, run_config
+from .interpret.runs import WEIGHT_DIRS, find_weights, is_pretrained_dir, log_records, run_config
 from .weights import unwrap_model
 
 __all__ = ["CARD_NAME", "REPORT_DIR", "check_repo_id", "push_to_hub", "write_hub_folder"]
@@ -170,7 +170,12 @@ def _locate(path: Path) -> tuple[Path, Path | None]:
         raise FileNotFoundError(f"{path}: no such folder (expected a run folder written by train.py or a folder "
                                 "written by save_pretrained)")
     if is_pretrained_dir(path):
-        return path, (path.parent if run_config(path.parent) is not None else None)
+        # runs/<run>/best: the card covers the run. Only a training config that names this model
+        # counts, not any config.json that happens to sit in the folder above.
+        saved = (_read_json(path / CONFIG_NAME) or {}).get("model") or {}
+        parent = run_config(path.parent) or {}
+        in_run = path.name in WEIGHT_DIRS and parent.get("model") == saved.get("name")
+        return path, (path.parent if in_run else None)
     if run_config(path) is None:
         raise FileNotFoundError(f"{path} is neither a run folder (config.json written by train.py) nor a "
                                 f"save_pretrained folder ({CONFIG_NAME} with \"format\": \"{FORMAT}\" + {WEIGHTS_NAME})")
@@ -277,7 +282,8 @@ def _about(name: str, entry: Any, config: Mapping[str, Any], run_dir: Path | Non
     if kwargs:
         text += f" Built with `{json.dumps(kwargs)}`."
     if run_dir is None:
-        text += " Pushed from a model folder or object: no training run (recipe, scores) came with it."
+        text += (" Pushed from a model folder or object: no training run came with it (no recipe, training log "
+                 "or report).")
     return text
 
 
