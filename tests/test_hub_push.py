@@ -298,6 +298,11 @@ class HttpHub:
             body = json.loads(request.content)
             self.repos[f"{body['organization']}/{body['name']}"] = body
             return httpx2.Response(200, json={"url": f"https://huggingface.co/{body['organization']}/{body['name']}"})
+        if method == "GET" and path.startswith("/api/models/") and "/tree/" in path:
+            repo_id = path[len("/api/models/"):].split("/tree/")[0]
+            return httpx2.Response(200, json=[  # oid: the git blob id
+                {"type": "file", "path": p, "size": len(d), "oid": hashlib.sha1(b"blob %d\0" % len(d) + d).hexdigest()}
+                for p, d in self.trees.get(repo_id, {}).items()])
         if method == "POST" and path == "/api/validate-yaml":
             self.readmes.append(json.loads(request.content)["content"])
             return httpx2.Response(200, json={"errors": [], "warnings": []})
@@ -327,12 +332,15 @@ class HttpHub:
                     tree[rec["value"]["path"]] = base64.b64decode(rec["value"]["content"])
                 elif rec["key"] == "lfsFile":
                     tree[rec["value"]["path"]] = self.blobs[rec["value"]["oid"]]
+                elif rec["key"] == "deletedFile":
+                    del tree[rec["value"]["path"]]
             oid = hashlib.sha1(request.content).hexdigest()
             return httpx2.Response(200, json={"commitUrl": f"https://huggingface.co/{repo_id}/commit/{oid}",
                                               "commitOid": oid})
         return httpx2.Response(404, json={"error": f"the stand-in Hub has no {method} {path}"})
 
 
+@pytest.mark.filterwarnings("ignore:Use 'content=:DeprecationWarning")  # inside huggingface_hub's LFS upload
 def test_push_over_http(run_dir, tmp_path, monkeypatch):
     """The real HfApi against the stand-in HTTP Hub; the committed tree loads from the cache."""
     http = HttpHub()
@@ -359,6 +367,15 @@ def test_push_over_http(run_dir, tmp_path, monkeypatch):
     (snapshot.parents[1] / "refs" / "main").write_text(snapshot.name)
     _offline(monkeypatch)
     _same_weights(from_pretrained(run_dir / "best"), fz.from_pretrained("someone/over-http", cache_dir=tmp_path / "cache"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+
+    # pushing a model without a report to the same repository removes the earlier plots with their card
+    huggingface_hub.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(http)))
+    try:
+        push_to_hub(fz.create_model(NAME, num_classes=5), "someone/over-http", token="hf_test")
+    finally:
+        huggingface_hub.set_client_factory(default_client_factory)
+    assert sorted(tree) == ["README.md", "config.json", "model.safetensors"]
 
 
 def test_lazy_export():

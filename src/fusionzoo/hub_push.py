@@ -19,7 +19,7 @@ What is uploaded (:func:`write_hub_folder` writes it; ``fusionzoo push --out DIR
   ``fusionzoo interpret RUN --out RUN/report``).
 
 The upload goes through ``huggingface_hub.HfApi``: ``create_repo(exist_ok=True)``, then
-``upload_folder`` (one commit). This module reads run folders as files through
+``upload_folder`` (one commit; report plots of an earlier push that this one lacks are deleted). This module reads run folders as files through
 :mod:`fusionzoo.interpret.runs` and sits beside ``interpret``, above the models layer.
 """
 
@@ -122,6 +122,8 @@ def push_to_hub(
         info = api.upload_folder(
             repo_id=repo_id, folder_path=folder, revision=revision,
             commit_message=commit_message or f"Upload {name} with fusionzoo {__version__}",
+            # plots of an earlier push that this one does not have would outlive the card that showed them
+            delete_patterns=[f"{REPORT_DIR}/*.png"],
         )
     return str(info.commit_url)
 
