@@ -28,6 +28,7 @@ _LAZY = {
     "FusionModel": ".models",
     "Captured": ".taps", "Tap": ".taps", "TapInfo": ".taps", "capture": ".taps",
     "from_pretrained": ".hub",
+    "push_to_hub": ".hub_push",
 }
 _LAZY_SUBMODULES = ("data", "interpret", "engine", "models", "detection", "losses")
 
@@ -53,6 +54,7 @@ __all__ = [
     "list_models",
     "list_pretrained",
     "model_entry",
+    "push_to_hub",
     "register_model",
     "released_weights",
 ]

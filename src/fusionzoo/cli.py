@@ -8,6 +8,7 @@
     fusionzoo convert PUBLISHED_NAME AUTHORS_CHECKPOINT [--tag nyuv2] [--out DIR]
     fusionzoo mr2 --annotations KAIST_annotation.json --results RESULT.txt|.json
     fusionzoo predict MODEL --rgb FILE|DIR --depth|--thermal FILE|DIR --out DIR
+    fusionzoo push RUN_OR_FOLDER OWNER/NAME [--private] [--out DIR]
 
 ``RUN_DIR_OR_MODEL`` is a training run folder (``runs/<run>``: its ``best/`` weights, its
 validation set and its training history are used), a folder written by ``save_pretrained``, or
@@ -185,6 +186,19 @@ def _parser() -> argparse.ArgumentParser:
         "own integer images[].id (0-based in MLPD's file) and category_id 1 (person); boxes in original-frame "
         "pixels. Empty files, unknown categories, non-finite scores, bad boxes and ids off by one are refused"))
     _predict_parser(sub)
+
+    ph = sub.add_parser("push", help="upload a trained model with a model card to the Hugging Face Hub",
+                        description="Upload the folder that fusionzoo.from_pretrained reads (config.json + "
+                                    "model.safetensors with its sha256) and a model card README.md generated from "
+                                    "the run (recipe, scores, interpretability report plots) to a Hub model "
+                                    "repository, in one commit. The repository is created when missing.")
+    ph.add_argument("source", help="run folder written by train.py (its best/ weights), or a save_pretrained folder")
+    ph.add_argument("repo_id", help="Hub repository 'owner/name'; load it back with fusionzoo.from_pretrained(REPO_ID)")
+    ph.add_argument("--private", action="store_true", help="create the repository private (an existing one keeps its visibility)")
+    ph.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN or `hf auth login`)")
+    ph.add_argument("--message", default=None, help="commit message (default: 'Upload MODEL with fusionzoo VERSION')")
+    ph.add_argument("--revision", default=None, help="branch to commit to, created when missing (default: main)")
+    ph.add_argument("--out", default=None, help="only write the folder that would be uploaded to OUT (look at the card); upload nothing")
     return p
 
 
@@ -240,6 +254,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("fusionzoo.commands.convert", "run"),
     "mr2": ("fusionzoo.commands.mr2", "run"),
     "predict": ("fusionzoo.commands.predict", "run"),
+    "push": ("fusionzoo.commands.push", "run"),
 }
 
 

@@ -29,7 +29,7 @@ from .callbacks import ModalityBalanceCallback
 from .contribution import task_for
 from .cooperation import RECORD_KINDS
 
-__all__ = ["check_model_data", "find_weights", "interpret_run", "is_pretrained_dir", "load_run", "record_run",
+__all__ = ["check_model_data", "find_weights", "interpret_run", "is_pretrained_dir", "load_run", "log_records", "record_run",
            "run_config", "training_history", "validation_set"]
 
 WEIGHT_DIRS = ("best", "pretrained", "final")
@@ -92,22 +92,28 @@ def training_history(run_dir: str | Path) -> dict[str, Any] | None:
                           f"no {ModalityBalanceCallback.state_key!r} history is read from it", stacklevel=2)
         if states:
             break  # callbacks.json is the finished run's; the checkpoint only stands in for it
-    records: dict[str, list[dict[str, Any]]] = {}
-    log = run_dir / "metrics.jsonl"
-    if log.is_file():
-        for line in log.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            if isinstance(rec, dict) and rec.get("kind") in RECORD_KINDS:
-                records.setdefault(rec["kind"], []).append(rec)
+    records = log_records(run_dir, RECORD_KINDS)
     history = dict(states.pop(ModalityBalanceCallback.state_key, {}))
     if states:
         history["callbacks"] = states
     if records:
         history["records"] = records
     return history or None
+
+
+def log_records(run_dir: str | Path, kinds: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """The run's ``metrics.jsonl`` records of the given ``kind`` values, by kind, in order ({} without a log)."""
+    records: dict[str, list[dict[str, Any]]] = {}
+    log = Path(run_dir) / "metrics.jsonl"
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if isinstance(rec, dict) and rec.get("kind") in kinds:
+                records.setdefault(rec["kind"], []).append(rec)
+    return records
 
 
 def run_config(run_dir: str | Path) -> dict[str, Any] | None:
