@@ -105,3 +105,16 @@ def test_bad_target(tmp_path, capsys):
     assert "no trained weights" in capsys.readouterr().err
     assert main(["interpret", "no_such_model", "--out", str(tmp_path / "o"), *TINY]) == 2
     assert "unknown model 'no_such_model'" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    # `fusionzoo list --long | head`: the reader goes away mid-output; no BrokenPipeError traceback,
+    # status 0 (1 MB overflows the pipe's buffer, so the write meets the closed pipe)
+    import subprocess
+    import sys
+
+    code = ("import sys; from fusionzoo.cli import run_command; "
+            "sys.exit(run_command(lambda argv: print('x' * 1_000_000), [], prog='fusionzoo'))")
+    cmd = f"{sys.executable} -c \"{code}\" | head -c 10"
+    out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout == "x" * 10 and "Traceback" not in out.stderr, out.stderr

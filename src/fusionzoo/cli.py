@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -84,6 +85,11 @@ def run_command(fn: Callable[[list[str]], Any], argv: Sequence[str], prog: str) 
     argv = [a for a in argv if a != "--debug"]
     try:
         result = fn(argv)
+    except BrokenPipeError:
+        # the reader went away (`fusionzoo list | head`): stop quietly, as Unix tools do; point
+        # stdout at devnull so the interpreter's final flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as err:
         if debug:
             raise
