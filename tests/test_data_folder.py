@@ -1,0 +1,267 @@
+"""The ``folder`` dataset: any layout described by ``fusionzoo.yaml`` (docs/custom_data.md).
+
+Tiny folders written here (PNG images, labels, boxes, YAML); YAML errors name the key and the
+file; ``train.py --dataset folder`` trains on them and on a folder made from the shared LLVIP frames.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from fusionzoo.cli import main as cli_main
+from fusionzoo.data import DataError, FolderSpecError, create_dataset, dataset_entry, load_folder_spec
+from fusionzoo.engine.builders import build_datasets
+from fusionzoo.engine.config import ConfigError, TrainConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = (32, 40)
+PALETTE = [[0, 0, 0], [200, 30, 30], [30, 200, 30]]
+
+
+def _write_yaml(root: Path, spec: dict, name: str = "fusionzoo.yaml") -> Path:
+    (root / name).write_text(yaml.safe_dump(spec, sort_keys=False))
+    return root
+
+
+def _seg_folder(root: Path, n: int = 4, *, encoding: str = "index", **overrides) -> Path:
+    """rgb/ (JPEG), depth/<id>_d.png (uint16 mm), masks/ (index or colour PNG), ids files; 3 classes."""
+    rng = np.random.default_rng(0)
+    for d in ("rgb", "depth", "masks", "lists"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    ids = [f"img{i:02d}" for i in range(n)]
+    for i, sid in enumerate(ids):
+        Image.fromarray(rng.integers(0, 255, (*SIZE, 3), dtype=np.uint8)).save(root / "rgb" / f"{sid}.jpg")
+        depth = np.full(SIZE, 1500 + 100 * i, np.uint16)
+        depth[0, 0] = 0  # one invalid pixel
+        Image.fromarray(depth).save(root / "depth" / f"{sid}_d.png")
+        mask = np.zeros(SIZE, np.uint8)
+        mask[:, SIZE[1] // 2:] = 1 + i % 2
+        mask[:2] = 255  # ignore
+        if encoding == "color":
+            lut = np.array([*PALETTE, *[[0, 0, 0]] * 252, [255, 255, 255]], np.uint8)
+            Image.fromarray(lut[mask]).save(root / "masks" / f"{sid}.png")
+        else:
+            Image.fromarray(mask, mode="L").save(root / "masks" / f"{sid}.png")
+    (root / "lists" / "train.txt").write_text("\n".join(ids[: n // 2 + 1]) + "\n")
+    (root / "lists" / "val.txt").write_text("# comment lines are skipped\n" + "\n".join(ids[n // 2 + 1:]) + "\n")
+    spec = {
+        "task": "segmentation",
+        "classes": ["background", "red", "green"],
+        "palette": PALETTE,
+        "modalities": {"rgb": "rgb", "depth": {"folder": "depth", "pattern": "{id}_d.png", "scale": 1000}},
+        "labels": {"folder": "masks", "encoding": encoding},
+        "splits": {"train": "lists/train.txt", "val": "lists/val.txt"},
+        "normalization": {"depth": {"mean": [1.6], "std": [0.2]}},
+    }
+    if encoding == "color":
+        spec["labels"]["ignore_color"] = [255, 255, 255]
+    spec.update(overrides)
+    return _write_yaml(root, spec)
+
+
+def _det_folder(root: Path) -> Path:
+    """Split folders train/ and val/, each with visible/ + lwir/ PNGs and boxes/*.txt; 2 classes."""
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 4), ("val", 2)):
+        for d in ("visible", "lwir", "boxes"):
+            (root / split / d).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            sid = f"{split}_{i}"
+            Image.fromarray(rng.integers(0, 255, (*SIZE, 3), dtype=np.uint8)).save(root / split / "visible" / f"{sid}.png")
+            Image.fromarray(rng.integers(0, 255, SIZE, dtype=np.uint8)).save(root / split / "lwir" / f"{sid}.png")
+            (root / split / "boxes" / f"{sid}.txt").write_text(f"{i % 2} 2 3 {12 + i} 20\n1 15 4 30 22\n")
+    return _write_yaml(root, {
+        "task": "detection",
+        "classes": ["person", "car"],
+        "modalities": {"rgb": {"folder": "visible"}, "thermal": {"folder": "lwir", "bits": 8}},
+        "boxes": {"folder": "boxes"},
+        "splits": {"train": "train", "val": "val"},
+    })
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def test_segmentation_folder_reads_files_and_metadata(tmp_path):
+    root = _seg_folder(tmp_path)
+    entry = dataset_entry("folder", root)
+    assert entry.task == "segmentation" and entry.modalities == ("rgb", "depth") and entry.num_classes == 3
+    assert entry.splits == ("train", "val") and entry.extra["palette"] == PALETTE
+    ds = create_dataset("folder", root, split="train")
+    assert len(ds) == 3 and ds.classes == ["background", "red", "green"] and ds.num_classes == 3
+    assert ds.palette == [tuple(c) for c in PALETTE] and ds.modalities == ("rgb", "depth")
+    s = ds[1]
+    assert s["rgb"].shape == (3, *SIZE) and s["depth"].shape == (1, *SIZE) and s["mask"].shape == SIZE
+    assert s["depth"][0, 5, 5].item() == pytest.approx(1.6)  # 1600 units at scale 1000 -> metres
+    assert s["depth"][0, 0, 0].item() == 0  # invalid stays 0
+    assert set(s["mask"].unique().tolist()) == {0, 2, 255}
+    assert s["meta"]["paths"]["depth"].endswith("depth/img01_d.png")
+    val = create_dataset("folder", root, split="val")
+    assert val.ids == ["img03"]
+    # normalisation: the YAML's depth statistics over the defaults (ImageNet RGB)
+    stats = entry.stats()
+    assert stats["depth"].mean == (1.6,) and stats["rgb"].mean == pytest.approx((0.485, 0.456, 0.406))
+
+
+def test_colour_labels_map_through_the_palette(tmp_path):
+    index = create_dataset("folder", _seg_folder(tmp_path / "i"), split="train")[0]["mask"]
+    colour = create_dataset("folder", _seg_folder(tmp_path / "c", encoding="color"), split="train")[0]["mask"]
+    assert torch.equal(index, colour)
+
+
+def test_colour_label_with_an_unknown_colour_names_file_and_colour(tmp_path):
+    root = _seg_folder(tmp_path, encoding="color")
+    Image.fromarray(np.full((*SIZE, 3), 7, np.uint8)).save(root / "masks" / "img00.png")
+    with pytest.raises(DataError, match=r"img00.png: colours \[\[7, 7, 7\]\] are not in .*palette"):
+        create_dataset("folder", root, split="train")[0]
+
+
+def test_reduce_zero_label_and_ignore_index(tmp_path):
+    root = _seg_folder(tmp_path, reduce_zero_label=True, classes=["red", "green"], palette=PALETTE[1:])
+    mask = create_dataset("folder", root, split="train")[1]["mask"]
+    # stored 0 (background) becomes ignore, 2 (green) becomes class 1; 255 stays ignore
+    assert set(mask.unique().tolist()) == {1, 255}
+    root2 = _seg_folder(tmp_path / "b", ignore_index=2)  # value 2 in the files means "not labelled"
+    with pytest.raises(FolderSpecError, match="ignore_index"):
+        load_folder_spec(root2)  # 2 is a class index of the 3 classes
+    root3 = _seg_folder(tmp_path / "c", ignore_index=2, classes=["background", "red"], palette=PALETTE[:2])
+    assert set(create_dataset("folder", root3, split="train")[1]["mask"].unique().tolist()) == {0, 255}
+
+
+def test_detection_folder_with_split_folders(tmp_path):
+    root = _det_folder(tmp_path)
+    ds = create_dataset("folder", root, split="train")
+    assert ds.ids == ["train_0", "train_1", "train_2", "train_3"]  # the split folder's files
+    s = ds[1]
+    assert s["rgb"].shape == (3, *SIZE) and s["thermal"].shape == (1, *SIZE)
+    assert s["boxes"].tolist() == [[2, 3, 13, 20], [15, 4, 30, 22]] and s["labels"].tolist() == [1, 1]
+    assert len(create_dataset("folder", root, split="val")) == 2
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("change", "pattern"), [
+    ({"colour": 1}, r"fusionzoo.yaml: top level: unknown key\(s\) \['colour'\]; valid keys: \['name', 'task'"),
+    ({"task": "classification"}, r"fusionzoo.yaml: task: expected one of \['segmentation', 'detection'\]"),
+    ({"palette": PALETTE[:2]}, r"fusionzoo.yaml: palette: 2 colours for 3 classes"),
+    ({"palette": [[0, 0, 0], [0, 0, 0], [1, 1, 1]]}, r"palette: colours \[\(0, 0, 0\)\] repeat"),
+    ({"classes": ["a", "a", "b"]}, r"classes: names repeat: \['a'\]"),
+    ({"modalities": {"rgb": "rgb", "lidr": "x"}}, r"modalities: unknown key\(s\) \['lidr'\]; valid keys: \['rgb', 'hha'"),
+    ({"modalities": {"rgb": {"folder": "rgb", "scale": 2}}}, r"modalities.rgb: unknown key\(s\) \['scale'\]"),
+    ({"modalities": {"rgb": "rgb", "depth": {"folder": "depth", "scale": -1}}}, r"modalities.depth.scale: expected"),
+    ({"modalities": {"rgb": {"folder": "rgb", "pattern": "x.png"}}}, r"modalities.rgb.pattern: expected a file name"),
+    ({"labels": {"folder": "masks", "encoding": "rgb"}}, r"labels.encoding: expected 'index'"),
+    ({"boxes": "boxes"}, r"boxes: is for task detection; this file says task: segmentation"),
+    ({"splits": {"train": "lists/nope.txt"}}, r"splits.train: .*lists/nope.txt not found"),
+    ({"normalization": {"depth": {"mean": [1, 2], "std": [1]}}}, r"normalization.depth.mean: expected 1 number"),
+])
+def test_yaml_errors_name_key_and_file(tmp_path, change, pattern):
+    root = _seg_folder(tmp_path, **change)
+    with pytest.raises(FolderSpecError, match=pattern):
+        load_folder_spec(root)
+
+
+def test_missing_yaml_folder_files_and_split(tmp_path):
+    root = _seg_folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no fusionzoo.yaml or dataset.yaml"):
+        load_folder_spec(tmp_path / "rgb")
+    with pytest.raises(FolderSpecError, match="no split 'test'; it names \\['train', 'val'\\]"):
+        create_dataset("folder", root, split="test")
+    _write_yaml(root, {"task": "segmentation", "classes": ["a"]}, name="dataset.yaml")
+    with pytest.raises(FolderSpecError, match="both fusionzoo.yaml and dataset.yaml exist"):
+        load_folder_spec(root)
+    (root / "dataset.yaml").unlink()
+    (root / "depth" / "img01_d.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 file\(s\) missing for ids of split 'train': .*depth/img01_d.png"):
+        create_dataset("folder", root, split="train")
+    spec = yaml.safe_load((root / "fusionzoo.yaml").read_text())
+    spec["labels"]["folder"] = "labels"
+    _write_yaml(root, spec)
+    with pytest.raises(FileNotFoundError, match=r"fusionzoo.yaml: labels.folder: .*labels not found"):
+        create_dataset("folder", root, split="val")
+
+
+def test_train_config_errors_are_one_line_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="needs --data-root .*docs/custom_data.md"):
+        build_datasets(TrainConfig(dataset="folder"))
+    root = _seg_folder(tmp_path, palette=PALETTE[:1])
+    with pytest.raises(ConfigError, match="--data-root .*palette: 1 colours for 3 classes"):
+        build_datasets(TrainConfig(dataset="folder", data_root=str(root)))
+
+
+# --- train.py and interpret ------------------------------------------------------------------
+
+
+def _train_module():
+    spec = importlib.util.spec_from_file_location("fz_train_script_folder", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SEG_MODEL = ["--model", "early_concat", "--model-kwargs", "{encoder: test_resnet}"]  # timm's 0.7M-parameter test net
+DET_MODEL = ["--model", "fcos_early", "--model-kwargs", "{encoder: test_resnet, fpn_channels: 64}"]
+TINY = ["--image-size", "32,40", "--batch-size", "2", "--epochs", "1", "--threads", "1", "--no-progress",
+        "--no-report", "--callbacks=", "--checkpoint-minutes", "0"]
+
+
+def test_train_py_segmentation_on_a_folder(tmp_path):
+    root = _seg_folder(tmp_path / "data")
+    summary = _train_module().main(["--dataset", "folder", "--data-root", str(root), *SEG_MODEL, *TINY, "--out-dir", str(tmp_path / "runs"),
+                                    "--run-name", "seg"])
+    run = tmp_path / "runs" / "seg"
+    assert summary["class_names"] == ["background", "red", "green"] and summary["steps"] == 1
+    saved = json.loads((run / "best" / "config.json").read_text())
+    assert saved["class_names"] == ["background", "red", "green"] and saved["num_classes"] == 3
+    assert saved["modalities"] == ["rgb", "depth"]
+    assert saved["normalization"]["depth"] == {"mean": [1.6], "std": [0.2]}  # the YAML's, stored with the model
+
+
+def test_interpret_cli_on_a_folder(tmp_path, capsys):
+    root = _seg_folder(tmp_path / "data")
+    rc = cli_main(["interpret", "early_concat_resnet18", "--dataset", "folder", "--data-root", str(root),
+                   "--split", "train", "--image-size", "32", "40", "--metrics", "contribution", 
+                   "--no-progress", "--out", str(tmp_path / "rep")])
+    assert rc == 0
+    res = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert set(res["contribution"]["shapley"]) == {"rgb", "depth"}
+    rc = cli_main(["interpret", "early_concat_resnet18", "--dataset", "folder", "--data-root", str(tmp_path),
+                   "--out", str(tmp_path / "rep2")])
+    assert rc == 2 and "no fusionzoo.yaml" in capsys.readouterr().err
+
+
+def test_train_py_trains_on_a_folder_made_from_shared_llvip(tmp_path, shared_data):
+    llvip = shared_data / "llvip"
+    if not (llvip / "rgb").is_dir():
+        pytest.skip(f"{llvip} is absent (set FUSIONZOO_SHARED_DATA to the shared data folder)")
+    # The YAML's folder holds nothing else: absolute paths point at the read-only frames (never copied).
+    root = tmp_path / "llvip_folder"
+    root.mkdir()
+    _write_yaml(root, {
+        "name": "llvip_frames",
+        "task": "detection",
+        "classes": ["person"],
+        "palette": [[220, 20, 60]],
+        "modalities": {"rgb": {"folder": str(llvip / "rgb"), "pattern": "{id}.jpg"},
+                       "thermal": {"folder": str(llvip / "thermal"), "pattern": "{id}.jpg"}},
+        "boxes": {"folder": str(llvip / "boxes")},
+        "splits": {"train": str(llvip / "splits" / "test.txt"), "val": str(llvip / "splits" / "train.txt")},
+    })
+    ds = create_dataset("folder", root, split="train")
+    assert len(ds) == 5 and ds.raw(0)["rgb"].shape == (1024, 1280, 3)
+    summary = _train_module().main(["--dataset", "folder", "--data-root", str(root), *DET_MODEL, *TINY, "--image-size", "64,80", "--max-steps-per-epoch", "1",
+                                    "--out-dir", str(tmp_path / "runs"), "--run-name", "llvip"])
+    assert summary["task"] == "detection" and summary["steps"] == 1 and 0 <= summary["best_value"] <= 1
+    assert json.loads((tmp_path / "runs" / "llvip" / "best" / "config.json").read_text())["modalities"] == [
+        "rgb", "thermal"]
