@@ -226,6 +226,7 @@ def test_train_py_segmentation_on_a_folder(tmp_path):
     assert saved["class_names"] == ["background", "red", "green"] and saved["num_classes"] == 3
     assert saved["modalities"] == ["rgb", "depth"]
     assert saved["normalization"]["depth"] == {"mean": [1.6], "std": [0.2]}  # the YAML's, stored with the model
+    assert saved["extra"]["palette"] == PALETTE  # for fusionzoo predict's colour masks
 
 
 def test_interpret_cli_on_a_folder(tmp_path, capsys):
