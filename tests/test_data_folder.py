@@ -148,6 +148,31 @@ def test_detection_folder_with_split_folders(tmp_path):
     assert len(create_dataset("folder", root, split="val")) == 2
 
 
+def test_yolo_boxes_read_as_the_same_pixel_boxes(tmp_path):
+    root = _det_folder(tmp_path)
+    xyxy = create_dataset("folder", root, split="val")[1]
+    h, w = SIZE
+    for path in (root / "val" / "boxes").glob("*.txt"):  # rewrite every file as YOLO fractions
+        lines = []
+        for line in path.read_text().splitlines():
+            c, x1, y1, x2, y2 = (float(v) for v in line.split())
+            lines.append(f"{int(c)} {(x1 + x2) / 2 / w} {(y1 + y2) / 2 / h} {(x2 - x1) / w} {(y2 - y1) / h}")
+        path.write_text("\n".join(lines) + "\n")
+    spec = yaml.safe_load((root / "fusionzoo.yaml").read_text())
+    spec["boxes"]["format"] = "yolo"
+    _write_yaml(root, spec)
+    yolo = create_dataset("folder", root, split="val")[1]
+    torch.testing.assert_close(yolo["boxes"], xyxy["boxes"], rtol=0, atol=1e-4)
+    assert torch.equal(yolo["labels"], xyxy["labels"]) and not yolo["ignore"].any()
+    (root / "val" / "boxes" / "val_1.txt").write_text("0 0.5 0.5 12 20\n")  # pixels given as YOLO
+    with pytest.raises(DataError, match=r"val_1.txt:1: YOLO box .* must be fractions .*boxes.format: xyxy"):
+        create_dataset("folder", root, split="val")[1]
+    spec["boxes"]["format"] = "coco"
+    _write_yaml(root, spec)
+    with pytest.raises(FolderSpecError, match=r"boxes.format: expected 'xyxy' .* or 'yolo'"):
+        load_folder_spec(root)
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@
     modalities:                        # the model's streams, in this order
       rgb: images                      # shorthand for {folder: images}
       depth: {folder: depth, pattern: "{id}_depth.png", scale: 1000}   # integer units per metre
-    labels: {folder: masks, encoding: index}   # segmentation; detection: boxes: {folder: boxes}
+    labels: {folder: masks, encoding: index}   # segmentation; detection: boxes: {folder: boxes, format: yolo}
     splits:
       train: splits/train.txt          # a text file of ids ...
       val: val                         # ... or a folder holding that split's modality folders
@@ -51,6 +51,7 @@ __all__ = [
     "ModalitySource",
     "find_spec_file",
     "load_folder_spec",
+    "read_yolo_boxes",
     "resolve_folder_entry",
 ]
 
@@ -61,7 +62,8 @@ TOP_KEYS = ("name", "task", "classes", "palette", "ignore_index", "reduce_zero_l
 MODALITY_KEYS = {"rgb": ("folder", "pattern"), "hha": ("folder", "pattern"),
                  "depth": ("folder", "pattern", "scale"), "thermal": ("folder", "pattern", "bits")}
 CHANNELS = {"rgb": 3, "hha": 3, "depth": 1, "thermal": 1}
-TARGET_KEYS = {"labels": ("folder", "pattern", "encoding", "ignore_color"), "boxes": ("folder", "pattern")}
+TARGET_KEYS = {"labels": ("folder", "pattern", "encoding", "ignore_color"), "boxes": ("folder", "pattern", "format")}
+BOX_FORMATS = ("xyxy", "yolo")
 TASKS = ("segmentation", "detection")
 
 
@@ -78,7 +80,7 @@ class ModalitySource:
         pattern: File name with ``{id}`` (``"{id}.png"``); ``None``: ``<id>`` plus the extension
             found in the folder (one of ``base.EXTENSIONS``).
         options: ``scale`` (depth: integer units per metre), ``bits`` (thermal), ``encoding`` and
-            ``ignore_color`` (labels).
+            ``ignore_color`` (labels), ``format`` (boxes: ``xyxy`` or ``yolo``).
     """
 
     folder: str
@@ -337,7 +339,11 @@ def _check_modality_options(path: Path, sources: Mapping[str, ModalitySource]) -
 
 
 def _check_target_options(path: Path, key: str, target: ModalitySource, palette: Sequence[tuple[int, ...]]) -> None:
-    if key != "labels":
+    if key == "boxes":
+        fmt = target.options.get("format", "xyxy")
+        if fmt not in BOX_FORMATS:
+            raise _fail(path, "boxes.format", f"expected 'xyxy' ('<class> x1 y1 x2 y2' in pixels) or 'yolo' "
+                                              f"('<class> cx cy w h' as fractions of the image), got {fmt!r}")
         return
     enc = target.options.get("encoding", "index")
     if enc not in ("index", "color"):
@@ -373,6 +379,54 @@ def _pattern_regex(pattern: str | None) -> re.Pattern[str]:
         return re.compile(r"(.+)(" + "|".join(re.escape(e) for e in EXTENSIONS) + r")$", re.IGNORECASE)
     before, after = pattern.split("{id}")
     return re.compile(re.escape(before) + "(.+)" + re.escape(after) + "$")
+
+
+def read_yolo_boxes(path: str | Path, num_classes: int, image_size: tuple[int, int], *,
+                    flags: bool = True) -> tuple[np.ndarray, ...]:
+    """Read a YOLO label file: ``<class> <cx> <cy> <w> <h>`` per line, fractions of the image.
+
+    Args:
+        path: The ``.txt`` file (empty: no objects).
+        num_classes: Valid class indices are ``0 .. num_classes - 1``.
+        image_size: ``(H, W)`` of the image the fractions refer to.
+        flags: Also return ``ignore`` (all False) and ``occlusion`` (all -1, unknown), as
+            :func:`~fusionzoo.data.io.read_boxes` does.
+
+    Returns:
+        ``boxes`` float32 ``(N, 4)`` xyxy pixels (clipped to the image) and ``labels`` int64
+        ``(N,)``; with ``flags`` also ``ignore`` bool ``(N,)`` and ``occlusion`` int64 ``(N,)``.
+
+    Raises:
+        DataError: A malformed line, a class out of range, a coordinate outside [0, 1] or a
+            non-positive size, naming the file and line.
+    """
+    path = Path(path)
+    height, width = image_size
+    boxes, labels = [], []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        parts = line.split()
+        if not parts or parts[0].startswith("#"):
+            continue
+        try:
+            if len(parts) != 5:
+                raise ValueError(f"{len(parts)} fields")
+            cls = int(parts[0])
+            cx, cy, w, h = (float(p) for p in parts[1:])
+        except ValueError as err:
+            raise DataError(f"{path}:{lineno}: expected '<class> <cx> <cy> <w> <h>' (YOLO, fractions of the image; "
+                            f"boxes.format: yolo) ({err}): {line.strip()!r}") from None
+        if not 0 <= cls < num_classes:
+            raise DataError(f"{path}:{lineno}: class {cls} out of range 0..{num_classes - 1}")
+        if not (all(np.isfinite([cx, cy, w, h])) and 0 <= cx <= 1 and 0 <= cy <= 1 and 0 < w <= 1 and 0 < h <= 1):
+            raise DataError(f"{path}:{lineno}: YOLO box {[cx, cy, w, h]} must be fractions of the image in [0, 1] "
+                            "with w, h > 0; pixel boxes need boxes.format: xyxy")
+        boxes.append([max(cx - w / 2, 0) * width, max(cy - h / 2, 0) * height,
+                      min(cx + w / 2, 1) * width, min(cy + h / 2, 1) * height])
+        labels.append(cls)
+    out = (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64))
+    if flags:
+        return (*out, np.zeros(len(labels), bool), np.full(len(labels), -1, np.int64))
+    return out
 
 
 @register_dataset(
@@ -521,7 +575,8 @@ class FolderDataset(PreparedDataset):
         path = self.path("target", sample_id)
         if self.spec.task == "detection":
             paths["boxes"] = str(path)
-            sample["boxes"], sample["labels"], sample["ignore"], sample["occlusion"] = read_boxes(
+            read = read_yolo_boxes if self.spec.target.options.get("format") == "yolo" else read_boxes
+            sample["boxes"], sample["labels"], sample["ignore"], sample["occlusion"] = read(
                 path, self.num_classes, size, flags=True)
             return
         paths["mask"] = str(path)
