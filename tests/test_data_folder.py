@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -267,27 +268,39 @@ def test_interpret_cli_on_a_folder(tmp_path, capsys):
     assert rc == 2 and "no fusionzoo.yaml" in capsys.readouterr().err
 
 
+def _doc_yaml(marker: str) -> str:
+    """The YAML block of docs/custom_data.md that contains ``marker``."""
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "docs" / "custom_data.md").read_text(), re.DOTALL)
+    return next(b for b in blocks if marker in b)
+
+
+def test_the_documented_schema_example_is_valid(tmp_path):
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "train.txt").write_text("a\n")
+    (tmp_path / "val").mkdir()
+    (tmp_path / "fusionzoo.yaml").write_text(_doc_yaml("name: my_rooms"))
+    spec = load_folder_spec(tmp_path)
+    assert spec.classes == ("floor", "wall", "chair") and list(spec.modalities) == ["rgb", "depth"]
+    assert spec.modalities["depth"].options == {"scale": 1000} and spec.stats["depth"].mean == (2.1,)
+    assert spec.splits == {"train": tmp_path / "splits" / "train.txt", "val": tmp_path / "val"}
+
+
 def test_train_py_trains_on_a_folder_made_from_shared_llvip(tmp_path, shared_data):
+    """The worked example of docs/custom_data.md, its YAML pointed at the shared frames (never copied)."""
     llvip = shared_data / "llvip"
     if not (llvip / "rgb").is_dir():
         pytest.skip(f"{llvip} is absent (set FUSIONZOO_SHARED_DATA to the shared data folder)")
-    # The YAML's folder holds nothing else: absolute paths point at the read-only frames (never copied).
     root = tmp_path / "llvip_folder"
     root.mkdir()
-    _write_yaml(root, {
-        "name": "llvip_frames",
-        "task": "detection",
-        "classes": ["person"],
-        "palette": [[220, 20, 60]],
-        "modalities": {"rgb": {"folder": str(llvip / "rgb"), "pattern": "{id}.jpg"},
-                       "thermal": {"folder": str(llvip / "thermal"), "pattern": "{id}.jpg"}},
-        "boxes": {"folder": str(llvip / "boxes")},
-        "splits": {"train": str(llvip / "splits" / "test.txt"), "val": str(llvip / "splits" / "train.txt")},
-    })
+    (root / "fusionzoo.yaml").write_text(_doc_yaml("name: llvip_frames").replace("/work/shared/data", str(shared_data)))
     ds = create_dataset("folder", root, split="train")
-    assert len(ds) == 5 and ds.raw(0)["rgb"].shape == (1024, 1280, 3)
-    summary = _train_module().main(["--dataset", "folder", "--data-root", str(root), *DET_MODEL, *TINY, "--image-size", "64,80", "--max-steps-per-epoch", "1",
+    assert len(ds) == 5 and ds.classes == ["person"] and ds.modalities == ("rgb", "thermal")
+    raw = ds.raw(0)
+    assert raw["rgb"].shape == (1024, 1280, 3) and raw["thermal"].shape == (1024, 1280)
+    assert raw["boxes"].tolist() == [[1018, 330, 1137, 588], [1204, 304, 1280, 531]]  # 190001, as documented
+    summary = _train_module().main(["--dataset", "folder", "--data-root", str(root), *DET_MODEL, *TINY,
+                                    "--image-size", "64,80", "--max-steps-per-epoch", "1",
                                     "--out-dir", str(tmp_path / "runs"), "--run-name", "llvip"])
     assert summary["task"] == "detection" and summary["steps"] == 1 and 0 <= summary["best_value"] <= 1
-    assert json.loads((tmp_path / "runs" / "llvip" / "best" / "config.json").read_text())["modalities"] == [
-        "rgb", "thermal"]
+    saved = json.loads((tmp_path / "runs" / "llvip" / "best" / "config.json").read_text())
+    assert saved["modalities"] == ["rgb", "thermal"] and saved["extra"]["palette"] == [[220, 20, 60]]
