@@ -187,6 +187,7 @@ def test_yolo_boxes_read_as_the_same_pixel_boxes(tmp_path):
     ({"modalities": {"rgb": {"folder": "rgb", "scale": 2}}}, r"modalities.rgb: unknown key\(s\) \['scale'\]"),
     ({"modalities": {"rgb": "rgb", "depth": {"folder": "depth", "scale": -1}}}, r"modalities.depth.scale: expected"),
     ({"modalities": {"rgb": {"folder": "rgb", "pattern": "x.png"}}}, r"modalities.rgb.pattern: expected a file name"),
+    ({"modalities": {"rgb": {"folder": "rgb", "pattern": "{id}_{n}.png"}}}, r"modalities.rgb.pattern: expected"),
     ({"labels": {"folder": "masks", "encoding": "rgb"}}, r"labels.encoding: expected 'index'"),
     ({"boxes": "boxes"}, r"boxes: is for task detection; this file says task: segmentation"),
     ({"splits": {"train": "lists/nope.txt"}}, r"splits.train: .*lists/nope.txt not found"),

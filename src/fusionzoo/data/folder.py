@@ -38,7 +38,7 @@ import numpy as np
 import yaml
 
 from ._registry import register_dataset
-from .base import EXTENSIONS, PreparedDataset
+from .base import EXTENSIONS, PreparedDataset, read_ids
 from .benchmarks import voc_palette
 from .io import IGNORE_INDEX, DataError, check_label_range, read_boxes, read_image, read_label
 from .transforms import STATS, ModalityStats
@@ -174,7 +174,7 @@ def _source(path: Path, key: str, value: Any, valid: Sequence[str], default_fold
         raise _fail(path, f"{key}.folder", f"expected a folder name, got {folder!r}")
     pattern = value.get("pattern")
     if pattern is not None and (not isinstance(pattern, str) or pattern.count("{id}") != 1
-                                or "/" in pattern.replace("{id}", "")):
+                                or any(c in pattern.replace("{id}", "") for c in "/{}")):
         raise _fail(path, f"{key}.pattern", f"expected a file name with '{{id}}' once (e.g. '{{id}}.png'), "
                                             f"got {pattern!r}")
     options = {k: v for k, v in value.items() if k not in ("folder", "pattern")}
@@ -497,7 +497,7 @@ class FolderDataset(PreparedDataset):
         self._sources = {**{m: spec.modalities[m] for m in self.modalities}, "target": spec.target}
         listings = {key: self._listing(key, src) for key, src in self._sources.items()}
         first = self.modalities[0]
-        self.ids = self._ids_from_file(split_path) if split_path.is_file() else self._ids_from_listing(
+        self.ids = read_ids(split_path) if split_path.is_file() else self._ids_from_listing(
             listings[first], first)
         self._patterns = {key: src.pattern or self._find_pattern(key, listings[key]) for key, src in
                           self._sources.items()}
@@ -524,15 +524,6 @@ class FolderDataset(PreparedDataset):
                 "boxes" if key == "target" else f"modalities.{key}"
             raise FileNotFoundError(f"{self.spec.path}: {where}.folder: {folder} not found (split {self.split!r})")
         return set(os.listdir(folder))
-
-    def _ids_from_file(self, path: Path) -> list[str]:
-        ids = [s for s in (line.split("#", 1)[0].strip() for line in path.read_text().splitlines()) if s]
-        if not ids:
-            raise FolderSpecError(f"{self.spec.path}: splits.{self.split}: {path} lists no ids")
-        if len(set(ids)) != len(ids):
-            raise FolderSpecError(f"{self.spec.path}: splits.{self.split}: {path} repeats ids "
-                                  f"{sorted({i for i in ids if ids.count(i) > 1})[:5]}")
-        return ids
 
     def _ids_from_listing(self, listing: set[str], key: str) -> list[str]:
         # A split folder: its ids are the files of the first modality that match its pattern.
