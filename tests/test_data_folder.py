@@ -256,6 +256,15 @@ def test_train_py_segmentation_on_a_folder(tmp_path):
     assert saved["extra"]["palette"] == PALETTE  # for fusionzoo predict's colour masks
 
 
+def test_train_py_refuses_a_model_of_the_other_task_in_one_line(tmp_path, capsys):
+    root = _det_folder(tmp_path / "data")
+    with pytest.raises(ConfigError, match="early_concat is a segmentation model but dataset 'folder' provides "
+                                          "detection targets"):
+        _train_module().main(["--dataset", "folder", "--data-root", str(root), *SEG_MODEL, *TINY,
+                              "--out-dir", str(tmp_path / "runs")])
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 def test_interpret_cli_on_a_folder(tmp_path, capsys):
     root = _seg_folder(tmp_path / "data")
     rc = cli_main(["interpret", "early_concat_resnet18", "--dataset", "folder", "--data-root", str(root),

@@ -310,8 +310,9 @@ def build_task(cfg: TrainConfig, model: nn.Module, class_weights: torch.Tensor |
     detector computes its own loss) only refuses what the config actually asks for.
 
     Raises:
-        ConfigError: the task does not take a setting the config gives (names the key), or
-            ``class_weighting`` for a task without class weights.
+        ConfigError: the task does not take a setting the config gives (names the key),
+            ``class_weighting`` for a task without class weights, or a model whose task the
+            dataset has no targets for (a segmentation model on a detection set).
     """
     options: dict[str, Any] = {}
     if cfg.label_smoothing:
@@ -326,6 +327,10 @@ def build_task(cfg: TrainConfig, model: nn.Module, class_weights: torch.Tensor |
         task = get_task(model, **options)
     except ValueError as err:
         raise ConfigError(f"{cfg.model}: {err}") from None
+    data_task = dataset_entry(cfg.dataset, cfg.data_root).task  # `folder`: its YAML's task
+    if task.name not in data_task:
+        raise ConfigError(f"{cfg.model} is a {task.name} model but dataset {cfg.dataset!r} provides {data_task} "
+                          f"targets; pick a {data_task} model (fusionzoo list --task {data_task})")
     if cfg.class_weighting != "none" and not task.supports_class_weights:
         raise ConfigError(f"class_weighting={cfg.class_weighting!r}: the {task.name} task of {cfg.model} takes no "
                           "class weights (its loss is its own): set class_weighting: none")
