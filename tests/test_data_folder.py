@@ -220,6 +220,8 @@ def test_missing_yaml_folder_files_and_split(tmp_path):
 
 
 def test_train_config_errors_are_one_line_config_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"needs root=<folder holding fusionzoo.yaml> \(see docs/custom_data.md\)"):
+        create_dataset("folder")
     with pytest.raises(ConfigError, match="needs --data-root .*docs/custom_data.md"):
         build_datasets(TrainConfig(dataset="folder"))
     root = _seg_folder(tmp_path, palette=PALETTE[:1])

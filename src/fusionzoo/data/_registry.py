@@ -193,6 +193,8 @@ def create_dataset(
         (torch.Size([3, 64, 80]), torch.Size([1, 64, 80]), torch.Size([64, 80]))
     """
     entry = dataset_entry(name)
+    if entry.needs_root and root is None and entry.resolve is not None:
+        raise ValueError(f"dataset {name!r} needs root=<folder holding fusionzoo.yaml> (see docs/custom_data.md)")
     if entry.needs_root and root is None:
         raise ValueError(
             f"dataset {name!r} needs root=<folder with the prepared layout>; create it with "
