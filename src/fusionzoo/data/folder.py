@@ -452,7 +452,8 @@ class FolderDataset(PreparedDataset):
     Raises:
         FileNotFoundError: No root, YAML, folder, or files missing for listed ids (one error
             listing them).
-        FolderSpecError: Invalid YAML (naming the key and file) or an unknown split.
+        FolderSpecError: Invalid YAML (naming the key and file), an unknown split, or
+            ``modalities`` the YAML does not have.
 
     Example:
         >>> ds = create_dataset("folder", "my_data", split="train")  # doctest: +SKIP
@@ -481,8 +482,8 @@ class FolderDataset(PreparedDataset):
         self.modalities = tuple(modalities) if modalities is not None else self.available_modalities
         bad = [m for m in self.modalities if m not in self.available_modalities]
         if bad:
-            raise ValueError(f"folder dataset {spec.path}: modalities {bad} not in its YAML (modalities: "
-                             f"{list(self.available_modalities)})")
+            raise FolderSpecError(f"{spec.path}: modalities: {bad} asked for but not in the YAML (it has "
+                                  f"{list(self.available_modalities)})")
         if nonfinite not in ("invalid", "raise"):
             raise ValueError(f"nonfinite must be 'invalid' or 'raise', got {nonfinite!r}")
         self.transforms, self.nonfinite, self.check_size = transforms, nonfinite, check_size
