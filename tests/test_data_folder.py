@@ -278,6 +278,8 @@ def test_interpret_cli_on_a_folder(tmp_path, capsys):
     rc = cli_main(["interpret", "early_concat_resnet18", "--dataset", "folder", "--data-root", str(tmp_path),
                    "--out", str(tmp_path / "rep2")])
     assert rc == 2 and "no fusionzoo.yaml" in capsys.readouterr().err
+    rc = cli_main(["interpret", "early_concat_resnet18", "--dataset", "folder", "--out", str(tmp_path / "rep3")])
+    assert rc == 2 and "needs --data-root (see docs/custom_data.md)" in capsys.readouterr().err
 
 
 def _doc_yaml(marker: str) -> str:

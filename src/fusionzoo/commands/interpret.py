@@ -102,7 +102,8 @@ def _dataset_for(args: argparse.Namespace, run_cfg: dict[str, Any] | None, modal
         return create_dataset(name, split=split, **kwargs)
     root = args.data_root or (run_cfg or {}).get("data_root")
     if root is None:
-        raise UsageError(f"dataset {name!r} needs --data-root (see datasets/{name}/README.md)")
+        where = "docs/custom_data.md" if entry.resolve else f"datasets/{name}/README.md"
+        raise UsageError(f"dataset {name!r} needs --data-root (see {where})")
     if not Path(root).is_dir():
         raise UsageError(f"--data-root {root}: no such folder; prepare it with python datasets/{name}/prepare.py")
     try:
