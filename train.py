@@ -174,6 +174,12 @@ def load_data(cfg: TrainConfig, info: DistInfo) -> Data:
     return Data(modalities, num_classes, class_names, train_loader, sampler, val_loader, steps_per_epoch, train_set)
 
 
+def palette_of(data: Data) -> list[list[int]] | None:
+    """The dataset's class colours, saved with the model for ``fusionzoo predict`` (None unless one per class)."""
+    palette = getattr(data.train_set, "palette", None)
+    return [list(map(int, c)) for c in palette] if palette and len(palette) == data.num_classes else None
+
+
 # 3. Model.
 def build_model_and_task(cfg: TrainConfig, data: Data, info: DistInfo,
                          device: torch.device) -> tuple[nn.Module, nn.Module, Task]:
@@ -391,7 +397,8 @@ def validate(run: Run, epoch: int, stats: dict[str, float], time_s: float) -> di
         if run.info.is_main:
             save_pretrained(run.plain, run.run_dir / "best", class_names=run.data.class_names,
                             normalization=normalization_of(cfg, run.data.modalities),
-                            extra={"epoch": epoch, f"val_{metric}": score, "dataset": cfg.dataset})
+                            extra={"epoch": epoch, f"val_{metric}": score, "dataset": cfg.dataset,
+                                   "palette": palette_of(run.data)})
     if run.info.is_main:
         print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats['loss']:.4f}, val {task.metric_label} "
               f"{score:.4f}, {stats['img_per_s']:.1f} img/s, {time_s:.0f}s", flush=True)

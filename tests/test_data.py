@@ -44,6 +44,7 @@ def test_registry_lists_every_dataset():
         "flir_aligned",
         "kaist",
         "m3fd",
+        "folder",  # its YAML says segmentation or detection
         "synthetic_rgbd",
         "synthetic_rgbt",
     }

@@ -15,7 +15,7 @@ from fusionzoo import interpret
 from fusionzoo.data import collate, create_dataset, dataset_entry, eval_transforms, list_datasets
 from fusionzoo.engine.loop import evaluate
 
-BENCHMARKS = [n for n in list_datasets() if dataset_entry(n).needs_root]
+BENCHMARKS = [n for n in list_datasets() if dataset_entry(n).needs_root and not dataset_entry(n).resolve]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

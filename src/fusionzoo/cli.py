@@ -129,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def data_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--dataset", default=None, help="dataset name (default: the run's, else synthetic_rgbd)")
-        sp.add_argument("--data-root", default=None, help="prepared dataset folder (benchmarks)")
+        sp.add_argument("--data-root", default=None, help="prepared dataset folder (benchmarks), or for --dataset folder the folder holding fusionzoo.yaml (docs/custom_data.md)")
         sp.add_argument("--split", default=None, help="split to interpret (default: the run's validation split, else val)")
         sp.add_argument("--num-samples", type=int, default=None,
                         help="synthetic sets: images to generate (default 32); with a run folder it replaces the "

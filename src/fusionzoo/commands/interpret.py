@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from .._registry import create_model, model_entry
 from ..data import create_dataset, dataset_entry
-from ..data.transforms import STATS, eval_transforms
+from ..data.transforms import eval_transforms
 from ..hub import from_pretrained
 from ..interpret import METRICS, InterpretResult, load_result
 from ..interpret import run as interpret_model
@@ -102,14 +102,18 @@ def _dataset_for(args: argparse.Namespace, run_cfg: dict[str, Any] | None, modal
         return create_dataset(name, split=split, **kwargs)
     root = args.data_root or (run_cfg or {}).get("data_root")
     if root is None:
-        raise UsageError(f"dataset {name!r} needs --data-root (see datasets/{name}/README.md)")
+        where = "docs/custom_data.md" if entry.resolve else f"datasets/{name}/README.md"
+        raise UsageError(f"dataset {name!r} needs --data-root (see {where})")
     if not Path(root).is_dir():
         raise UsageError(f"--data-root {root}: no such folder; prepare it with python datasets/{name}/prepare.py")
-    mods = tuple(modalities or entry.modalities)
-    tf = eval_transforms(mods, size=tuple(args.image_size) if args.image_size else None,
-                         stats=name if name in STATS else None)
-    note.setdefault("source", f"{name} ({split}) at {root}")
-    return create_dataset(name, root, split=split, transforms=tf)
+    try:
+        entry = dataset_entry(name, root)  # `folder`: modalities and statistics from its YAML
+        mods = tuple(modalities or entry.modalities)
+        tf = eval_transforms(mods, size=tuple(args.image_size) if args.image_size else None, stats=entry.stats())
+        note.setdefault("source", f"{name} ({split}) at {root}")
+        return create_dataset(name, root, split=split, transforms=tf)
+    except FileNotFoundError as e:  # a missing YAML, folder or file: the user's data, one line
+        raise UsageError(f"--data-root {root} (dataset {name!r}): {e}") from None
 
 
 @dataclass

@@ -15,6 +15,7 @@ from ._registry import DatasetEntry, create_dataset, dataset_entry, list_dataset
 from .base import DetectionDataset, PreparedDataset, SegmentationDataset
 from .benchmarks import KAIST, LLVIP, M3FD, PST900, SUNRGBD, FLIRAligned, MFNet, NYUv2
 from .collate import collate
+from .folder import FolderDataset, FolderSpec, FolderSpecError, load_folder_spec
 from .io import DataError, DataWarning
 from .synthetic import SyntheticConfig, SyntheticDataset, SyntheticGenerator, SyntheticRGBD, SyntheticRGBT
 from .transforms import (
@@ -37,6 +38,9 @@ __all__ = [
     "DatasetEntry",
     "DetectionDataset",
     "FLIRAligned",
+    "FolderDataset",
+    "FolderSpec",
+    "FolderSpecError",
     "JointTransform",
     "MFNet",
     "ModalityStats",
@@ -55,6 +59,7 @@ __all__ = [
     "dataset_entry",
     "eval_transforms",
     "list_datasets",
+    "load_folder_spec",
     "register_dataset",
     "train_transforms",
 ]

@@ -8,13 +8,16 @@ Registering a name twice raises: a silent override is how two readers end up dis
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .transforms import STATS
 
 __all__ = ["DatasetEntry", "create_dataset", "dataset_entry", "list_datasets", "register_dataset"]
 
@@ -32,6 +35,9 @@ class DatasetEntry:
         needs_root: Whether a ``root`` folder (the prepared layout) is required.
         splits: Split names the prepared layout provides.
         paper: Citation of the dataset.
+        extra: Facts of a resolved entry (``folder``: ``spec``, ``stats``, ``classes``, ``palette``).
+        resolve: For datasets whose metadata lives in the data (``folder``): ``root`` -> the fields
+            above that the data root decides (see :func:`dataset_entry`).
     """
 
     name: str
@@ -43,6 +49,12 @@ class DatasetEntry:
     splits: tuple[str, ...] = ("train", "test")
     paper: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    resolve: Callable[[Path], Mapping[str, Any]] | None = None
+
+    def stats(self) -> Mapping[str, Any] | str | None:
+        """Normalisation statistics of this data: the entry's own (a folder's YAML), else its name
+        when :data:`~fusionzoo.data.transforms.STATS` has it, else ``None`` (the defaults)."""
+        return self.extra.get("stats") or (self.name if self.name in STATS else None)
 
 
 _REGISTRY: dict[str, DatasetEntry] = {}
@@ -57,6 +69,7 @@ def register_dataset(
     needs_root: bool = True,
     splits: tuple[str, ...] = ("train", "test"),
     paper: str = "",
+    resolve: Callable[[Path], Mapping[str, Any]] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering a dataset factory under ``name``.
 
@@ -68,6 +81,8 @@ def register_dataset(
         needs_root: False for generated data that needs no folder.
         splits: Split names available.
         paper: Citation.
+        resolve: ``root -> {task, modalities, num_classes, splits, extra}`` for a dataset whose
+            metadata is read from its data root (``folder``); :func:`dataset_entry` applies it.
 
     Returns:
         The decorator; it returns the factory unchanged.
@@ -90,6 +105,7 @@ def register_dataset(
             needs_root=needs_root,
             splits=tuple(splits),
             paper=paper,
+            resolve=resolve,
         )
         return factory
 
@@ -125,17 +141,28 @@ def list_datasets(
     return sorted(names)
 
 
-def dataset_entry(name: str) -> DatasetEntry:
+def dataset_entry(name: str, root: str | Path | None = None) -> DatasetEntry:
     """Metadata of a registered dataset.
+
+    Args:
+        name: Registry name.
+        root: The data root; for a dataset described by its data (``folder``: task, modalities,
+            classes, splits and statistics from ``<root>/fusionzoo.yaml``) the entry is resolved
+            for it. Ignored by the other datasets.
 
     Raises:
         KeyError: Unknown name; the message lists close matches and all names.
+        FileNotFoundError, fusionzoo.data.io.DataError: ``root`` cannot be resolved (``folder``:
+            no YAML, or an invalid one; the message names the key and file).
     """
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         raise KeyError(f"unknown dataset {name!r}.{hint} Registered: {list_datasets()}")
-    return _REGISTRY[name]
+    entry = _REGISTRY[name]
+    if entry.resolve is not None and root is not None:
+        return dataclasses.replace(entry, **entry.resolve(Path(root)))
+    return entry
 
 
 def create_dataset(
@@ -166,6 +193,8 @@ def create_dataset(
         (torch.Size([3, 64, 80]), torch.Size([1, 64, 80]), torch.Size([64, 80]))
     """
     entry = dataset_entry(name)
+    if entry.needs_root and root is None and entry.resolve is not None:
+        raise ValueError(f"dataset {name!r} needs root=<folder holding fusionzoo.yaml> (see docs/custom_data.md)")
     if entry.needs_root and root is None:
         raise ValueError(
             f"dataset {name!r} needs root=<folder with the prepared layout>; create it with "

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from .io import DataError, read_boxes, read_depth, read_label, read_rgb, read_thermal
 from .transforms import to_tensor_sample
 
-__all__ = ["DetectionDataset", "PreparedDataset", "SegmentationDataset", "read_split"]
+__all__ = ["DetectionDataset", "PreparedDataset", "SegmentationDataset", "read_ids", "read_split"]
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".bmp")
 
@@ -48,6 +48,15 @@ def read_split(root: Path, split: str) -> list[str]:
             f"{path}: split file not found (splits present: {found or 'none'}); "
             "run the dataset's prepare.py to create the prepared layout"
         )
+    return read_ids(path)
+
+
+def read_ids(path: Path) -> list[str]:
+    """Sample ids of a split file: one per line, ``#`` starts a comment, blank lines skipped.
+
+    Raises:
+        DataError: No ids, or duplicated ids.
+    """
     ids = []
     for line in path.read_text().splitlines():
         line = line.split("#", 1)[0].strip()

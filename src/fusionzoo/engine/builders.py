@@ -23,7 +23,7 @@ from .._registry import create_model, model_entry
 from ..data import collate, create_dataset, dataset_entry
 from ..data.io import DataError
 from ..data.statistics import class_pixel_counts
-from ..data.transforms import STATS, _stats_for, eval_transforms, train_transforms
+from ..data.transforms import _stats_for, eval_transforms, train_transforms
 from ..losses import median_frequency_weights
 from ..tasks import Task, get_task
 from ..weights import CheckpointError
@@ -101,10 +101,6 @@ def _is_synthetic(name: str) -> bool:
     return not dataset_entry(name).needs_root
 
 
-def _stats_name(name: str) -> str | None:
-    return name if name in STATS else None
-
-
 def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
     """Training and validation sets of ``cfg.dataset`` with the config's transforms.
 
@@ -120,11 +116,13 @@ def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
     """
 
     try:
-        entry = dataset_entry(cfg.dataset)
+        entry = dataset_entry(cfg.dataset, cfg.data_root)  # `folder`: task, modalities, splits, stats from its YAML
     except KeyError as e:
         raise ConfigError(f"--dataset: {e.args[0]}") from None
+    except (FileNotFoundError, DataError) as e:
+        raise ConfigError(f"--data-root {cfg.data_root} (dataset {cfg.dataset!r}): {e}") from None
     synthetic = not entry.needs_root
-    stats = _stats_name(cfg.dataset)
+    stats = entry.stats()
     modalities = entry.modalities
     train_size = cfg.crop_size or cfg.image_size
     if cfg.augment:
@@ -145,16 +143,15 @@ def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
         val = create_dataset(cfg.dataset, split=cfg.val_split, transforms=val_tf,
                              num_samples=cfg.val_samples, **common, **kwargs)
     else:
+        if cfg.data_root is None:
+            where = "docs/custom_data.md" if entry.resolve else f"datasets/{cfg.dataset}/README.md"
+            raise ConfigError(f"dataset {cfg.dataset!r} needs --data-root (the prepared layout; see {where})")
         for key in ("train_split", "val_split"):
             if getattr(cfg, key) not in entry.splits:
                 raise ConfigError(
                     f"dataset {cfg.dataset!r} has no split {getattr(cfg, key)!r} (splits: {list(entry.splits)}); "
                     f"pass --{key.replace('_', '-')} <one of them>"
                 )
-        if cfg.data_root is None:
-            raise ConfigError(
-                f"dataset {cfg.dataset!r} needs --data-root (the prepared layout; see datasets/{cfg.dataset}/README.md)"
-            )
         try:
             train = create_dataset(cfg.dataset, cfg.data_root, split=cfg.train_split, transforms=train_tf, **kwargs)
             val = create_dataset(cfg.dataset, cfg.data_root, split=cfg.val_split, transforms=val_tf, **kwargs)
@@ -313,8 +310,9 @@ def build_task(cfg: TrainConfig, model: nn.Module, class_weights: torch.Tensor |
     detector computes its own loss) only refuses what the config actually asks for.
 
     Raises:
-        ConfigError: the task does not take a setting the config gives (names the key), or
-            ``class_weighting`` for a task without class weights.
+        ConfigError: the task does not take a setting the config gives (names the key),
+            ``class_weighting`` for a task without class weights, or a model whose task the
+            dataset has no targets for (a segmentation model on a detection set).
     """
     options: dict[str, Any] = {}
     if cfg.label_smoothing:
@@ -329,6 +327,10 @@ def build_task(cfg: TrainConfig, model: nn.Module, class_weights: torch.Tensor |
         task = get_task(model, **options)
     except ValueError as err:
         raise ConfigError(f"{cfg.model}: {err}") from None
+    data_task = dataset_entry(cfg.dataset, cfg.data_root).task  # `folder`: its YAML's task
+    if task.name not in data_task:
+        raise ConfigError(f"{cfg.model} is a {task.name} model but dataset {cfg.dataset!r} provides {data_task} "
+                          f"targets; pick a {data_task} model (fusionzoo list --task {data_task})")
     if cfg.class_weighting != "none" and not task.supports_class_weights:
         raise ConfigError(f"class_weighting={cfg.class_weighting!r}: the {task.name} task of {cfg.model} takes no "
                           "class weights (its loss is its own): set class_weighting: none")
@@ -356,7 +358,8 @@ def class_weights_for(cfg: TrainConfig, train_set: Dataset, num_classes: int, ru
 
 def normalization_of(cfg: TrainConfig, modalities: Sequence[str]) -> dict[str, Any] | None:
     """Per-modality input statistics used for this dataset (stored with saved models)."""
-    stats = _stats_for(_stats_name(cfg.dataset))
+    stats = dataset_entry(cfg.dataset, cfg.data_root).stats()
+    stats = _stats_for(stats) if stats is None or isinstance(stats, str) else stats
     return {m: {"mean": list(stats[m].mean), "std": list(stats[m].std)} for m in modalities if m in stats}
 
 

@@ -96,8 +96,10 @@ class TrainConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "extra create_model arguments as YAML, a space after each colon: '{dropout: 0.1}'", "section": None})
     pretrained: bool = _key(False, "ImageNet encoder weights through the HF cache (needs the cache)")
-    dataset: str = _key("synthetic_rgbd", "a registered dataset name (fusionzoo.data.list_datasets())")
-    data_root: str | None = _key(None, "None for synthetic sets")
+    dataset: str = _key("synthetic_rgbd", "a registered dataset name (fusionzoo.data.list_datasets()); "
+                         "folder = your own data described by <data_root>/fusionzoo.yaml (docs/custom_data.md)")
+    data_root: str | None = _key(None, "None for synthetic sets; the prepared layout, or for folder the folder "
+                                 "holding fusionzoo.yaml")
     dataset_kwargs: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "extra create_dataset arguments (YAML mapping)", "section": None})
     modalities: tuple[str, ...] | None = _key(None, "None = the dataset's modalities")
