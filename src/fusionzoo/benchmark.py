@@ -276,7 +276,7 @@ def _measure_mode(mode: str, model: nn.Module, batch1: dict, batchn: dict, devic
             _sync(device)
             if mode == "compile":
                 row.compile_s += time.perf_counter() - t0
-        except Exception as e:  # noqa: BLE001 - recorded in the row, not swallowed
+        except Exception as e:  # recorded in the row, not swallowed
             if mode != "exported":
                 raise
             row.note = f"throughput not measured: the exported graph refused batch {len(next(iter(xn.values())))} ({type(e).__name__})"
