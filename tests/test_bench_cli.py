@@ -110,11 +110,12 @@ def test_cli_table_and_json(tmp_path, capsys):
     assert table[2][7] == f"{data['gflops']:.2f}" and table[2][6] == f"{data['params_m']:.2f}"
 
 
-def test_cli_save_pretrained_folder(tmp_path, capsys):
-    saved = tmp_path / "saved"
-    save_pretrained(fz.create_model("early_concat_resnet18", pretrained=False, num_classes=3), saved)
-    assert main(["bench", str(saved), *FAST, "--modes", "eager"]) == 0
-    assert capsys.readouterr().out.startswith("early_concat_resnet18 at 32x32")
+def test_cli_save_pretrained_and_run_folder(tmp_path, capsys):
+    run = tmp_path / "run"  # a run folder: train.py writes its weights to run/best/
+    save_pretrained(fz.create_model("early_concat_resnet18", pretrained=False, num_classes=3), run / "best")
+    for target in (run / "best", run):
+        assert main(["bench", str(target), *FAST, "--modes", "eager"]) == 0
+        assert capsys.readouterr().out.startswith("early_concat_resnet18 at 32x32")
 
 
 def test_default_modes_are_library_modes():
