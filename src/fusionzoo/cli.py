@@ -9,6 +9,7 @@
     fusionzoo mr2 --annotations KAIST_annotation.json --results RESULT.txt|.json
     fusionzoo predict MODEL --rgb FILE|DIR --depth|--thermal FILE|DIR --out DIR
     fusionzoo push RUN_OR_FOLDER OWNER/NAME [--private] [--out DIR]
+    fusionzoo bench MODEL [--size H W] [--batch-size N] [--modes eager,channels_last,compile,bf16] [--out FILE.json]
 
 ``RUN_DIR_OR_MODEL`` is a training run folder (``runs/<run>``: its ``best/`` weights, its
 validation set and its training history are used), a folder written by ``save_pretrained``, or
@@ -251,6 +252,40 @@ def _predict_parser(sub: Any) -> None:
     pr.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    _bench_parser(sub)
+    return p
+
+
+def _bench_parser(sub: Any) -> None:
+    """``fusionzoo bench``: modes as literals (fusionzoo.benchmark.MODES; tests/test_bench_cli.py checks)."""
+    bn = sub.add_parser(
+        "bench", help="latency, throughput, peak memory, parameters and FLOPs of one model",
+        description="Time one model on random inputs in several execution modes and print a markdown table: batch-1 "
+                    "latency p50/p95 (torch.utils.benchmark blocked_autorange after warm-up; CUDA synchronised), "
+                    "images/s at --batch-size, peak memory of one batch forward (CUDA: max_memory_allocated; CPU: "
+                    "the process's resident high-water mark), parameters and FLOPs (torch.utils.flop_counter, one "
+                    "batch-1 forward, a multiply-add = 2 FLOPs; GMACs, half of it, is what most papers call FLOPs). "
+                    "A mode that cannot run here keeps a row saying why.")
+    bn.add_argument("model", help="registered model name (built untrained: timing does not depend on weights), run "
+                                  "folder, or save_pretrained folder")
+    bn.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(480, 640), help="input size (default 480 640)")
+    bn.add_argument("--batch-size", type=int, default=8, help="batch of the throughput and peak-memory rows (default 8)")
+    bn.add_argument("--modes", default="eager,channels_last,compile,bf16", metavar="M,M,...",
+                    help="comma-separated: eager, channels_last (NHWC), compile (torch.compile; its first call's time "
+                         "is printed apart), bf16 (autocast; skipped with the reason where the device has no native "
+                         "bf16), exported (needs --exported). Default: eager,channels_last,compile,bf16")
+    bn.add_argument("--exported", default=None, metavar="FILE.pt2",
+                    help="a torch.export file of the same model (fusionzoo export), loaded with torch.export.load and "
+                         "timed as the 'exported' mode")
+    bn.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    bn.add_argument("--warmup", type=int, default=3, help="untimed calls before each timing (default 3)")
+    bn.add_argument("--min-run-time", type=float, default=2.0, metavar="S",
+                    help="seconds each timing runs at least (default 2); p50/p95 rest on the timed blocks, counted "
+                         "in the 'runs' column")
+    bn.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    bn.add_argument("--out", default=None, metavar="FILE.json", help="also write the results as JSON")
+    bn.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+
 
 # Subcommand -> (module, function), loaded when that subcommand runs (src/fusionzoo/commands/).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -261,6 +296,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mr2": ("fusionzoo.commands.mr2", "run"),
     "predict": ("fusionzoo.commands.predict", "run"),
     "push": ("fusionzoo.commands.push", "run"),
+    "bench": ("fusionzoo.commands.bench", "run"),
 }
 
 
