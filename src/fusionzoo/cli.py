@@ -206,6 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     ph.add_argument("--message", default=None, help="commit message (default: 'Upload MODEL with fusionzoo VERSION')")
     ph.add_argument("--revision", default=None, help="branch to commit to, created when missing (default: main)")
     ph.add_argument("--out", default=None, help="only write the folder that would be uploaded to OUT (look at the card); upload nothing")
+    _bench_parser(sub)
     return p
 
 
@@ -251,9 +252,6 @@ def _predict_parser(sub: Any) -> None:
     pr.add_argument("--alpha", type=float, default=0.5, help="segmentation: opacity of the overlay colours")
     pr.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    _bench_parser(sub)
-    return p
 
 
 def _bench_parser(sub: Any) -> None:
