@@ -7,6 +7,7 @@
     fusionzoo compare A B C [--dataset ...] --out DIR
     fusionzoo convert PUBLISHED_NAME AUTHORS_CHECKPOINT [--tag nyuv2] [--out DIR]
     fusionzoo mr2 --annotations KAIST_annotation.json --results RESULT.txt|.json
+    fusionzoo export RUN_DIR_OR_MODEL --format onnx|torch-export --out FILE [--size H W] [--opset N]
 
 ``RUN_DIR_OR_MODEL`` is a training run folder (``runs/<run>``: its ``best/`` weights, its
 validation set and its training history are used), a folder written by ``save_pretrained``, or
@@ -183,6 +184,26 @@ def _parser() -> argparse.ArgumentParser:
         "COCO results .json [{image_id, category_id, bbox: [x, y, w, h], score}] with image_id = the annotations' "
         "own integer images[].id (0-based in MLPD's file) and category_id 1 (person); boxes in original-frame "
         "pixels. Empty files, unknown categories, non-finite scores, bad boxes and ids off by one are refused"))
+    # fusionzoo export (src/fusionzoo/commands/export.py; formats: fusionzoo.models.export.FORMATS)
+    ex = sub.add_parser("export", help="export a model to ONNX or torch.export and check it against eager",
+                        description="Export a model with its modalities as named inputs (dynamic batch where the "
+                                    "model allows it). Segmentation models export whole (logits); detectors up to "
+                                    "their box heads' raw outputs (anchor decoding, NMS and box fusion stay outside "
+                                    "the graph). The export then runs beside the eager model on fresh inputs (ONNX "
+                                    "Runtime for ONNX when installed, else the torch.export program); the largest "
+                                    "absolute and relative differences are printed, and exit status 1 means the "
+                                    "relative one exceeded --tolerance. See docs/export.md.")
+    ex.add_argument("model", help="run folder, save_pretrained folder, or registered model name (built untrained)")
+    ex.add_argument("--format", required=True, choices=("onnx", "torch-export"),
+                    help="onnx (needs pip install 'fusionzoo[export]') or torch-export (a .pt2 for torch.export.load)")
+    ex.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
+    ex.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                    help="input height and width of the graph (default: the run's image_size, else 512 512)")
+    ex.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch's exporter's)")
+    ex.add_argument("--tolerance", type=float, default=1e-3,
+                    help="largest accepted max |export - eager| / max |eager| of any output (default 1e-3)")
+    ex.add_argument("--json", default=None, metavar="FILE", help="also write the check (per output) as JSON")
+    ex.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p
 
 
@@ -193,6 +214,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("fusionzoo.commands.interpret", "run_compare"),
     "convert": ("fusionzoo.commands.convert", "run"),
     "mr2": ("fusionzoo.commands.mr2", "run"),
+    "export": ("fusionzoo.commands.export", "run"),
 }
 
 
