@@ -102,7 +102,8 @@ def test_onnx_of_a_saved_folder_has_named_inputs_and_a_dynamic_batch(tmp_path, c
     model = fz.create_model("early_concat_resnet18", num_classes=NUM_CLASSES).eval()
     save_pretrained(model, tmp_path / "saved")
     out = tmp_path / "m.onnx"
-    assert cli.main(["export", str(tmp_path / "saved"), "--format", "onnx", "--out", str(out), "--size", "32", "48"]) == 0
+    argv = ["export", str(tmp_path / "saved"), "--format", "onnx", "--out", str(out), "--size", "32", "48"]
+    assert cli.main(argv) == 0
     assert "check against eager (onnxruntime, batch 1)" in capsys.readouterr().out
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     inputs = session.get_inputs()
@@ -126,7 +127,8 @@ def test_detector_raw_head_outputs_decode_to_its_detections() -> None:
     with torch.no_grad():
         raw = model.raw_head_outputs(xs)
         model(xs)
-    assert list(raw) == [f"{m}.{k}" for m in ("rgb", "thermal") for k in ("cls_logits", "bbox_regression", "bbox_ctrness")]
+    keys = ("cls_logits", "bbox_regression", "bbox_ctrness")
+    assert list(raw) == [f"{m}.{k}" for m in ("rgb", "thermal") for k in keys]
     for m in ("rgb", "thermal"):
         detector = model.detectors[m].torchvision
         features = torch.zeros(2, 1, 64, 64)

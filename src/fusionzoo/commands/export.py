@@ -49,7 +49,8 @@ def load_target(target: str) -> tuple[nn.Module, tuple[int, int] | None]:
     try:
         model_entry(target)
     except KeyError as e:
-        raise UsageError(f"export: {target!r} is neither an existing folder nor a registered model: {e.args[0]}") from None
+        raise UsageError(f"export: {target!r} is neither an existing folder nor a registered model: "
+                         f"{e.args[0]}") from None
     return create_model(target), None
 
 

@@ -128,7 +128,8 @@ class DetectorMixin:
             return outputs[0]
         return self.fuse_boxes(outputs, [n == "fused" or n not in missing for n in names])
 
-    def raw_head_outputs(self, inputs: Mapping[str, torch.Tensor], missing: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    def raw_head_outputs(self, inputs: Mapping[str, torch.Tensor], missing: Iterable[str] = ()
+                         ) -> dict[str, torch.Tensor]:
         """The box heads' raw outputs, before anchor decoding, score threshold, NMS and box fusion
         (what an exported graph ends with; docs/export.md). Inputs as :meth:`forward`.
 
@@ -141,8 +142,11 @@ class DetectorMixin:
         """
         missing = self._check_missing(missing)
         xs, _ = self.prepare(inputs, missing)
-        return {f"{name}.{key}": value for name, detector, features, prefix in self.box_heads(xs)
-                for key, value in detector.pyramid_and_head(features, self.taps, prefix, head_tap_prefix(prefix))[1].items()}
+        out = {}
+        for name, detector, features, prefix in self.box_heads(xs):
+            _, head = detector.pyramid_and_head(features, self.taps, prefix, head_tap_prefix(prefix))
+            out.update({f"{name}.{key}": value for key, value in head.items()})
+        return out
 
     def keep_head_detections(self, names: Sequence[str], outputs: Sequence[Output]) -> None:
         """Record the eval outputs of the heads ``names`` as :attr:`head_detections` (no-op in training)."""

@@ -279,7 +279,8 @@ def check_export(model: nn.Module, exported: Exported, tolerance: float = DEFAUL
     per_output = {}
     for name, ref, out in zip(exported.output_names, eager, outs):
         if out.shape != ref.shape:
-            raise ExportError(f"{exported.path}: output {name!r} has shape {tuple(out.shape)}, eager gives {tuple(ref.shape)}")
+            raise ExportError(f"{exported.path}: output {name!r} has shape {tuple(out.shape)}, "
+                              f"eager gives {tuple(ref.shape)}")
         diff = float((out.double() - ref.double()).abs().max()) if ref.numel() else 0.0
         scale = float(ref.double().abs().max()) if ref.numel() else 0.0
         per_output[name] = (diff, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
