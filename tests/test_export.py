@@ -189,6 +189,15 @@ def test_a_folder_without_weights_and_a_file_are_refused(tmp_path, capsys):
         assert says in capsys.readouterr().err
 
 
+def test_onnx_without_the_exporter_packages_says_what_to_install(tmp_path, capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(fz_export.importlib.util, "find_spec", lambda n, *a: None if n == "onnxscript" else real(n, *a))
+    assert cli.main(["export", "esanet_r18", "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "--format onnx needs onnxscript" in err and "pip install 'fusionzoo[export]'" in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_cli_literals_match_the_library():
     action = next(a for a in cli._parser()._subparsers._group_actions[0].choices["export"]._actions
                   if a.dest == "format")
