@@ -41,8 +41,12 @@ PUBLISHED = fz.list_models(task="segmentation", published=True)
 # One detector of every detection fusion family (and every operator of the middle family).
 DETECTORS = ["fcos_early_resnet18", "fcos_sum_resnet18", "fcos_cmx_resnet18", "fcos_crossattn_resnet18",
              "retinanet_late_nms_resnet18", "fcos_hybrid_wbf_resnet18"]
-# Entries that torch.export cannot trace, with the reason checked in their ExportError (docs/export.md).
-CANNOT_EXPORT: dict[str, str] = {}
+# (entry, format) that cannot export, with the reason their ExportError must give (docs/export.md):
+# DFormer's Hamburger decoder draws its NMF bases from a seeded torch.Generator in every forward,
+# which torch.export keeps (the .pt2 reproduces eager) and torch's ONNX exporter cannot convert.
+CANNOT_EXPORT: dict[tuple[str, str], str] = {
+    (n, "onnx"): "the ONNX exporter failed .*aten.rand.generator" for n in fz.list_models("dformer_*")
+}
 
 
 def build(name: str) -> torch.nn.Module:
@@ -53,8 +57,8 @@ def build(name: str) -> torch.nn.Module:
 
 def round_trip(name: str, fmt: str, tmp_path) -> None:
     model = build(name)
-    if name in CANNOT_EXPORT:
-        with pytest.raises(ExportError, match=CANNOT_EXPORT[name]):
+    if (name, fmt) in CANNOT_EXPORT:
+        with pytest.raises(ExportError, match=CANNOT_EXPORT[name, fmt]):
             export_model(model, tmp_path / "m", fmt, size=SIZE)
         return
     exported = export_model(model, tmp_path / ("m.onnx" if fmt == "onnx" else "m.pt2"), fmt, size=SIZE)
@@ -220,4 +224,4 @@ def test_registry_lists_are_complete():
     assert len(FAMILIES) >= 10 and len(PUBLISHED) >= 30
     detection_families = {fz.model_entry(n).fusion for n in DETECTORS}
     assert detection_families == {fz.model_entry(n).fusion for n in fz.list_models(task="detection")}
-    assert set(CANNOT_EXPORT) <= set(SEGMENTATION + DETECTORS)
+    assert CANNOT_EXPORT and {n for n, _ in CANNOT_EXPORT} <= set(SEGMENTATION + DETECTORS)

@@ -176,6 +176,20 @@ def _check_request(model: nn.Module, fmt: str, size: Sequence[int], opset: int |
     return int(size[0]), int(size[1])
 
 
+def _reason(err: BaseException) -> str:
+    """One line on why an export failed: the innermost cause's first line (the exporters wrap it in
+    generic "step 2/3" / "pass failed" errors), and the graph operation it happened at."""
+    root = err
+    while root.__cause__ is not None:
+        root = root.__cause__
+    lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+    reason = f"{type(root).__name__}: {lines[0] if lines else ''}"
+    node = next((line for e in (root, err) for line in str(e).splitlines() if line.startswith("While executing")), None)
+    if node is not None and "target=" in node:
+        reason += f"; at {node.split('target=', 1)[1].split('](', 1)[0].split(']', 1)[0]}"
+    return reason
+
+
 def _trace(model: nn.Module, name: str, inputs: Mapping[str, torch.Tensor]) -> torch.export.ExportedProgram:
     """``torch.export`` of :class:`_Graph`, batch ``Dim.AUTO``; a failure becomes one ExportError
     naming the first line of torch's reason."""
@@ -185,8 +199,7 @@ def _trace(model: nn.Module, name: str, inputs: Mapping[str, torch.Tensor]) -> t
     try:
         return torch.export.export(graph, xs, dynamic_shapes=shapes)
     except Exception as e:  # torch raises many types (UserError, Unsupported, RuntimeError...)
-        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise ExportError(f"{name}: torch.export cannot trace the model ({type(e).__name__}: {reason})") from e
+        raise ExportError(f"{name}: torch.export cannot trace the model ({_reason(e)})") from e
 
 
 def export_model(
@@ -232,12 +245,13 @@ def export_model(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the exporter's deprecation and fallback chatter
+                # optimize=False: onnxscript's constant folding crashes on GeminiFusion's
+                # SplitToSequence (onnxscript 0.7.2); ONNX Runtime optimises the graph when it loads it.
                 torch.onnx.export(program, tuple(inputs.values()), path, input_names=list(model.modalities),
-                                  output_names=names, opset_version=opset, dynamo=True, verbose=False,
+                                  output_names=names, opset_version=opset, dynamo=True, verbose=False, optimize=False,
                                   external_data=False)
         except Exception as e:
-            reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            raise ExportError(f"{name}: the ONNX exporter failed ({type(e).__name__}: {reason})") from e
+            raise ExportError(f"{name}: the ONNX exporter failed ({_reason(e)})") from e
     in_chans = {m: int(x.shape[1]) for m, x in inputs.items()}
     return Exported(path, fmt, list(model.modalities), names, (h, w), in_chans, dynamic, program)
 
