@@ -10,6 +10,7 @@
     fusionzoo predict MODEL --rgb FILE|DIR --depth|--thermal FILE|DIR --out DIR
     fusionzoo push RUN_OR_FOLDER OWNER/NAME [--private] [--out DIR]
     fusionzoo bench MODEL [--size H W] [--batch-size N] [--modes eager,channels_last,compile,bf16] [--out FILE.json]
+    fusionzoo export RUN_DIR_OR_MODEL --format onnx|torch-export --out FILE [--size H W] [--opset N]
 
 ``RUN_DIR_OR_MODEL`` is a training run folder (``runs/<run>``: its ``best/`` weights, its
 validation set and its training history are used), a folder written by ``save_pretrained``, or
@@ -207,6 +208,26 @@ def _parser() -> argparse.ArgumentParser:
     ph.add_argument("--revision", default=None, help="branch to commit to, created when missing (default: main)")
     ph.add_argument("--out", default=None, help="only write the folder that would be uploaded to OUT (look at the card); upload nothing")
     _bench_parser(sub)
+    # fusionzoo export (src/fusionzoo/commands/export.py; formats: fusionzoo.models.export.FORMATS)
+    ex = sub.add_parser("export", help="export a model to ONNX or torch.export and check it against eager",
+                        description="Export a model with its modalities as named inputs (dynamic batch where the "
+                                    "model allows it). Segmentation models export whole (logits); detectors up to "
+                                    "their box heads' raw outputs (anchor decoding, NMS and box fusion stay outside "
+                                    "the graph). The export then runs beside the eager model on fresh inputs (ONNX "
+                                    "Runtime for ONNX when installed, else the torch.export program); the largest "
+                                    "absolute and relative differences are printed, and exit status 1 means the "
+                                    "relative one exceeded --tolerance. See docs/export.md.")
+    ex.add_argument("model", help="run folder, save_pretrained folder, or registered model name (built untrained)")
+    ex.add_argument("--format", required=True, choices=("onnx", "torch-export"),
+                    help="onnx (needs pip install 'fusionzoo[export]') or torch-export (a .pt2 for torch.export.load)")
+    ex.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
+    ex.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                    help="input height and width of the graph (default: the run's image_size, else 512 512)")
+    ex.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch's exporter's)")
+    ex.add_argument("--tolerance", type=float, default=1e-3,
+                    help="largest accepted max |export - eager| / max |eager| of any output (default 1e-3)")
+    ex.add_argument("--json", default=None, metavar="FILE", help="also write the check (per output) as JSON")
+    ex.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p
 
 
@@ -295,6 +316,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("fusionzoo.commands.predict", "run"),
     "push": ("fusionzoo.commands.push", "run"),
     "bench": ("fusionzoo.commands.bench", "run"),
+    "export": ("fusionzoo.commands.export", "run"),
 }
 
 

@@ -112,12 +112,8 @@ class BoxDetector(nn.Module):
             bbox_ctrness; RetinaNet: classification, bbox_regression). Eval: per image a dict
             with ``boxes`` ``(N, 4)`` xyxy in input pixels, ``scores`` ``(N,)``, ``labels`` ``(N,)``.
         """
-        pyramid = self.fpn(OrderedDict(zip(LEVELS[:3], features)))
-        levels = list(pyramid.values())
-        if tap is not None:
-            levels = [tap(f"{tap_prefix}.{name}", x) for name, x in zip(LEVELS, levels)]
+        levels, head_outputs = self.pyramid_and_head(features, tap, tap_prefix, head_prefix)
         tv = self.torchvision
-        head_outputs = self.head_outputs(levels, tap if head_prefix else None, head_prefix or "")
         anchors = tv.anchor_generator(images, levels)
         locations = [x.size(2) * x.size(3) for x in levels]
         if self.training:
@@ -133,6 +129,20 @@ class BoxDetector(nn.Module):
         split_outputs = {k: list(v.split(split, dim=1)) for k, v in head_outputs.items()}
         split_anchors = [list(a.split(split)) for a in anchors]
         return tv.postprocess_detections(split_outputs, split_anchors, images.image_sizes)
+
+    def pyramid_and_head(
+        self,
+        features: Sequence[torch.Tensor],
+        tap: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+        tap_prefix: str = "fpn",
+        head_prefix: str | None = None,
+    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """FPN levels P3-P7 and :meth:`head_outputs` on them (arguments as :meth:`forward`)."""
+        pyramid = self.fpn(OrderedDict(zip(LEVELS[:3], features)))
+        levels = list(pyramid.values())
+        if tap is not None:
+            levels = [tap(f"{tap_prefix}.{name}", x) for name, x in zip(LEVELS, levels)]
+        return levels, self.head_outputs(levels, tap if head_prefix else None, head_prefix or "")
 
     @property
     def anchors_per_location(self) -> int:

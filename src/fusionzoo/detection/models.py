@@ -84,23 +84,69 @@ class DetectorMixin:
             ``scores`` ``(N,)``, ``labels`` ``(N,)`` in input pixel coordinates.
         """
         missing = self._check_missing(missing)
+        xs, size = self.prepare(inputs, missing)
+        ref = xs[self.modalities[0]]
+        checked = check_targets(targets, ref.shape[0], size, self.num_classes, ref.device) if self.training else None
+        images = ImageList(ref, [size] * ref.shape[0])
+        self.head_detections = {}
+        return self.detect(xs, images, checked, missing)
+
+    def prepare(self, inputs: Mapping[str, torch.Tensor], missing: tuple[str, ...]
+                ) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
+        """Checked inputs zero-padded (bottom / right) to a multiple of :attr:`size_divisible`,
+        and the true ``(H, W)``. Nothing here depends on the batch size's value (an exported
+        graph keeps a dynamic batch)."""
         xs = self.check_inputs(inputs, missing)
         ref = xs[self.modalities[0]]
-        batch, size = ref.shape[0], (int(ref.shape[-2]), int(ref.shape[-1]))
-        checked = check_targets(targets, batch, size, self.num_classes, ref.device) if self.training else None
+        size = (int(ref.shape[-2]), int(ref.shape[-1]))
         pad_h, pad_w = (-size[0]) % self.size_divisible, (-size[1]) % self.size_divisible
         if pad_h or pad_w:
             xs = {m: F.pad(x, (0, pad_w, 0, pad_h)) for m, x in xs.items()}
-        images = ImageList(xs[self.modalities[0]], [size] * batch)
-        self.head_detections = {}
-        return self.detect(xs, images, checked, missing)
+        return xs, size
+
+    def box_heads(self, xs: dict[str, torch.Tensor]) -> Iterator[tuple[str, BoxDetector, list[torch.Tensor], str]]:
+        """Every box head as ``(name, detector, stride-8/16/32 features, FPN tap prefix)``, lazily
+        in the order they run (the caller runs a head before asking for the next, so taps fire in
+        their declared order). Names as :attr:`head_detections`: ``"fused"`` or a modality."""
+        raise NotImplementedError
 
     def detect(
         self, xs: dict[str, torch.Tensor], images: ImageList, targets: list[Detections] | None, missing: tuple[str, ...]
     ) -> Output:
         """Losses (training) or detections (eval) of padded, checked inputs; eval mode records
-        every head's detections with :meth:`keep_head_detections`."""
-        raise NotImplementedError
+        every head's detections with :meth:`keep_head_detections`. One head: its output. Several
+        (late, hybrid): training losses keyed ``{head}.{loss}``; eval boxes merged by
+        :meth:`fuse_boxes`, leaving out the own heads of ``missing`` modalities."""
+        names, outputs = [], []
+        for name, detector, features, prefix in self.box_heads(xs):
+            names.append(name)
+            outputs.append(self.run_head(detector, features, images, targets, prefix))
+        if self.training and len(names) > 1:
+            return {f"{n}.{k}": v for n, out in zip(names, outputs) for k, v in out.items()}
+        self.keep_head_detections(names, outputs)
+        if len(names) == 1:
+            return outputs[0]
+        return self.fuse_boxes(outputs, [n == "fused" or n not in missing for n in names])
+
+    def raw_head_outputs(self, inputs: Mapping[str, torch.Tensor], missing: Iterable[str] = ()
+                         ) -> dict[str, torch.Tensor]:
+        """The box heads' raw outputs, before anchor decoding, score threshold, NMS and box fusion
+        (what an exported graph ends with; docs/export.md). Inputs as :meth:`forward`.
+
+        Returns:
+            Per head ``h`` (names as :attr:`head_detections`), with ``N`` the anchors of P3-P7 of
+            the padded input in torchvision's order (level, row, column, anchor):
+            ``{h}.cls_logits`` ``(B, N, K)``, ``{h}.bbox_regression`` ``(B, N, 4)`` and, for FCOS,
+            ``{h}.bbox_ctrness`` ``(B, N, 1)``; torchvision's ``postprocess_detections`` with the
+            head's anchors turns them into the eval output.
+        """
+        missing = self._check_missing(missing)
+        xs, _ = self.prepare(inputs, missing)
+        out = {}
+        for name, detector, features, prefix in self.box_heads(xs):
+            _, head = detector.pyramid_and_head(features, self.taps, prefix, head_tap_prefix(prefix))
+            out.update({f"{name}.{key}": value for key, value in head.items()})
+        return out
 
     def keep_head_detections(self, names: Sequence[str], outputs: Sequence[Output]) -> None:
         """Record the eval outputs of the heads ``names`` as :attr:`head_detections` (no-op in training)."""
@@ -185,14 +231,10 @@ class EarlyFusionDetector(DetectorMixin, FusionModel):
                                     detections_per_img)
         self.declare_levels("fpn", self.detector, after_fusion=True)
 
-    def detect(
-        self, xs: dict[str, torch.Tensor], images: ImageList, targets: list[Detections] | None, missing: tuple[str, ...]
-    ) -> Output:
+    def box_heads(self, xs: dict[str, torch.Tensor]) -> Iterator[tuple[str, BoxDetector, list[torch.Tensor], str]]:
         x = torch.cat([xs[m] for m in self.modalities], dim=1)
         feats = [self.taps(f"fused.{s}", f) for s, f in zip(self.encoder.stage_names, self.encoder(x))]
-        out = self.run_head(self.detector, feats[1:], images, targets, "fpn")
-        self.keep_head_detections(["fused"], [out])
-        return out
+        yield "fused", self.detector, feats[1:], "fpn"
 
 
 class MiddleFusionDetector(DetectorMixin, MiddleFusionModel):
@@ -255,13 +297,9 @@ class MiddleFusionDetector(DetectorMixin, MiddleFusionModel):
         self.declare_levels("fpn", self.detector, after_fusion=True)  # on the fused features
         self.detections_per_img = self.detector.detections_per_img
 
-    def detect(
-        self, xs: dict[str, torch.Tensor], images: ImageList, targets: list[Detections] | None, missing: tuple[str, ...]
-    ) -> Output:
+    def box_heads(self, xs: dict[str, torch.Tensor]) -> Iterator[tuple[str, BoxDetector, list[torch.Tensor], str]]:
         fused, _ = self.forward_streams(xs)
-        out = self.run_head(self.detector, fused, images, targets, "fpn")
-        self.keep_head_detections(["fused"], [out])
-        return out
+        yield "fused", self.detector, fused, "fpn"
 
 
 class HybridFusionDetector(MiddleFusionDetector):
@@ -302,18 +340,11 @@ class HybridFusionDetector(MiddleFusionDetector):
         yield from super().modality_parameters(modality)
         yield from self.modality_detectors[modality].parameters()
 
-    def detect(
-        self, xs: dict[str, torch.Tensor], images: ImageList, targets: list[Detections] | None, missing: tuple[str, ...]
-    ) -> Output:
+    def box_heads(self, xs: dict[str, torch.Tensor]) -> Iterator[tuple[str, BoxDetector, list[torch.Tensor], str]]:
         fused, own = self.forward_streams(xs)
-        outputs = [self.run_head(self.detector, fused, images, targets, "fpn")]
+        yield "fused", self.detector, fused, "fpn"
         for m in self.modalities:
-            outputs.append(self.run_head(self.modality_detectors[m], own[m][1:], images, targets, m))
-        names = ["fused", *self.modalities]
-        if self.training:
-            return {f"{n}.{k}": v for n, out in zip(names, outputs) for k, v in out.items()}
-        self.keep_head_detections(names, outputs)
-        return self.fuse_boxes(outputs, [True] + [m not in missing for m in self.modalities])
+            yield m, self.modality_detectors[m], own[m][1:], m
 
 
 class LateFusionDetector(DetectorMixin, FusionModel):
@@ -367,18 +398,11 @@ class LateFusionDetector(DetectorMixin, FusionModel):
         yield from super().modality_parameters(modality)
         yield from self.detectors[modality].parameters()
 
-    def detect(
-        self, xs: dict[str, torch.Tensor], images: ImageList, targets: list[Detections] | None, missing: tuple[str, ...]
-    ) -> Output:
-        outputs = []
+    def box_heads(self, xs: dict[str, torch.Tensor]) -> Iterator[tuple[str, BoxDetector, list[torch.Tensor], str]]:
         for m in self.modalities:
             enc = self.encoders[m]
             feats = [self.taps(f"{m}.{s}", f) for s, f in zip(enc.stage_names, enc(xs[m]))]
-            outputs.append(self.run_head(self.detectors[m], feats[1:], images, targets, m))
-        if self.training:
-            return {f"{m}.{k}": v for m, out in zip(self.modalities, outputs) for k, v in out.items()}
-        self.keep_head_detections(self.modalities, outputs)
-        return self.fuse_boxes(outputs, [m not in missing for m in self.modalities])
+            yield m, self.detectors[m], feats[1:], m
 
 
 # -- registration -----------------------------------------------------------------------------
