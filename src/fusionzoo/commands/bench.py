@@ -19,9 +19,8 @@ from .._registry import accepted_kwargs, create_model
 from ..benchmark import MODES, benchmark
 from ..files import atomic_write_bytes
 from ..hub import from_pretrained
-from ..interpret.runs import find_weights, is_pretrained_dir
 from . import UsageError
-from .interpret import _check_model_name
+from .interpret import _check_model_name, weights_of
 
 __all__ = ["parse_modes", "run"]
 
@@ -41,16 +40,9 @@ def parse_modes(text: str) -> list[str]:
 
 def _load(target: str) -> nn.Module:
     """The model of a save_pretrained folder, a run folder, or a registered name (untrained)."""
-    path = Path(target)
-    if path.is_dir():
-        if is_pretrained_dir(path):
-            return from_pretrained(path)
-        try:
-            return from_pretrained(find_weights(path))
-        except FileNotFoundError as e:
-            raise UsageError(f"bench: {e}") from None
-    if path.exists():
-        raise UsageError(f"bench: {target} is a file; give a run folder, a save_pretrained folder or a model name")
+    found = weights_of(target, "bench: ")
+    if found is not None:
+        return from_pretrained(found[0])
     _check_model_name(target)
     accepted = accepted_kwargs(target)
     # Timing does not depend on the weights: never download encoder weights for it.

@@ -20,9 +20,10 @@ from torch import nn
 
 from .._registry import create_model, model_entry
 from ..hub import from_pretrained
-from ..interpret.runs import find_weights, is_pretrained_dir, run_config
+from ..interpret.runs import run_config
 from ..models.export import ExportError, check_export, export_model
 from . import UsageError
+from .interpret import weights_of
 
 __all__ = ["run"]
 
@@ -35,17 +36,10 @@ def load_target(target: str) -> tuple[nn.Module, tuple[int, int] | None]:
     Raises:
         UsageError: ``target`` is a file, a folder without weights, or no registered name.
     """
-    path = Path(target)
-    if path.is_dir():
-        if is_pretrained_dir(path):
-            return from_pretrained(path), _run_size(path.parent)
-        try:
-            weights = find_weights(path)
-        except FileNotFoundError as e:
-            raise UsageError(f"export: {e}") from None
-        return from_pretrained(weights), _run_size(path)
-    if path.exists():
-        raise UsageError(f"export: {target} is a file; give a run folder, a save_pretrained folder or a model name")
+    found = weights_of(target, "export: ")
+    if found is not None:
+        weights, run_dir = found
+        return from_pretrained(weights), _run_size(run_dir) if run_dir is not None else None
     try:
         model_entry(target)
     except KeyError as e:

@@ -134,16 +134,9 @@ def _resolve(target: str, args: argparse.Namespace, device: torch.device) -> _Ta
     path = Path(target)
     run_cfg, history, run_dir = None, None, None
     note: dict[str, Any] = {}
-    if path.is_dir():
-        if is_pretrained_dir(path):
-            weights = path
-            run_dir = path.parent if run_config(path.parent) is not None else None
-        else:
-            run_dir = path
-            try:
-                weights = find_weights(path)
-            except FileNotFoundError as e:
-                raise UsageError(str(e)) from None
+    found = weights_of(target)
+    if found is not None:
+        weights, run_dir = found
         if run_dir is not None:
             run_cfg = run_config(run_dir)
             history = training_history(run_dir)
@@ -156,14 +149,32 @@ def _resolve(target: str, args: argparse.Namespace, device: torch.device) -> _Ta
             raise UsageError(f"{target}: {e}") from None
         if note.get("replaced"):
             _warn(args.command, note["replaced"].split(";")[0])
-    elif path.exists():
-        raise UsageError(f"{target} is a file; give a run folder, a save_pretrained folder or a model name")
     else:
         _check_model_name(target)
         dataset = _dataset_for(args, None, None, note)
         model = create_model(target, num_classes=dataset.num_classes, modalities=tuple(dataset.modalities))
         label = target
     return _Target(model.to(device), dataset, history, label, run_dir, run_cfg, note)
+
+
+def weights_of(target: str, prefix: str = "") -> tuple[Path, Path | None] | None:
+    """``(weights folder, run folder or None)`` of a run folder or a save_pretrained folder (a
+    ``best/`` inside a run also gives its run), None when ``target`` is no path (a model name).
+
+    Raises:
+        UsageError: ``target`` is a file, or a folder without weights (``prefix`` starts the message).
+    """
+    path = Path(target)
+    if path.is_dir():
+        if is_pretrained_dir(path):
+            return path, (path.parent if run_config(path.parent) is not None else None)
+        try:
+            return find_weights(path), path
+        except FileNotFoundError as e:
+            raise UsageError(f"{prefix}{e}") from None
+    if path.exists():
+        raise UsageError(f"{prefix}{target} is a file; give a run folder, a save_pretrained folder or a model name")
+    return None
 
 
 def _check_model_name(target: str) -> None:
