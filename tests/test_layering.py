@@ -26,12 +26,13 @@ MODEL_LAYER = (
     "fusionzoo.models", "fusionzoo.fusion", "fusionzoo.heads", "fusionzoo.encoders", "fusionzoo.taps",
     "fusionzoo._registry", "fusionzoo.modalities", "fusionzoo.hub", "fusionzoo.weights", "fusionzoo.files",
     "fusionzoo.detection.models", "fusionzoo.detection.heads", "fusionzoo.detection.boxes",
+    "fusionzoo.detection.published",
 )
 # Model classes and their parts: interpret reaches models only through the registry
 # (create_model, from_pretrained), taps and model attributes.
 MODEL_CLASSES = (
     "fusionzoo.models", "fusionzoo.detection.models", "fusionzoo.detection.heads", "fusionzoo.heads",
-    "fusionzoo.fusion", "fusionzoo.encoders",
+    "fusionzoo.fusion", "fusionzoo.encoders", "fusionzoo.detection.published",
 )
 APPLICATION = ("fusionzoo.cli", "fusionzoo.commands")
 

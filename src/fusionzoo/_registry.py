@@ -66,7 +66,7 @@ def _load_zoo() -> None:
         return
     _ZOO_LOADED = True  # set first: a model module that looks names up while importing must not recurse
     try:
-        for module in ("fusionzoo.models", "fusionzoo.detection.models"):
+        for module in ("fusionzoo.models", "fusionzoo.detection.models", "fusionzoo.detection.published"):
             importlib.import_module(module)
     except BaseException:
         _ZOO_LOADED = False
