@@ -204,7 +204,9 @@ def xy_to_cxcy(xy: torch.Tensor) -> torch.Tensor:
 
 def encode(cxcy: torch.Tensor, priors: torch.Tensor) -> torch.Tensor:
     """SSD's box coder: boxes ``(P, 4)`` cxcywh -> offsets w.r.t. ``priors`` ``(P, 4)``."""
-    return torch.cat([(cxcy[:, :2] - priors[:, :2]) / (priors[:, 2:] / VARIANCES[0]),
+    # (prior size / 10) in float32: the reference divides its float32 prior tensor before promoting.
+    scaled = (priors[:, 2:].float() / VARIANCES[0]).to(cxcy.dtype)
+    return torch.cat([(cxcy[:, :2] - priors[:, :2]) / scaled,
                       torch.log(cxcy[:, 2:] / priors[:, 2:]) * VARIANCES[1]], 1)
 
 
@@ -250,7 +252,10 @@ def mlpd_loss(locs: torch.Tensor, logits: torch.Tensor, priors: torch.Tensor, ta
         ``{"classification": ..., "bbox_regression": ...}``; their sum is the reference's loss.
     """
     batch, n_priors = locs.shape[:2]
-    priors_xy = cxcy_to_xy(priors)
+    # Corners in float32, as the reference derives them once from its float32 priors: boxes inside
+    # several anchors tie in IoU (0.125 for every 40x40 anchor around a 10x20 box), and which prior
+    # an ignore box claims then depends on these roundings.
+    priors_xy = cxcy_to_xy(priors.float()).to(locs.dtype)
     true_locs = torch.zeros_like(locs)
     codes_all = torch.zeros(batch, n_priors, dtype=torch.long, device=locs.device)
     classes_all = torch.zeros_like(codes_all)
