@@ -320,6 +320,7 @@ class MLPD(FusionModel):
     The streams never receive fused features back: only ``fused.*`` and ``head.*`` are after fusion.
     """
 
+    task = "detection"
     size_divisible = 1  # any size: max pooling uses ceil_mode and the anchors follow the maps
 
     def __init__(
