@@ -17,7 +17,7 @@ import torch
 
 import fusionzoo as fz
 from fusionzoo.cli import main as cli_main
-from fusionzoo.detection.published.mlpd import mlpd_priors
+from fusionzoo.detection.published.mlpd import mlpd_loss, mlpd_priors
 from fusionzoo.models.convert import convert_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,9 +44,16 @@ def our_targets(meta: dict) -> list[dict[str, torch.Tensor]]:
 
 
 @pytest.fixture(scope="module")
-def case():
+def converted():
+    """The converted rule-filled authors' state dict in our model, float64 (shared by every test
+    that runs the network: building a 60M-parameter model is the slow part)."""
     meta, outputs = read_fixture(FIXTURE)
-    model = converted_model(NAME, meta).double()
+    return meta, outputs, converted_model(NAME, meta).double()
+
+
+@pytest.fixture(scope="module")
+def case(converted):
+    meta, outputs, model = converted
     xs = {k: v.double() for k, v in seeded_inputs(meta["inputs"], meta["input_seed"]).items()}
     height, width = meta["inputs"]["rgb"][-2:]
     scale = torch.tensor([width, height, width, height], dtype=torch.float64)
@@ -65,8 +72,10 @@ def case():
         model.train()
         raw = model.raw_head_outputs(xs)
         ours.update({"train.locs": raw["fused.bbox_regression"], "train.scores": raw["fused.cls_logits"]})
-    losses = model(xs, our_targets(meta))  # train mode: the whole call, targets checked and normalized
-    ours.update({f"loss.{k}": v.detach() for k, v in losses.items()})
+        # The loss of training mode's forward on these outputs: targets checked and normalized as there.
+        targets = model.loss_targets(our_targets(meta), 2, (height, width), torch.device("cpu"))
+        losses = mlpd_loss(raw["fused.bbox_regression"], raw["fused.cls_logits"], priors, targets, 1)
+    ours.update({f"loss.{k}": v for k, v in losses.items()})
     ours["loss.total"] = sum(ours[f"loss.{k}"] for k in losses)
     return meta, outputs, ours, dets
 
@@ -125,6 +134,7 @@ def test_converter_is_strict():
         convert_state_dict(NAME, authors, model)
 
 
+@pytest.mark.slow  # builds the full model twice and writes 240 MB (the converter's mapping is checked above)
 def test_convert_command_then_pretrained_tag(tmp_path, monkeypatch):
     """``fusionzoo convert mlpd_vgg16 FILE --tag kaist`` on an authors'-format checkpoint (their keys,
     DataParallel's ``module.`` prefix, under ``"model"``), then ``create_model(pretrained="kaist")``."""
@@ -138,3 +148,80 @@ def test_convert_command_then_pretrained_tag(tmp_path, monkeypatch):
     assert not model.training and model.pretrained_cfg["normalization"]["thermal"]["mean"] == [0.1598]
     assert torch.equal(model.state_dict()["encoders.thermal.conv1_1.conv.weight"], authors["base.conv1_1_lwir.weight"])
     assert torch.equal(model.state_dict()["cls_head.conv10.bias"], authors["pred_convs.cl_conv10.bias"])
+
+
+# -- the detector contract on a small input (the converted model, float64) ---------------------------------------------
+@pytest.fixture(scope="module")
+def small(converted, case):  # after the parity runs, which need the freshly loaded statistics
+    g = torch.Generator().manual_seed(1)
+    xs = {"rgb": torch.randn(2, 3, 32, 40, generator=g), "thermal": torch.randn(2, 1, 32, 40, generator=g)}
+    return converted[2], {k: v.double() for k, v in xs.items()}
+
+
+def small_targets() -> list[dict[str, torch.Tensor]]:
+    return [{"boxes": torch.tensor([[4.0, 2.0, 30.0, 30.0], [22.0, 6.0, 39.0, 30.0]]), "labels": torch.tensor([0, 0]),
+             "visibility": torch.tensor([3, 2]), "ignore": torch.tensor([False, True])},
+            {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+
+
+def test_training_returns_the_loss_dict_and_every_parameter_learns(small):
+    model, xs = small
+    model.train().zero_grad(set_to_none=True)
+    losses = model(xs, small_targets())
+    assert set(losses) == {"classification", "bbox_regression"} and all(torch.isfinite(v) for v in losses.values())
+    assert model.head_detections == {}
+    sum(losses.values()).backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not dead, dead[:5]
+    model.zero_grad(set_to_none=True)
+
+
+def test_eval_detections_taps_and_missing_modality(small):
+    model, xs = small
+    model.eval()
+    info = model.tap_info()
+    with torch.no_grad(), fz.capture(model) as acts:
+        out = model(xs)
+    assert list(acts) == list(info), "taps fire in their declared order"
+    for name, value in acts.items():
+        side = (-(-32 // info[name].reduction), -(-40 // info[name].reduction))
+        assert value.shape[1] == info[name].channels and tuple(value.shape[-2:]) == side, name
+    assert [t for t, i in info.items() if i.after_fusion] == [t for t in info if t.startswith(("fused.", "head."))]
+    assert model.head_detections == {"fused": out} and len(out) == 2
+    assert all(set(d) == {"boxes", "scores", "labels"} for d in out)
+    with torch.no_grad():  # one image: eval-mode images are independent
+        alone = model({"rgb": xs["rgb"][:1]}, missing=("thermal",))
+        zeros = model({"rgb": xs["rgb"][:1], "thermal": torch.zeros_like(xs["thermal"][:1])})
+    assert all(torch.equal(a["boxes"], z["boxes"]) for a, z in zip(alone, zeros))  # the missing policy: zeros
+
+
+def test_bad_inputs_and_targets_name_the_problem(small):
+    model, xs = small
+    model.train()
+    with pytest.raises(ValueError, match=r"thermal.*\(2, 3, 32, 40\).*\(B, 1, H, W\)"):
+        model({**xs, "thermal": torch.randn(2, 3, 32, 40, dtype=torch.float64)}, small_targets())
+    with pytest.raises(ValueError, match="needs targets"):
+        model(xs)
+    bad = small_targets()
+    bad[0]["visibility"] = torch.tensor([3, 4])
+    with pytest.raises(ValueError, match=r"targets\[0\]\['visibility'\].*1 \(RGB only\), 2 \(thermal only\) or 3"):
+        model(xs, bad)
+    bad = small_targets()
+    bad[0]["ignore"] = torch.tensor([True])
+    with pytest.raises(ValueError, match=r"targets\[0\]\['ignore'\] has shape \(1,\); expected \(2,\)"):
+        model(xs, bad)
+
+
+def test_several_classes_score_and_suppress_per_class():
+    """K = 2: outputs [background, RGB, thermal of class 0, RGB, thermal of class 1]; a class's score
+    is the mean of its two sigmoids, and NMS suppresses within a class only."""
+    with torch.device("meta"):
+        model = fz.create_model(NAME, num_classes=2)
+    assert model.cls_head["conv4_3"].out_channels == 6 * 5
+    # Priors 0 and 1 overlap (IoU 0.82 > 0.425); prior 2 is background.
+    priors = torch.tensor([[0.5, 0.5, 0.2, 0.4], [0.52, 0.5, 0.2, 0.4], [0.2, 0.2, 0.1, 0.1]], dtype=torch.float64)
+    probs = torch.tensor([[0.1, 0.7, 0.7, 0.05, 0.05], [0.1, 0.5, 0.5, 0.6, 0.7], [0.9, 0.01, 0.01, 0.01, 0.01]],
+                         dtype=torch.float64)
+    (det,) = model.postprocess(torch.zeros(1, 3, 4, dtype=torch.float64), torch.logit(probs)[None], priors, (100, 200))
+    assert det["labels"].tolist() == [0, 1] and det["scores"].tolist() == pytest.approx([0.7, 0.65])
+    assert det["boxes"][0].tolist() == pytest.approx([80.0, 30.0, 120.0, 70.0])  # (cx, cy, w, h) fractions -> xyxy pixels
