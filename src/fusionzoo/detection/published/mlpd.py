@@ -535,7 +535,7 @@ class MLPD(FusionModel):
                       for i in range(len(w)))] for m in self.modalities]
         shared = [getattr(self.shared, f"conv5_{i}") for i in (1, 2, 3)]
         with torch.no_grad():
-            for m, layers in zip(self.modalities, targets):
+            for layers in targets:
                 for k, layer in enumerate(layers):
                     _copy_conv_bn(layer, convs[k], norms[k], first=k == 0)
             for k, layer in enumerate(shared):
