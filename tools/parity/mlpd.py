@@ -27,6 +27,10 @@ Running their code on CPU at another size needs four interventions, none in the 
 - ``create_prior_boxes`` hard-codes the feature-map sizes of 512x640 and divides by 512 and 640:
   its source is re-executed with this input's sizes. Their unchanged priors at 512x640 are
   recorded by count and sha256 of the float32 bytes (the test rebuilds ours bit for bit).
+
+``reference_model`` / ``reference_inputs`` follow tools/parity/README.md (their ``forward`` returns
+box offsets and class logits); ``bench/parity.py`` times segmentation networks (per-pixel
+cross-entropy) and does not run detectors.
 """
 
 from __future__ import annotations
