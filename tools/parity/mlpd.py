@@ -50,7 +50,14 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seeded import count_parameters, float32_drift, key_shapes, seeded_inputs, seeded_state_dict, write_fixture
+from seeded import (
+    count_parameters,
+    float32_drift,
+    key_shapes,
+    seeded_inputs,
+    seeded_state_dict,
+    write_fixture,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "mlpd"
@@ -121,7 +128,7 @@ def reference_priors(reference: ModuleType, sizes: list[tuple[int, int]], height
     """Their ``create_prior_boxes`` re-executed with these level sizes ``[(h, w)]`` and input size."""
     source = textwrap.dedent(inspect.getsource(reference.SSD300.create_prior_boxes))
     dims = "{" + ", ".join(f"'{n}': [{w}, {h}]" for n, (h, w) in zip(LEVEL_NAMES, sizes)) + "}"
-    source, n1 = re.subn(r"fmap_dims = \{.*?\}", lambda _: f"fmap_dims = {dims}", source, flags=re.S)
+    source, n1 = re.subn(r"fmap_dims = \{.*?\}", lambda _: f"fmap_dims = {dims}", source, flags=re.DOTALL)
     source, n2 = re.subn(r"/512\.", f"/{height}.", source)
     source, n3 = re.subn(r"/640\.", f"/{width}.", source)
     if (n1, n2, n3) != (1, 1, 1):
