@@ -17,6 +17,7 @@ import torch
 
 import fusionzoo as fz
 from fusionzoo.cli import main as cli_main
+from fusionzoo.detection.published import mlpd as mlpd_module
 from fusionzoo.detection.published.mlpd import mlpd_loss, mlpd_priors
 from fusionzoo.models.convert import convert_state_dict
 
@@ -225,3 +226,31 @@ def test_several_classes_score_and_suppress_per_class():
     (det,) = model.postprocess(torch.zeros(1, 3, 4, dtype=torch.float64), torch.logit(probs)[None], priors, (100, 200))
     assert det["labels"].tolist() == [0, 1] and det["scores"].tolist() == pytest.approx([0.7, 0.65])
     assert det["boxes"][0].tolist() == pytest.approx([80.0, 30.0, 120.0, 70.0])  # (cx, cy, w, h) fractions -> xyxy pixels
+
+
+def test_imagenet_initialisation_follows_the_reference(converted, small, monkeypatch):
+    """``pretrained=True`` copies torchvision's VGG-16-BN as ``load_pretrained_layers`` does: conv1-4
+    (+ BN) into both streams, channel 0 of the first conv for the 1-channel stream, conv5 into the
+    shared layers. A stand-in ``features`` stack replaces the download (runs last: it overwrites
+    the shared model's weights)."""
+    model = converted[2]
+    g = torch.Generator().manual_seed(3)
+    layers, cin = [], 3
+    for widths in ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)):
+        for cout in widths:
+            conv, bn = torch.nn.Conv2d(cin, cout, 3, padding=1), torch.nn.BatchNorm2d(cout)
+            for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var):
+                t.data = torch.rand(t.shape, generator=g)
+            layers += [conv, bn, torch.nn.ReLU()]
+            cin = cout
+    stand_in = torch.nn.Module()
+    stand_in.features = torch.nn.Sequential(*layers)
+    monkeypatch.setattr(mlpd_module.timm, "create_model", lambda name, pretrained: stand_in)
+    model.load_imagenet()
+    convs, norms = layers[0::3], layers[1::3]
+    state = model.state_dict()
+    assert torch.equal(state["encoders.rgb.conv1_1.conv.weight"], convs[0].weight.double())
+    assert torch.equal(state["encoders.thermal.conv1_1.conv.weight"], convs[0].weight[:, 0:1].double())
+    assert torch.equal(state["encoders.thermal.conv4_3.bn.running_var"], norms[9].running_var.double())
+    assert torch.equal(state["shared.conv5_1.conv.bias"], convs[10].bias.double())
+    assert torch.equal(state["shared.conv5_3.bn.weight"], norms[12].weight.double())
