@@ -130,6 +130,10 @@ def test_converter_is_strict():
     assert set(convert_state_dict(NAME, authors, model)) == set(model.state_dict())
     with pytest.raises(fz.ConversionError, match="base.extra_conv.weight"):
         convert_state_dict(NAME, {**authors, "base.extra_conv.weight": torch.empty(1, device="meta")}, model)
+    with torch.device("meta"):  # what `fusionzoo convert` builds without --tag: K read as 18 filters
+        wrong = fz.create_model(NAME, num_classes=18)
+    with pytest.raises(fz.ConversionError, match=r"1 \+ 2K with K = 1 .*num_classes=18.*--num-classes 1"):
+        convert_state_dict(NAME, authors, wrong)
     del authors["base.feat_6_bn.running_var"]
     with pytest.raises(fz.ConversionError, match="fusions.conv10.bn.running_var"):
         convert_state_dict(NAME, authors, model)

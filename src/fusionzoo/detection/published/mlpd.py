@@ -55,7 +55,7 @@ from torchvision.ops import batched_nms
 from ..._registry import ReleasedWeights, register_weights
 from ...encoders import _weights_error
 from ...models.base import FusionModel
-from ...models.convert import published_entry, register_converter, rename_keys
+from ...models.convert import ConversionError, published_entry, register_converter, rename_keys
 from ..boxes import Detections, check_targets
 
 __all__ = ["MLPD", "mlpd_loss", "mlpd_priors", "mlpd_vgg16"]
@@ -592,9 +592,26 @@ def authors_rules(rgb: str, aux: str) -> list[tuple[str, str]]:
     return rules
 
 
-@register_converter("mlpd_vgg16", classifier_key="pred_convs.cl_conv4_3.weight", with_model=True)
+CLASSIFIER_KEY = "pred_convs.cl_conv4_3.weight"
+
+
+@register_converter("mlpd_vgg16", classifier_key=CLASSIFIER_KEY, with_model=True)
 def convert_mlpd(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """The reference's ``SSD300.state_dict()`` -> ours, streams named by ``model.modalities``."""
+    """The reference's ``SSD300.state_dict()`` -> ours, streams named by ``model.modalities``.
+
+    Raises:
+        ConversionError: the checkpoint's class count differs from the model's. Its class convs
+            hold ``6 (1 + 2K)`` filters, so the count ``fusionzoo convert`` reads from them without
+            ``--tag`` / ``--num-classes`` is not ``K``; the message names the flag to pass.
+    """
+    classifier = state_dict.get(CLASSIFIER_KEY)
+    if classifier is not None and classifier.shape[0] != ANCHORS_PER_CELL * model.outputs_per_anchor:
+        per_anchor = classifier.shape[0] // ANCHORS_PER_CELL
+        raise ConversionError(
+            f"{CLASSIFIER_KEY} has {classifier.shape[0]} filters: {per_anchor} outputs per anchor, i.e. 1 + 2K with "
+            f"K = {(per_anchor - 1) // 2} classes, but the model was built with num_classes={model.num_classes}; "
+            f"pass --num-classes {(per_anchor - 1) // 2} (num_classes=) or --tag kaist for the released weights"
+        )
     return rename_keys(state_dict, authors_rules(*model.modalities))
 
 
