@@ -38,9 +38,10 @@ NUM_CLASSES = 3
 SEGMENTATION = fz.list_models(task="segmentation")
 FAMILIES = [n for n in SEGMENTATION if not fz.model_entry(n).encoder_fixed]
 PUBLISHED = fz.list_models(task="segmentation", published=True)
-# One detector of every detection fusion family (and every operator of the middle family).
+# One detector of every detection fusion family (and every operator of the middle family), and the
+# published detectors (their own heads).
 DETECTORS = ["fcos_early_resnet18", "fcos_sum_resnet18", "fcos_cmx_resnet18", "fcos_crossattn_resnet18",
-             "retinanet_late_nms_resnet18", "fcos_hybrid_wbf_resnet18"]
+             "retinanet_late_nms_resnet18", "fcos_hybrid_wbf_resnet18", "mlpd_vgg16"]
 # (entry, format) that cannot export, with the reason their ExportError must give (docs/export.md):
 # DFormer's Hamburger decoder draws its NMF bases from a seeded torch.Generator in every forward,
 # which torch.export keeps (the .pt2 reproduces eager) and torch's ONNX exporter cannot convert.

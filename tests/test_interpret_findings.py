@@ -218,7 +218,7 @@ def _registry_result(name: str) -> InterpretResult:
 # the smallest published entry of each method, and one early and one late family entry; the
 # other published entries run under -m slow (same code, bigger encoders)
 FAST = ["acnet_r50", "cmnext_mit_b0", "cmx_mit_b0", "dformer_tiny", "esanet_r18", "fusenet_vgg16",
-        "geminifusion_mit_b0", "sagate_r50", "early_concat_resnet18", "late_mean_resnet18"]
+        "geminifusion_mit_b0", "sagate_r50", "mlpd_vgg16", "early_concat_resnet18", "late_mean_resnet18"]
 REGISTRY = FAST + [pytest.param(n, marks=pytest.mark.slow) for n in fz.list_models(published=True) if n not in FAST]
 
 

@@ -45,6 +45,7 @@ DEFAULT = {
                                 "hybrid_gate", "late_gate", "late_mean", "sagate")),
     "cmnext_mit_b0", "cmx_mit_b0", "dformer_tiny", "esanet_r18", "fusenet_vgg16", "geminifusion_mit_b0",
     *(f"fcos_{m}_resnet18" for m in ("cmx", "crossattn", "early", "hybrid_wbf", "late_wbf", "sum")),
+    "mlpd_vgg16",  # the published two-stream SSD: shared conv5-10 per stream, six fused levels
 }
 ALL = fz.list_models()
 pytestmark = pytest.mark.usefixtures("one_thread")  # two threads on a shared CPU made this 20x slower
