@@ -230,3 +230,21 @@ def convert_cft(state_dict: Mapping[str, torch.Tensor], model: CFT) -> dict[str,
             raise ConversionError(f"key {key!r} (shape {tuple(tensor.shape)}) is not part of CFT with fusion_stages="
                                   f"{model.fusion_stages} (the four-stage configs need fusion_stages=('stage1', ..., 'stage4'))")
     return out
+
+
+# The authors release CFT weights on Google Drive (README "CFT weights"); YOLOv5 checkpoints pickle
+# the whole model, so save its state dict in their environment first (docs/published.md, CFT).
+# Inputs are images / 255 without mean or standard deviation (their datasets.py), thermal as 3 channels.
+_UNIT = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+register_weights(ReleasedWeights(
+    name="cft_yolov5l", tag="llvip", url="https://drive.google.com/file/d/18yLDUOxNXQ17oypQ-fAV9OS9DESOZQtV/view",
+    filename="cft_llvip_state_dict.pth", num_classes=1, modalities=("rgb", "thermal"),
+    reported="README/paper: mAP50 97.5, mAP75 72.9, mAP 63.6 (LLVIP test, 640); log-average miss rate 5.40 %",
+    class_names=("person",), normalization={"rgb": _UNIT, "thermal": _UNIT},
+))
+register_weights(ReleasedWeights(
+    name="cft_yolov5l", tag="flir_aligned", url="https://drive.google.com/file/d/1PwEOgT5ZOTjoKT2LpOzvCsxsVgwP8NIJ/view",
+    filename="cft_flir_state_dict.pth", num_classes=3, modalities=("rgb", "thermal"),
+    reported="README/paper: mAP50 78.7, mAP75 35.5, mAP 40.2 (FLIR aligned validation, 640)",
+    class_names=("person", "car", "bicycle"), normalization={"rgb": _UNIT, "thermal": _UNIT},
+))
