@@ -247,3 +247,18 @@ def test_train_py_trains_cft_with_the_authors_loss(tmp_path):
     assert summary["task"] == "detection" and summary["metric"] == "ap" and 0 <= summary["best_value"] <= 1
     model = fz.from_pretrained(tmp_path / "cft" / "best")
     assert model.config["name"] == "cft_yolov5s" and model.replicate_x
+
+
+@pytest.mark.slow  # tracing the 8-block transformers: ~40 s (torch.export) and ~100 s (ONNX) on a loaded 2-core machine
+@pytest.mark.parametrize("fmt", ["torch-export", "onnx"])
+def test_export_round_trips_the_raw_head_outputs(fmt, tmp_path):
+    from fusionzoo.models import export as fz_export
+
+    if fmt == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("pip install 'fusionzoo[export]'")
+    model = small().eval()
+    model.config = {"name": "cft_yolov5s"}
+    exported = fz_export.export_model(model, tmp_path / f"cft.{'onnx' if fmt == 'onnx' else 'pt2'}", fmt, size=(64, 64))
+    check = fz_export.check_export(model, exported)
+    assert set(check.per_output) == {"fused.p3", "fused.p4", "fused.p5"}
+    assert all(rel <= check.tolerance for _, rel in check.per_output.values())
