@@ -89,6 +89,33 @@ def reference_inputs(model_inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Te
     return model_inputs["rgb"], model_inputs["thermal"]
 
 
+def reference_loss(model: nn.Module, output: Any, targets: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Their training loss (``ComputeLoss(model)(output, rows)[0]``, ``loss * bs``) of their
+    train-mode ``output`` on the zoo's targets (xyxy pixels, normalized by the input size as
+    their loader does), with ``hyp.scratch.yaml`` scaled as their train.py (for ``bench/parity.py``)."""
+    from utils.loss import ComputeLoss
+
+    detect = model.model[-1]
+    if not hasattr(model, "hyp"):
+        model.hyp, model.gr, model.nc = scaled_hyp(Path(sys.modules["models.yolo_test"].__file__).parents[1],
+                                                   detect.nl, detect.nc), 1.0, detect.nc
+    h, w = output[0].shape[2] * 8, output[0].shape[3] * 8
+    rows = []
+    for i, t in enumerate(targets):
+        b = t["boxes"].float()
+        xywh = torch.cat(((b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]), 1) / b.new_tensor([w, h, w, h])
+        rows.append(torch.cat((torch.full_like(b[:, :1], i), t["labels"].float()[:, None], xywh), 1))
+    with old_clamp():
+        return ComputeLoss(model)(output, torch.cat(rows).to(output[0].device))[0].sum()
+
+
+def reference_postprocess(output: Any) -> list[torch.Tensor]:
+    """Their eval output through their NMS at test.py's settings."""
+    from utils.general import non_max_suppression
+
+    return non_max_suppression(output[0], CONF_THRES, IOU_THRES, multi_label=True)
+
+
 def yolo_rows(targets: list[dict[str, list]], size: int, dtype: torch.dtype) -> torch.Tensor:
     """train.py's target rows ``(n, 6)``: image, class, centre x, centre y, width, height normalized by the image size."""
     rows = []
