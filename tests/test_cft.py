@@ -65,6 +65,11 @@ def test_entries_are_published_detectors_with_the_papers_configs():
     assert fz.list_pretrained("cft_*") == ["cft_yolov5l.flir_aligned", "cft_yolov5l.llvip"]
     with pytest.raises(TypeError, match="cft_yolov5l"):
         fz.create_model("cft_yolov5l", fpn_channels=64)
+    with torch.device("meta"):  # the loss gains as a mapping: model.config stays JSON
+        tuned = fz.create_model("cft_yolov5s", loss={"img_size": 512, "fl_gamma": 1.5})
+    assert tuned.loss_config.img_size == 512 and tuned.config["loss"] == {"img_size": 512, "fl_gamma": 1.5}
+    with pytest.raises(TypeError, match="unknown field.*'gain'"):
+        fz.create_model("cft_yolov5s", loss={"gain": 1.0})
     with pytest.raises(ValueError, match="exactly two streams|exactly 2 modalities"):
         fz.create_model("cft_yolov5s", modalities=("rgb", "thermal", "depth"))
 

@@ -21,6 +21,7 @@ Parity: ``tests/test_parity_cft.py`` against the authors' ``models/yolo_test.py`
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -32,7 +33,7 @@ from torch import nn
 
 from ..._registry import ReleasedWeights, register_weights
 from ...models.convert import ConversionError, published_entry, register_converter
-from .yolov5 import NECK_STAGES, STAGES, YOLOV5_SIZES, TwoStreamYOLOv5
+from .yolov5 import NECK_STAGES, STAGES, YOLOV5_SIZES, TwoStreamYOLOv5, YOLOv5LossConfig
 
 __all__ = ["CFT", "GPT", "CrossModalityBlock", "MultiHeadSelfAttention", "authors_layer_paths", "cft_yolov5l", "cft_yolov5s"]
 
@@ -208,9 +209,19 @@ def authors_layer_paths(modalities: Sequence[str], fusion_stages: Sequence[str])
 DEFAULT_CLASSES = {"l": 3, "s": 9}
 
 
-def _build(size: str, pretrained: bool = False, num_classes: int | None = None, **kwargs: Any) -> CFT:
+def _build(size: str, pretrained: bool = False, num_classes: int | None = None,
+           loss: Mapping[str, Any] | None = None, **kwargs: Any) -> CFT:
     depth, width = YOLOV5_SIZES[size]
     classes = DEFAULT_CLASSES[size] if num_classes is None else num_classes
+    if loss is not None:  # a mapping, so model.config stays JSON (save_pretrained) and YAML cards can set it
+        if not isinstance(loss, Mapping):
+            raise TypeError(f"cft_yolov5{size}: loss takes a mapping of YOLOv5LossConfig fields, e.g. "
+                            f"{{'img_size': 512}}; got {type(loss).__name__}")
+        fields = {f.name for f in dataclasses.fields(YOLOv5LossConfig)}
+        unknown = sorted(set(loss) - fields)
+        if unknown:
+            raise TypeError(f"cft_yolov5{size}: loss has unknown field(s) {unknown}; YOLOv5LossConfig has {sorted(fields)}")
+        kwargs["loss"] = YOLOv5LossConfig(**loss)
     return CFT(num_classes=classes, depth_multiple=depth, width_multiple=width, **kwargs)
 
 
