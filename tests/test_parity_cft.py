@@ -27,6 +27,7 @@ LEVELS = ("p3", "p4", "p5")
 # The authors' ComputeLoss accumulates box/obj/cls in float32 accumulators (torch.zeros(1)) even in
 # a float64 run, so their losses carry float32 rounding (2**-24 relative per step).
 LOSS_RTOL = 1e-6
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def authors_state(meta, model):
@@ -49,7 +50,7 @@ def train_without_dropout(model):
 
 
 @pytest.fixture(scope="module")
-def case():
+def case(one_thread):
     meta, outputs = read_fixture(FIXTURE)
     from fusionzoo.detection.published.cft import CFT
 
