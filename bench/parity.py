@@ -14,6 +14,11 @@ random labels, on logits at input size, plus on the side logits where both model
 forward + backward + optimizer step in train mode, an inference step one forward in eval mode
 under ``torch.inference_mode``. Reported: median seconds per step -> images/s, ours/theirs, and
 the median of the per-step ratios (robust to a load that drifts during the run).
+
+Detectors (``task="detection"``): both train on the same random boxes with their own loss, ours
+``sum(model(inputs, targets).values())``, theirs ``reference_loss(model, output, targets)`` of the
+parity module; inference includes the box post-processing (ours in the forward, theirs through
+the module's ``reference_postprocess(output)`` when it has one).
 """
 
 from __future__ import annotations
@@ -66,6 +71,25 @@ def _train_step(forward: Callable[[], torch.Tensor], labels: torch.Tensor, opt: 
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         loss = loss + F.cross_entropy(logits, labels, ignore_index=255)
     loss.backward()
+    opt.step()
+
+
+def random_boxes(batch: int, h: int, w: int, num_classes: int, g: torch.Generator, per_image: int = 4
+                 ) -> list[dict[str, torch.Tensor]]:
+    """``per_image`` random boxes (xyxy pixels, 1/16 to 1/2 of the side) and labels per image."""
+    out = []
+    for _ in range(batch):
+        size = torch.rand(per_image, 2, generator=g) * 0.4375 + 0.0625
+        centre = size / 2 + torch.rand(per_image, 2, generator=g) * (1 - size)
+        scale = torch.tensor([w, h], dtype=torch.float32)
+        boxes = torch.cat(((centre - size / 2) * scale, (centre + size / 2) * scale), 1)
+        out.append({"boxes": boxes, "labels": torch.randint(0, num_classes, (per_image,), generator=g)})
+    return out
+
+
+def _detection_step(loss: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss().backward()
     opt.step()
 
 
@@ -127,6 +151,15 @@ def main() -> None:
     # theirs), both steps add their cross-entropy, so both train the whole network.
     with_sides = all(hasattr(m, "side_logits") for m in models.values())
     sides = {k: (lambda m=m: tuple(m.side_logits)) if with_sides else tuple for k, m in models.items()}
+    detection = entry.task == "detection"
+    if detection:
+        if not hasattr(method, "reference_loss"):
+            parser.error(f"tools/parity/{args.method}.py has no reference_loss() for a detector (tools/parity/README.md)")
+        targets = [{k: v.to(device) for k, v in t.items()} for t in random_boxes(args.batch, h, w, args.num_classes, g)]
+        post = getattr(method, "reference_postprocess", lambda out: out)
+        losses = {"ours": lambda: sum(ours(inputs, targets).values()),
+                  "authors": lambda: method.reference_loss(theirs, theirs(*their_args), targets)}
+        forwards["authors"] = lambda: post(theirs(*their_args))
     opts = {k: torch.optim.AdamW(m.parameters(), lr=6e-5, weight_decay=0.01) for k, m in models.items()}
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     print(
@@ -140,7 +173,10 @@ def main() -> None:
     for step in range(args.warmup + args.steps):
         for key, model in models.items():  # alternate: ours, theirs, ours, ...
             model.train()
-            dt = _timed(lambda m=key: _train_step(forwards[m], labels, opts[m], sides[m]), device)
+            if detection:
+                dt = _timed(lambda m=key: _detection_step(losses[m], opts[m]), device)
+            else:
+                dt = _timed(lambda m=key: _train_step(forwards[m], labels, opts[m], sides[m]), device)
             if step >= args.warmup:
                 times[(key, "train")].append(dt)
         for key, model in models.items():
