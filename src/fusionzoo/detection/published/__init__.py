@@ -7,3 +7,4 @@ authors' code is proven by ``tests/test_parity_<method>.py`` on fixtures that
 ``tools/parity/<method>.py`` regenerates from a checkout of their repository.
 """
 # One import line per method module (each registers itself).
+from . import cft  # noqa: F401  (CFT, two-stream YOLOv5)
