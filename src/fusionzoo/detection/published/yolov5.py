@@ -203,24 +203,33 @@ class YOLOv5Stream(nn.Module):
         depth_multiple, width_multiple: the config's (``YOLOV5_SIZES``).
         stem: ``"focus"`` (v5.0) or ``"conv"`` (v6.0: Conv 6x6 stride 2, padding 2).
         spp: ``"spp"`` (v5.0) or ``"sppf"`` (v6.0).
+        repeats: C3 repeats of ``stage1..4`` at depth 1 (v5.0: 3, 9, 9, 3; v6.0: 3, 6, 9, 3).
+        spp_last: v6.0's ``stage4`` (Conv s2, C3 with shortcut, then the SPP) instead of v5.0's
+            (Conv s2, SPP, C3 without shortcut).
 
     Attributes:
         channels: output channels of ``stage1..4``; ``reductions``: their strides.
     """
 
     def __init__(self, in_chans: int, depth_multiple: float = 1.0, width_multiple: float = 1.0, *,
-                 stem: str = "focus", spp: str = "spp") -> None:
+                 stem: str = "focus", spp: str = "spp", repeats: Sequence[int] = (3, 9, 9, 3),
+                 spp_last: bool = False) -> None:
         super().__init__()
         if stem not in ("focus", "conv") or spp not in ("spp", "sppf"):
             raise ValueError(f"stem must be 'focus' or 'conv', spp 'spp' or 'sppf'; got stem={stem!r}, spp={spp!r}")
         w = [scale_width(c, width_multiple) for c in (64, 128, 256, 512, 1024)]
-        n = [scale_depth(r, depth_multiple) for r in (3, 9, 9, 3)]
+        if len(repeats) != 4:
+            raise ValueError(f"repeats gives the C3 repeats of stage1..4: four numbers, got {tuple(repeats)}")
+        n = [scale_depth(r, depth_multiple) for r in repeats]
         self.stem = Focus(in_chans, w[0], 3) if stem == "focus" else Conv(in_chans, w[0], 6, 2, 2)
         self.stage1 = nn.Sequential(Conv(w[0], w[1], 3, 2), C3(w[1], w[1], n[0]))
         self.stage2 = nn.Sequential(Conv(w[1], w[2], 3, 2), C3(w[2], w[2], n[1]))
         self.stage3 = nn.Sequential(Conv(w[2], w[3], 3, 2), C3(w[3], w[3], n[2]))
         pool = SPP(w[4], w[4], (5, 9, 13)) if spp == "spp" else SPPF(w[4], w[4], 5)
-        self.stage4 = nn.Sequential(Conv(w[3], w[4], 3, 2), pool, C3(w[4], w[4], n[3], shortcut=False))
+        if spp_last:
+            self.stage4 = nn.Sequential(Conv(w[3], w[4], 3, 2), C3(w[4], w[4], n[3]), pool)
+        else:
+            self.stage4 = nn.Sequential(Conv(w[3], w[4], 3, 2), pool, C3(w[4], w[4], n[3], shortcut=False))
         self.channels = tuple(w[1:])
         self.reductions = (4, 8, 16, 32)
 
@@ -406,7 +415,9 @@ class YOLOv5LossConfig:
         box, cls, obj: gains; cls_pw, obj_pw: BCE positive weights; anchor_t: anchor-matching
         ratio; fl_gamma: focal loss gamma (0: plain BCE); label_smoothing; gr: IoU weight of
         the objectness target (``model.gr = 1.0``); img_size: the training image size that
-        scales ``obj`` (``train.py --img-size``, 640).
+        scales ``obj`` (``train.py --img-size``, 640); sort_obj_iou: write the objectness targets
+        in increasing IoU, so a cell matched twice keeps its best IoU (later YOLOv5's
+        ``ComputeLoss.sort_obj_iou``; ICAFusion sets it) instead of the last match's.
     """
 
     box: float = 0.05
@@ -419,6 +430,7 @@ class YOLOv5LossConfig:
     label_smoothing: float = 0.0
     gr: float = 1.0
     img_size: int = 640
+    sort_obj_iou: bool = False
 
     def scaled(self, nl: int, nc: int) -> YOLOv5LossConfig:
         """``train.py``'s scaling: box by ``3 / nl``, cls by ``nc / 80 * 3 / nl``, obj by
@@ -541,8 +553,12 @@ class YOLOv5Loss:
                 pwh = (ps[:, 2:4].sigmoid() * 2) ** 2 * anchors[i]
                 iou = bbox_iou(torch.cat((pxy, pwh), 1), tbox[i], ciou=True)
                 lbox = lbox + (1.0 - iou).mean()
+                score_iou = iou.detach().clamp(0).to(tobj.dtype)
+                if self.hyp.sort_obj_iou:
+                    order = torch.argsort(score_iou)
+                    b, a, gj, gi, score_iou = b[order], a[order], gj[order], gi[order], score_iou[order]
                 # index_put_ with accumulate=False: a cell matched twice keeps the last write, as the original
-                tobj = tobj.index_put((b, a, gj, gi), (1.0 - self.hyp.gr) + self.hyp.gr * iou.detach().clamp(0).to(tobj.dtype))
+                tobj = tobj.index_put((b, a, gj, gi), (1.0 - self.hyp.gr) + self.hyp.gr * score_iou)
                 if self.nc > 1:
                     t = torch.full_like(ps[:, 5:], self.cn)
                     t[range(n), tcls[i]] = self.cp
@@ -569,7 +585,8 @@ class TwoStreamYOLOv5(DetectorMixin, FusionModel):
 
     A method subclasses this and implements :meth:`build_fusion` (one module per fused stage,
     called as ``block(a, b) -> (a', b')``); it may override :meth:`fuse` or :meth:`merge` for
-    another wiring.
+    another wiring. With the class attribute ``fusion_feeds_streams = False`` (ICAFusion) the
+    fused pair goes only to :meth:`merge`: each backbone's next stage takes its own unfused output.
 
     Args:
         num_classes: ``K``.
@@ -582,7 +599,7 @@ class TwoStreamYOLOv5(DetectorMixin, FusionModel):
         conf_thres, iou_thres, multi_label, max_det: NMS at eval (the test script's: 0.001, 0.5,
             multi-label, 300).
         loss: the loss gains (:class:`YOLOv5LossConfig`).
-        stem, spp: backbone variant (:class:`YOLOv5Stream`).
+        stem, spp, repeats, spp_last: backbone variant (:class:`YOLOv5Stream`).
 
     Eval output: boxes clipped to the input, ``scores`` objectness x class probability,
     ``labels``. Training: ``{"box", "obj", "cls"}``, each times the batch size, as the authors'.
@@ -605,6 +622,8 @@ class TwoStreamYOLOv5(DetectorMixin, FusionModel):
         loss: YOLOv5LossConfig = YOLOv5LossConfig(),
         stem: str = "focus",
         spp: str = "spp",
+        repeats: Sequence[int] = (3, 9, 9, 3),
+        spp_last: bool = False,
     ) -> None:
         modalities = tuple(modalities)
         if len(modalities) != 2:
@@ -622,7 +641,8 @@ class TwoStreamYOLOv5(DetectorMixin, FusionModel):
         self.detections_per_img = max_det
         self.encoders = nn.ModuleDict()
         for m in self.modalities:
-            self.encoders[m] = YOLOv5Stream(self.in_chans[m], depth_multiple, width_multiple, stem=stem, spp=spp)
+            self.encoders[m] = YOLOv5Stream(self.in_chans[m], depth_multiple, width_multiple, stem=stem, spp=spp,
+                                          repeats=repeats, spp_last=spp_last)
         stream = self.encoders[self.modalities[0]]
         self.stage_channels = stream.channels
         self.fusions = nn.ModuleDict()
@@ -632,7 +652,7 @@ class TwoStreamYOLOv5(DetectorMixin, FusionModel):
                 self.taps.declare(f"{m}.{stage}", c, r, after_fusion=mixed)
             if stage in self.fusion_stages:
                 self.fusions[stage] = self.build_fusion(stage, c)
-                mixed = True
+                mixed = mixed or self.fusion_feeds_streams
                 for m in self.modalities:
                     self.taps.declare(f"{m}.{stage}.fused", c, r, after_fusion=True)
             if stage in NECK_STAGES:
@@ -645,6 +665,8 @@ class TwoStreamYOLOv5(DetectorMixin, FusionModel):
             self.taps.declare(f"head.{level}", self.head.na * self.head.no, s, "logits", after_fusion=True)
         self.loss_config = loss
         self.initialize_weights()
+
+    fusion_feeds_streams = True  # the fused pair replaces the streams (CFT's Add2); False: it only feeds merge
 
     # -- the method's part ---------------------------------------------------------------------
     def build_fusion(self, stage: str, channels: int) -> nn.Module:
@@ -674,11 +696,14 @@ class TwoStreamYOLOv5(DetectorMixin, FusionModel):
         for stage in STAGES:
             a = self.taps(f"{ma}.{stage}", getattr(ea, stage)(a))
             b = self.taps(f"{mb}.{stage}", getattr(eb, stage)(b))
+            fa, fb = a, b
             if stage in self.fusion_stages:
-                a, b = self.fuse(stage, a, b)
-                a, b = self.taps(f"{ma}.{stage}.fused", a), self.taps(f"{mb}.{stage}.fused", b)
+                fa, fb = self.fuse(stage, a, b)
+                fa, fb = self.taps(f"{ma}.{stage}.fused", fa), self.taps(f"{mb}.{stage}.fused", fb)
+                if self.fusion_feeds_streams:
+                    a, b = fa, fb
             if stage in NECK_STAGES:
-                merged.append(self.taps(f"fused.{stage}", self.merge(stage, a, b)))
+                merged.append(self.taps(f"fused.{stage}", self.merge(stage, fa, fb)))
         return merged
 
     def raw_predictions(self, xs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
