@@ -46,10 +46,8 @@ def reduced_model(meta) -> nn.Module:
     return model.double()
 
 
-@pytest.fixture(scope="module")
-def ours(fixture):
-    """Our outputs, computed as the script computed theirs."""
-    meta, _ = fixture
+def our_outputs(meta):
+    """Our outputs, computed as the script computed theirs: (fixture outputs, loss dict, eval detections, model)."""
     model = reduced_model(meta)
     xs = {k: v.double() for k, v in seeded_inputs(meta["inputs"], meta["input_seed"]).items()}
     out = {}
@@ -72,6 +70,11 @@ def ours(fixture):
         out.update({f"train.raw{i}": r for i, r in enumerate(raw)})
         losses = YOLOv5Loss(model.num_classes, model.head.anchors, model.loss_config)(raw, targets_tensor(torch.float64))
     return out, losses, detections, model
+
+
+@pytest.fixture(scope="module")
+def ours(fixture):
+    return our_outputs(fixture[0])
 
 
 def test_fixture_is_from_the_registered_commit(fixture):
