@@ -439,17 +439,19 @@ class YOLOv5LossConfig:
                        obj=self.obj * (self.img_size / 640) ** 2 * 3 / nl)
 
 
-def targets_to_yolo(targets: Sequence[Mapping[str, torch.Tensor]], size: tuple[int, int]) -> torch.Tensor:
+def targets_to_yolo(targets: Sequence[Mapping[str, torch.Tensor]], size: tuple[int, int],
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per-image ``boxes`` (xyxy pixels) and ``labels`` -> YOLOv5's target rows ``(n, 6)``:
-    image index, class, centre x, centre y, width, height, normalized by ``size = (H, W)``."""
+    image index, class, centre x, centre y, width, height, normalized by ``size = (H, W)``
+    (computed in ``dtype``, default the boxes')."""
     h, w = size
     rows = []
     for i, t in enumerate(targets):
-        b = t["boxes"]
+        b = t["boxes"] if dtype is None else t["boxes"].to(dtype)
         scale = b.new_tensor([w, h, w, h])
         xywh = torch.cat(((b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]), 1) / scale
         rows.append(torch.cat((torch.full_like(b[:, :1], i), t["labels"].to(b.dtype)[:, None], xywh), 1))
-    return torch.cat(rows, 0) if rows else torch.zeros(0, 6)
+    return torch.cat(rows, 0) if rows else torch.zeros(0, 6, dtype=dtype)
 
 
 def build_targets(raw: Sequence[torch.Tensor], targets: torch.Tensor, anchors: torch.Tensor, anchor_t: float
@@ -733,7 +735,7 @@ class TwoStreamYOLOv5(DetectorMixin, FusionModel):
         raw = self.raw_predictions(xs)
         if self.training:
             padded = tuple(xs[self.modalities[0]].shape[-2:])
-            rows = targets_to_yolo(targets or [], padded).to(raw[0].device)
+            rows = targets_to_yolo(targets or [], padded, raw[0].dtype).to(raw[0].device)
             return YOLOv5Loss(self.num_classes, self.head.anchors, self.loss_config)(raw, rows)
         out = self.detect_boxes(raw, images.image_sizes[0])
         self.keep_head_detections(["fused"], [out])
