@@ -61,9 +61,16 @@ def build(name: str) -> nn.Module:
     about the data flow, for generic weights.
     """
     # Detectors: no score passes, so post-processing (not under test) costs nothing on random weights.
-    kwargs = {"score_thresh": 1.0} if fz.model_entry(name).task == "detection" else {}
+    entry = fz.model_entry(name)
+    kwargs = {"score_thresh": 1.0} if entry.task == "detection" and "score_thresh" in (entry.accepts or ()) else {}
     with torch.device("meta"):
         model = fz.create_model(name, num_classes=NUM_CLASSES, **kwargs)
+    # Buffers that are constants of the architecture (YOLO's anchors) keep the values a real build gives.
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    constants = {}
+    if any(not k.endswith(stats) for k, _ in model.named_buffers()):
+        constants = {k: v for k, v in fz.create_model(name, num_classes=NUM_CLASSES, **kwargs).named_buffers()
+                     if not k.endswith(stats)}
     model = model.to_empty(device="cpu").eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -76,7 +83,10 @@ def build(name: str) -> nn.Module:
                 else:
                     p.copy_(0.5 * torch.randn(p.shape, generator=g))
         for key, b in model.named_buffers():
-            if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            if key in constants:
+                b.copy_(constants[key])
+                continue
+            if not key.endswith(stats):
                 raise AssertionError(f"{name}: buffer {key!r} needs a value; extend build()")
             b.fill_(1 if key.endswith("running_var") else 0)
     # BatchNorm statistics of one random batch (only the BatchNorms in training mode, momentum 1), so

@@ -218,6 +218,20 @@ def list_models(
     return sorted(names)
 
 
+def registered_entry(name: str) -> ModelEntry:
+    """:func:`model_entry` for registration code (``register_weights``, ``register_converter``),
+    which runs in the module that registered ``name`` just before: it does not fill the registry
+    first, so a model module imported while the registry fills itself (a detector module that
+    imports ``fusionzoo.detection.models`` while that one is half imported) does not re-enter it.
+
+    Raises:
+        KeyError: ``name`` is not registered (yet).
+    """
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}: register its entry point before its weights or converter")
+    return _REGISTRY[name]
+
+
 def model_entry(name: str) -> ModelEntry:
     """Metadata of a registered model.
 
@@ -392,7 +406,7 @@ def register_weights(weights: ReleasedWeights) -> ReleasedWeights:
         raise ValueError(f"released weights {full!r} are already registered")
     if not NAME_PATTERN.match(full) or "." in weights.tag:
         raise ValueError(f"released weights name {full!r} breaks the grammar {NAME_PATTERN.pattern}")
-    if not model_entry(weights.name).published:
+    if not registered_entry(weights.name).published:
         raise ValueError(f"{weights.name!r} is not a published entry; only the authors' networks carry released weights")
     _RELEASED[full] = weights
     return weights

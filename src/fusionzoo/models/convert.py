@@ -38,6 +38,7 @@ from .._registry import (
     create_model,
     model_entry,
     register_model,
+    registered_entry,
     released_weights,
     set_release_loader,
 )
@@ -103,7 +104,7 @@ def register_converter(
         for name in names:
             if name in _CONVERTERS:
                 raise ValueError(f"a converter for {name!r} is already registered")
-            if not model_entry(name).published:
+            if not registered_entry(name).published:
                 raise ValueError(f"{name!r} is not a published entry; only the authors' networks convert one-to-one")
             _CONVERTERS[name] = Converter(fn=fn, classifier_key=classifier_key, with_model=with_model)
         return fn

@@ -138,16 +138,33 @@ class CFT(TwoStreamYOLOv5):
     """Two-stream YOLOv5 with a Cross-Modality Fusion Transformer after each fused stage.
 
     Args: as :class:`~.yolov5.TwoStreamYOLOv5` (defaults: the paper's three fusion stages,
-    ``stage2..4``), plus ``gpt_kwargs`` for :class:`GPT` (heads, layers, pooled grid, dropout).
+    ``stage2..4``), plus ``gpt_kwargs`` for :class:`GPT` (heads, layers, pooled grid, dropout)
+    and ``replicate_x``: the second stream's input has one channel, repeated to the three its
+    stem takes (the authors read the thermal image as three equal channels, ``cv2.imread``), so
+    fusionzoo's 1-channel thermal loaders feed the authors' network and its released weights.
 
     Taps: ``{m}.stage1..4`` (stream outputs before a stage's fusion), ``{m}.stage{2,3,4}.fused``
     (after the transformer's residual), ``fused.stage2..4`` (their sum: P3-P5), ``fpn.p3..p5``
     (neck outputs), ``head.p3..p5`` (raw head outputs, kind ``logits``).
     """
 
-    def __init__(self, *, gpt_kwargs: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, gpt_kwargs: Mapping[str, Any] | None = None, replicate_x: bool = False, **kwargs: Any) -> None:
         self.gpt_kwargs = dict(gpt_kwargs or {})
-        super().__init__(**kwargs)
+        self.replicate_x = replicate_x
+        if replicate_x:
+            if kwargs.get("in_chans"):
+                raise ValueError("pass replicate_x=True (a 1-channel second stream repeated to 3) or in_chans, not both")
+            super().__init__(**kwargs)
+            # the stems keep 3 input channels (the authors'); the input check now asks for 1
+            self.in_chans = {**self.in_chans, self.modalities[1]: 1}
+        else:
+            super().__init__(**kwargs)
+
+    def forward_features(self, xs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        if self.replicate_x:  # (B, 1, H, W) -> (B, 3, H, W), as the authors' loader
+            x = self.modalities[1]
+            xs = {**xs, x: xs[x].expand(-1, 3, -1, -1)}
+        return super().forward_features(xs)
 
     def build_fusion(self, stage: str, channels: int) -> nn.Module:
         return GPT(channels, **self.gpt_kwargs)
@@ -186,13 +203,19 @@ def authors_layer_paths(modalities: Sequence[str], fusion_stages: Sequence[str])
     return paths
 
 
-def _build(size: str, pretrained: bool = False, **kwargs: Any) -> CFT:
+# The class count of each size's config: yolov5l_fusion_transformerx3_FLIR_aligned.yaml (nc 3),
+# yolov5s_fusion_transformerx3_vedai.yaml (nc 9).
+DEFAULT_CLASSES = {"l": 3, "s": 9}
+
+
+def _build(size: str, pretrained: bool = False, num_classes: int | None = None, **kwargs: Any) -> CFT:
     depth, width = YOLOV5_SIZES[size]
-    return CFT(depth_multiple=depth, width_multiple=width, **kwargs)
+    classes = DEFAULT_CLASSES[size] if num_classes is None else num_classes
+    return CFT(num_classes=classes, depth_multiple=depth, width_multiple=width, **kwargs)
 
 
 ACCEPTS = ("num_classes", "modalities", "in_chans", "fusion_stages", "anchors", "conf_thres", "iou_thres", "multi_label",
-           "max_det", "loss", "gpt_kwargs", "pretrained")
+           "max_det", "loss", "gpt_kwargs", "replicate_x", "pretrained")
 
 
 def _entry(size: str, configs: str) -> Any:
@@ -230,3 +253,21 @@ def convert_cft(state_dict: Mapping[str, torch.Tensor], model: CFT) -> dict[str,
             raise ConversionError(f"key {key!r} (shape {tuple(tensor.shape)}) is not part of CFT with fusion_stages="
                                   f"{model.fusion_stages} (the four-stage configs need fusion_stages=('stage1', ..., 'stage4'))")
     return out
+
+
+# The authors release CFT weights on Google Drive (README "CFT weights"); YOLOv5 checkpoints pickle
+# the whole model, so save its state dict in their environment first (docs/published.md, CFT).
+# Inputs are images / 255 without mean or standard deviation (their datasets.py), thermal as 3 channels.
+_UNIT = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+register_weights(ReleasedWeights(
+    name="cft_yolov5l", tag="llvip", url="https://drive.google.com/file/d/18yLDUOxNXQ17oypQ-fAV9OS9DESOZQtV/view",
+    filename="cft_llvip_state_dict.pth", num_classes=1, modalities=("rgb", "thermal"),
+    reported="README/paper: mAP50 97.5, mAP75 72.9, mAP 63.6 (LLVIP test, 640); log-average miss rate 5.40 %",
+    class_names=("person",), normalization={"rgb": _UNIT, "thermal": _UNIT},
+))
+register_weights(ReleasedWeights(
+    name="cft_yolov5l", tag="flir_aligned", url="https://drive.google.com/file/d/1PwEOgT5ZOTjoKT2LpOzvCsxsVgwP8NIJ/view",
+    filename="cft_flir_state_dict.pth", num_classes=3, modalities=("rgb", "thermal"),
+    reported="README/paper: mAP50 78.7, mAP75 35.5, mAP 40.2 (FLIR aligned validation, 640)",
+    class_names=("person", "car", "bicycle"), normalization={"rgb": _UNIT, "thermal": _UNIT},
+))
