@@ -127,6 +127,7 @@ def test_after_fusion_is_declared_as_observed() -> None:
              if info[t].after_fusion != observed_after_fusion(info[t].stream, model.modalities, ms)}
     assert not wrong
     assert not info["rgb.stage4"].after_fusion and info["rgb.stage2.fused"].after_fusion
+    assert model.min_input_size == (SIZE, SIZE) and build(fusion_grids=((20, 20), (16, 16), (10, 10))).min_input_size == (320, 320)
 
 
 def test_missing_modality_zero_fill(model) -> None:

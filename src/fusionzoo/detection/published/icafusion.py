@@ -298,6 +298,12 @@ class ICAFusion(TwoStreamYOLOv5):
         if replicate_x:  # the input contract: one channel (the stem, built above, takes three)
             self.in_chans = {**self.in_chans, self.modalities[1]: 1}
 
+    @property
+    def min_input_size(self) -> tuple[int, int]:
+        """The smallest input ``(H, W)`` the fusion grids accept (the authors': 320 x 320)."""
+        return (max(g[0] * s for g, s in zip(self.fusion_grids, STRIDES)),
+                max(g[1] * s for g, s in zip(self.fusion_grids, STRIDES)))
+
     def forward_features(self, xs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         if self.replicate_x:
             x = self.modalities[1]
