@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_taps_after_fusion import observed_after_fusion, observed_dependence
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -26,7 +27,6 @@ from fusionzoo import interpret
 from fusionzoo.data.collate import collate
 from fusionzoo.engine.loop import evaluate
 from fusionzoo.hub import from_pretrained, save_pretrained
-from test_taps_after_fusion import observed_after_fusion, observed_dependence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "parity"))
 from seeded import calibrate_batchnorm

@@ -53,9 +53,9 @@ from .yolov5 import NECK_STAGES, STRIDES, YOLOV5_SIZES, Conv, TwoStreamYOLOv5, Y
 __all__ = [
     "DMFF",
     "FUSION_GRIDS",
-    "ICAFusion",
     "CrossAttention",
     "CrossTransformerBlock",
+    "ICAFusion",
     "LearnableCoefficient",
     "LearnableWeights",
     "icafusion_yolov5l",
@@ -74,6 +74,7 @@ FUSION_GRIDS: tuple[tuple[int, int], ...] = ((20, 20), (16, 16), (10, 10))
 V6_REPEATS = (3, 6, 9, 3)  # yolov5*.yaml v6.0 backbone C3 repeats at depth 1
 # (depth_multiple, width_multiple) of the authors' yolov5{n,s,m,l}_Transfusion configs.
 SIZES = {"n": (0.33, 0.25), **{k: YOLOV5_SIZES[k] for k in ("s", "m", "l")}}
+AUTHORS_LOSS = YOLOv5LossConfig(sort_obj_iou=True)  # their utils/loss.py ComputeLoss (hyp.scratch.yaml gains)
 
 
 def squeeze_pool(x: torch.Tensor, grid: tuple[int, int], kind: str) -> torch.Tensor:
@@ -283,13 +284,13 @@ class ICAFusion(TwoStreamYOLOv5):
 
     def __init__(self, *, fusion_grids: Sequence[Sequence[int]] = FUSION_GRIDS, heads: int = 8, block_exp: int = 4,
                  n_layer: int = 1, loops: int = 1, attn_pdrop: float = 0.1, resid_pdrop: float = 0.1,
-                 loss: YOLOv5LossConfig = YOLOv5LossConfig(sort_obj_iou=True), replicate_x: bool = False,
+                 loss: YOLOv5LossConfig = AUTHORS_LOSS, replicate_x: bool = False,
                  **kwargs: Any) -> None:
         if len(fusion_grids) != len(NECK_STAGES) or any(len(g) != 2 or min(g) < 1 for g in fusion_grids):
             raise ValueError(f"fusion_grids: one (rows, columns) per level P3, P4, P5, each >= 1; got {fusion_grids}")
         self.fusion_grids = tuple((int(g[0]), int(g[1])) for g in fusion_grids)
-        self.dmff_kwargs = dict(h=heads, block_exp=block_exp, n_layer=n_layer, loops=loops, attn_pdrop=attn_pdrop,
-                                resid_pdrop=resid_pdrop)
+        self.dmff_kwargs = {"h": heads, "block_exp": block_exp, "n_layer": n_layer, "loops": loops,
+                            "attn_pdrop": attn_pdrop, "resid_pdrop": resid_pdrop}
         if replicate_x and kwargs.get("in_chans"):
             raise ValueError("pass replicate_x=True (a 1-channel second stream repeated to 3) or in_chans, not both")
         super().__init__(fusion_stages=NECK_STAGES, stem="conv", spp="sppf", repeats=V6_REPEATS, spp_last=True,
