@@ -20,7 +20,7 @@ from fusionzoo.models.convert import ConversionError, convert_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "parity"))
-from seeded import assert_parity, read_fixture, relative_error, seeded_inputs, seeded_state_dict
+from seeded import assert_parity, calibrate_batchnorm, read_fixture, relative_error, seeded_inputs, seeded_state_dict
 
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "cft"
 LEVELS = ("p3", "p4", "p5")
@@ -59,15 +59,7 @@ def case():
     xs = {k: v.double() for k, v in seeded_inputs(meta["inputs"], meta["input_seed"]).items()}
     # BatchNorm statistics := those of the calibration inputs, as the fixture script does
     calib = {k: v.double() for k, v in seeded_inputs(meta["inputs"], meta["calibration_seed"]).items()}
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 1.0
-    train_without_dropout(model)
-    with torch.no_grad():
-        model.raw_head_outputs(calib)
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
+    calibrate_batchnorm(model, lambda: (train_without_dropout(model), model.raw_head_outputs(calib)))
     ours = {}
     model.eval()
     with torch.no_grad():

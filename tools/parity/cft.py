@@ -35,7 +35,7 @@ import yaml
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seeded import count_parameters, in_both_precisions, key_shapes, seeded_inputs, seeded_state_dict, write_fixture
+from seeded import calibrate_batchnorm, count_parameters, in_both_precisions, key_shapes, seeded_inputs, seeded_state_dict, write_fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "cft"
@@ -116,24 +116,6 @@ def train_without_dropout(model: nn.Module) -> None:
             m.eval()
 
 
-def calibrate(model: nn.Module, run: Any) -> None:
-    """Every BatchNorm's running statistics := the batch statistics of one train-mode call of
-    ``run`` (dropout off), then eval mode. The rule's running statistics saturate the head's
-    sigmoids (raw outputs ~20), which would hide errors behind 0 and 1; calibrated, they are O(1)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 1.0
-    train_without_dropout(model)
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        model.eval()
-
-
 def authors_state(keys: list, seed: int, model: nn.Module) -> dict[str, torch.Tensor]:
     """The rule-filled authors' state dict with Detect's anchor buffers kept as the model's own."""
     own = model.state_dict()
@@ -173,7 +155,9 @@ def record(checkout: Path, net: nn.Module, state: Mapping[str, torch.Tensor], me
     net.load_state_dict(state)
     xs = {k: v.to(dtype) for k, v in seeded_inputs(meta["inputs"], meta["input_seed"]).items()}
     calib = {k: v.to(dtype) for k, v in seeded_inputs(meta["inputs"], meta["calibration_seed"]).items()}
-    calibrate(net, lambda: net(*reference_inputs(calib)))
+    # BatchNorm statistics := the calibration batch's (seeded.calibrate_batchnorm, dropout off): the
+    # rule's statistics saturate the head's sigmoids (raw outputs ~20), which would hide errors
+    calibrate_batchnorm(net, lambda: (train_without_dropout(net), net(*reference_inputs(calib))))
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         decoded, raw = net(*reference_inputs(xs))
