@@ -26,7 +26,7 @@ from fusionzoo.models.convert import ConversionError, convert_state_dict
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "parity"))
 from icafusion import authors_state, targets_tensor
-from seeded import assert_parity, read_fixture, seeded_inputs, seeded_tensor
+from seeded import assert_parity, read_fixture, seeded_inputs, seeded_state_dict, seeded_tensor
 
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "icafusion"
 NAME = "icafusion_yolov5l"
@@ -151,6 +151,27 @@ def test_converter_names_a_foreign_key(fixture):
     authors["model.38.extra.weight"] = torch.empty(3, device="meta")
     with pytest.raises(ConversionError, match="model.38.extra.weight"):
         convert_state_dict(NAME, authors, model)
+
+
+def test_fusionzoo_convert_cli_on_the_nano_key_list(fixture, tmp_path, capsys):
+    """``fusionzoo convert icafusion_yolov5n FILE --out DIR`` on an authors'-format checkpoint made from
+    the fixture's yolov5n key list (1 class, half precision as their ``best.pt``), then
+    ``fz.from_pretrained(DIR)``: every tensor arrives, cast to float32; without a class count the
+    command says to pass one."""
+    meta, _ = fixture
+    keys = meta["yolov5n_1_class_keys"]
+    state = {k: v.half() if v.is_floating_point() else v for k, v in seeded_state_dict(keys, 0).items()}
+    checkpoint = tmp_path / "best.safetensors"
+    save_file(state, str(checkpoint))
+    assert cli_main(["convert", "icafusion_yolov5n", str(checkpoint), "--out", str(tmp_path / "x")]) == 2
+    assert "num_classes" in capsys.readouterr().err
+    assert cli_main(["convert", "icafusion_yolov5n", str(checkpoint), "--out", str(tmp_path / "o"), "--num-classes", "1"]) == 0
+    model = fz.from_pretrained(tmp_path / "o")
+    ours = model.state_dict()
+    mapped = convert_state_dict("icafusion_yolov5n", state, model)
+    assert set(mapped) == set(ours)
+    assert all(torch.equal(ours[k], v.to(ours[k].dtype)) for k, v in mapped.items())
+    assert torch.equal(ours["fusions.stage4.conv1x1_out.conv.weight"], state["model.22.conv1x1_out.conv.weight"].float())
 
 
 @pytest.mark.slow  # builds yolov5l twice and writes 0.5 GB: ~15 s on 2 idle cores

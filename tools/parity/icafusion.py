@@ -13,7 +13,7 @@ virtual environment with ``--system-site-packages`` is enough); none of it enter
 What it writes (numbers only):
 
 - ``reference.json``: the commit; the full-size key/shape list of ``yolov5l`` at 3 classes (FLIR)
-  and the authors' parameter counts of ``yolov5{n,s,m,l}`` at 1 and 3 classes; the reduced
+  and of ``yolov5n`` at 1 class (a quick conversion test), the authors' parameter counts of ``yolov5{n,s,m,l}`` at 1 and 3 classes; the reduced
   configuration the outputs come from (``depth_multiple`` 0.33, ``width_multiple`` 0.125, 3
   classes, the three fusion blocks' pooled grids 5x5, 4x4, 2x2 so that a 2x3x96x96 input reaches
   every branch of their ``AdaptivePool2d``: overlapping windows at P4 and P5), its key/shape list,
@@ -173,6 +173,7 @@ def main() -> None:
     params = {v: {str(k): count_parameters(authors.Model(_config(authors, *VARIANTS[v]), ch=3, nc=k))
                   for k in FULL_CLASSES} for v in VARIANTS}
     full_keys = key_shapes(authors.Model(_config(authors, 1.0, 1.0), ch=3, nc=3).state_dict())
+    nano_keys = key_shapes(authors.Model(_config(authors, *VARIANTS["yolov5n"]), ch=3, nc=1).state_dict())
     net = authors.Model(_config(authors, DEPTH, WIDTH, FUSION_GRIDS), ch=3, nc=NUM_CLASSES)
     keys = key_shapes(net.state_dict())
     fixed = fixed_values(net.state_dict(), STATE_SEED)
@@ -195,6 +196,7 @@ def main() -> None:
         "gr": 1.0,
         "authors_params": params,
         "full_keys": full_keys,
+        "yolov5n_1_class_keys": nano_keys,
         "keys": keys,
         "fixed": fixed,
     }

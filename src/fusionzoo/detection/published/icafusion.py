@@ -324,9 +324,12 @@ class ICAFusion(TwoStreamYOLOv5):
 
 
 # -- entries, weights, converter ------------------------------------------------------------------
-def _build(size: str, pretrained: bool = False, **kwargs: Any) -> ICAFusion:
+DEFAULT_CLASSES = 3  # nc of their default config, yolov5*_Transfusion_FLIR.yaml (KAIST, LLVIP: 1)
+
+
+def _build(size: str, pretrained: bool = False, num_classes: int = DEFAULT_CLASSES, **kwargs: Any) -> ICAFusion:
     depth, width = SIZES[size]
-    return ICAFusion(depth_multiple=depth, width_multiple=width, **kwargs)
+    return ICAFusion(num_classes=num_classes, depth_multiple=depth, width_multiple=width, **kwargs)
 
 
 ACCEPTS = ("num_classes", "modalities", "in_chans", "anchors", "conf_thres", "iou_thres", "multi_label", "max_det",
