@@ -27,6 +27,7 @@ from fusionzoo import interpret
 from fusionzoo.data.collate import collate
 from fusionzoo.engine.loop import evaluate
 from fusionzoo.hub import from_pretrained, save_pretrained
+from fusionzoo.models.export import check_export, export_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "parity"))
 from seeded import calibrate_batchnorm
@@ -213,3 +214,13 @@ def test_kaist_mr2_through_the_detection_task(shared_data) -> None:
                    num_classes=1, device=torch.device("cpu"))
     assert res["images"] == 1 and {"mr2", "mr2_day", "ap50"} <= set(res)  # the sample is a day frame
     assert 0 <= res["mr2"] <= 1
+
+
+@pytest.mark.slow  # torch.export tracing: several seconds, more on a loaded machine
+def test_torch_export_to_raw_head_outputs(tmp_path) -> None:
+    """``fusionzoo export``'s path: the raw head outputs (before decoding and NMS) traced, equal to eager."""
+    model = build().eval()
+    exported = export_model(model, tmp_path / "m.pt2", fmt="torch-export", size=(SIZE, SIZE))
+    result = check_export(model, exported)
+    assert set(result.per_output) == {"fused.p3", "fused.p4", "fused.p5"}
+    assert all(diff <= result.tolerance for diff, _ in result.per_output.values())
