@@ -364,7 +364,7 @@ register_weights(ReleasedWeights(
 register_weights(ReleasedWeights(
     name="icafusion_yolov5l", tag="kaist", url="https://pan.baidu.com/s/18UXctOSgjp6EUcJXIGbWTQ?pwd=9eku",
     filename="best.pt", num_classes=1, modalities=("rgb", "thermal"),
-    reported="KAIST MR-2 (reasonable, all) as in the paper's KAIST table",
+    reported="KAIST MR-2 in the paper's KAIST table (not transcribed here; the README gives no KAIST number)",
     class_names=("person",), normalization=_UNIT,
 ))
 
