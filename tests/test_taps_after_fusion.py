@@ -104,10 +104,13 @@ def build(name: str) -> nn.Module:
 def random_inputs(model: nn.Module, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     """Noise images with a random offset and scale per image and channel: globally pooled features
     (squeeze-excitation, channel attention) then differ between images and draws, as they do
-    between real images, instead of all pooling to about the same vector."""
+    between real images, instead of all pooling to about the same vector. At least the model's
+    ``min_input_size`` where it has one (ICAFusion's fixed token grids need 320 px)."""
+    h, w = (max(SIZE, s) for s in getattr(model, "min_input_size", (SIZE, SIZE)))
+
     def draw(c: int) -> torch.Tensor:
         scale = torch.exp(0.5 * torch.randn(batch, c, 1, 1, generator=g))
-        return scale * torch.randn(batch, c, SIZE, SIZE, generator=g) + torch.randn(batch, c, 1, 1, generator=g)
+        return scale * torch.randn(batch, c, h, w, generator=g) + torch.randn(batch, c, 1, 1, generator=g)
 
     return {m: draw(model.in_chans[m]) for m in model.modalities}
 

@@ -9,3 +9,4 @@ authors' code is proven by ``tests/test_parity_<method>.py`` on fixtures that
 # One import line per method module (each registers itself).
 from . import mlpd  # noqa: F401  (MLPD, Kim et al. RA-L 2021)
 from . import cft  # noqa: F401  (CFT, two-stream YOLOv5)
+from . import icafusion  # noqa: F401
