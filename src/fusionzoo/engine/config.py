@@ -60,6 +60,7 @@ class ConfigError(ValueError):
 CALLBACKS = {
     "modality_balance": "fusionzoo.interpret.callbacks:ModalityBalanceCallback",
     "ogm_ge": "fusionzoo.interpret.callbacks:OGMGECallback",  # changes training: OGM-GE, alpha 0.5
+    "kgs": "fusionzoo.interpret.kgs:KGSCallback",  # changes training: MIM's knowledge guidance, extra heads
     "grad_direction": "fusionzoo.interpret.cooperation:GradientDirectionCallback",
     "learning_speed": "fusionzoo.interpret.cooperation:LearningSpeedCallback",
     "epoch_interpret": "fusionzoo.interpret.cooperation:EpochInterpretCallback",
@@ -70,6 +71,10 @@ CALLBACK_HELP = (
     "modality_balance: per-modality encoder gradient norms and head confidence (log_every); "
     "ogm_ge: OGM-GE gradient modulation, CHANGES training (alpha 0.5, ge true, start_epoch 0, end_epoch "
     "= first half of training, modulate encoder|branch, seed); "
+    "kgs: MIM's Knowledge Guidance Scheme, CHANGES training: per-pixel unimodal heads on each modality's stage "
+    "features (purified and unpurified where the model has purification gates), intra- and inter-modal guidance "
+    "losses added to the task's (stage = deepest, purified auto, unimodal 1, intra 1, inter 1, temperature 10, "
+    "log_every 10); needs per-modality stream taps (not early fusion); "
     "grad_direction: cosine / conflict between the modalities' gradients on the shared (fusion, decoder) "
     "weights, one extra forward+backward per modality every log_every steps (log_every 10, ema 0.9); "
     "learning_speed: Wu et al. 2022 learning speed of each modality's encoder and the conditional learning "

@@ -22,6 +22,7 @@ prints the numbers below):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -39,14 +40,17 @@ def build_optimizer(
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.999),
     momentum: float = 0.9,
+    extra: Iterable[nn.Parameter] = (),
 ) -> torch.optim.Optimizer:
     """AdamW (or SGD) with weight decay on weight matrices/kernels only.
 
     Biases and normalization parameters (every tensor with fewer than 2 dims) get no decay, the
     grouping used by CMX/SegFormer-style recipes (decaying BN scales fights the normalization).
+    ``extra``: parameters trained beside the model's, grouped by the same rule (training
+    callbacks' own, ``engine.loop.Callback.parameters``).
     """
     decay, no_decay = [], []
-    for p in unwrap_model(model).parameters():
+    for p in [*unwrap_model(model).parameters(), *extra]:
         if not p.requires_grad:
             continue
         (decay if p.ndim >= 2 else no_decay).append(p)

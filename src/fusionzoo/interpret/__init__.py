@@ -14,6 +14,7 @@ import importlib
 
 from .api import METRICS, InterpretResult, load_result, run
 from .callbacks import ModalityBalanceCallback, OGMGECallback
+from .kgs import KGSCallback
 from .cka import (
     MinibatchCKA,
     StreamingCKA,
@@ -54,6 +55,7 @@ __all__ = [
     "FeatureNorm",
     "GradientDirectionCallback",
     "InterpretResult",
+    "KGSCallback",
     "LearningSpeedCallback",
     "MinibatchCKA",
     "ModalityBalanceCallback",
