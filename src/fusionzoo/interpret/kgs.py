@@ -216,8 +216,8 @@ class KGSCallback:
         fused = [plain[m] for m, v in self.after_fusion.items() if v]
         if fused:
             warnings.warn(f"kgs: on {name} the taps {fused} sit after a point where modalities meet, so their heads "
-                          "are not purely unimodal; pick an earlier stage with --callback-options kgs.stage=stageN "
-                          "where one is unimodal", stacklevel=2)
+                          "are not purely unimodal; pick an earlier stage where one is unimodal with "
+                          "--callback-options '{kgs: {stage: stageN}}'", stacklevel=2)
 
     def parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """The unimodal heads' parameters (one 1x1 convolution per modality, on ``model``'s device),
