@@ -14,7 +14,6 @@ import importlib
 
 from .api import METRICS, InterpretResult, load_result, run
 from .callbacks import ModalityBalanceCallback, OGMGECallback
-from .kgs import KGSCallback
 from .cka import (
     MinibatchCKA,
     StreamingCKA,
@@ -41,6 +40,7 @@ from .contribution import (
 from .cooperation import EpochInterpretCallback, GradientDirectionCallback, LearningSpeedCallback
 from .gradcam import gate_maps, grad_cam, split_gate_channels
 from .health import EffectiveRank, FeatureNorm, effective_rank
+from .kgs import KGSCallback
 from .runs import interpret_run, load_run
 from .semantic_variance import SemanticVariance, SemanticVarianceResult, labels_to_grid, semantic_variance
 

@@ -271,10 +271,10 @@ class KGSCallback:
         total = sum(ce_u.values()) + sum(ce_p.values())
         loss = self.w["unimodal"] * total
         intra: dict[str, torch.Tensor] = {}
-        for m in logits_p:
+        for m, zp in logits_p.items():
             # the lower-loss version teaches (held fixed); the other is pulled toward it
             teach_p = bool(ce_p[m] < ce_u[m])
-            pu, pp = logits_u[m].softmax(1), logits_p[m].softmax(1)
+            pu, pp = logits_u[m].softmax(1), zp.softmax(1)
             pu, pp = (pu, pp.detach()) if teach_p else (pu.detach(), pp)
             intra[m] = (pp - pu).pow(2).sum(1)[valid].mean()
         if intra:

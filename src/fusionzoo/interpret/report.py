@@ -557,11 +557,11 @@ def _purification_tables(res: InterpretResult) -> list[str]:
     if not gates:
         return []
     sv = res.semantic_variance or {}
-    out = ["<h2>What purification removes</h2><p>Each purification gate <code>{m}.stageN.gate</code> multiplies its "
+    out = [("<h2>What purification removes</h2><p>Each purification gate <code>{m}.stageN.gate</code> multiplies its "
            "stream <code>{m}.stageN</code> into <code>{m}.stageN.purified</code>; its keep rate is the gate's mean "
            "over channels and cells (100 % = keeps everything), per class on the label mask at the gate's resolution "
            "(nearest). Semantic variance (trace form) of the stream before and after its gate comes from the "
-           "semantic-variance section.</p>"]
+           "semantic-variance section.</p>")]
     rows = []
     for t, g in gates.items():
         b, a = sv.get(g["stream"]) or {}, sv.get(g["purified"]) or {}

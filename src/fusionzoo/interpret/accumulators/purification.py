@@ -157,7 +157,6 @@ class PurificationMetric(MetricAccumulator):
     def compute(self) -> dict[str, Any] | None:
         if not self.gates:
             return None
-        names = self.spec.class_names
         gates_out: dict[str, Any] = {}
         for n, (m, st, stream, pure) in self.gates.items():
             s, c = self.keep[n]
