@@ -224,7 +224,7 @@ def build_optimization(
     over the whole run, and the fp16 GradScaler (or None)."""
     steps = data.steps_per_epoch
     optimizer = build_optimizer(plain, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                betas=cfg.betas, momentum=cfg.momentum, extra=extra)
+                                betas=cfg.betas, momentum=cfg.momentum, gate_lr=cfg.gate_lr, extra=extra)
     scheduler = build_scheduler(optimizer, kind=cfg.schedule, total_steps=steps * cfg.epochs,
                                 warmup_steps=round(cfg.warmup_epochs * steps),
                                 warmup_factor=cfg.warmup_factor, power=cfg.poly_power, min_lr=cfg.min_lr, base_lr=cfg.lr)
