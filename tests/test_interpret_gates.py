@@ -95,3 +95,14 @@ def test_report_has_the_purification_section_with_intervals(result, tmp_path):
     assert "What purification removes" in page
     assert "depth.stage2.gate" in page and "100.0 [100.0, 100.0]" in page   # class 1 kept, with its interval
     assert "gates forced open" in page
+
+
+def test_a_mim_model_gets_keep_rates_and_the_open_comparison():
+    torch.manual_seed(0)
+    model = fz.create_model("mim_add", encoder="test_resnet", num_classes=3).eval()
+    res = interpret.run(model, _data(), metrics=["contribution", "purification"], replicates=0, policies=(),
+                        perceptual=False)
+    sec = res.purification
+    assert sorted(sec["gates"]) == sorted(f"{m}.stage{i}.gate" for m in ("rgb", "depth") for i in range(1, 5))
+    assert all(0.0 <= g["keep"] <= 1.0 for g in sec["gates"].values())
+    assert set(sec["contribution"]) == {"policy", "gated", "open", "difference"}   # the gate taps are the multipliers

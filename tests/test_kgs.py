@@ -6,6 +6,7 @@ records in metrics.jsonl, refusal before the run folder exists)."""
 import importlib.util
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,24 @@ def test_train_py_refuses_early_fusion_before_the_run_folder_exists(tmp_path):
     with pytest.raises(ConfigError, match="early_concat.*early fusion") as err:
         train.main(argv)
     assert str(err.value).startswith("--callbacks kgs:") and not (tmp_path / "e").exists()
+
+
+def test_on_a_mim_model_kgs_reads_the_purified_features_and_trains_the_gates():
+    torch.manual_seed(0)
+    model = fz.create_model("mim_add", encoder="test_resnet", num_classes=3).train()
+    cb = KGSCallback(unimodal=1.0, intra=1.0, inter=0.0, log_every=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no warning: the model has gates, its streams are unimodal
+        cb.check(model)
+    assert cb.purified_taps == {"rgb": "rgb.stage4.purified", "depth": "depth.stage4.purified"}
+    cb.parameters(model)
+    cb.on_train_start(model)
+    batch = _batch()
+    cb.on_batch_start(batch)
+    model({m: batch[m] for m in ("rgb", "depth")})
+    cb.extra_loss(model, batch["mask"], ()).backward()
+    gates = list(model.gate_parameters())
+    assert gates and any(p.grad is not None and p.grad.abs().sum() > 0 for p in gates)
+    cb.on_after_backward(model, 0, 0)
+    rec = cb.records()[0]
+    assert set(rec["ce_purified"]) == {"rgb", "depth"} and set(rec["intra"]) == {"rgb", "depth"}
