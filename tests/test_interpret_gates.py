@@ -10,6 +10,7 @@ from gated_toy import GatedToy
 import fusionzoo as fz
 from fusionzoo import interpret
 from fusionzoo.interpret.accumulators.purification import gate_taps, gates_open
+from fusionzoo.interpret.findings import findings
 from fusionzoo.interpret.report import write_report
 
 GATES = ["rgb.stage1.gate", "rgb.stage2.gate", "depth.stage1.gate", "depth.stage2.gate"]
@@ -106,3 +107,13 @@ def test_a_mim_model_gets_keep_rates_and_the_open_comparison():
     assert sorted(sec["gates"]) == sorted(f"{m}.stage{i}.gate" for m in ("rgb", "depth") for i in range(1, 5))
     assert all(0.0 <= g["keep"] <= 1.0 for g in sec["gates"].values())
     assert set(sec["contribution"]) == {"policy", "gated", "open", "difference"}   # the gate taps are the multipliers
+
+
+def test_findings_state_what_each_gate_keeps_and_what_opening_them_changes(result):
+    items = [f for f in findings(result) if f.kind == "purification"]
+    depth = next(f for f in items if f.numbers.get("tap") == "depth.stage2.gate")
+    assert depth.status == "holds" and "most of 1" in depth.text and "not resolved" not in depth.text
+    rgb = next(f for f in items if f.numbers.get("tap") == "rgb.stage2.gate")
+    assert "class difference is not resolved" in rgb.text      # 25 % of every class: nothing to tell apart
+    change = next(f for f in items if "forced open" in f.text)
+    assert change.policies == ["zero"] and "Shapley value" in change.text

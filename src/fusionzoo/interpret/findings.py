@@ -866,11 +866,14 @@ def _purification(res: Any) -> list[Finding]:
         items += [(f"the {p.replace('|', '-')} interaction", f"interaction.{p}", v) for p, v in d["interaction"].items()]
         for label, path, v in items:
             e = _est(res, f"purification.contribution.difference.{path}", v)
-            # a change is stated when the paired difference's interval excludes 0
-            verdict = ("unresolved" if math.isnan(e.value) or (e.ci is None and e.recorded)
+            # a change is stated when the paired difference's interval excludes 0; an interval of
+            # exactly [0, 0] (every resample agrees: e.g. gates that keep everything) is no change
+            none = e.value == 0 and (e.ci is None or e.ci[0] == e.ci[1] == 0) and not (e.ci is None and e.recorded)
+            verdict = ("yes" if none else "unresolved" if math.isnan(e.value) or (e.ci is None and e.recorded)
                        or (e.ci is not None and e.ci[0] <= 0 <= e.ci[1]) else "yes")
             verdicts.append(verdict)
-            parts.append(f"{label} {e.text(sign=True)} points" + ("" if verdict != "unresolved" else " (not resolved)"))
+            parts.append(f"{label} unchanged" if none else f"{label} {e.text(sign=True)} points"
+                         + ("" if verdict != "unresolved" else " (not resolved)"))
         out.append(Finding("purification", (
             f"With the gates as trained rather than forced open (keep all), under {c.get('policy')}: "
             + "; ".join(parts) + _mark(res) + "."), {"difference": d}, _status(verdicts, res), [c.get("policy")]))
