@@ -844,9 +844,13 @@ def _purification(res: Any) -> list[Finding]:
             lo_name, lo = min(ests, key=lambda e: e[1].value)
             hi_name, hi = max(ests, key=lambda e: e[1].value)
             v = _differs(lo, hi)
-            verdicts.append(v if v != "no" else "unresolved")
-            text += (f"; least of class {lo_name} ({lo.text()}%), most of {hi_name} ({hi.text()}%)"
-                     + ("" if v == "yes" else f": the class difference is not resolved with {_n(res)}"))
+            if lo.value == hi.value and lo.ci is not None and lo.ci == hi.ci and lo.ci[0] == lo.ci[1]:
+                text += ", every class alike"   # a degenerate interval: every resample agrees
+                verdicts.append("yes")
+            else:
+                verdicts.append(v if v != "no" else "unresolved")
+                text += (f"; least of class {lo_name} ({lo.text()}%), most of {hi_name} ({hi.text()}%)"
+                         + ("" if v == "yes" else f": the class difference is not resolved with {_n(res)}"))
         sv = res.semantic_variance or {}
         before, after = sv.get(g["stream"]), sv.get(g["purified"])
         if before and after:
