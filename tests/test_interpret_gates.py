@@ -76,13 +76,38 @@ def test_open_gates_equal_the_model_built_without_gates(result):
     assert "purification.contribution.difference.interaction.rgb|depth" in result.intervals
 
 
-def test_gates_open_leaves_the_model_unchanged_after_the_block():
+def test_gates_open_keeps_all_and_leaves_the_model_unchanged_after_the_block():
     m, x = _model(), {k: v for k, v in _data()[0].items() if k != "mask"}
     before = m(x)
-    with gates_open(m, GATES):
+    gates = gate_taps(m.tap_info(), m.modalities)
+    with gates_open(m, gates), fz.capture(m, "*.stage2", "*.stage2.purified", "*.stage2.gate") as acts:
         opened = m(x)
+    torch.testing.assert_close(opened, _model(force_open=True)(x))
+    for g, (_, _, stream, purified) in gates.items():
+        if stream in acts:
+            assert torch.equal(acts[purified], acts[stream]) and bool((acts[g] == 1).all())
     torch.testing.assert_close(m(x), before)
     assert not torch.allclose(opened, before)
+
+
+def test_gates_open_opens_gates_whose_tap_only_observes_the_mask():
+    """MIM's models tap the mask beside the product (feature = x * mask computed before the tap)."""
+    torch.manual_seed(0)
+    model = fz.create_model("mim_add", encoder="test_resnet", num_classes=3).eval()
+    with torch.no_grad():
+        for p in model.gate_parameters():    # shut every gate: the purified features are all zero
+            p.fill_(0.0)
+        for op in model.fusions.values():
+            for gate in op.gates:
+                gate.logits[-1].bias.fill_(-50.0)
+    x = {k: v for k, v in _data()[0].items() if k != "mask"}
+    gates = gate_taps(model.tap_info(), model.modalities)
+    with fz.capture(model, "*.purified") as shut:
+        model(x)
+    with gates_open(model, gates), fz.capture(model, "*.purified", "rgb.stage3", "depth.stage3") as opened:
+        model(x)
+    assert torch.equal(opened["rgb.stage3.purified"], opened["rgb.stage3"])
+    assert not torch.equal(shut["rgb.stage3.purified"], opened["rgb.stage3.purified"])
 
 
 def test_models_without_gates_have_no_section():

@@ -606,7 +606,7 @@ def _purification_contribution(res: InterpretResult, c: Mapping[str, Any]) -> st
     return (f"<h3>Contribution with the gates as trained and with the gates forced open (policy "
             f"{html.escape(str(c.get('policy')))}, points)</h3>"
             + _table(["", "gated", "gates forced open", "gated - open"], rows)
-            + "<p>Gates forced open: every gate tap emits ones for the same weights and inputs (keep all); the "
+            + "<p>Gates forced open: every purified feature is replaced by its stream's, for the same weights and inputs (keep all); the "
               "difference's interval uses the same bootstrap weights on both sides.</p>")
 
 

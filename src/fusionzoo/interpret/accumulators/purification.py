@@ -6,8 +6,8 @@ al., IEEE TMM 2023; the gate tap contract of docs/interpret.md, "Purification ga
   kept at each cell), over the dataset and per class, with the label mask at the gate's
   resolution (nearest neighbour);
 - the task metric of every coalition of modalities, the Shapley values and the interaction with
-  the gates as trained (**gated**) and with every gate forced open (**open**: each gate tap
-  emits ones, so ``{m}.stageN.purified == {m}.stageN``: keep all), and their paired
+  the gates as trained (**gated**) and with every gate forced open (**open**: each purified
+  tap emits its stream tap's value, ``{m}.stageN.purified := {m}.stageN``: keep all), and their paired
   differences; the intervals of the differences come from the same bootstrap weights on both
   sides.
 
@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...taps import capture
 from ..contribution import METRIC_KEYS, ContributionAccumulator, replicate_intervals
 from ..interaction import coalition_game, coalition_terms, game_terms
 from ..plan import stage_index
@@ -51,10 +50,36 @@ def gate_taps(info: Mapping[str, Any], modalities: Sequence[str]) -> dict[str, t
 
 
 @contextlib.contextmanager
-def gates_open(model: nn.Module, taps: Sequence[str]) -> Iterator[None]:
-    """Inside the block every tap in ``taps`` emits ones of its input's shape: a gate forced
-    open keeps all of its feature (the hooks are removed on exit)."""
-    handles = [model.taps.get(t).register_forward_hook(lambda mod, args, out: torch.ones_like(out)) for t in taps]
+def gates_open(model: nn.Module, gates: Mapping[str, tuple[str, str, str, str]]) -> Iterator[None]:
+    """Inside the block every gate is forced open (keeps all): each purified tap emits its stream
+    tap's value of the same forward pass and each gate tap emits ones.
+
+    ``gates``: :func:`gate_taps`'s mapping. The purified tap is where the gated feature enters the
+    rest of the network (the tap contract), so replacing its output opens the gate whether or not
+    the gate tap itself is the multiplier (MIM's models tap the mask beside the product). The
+    hooks are removed on exit.
+    """
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            seen[name] = out
+
+        return hook
+
+    def stream_of(name: str):
+        def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            if name not in seen:
+                raise RuntimeError(f"gates_open: {name} did not fire before its purified tap")
+            return seen[name]
+
+        return hook
+
+    handles = []
+    for gate, (_, _, stream, purified) in gates.items():
+        handles.append(model.taps.get(stream).register_forward_hook(keep(stream)))
+        handles.append(model.taps.get(gate).register_forward_hook(lambda mod, args, out: torch.ones_like(out)))
+        handles.append(model.taps.get(purified).register_forward_hook(stream_of(stream)))
     try:
         yield
     finally:
@@ -93,7 +118,6 @@ class PurificationMetric(MetricAccumulator):
         args = (spec.task, spec.modalities, spec.box_classes, spec.policy, spec.empty_policy, spec.stats, False,
                 spec.seed, spec.device)
         self.acc = {side: ContributionAccumulator(*args, replicates=r) for side in ("gated", "open")}
-        self.open_ok: bool | None = None  # checked on the first batch
         self.note: str | None = None
         self.passes_seen = 0
 
@@ -101,8 +125,6 @@ class PurificationMetric(MetricAccumulator):
     def update(self, batch: BatchContext) -> None:
         if not self.gates:
             return
-        if self.open_ok is None:
-            self.open_ok = self._check_open(batch)
         for n in self.gates:
             g = batch.acts[n].double()                                    # (B, C_g, h, w)
             keep = g.mean(1)                                              # (B, h, w)
@@ -127,28 +149,16 @@ class PurificationMetric(MetricAccumulator):
             if batch.weights is not None:
                 self.cls_reps[n] += torch.einsum("rb,sbk->srk", batch.weights.to(sc), sc).cpu().numpy()
 
-    def _check_open(self, batch: BatchContext) -> bool:
-        """Whether forcing the gate taps to ones makes every purified tap equal its stream tap."""
-        model = self.spec.model
-        streams = [t for _, _, s, p in self.gates.values() for t in (s, p)]
-        with gates_open(model, list(self.gates)), capture(model, *streams) as acts:
-            model(batch.inputs)
-        bad = [p for _, _, s, p in self.gates.values() if not torch.allclose(acts[p], acts[s])]
-        if bad:
-            self.note = (f"gates-open comparison withheld: with every gate tap emitting ones, {bad} still differ from "
-                         "the ungated stream (the gate taps are not the multipliers of the data path)")
-        return not bad
-
     # -- gated and open coalitions ------------------------------------------------------------
     def update_pass(self, batch: BatchContext, p: Pass, output: Any, acts: Mapping[str, torch.Tensor]) -> None:
         key = getattr(p, "key", None)
         gated = self.acc["gated"]
-        if not self.gates or not self.open_ok or key is None or key not in gated.users or p.permuted is not None:
+        if not self.gates or key is None or key not in gated.users or p.permuted is not None:
             return
         if batch.targets is None:
             return
         gated.add(key, output, batch.targets, batch.weights)
-        with gates_open(self.spec.model, list(self.gates)):
+        with gates_open(self.spec.model, self.gates):
             opened = self.spec.model(p.inputs, missing=p.missing)
         self.acc["open"].add(key, opened, batch.targets, batch.weights)
         self.passes_seen += 1
@@ -181,8 +191,8 @@ class PurificationMetric(MetricAccumulator):
         if self.note is None:
             out["contribution"] = self._contribution()
         self.settings["purification"] = self.note or (
-            f"keep rates on the label mask at each gate's resolution (nearest); gates forced open by tap hooks "
-            f"emitting ones; removal policy {self.spec.policy}")
+            f"keep rates on the label mask at each gate's resolution (nearest); gates forced open by making each "
+            f"purified tap emit its stream tap; removal policy {self.spec.policy}")
         return out
 
     def _side(self, side: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
