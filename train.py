@@ -26,6 +26,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -91,11 +92,12 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
     cfg, run_dir = setup(cfg, given, info)
     data = load_data(cfg, info)
     model, plain, task = build_model_and_task(cfg, data, info, device)
-    optimizer, scheduler, scaler = build_optimization(cfg, plain, data, device)
-    # Training-time measurements (--callbacks, --callback-options), checked against the model before the run folder exists.
+    # Training-time measurements and remedies (--callbacks, --callback-options), checked against the model before
+    # the run folder exists; the optimizer also trains the callbacks' own parameters (KGS's unimodal heads).
     context = {"total_epochs": cfg.epochs, "val_set": data.val_loader.dataset, "task": task, "seed": cfg.seed}
     hooks = CallbackList([*build_callbacks(cfg.callbacks, cfg.callback_options, context=context, model=plain),
                           *(callbacks or [])])
+    optimizer, scheduler, scaler = build_optimization(cfg, plain, data, device, extra=hooks.parameters(plain))
     pre_run_check(cfg, data, plain, task, device)
     if run_dir is None:
         run_dir = Path(broadcast_object(str(make_run_dir(cfg)) if info.is_main else None))
@@ -216,12 +218,13 @@ def pre_run_check(cfg: TrainConfig, data: Data, plain: nn.Module, task: Task, de
 
 # 4. Optimizer, schedule, precision.
 def build_optimization(
-    cfg: TrainConfig, plain: nn.Module, data: Data, device: torch.device
+    cfg: TrainConfig, plain: nn.Module, data: Data, device: torch.device, extra: Sequence[nn.Parameter] = ()
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, torch.amp.GradScaler | None]:
-    """Optimizer, per-step LR schedule over the whole run, and the fp16 GradScaler (or None)."""
+    """Optimizer (of the model's parameters and ``extra``, the callbacks' own), per-step LR schedule
+    over the whole run, and the fp16 GradScaler (or None)."""
     steps = data.steps_per_epoch
     optimizer = build_optimizer(plain, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                betas=cfg.betas, momentum=cfg.momentum)
+                                betas=cfg.betas, momentum=cfg.momentum, gate_lr=cfg.gate_lr, extra=extra)
     scheduler = build_scheduler(optimizer, kind=cfg.schedule, total_steps=steps * cfg.epochs,
                                 warmup_steps=round(cfg.warmup_epochs * steps),
                                 warmup_factor=cfg.warmup_factor, power=cfg.poly_power, min_lr=cfg.min_lr, base_lr=cfg.lr)

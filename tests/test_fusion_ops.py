@@ -68,7 +68,7 @@ def check_result(op: StageFusion, res: FusionResult, xs: list[torch.Tensor]) -> 
 
 # ----------------------------------------------------------------------------- contract
 def test_registry_names():
-    assert set(FUSION_OPS) == {"sum", "concat", "se_add", "crossattn", "acnet", "esanet", "sagate", "cmx"}
+    assert set(FUSION_OPS) == {"sum", "concat", "se_add", "crossattn", "acnet", "esanet", "sagate", "cmx", "mim"}
     assert all(issubclass(cls, StageFusion) for cls in FUSION_OPS.values())
 
 

@@ -27,6 +27,9 @@ from ..encoders import Encoder
 from ..models.base import FusionModel, register_family
 from ..models.cmx import CMXModel
 from ..models.middle import MiddleFusionModel
+from ..models.mim import COMBINES as MIM_COMBINES
+from ..models.mim import PAPER as MIM_PAPER
+from ..models.mim import PurificationMixin
 from .boxes import BOX_FUSIONS, Detections, check_targets
 from .heads import HEADS, LEVEL_REDUCTIONS, LEVELS, BoxDetector
 
@@ -302,6 +305,13 @@ class MiddleFusionDetector(DetectorMixin, MiddleFusionModel):
         yield "fused", self.detector, fused, "fpn"
 
 
+class PurificationDetector(PurificationMixin, MiddleFusionDetector):
+    """MIM's Unimodal Purification (:mod:`fusionzoo.models.mim`) on the middle-fusion detector: each
+    modality's stride-8, 16 and 32 maps pass its hard concrete mask, then are fused (add / mul /
+    concat) for the FPN. Keywords and taps (``{m}.stageN.gate``, ``{m}.stageN.purified``) as
+    :class:`~fusionzoo.models.mim.PurificationMixin`; the detection task adds the L0 penalty."""
+
+
 class HybridFusionDetector(MiddleFusionDetector):
     """Hybrid fusion: middle fusion (modality streams kept separate, fused after the stride-8/16/32
     stages) with a fused FPN + head, plus one FPN + head per modality on its own stage features;
@@ -444,3 +454,9 @@ for _head in HEADS:
               fixed={"head": _head, "box_fusion": "wbf", "fusion_op": "se_add", "feedback": False},
               paper=f"{_hp}; ESANet SE-add stage fusion (Seichter et al., ICRA 2021) + per-modality "
                     f"detectors, boxes of all heads fused by {_WBF}")
+# MIM's purification under FCOS only: a RetinaNet variant differs in nothing MIM touches, and each
+# registered resnet18 detector costs the registry-driven tests ~15 s of CPU (suite time, issue 12).
+for _combine in MIM_COMBINES:
+    _register(method=f"fcos_mim_{_combine}", model_cls=PurificationDetector, fusion="middle",
+              fixed={"head": "fcos", "combine": _combine, "fusion_op": "mim", "feedback": False},
+              paper=f"{_HEAD_PAPERS['fcos']}; {MIM_PAPER}")

@@ -26,7 +26,7 @@ from ..data.statistics import class_pixel_counts
 from ..data.transforms import _stats_for, eval_transforms, train_transforms
 from ..losses import median_frequency_weights
 from ..tasks import Task, get_task
-from ..weights import CheckpointError
+from ..weights import CheckpointError, unwrap_model
 from .checkpoint import remove_temp_leftovers, resolve_checkpoint_dir
 from .config import CALLBACKS, ConfigError, TrainConfig, config_from_dict, config_to_dict
 from .distributed import DistInfo, EpochSampler, SeededDataset, broadcast_object, dist_info
@@ -311,7 +311,8 @@ def build_task(cfg: TrainConfig, model: nn.Module, class_weights: torch.Tensor |
 
     Raises:
         ConfigError: the task does not take a setting the config gives (names the key),
-            ``class_weighting`` for a task without class weights, or a model whose task the
+            ``class_weighting`` for a task without class weights, ``gate_penalty_weight`` /
+            ``gate_lr`` for a model without purification gates, or a model whose task the
             dataset has no targets for (a segmentation model on a detection set).
     """
     options: dict[str, Any] = {}
@@ -323,6 +324,12 @@ def build_task(cfg: TrainConfig, model: nn.Module, class_weights: torch.Tensor |
         options["average"] = cfg.loss_average
     if class_weights is not None:
         options["class_weights"] = class_weights
+    for key in ("gate_penalty_weight", "gate_lr"):
+        if getattr(cfg, key) is not None and not hasattr(unwrap_model(model), "gate_parameters"):
+            raise ConfigError(f"{key}={getattr(cfg, key)} is for models with purification gates (fusionzoo list "
+                              f"'*mim*'); {cfg.model} has none: set {key}: null")
+    if cfg.gate_penalty_weight is not None:
+        options["gate_penalty_weight"] = cfg.gate_penalty_weight
     try:
         task = get_task(model, **options)
     except ValueError as err:

@@ -60,6 +60,7 @@ class ConfigError(ValueError):
 CALLBACKS = {
     "modality_balance": "fusionzoo.interpret.callbacks:ModalityBalanceCallback",
     "ogm_ge": "fusionzoo.interpret.callbacks:OGMGECallback",  # changes training: OGM-GE, alpha 0.5
+    "kgs": "fusionzoo.interpret.kgs:KGSCallback",  # changes training: MIM's knowledge guidance, extra heads
     "grad_direction": "fusionzoo.interpret.cooperation:GradientDirectionCallback",
     "learning_speed": "fusionzoo.interpret.cooperation:LearningSpeedCallback",
     "epoch_interpret": "fusionzoo.interpret.cooperation:EpochInterpretCallback",
@@ -70,6 +71,10 @@ CALLBACK_HELP = (
     "modality_balance: per-modality encoder gradient norms and head confidence (log_every); "
     "ogm_ge: OGM-GE gradient modulation, CHANGES training (alpha 0.5, ge true, start_epoch 0, end_epoch "
     "= first half of training, modulate encoder|branch, seed); "
+    "kgs: MIM's Knowledge Guidance Scheme, CHANGES training: per-pixel unimodal heads on each modality's stage "
+    "features (purified and unpurified where the model has purification gates), intra- and inter-modal guidance "
+    "losses added to the task's (stage = deepest, purified auto, unimodal 1, intra 1, inter 1, temperature 10, "
+    "log_every 10); needs per-modality stream taps (not early fusion); "
     "grad_direction: cosine / conflict between the modalities' gradients on the shared (fusion, decoder) "
     "weights, one extra forward+backward per modality every log_every steps (log_every 10, ema 0.9); "
     "learning_speed: Wu et al. 2022 learning speed of each modality's encoder and the conditional learning "
@@ -141,6 +146,12 @@ class TrainConfig:
     loss_average: Literal["weighted", "pixels"] = _key(
         "weighted", "each loss term / summed class weights of its labelled pixels (ESANet, SA-Gate), or / their "
         "count (ACNet)")
+    gate_penalty_weight: float | None = _key(
+        None, "purification-gate models (mim_*): weight of the L0 penalty (expected number of open gates) added to "
+        "the loss; null = the model's own (MIM: 0.1)")
+    gate_lr: float | None = _key(
+        None, "purification-gate models (mim_*): learning rate of the gates' own optimizer group (no weight decay, "
+        "as MIM's separate gate optimizer); null = lr")
     freeze_bn: bool = _key(False, "BatchNorm in eval mode (running stats fixed, affine still trained)")
     sync_bn: bool = _key(
         True, "under DDP: BN statistics over the global batch (SyncBatchNorm / all-reduce BN on CPU)")
@@ -311,6 +322,8 @@ def check_values(cfg: TrainConfig) -> None:
     need(cfg.grad_clip is None or cfg.grad_clip > 0, "grad_clip", "must be > 0 or null")
     need(0 <= cfg.modality_dropout < 1, "modality_dropout", "must be in [0, 1)")
     need(0 <= cfg.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+    need(cfg.gate_penalty_weight is None or cfg.gate_penalty_weight >= 0, "gate_penalty_weight", "must be >= 0 or null")
+    need(cfg.gate_lr is None or cfg.gate_lr > 0, "gate_lr", "must be > 0 or null")
     need(cfg.side_loss_weights is None or all(w >= 0 for w in cfg.side_loss_weights), "side_loss_weights",
          "must be weights >= 0 (one per side output of the model) or null")
     need(cfg.num_workers >= 0, "num_workers", "must be >= 0")

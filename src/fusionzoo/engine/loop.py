@@ -92,6 +92,24 @@ class Callback:
     def on_train_end(self, model: nn.Module) -> None:
         """Optional: called once after the last epoch (release hooks here)."""
 
+    def parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Optional: parameters the callback trains beside the model's (e.g. the unimodal heads
+        of :class:`fusionzoo.interpret.kgs.KGSCallback`), made on ``model``'s device on the first
+        call and the same objects on every later call. The optimizer must hold them:
+        ``train.py`` builds it with ``build_optimizer(..., extra=callbacks.parameters(model))``
+        before any resume, so their optimizer state and schedule are checkpointed like the
+        model's; :func:`train_one_epoch` refuses to train when the optimizer lacks them. Their
+        values travel in :meth:`state_dict`."""
+        return []
+
+    def extra_loss(self, model: nn.Module, targets: Any, missing: Sequence[str]) -> torch.Tensor | None:
+        """Optional: a scalar added to the task's training loss of this step, before the
+        non-finite check and the backward pass (inside the step's autocast). Called once per
+        step right after the training forward, so tap hooks armed in :meth:`on_batch_start`
+        have seen that forward with its autograd graph. ``missing``: the modalities withheld on
+        this step (modality dropout, ``train_missing``). None: nothing to add."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state stored in checkpoints (and in the run's callbacks.json)."""
         return {}
@@ -138,6 +156,15 @@ class CallbackList(Callback):
 
     def records(self) -> list[dict[str, Any]]:
         return [r for cb in self.callbacks if callable(getattr(cb, "records", None)) for r in cb.records()]
+
+    def parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for cb in self.callbacks if callable(getattr(cb, "parameters", None)) for p in cb.parameters(model)]
+
+    def extra_loss(self, model: nn.Module, targets: Any, missing: Sequence[str]) -> torch.Tensor | None:
+        terms = [cb.extra_loss(model, targets, missing) for cb in self.callbacks
+                 if callable(getattr(cb, "extra_loss", None))]  # optional hook
+        terms = [t for t in terms if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
 
     def check(self, model: nn.Module) -> None:
         """Each callback's optional ``check(model)``: raises ``ValueError`` naming the callback
@@ -330,6 +357,20 @@ def _non_finite_message(loss_value: float, batch: Mapping[str, Any], inputs: Map
     )
 
 
+def _check_callback_parameters(cb: Any, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Raise ``ValueError`` when a callback's own parameters (:meth:`Callback.parameters`) are not
+    in ``optimizer``: they would get gradients and never change."""
+    if not callable(getattr(cb, "parameters", None)):
+        return
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for c in getattr(cb, "callbacks", [cb]):
+        stray = [p for p in (c.parameters(model) if callable(getattr(c, "parameters", None)) else []) if id(p) not in held]
+        if stray:
+            raise ValueError(f"callback {type(c).__name__} trains {len(stray)} parameter tensor(s) of its own that the "
+                             "optimizer does not hold; build the optimizer with them: "
+                             "build_optimizer(model, ..., extra=callbacks.parameters(model)) (train.py does)")
+
+
 class TrainingInterrupted(Exception):
     """Training stopped on SIGINT/SIGTERM after writing its checkpoint; ``exit_status`` = 128 + signal."""
 
@@ -462,8 +503,9 @@ def train_one_epoch(
             on ``batch["mask"]``; detection: the detector's own loss dict, summed).
         options: precision, clipping, BatchNorm, modality dropout and logging of each step.
         scaler: the fp16 GradScaler (:func:`make_grad_scaler`), or None.
-        callbacks: ``on_batch_start`` / ``on_after_backward`` / ``on_step_end`` hooks; their
-            ``records()`` go to ``logger`` after every step.
+        callbacks: ``on_batch_start`` / ``extra_loss`` / ``on_after_backward`` / ``on_step_end``
+            hooks; their ``records()`` go to ``logger`` after every step. Their own
+            ``parameters(model)`` must be in ``optimizer`` (else ``ValueError``).
         logger: receives a ``kind: train`` record every ``options.log_interval`` steps.
         after_step: called after every optimizer step with the updated ``state`` (checkpoints).
         stop_requested: polled once per step (e.g. a SIGINT flag); when any rank says so, the
@@ -485,6 +527,7 @@ def train_one_epoch(
     if options.freeze_bn:
         set_bn_eval(model)
     cb = callbacks or Callback()
+    _check_callback_parameters(cb, plain, optimizer)
     bar = tqdm(total=num_batches, initial=state.batches_done, disable=not (options.progress and info.is_main),
                desc=f"epoch {state.epoch}", dynamic_ncols=True, leave=False)
     t_epoch = time.perf_counter()
@@ -506,6 +549,9 @@ def train_one_epoch(
             missing += sample_missing(modalities, pool, options.modality_dropout, state.global_step, options.seed)
         with autocast_context(device, options.amp):
             loss = task.training_loss(model, inputs, targets, missing)
+            extra = cb.extra_loss(plain, targets, missing) if callable(getattr(cb, "extra_loss", None)) else None
+            if extra is not None:  # a callback's loss terms (Callback.extra_loss), e.g. KGS guidance
+                loss = loss + extra
         # One host sync per step: the loss averaged over ranks, and whether any rank must stop.
         loss_value, stop = all_reduce_step(loss, bool(stop_requested and stop_requested()), device)
         if not math.isfinite(loss_value):

@@ -22,6 +22,7 @@ prints the numbers below):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -39,21 +40,41 @@ def build_optimizer(
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.999),
     momentum: float = 0.9,
+    gate_lr: float | None = None,
+    extra: Iterable[nn.Parameter] = (),
 ) -> torch.optim.Optimizer:
     """AdamW (or SGD) with weight decay on weight matrices/kernels only.
 
     Biases and normalization parameters (every tensor with fewer than 2 dims) get no decay, the
     grouping used by CMX/SegFormer-style recipes (decaying BN scales fights the normalization).
+    A model with purification gates (MIM, ``model.gate_parameters()``) gets a third group for them:
+    learning rate ``gate_lr`` (None = ``lr``) and no weight decay, as MIM trains its gates with an
+    optimiser of their own (Adam, no decay); the schedule scales every group alike. ``extra``:
+    parameters trained beside the model's, grouped by the decay rule (training callbacks' own,
+    ``engine.loop.Callback.parameters``).
+
+    Raises:
+        ValueError: ``gate_lr`` for a model without ``gate_parameters``.
     """
-    decay, no_decay = [], []
-    for p in unwrap_model(model).parameters():
+    plain = unwrap_model(model)
+    gate_ids = {id(p) for p in plain.gate_parameters()} if hasattr(plain, "gate_parameters") else None
+    if gate_lr is not None and gate_ids is None:
+        raise ValueError(f"gate_lr={gate_lr} is for models with purification gates (mim_*); "
+                         f"{type(plain).__name__} has no gate_parameters()")
+    decay, no_decay, gates = [], [], []
+    for p in [*plain.parameters(), *extra]:
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        if gate_ids and id(p) in gate_ids:
+            gates.append(p)
+        else:
+            (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if gates:
+        groups.append({"params": gates, "weight_decay": 0.0, "lr": lr if gate_lr is None else gate_lr})
     groups = [g for g in groups if g["params"]]
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas)

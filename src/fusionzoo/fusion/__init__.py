@@ -11,6 +11,7 @@ from .base import FusionResult, StageFusion
 from .cmx import CMXFusion, FeatureFusionModule, FeatureRectifyModule
 from .esanet import ESANetFusion
 from .generic import ConcatFusion, CrossAttentionFusion, SEAddFusion, SumFusion
+from .purification import HardConcrete, PurificationFusion
 from .sagate import SAGateFusion
 
 FUSION_OPS: dict[str, type[StageFusion]] = {
@@ -22,6 +23,7 @@ FUSION_OPS: dict[str, type[StageFusion]] = {
     "esanet": ESANetFusion,
     "sagate": SAGateFusion,
     "cmx": CMXFusion,
+    "mim": PurificationFusion,
 }
 
 __all__ = [
@@ -34,6 +36,8 @@ __all__ = [
     "FeatureFusionModule",
     "FeatureRectifyModule",
     "FusionResult",
+    "HardConcrete",
+    "PurificationFusion",
     "SAGateFusion",
     "SEAddFusion",
     "StageFusion",

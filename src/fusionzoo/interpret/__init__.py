@@ -40,6 +40,7 @@ from .contribution import (
 from .cooperation import EpochInterpretCallback, GradientDirectionCallback, LearningSpeedCallback
 from .gradcam import gate_maps, grad_cam, split_gate_channels
 from .health import EffectiveRank, FeatureNorm, effective_rank
+from .kgs import KGSCallback
 from .runs import interpret_run, load_run
 from .semantic_variance import SemanticVariance, SemanticVarianceResult, labels_to_grid, semantic_variance
 
@@ -54,6 +55,7 @@ __all__ = [
     "FeatureNorm",
     "GradientDirectionCallback",
     "InterpretResult",
+    "KGSCallback",
     "LearningSpeedCallback",
     "MinibatchCKA",
     "ModalityBalanceCallback",

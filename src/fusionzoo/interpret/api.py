@@ -52,7 +52,7 @@ from .plan import model_name, plan_taps
 
 __all__ = ["METRICS", "ROW_RULES", "InterpretResult", "load_result", "run"]
 
-METRICS = ("cka", "semantic_variance", "health", "contribution", "reliance", "gradcam", "gates")
+METRICS = ("cka", "semantic_variance", "health", "contribution", "reliance", "gradcam", "gates", "purification")
 ROW_RULES = ("sample", "pool", "object")
 
 
@@ -92,6 +92,9 @@ class InterpretResult:
             (``settings["policies"]``).
         reliance: tap -> modality -> ``1 - CKA(tap, tap with that modality removed)``.
         gates: tap -> stream -> mean value over the dataset.
+        purification: models with purification gates only (``{m}.stageN.gate`` taps): keep rates
+            per gate and class, and contribution with the gates as trained and forced open
+            (:class:`.accumulators.PurificationMetric`).
         training: a training history (:class:`ModalityBalanceCallback` state), when known.
         timings: seconds per phase.
         intervals: dotted path of a number (``"contribution.shapley.rgb"``) -> its ``[lo, hi]``
@@ -118,6 +121,7 @@ class InterpretResult:
     contribution: dict[str, Any] | None = None
     reliance: dict[str, dict[str, float]] | None = None
     gates: dict[str, dict[str, float]] | None = None
+    purification: dict[str, Any] | None = None
     training: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     intervals: dict[str, Any] = field(default_factory=dict)

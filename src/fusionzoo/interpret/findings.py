@@ -66,7 +66,7 @@ THRESHOLDS: dict[str, float] = {
     "underused_share": 0.30,   # Shapley share below 30% = under-used
 }
 KINDS = ("measurement", "carriers", "interaction", "references", "convergence", "underuse", "separability",
-         "information")
+         "information", "purification")
 _STAGE = re.compile(r"^stage(\d+)$")
 _POINT = " [point values, no interval]"
 
@@ -814,6 +814,76 @@ def _measurement(res: Any, views: Sequence[PolicyView]) -> list[Finding]:
     return out
 
 
+def _differs(a: Estimate, b: Estimate) -> str:
+    """``"yes"`` when the intervals of ``a`` and ``b`` are disjoint, ``"no"`` when they overlap,
+    by the point values without intervals."""
+    if math.isnan(a.value) or math.isnan(b.value):
+        return "unresolved"
+    if a.ci is None or b.ci is None:
+        return "unresolved" if (a.recorded or b.recorded) else ("yes" if a.value != b.value else "no")
+    return "yes" if a.ci[1] < b.ci[0] or b.ci[1] < a.ci[0] else "no"
+
+
+def _purification(res: Any) -> list[Finding]:
+    """Per gate: what it keeps overall and of which classes least / most (the class difference
+    stated when their intervals are disjoint); per stream: semantic variance before and after
+    its gate; the contribution changes when the gates are forced open (stated when the paired
+    difference's interval excludes 0)."""
+    sec = getattr(res, "purification", None) or {}
+    out: list[Finding] = []
+    names = None
+    for tap, g in (sec.get("gates") or {}).items():
+        keep = _est(res, f"purification.gates.{tap}.keep", g.get("keep"))
+        per = g.get("keep_per_class") or []
+        names = names or _class_names(res, len(per))
+        ests = [(names[k], _est(res, f"purification.gates.{tap}.keep_per_class.{k}", v))
+                for k, v in enumerate(per) if v is not None]
+        text = f"{tap} keeps {keep.text()}% of {g['stream']}"
+        verdicts = [keep.at_least(0.0)]
+        if len(ests) >= 2:
+            lo_name, lo = min(ests, key=lambda e: e[1].value)
+            hi_name, hi = max(ests, key=lambda e: e[1].value)
+            v = _differs(lo, hi)
+            if lo.value == hi.value and lo.ci is not None and lo.ci == hi.ci and lo.ci[0] == lo.ci[1]:
+                text += ", every class alike"   # a degenerate interval: every resample agrees
+                verdicts.append("yes")
+            else:
+                verdicts.append(v if v != "no" else "unresolved")
+                text += (f"; least of class {lo_name} ({lo.text()}%), most of {hi_name} ({hi.text()}%)"
+                         + ("" if v == "yes" else f": the class difference is not resolved with {_n(res)}"))
+        sv = res.semantic_variance or {}
+        before, after = sv.get(g["stream"]), sv.get(g["purified"])
+        if before and after:
+            b = _est(res, f"semantic_variance.{g['stream']}.sv", before.get("sv"))
+            a = _est(res, f"semantic_variance.{g['purified']}.sv", after.get("sv"))
+            d = _differs(a, b)
+            way = ("raises" if a.value > b.value else "lowers") if d == "yes" else "does not resolvably change"
+            text += f"; it {way} the semantic variance ({b.text()}% before, {a.text()}% after)"
+        out.append(Finding("purification", text + _mark(res) + ".", {"tap": tap, "keep": keep.value},
+                           _status(verdicts, res)))
+    c = sec.get("contribution")
+    if c:
+        d = c["difference"]
+        parts, verdicts = [], []
+        items = [("the full model's " + str(c["gated"].get("metric", "score")), "full", d["full"])]
+        items += [(f"{m}'s Shapley value", f"shapley.{m}", v) for m, v in d["shapley"].items()]
+        items += [(f"the {p.replace('|', '-')} interaction", f"interaction.{p}", v) for p, v in d["interaction"].items()]
+        for label, path, v in items:
+            e = _est(res, f"purification.contribution.difference.{path}", v)
+            # a change is stated when the paired difference's interval excludes 0; an interval of
+            # exactly [0, 0] (every resample agrees: e.g. gates that keep everything) is no change
+            none = e.value == 0 and (e.ci is None or e.ci[0] == e.ci[1] == 0) and not (e.ci is None and e.recorded)
+            verdict = ("yes" if none else "unresolved" if math.isnan(e.value) or (e.ci is None and e.recorded)
+                       or (e.ci is not None and e.ci[0] <= 0 <= e.ci[1]) else "yes")
+            verdicts.append(verdict)
+            parts.append(f"{label} unchanged" if none else f"{label} {e.text(sign=True)} points"
+                         + ("" if verdict != "unresolved" else " (not resolved)"))
+        out.append(Finding("purification", (
+            f"With the gates as trained rather than forced open (keep all), under {c.get('policy')}: "
+            + "; ".join(parts) + _mark(res) + "."), {"difference": d}, _status(verdicts, res), [c.get("policy")]))
+    return out
+
+
 def findings(res: Any) -> list[Finding]:
     """Every finding of one result, in :data:`KINDS` order (kinds without data are left out)."""
     views = policy_views(res) if res.contribution and res.contribution.get("coalitions") else []
@@ -828,6 +898,7 @@ def findings(res: Any) -> list[Finding]:
         out += _underuse(res, views)
     out += _separability(res)
     out += _information(res, views)
+    out += _purification(res)
     return sorted(out, key=lambda f: KINDS.index(f.kind))
 
 
@@ -849,7 +920,8 @@ _STYLE = ("<style>.findings li{margin:0.25em 0}.findings td{text-align:left;vert
 _TITLES = {"measurement": "How these findings were measured", "carriers": "Which modality carries which classes",
            "interaction": "Where modalities interact", "references": "What a modality adds (retrained references)",
            "convergence": "Where the streams converge", "underuse": "What is under-used",
-           "separability": "Class separability along each stream", "information": "Information in the predictions"}
+           "separability": "Class separability along each stream", "information": "Information in the predictions",
+           "purification": "What purification removes"}
 
 
 def _li(f: Finding) -> str:

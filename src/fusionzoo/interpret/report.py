@@ -525,6 +525,91 @@ def _plot_gates(res: InterpretResult, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _plot_purification(res: InterpretResult, path: Path) -> Path | None:
+    """Keep rate of every purification gate per class (bars with their intervals)."""
+    gates = {t: g for t, g in ((res.purification or {}).get("gates") or {}).items() if g.get("keep_per_class")}
+    if not gates:
+        return None
+    k = len(next(iter(gates.values()))["keep_per_class"])
+    names = list(res.class_names or [])[:k] or [str(i) for i in range(k)]
+    fig = Figure(figsize=(max(7.0, 0.5 * k * len(gates)), 3.8))
+    ax = fig.subplots()
+    width = 0.8 / len(gates)
+    for j, (t, g) in enumerate(gates.items()):
+        xs = np.arange(k) + (j - (len(gates) - 1) / 2) * width
+        ax.bar(xs, [100 * _nan(v) for v in g["keep_per_class"]], width, label=t, color=_color(g["modality"], j),
+               alpha=0.45 + 0.55 * (j + 1) / len(gates))
+        _draw_intervals(ax, xs, [interval(res, f"purification.gates.{t}.keep_per_class.{i}") for i in range(k)], 100.0)
+    ax.set_xticks(range(k), names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("kept by the gate (%)")
+    ax.set_ylim(0, 105)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(title="gate", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_title(f"{res.model}: what each purification gate keeps, per class")
+    return _save(fig, path)
+
+
+def _purification_tables(res: InterpretResult) -> list[str]:
+    """"What purification removes": keep rates per gate and class, semantic variance before /
+    after each gate, contribution with the gates as trained and forced open (models with gate taps)."""
+    sec = res.purification or {}
+    gates = sec.get("gates") or {}
+    if not gates:
+        return []
+    sv = res.semantic_variance or {}
+    out = [("<h2>What purification removes</h2><p>Each purification gate <code>{m}.stageN.gate</code> multiplies its "
+           "stream <code>{m}.stageN</code> into <code>{m}.stageN.purified</code>; its keep rate is the gate's mean "
+           "over channels and cells (100 % = keeps everything), per class on the label mask at the gate's resolution "
+           "(nearest). Semantic variance (trace form) of the stream before and after its gate comes from the "
+           "semantic-variance section.</p>")]
+    rows = []
+    for t, g in gates.items():
+        b, a = sv.get(g["stream"]) or {}, sv.get(g["purified"]) or {}
+        rows.append([html.escape(t), html.escape(str(g.get("granularity"))),
+                     _fmt_iv(g.get("keep"), interval(res, f"purification.gates.{t}.keep"), pct=True),
+                     _fmt_iv(b.get("sv"), interval(res, f"semantic_variance.{g['stream']}.sv"), pct=True),
+                     _fmt_iv(a.get("sv"), interval(res, f"semantic_variance.{g['purified']}.sv"), pct=True)])
+    out.append(_table(["gate", "mask", "kept (%)", "semantic variance before (%)", "after (%)"], rows))
+    per_class = {t: g["keep_per_class"] for t, g in gates.items() if g.get("keep_per_class")}
+    if per_class:
+        k = len(next(iter(per_class.values())))
+        names = list(res.class_names or [])[:k] or [str(i) for i in range(k)]
+        out.append("<h3>Kept per class (%)</h3>" + _table(
+            ["class", *per_class],
+            [[html.escape(names[i]), *(_fmt_iv(v[i], interval(res, f"purification.gates.{t}.keep_per_class.{i}"),
+                                                pct=True) for t, v in per_class.items())] for i in range(k)]))
+    c = sec.get("contribution")
+    if c:
+        out.append(_purification_contribution(res, c))
+    elif res.settings.get("purification"):
+        out.append(f"<p>{html.escape(str(res.settings['purification']))}</p>")
+    return out
+
+
+def _purification_contribution(res: InterpretResult, c: Mapping[str, Any]) -> str:
+    """The table of the gated and gates-open contribution and their paired difference."""
+    metric = c["gated"].get("metric", "mIoU")
+    full = "+".join(res.modalities)
+    vk = "miou" if metric == "mIoU" else "ap"
+    d = c["difference"]
+    lines = [(f"{metric} of {full}", f"coalitions.{full}.{vk}", c["gated"]["coalitions"][full][vk],
+              c["open"]["coalitions"][full][vk], "full", d["full"])]
+    lines += [(f"Shapley {m}", f"shapley.{m}", c["gated"]["shapley"][m], c["open"]["shapley"][m], f"shapley.{m}", v)
+              for m, v in d["shapley"].items()]
+    lines += [(f"interaction {p.replace('|', '-')}", f"interaction.{p}.value", c["gated"]["interaction"][p]["value"],
+               c["open"]["interaction"][p]["value"], f"interaction.{p}", v) for p, v in d["interaction"].items()]
+    rows = [[html.escape(label),
+             _fmt_iv(g, interval(res, f"purification.contribution.gated.{path}"), pct=True),
+             _fmt_iv(o, interval(res, f"purification.contribution.open.{path}"), pct=True),
+             _fmt_iv(dv, interval(res, f"purification.contribution.difference.{dpath}"), pct=True)]
+            for label, path, g, o, dpath, dv in lines]
+    return (f"<h3>Contribution with the gates as trained and with the gates forced open (policy "
+            f"{html.escape(str(c.get('policy')))}, points)</h3>"
+            + _table(["", "gated", "gates forced open", "gated - open"], rows)
+            + "<p>Gates forced open: every purified feature is replaced by its stream's, for the same weights and inputs (keep all); the "
+              "difference's interval uses the same bootstrap weights on both sides.</p>")
+
+
 # --------------------------------------------------------------------------------------------
 # HTML
 # --------------------------------------------------------------------------------------------
@@ -786,12 +871,14 @@ def write_report(result: InterpretResult, out_dir: str | Path, title: str | None
         ("training", _plot_training, _training_caption(res)),
         ("gradcam", _plot_gradcam, _gradcam_caption(res, detector)),
         ("gates", _plot_gates, "Fusion gates / attention weights per stream."),
+        ("purification", _plot_purification, "Share of each purification gate's feature kept, per class" + iv + "."),
     ]
     intro = _intro(res)
     plots.insert(1, ("evolution", lambda r, p: plot_evolution([r.model], [r], p),
                      "Per stage and stream: debiased CKA to the final representation and semantic variance."))
     sections = [findings_html(res), intro]  # the first screen states the findings (findings.py)
     sections += _summary_tables(res)
+    sections += _purification_tables(res)  # models with purification gates only
     sections += [f"<h2>{html.escape(t)}</h2>" + _table(h, [[html.escape(c) for c in row] for row in rows])
                  for t, h, rows in cooperation_tables([res.model], [res])]
     figs = []

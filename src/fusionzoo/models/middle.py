@@ -145,6 +145,11 @@ class MiddleFusionModel(FusionModel):
     def build_late_heads(self, decoder: str, decoder_channels: int | None, dropout: float) -> None:
         pass
 
+    def fuse_stage(self, stage: str, features: list[torch.Tensor]) -> FusionResult:
+        """The operator of ``stage`` on the modalities' features (MIM's purification gates override
+        this to tap each modality's mask and gated feature before the fusion)."""
+        return self.fusions[stage](features)
+
     def merge(self, index: int, fused: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
         """Combine the operator's output with the previous fused feature (ACNet's merged branch)."""
         return fused
@@ -189,7 +194,7 @@ class MiddleFusionModel(FusionModel):
                     for m, f in zip(self.modalities, feats):
                         own[m].append(f)
                 continue
-            result = self.fusions[stage](feats)
+            result = self.fuse_stage(stage, feats)
             fused = self.taps(f"fused.{stage}", self.merge_result(k, result, feats, previous))
             for detail in self._detail_names[stage]:
                 self.taps(f"fused.{stage}.{detail}", result.details[detail])

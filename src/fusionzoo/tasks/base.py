@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-__all__ = ["Evaluator", "Task", "get_task", "register_task", "task_names"]
+__all__ = ["Evaluator", "Task", "gate_penalty_term", "get_task", "register_task", "task_names"]
 
 
 class Evaluator(abc.ABC):
@@ -84,6 +84,21 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def log_record(self, result: Mapping[str, Any]) -> dict[str, Any]:
         """The values of an evaluation result that an epoch logs, as ``val_<key>``."""
+
+
+def gate_penalty_term(model: nn.Module, weight: float | None) -> torch.Tensor | None:
+    """The gate penalty a training loss adds for a model with purification gates (MIM's L0 term:
+    ``weight * model.gate_penalty()`` of the forward pass just run, float32); None for a model
+    without gates or a weight of 0.
+
+    Args:
+        model: the unwrapped model (``fusionzoo.weights.unwrap_model``).
+        weight: the task's setting; None = the model's own ``gate_penalty_weight`` (MIM: 0.1).
+    """
+    if not hasattr(model, "gate_penalty"):
+        return None
+    weight = model.gate_penalty_weight if weight is None else weight
+    return weight * model.gate_penalty().float() if weight else None
 
 
 _TASKS: dict[str, type[Task]] = {}

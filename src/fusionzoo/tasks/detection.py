@@ -13,7 +13,8 @@ from torch import nn
 
 from ..detection.kaist import protocol_miss_rates
 from ..detection.metrics import coco_ap
-from .base import Evaluator, Task, register_task
+from ..weights import unwrap_model
+from .base import Evaluator, Task, gate_penalty_term, register_task
 
 __all__ = ["DetectionEvaluator", "DetectionTask", "detection_targets"]
 
@@ -148,7 +149,13 @@ def _only(dets: Sequence[Mapping[str, torch.Tensor]], label: int) -> list[Detect
 @register_task
 class DetectionTask(Task):
     """Boxes and labels: ``model(inputs, targets)`` returns the detector's loss dict in training
-    mode, ``model(inputs)`` per-image ``{"boxes", "scores", "labels"}`` in eval mode."""
+    mode, ``model(inputs)`` per-image ``{"boxes", "scores", "labels"}`` in eval mode.
+
+    Args:
+        gate_penalty_weight: weight of the L0 penalty of detectors with purification gates (MIM,
+            ``model.gate_penalty()``, added to the summed loss dict); None = the model's default (0.1).
+        **options: segmentation's loss settings, refused (a detector computes its own loss).
+    """
 
     name = "detection"
     metric = "ap"
@@ -158,7 +165,8 @@ class DetectionTask(Task):
     default_rows = "object"
     supports_tta = False
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, gate_penalty_weight: float | None = None, **options: Any) -> None:
+        self.gate_penalty_weight = gate_penalty_weight
         if options:  # loss settings of segmentation (label_smoothing, class_weights, side_weights, ...)
             raise ValueError(f"{', '.join(sorted(options))} apply to segmentation; a detector computes its own "
                              "loss: leave them at their defaults")
@@ -169,7 +177,9 @@ class DetectionTask(Task):
     def training_loss(self, model: nn.Module, inputs: Mapping[str, torch.Tensor], targets: list[Detections],
                       missing: Sequence[str] = ()) -> torch.Tensor:
         losses = model(inputs, targets, missing=tuple(missing)) if missing else model(inputs, targets)
-        return sum(v.float() for v in losses.values())
+        loss = sum(v.float() for v in losses.values())
+        penalty = gate_penalty_term(unwrap_model(model), self.gate_penalty_weight)  # MIM's L0 term on its gates
+        return loss if penalty is None else loss + penalty
 
     def predict(self, model: nn.Module, inputs: Mapping[str, torch.Tensor], missing: Sequence[str] = (),
                 **options: Any) -> list[Detections]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..losses import segmentation_loss
 from ..weights import unwrap_model
-from .base import Evaluator, Task, register_task
+from .base import Evaluator, Task, gate_penalty_term, register_task
 
 __all__ = ["ConfusionMatrix", "SegmentationEvaluator", "SegmentationTask", "predict"]
 
@@ -233,6 +233,8 @@ class SegmentationTask(Task):
             else deep supervision off (side outputs get an exact zero gradient).
         average: ``"weighted"`` (each term / summed class weights of its labelled pixels, ESANet,
             SA-Gate) or ``"pixels"`` (/ their count, ACNet).
+        gate_penalty_weight: weight of the L0 penalty of models with purification gates (MIM,
+            ``model.gate_penalty()``, added to the loss); None = the model's own default (MIM: 0.1).
     """
 
     name = "segmentation"
@@ -246,8 +248,10 @@ class SegmentationTask(Task):
     supports_class_weights = True
 
     def __init__(self, ignore_index: int = 255, label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None,
-                 side_weights: Sequence[float] | None = None, average: str = "weighted") -> None:
+                 side_weights: Sequence[float] | None = None, average: str = "weighted",
+                 gate_penalty_weight: float | None = None) -> None:
         self.ignore_index = ignore_index
+        self.gate_penalty_weight = gate_penalty_weight
         self.label_smoothing = label_smoothing
         self.class_weights = class_weights
         self.side_weights = tuple(side_weights) if side_weights is not None else None
@@ -269,10 +273,12 @@ class SegmentationTask(Task):
         # A model whose reference loss always supervises its side outputs declares its default
         # weights (GeminiFusion: the ensemble detaches its inputs, so without them only alpha learns).
         side_weights = self.side_weights if self.side_weights is not None else getattr(plain, "side_loss_weights", None)
-        return segmentation_loss(logits.float(), targets, side_logits=sides, side_weights=side_weights,
+        loss = segmentation_loss(logits.float(), targets, side_logits=sides, side_weights=side_weights,
                                  class_weights=self.class_weights, ignore_index=self.ignore_index,
                                  label_smoothing=self.label_smoothing,
                                  side_resize=getattr(plain, "side_logits_resize", "nearest"), average=self.average)
+        penalty = gate_penalty_term(plain, self.gate_penalty_weight)  # MIM's L0 term on its gates
+        return loss if penalty is None else loss + penalty
 
     def predict(self, model: nn.Module, inputs: Mapping[str, torch.Tensor], missing: Sequence[str] = (),
                 **options: Any) -> torch.Tensor:

@@ -9,13 +9,14 @@ from .contribution import PIXEL_TASKS, ContributionMetric
 from .gates import GatesMetric
 from .gradcam import EXPLAIN, GradCamMetric, gradcam_taps
 from .health import HealthMetric
+from .purification import PurificationMetric
 from .reliance import RelianceMetric, reliance_value
 from .semantic_variance import SemanticVarianceMetric
 
 ACCUMULATORS: dict[str, type[MetricAccumulator]] = {
     cls.name: cls
     for cls in (CKAMetric, SemanticVarianceMetric, HealthMetric, ContributionMetric, RelianceMetric, GradCamMetric,
-                GatesMetric)
+                GatesMetric, PurificationMetric)
 }
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "MetricAccumulator",
     "Needs",
     "Pass",
+    "PurificationMetric",
     "RelianceMetric",
     "RunSpec",
     "SemanticVarianceMetric",
