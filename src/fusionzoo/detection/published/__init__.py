@@ -6,7 +6,8 @@ weights (``register_weights``) and its converter (``register_converter``). Parit
 authors' code is proven by ``tests/test_parity_<method>.py`` on fixtures that
 ``tools/parity/<method>.py`` regenerates from a checkout of their repository.
 """
-# One import line per method module (each registers itself).
-from . import mlpd  # noqa: F401  (MLPD, Kim et al. RA-L 2021)
-from . import cft  # noqa: F401  (CFT, two-stream YOLOv5)
-from . import icafusion  # noqa: F401
+from . import (
+    cft,  # noqa: F401  (CFT, Qingyun et al. 2021: two-stream YOLOv5 with cross-modality fusion transformers)
+    icafusion,  # noqa: F401  (ICAFusion, Shen et al. Pattern Recognition 2024)
+    mlpd,  # noqa: F401  (MLPD, Kim et al. RA-L 2021)
+)
