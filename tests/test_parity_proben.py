@@ -4,13 +4,17 @@ detection sets: every score rule (``probEn``, ``avg``, ``max``) with every box r
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from fusionzoo import cli
 from fusionzoo.detection import proben_fusion
+from fusionzoo.detection.boxes import BOX_FUSIONS, PROBEN_BOX_FUSIONS, PROBEN_SCORE_FUSIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "parity"))
@@ -93,3 +97,57 @@ def test_proben_options_are_checked() -> None:
         proben_fusion(sets, prior=0.3)
     with pytest.raises(ValueError, match=r"detection set 0: 'vars' has shape \(\d+, 1\); expected \(\d+,\)"):
         proben_fusion([dict(sets[0], vars=sets[0]["vars"][:, None])] + sets[1:])
+
+
+def coco_records(image: int, detector: int) -> list[dict]:
+    s = image_sets(image)[detector]
+    boxes = s["boxes"].tolist()
+    return [{"image_id": image, "category_id": int(label) + 1, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+             "score": float(score), "probs": probs, "vars": [float(v)]}
+            for b, score, label, probs, v in zip(boxes, s["scores"], s["labels"], s["probs"].tolist(), s["vars"])]
+
+
+def test_fuse_boxes_command_on_results_files_equals_the_authors(tmp_path, capsys) -> None:
+    """`fusionzoo fuse-boxes` on one COCO results file per detector (with the authors' per-box
+    probabilities and variances) gives their fusion of every image."""
+    paths = []
+    for d in range(max(META["detectors"])):
+        records = [r for i in range(META["images"]) if d < META["detectors"][i] for r in coco_records(i, d)]
+        paths.append(tmp_path / f"det{d}.json")
+        paths[-1].write_text(json.dumps(records))
+    out = tmp_path / "fused.json"
+    assert cli.main(["fuse-boxes", *map(str, paths), "--score-fusion", "avg", "--box-fusion", "v-avg", "--out", str(out)]) == 0
+    assert "fused by proben" in capsys.readouterr().out
+    fused = json.loads(out.read_text())
+    for image in range(META["images"]):
+        rows = [r for r in fused if r["image_id"] == image]
+        boxes = torch.tensor([r["bbox"] for r in rows], dtype=torch.float64).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        ours = {"boxes": boxes, "scores": torch.tensor([r["score"] for r in rows], dtype=torch.float64),
+                "labels": torch.tensor([r["category_id"] - 1 for r in rows])}
+        assert_same_detections(ours, reference("avg", "v-avg", image), META["num_classes"])
+
+
+@pytest.mark.parametrize("records, says", [
+    ({"a": 1}, "holds a dict; expected a COCO results list"),
+    ([{"image_id": 0, "category_id": 1, "bbox": [0, 0, -1, 5], "score": 0.5}], r"\[0\]: bbox \[0, 0, -1, 5\] is not"),
+    ([{"image_id": 0, "category_id": 0, "bbox": [0, 0, 1, 5], "score": 0.5}], "category_id 0 must be an integer >= 1"),
+    ([{"image_id": 0, "category_id": 1, "bbox": [0, 0, 1, 5], "score": 1.5}], r"score 1.5 is not a probability"),
+])
+def test_fuse_boxes_refuses_bad_files_in_one_line(tmp_path, capsys, records, says) -> None:
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(coco_records(0, 0)))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(records))
+    assert cli.main(["fuse-boxes", str(good), str(bad), "--out", str(tmp_path / "o.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(says, err[0]) and "bad.json" in err[0], err
+    assert cli.main(["fuse-boxes", str(good), str(good), "--rule", "wbf", "--box-fusion", "avg", "--out", "x"]) == 2
+    assert "--box-fusion applies to --rule proben only" in capsys.readouterr().err
+
+
+def test_fuse_boxes_cli_literals_match_the_library() -> None:
+    actions = {a.dest: a for a in cli._parser()._subparsers._group_actions[0].choices["fuse-boxes"]._actions}
+    assert set(actions["rule"].choices) == set(BOX_FUSIONS)
+    assert tuple(actions["score_fusion"].choices) == PROBEN_SCORE_FUSIONS
+    assert set(actions["box_fusion"].choices) == set(PROBEN_BOX_FUSIONS)
