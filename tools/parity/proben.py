@@ -4,9 +4,9 @@
 
 What runs of theirs (nothing of it is copied): the late-fusion functions of
 ``demo/FLIR/demo_probEn.py`` (``fusion`` and what it calls: the clustering NMS with its score and
-box rules, and plain NMS for ``max`` + ``argmax``), taken out of that file by name with ``ast``
-so that its module imports (detectron2, OpenCV, the FLIR evaluator) are not needed:
-detectron2's ``batched_nms`` is torchvision's below 40,000 boxes, and is given as such. Their
+box rules, and plain NMS for ``max`` + ``argmax``), that file imported with its module imports
+(detectron2, OpenCV, the FLIR evaluator) stubbed: detectron2's ``batched_nms`` is torchvision's
+below 40,000 boxes, and is given as such. Their
 per-image driver (``apply_late_fusion_and_evaluate``) also reads images and feeds an evaluator;
 its dispatch is restated in :func:`reference_fusion` (no fusion when fewer than two detectors
 fired on the image; the pair that fired when a third did not).
@@ -26,14 +26,15 @@ score / box rule pair of theirs runs in float64 (``torch.set_default_dtype``, so
 from __future__ import annotations
 
 import argparse
-import ast
+import importlib.util
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torchvision.ops import batched_nms, nms
+from torchvision.ops import batched_nms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seeded import write_fixture
@@ -49,16 +50,33 @@ THEIR_FUNCTIONS = ("avg_bbox_fusion", "bayesian_fusion_multiclass", "nms_1", "we
 
 
 def load_reference(checkout: Path) -> dict[str, Any]:
-    """Their late-fusion functions, executed from ``demo/FLIR/demo_probEn.py`` by name."""
-    source = (checkout / "demo" / "FLIR" / "demo_probEn.py").read_text()
-    tree = ast.parse(source)
-    keep = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in THEIR_FUNCTIONS]
-    missing = set(THEIR_FUNCTIONS) - {n.name for n in keep}
+    """Their ``demo/FLIR/demo_probEn.py`` imported as a module, its detectron2 / OpenCV imports
+    stubbed (only ``batched_nms`` is called by the fusion: torchvision's, as detectron2's is below
+    40,000 boxes); returns its namespace."""
+    stubs = {"cv2": {}, "detectron2": {}, "detectron2.config": {"get_cfg": None},
+             "detectron2.data": {"DatasetCatalog": None, "MetadataCatalog": None},
+             "detectron2.data.datasets": {"register_coco_instances": None},
+             "detectron2.structures": {"Instances": None, "Boxes": None},
+             "detectron2.evaluation": {"FLIREvaluator": None}, "detectron2.layers": {},
+             "detectron2.layers.nms": {"batched_nms": batched_nms}, "detectron2.utils": {},
+             "detectron2.utils.opt": {"config_parser": None}}
+    saved = {name: sys.modules.get(name) for name in stubs}
+    for name, attrs in stubs.items():
+        sys.modules[name] = types.SimpleNamespace(**attrs)
+    try:
+        spec = importlib.util.spec_from_file_location("demo_probEn", checkout / "demo" / "FLIR" / "demo_probEn.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = old
+    missing = [f for f in THEIR_FUNCTIONS if not hasattr(module, f)]
     if missing:
-        raise SystemExit(f"{checkout}: demo/FLIR/demo_probEn.py lacks {sorted(missing)}")
-    namespace: dict[str, Any] = {"np": np, "torch": torch, "batched_nms": batched_nms, "nms": nms}
-    exec(compile(ast.Module(body=keep, type_ignores=[]), "demo_probEn.py", "exec"), namespace)
-    return namespace
+        raise SystemExit(f"{checkout}: demo/FLIR/demo_probEn.py lacks {missing}")
+    return vars(module)
 
 
 def detection_sets(seed: int = SEED) -> list[list[dict[str, np.ndarray]]]:
