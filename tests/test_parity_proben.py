@@ -144,6 +144,8 @@ def test_fuse_boxes_refuses_bad_files_in_one_line(tmp_path, capsys, records, say
     assert len(err) == 1 and re.search(says, err[0]) and "bad.json" in err[0], err
     assert cli.main(["fuse-boxes", str(good), str(good), "--rule", "wbf", "--box-fusion", "avg", "--out", "x"]) == 2
     assert "--box-fusion applies to --rule proben only" in capsys.readouterr().err
+    assert cli.main(["fuse-boxes", str(good), str(good), "--iou", "1.5", "--out", "x"]) == 2
+    assert "--iou must be in [0, 1), got 1.5" in capsys.readouterr().err
 
 
 def test_fuse_boxes_cli_literals_match_the_library() -> None:

@@ -118,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
     """Read, fuse, write; print one summary line."""
     if len(args.results) < 2:
         raise UsageError("fuse-boxes: give at least two results files (one per detector)")
+    if args.max_detections < 1:
+        raise UsageError(f"fuse-boxes: --max-detections must be at least 1, got {args.max_detections}")
+    if args.iou is not None and not 0.0 <= args.iou < 1.0:
+        raise UsageError(f"fuse-boxes: --iou must be in [0, 1), got {args.iou}")
     kwargs: dict[str, Any] = {"max_detections": args.max_detections}
     if args.iou is not None:
         kwargs["iou_thresh"] = args.iou
