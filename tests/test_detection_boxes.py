@@ -78,7 +78,7 @@ def test_weighted_boxes_fusion_hand_case() -> None:
 
 def test_proben_fuses_scores_by_bayes_rule_one_box_per_detector() -> None:
     # A duplicate from detector 0 (0.7) does not count as independent evidence.
-    out = det.proben_fusion([dets([A, A, FAR], [0.9, 0.7, 0.8]), dets([B], [0.6])])
+    out = det.proben_fusion([dets([A, A, FAR], [0.9, 0.7, 0.8]), dets([B], [0.6])], one_per_detector=True)
     expected = 0.9 * 0.6 / (0.9 * 0.6 + 0.1 * 0.4)
     assert out["scores"].tolist() == pytest.approx([expected, 0.8])
     assert out["boxes"][0].tolist() == pytest.approx([0.4, 0.4, 10.4, 10.4])

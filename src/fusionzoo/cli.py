@@ -7,6 +7,7 @@
     fusionzoo compare A B C [--dataset ...] --out DIR
     fusionzoo convert PUBLISHED_NAME AUTHORS_CHECKPOINT [--tag nyuv2] [--out DIR]
     fusionzoo mr2 --annotations KAIST_annotation.json --results RESULT.txt|.json
+    fusionzoo fuse-boxes A.json B.json [...] --rule proben|wbf|nms --out FUSED.json
     fusionzoo predict MODEL --rgb FILE|DIR --depth|--thermal FILE|DIR --out DIR
     fusionzoo push RUN_OR_FOLDER OWNER/NAME [--private] [--out DIR]
     fusionzoo bench MODEL [--size H W] [--batch-size N] [--modes eager,channels_last,compile,bf16] [--out FILE.json]
@@ -193,6 +194,23 @@ def _parser() -> argparse.ArgumentParser:
         "COCO results .json [{image_id, category_id, bbox: [x, y, w, h], score}] with image_id = the annotations' "
         "own integer images[].id (0-based in MLPD's file) and category_id 1 (person); boxes in original-frame "
         "pixels. Empty files, unknown categories, non-finite scores, bad boxes and ids off by one are refused"))
+    fb = sub.add_parser(
+        "fuse-boxes", help="late fusion of several detectors' COCO results files (ProbEn, WBF or NMS)",
+        description="Fuse, image by image, the detections of several detectors (COCO results JSON: [{image_id, "
+                    "category_id = class + 1, bbox: [x, y, w, h], score}], as fusionzoo predict writes them; optional "
+                    "per-record 'probs' (K class probabilities) and 'vars' (box variance)). docs/detection.md.")
+    fb.add_argument("results", nargs="+", help="two or more COCO results files, one per detector")
+    fb.add_argument("--rule", default="proben", choices=("nms", "wbf", "proben"),
+                    help="proben: ProbEn (Chen et al., ECCV 2022), equal to the authors' code; wbf: weighted boxes "
+                         "fusion; nms: class-wise NMS over the union (default proben)")
+    fb.add_argument("--out", required=True, help="fused COCO results file to write")
+    fb.add_argument("--iou", type=float, default=None, help="clustering IoU (default per rule: NMS 0.5, WBF 0.55, ProbEn 0.5)")
+    fb.add_argument("--score-fusion", default=None, choices=("proben", "avg", "max"),
+                    help="ProbEn's score rule: Bayes' rule (default), mean, or max (the authors' options)")
+    fb.add_argument("--box-fusion", default=None, choices=("s-avg", "v-avg", "avg", "argmax"),
+                    help="ProbEn's box rule: score-weighted mean (default), inverse-variance weighted (needs 'vars'), "
+                         "mean, or the top box")
+    fb.add_argument("--max-detections", type=int, default=100, help="keep at most this many per image (default 100)")
     _predict_parser(sub)
 
     ph = sub.add_parser("push", help="upload a trained model with a model card to the Hugging Face Hub",
@@ -313,6 +331,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("fusionzoo.commands.interpret", "run_compare"),
     "convert": ("fusionzoo.commands.convert", "run"),
     "mr2": ("fusionzoo.commands.mr2", "run"),
+    "fuse-boxes": ("fusionzoo.commands.fuse_boxes", "run"),
     "predict": ("fusionzoo.commands.predict", "run"),
     "push": ("fusionzoo.commands.push", "run"),
     "bench": ("fusionzoo.commands.bench", "run"),

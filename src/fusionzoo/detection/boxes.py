@@ -12,10 +12,11 @@ detector plus one per modality) of the *same* image:
   Ensembling boxes from different object detection models", Image and Vision Computing 2021,
   Sec. 3): boxes are clustered against the running fused box, coordinates are averaged with
   the scores as weights, and a box found by few detectors is down-weighted;
-- :func:`proben_fusion`: ProbEn (Chen, Li, Kong, Ramanan, "Multimodal Object Detection via
-  Probabilistic Ensembling", ECCV 2022, Sec. 3): NMS-style clusters whose scores are fused by
-  Bayes' rule under conditional independence of the modalities given the class
-  (``p(y | x_1, x_2) ∝ p(y | x_1) p(y | x_2) / p(y)``), boxes by score-weighted averaging.
+- :func:`proben_fusion`: ProbEn (Chen, Shi, Ye, Mertz, Ramanan, Kong, "Multimodal Object
+  Detection via Probabilistic Ensembling", ECCV 2022, Sec. 3): NMS-style clusters whose scores
+  are fused by Bayes' rule under conditional independence of the modalities given the class
+  (``p(y | x_1, x_2) ∝ p(y | x_1) p(y | x_2) / p(y)``), boxes by score-weighted averaging (or
+  the authors' other score / box rules); equal to the authors' code (tools/parity/proben.py).
 """
 
 from __future__ import annotations
@@ -149,8 +150,10 @@ def _check_sets(detections: Sequence[Mapping[str, torch.Tensor]]) -> None:
 def _union(detections: Sequence[Mapping[str, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
     """Concatenate the sets: boxes ``(N, 4)``, scores ``(N,)``, labels ``(N,)``, source index ``(N,)``."""
     _check_sets(detections)
-    boxes = torch.cat([d["boxes"].float() for d in detections])
-    scores = torch.cat([d["scores"].float() for d in detections])
+    # float32, or float64 when a set is float64 (parity checks compare in float64)
+    dtype = torch.float64 if any(d["boxes"].dtype == torch.float64 for d in detections) else torch.float32
+    boxes = torch.cat([d["boxes"].to(dtype) for d in detections])
+    scores = torch.cat([d["scores"].to(dtype) for d in detections])
     labels = torch.cat([d["labels"].long() for d in detections])
     source = torch.cat([torch.full((d["boxes"].shape[0],), i, dtype=torch.long) for i, d in enumerate(detections)])
     return boxes, scores, labels, source.to(boxes.device)
@@ -270,50 +273,173 @@ def bayes_fuse_scores(scores: torch.Tensor, prior: float = 0.5) -> torch.Tensor:
     return torch.sigmoid(logit).to(scores.dtype)
 
 
+def bayes_fuse_distributions(probs: torch.Tensor) -> torch.Tensor:
+    """ProbEn's multi-class score fusion (ECCV 2022, Sec. 3) with a uniform class prior.
+
+    Each row is one detector's class posterior ``p(y | x_s)`` over ``K`` object classes; the
+    background gets the rest, ``1 - sum_k p_k``. Under conditional independence and a uniform
+    prior over the ``K + 1`` outcomes, ``p(y | x_1..x_S) ∝ prod_s p(y | x_s)``.
+
+    Args:
+        probs: ``(S, K)`` class probabilities (each row summing to at most 1).
+
+    Returns:
+        ``(K + 1,)`` fused posterior, background last.
+    """
+    full = torch.cat([probs, 1 - probs.sum(1, keepdim=True)], 1)  # (S, K + 1)
+    return torch.softmax(torch.log(full).sum(0), 0)  # normalised product, computed in log space
+
+
+PROBEN_SCORE_FUSIONS = ("proben", "avg", "max")
+PROBEN_BOX_FUSIONS = ("v-avg", "s-avg", "avg", "argmax")
+
+
+def _iou_one(box: torch.Tensor, boxes: torch.Tensor, offset: float) -> torch.Tensor:
+    """IoU of ``box`` ``(4,)`` with ``boxes`` ``(M, 4)``; ``offset = 1`` is the pixel-inclusive
+    convention (width ``x2 - x1 + 1``) of the ProbEn code's NMS, ``0`` torchvision's."""
+    lt = torch.maximum(box[:2], boxes[:, :2])
+    rb = torch.minimum(box[2:], boxes[:, 2:])
+    inter = (rb - lt + offset).clamp_min(0).prod(1)
+    area = (box[2:] - box[:2] + offset).prod()
+    areas = (boxes[:, 2:] - boxes[:, :2] + offset).prod(1)
+    return inter / (area + areas - inter)
+
+
+def _set_key(detections: Sequence[Mapping[str, torch.Tensor]], key: str, columns: bool, dtype: torch.dtype) -> torch.Tensor | None:
+    """The union of an optional per-box key, ``(N, K)`` with ``columns`` (``probs``, one ``K`` for
+    all sets) else ``(N,)`` (``vars``); it must be in every set or in none."""
+    has = [key in d for d in detections]
+    if not any(has):
+        return None
+    if not all(has):
+        raise ValueError(f"'{key}' is in detection sets {[i for i, h in enumerate(has) if h]} but not in all "
+                         f"{len(detections)}; give it for every set or for none")
+    values = [torch.as_tensor(d[key]).to(dtype) for d in detections]
+    width = max((v.shape[-1] for v in values if v.dim() == 2 and v.shape[0]), default=0)
+    for i, (d, value) in enumerate(zip(detections, values)):
+        n = d["boxes"].shape[0]
+        expected = (n, width) if columns else (n,)
+        if value.shape != expected and not (columns and n == 0 and value.numel() == 0):
+            raise ValueError(f"detection set {i}: '{key}' has shape {tuple(value.shape)}; expected {expected}"
+                             + (" (one class-probability row per box, K the same in every set)" if columns else ", one per box"))
+    return torch.cat([v.reshape(-1, width) if columns else v for v in values])
+
+
 def proben_fusion(
     detections: Sequence[Mapping[str, torch.Tensor]],
     iou_thresh: float = 0.5,
-    prior: float = 0.5,
+    score_fusion: str = "proben",
+    box_fusion: str = "s-avg",
+    prior: float | None = None,
+    one_per_detector: bool = False,
+    iou_offset: float = 1.0,
     max_detections: int = 100,
 ) -> Detections:
     """ProbEn (Chen et al., ECCV 2022, Sec. 3): probabilistic ensembling of detectors.
 
-    Per class, the highest-scoring remaining box and every remaining box overlapping it with
-    IoU above ``iou_thresh`` form a cluster (as in NMS). From each detector only its
-    highest-scoring box in the cluster counts: the independence assumption is across detectors
-    (modalities), not across one detector's duplicates. The cluster's score is
-    :func:`bayes_fuse_scores` of those boxes (one detector alone keeps its score: the absent
-    detector is uninformative), its box the score-weighted mean of them (the paper's "s-avg").
+    The defaults reproduce the authors' released late-fusion code on the same detection sets
+    (``tools/parity/proben.py``, docs/published.md "ProbEn"): per class, the highest-scoring
+    remaining box and every remaining box overlapping it with IoU above ``iou_thresh``
+    (pixel-inclusive IoU, ``iou_offset=1``) form a cluster; a cluster of one box keeps it
+    unchanged; otherwise its score and box are fused from all its members:
+
+    - ``score_fusion="proben"``: Bayes' rule under conditional independence. With ``probs``
+      (class posteriors ``(N, K)``, background ``1 - sum``) :func:`bayes_fuse_distributions`,
+      the label becoming the fused argmax; without them the binary form
+      :func:`bayes_fuse_scores` of the scores, under ``prior`` (``None`` = uniform, 0.5).
+      ``"avg"``: the mean score; ``"max"``: the largest member probability (of any class when
+      ``probs`` are given, as the authors' code takes it), the label the top box's.
+    - ``box_fusion``: ``"s-avg"`` score-weighted mean, ``"v-avg"`` inverse-variance weighted
+      mean (needs ``vars`` ``(N,)``), ``"avg"`` plain mean, ``"argmax"`` the top box.
+      ``score_fusion="max"`` with ``box_fusion="argmax"`` is class-wise NMS (torchvision IoU),
+      as the authors' code runs it.
+
+    When fewer than two sets hold boxes, the non-empty one is returned as it is (the authors'
+    code fuses only when two detectors fired on the image). Where the fused multi-class
+    posterior is highest for background, the authors' code emits the box labelled ``K``
+    (no object class); here it keeps the most probable object class and its fused probability.
 
     Args:
         detections: ``S`` dicts with ``boxes`` ``(N_s, 4)``, ``scores`` ``(N_s,)`` probabilities,
-            ``labels`` ``(N_s,)``.
-        iou_thresh: clustering IoU (0.5 in the paper's code).
-        prior: class prior ``pi`` of :func:`bayes_fuse_scores`.
+            ``labels`` ``(N_s,)``, optionally ``probs`` ``(N_s, K)`` and ``vars`` ``(N_s,)``
+            (in every set or in none).
+        iou_thresh: clustering IoU (0.5 in the authors' code).
+        score_fusion: ``"proben"``, ``"avg"`` or ``"max"``.
+        box_fusion: ``"s-avg"``, ``"v-avg"``, ``"avg"`` or ``"argmax"``.
+        prior: object prior ``pi`` of the binary form (detections without ``probs``); ``None``
+            is the uniform prior of the authors' code.
+        one_per_detector: only each detector's best box in a cluster is fused (the
+            independence assumption holds across detectors, not across one detector's
+            duplicates); the authors' code fuses every member.
+        iou_offset: 1 for the authors' pixel-inclusive IoU, 0 for continuous coordinates.
         max_detections: keep at most this many, highest scores first.
 
     Returns:
         One set: ``boxes`` ``(N, 4)``, ``scores`` ``(N,)``, ``labels`` ``(N,)``, sorted by score.
     """
+    if score_fusion not in PROBEN_SCORE_FUSIONS:
+        raise ValueError(f"score_fusion={score_fusion!r}; choose one of {PROBEN_SCORE_FUSIONS}")
+    if box_fusion not in PROBEN_BOX_FUSIONS:
+        raise ValueError(f"box_fusion={box_fusion!r}; choose one of {PROBEN_BOX_FUSIONS}")
+    if prior is not None and not 0.0 < prior < 1.0:
+        raise ValueError(f"prior must be in (0, 1) or None (uniform), got {prior}")
     boxes, scores, labels, source = _union(detections)
+    probs = _set_key(detections, "probs", True, boxes.dtype)
+    variances = _set_key(detections, "vars", False, boxes.dtype)
+    if probs is not None and prior is not None:
+        raise ValueError("prior applies to the binary form (detection sets without 'probs'); with 'probs' "
+                         "the fusion assumes the uniform prior of the authors' code: pass prior=None")
+    if box_fusion == "v-avg" and variances is None:
+        raise ValueError("box_fusion='v-avg' weights boxes by 1 / variance: every detection set needs 'vars' (N,)")
+    fired = [d for d in detections if d["boxes"].shape[0]]
+    if len(fired) < 2:  # nothing to ensemble: the one detector that fired (or none) as it is
+        only = {k: fired[0][k] for k in ("boxes", "scores", "labels")} if fired else _empty_like(boxes)
+        order = torch.argsort(only["scores"], descending=True, stable=True)[:max_detections]
+        return {"boxes": only["boxes"].to(boxes.dtype)[order], "scores": only["scores"].to(boxes.dtype)[order],
+                "labels": only["labels"].long()[order]}
+    if score_fusion == "max" and box_fusion == "argmax":
+        return nms_fusion(detections, iou_thresh, max_detections)
     out_boxes, out_scores, out_labels = [], [], []
     for label in labels.unique().tolist():
         idx = (labels == label).nonzero().flatten()
         idx = idx[torch.argsort(scores[idx], descending=True, stable=True)]
         while idx.numel():
-            ious = box_iou(boxes[idx[:1]], boxes[idx])[0]
-            in_cluster = ious > iou_thresh
+            in_cluster = _iou_one(boxes[idx[0]], boxes[idx], iou_offset) > iou_thresh
             in_cluster[0] = True
-            cluster = idx[in_cluster]  # sorted by score, so the first box of a source is its best
-            best: dict[int, int] = {}
-            for i in cluster.tolist():
-                best.setdefault(int(source[i]), i)
-            chosen = torch.tensor(list(best.values()), device=boxes.device)
-            s = scores[chosen]
-            out_boxes.append((s[:, None] * boxes[chosen]).sum(0) / s.sum().clamp_min(1e-12))
-            out_scores.append(float(bayes_fuse_scores(s, prior)))
-            out_labels.append(int(label))
+            cluster = idx[in_cluster]  # sorted by score: the top box first
             idx = idx[~in_cluster]
+            if one_per_detector:
+                best: dict[int, int] = {}
+                for i in cluster.tolist():
+                    best.setdefault(int(source[i]), i)  # a source's first box is its best
+                cluster = torch.tensor(list(best.values()), device=boxes.device)
+            top = int(cluster[0])
+            if cluster.numel() == 1:
+                out_boxes.append(boxes[top])
+                out_scores.append(float(scores[top]))
+                out_labels.append(int(label))
+                continue
+            s, fused_label = scores[cluster], int(label)
+            if score_fusion == "proben" and probs is not None:
+                posterior = bayes_fuse_distributions(probs[cluster])  # (K + 1,), background last
+                fused_label = int(posterior.argmax())
+                if fused_label == probs.shape[1]:  # background won: keep the best object class
+                    fused_label = int(posterior[:-1].argmax())
+                fused_score = float(posterior[fused_label])
+            elif score_fusion == "proben":
+                fused_score = float(bayes_fuse_scores(s, 0.5 if prior is None else prior))
+            elif score_fusion == "avg":
+                fused_score = float(s.mean())
+            else:
+                fused_score = float((probs[cluster] if probs is not None else s).max())
+            if box_fusion == "argmax":
+                box = boxes[top]
+            else:
+                w = s if box_fusion == "s-avg" else torch.ones_like(s) if box_fusion == "avg" else 1 / variances[cluster]
+                box = (w[:, None] * boxes[cluster]).sum(0) / w.sum()
+            out_boxes.append(box)
+            out_scores.append(fused_score)
+            out_labels.append(fused_label)
     return _finish(out_boxes, out_scores, out_labels, boxes, max_detections)
 
 

@@ -12,6 +12,12 @@ specialises on the batch gets a static one, and :attr:`Exported.dynamic_batch` s
   anchor decoding, score threshold, NMS and box fusion stay outside the graph (data-dependent
   output sizes; docs/export.md).
 
+The detector contract (any detector, e.g. the published ones in ``fusionzoo.detection.published``):
+``model.task == "detection"``, ``model.modalities``, and ``model.raw_head_outputs(inputs)`` taking
+the input dict of ``forward`` and returning a non-empty ``dict`` of named tensors, each with the
+batch first and shapes that depend on the input size only (not on the data); the exported graph
+has exactly those outputs, in that order (docs/export.md "Detectors: the contract").
+
 ONNX goes through torch's exporter from the ``torch.export`` program (``torch.onnx.export(...,
 dynamo=True)``, which needs ``onnxscript`` and ``onnx``); the check runs the file with ONNX
 Runtime when it is installed, else the reloaded ``ExportedProgram`` (``pip install
@@ -155,7 +161,16 @@ def output_names(model: nn.Module, size: tuple[int, int]) -> list[str]:
     if _task(model) != "detection":
         return ["logits"]
     with torch.no_grad():
-        return list(model.raw_head_outputs(example_inputs(model, size, batch=1)))
+        raw = model.raw_head_outputs(example_inputs(model, size, batch=1))
+    bad = None if isinstance(raw, Mapping) and raw else f"returned {type(raw).__name__} {'(empty)' if not raw else ''}"
+    if bad is None:
+        wrong = {k: type(v).__name__ if not isinstance(v, torch.Tensor) else tuple(v.shape)
+                 for k, v in raw.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor) or v.dim() < 1 or v.shape[0] != 1}
+        bad = f"gave {wrong} at batch 1" if wrong else None
+    if bad is not None:
+        raise ExportError(f"{_name(model)}: raw_head_outputs() {bad}; the export contract is a non-empty dict of "
+                          "named tensors, batch first (docs/export.md)")
+    return list(raw)
 
 
 def _check_request(model: nn.Module, fmt: str, size: Sequence[int], opset: int | None) -> tuple[int, int]:
@@ -166,8 +181,9 @@ def _check_request(model: nn.Module, fmt: str, size: Sequence[int], opset: int |
     if opset is not None and fmt != "onnx":
         raise ExportError(f"--opset applies to --format onnx only, not {fmt}")
     if _task(model) == "detection" and not hasattr(model, "raw_head_outputs"):
-        raise ExportError(f"{_name(model)}: a detector without raw_head_outputs() cannot be exported "
-                          "(box decoding and NMS stay outside the graph)")
+        raise ExportError(f"{_name(model)}: a detector exports through raw_head_outputs(inputs) -> dict of named "
+                          "tensors (its heads' outputs before decoding and NMS, which stay outside the graph), "
+                          "and this one has none (docs/export.md)")
     if fmt == "onnx":
         missing = [p for p in ("onnxscript", "onnx") if importlib.util.find_spec(p) is None]
         if missing:

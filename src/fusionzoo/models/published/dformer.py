@@ -258,22 +258,47 @@ class NMF2D(nn.Module):
 
     Args:
         eval_seed: the bases' seed in evaluation mode (module docstring); ``None``: the authors'
-            draw from the global generator at every call.
+            draw from the global generator at every call (then the model cannot be exported).
+        dim: ``D`` (channels) of the inputs, so the seeded evaluation bases are drawn once.
     """
 
-    def __init__(self, bases: int = NMF_BASES, eval_seed: int | None = 0) -> None:
+    def __init__(self, bases: int = NMF_BASES, eval_seed: int | None = 0, dim: int | None = None) -> None:
         super().__init__()
         self.rank = bases
+        self.dim = dim  # D of the inputs, when known: the seeded evaluation bases are drawn once
         self.eval_seed = eval_seed
+
+    @property
+    def eval_seed(self) -> int | None:
+        return self._eval_seed
+
+    @eval_seed.setter
+    def eval_seed(self, seed: int | None) -> None:
+        # The seeded draw is made here, once, not in forward: the same values as drawing at every
+        # call, and an exported graph (torch.export, ONNX) holds them as a constant (torch's ONNX
+        # exporter cannot convert aten.rand with a generator). Kept out of the state dict.
+        self._eval_seed = seed
+        self._eval_draw = None if seed is None or self.dim is None else self._seeded_draw(seed, self.dim)
+
+    def _seeded_draw(self, seed: int, dim: int) -> torch.Tensor:
+        """``(1, D, R)`` float32 ``U(0, 1)`` from a CPU generator seeded ``seed`` (also under a
+        meta-device context: the draw is real)."""
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        return torch.rand((1, dim, self.rank), generator=g, device="cpu")
 
     def initial_bases(self, batch: int, dim: int, like: torch.Tensor) -> torch.Tensor:
         """``(B, D, R)`` bases ``U(0, 1)``, L2-normalized over ``D``. Drawn on the CPU, as the
         authors draw them before moving them to the GPU, so a seed gives their bases anywhere."""
         if self.training or self.eval_seed is None:
+            if torch.compiler.is_exporting():
+                raise RuntimeError(
+                    "DFormer's NMF draws new random bases at every call (nmf_eval_seed=None or training mode), "
+                    "which an exported graph cannot reproduce: build the model with nmf_eval_seed=<int> "
+                    "(the default, 0) and export it in eval mode")
             bases = torch.rand((batch, dim, self.rank), device="cpu")
         else:
-            g = torch.Generator(device="cpu").manual_seed(self.eval_seed)
-            bases = torch.rand((1, dim, self.rank), generator=g, device="cpu").expand(batch, -1, -1)
+            draw = self._eval_draw if self._eval_draw is not None and dim == self.dim else self._seeded_draw(self.eval_seed, dim)
+            bases = draw.expand(batch, -1, -1)
         return F.normalize(bases.to(device=like.device, dtype=like.dtype), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -313,7 +338,7 @@ class LightHamDecoder(nn.Module):
         super().__init__()
         self.squeeze = ConvBN(sum(in_channels), HAM_CHANNELS, relu=True)
         self.ham_in = nn.Conv2d(HAM_CHANNELS, HAM_CHANNELS, 1)
-        self.ham = NMF2D(eval_seed=nmf_eval_seed)
+        self.ham = NMF2D(eval_seed=nmf_eval_seed, dim=HAM_CHANNELS)
         self.ham_out = ConvBN(HAM_CHANNELS, HAM_CHANNELS, relu=False)
         self.align = ConvBN(HAM_CHANNELS, channels, relu=True)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
