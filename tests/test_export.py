@@ -40,8 +40,7 @@ NUM_CLASSES = 3
 SEGMENTATION = fz.list_models(task="segmentation")
 FAMILIES = [n for n in SEGMENTATION if not fz.model_entry(n).encoder_fixed]
 PUBLISHED = fz.list_models(task="segmentation", published=True)
-# One detector of every detection fusion family (and every operator of the middle family); the
-# published detectors (their own heads).
+# One detector of every detection fusion family (and every operator of the middle family).
 DETECTORS = ["fcos_early_resnet18", "fcos_sum_resnet18", "fcos_cmx_resnet18", "fcos_crossattn_resnet18",
              "retinanet_late_nms_resnet18", "fcos_hybrid_wbf_resnet18"]
 # The authors' detectors (fusionzoo.detection.published) export through the same contract.
