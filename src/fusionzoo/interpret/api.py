@@ -25,7 +25,7 @@ import contextlib
 import json
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from .._json import to_json
 from .._registry import model_entry
 from ..data import collate
+from ..engine.distributed import DistInfo, all_reduce_sum_, broadcast_object, dist_info
 from ..taps import capture
 from .accumulators import ACCUMULATORS, BatchContext, MetricAccumulator, Pass, RunSpec
 from .contribution import (
@@ -267,12 +268,59 @@ def _run_passes(ctx: BatchContext, accs: Sequence[MetricAccumulator], removal_ta
             a.update_pass(ctx, p, output, acts)
 
 
-def _stream(spec: RunSpec, accs: Sequence[MetricAccumulator], batches: Iterable[Mapping[str, Any]],
-            max_batches: int | None, progress: bool) -> tuple[int, dict[str, Any]]:
+def _batch_size_of(batch: Mapping[str, Any], modalities: Sequence[str]) -> int:
+    x = next((batch[m] for m in modalities if m in batch), None)
+    if x is None:
+        raise KeyError(f"a batch lacks every modality of the model {list(modalities)}; it has {list(batch)}")
+    return int(x.shape[0])
+
+
+def _shard(data: Any, batches: Iterable[Mapping[str, Any]], batch_size: int, num_workers: int,
+           max_batches: int | None, modalities: Sequence[str], info: DistInfo
+           ) -> Iterator[tuple[int, int, int, Mapping[str, Any] | None]]:
+    """``(batch index, global index of its first image, its size, the batch or None)`` for every
+    batch of the run: None for a batch that another process runs (batch ``b`` runs in process
+    ``b mod W``). A map-style dataset is read only where it runs; other data (a DataLoader, an
+    iterable of batches) is read by every process and the others' batches are passed over."""
+    rank, world = info.rank, info.world_size
+    if world > 1 and isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        n = len(data)  # type: ignore[arg-type]
+        count = -(-n // batch_size) if max_batches is None else min(-(-n // batch_size), max_batches)
+        own = [list(range(b * batch_size, min(n, (b + 1) * batch_size))) for b in range(rank, count, world)]
+        loaded = iter(DataLoader(data, batch_sampler=own, num_workers=num_workers, collate_fn=collate))
+        for b in range(count):
+            size = min(n, (b + 1) * batch_size) - b * batch_size
+            yield b, b * batch_size, size, next(loaded) if b % world == rank else None
+        return
+    first = 0
+    for b, batch in enumerate(batches):
+        if max_batches is not None and b >= max_batches:
+            break
+        size = _batch_size_of(batch, modalities)
+        yield b, first, size, batch if b % world == rank else None
+        first += size
+
+
+def _hand_over(accs: Sequence[MetricAccumulator], info: DistInfo) -> None:
+    """The first batch's choices (shifts of the streamed moments, the label source, the policies
+    kept), from process 0, which ran it, to every other process, before they update."""
+    if not info.distributed:
+        return
+    shared = broadcast_object({a.name: a.shared() for a in accs} if info.is_main else None)
+    if not info.is_main:
+        for a in accs:
+            a.adopt(shared[a.name])
+
+
+def _stream(spec: RunSpec, accs: Sequence[MetricAccumulator], data: Any, batches: Iterable[Mapping[str, Any]],
+            batch_size: int, num_workers: int, max_batches: int | None, progress: bool
+            ) -> tuple[int, dict[str, Any]]:
     """The one pass over the data: per batch the full-input forward (capturing the taps the
-    accumulators need), their updates, then the removal passes. Returns ``(images seen, the
-    first batch's display artifacts)``."""
+    accumulators need), their updates, then the removal passes. Under a process group each
+    process runs its share of the batches (:func:`_shard`) and the accumulators are summed over
+    processes at the end. Returns ``(images seen, the first batch's display artifacts)``."""
     model, mods = spec.model, spec.modalities
+    info = dist_info()
     full_taps, removal_taps = _union(accs, "taps", spec.info), _union(accs, "removal_taps", spec.info)
     total = None
     try:
@@ -281,14 +329,21 @@ def _stream(spec: RunSpec, accs: Sequence[MetricAccumulator], batches: Iterable[
         pass
     if max_batches is not None and total is not None:
         total = min(total, max_batches)
-    num_images, artifacts = 0, {}
+    num_images, artifacts, handed = 0, {}, not info.distributed
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for bi, batch in enumerate(tqdm(batches, total=total, disable=not progress, desc="interpret")):
-                if max_batches is not None and bi >= max_batches:
-                    break
+            for bi, first, size, batch in tqdm(_shard(data, batches, batch_size, num_workers, max_batches, mods, info),
+                                               total=total, disable=not progress or not info.is_main,
+                                               desc="interpret"):
+                if batch is None:
+                    for a in accs:
+                        a.skip(bi, first, size)
+                    continue
+                if not handed and not info.is_main:
+                    _hand_over(accs, info)
+                    handed = True
                 missing_keys = [m for m in mods if m not in batch]
                 if missing_keys:
                     raise KeyError(f"batch {bi} lacks modalities {missing_keys}; the model takes {mods}, "
@@ -299,9 +354,9 @@ def _stream(spec: RunSpec, accs: Sequence[MetricAccumulator], batches: Iterable[
                     spec, bi, batch, {m: batch[m].to(spec.device) for m in mods},
                     mask.to(spec.device) if mask is not None else None,
                     task.targets(batch, spec.device) if task.target_key in batch else None)
-                ctx.first_image = num_images
+                ctx.first_image = first
                 if spec.replicates:
-                    ctx.weights = poisson_weights(spec.seed, range(num_images, num_images + ctx.batch_size),
+                    ctx.weights = poisson_weights(spec.seed, range(first, first + ctx.batch_size),
                                                   spec.replicates, spec.device)
                 num_images += ctx.batch_size
                 with capture(model, *full_taps) if full_taps else contextlib.nullcontext({}) as acts:
@@ -312,8 +367,19 @@ def _stream(spec: RunSpec, accs: Sequence[MetricAccumulator], batches: Iterable[
                 if bi == 0:
                     artifacts.update(_first_batch_artifacts(ctx))
                 _run_passes(ctx, accs, removal_taps)
+                if not handed:  # process 0, after the first batch
+                    _hand_over(accs, info)
+                    handed = True
+        if not handed:  # a process that ran no batch still answers the hand-over
+            _hand_over(accs, info)
     finally:
         model.train(was_training)
+    if info.distributed:
+        images = torch.tensor([float(num_images)], dtype=torch.float64)
+        all_reduce_sum_([images], "image count")
+        num_images = int(images)
+        for a in accs:
+            a.reduce()
     return num_images, artifacts
 
 
@@ -504,6 +570,10 @@ def run(
     batches = _as_batches(data, batch_size, num_workers)
     if "contribution" not in metrics:
         policies = ()
+    if dist_info().distributed and "noise" in (policy, empty_policy, *policies):
+        raise ValueError("the 'noise' removal policy draws its replacements from one random stream over the batches, "
+                         "which processes sharing the data cannot keep in step; use policy / policies / empty_policy "
+                         "'zero' or 'mean' under a process group, or run in one process")
     stats, stats_note, policies = _mean_stats(batches, model, policy, policies, policies_auto, stats, max_batches)
     spec = _run_spec(model, data, taps, class_names, ignore_index, rows, samples_per_image=samples_per_image,
                      sv_labels=sv_labels, sv_stride=sv_stride, policy=policy, empty_policy=empty_policy, stats=stats,
@@ -513,7 +583,7 @@ def run(
     mods = spec.modalities
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    num_images, artifacts = _stream(spec, accs, batches, max_batches, progress)
+    num_images, artifacts = _stream(spec, accs, data, batches, batch_size, num_workers, max_batches, progress)
     timings["pass_s"] = time.perf_counter() - t0
     if num_images == 0:
         raise ValueError("the data yielded no batches")
@@ -534,6 +604,13 @@ def run(
         intervals.update(interval_paths(a.name, a.intervals))
     settings["skipped"] = {a.name: a.skipped for a in accs if a.skipped is not None}
     timings["compute_s"] = time.perf_counter() - t1
+    info = dist_info()
+    if info.distributed:
+        # Grad-CAM and the display images come from the first batch: process 0 ran it
+        artifacts, gradcam = broadcast_object((artifacts, settings.get("gradcam")) if info.is_main else None)
+        if gradcam is not None:
+            settings["gradcam"] = gradcam
+        settings["processes"] = info.world_size
     return InterpretResult(
         model=model_name(model),
         fusion=_fusion_of(model_name(model)),
