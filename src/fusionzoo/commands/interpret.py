@@ -32,9 +32,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .._registry import create_model, model_entry
-from ..engine.distributed import cleanup_distributed, init_distributed, is_main_process
 from ..data import create_dataset, dataset_entry
 from ..data.transforms import eval_transforms
+from ..engine.distributed import cleanup_distributed, init_distributed, is_main_process
 from ..hub import from_pretrained
 from ..interpret import METRICS, InterpretResult, load_result
 from ..interpret import run as interpret_model
