@@ -22,6 +22,7 @@ evaluator (the contribution metric: mIoU, or COCO AP for detectors) and its defa
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import time
 import warnings
@@ -51,8 +52,10 @@ from .contribution import (
 from .intervals import DEFAULT_LEVEL, DEFAULT_REPLICATES, interval_paths, poisson_weights
 from .plan import model_name, plan_taps
 
-__all__ = ["METRICS", "ROW_RULES", "InterpretResult", "load_result", "run"]
+__all__ = ["METRICS", "PASS_PIXELS", "ROW_RULES", "InterpretResult", "load_result", "run"]
 
+# input pixels of one batched forward of removal passes (run's pass_pixels)
+PASS_PIXELS = 1 << 22
 METRICS = ("cka", "semantic_variance", "health", "contribution", "reliance", "gradcam", "gates")
 ROW_RULES = ("sample", "pool", "object")
 
@@ -248,24 +251,86 @@ def _own_removal_passes(ctx: BatchContext) -> Iterable[Pass]:
         yield Pass(full - {m}, x, tuple(miss))
 
 
+def _split(output: Any, sizes: Sequence[int]) -> list[Any] | None:
+    """One batched forward's output cut back into its passes (along the batch: a tensor
+    ``(sum sizes, ...)``, or a list with one entry per image, as detectors return); None for an
+    output of another shape."""
+    if isinstance(output, torch.Tensor):
+        return list(output.split(list(sizes)))
+    if isinstance(output, list) and len(output) == sum(sizes):
+        ends = list(itertools.accumulate(sizes))
+        return [output[e - n:e] for n, e in zip(sizes, ends)]
+    return None
+
+
+def _chunks(passes: Sequence[Pass], pixels: int | None) -> list[list[Pass]]:
+    """Consecutive passes that one forward can run together: the same ``missing`` modalities
+    and input shapes, at most ``pixels`` input pixels (batch x height x width) in all; always at
+    least one pass."""
+    out: list[list[Pass]] = []
+    size = 0
+    for p in passes:
+        x = next(iter(p.inputs.values()))
+        n = x.shape[0] * x.shape[-2] * x.shape[-1]
+        last = out[-1] if out else None
+        if (last is not None and pixels and size + n <= pixels and last[0].missing == p.missing
+                and all(last[0].inputs[m].shape[1:] == v.shape[1:] for m, v in p.inputs.items())):
+            last.append(p)
+            size += n
+        else:
+            out.append([p])
+            size = n
+    return out
+
+
 def _run_passes(ctx: BatchContext, accs: Sequence[MetricAccumulator], removal_taps: list[str]) -> None:
-    """The removal passes of one batch, each given to every accumulator."""
-    model, full = ctx.spec.model, frozenset(ctx.spec.modalities)
+    """The removal passes of one batch, each given to every accumulator (in the planned order).
+
+    Passes that differ only in their inputs run as one forward of their concatenated batches
+    (``spec.pass_pixels`` input pixels at most; batch-norm layers are in eval mode, so an
+    image's output does not depend on the others in its batch), and the full-input pass reuses
+    the forward that captured the taps. Passes with one modality removed capture the removal taps.
+    """
+    spec = ctx.spec
+    model, full = spec.model, frozenset(spec.modalities)
     planner = next((a for a in accs if a.needs.coalitions), None)
     passes = planner.passes(ctx) if planner is not None else None
     if passes is None:
         passes = _own_removal_passes(ctx) if removal_taps else ()
-    for p in passes:
-        acts: Mapping[str, torch.Tensor] = {}
-        if p.kept == full and p.permuted is None:
-            output, acts = ctx.output, ctx.acts  # the full-input pass, already run
-        elif removal_taps and p.shared and p.permuted is None and len(full - p.kept) == 1:
-            with capture(model, *removal_taps) as acts:
-                output = model(p.inputs, missing=p.missing)
-        else:
-            output = model(p.inputs, missing=p.missing)
+
+    def captures(p: Pass) -> bool:
+        return bool(removal_taps) and p.shared and p.permuted is None and len(full - p.kept) == 1
+
+    def give(p: Pass, output: Any, acts: Mapping[str, torch.Tensor]) -> None:
         for a in (accs if p.shared else [planner]):
             a.update_pass(ctx, p, output, acts)
+
+    todo = list(passes)  # a generator: its bookkeeping (the permuted passes' reference) runs here
+    done: dict[int, tuple[Any, Mapping[str, torch.Tensor]]] = {}
+    for chunk in _chunks([p for p in todo if not (p.kept == full and p.permuted is None)], spec.pass_pixels):
+        sizes = [next(iter(p.inputs.values())).shape[0] for p in chunk]
+        x = chunk[0].inputs if len(chunk) == 1 else {m: torch.cat([p.inputs[m] for p in chunk]) for m in chunk[0].inputs}
+        with _capturing(model, removal_taps, any(captures(p) for p in chunk)) as acts:
+            output = model(x, missing=chunk[0].missing)
+        outs = [output] if len(chunk) == 1 else _split(output, sizes)
+        if outs is None:  # an output that cannot be cut by image: one forward per pass instead
+            for p in chunk:
+                with _capturing(model, removal_taps, captures(p)) as one:
+                    done[id(p)] = (model(p.inputs, missing=p.missing), one)
+            continue
+        cut = {t: v.split(sizes) for t, v in acts.items()}
+        for i, p in enumerate(chunk):
+            done[id(p)] = (outs[i], {t: v[i] for t, v in cut.items()} if captures(p) else {})
+    for p in todo:
+        if p.kept == full and p.permuted is None:
+            give(p, ctx.output, ctx.acts)  # the full-input pass, already run
+        else:
+            give(p, *done.pop(id(p)))
+
+
+def _capturing(model: nn.Module, taps: Sequence[str], wanted: bool) -> contextlib.AbstractContextManager:
+    """:func:`capture` of ``taps`` when ``wanted``, else an empty dict."""
+    return capture(model, *taps) if wanted and taps else contextlib.nullcontext({})
 
 
 def _batch_size_of(batch: Mapping[str, Any], modalities: Sequence[str]) -> int:
@@ -486,6 +551,7 @@ def run(
     level: float = DEFAULT_LEVEL,
     policies: Sequence[str] | None = None,
     num_workers: int = 0,
+    pass_pixels: int | None = PASS_PIXELS,
     progress: bool = False,
 ) -> InterpretResult:
     """Measure a model's interpretability metrics over a dataset in one streaming pass.
@@ -549,6 +615,12 @@ def run(
             when not); ``()``: ``policy`` alone. ``"mean"`` without ``stats`` measures them
             exactly by a pre-pass over the inputs (``settings["stats"]``).
         num_workers: DataLoader workers when ``data`` is a dataset.
+        pass_pixels: the removal passes of a batch (coalitions under every policy, permutations)
+            run as few forwards of their concatenated inputs, each of at most this many input
+            pixels (batch x height x width; default ``PASS_PIXELS`` = 2^22, a batch of 8 at
+            480x640 with its 5 to 10 passes in 4 to 8 forwards, every pass of a 64x80 batch in one).
+            Outputs equal the one-pass-a-forward ones up to float rounding (batch-norm layers are in
+            eval mode). ``None`` or 0: one forward per pass.
         progress: show a progress bar.
 
     Returns:
@@ -578,7 +650,8 @@ def run(
     spec = _run_spec(model, data, taps, class_names, ignore_index, rows, samples_per_image=samples_per_image,
                      sv_labels=sv_labels, sv_stride=sv_stride, policy=policy, empty_policy=empty_policy, stats=stats,
                      perceptual=perceptual, gradcam_images=gradcam_images, purity=purity, seed=seed,
-                     replicates=int(replicates), level=float(level), policies=policies, policies_auto=policies_auto)
+                     replicates=int(replicates), level=float(level), policies=policies, policies_auto=policies_auto,
+                     pass_pixels=pass_pixels)
     accs = [ACCUMULATORS[name](spec) for name in METRICS if name in metrics]
     mods = spec.modalities
     timings: dict[str, float] = {}
@@ -594,6 +667,7 @@ def run(
         "metrics": metrics, "taps": taps, "rows": spec.rows, "samples_per_image": samples_per_image,
         "policy": policy, "empty_policy": empty_policy, "stats": stats_note, "purity": purity, "sv_stride": sv_stride,
         "seed": seed, "ignore_index": ignore_index, "task": spec.task.name, "sv_labels": None,
+        "pass_pixels": pass_pixels,
         "cka_estimator": "exact streaming linear CKA (debiased; biased beside)",
         "intervals": {"method": "poisson bootstrap over images", "replicates": spec.replicates, "level": spec.level}}
     intervals: dict[str, Any] = {}

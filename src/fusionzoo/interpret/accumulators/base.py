@@ -83,6 +83,7 @@ class RunSpec:
         policies: further removal policies that modality contribution measures beside ``policy``.
         policies_auto: the policies were not chosen by the user: ``"missing"`` is kept only where
             the model's missing path differs from zero filling.
+        pass_pixels: input pixels of one batched forward of removal passes (None: a forward each).
     """
 
     model: nn.Module
@@ -111,6 +112,7 @@ class RunSpec:
     level: float = 0.95
     policies: tuple[str, ...] = ()
     policies_auto: bool = False
+    pass_pixels: int | None = None
 
 
 @dataclass
