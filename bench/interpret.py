@@ -241,7 +241,7 @@ def bench_cka_offset(offsets: list[float]) -> None:
         print(f"| {off:g} | " + " | ".join(f"{e:.1e}" for e in errs) + " |", flush=True)
 
 
-def _model_and_data(run: str | None, samples: int):
+def _model_and_data(run: str | None, samples: int, size: tuple[int, int] = (64, 80)):
     """A trained run's best weights and validation set, or an untrained esanet_resnet18 on the
     synthetic validation split: ``(model, dataset, description)``."""
     import fusionzoo as fz
@@ -254,8 +254,8 @@ def _model_and_data(run: str | None, samples: int):
         return model, ds, f"run {Path(run).name}"
     torch.manual_seed(0)
     model = fz.create_model("esanet_resnet18", num_classes=5)
-    ds = create_dataset("synthetic_rgbd", split="val", num_samples=samples, image_size=(64, 80))
-    return model, ds, "untrained esanet_resnet18"
+    ds = create_dataset("synthetic_rgbd", split="val", num_samples=samples, image_size=tuple(size))
+    return model, ds, f"untrained esanet_resnet18 at {size[0]}x{size[1]}"
 
 
 def bench_sv_stages(run: str | None, samples: int) -> None:
@@ -358,7 +358,8 @@ COST_VARIANTS = {  # label -> interpret.run options
 }
 
 
-def bench_cost(run: str | None, samples: int, reps: int, variants: list[str] | None) -> None:
+def bench_cost(run: str | None, samples: int, reps: int, variants: list[str] | None,
+               size: tuple[int, int] = (64, 80)) -> None:
     """``interpret.run`` against one evaluation pass (forward + confusion matrix over the same
     images, batch 8), alternated in this process; the ratio and the floor it is held to."""
     import warnings
@@ -370,7 +371,7 @@ def bench_cost(run: str | None, samples: int, reps: int, variants: list[str] | N
     from fusionzoo.interpret.contribution import ContributionAccumulator, task_for
     from fusionzoo.tasks import ConfusionMatrix
 
-    model, ds, what = _model_and_data(run, samples)
+    model, ds, what = _model_and_data(run, samples, size)
     model.eval()
     forwards = {"calls": 0, "images": 0}
 
@@ -388,7 +389,7 @@ def bench_cost(run: str | None, samples: int, reps: int, variants: list[str] | N
                 cm.update(model({m: b[m] for m in model.modalities}).argmax(1), b["mask"])
         return time.perf_counter() - t
 
-    chosen = {k: v for k, v in COST_VARIANTS.items() if not variants or any(x in k for x in variants)}
+    chosen = {k: v for k, v in COST_VARIANTS.items() if not variants or k in variants}
     evaluate()  # warm-up
     times: dict[str, list[float]] = {"eval": []}
     counts: dict[str, dict] = {}
@@ -430,8 +431,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=("capture", "cka", "report", "cka_offset", "sv_stages", "gradcam_zero", "cost"),
                    action="append")
+    p.add_argument("--image-size", type=int, nargs=2, default=(64, 80),
+                   help="cost without --run: input size of the synthetic images (a published entry's: 480 640)")
     p.add_argument("--variants", nargs="+", default=None,
-                   help="cost: only the interpret.run variants whose label contains one of these words")
+                   help="cost: only these interpret.run variants (their labels, as the table prints them)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = stable timings on shared CPUs)")
     p.add_argument("--models", nargs="+", default=["esanet_resnet18", "cmx_resnet18", "late_mean_resnet18",
                                                    "early_concat_resnet18"])
@@ -464,7 +467,7 @@ def main() -> None:
     if "sv_stages" in sections:
         bench_sv_stages(args.run, args.samples)
     if "cost" in sections:
-        bench_cost(args.run, args.samples, args.reps if args.reps != 15 else 1, args.variants)
+        bench_cost(args.run, args.samples, args.reps if args.reps != 15 else 1, args.variants, tuple(args.image_size))
     if "gradcam_zero" in sections:
         bench_gradcam_zero(args.run, args.samples, args.gradcam_images)
 
