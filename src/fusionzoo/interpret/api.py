@@ -26,6 +26,7 @@ import itertools
 import json
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -305,9 +306,17 @@ def _run_passes(ctx: BatchContext, accs: Sequence[MetricAccumulator], removal_ta
         for a in (accs if p.shared else [planner]):
             a.update_pass(ctx, p, output, acts)
 
-    todo = list(passes)  # a generator: its bookkeeping (the permuted passes' reference) runs here
-    done: dict[int, tuple[Any, Mapping[str, torch.Tensor]]] = {}
-    for chunk in _chunks([p for p in todo if not (p.kept == full and p.permuted is None)], spec.pass_pixels):
+    todo = deque(passes)  # a generator: its bookkeeping (the permuted passes' reference) runs here
+    # pass -> (output, removal taps); the full-input pass is the forward that captured the taps
+    ready = {id(p): (ctx.output, ctx.acts) for p in todo if p.kept == full and p.permuted is None}
+
+    def flush() -> None:  # hand out the passes whose forward ran, in the planned order, and let them go
+        while todo and id(todo[0]) in ready:
+            p = todo.popleft()
+            give(p, *ready.pop(id(p)))
+
+    flush()
+    for chunk in _chunks([p for p in todo if id(p) not in ready], spec.pass_pixels):
         sizes = [next(iter(p.inputs.values())).shape[0] for p in chunk]
         x = chunk[0].inputs if len(chunk) == 1 else {m: torch.cat([p.inputs[m] for p in chunk]) for m in chunk[0].inputs}
         with _capturing(model, removal_taps, any(captures(p) for p in chunk)) as acts:
@@ -316,16 +325,12 @@ def _run_passes(ctx: BatchContext, accs: Sequence[MetricAccumulator], removal_ta
         if outs is None:  # an output that cannot be cut by image: one forward per pass instead
             for p in chunk:
                 with _capturing(model, removal_taps, captures(p)) as one:
-                    done[id(p)] = (model(p.inputs, missing=p.missing), one)
-            continue
-        cut = {t: v.split(sizes) for t, v in acts.items()}
-        for i, p in enumerate(chunk):
-            done[id(p)] = (outs[i], {t: v[i] for t, v in cut.items()} if captures(p) else {})
-    for p in todo:
-        if p.kept == full and p.permuted is None:
-            give(p, ctx.output, ctx.acts)  # the full-input pass, already run
+                    ready[id(p)] = (model(p.inputs, missing=p.missing), one)
         else:
-            give(p, *done.pop(id(p)))
+            cut = {t: v.split(sizes) for t, v in acts.items()}
+            for i, p in enumerate(chunk):
+                ready[id(p)] = (outs[i], {t: v[i] for t, v in cut.items()} if captures(p) else {})
+        flush()
 
 
 def _capturing(model: nn.Module, taps: Sequence[str], wanted: bool) -> contextlib.AbstractContextManager:
