@@ -112,12 +112,14 @@ def main(argv: list[str] | None = None, callbacks: list[Callback] | None = None)
         raise
     final = final_evaluation(run)
     summary = summarize(run, final)
+    # The process group goes first: interpret.run under an initialised group shards the data over
+    # every process, and only process 0 writes the report.
+    cleanup_distributed()
     if info.is_main and cfg.report:
         # Interpretation (fusionzoo.interpret): CKA, semantic variance, modality contribution (mIoU,
         # or COCO AP for detectors), gradient balance, Grad-CAM of the best weights on the val split.
         files = report_run(run.run_dir, device=device)
         print(f"interpretability report: {files['report']}")
-    cleanup_distributed()
     return summary
 
 

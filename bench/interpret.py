@@ -7,6 +7,7 @@
     python bench/interpret.py --only cka_offset     # CKA error under a large shared feature offset
     python bench/interpret.py --only sv_stages --run runs/<run>   # semantic variance per stage and stream
     python bench/interpret.py --only gradcam_zero --run runs/<run>  # how many Grad-CAM maps are all zero
+    python bench/interpret.py --only cost --run runs/<run>   # interpret.run / one evaluation pass
 
 1. **Capture overhead**: forward pass of a model with no listener vs ``fz.capture(model)`` on
    every tap, interleaved in the same process (median of ``--reps`` each; ratio = with / without).
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -239,7 +241,7 @@ def bench_cka_offset(offsets: list[float]) -> None:
         print(f"| {off:g} | " + " | ".join(f"{e:.1e}" for e in errs) + " |", flush=True)
 
 
-def _model_and_data(run: str | None, samples: int):
+def _model_and_data(run: str | None, samples: int, size: tuple[int, int] = (64, 80)):
     """A trained run's best weights and validation set, or an untrained esanet_resnet18 on the
     synthetic validation split: ``(model, dataset, description)``."""
     import fusionzoo as fz
@@ -252,8 +254,8 @@ def _model_and_data(run: str | None, samples: int):
         return model, ds, f"run {Path(run).name}"
     torch.manual_seed(0)
     model = fz.create_model("esanet_resnet18", num_classes=5)
-    ds = create_dataset("synthetic_rgbd", split="val", num_samples=samples, image_size=(64, 80))
-    return model, ds, "untrained esanet_resnet18"
+    ds = create_dataset("synthetic_rgbd", split="val", num_samples=samples, image_size=tuple(size))
+    return model, ds, f"untrained esanet_resnet18 at {size[0]}x{size[1]}"
 
 
 def bench_sv_stages(run: str | None, samples: int) -> None:
@@ -347,9 +349,92 @@ def bench_report(run: str | None, samples: int) -> None:
     print(f"| total | {t_run + t_rep:.1f} |")
 
 
+COST_VARIANTS = {  # label -> interpret.run options
+    "default (zero, mean[, missing]; R=200)": {},
+    "default, one forward per pass": {"pass_pixels": None},
+    "one policy (zero), R=200": {"policies": ()},
+    "one policy (zero), R=0": {"policies": (), "replicates": 0},
+    "one policy (zero), R=0, one forward per pass": {"policies": (), "replicates": 0, "pass_pixels": None},
+}
+
+
+def bench_cost(run: str | None, samples: int, reps: int, variants: list[str] | None,
+               size: tuple[int, int] = (64, 80)) -> None:
+    """``interpret.run`` against one evaluation pass (forward + confusion matrix over the same
+    images, batch 8), alternated in this process; the ratio and the floor it is held to."""
+    import warnings
+
+    from torch.utils.data import DataLoader
+
+    from fusionzoo import interpret
+    from fusionzoo.data import collate
+    from fusionzoo.interpret.contribution import ContributionAccumulator, task_for
+    from fusionzoo.tasks import ConfusionMatrix
+
+    model, ds, what = _model_and_data(run, samples, size)
+    model.eval()
+    forwards = {"calls": 0, "images": 0}
+
+    def count(_m, args, _kw, _out) -> None:
+        forwards["calls"] += 1
+        forwards["images"] += next(iter(args[0].values())).shape[0]
+
+    model.register_forward_hook(count, with_kwargs=True)
+
+    def evaluate() -> float:
+        cm = ConfusionMatrix(model.num_classes, 255)
+        t = time.perf_counter()
+        with torch.no_grad():
+            for b in DataLoader(ds, batch_size=8, collate_fn=collate):
+                cm.update(model({m: b[m] for m in model.modalities}).argmax(1), b["mask"])
+        return time.perf_counter() - t
+
+    chosen = {k: v for k, v in COST_VARIANTS.items() if not variants or k in variants}
+    evaluate()  # warm-up
+    times: dict[str, list[float]] = {"eval": []}
+    counts: dict[str, dict] = {}
+    policies: dict[str, list[str]] = {}
+    for _ in range(reps):
+        for label, kw in chosen.items():
+            times["eval"].append(evaluate())
+            forwards.update(calls=0, images=0)
+            t = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                res = interpret.run(model, ds, batch_size=8, **kw)
+            times.setdefault(label, []).append(time.perf_counter() - t)
+            counts[label], policies[label] = dict(forwards), res.settings["policies"]
+            times.setdefault(label + " :compute", []).append(res.timings["compute_s"])
+    ev = statistics.median(times["eval"])
+    acc = ContributionAccumulator(task_for(model), model.modalities, model.num_classes)
+    n_coal = len(acc.subsets)
+    print(f"\n## Interpretation cost, {what} ({model.config.get('name')}), {len(ds)} images, batch 8, CPU, "
+          f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f}\n")
+    print(f"One evaluation pass (forward + confusion matrix): median {ev:.2f} s of {len(times['eval'])}.\n")
+    print("| interpret.run | policies | wall (s) | of it compute (s) | forward images / eval images | ratio to eval "
+          "| coalitions C (distinct coalition passes) | limit 1.3 (C + 1) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    batches = -(-len(ds) // 8)
+    for label in chosen:
+        wall = statistics.median(times[label])
+        comp = statistics.median(times[label + " :compute"])
+        pol = policies[label]
+        # distinct coalition passes per batch: 2^M under the first policy, 2^M - 1 more per further
+        # one (the full input is shared), 2^M - 2 for missing (its empty coalition is zero's)
+        c = n_coal + sum(n_coal - (2 if p == "missing" else 1) for p in pol[1:])
+        fwd = counts[label]["images"] / len(ds)
+        print(f"| {label} | {', '.join(pol)} | {wall:.1f} | {comp:.1f} | {fwd:.1f} ({counts[label]['calls'] / batches:.1f} "
+              f"forwards a batch) | {wall / ev:.1f} | {c} | {1.3 * (c + 1):.1f} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("capture", "cka", "report", "cka_offset", "sv_stages", "gradcam_zero"), action="append")
+    p.add_argument("--only", choices=("capture", "cka", "report", "cka_offset", "sv_stages", "gradcam_zero", "cost"),
+                   action="append")
+    p.add_argument("--image-size", type=int, nargs=2, default=(64, 80),
+                   help="cost without --run: input size of the synthetic images (a published entry's: 480 640)")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="cost: only these interpret.run variants (their labels, as the table prints them)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = stable timings on shared CPUs)")
     p.add_argument("--models", nargs="+", default=["esanet_resnet18", "cmx_resnet18", "late_mean_resnet18",
                                                    "early_concat_resnet18"])
@@ -381,6 +466,8 @@ def main() -> None:
         bench_cka_offset(args.offsets)
     if "sv_stages" in sections:
         bench_sv_stages(args.run, args.samples)
+    if "cost" in sections:
+        bench_cost(args.run, args.samples, args.reps if args.reps != 15 else 1, args.variants, tuple(args.image_size))
     if "gradcam_zero" in sections:
         bench_gradcam_zero(args.run, args.samples, args.gradcam_images)
 

@@ -25,15 +25,33 @@ class Counting(nn.Module):
         self.taps.declare("fused.stage1", 2, 1)
         self.taps.declare("head.logits", 2, 1, "logits")
         self.calls: list[tuple[str, ...]] = []
+        self.images = 0  # images forwarded, over every call
 
     def tap_info(self):
         return self.taps.info()
 
     def forward(self, inputs, missing=()):
         self.calls.append(tuple(missing))
-        r = self.taps("rgb.stage1", inputs["rgb"][:, :2])
-        d = self.taps("depth.stage1", inputs["depth"].expand(-1, 2, -1, -1))
+        x = next(iter(inputs.values()))
+        self.images += x.shape[0]
+        # a removed modality (missing=) reads as zeros and doubles the RGB stream, so the "missing" policy
+        # differs from zero filling
+        rgb = inputs["rgb"] if "rgb" in inputs else x.new_zeros(x.shape[0], 3, *x.shape[2:])
+        depth = inputs["depth"] if "depth" in inputs else x.new_zeros(x.shape[0], 1, *x.shape[2:])
+        r = self.taps("rgb.stage1", rgb[:, :2] * (2.0 if missing else 1.0))
+        d = self.taps("depth.stage1", depth.expand(-1, 2, -1, -1))
         return self.taps("head.logits", self.taps("fused.stage1", r + d))
+
+
+def _flat(tree, path=""):
+    """Every number of a JSON tree by path (None as nan); strings left out."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{path}.{key}").items()}
+    if isinstance(tree, list):
+        return {k: v for i, sub in enumerate(tree) for k, v in _flat(sub, f"{path}.{i}").items()}
+    if tree is None or (isinstance(tree, (int, float)) and not isinstance(tree, bool)):
+        return {path: float("nan") if tree is None else float(tree)}
+    return {}
 
 
 @pytest.fixture()
@@ -52,10 +70,37 @@ def batch():
 ])
 def test_one_forward_per_batch_plus_the_planned_passes(batch, metrics, forwards):
     model = Counting()
-    res = interpret.run(model, [batch], metrics=metrics, samples_per_image=4, policies=())  # the main policy only
-    assert len(model.calls) == forwards
+    res = interpret.run(model, [batch], metrics=metrics, samples_per_image=4, policies=(),  # the main policy only
+                        pass_pixels=None)  # one forward per pass
+    assert len(model.calls) == forwards and model.images == 4 * forwards
     for name in metrics:
         assert getattr(res, name) is not None, name
+    # batched (the default): the removal passes run as one forward of their concatenated inputs
+    batched = Counting()
+    again = interpret.run(batched, [batch], metrics=metrics, samples_per_image=4, policies=())
+    assert batched.images == 4 * forwards
+    assert len(batched.calls) == min(forwards, 2)
+    for name in metrics:
+        assert _flat(again.to_json()[name]) == pytest.approx(_flat(res.to_json()[name]), rel=1e-6, abs=1e-9,
+                                                             nan_ok=True)
+
+
+def test_batched_passes_keep_the_numbers_and_the_pixel_budget(batch):
+    """Coalitions under two policies and the permutations in forwards of at most ``pass_pixels``
+    input pixels (two 4-image 8x8 passes each here), with the numbers of one forward per pass; the
+    ``missing`` passes (other ``missing=`` arguments) never share a forward with the others."""
+    metrics = ["contribution", "reliance"]
+    kw = {"metrics": metrics, "samples_per_image": 4, "policies": ("mean", "missing")}
+    one, batched = Counting(), Counting()
+    ref = interpret.run(one, [batch], pass_pixels=None, **kw)
+    res = interpret.run(batched, [batch], pass_pixels=2 * 4 * 8 * 8, **kw)
+    assert batched.images == one.images
+    assert len(batched.calls) < len(one.calls)
+    assert sorted(set(batched.calls)) == sorted(set(one.calls))  # missing=() and missing=(m,) kept apart
+    for name in metrics:
+        assert _flat(res.to_json()[name]) == pytest.approx(_flat(ref.to_json()[name]), rel=1e-6, abs=1e-9,
+                                                           nan_ok=True)
+    assert res.intervals.keys() == ref.intervals.keys()
 
 
 def test_reliance_is_the_same_with_or_without_contribution(batch):

@@ -158,7 +158,12 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
         sp.add_argument("--no-progress", action="store_true")
 
-    it = sub.add_parser("interpret", help="interpret one model: metrics.json, PNG plots, report.html")
+    it = sub.add_parser("interpret", help="interpret one model: metrics.json, PNG plots, report.html",
+                        description="Interpret one model: metrics.json, PNG plots, report.html. Under torchrun "
+                                    "(torchrun --nproc-per-node N -m fusionzoo.cli interpret RUN --out DIR; also "
+                                    "compare) each process interprets every N-th batch, on cuda:LOCAL_RANK or the "
+                                    "CPU (gloo), the results are summed over processes (the numbers of one "
+                                    "process) and process 0 writes the report.")
     it.add_argument("target", help="run folder, save_pretrained folder, or registered model name")
     it.add_argument("--out", required=True, help="output folder")
     it.add_argument("--reference", action="append", default=None, metavar="[MODS=]RUN",

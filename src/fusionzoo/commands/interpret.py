@@ -11,6 +11,10 @@ report's findings) says so. Data the model cannot take (other modalities, anothe
 is refused in one line before any batch runs. ``compare`` refuses runs of different tasks,
 class sets or modalities (a single-modality run of a subset is a unimodal reference), groups
 seeds of one recipe (mean +- spread) and prints those tables after the comparison's.
+
+Both run under torchrun (``torchrun --nproc-per-node N -m fusionzoo.cli interpret RUN``): every
+process interprets its share of the batches, the accumulators are summed over processes
+(:func:`fusionzoo.interpret.run` under a process group), and process 0 writes the report.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from torch.utils.data import Dataset
 from .._registry import create_model, model_entry
 from ..data import create_dataset, dataset_entry
 from ..data.transforms import eval_transforms
+from ..engine.distributed import cleanup_distributed, init_distributed, is_main_process
 from ..hub import from_pretrained
 from ..interpret import METRICS, InterpretResult, load_result
 from ..interpret import run as interpret_model
@@ -195,12 +200,15 @@ def _check_model_name(target: str) -> None:
 
 
 def _setup(args: argparse.Namespace) -> torch.device:
-    """Apply ``--threads`` and pick ``--device`` (default: cuda when available)."""
+    """Apply ``--threads``, pick ``--device`` (default: cuda when available) and, under torchrun,
+    join the process group (each process takes ``cuda:LOCAL_RANK`` on GPUs, gloo on CPUs)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device:
-        return torch.device(args.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        _, device = init_distributed(args.device or "auto")
+    except RuntimeError as e:  # CUDA asked for but absent: the user's flag
+        raise UsageError(f"--device: {e}") from None
+    return device
 
 
 def _measure(target: str, args: argparse.Namespace, device: torch.device,
@@ -256,27 +264,38 @@ def _interpret_one(target: str, args: argparse.Namespace, out: Path, device: tor
     refs = [e for spec in (getattr(args, "reference", None) or []) for e in _reference(spec, result, args, device)]
     if refs:
         result.settings["references"] = refs
-    files = write_report(result, out)
-    print(f"{label}: wrote {files['report']} ({len(files)} files)")
+    if is_main_process():  # under torchrun every process holds the same result; one writes it
+        files = write_report(result, out)
+        print(f"{label}: wrote {files['report']} ({len(files)} files)")
     return result
 
 
 def run(args: argparse.Namespace) -> int:
     """``fusionzoo interpret``: metrics.json, PNG plots and report.html of one target."""
-    _interpret_one(args.target, args, Path(args.out), _setup(args))
+    try:
+        _interpret_one(args.target, args, Path(args.out), _setup(args))
+    finally:
+        cleanup_distributed()
     return 0
 
 
 def run_compare(args: argparse.Namespace) -> int:
     """``fusionzoo compare``: interpret (or reuse) every target, then lay them side by side."""
-    device = _setup(args)
+    try:
+        return _compare(args, _setup(args))
+    finally:
+        cleanup_distributed()
+
+
+def _compare(args: argparse.Namespace, device: torch.device) -> int:
     out = Path(args.out)
     results = []
     for i, target in enumerate(args.targets):
         p = Path(target)
         if p.is_dir() and (p / "metrics.json").is_file() and not (p / "best").is_dir():
             results.append(load_result(p))
-            print(f"{target}: reusing {p / 'metrics.json'}")
+            if is_main_process():
+                print(f"{target}: reusing {p / 'metrics.json'}")
         else:
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in (p.name or target))
             results.append(_interpret_one(target, args, out / f"{i:02d}_{safe}", device))
@@ -284,6 +303,8 @@ def run_compare(args: argparse.Namespace) -> int:
             check_comparable(args.targets[:len(results)], results)
         except IncomparableError as e:
             raise UsageError(f"compare: {e}") from None
+    if not is_main_process():
+        return 0
     files = write_comparison(results, out)
     print(files["markdown"].read_text())
     labels = labels_of(results)

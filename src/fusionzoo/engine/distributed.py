@@ -21,8 +21,10 @@ __all__ = [
     "DistInfo",
     "EpochSampler",
     "SeededDataset",
+    "all_gather_objects",
     "all_reduce_mean",
     "all_reduce_step",
+    "all_reduce_sum_",
     "auto_threads",
     "barrier",
     "broadcast_object",
@@ -147,6 +149,53 @@ def all_reduce_step(loss: torch.Tensor, flag: bool, device: torch.device) -> tup
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     total, flags = t.tolist()
     return total / dist.get_world_size(), flags > 0
+
+
+def _reduce_device() -> torch.device:
+    """Where collectives run: this rank's GPU under NCCL, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum_(tensors: list[torch.Tensor], what: str = "state") -> None:
+    """Sum each tensor over ranks, in place (nothing in a single process).
+
+    Every rank must pass the same list: the same number of tensors with the same shapes and
+    dtypes, in the same order. That is checked first (one small collective), so a mismatch
+    raises on every rank, naming ``what``, instead of hanging in a collective.
+
+    Args:
+        tensors: float64 / int64 sums over this rank's share of the data.
+        what: what they are, for the error message.
+
+    Raises:
+        RuntimeError: the ranks hold different lists.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    dev = _reduce_device()
+    sig = torch.tensor([len(tensors), sum(t.numel() for t in tensors)], dtype=torch.float64, device=dev)
+    lo, hi = sig.clone(), sig.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        raise RuntimeError(f"{what}: the ranks hold different accumulator states (tensors, numbers: "
+                           f"{lo.tolist()} to {hi.tolist()}); every rank must see at least one batch")
+    for t in tensors:
+        buf = t if t.device == dev else t.to(dev)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        if buf is not t:
+            t.copy_(buf)
+
+
+def all_gather_objects(obj: object) -> list[object]:
+    """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

@@ -22,10 +22,12 @@ evaluator (the contribution metric: mIoU, or COCO AP for detectors) and its defa
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from tqdm.auto import tqdm
 from .._json import to_json
 from .._registry import model_entry
 from ..data import collate
+from ..engine.distributed import DistInfo, all_reduce_sum_, broadcast_object, dist_info
 from ..taps import capture
 from .accumulators import ACCUMULATORS, BatchContext, MetricAccumulator, Pass, RunSpec
 from .contribution import (
@@ -50,8 +53,10 @@ from .contribution import (
 from .intervals import DEFAULT_LEVEL, DEFAULT_REPLICATES, interval_paths, poisson_weights
 from .plan import model_name, plan_taps
 
-__all__ = ["METRICS", "ROW_RULES", "InterpretResult", "load_result", "run"]
+__all__ = ["METRICS", "PASS_PIXELS", "ROW_RULES", "InterpretResult", "load_result", "run"]
 
+# input pixels of one batched forward of removal passes (run's pass_pixels)
+PASS_PIXELS = 1 << 22
 METRICS = ("cka", "semantic_variance", "health", "contribution", "reliance", "gradcam", "gates", "purification")
 ROW_RULES = ("sample", "pool", "object")
 
@@ -251,32 +256,145 @@ def _own_removal_passes(ctx: BatchContext) -> Iterable[Pass]:
         yield Pass(full - {m}, x, tuple(miss))
 
 
+def _split(output: Any, sizes: Sequence[int]) -> list[Any] | None:
+    """One batched forward's output cut back into its passes (along the batch: a tensor
+    ``(sum sizes, ...)``, or a list with one entry per image, as detectors return); None for an
+    output of another shape."""
+    if isinstance(output, torch.Tensor):
+        return list(output.split(list(sizes)))
+    if isinstance(output, list) and len(output) == sum(sizes):
+        ends = list(itertools.accumulate(sizes))
+        return [output[e - n:e] for n, e in zip(sizes, ends)]
+    return None
+
+
+def _chunks(passes: Sequence[Pass], pixels: int | None) -> list[list[Pass]]:
+    """Consecutive passes that one forward can run together: the same ``missing`` modalities
+    and input shapes, at most ``pixels`` input pixels (batch x height x width) in all; always at
+    least one pass."""
+    out: list[list[Pass]] = []
+    size = 0
+    for p in passes:
+        x = next(iter(p.inputs.values()))
+        n = x.shape[0] * x.shape[-2] * x.shape[-1]
+        last = out[-1] if out else None
+        if (last is not None and pixels and size + n <= pixels and last[0].missing == p.missing
+                and all(last[0].inputs[m].shape[1:] == v.shape[1:] for m, v in p.inputs.items())):
+            last.append(p)
+            size += n
+        else:
+            out.append([p])
+            size = n
+    return out
+
+
 def _run_passes(ctx: BatchContext, accs: Sequence[MetricAccumulator], removal_taps: list[str]) -> None:
-    """The removal passes of one batch, each given to every accumulator."""
-    model, full = ctx.spec.model, frozenset(ctx.spec.modalities)
+    """The removal passes of one batch, each given to every accumulator (in the planned order).
+
+    Passes that differ only in their inputs run as one forward of their concatenated batches
+    (``spec.pass_pixels`` input pixels at most; batch-norm layers are in eval mode, so an
+    image's output does not depend on the others in its batch), and the full-input pass reuses
+    the forward that captured the taps. Passes with one modality removed capture the removal taps.
+    """
+    spec = ctx.spec
+    model, full = spec.model, frozenset(spec.modalities)
     planner = next((a for a in accs if a.needs.coalitions), None)
     passes = planner.passes(ctx) if planner is not None else None
     if passes is None:
         passes = _own_removal_passes(ctx) if removal_taps else ()
-    for p in passes:
-        acts: Mapping[str, torch.Tensor] = {}
-        if p.kept == full and p.permuted is None:
-            output, acts = ctx.output, ctx.acts  # the full-input pass, already run
-        elif removal_taps and p.shared and p.permuted is None and len(full - p.kept) == 1:
-            with capture(model, *removal_taps) as acts:
-                output = model(p.inputs, missing=p.missing)
-        else:
-            output = model(p.inputs, missing=p.missing)
+
+    def captures(p: Pass) -> bool:
+        return bool(removal_taps) and p.shared and p.permuted is None and len(full - p.kept) == 1
+
+    def give(p: Pass, output: Any, acts: Mapping[str, torch.Tensor]) -> None:
         for a in (accs if p.shared else [planner]):
             a.update_pass(ctx, p, output, acts)
 
+    todo = deque(passes)  # a generator: its bookkeeping (the permuted passes' reference) runs here
+    # pass -> (output, removal taps); the full-input pass is the forward that captured the taps
+    ready = {id(p): (ctx.output, ctx.acts) for p in todo if p.kept == full and p.permuted is None}
 
-def _stream(spec: RunSpec, accs: Sequence[MetricAccumulator], batches: Iterable[Mapping[str, Any]],
-            max_batches: int | None, progress: bool) -> tuple[int, dict[str, Any]]:
+    def flush() -> None:  # hand out the passes whose forward ran, in the planned order, and let them go
+        while todo and id(todo[0]) in ready:
+            p = todo.popleft()
+            give(p, *ready.pop(id(p)))
+
+    flush()
+    for chunk in _chunks([p for p in todo if id(p) not in ready], spec.pass_pixels):
+        sizes = [next(iter(p.inputs.values())).shape[0] for p in chunk]
+        x = chunk[0].inputs if len(chunk) == 1 else {m: torch.cat([p.inputs[m] for p in chunk]) for m in chunk[0].inputs}
+        with _capturing(model, removal_taps, any(captures(p) for p in chunk)) as acts:
+            output = model(x, missing=chunk[0].missing)
+        outs = [output] if len(chunk) == 1 else _split(output, sizes)
+        if outs is None:  # an output that cannot be cut by image: one forward per pass instead
+            for p in chunk:
+                with _capturing(model, removal_taps, captures(p)) as one:
+                    ready[id(p)] = (model(p.inputs, missing=p.missing), one)
+        else:
+            cut = {t: v.split(sizes) for t, v in acts.items()}
+            for i, p in enumerate(chunk):
+                ready[id(p)] = (outs[i], {t: v[i] for t, v in cut.items()} if captures(p) else {})
+        flush()
+
+
+def _capturing(model: nn.Module, taps: Sequence[str], wanted: bool) -> contextlib.AbstractContextManager:
+    """:func:`capture` of ``taps`` when ``wanted``, else an empty dict."""
+    return capture(model, *taps) if wanted and taps else contextlib.nullcontext({})
+
+
+def _batch_size_of(batch: Mapping[str, Any], modalities: Sequence[str]) -> int:
+    x = next((batch[m] for m in modalities if m in batch), None)
+    if x is None:
+        raise KeyError(f"a batch lacks every modality of the model {list(modalities)}; it has {list(batch)}")
+    return int(x.shape[0])
+
+
+def _shard(data: Any, batches: Iterable[Mapping[str, Any]], batch_size: int, num_workers: int,
+           max_batches: int | None, modalities: Sequence[str], info: DistInfo
+           ) -> Iterator[tuple[int, int, int, Mapping[str, Any] | None]]:
+    """``(batch index, global index of its first image, its size, the batch or None)`` for every
+    batch of the run: None for a batch that another process runs (batch ``b`` runs in process
+    ``b mod W``). A map-style dataset is read only where it runs; other data (a DataLoader, an
+    iterable of batches) is read by every process and the others' batches are passed over."""
+    rank, world = info.rank, info.world_size
+    if world > 1 and isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        n = len(data)  # type: ignore[arg-type]
+        count = -(-n // batch_size) if max_batches is None else min(-(-n // batch_size), max_batches)
+        own = [list(range(b * batch_size, min(n, (b + 1) * batch_size))) for b in range(rank, count, world)]
+        loaded = iter(DataLoader(data, batch_sampler=own, num_workers=num_workers, collate_fn=collate))
+        for b in range(count):
+            size = min(n, (b + 1) * batch_size) - b * batch_size
+            yield b, b * batch_size, size, next(loaded) if b % world == rank else None
+        return
+    first = 0
+    for b, batch in enumerate(batches):
+        if max_batches is not None and b >= max_batches:
+            break
+        size = _batch_size_of(batch, modalities)
+        yield b, first, size, batch if b % world == rank else None
+        first += size
+
+
+def _hand_over(accs: Sequence[MetricAccumulator], info: DistInfo) -> None:
+    """The first batch's choices (shifts of the streamed moments, the label source, the policies
+    kept), from process 0, which ran it, to every other process, before they update."""
+    if not info.distributed:
+        return
+    shared = broadcast_object({a.name: a.shared() for a in accs} if info.is_main else None)
+    if not info.is_main:
+        for a in accs:
+            a.adopt(shared[a.name])
+
+
+def _stream(spec: RunSpec, accs: Sequence[MetricAccumulator], data: Any, batches: Iterable[Mapping[str, Any]],
+            batch_size: int, num_workers: int, max_batches: int | None, progress: bool
+            ) -> tuple[int, dict[str, Any]]:
     """The one pass over the data: per batch the full-input forward (capturing the taps the
-    accumulators need), their updates, then the removal passes. Returns ``(images seen, the
-    first batch's display artifacts)``."""
+    accumulators need), their updates, then the removal passes. Under a process group each
+    process runs its share of the batches (:func:`_shard`) and the accumulators are summed over
+    processes at the end. Returns ``(images seen, the first batch's display artifacts)``."""
     model, mods = spec.model, spec.modalities
+    info = dist_info()
     full_taps, removal_taps = _union(accs, "taps", spec.info), _union(accs, "removal_taps", spec.info)
     total = None
     try:
@@ -285,14 +403,21 @@ def _stream(spec: RunSpec, accs: Sequence[MetricAccumulator], batches: Iterable[
         pass
     if max_batches is not None and total is not None:
         total = min(total, max_batches)
-    num_images, artifacts = 0, {}
+    num_images, artifacts, handed = 0, {}, not info.distributed
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for bi, batch in enumerate(tqdm(batches, total=total, disable=not progress, desc="interpret")):
-                if max_batches is not None and bi >= max_batches:
-                    break
+            for bi, first, size, batch in tqdm(_shard(data, batches, batch_size, num_workers, max_batches, mods, info),
+                                               total=total, disable=not progress or not info.is_main,
+                                               desc="interpret"):
+                if batch is None:
+                    for a in accs:
+                        a.skip(bi, first, size)
+                    continue
+                if not handed and not info.is_main:
+                    _hand_over(accs, info)
+                    handed = True
                 missing_keys = [m for m in mods if m not in batch]
                 if missing_keys:
                     raise KeyError(f"batch {bi} lacks modalities {missing_keys}; the model takes {mods}, "
@@ -303,9 +428,9 @@ def _stream(spec: RunSpec, accs: Sequence[MetricAccumulator], batches: Iterable[
                     spec, bi, batch, {m: batch[m].to(spec.device) for m in mods},
                     mask.to(spec.device) if mask is not None else None,
                     task.targets(batch, spec.device) if task.target_key in batch else None)
-                ctx.first_image = num_images
+                ctx.first_image = first
                 if spec.replicates:
-                    ctx.weights = poisson_weights(spec.seed, range(num_images, num_images + ctx.batch_size),
+                    ctx.weights = poisson_weights(spec.seed, range(first, first + ctx.batch_size),
                                                   spec.replicates, spec.device)
                 num_images += ctx.batch_size
                 with capture(model, *full_taps) if full_taps else contextlib.nullcontext({}) as acts:
@@ -316,8 +441,19 @@ def _stream(spec: RunSpec, accs: Sequence[MetricAccumulator], batches: Iterable[
                 if bi == 0:
                     artifacts.update(_first_batch_artifacts(ctx))
                 _run_passes(ctx, accs, removal_taps)
+                if not handed:  # process 0, after the first batch
+                    _hand_over(accs, info)
+                    handed = True
+        if not handed:  # a process that ran no batch still answers the hand-over
+            _hand_over(accs, info)
     finally:
         model.train(was_training)
+    if info.distributed:
+        images = torch.tensor([float(num_images)], dtype=torch.float64)
+        all_reduce_sum_([images], "image count")
+        num_images = int(images)
+        for a in accs:
+            a.reduce()
     return num_images, artifacts
 
 
@@ -424,6 +560,7 @@ def run(
     level: float = DEFAULT_LEVEL,
     policies: Sequence[str] | None = None,
     num_workers: int = 0,
+    pass_pixels: int | None = PASS_PIXELS,
     progress: bool = False,
 ) -> InterpretResult:
     """Measure a model's interpretability metrics over a dataset in one streaming pass.
@@ -487,6 +624,12 @@ def run(
             when not); ``()``: ``policy`` alone. ``"mean"`` without ``stats`` measures them
             exactly by a pre-pass over the inputs (``settings["stats"]``).
         num_workers: DataLoader workers when ``data`` is a dataset.
+        pass_pixels: the removal passes of a batch (coalitions under every policy, permutations)
+            run as few forwards of their concatenated inputs, each of at most this many input
+            pixels (batch x height x width; default ``PASS_PIXELS`` = 2^22, a batch of 8 at
+            480x640 with its 5 to 10 passes in 4 to 8 forwards, every pass of a 64x80 batch in one).
+            Outputs equal the one-pass-a-forward ones up to float rounding (batch-norm layers are in
+            eval mode). ``None`` or 0: one forward per pass.
         progress: show a progress bar.
 
     Returns:
@@ -508,16 +651,21 @@ def run(
     batches = _as_batches(data, batch_size, num_workers)
     if "contribution" not in metrics:
         policies = ()
+    if dist_info().distributed and "noise" in (policy, empty_policy, *policies):
+        raise ValueError("the 'noise' removal policy draws its replacements from one random stream over the batches, "
+                         "which processes sharing the data cannot keep in step; use policy / policies / empty_policy "
+                         "'zero' or 'mean' under a process group, or run in one process")
     stats, stats_note, policies = _mean_stats(batches, model, policy, policies, policies_auto, stats, max_batches)
     spec = _run_spec(model, data, taps, class_names, ignore_index, rows, samples_per_image=samples_per_image,
                      sv_labels=sv_labels, sv_stride=sv_stride, policy=policy, empty_policy=empty_policy, stats=stats,
                      perceptual=perceptual, gradcam_images=gradcam_images, purity=purity, seed=seed,
-                     replicates=int(replicates), level=float(level), policies=policies, policies_auto=policies_auto)
+                     replicates=int(replicates), level=float(level), policies=policies, policies_auto=policies_auto,
+                     pass_pixels=pass_pixels)
     accs = [ACCUMULATORS[name](spec) for name in METRICS if name in metrics]
     mods = spec.modalities
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    num_images, artifacts = _stream(spec, accs, batches, max_batches, progress)
+    num_images, artifacts = _stream(spec, accs, data, batches, batch_size, num_workers, max_batches, progress)
     timings["pass_s"] = time.perf_counter() - t0
     if num_images == 0:
         raise ValueError("the data yielded no batches")
@@ -528,6 +676,7 @@ def run(
         "metrics": metrics, "taps": taps, "rows": spec.rows, "samples_per_image": samples_per_image,
         "policy": policy, "empty_policy": empty_policy, "stats": stats_note, "purity": purity, "sv_stride": sv_stride,
         "seed": seed, "ignore_index": ignore_index, "task": spec.task.name, "sv_labels": None,
+        "pass_pixels": pass_pixels,
         "cka_estimator": "exact streaming linear CKA (debiased; biased beside)",
         "intervals": {"method": "poisson bootstrap over images", "replicates": spec.replicates, "level": spec.level}}
     intervals: dict[str, Any] = {}
@@ -538,6 +687,13 @@ def run(
         intervals.update(interval_paths(a.name, a.intervals))
     settings["skipped"] = {a.name: a.skipped for a in accs if a.skipped is not None}
     timings["compute_s"] = time.perf_counter() - t1
+    info = dist_info()
+    if info.distributed:
+        # Grad-CAM and the display images come from the first batch: process 0 ran it
+        artifacts, gradcam = broadcast_object((artifacts, settings.get("gradcam")) if info.is_main else None)
+        if gradcam is not None:
+            settings["gradcam"] = gradcam
+        settings["processes"] = info.world_size
     return InterpretResult(
         model=model_name(model),
         fusion=_fusion_of(model_name(model)),

@@ -399,6 +399,7 @@ class StreamingCKA:
         self._cache: dict[tuple[str, str, bool], float] = {}  # HSIC values, cleared by update()
         self._rep_cache: dict[tuple[str, str], tuple[torch.Tensor, ...]] = {}  # replicate terms, same
         self._rep_weights: torch.Tensor | None = None  # the weights the replicate terms are for
+        self._preset: dict[str, torch.Tensor] = {}  # shifts fixed from outside (another process's)
 
     @property
     def names(self) -> list[str]:
@@ -412,6 +413,31 @@ class StreamingCKA:
     @property
     def num_examples(self) -> int:
         return int(next(iter(self._self.values())).n.sum()) if self._self else 0
+
+    def _grow(self, cap: int) -> None:
+        self._cap = cap
+        for st in [*self._self.values(), *self._cross.values()]:
+            for k, v in vars(st).items():
+                if k != "shift":
+                    setattr(st, k, grow_blocks(v, cap))
+
+    def shifts(self) -> dict[str, torch.Tensor]:
+        """Each tap's shift (the mean row of the first batch it saw)."""
+        return {k: st.shift for k, st in self._self.items()}
+
+    def preset_shifts(self, shifts: Mapping[str, torch.Tensor]) -> None:
+        """Shift these taps by the given rows instead of their first batch's mean (before they are
+        first seen): processes that share a dataset shift by the same rows, so their moments add
+        up to one process's (:meth:`state`)."""
+        self._preset.update({k: v.detach().to(torch.float64) for k, v in shifts.items()})
+
+    def state(self) -> list[torch.Tensor]:
+        """Every moment, all ``G`` blocks allocated: sums over rows that a sharded dataset adds
+        up across processes (with the same shifts, :meth:`preset_shifts`). Clears the caches."""
+        self._grow(self.blocks)
+        self._cache.clear()
+        self._rep_cache.clear()
+        return [v for st in [*self._self.values(), *self._cross.values()] for k, v in vars(st).items() if k != "shift"]
 
     def update(self, features: Mapping[str, torch.Tensor], blocks: torch.Tensor | None = None) -> None:
         """Add one batch of example rows.
@@ -446,11 +472,7 @@ class StreamingCKA:
                                  f"shape {tuple(blocks.shape)}")
             groups = [(int(g), (blocks == g).nonzero().flatten()) for g in blocks.unique().tolist()]
             if n_rows and int(blocks.max()) >= self._cap:
-                self._cap = min(self.blocks, max(int(blocks.max()) + 1, 2 * self._cap))
-                for st in [*self._self.values(), *self._cross.values()]:
-                    for k, v in vars(st).items():
-                        if k != "shift":
-                            setattr(st, k, grow_blocks(v, self._cap))
+                self._grow(min(self.blocks, max(int(blocks.max()) + 1, 2 * self._cap)))
         z: dict[str, torch.Tensor] = {}
         sq: dict[str, torch.Tensor] = {}
         for name in sorted(needed, key=list(rows).index):
@@ -459,7 +481,8 @@ class StreamingCKA:
             if st is None:
                 # Shift by the first batch mean: HSIC (biased and unbiased) is invariant to it and
                 # it keeps the uncentred sums from cancelling catastrophically.
-                st = self._self[name] = _SelfMoments(x.mean(0), self._cap)
+                shift = self._preset[name].to(x) if name in self._preset else x.mean(0)
+                st = self._self[name] = _SelfMoments(shift, self._cap)
             elif x.shape[1] != st.shift.numel():
                 raise ValueError(f"tap {name!r} changed width: {x.shape[1]} vs {st.shift.numel()} before")
             zz = x - st.shift.to(x.device)

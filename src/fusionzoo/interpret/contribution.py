@@ -644,6 +644,14 @@ class ContributionAccumulator:
             x[m] = inputs[m][perm]
             yield m, x
 
+    def skip(self, batch_size: int) -> None:
+        """A batch that another process runs (a sharded dataset): draw its derangements, so that
+        this process's next batch is permuted as one process would permute it. The ``noise``
+        policy's draws depend on the inputs' shapes and are not replayed: it cannot be sharded."""
+        if self.perceptual and batch_size >= 2:
+            for _ in self.modalities:
+                derangement(batch_size, self._perm_gen)
+
     def add(self, key: tuple[str, frozenset], logits: Any, mask: Any, weights: torch.Tensor | None = None) -> None:
         """Add the output of one coalition pass (``key`` from :meth:`coalitions`; segmentation:
         logits ``(B, K, H, W)``), the batch's target (segmentation: mask ``(B, H, W)``) and,

@@ -74,6 +74,17 @@ class EffectiveRank:
         self._shift: torch.Tensor | None = None
         self._s: torch.Tensor | None = None
         self._g: torch.Tensor | None = None
+        self._preset: torch.Tensor | None = None  # a shift fixed from outside (another process's)
+
+    @property
+    def shift(self) -> torch.Tensor | None:
+        """The row shift (the first batch's mean when centring), None before any batch."""
+        return self._shift
+
+    def preset_shift(self, shift: torch.Tensor) -> None:
+        """Shift by ``shift`` instead of the first batch's mean (before the first batch), so that
+        processes sharing a dataset can add up their sums."""
+        self._preset = shift.detach().to(torch.float64)
 
     def update(self, features: torch.Tensor) -> None:
         """Add ``(B, C, h, w)`` features (every pixel a row) or ``(n, C)`` rows."""
@@ -81,7 +92,8 @@ class EffectiveRank:
         if self._g is None:
             # shift by the first batch mean when centring: the scatter is shift invariant and the
             # shift keeps sum x x^T from cancelling against n mu mu^T
-            self._shift = x.mean(0) if self.center else torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+            self._shift = (self._preset.to(x) if self._preset is not None else x.mean(0) if self.center
+                           else torch.zeros(x.shape[1], dtype=torch.float64, device=x.device))
             self._s = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
             self._g = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
         elif x.shape[1] != self._g.shape[0]:
@@ -90,6 +102,10 @@ class EffectiveRank:
         self.n += z.shape[0]
         self._s += z.sum(0)
         self._g += z.T @ z
+
+    def state(self) -> list[torch.Tensor]:
+        """The sums over rows (``n`` aside), which processes sharing a dataset add up."""
+        return [t for t in (self._s, self._g) if t is not None]
 
     def compute(self) -> float:
         """The effective rank of everything seen so far."""

@@ -458,13 +458,40 @@ class SemanticVariance:
         self._half_count: torch.Tensor | None = None  # (2, K) class counts of each half of the images
         self._half_sum: torch.Tensor | None = None    # (2, K, C) per-class sums of each half
         self._images = 0  # images seen: without blocks, image i is in half i mod 2
+        self._preset: torch.Tensor | None = None  # a shift fixed from outside (another process's)
 
     @staticmethod
     def state_bytes(num_classes: int, channels: int, whitened: bool = True) -> int:
         """Bytes of one block's float64 state for ``K`` classes and ``C`` channels."""
         return 8 * (num_classes * (channels + 2) + (channels * channels if whitened else 0))
 
-    def update(self, features: torch.Tensor, mask: torch.Tensor, blocks: torch.Tensor | None = None) -> None:
+    @property
+    def shift(self) -> torch.Tensor | None:
+        """The feature shift (mean cell of the first batch), None before any batch."""
+        return self._shift
+
+    def preset_shift(self, shift: torch.Tensor) -> None:
+        """Shift by ``shift`` instead of the first batch's mean (before the first batch):
+        processes that share a dataset shift alike, so their sums add up (:meth:`state`)."""
+        self._preset = shift.detach().to(torch.float64)
+
+    def _grow(self, cap: int) -> None:
+        self._cap = cap
+        self._count, self._sum, self._sqn = (grow_blocks(t, cap) for t in (self._count, self._sum, self._sqn))
+        if self._second is not None and self.whitened_blocks:
+            self._second = grow_blocks(self._second, cap)
+
+    def state(self) -> list[torch.Tensor]:
+        """Every sum, all ``G`` blocks allocated: what a sharded dataset adds up across processes
+        (with the same shift, :meth:`preset_shift`). Empty before the first batch."""
+        if self._count is None:
+            return []
+        self._grow(self.blocks)
+        return [t for t in (self._count, self._sum, self._sqn, self._chan_sq, self._second, self._half_count,
+                            self._half_sum) if t is not None]
+
+    def update(self, features: torch.Tensor, mask: torch.Tensor, blocks: torch.Tensor | None = None,
+               first_image: int | None = None) -> None:
         """Add a batch.
 
         Args:
@@ -472,6 +499,8 @@ class SemanticVariance:
             mask: ``(B, H, W)`` labels of the same images at input resolution (or, without
                 ``stride``, already at ``(h, w)``).
             blocks: ``(B,)`` block of each image, in ``[0, G)``; None: block 0.
+            first_image: index of the batch's first image in the dataset (a sharded dataset's
+                halves follow it); None: the images seen so far.
         """
         if features.dim() != 4:
             raise ValueError(f"features must be (B, C, h, w), got shape {tuple(features.shape)}")
@@ -500,13 +529,15 @@ class SemanticVariance:
         blk = blocks.repeat_interleave(per_image)  # block of each kept cell
         # half of each image (split-half whitened form): its block's parity with blocks (image i
         # of a run is in block i mod G, G even, so also i mod 2), else i mod 2 by arrival order
-        halves = blocks % 2 if self.blocks > 1 else (self._images + torch.arange(b, device=blocks.device)) % 2
+        start = self._images if first_image is None else int(first_image)
+        halves = blocks % 2 if self.blocks > 1 else (start + torch.arange(b, device=blocks.device)) % 2
         self._images += b
         half = halves.repeat_interleave(per_image)
         k = self.num_classes
         if self._shift is None:
             kw = {"dtype": torch.float64, "device": features.device}
-            self._shift = f.mean(0) if f.shape[0] else torch.zeros(c, **kw)
+            self._shift = (self._preset.to(f) if self._preset is not None else
+                           f.mean(0) if f.shape[0] else torch.zeros(c, **kw))
             self._count = torch.zeros(self._cap, k, **kw)
             self._sum = torch.zeros(self._cap, k, c, **kw)
             self._sqn = torch.zeros(self._cap, k, **kw)
@@ -517,10 +548,7 @@ class SemanticVariance:
         elif c != self._shift.numel():
             raise ValueError(f"features changed channel count: {c} vs {self._shift.numel()} before")
         if b and int(blocks.max()) >= self._cap:
-            self._cap = min(self.blocks, max(int(blocks.max()) + 1, 2 * self._cap))
-            self._count, self._sum, self._sqn = (grow_blocks(t, self._cap) for t in (self._count, self._sum, self._sqn))
-            if self._second is not None and self.whitened_blocks:
-                self._second = grow_blocks(self._second, self._cap)
+            self._grow(min(self.blocks, max(int(blocks.max()) + 1, 2 * self._cap)))
         if f.shape[0] == 0:
             return
         z = f - self._shift

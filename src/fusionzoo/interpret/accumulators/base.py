@@ -10,6 +10,14 @@
    per removed modality; passes with exactly one modality removed also capture the
    removal taps; every pass goes to :meth:`MetricAccumulator.update_pass`.
 
+Sharded over processes (``run`` under an initialised process group), each process runs the
+batches ``b`` with ``b mod W`` equal to its rank. Before any other process updates, the owner of
+the first batch hands what that batch fixed (the shifts of the streamed moments, the choices
+made on it) to the others (:meth:`MetricAccumulator.shared` / :meth:`MetricAccumulator.adopt`);
+a process calls :meth:`MetricAccumulator.skip` for each batch it does not run (to keep random
+streams in step), and after the last batch every process sums its state over processes
+(:meth:`MetricAccumulator.reduce`), so that ``compute`` gives what one process gives.
+
 After the last batch :meth:`MetricAccumulator.compute` returns the metric's section of the
 :class:`~fusionzoo.interpret.api.InterpretResult` (None: absent). An accumulator keeps its
 state bounded (streaming sums, never stored activations) and may set :attr:`skipped` (why the
@@ -75,6 +83,7 @@ class RunSpec:
         policies: further removal policies that modality contribution measures beside ``policy``.
         policies_auto: the policies were not chosen by the user: ``"missing"`` is kept only where
             the model's missing path differs from zero filling.
+        pass_pixels: input pixels of one batched forward of removal passes (None: a forward each).
     """
 
     model: nn.Module
@@ -103,6 +112,7 @@ class RunSpec:
     level: float = 0.95
     policies: tuple[str, ...] = ()
     policies_auto: bool = False
+    pass_pixels: int | None = None
 
 
 @dataclass
@@ -241,6 +251,24 @@ class MetricAccumulator(abc.ABC):
 
     def update_pass(self, batch: BatchContext, p: Pass, output: Any, acts: Mapping[str, torch.Tensor]) -> None:
         """Add one removal pass: its output and the removal taps it captured (if any)."""
+
+    # -- sharding over processes (module docstring) -------------------------------------------
+    def shared(self) -> dict[str, Any]:
+        """What the first batch of the dataset fixed (shifts, choices), for the other processes."""
+        return {}
+
+    def adopt(self, shared: Mapping[str, Any]) -> None:
+        """Take :meth:`shared` of the process that ran the first batch (before any update)."""
+
+    def skip(self, index: int, first_image: int, size: int) -> None:
+        """Batch ``index`` (``size`` images from global image ``first_image``) runs in another
+        process: keep any random stream drawn per batch in step."""
+
+    def reduce(self) -> None:
+        """Sum this process's state over the process group, in place
+        (:func:`fusionzoo.engine.distributed.all_reduce_sum_`), before :meth:`compute`."""
+        raise NotImplementedError(f"the {self.name} accumulator cannot be sharded over processes yet: it has no "
+                                  "reduce(); run it in one process")
 
     @abc.abstractmethod
     def compute(self) -> Any:

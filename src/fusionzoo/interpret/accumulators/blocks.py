@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from ...engine.distributed import all_reduce_sum_
 from ..intervals import percentile_interval
 from .base import BatchContext
 
@@ -114,6 +115,15 @@ class BlockBootstrap:
         first, b = batch.first_image, batch.weights.shape[1]
         for j in range(max(0, min(b, self.blocks - first))):
             self._weights[:, first + j] = batch.weights[:, j].detach().to("cpu", torch.float64)
+
+    def reduce(self) -> None:
+        """Sum the image count and the block weights over processes (each block's weights come
+        from the process that ran its first image)."""
+        if self.active and self._weights is None:
+            self._weights = torch.zeros(self.replicates, self.blocks, dtype=torch.float64)
+        images = torch.tensor([float(self.images)], dtype=torch.float64)
+        all_reduce_sum_([images, *([self._weights] if self._weights is not None else [])], "block weights")
+        self.images = int(images)
 
     def image_blocks(self, batch: BatchContext) -> torch.Tensor:
         """``(B,)`` block of each image of the batch."""

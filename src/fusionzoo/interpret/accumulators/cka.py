@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ...engine.distributed import all_reduce_sum_
 from ..cka import StreamingCKA
 from .base import BatchContext, MetricAccumulator, Needs, RunSpec
 from .blocks import BlockBootstrap, checked_interval, row_blocks
@@ -50,6 +51,18 @@ class CKAMetric(MetricAccumulator):
             rows = {n: batch.rows(n) for n in self.taps}
             blocks = row_blocks(batch, self.boot.image_blocks(batch), next(iter(rows.values())).shape[0])
             self.acc.update(rows, blocks if self.acc.blocks > 1 else None)
+
+    def shared(self) -> dict[str, Any]:
+        return {"shifts": self.acc.shifts() if self.acc is not None else {}}
+
+    def adopt(self, shared: Mapping[str, Any]) -> None:
+        if self.acc is not None:
+            self.acc.preset_shifts(shared["shifts"])
+
+    def reduce(self) -> None:
+        self.boot.reduce()
+        if self.acc is not None:
+            all_reduce_sum_(self.acc.state(), "CKA moments")
 
     def compute(self) -> dict[str, Any] | None:
         acc = self.acc

@@ -5,18 +5,20 @@ unimodal heads; under several removal policies in the same pass, with bootstrap 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ...engine.distributed import all_gather_objects, all_reduce_sum_
 from ...tasks import ConfusionMatrix
 from ..contribution import (
     REPLICATE_SCORES,
     ContributionAccumulator,
     WeightedConfusion,
+    WeightedDetections,
     miou_summary,
     outputs_agree,
     replicate_intervals,
@@ -25,11 +27,35 @@ from ..interaction import coalition_game, coalition_terms, game_terms
 from ..pid import REPLICATE_BUDGET, PredictionJoint
 from .base import BatchContext, MetricAccumulator, Needs, Pass, RunSpec
 
-__all__ = ["PIXEL_TASKS", "CoalitionPass", "ContributionMetric"]
+__all__ = ["PIXEL_TASKS", "CoalitionPass", "ContributionMetric", "reduce_coalition_scores"]
 
 # Tasks whose model output is per-pixel class scores (B, K, H, W): for these the contribution
 # section also carries the PID of the predictions and the unimodal heads' mIoU.
 PIXEL_TASKS = frozenset({"segmentation"})
+
+
+def reduce_coalition_scores(acc: ContributionAccumulator, stores: Iterable[Any] = (),
+                            replicates: Iterable[Any] = ()) -> list[torch.Tensor]:
+    """Reduce a :class:`ContributionAccumulator` (plus extra task evaluators ``stores`` and
+    replicate scores ``replicates``) over the process group: evaluators reduce themselves and
+    detection replicates are gathered here; returned are the tensors still to be summed (weighted
+    confusion matrices, PID counts), for one :func:`all_reduce_sum_` by the caller."""
+    sums: list[torch.Tensor] = []
+    for store in [*acc.stores.values(), *acc.perm_stores.values(), acc.perm_base, *stores]:
+        store.all_reduce()  # the task evaluator's own reduction (training's validation uses it too)
+    for rep in [*acc.reps.values(), *replicates]:
+        if isinstance(rep, WeightedConfusion):
+            sums.append(rep.matrix)
+        elif isinstance(rep, WeightedDetections):
+            parts = all_gather_objects((rep.predictions, rep.targets, rep.weights))
+            rep.predictions = [d for part in parts for d in part[0]]
+            rep.targets = [t for part in parts for t in part[1]]
+            rep.weights = [w for part in parts for w in part[2]]
+        else:
+            raise NotImplementedError(f"no reduction over processes for replicate scores {type(rep).__name__}")
+    for joint in (o for obs in acc.observers.values() for o in obs):
+        sums += [*joint.counts.values(), *joint.rep_counts.values()]
+    return sums
 
 
 @dataclass(frozen=True)
@@ -115,6 +141,24 @@ class ContributionMetric(MetricAccumulator):
             self.acc.add_permuted(p.permuted, output, batch.targets, batch.weights)
         else:
             self.acc.add(p.key, output, batch.targets, batch.weights)
+
+    def shared(self) -> dict[str, Any]:
+        return {"policies_dropped": self.settings.get("policies_dropped")}
+
+    def adopt(self, shared: Mapping[str, Any]) -> None:
+        self._probe = False  # decided on the first batch, by the process that ran it
+        for policy, why in (shared["policies_dropped"] or {}).items():
+            self.acc.drop_policy(policy)
+            self.settings.setdefault("policies_dropped", {})[policy] = why
+
+    def skip(self, index: int, first_image: int, size: int) -> None:
+        self.acc.skip(size)
+
+    def reduce(self) -> None:
+        flag = torch.tensor([float(not self.has_target)], dtype=torch.float64)
+        sums = [flag, *reduce_coalition_scores(self.acc, self.head_cms.values(), self.head_reps.values())]
+        all_reduce_sum_(sums, "contribution scores")
+        self.has_target = float(flag) == 0
 
     def _no_missing_path(self, batch: BatchContext) -> str | None:
         """Why the model has no ``missing`` path of its own (None: it has one). On two images of

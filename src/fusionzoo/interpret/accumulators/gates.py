@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import torch
+
+from ...engine.distributed import all_reduce_sum_
 from ..gradcam import gate_streams, split_gate_channels
 from .base import BatchContext, MetricAccumulator, Needs, RunSpec
 
@@ -32,6 +35,14 @@ class GatesMetric(MetricAccumulator):
                 self.artifacts.setdefault("gate_maps", {})[n] = {
                     s: v[: self.spec.gradcam_images].cpu() for s, v in split.items()}
         self.count += batch.batch_size
+
+    def reduce(self) -> None:
+        keys = [(n, s) for n, streams in self.streams.items() for s in self.sums.get(n, {})]
+        t = torch.tensor([float(self.count), *(self.sums[n][s] for n, s in keys)], dtype=torch.float64)
+        all_reduce_sum_([t], "gate sums")
+        self.count = int(t[0])
+        for (n, s), v in zip(keys, t[1:].tolist()):
+            self.sums[n][s] = v
 
     def compute(self) -> dict[str, dict[str, float]] | None:
         if not self.sums:

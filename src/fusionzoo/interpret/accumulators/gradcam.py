@@ -77,5 +77,9 @@ class GradCamMetric(MetricAccumulator):
                 self.artifacts.update(self.explain(spec.model, sub, taps, batch.output[:n]))
         self.timings["gradcam_s"] = time.perf_counter() - t0
 
+    def reduce(self) -> None:
+        """Nothing to sum: Grad-CAM explains the first batch, in the process that ran it (``run``
+        hands its maps and settings to the others)."""
+
     def compute(self) -> None:
         return None

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
+import torch
+
+from ...engine.distributed import all_reduce_sum_
 from ..health import EffectiveRank, FeatureNorm
 from .base import BatchContext, MetricAccumulator, Needs, RunSpec
 
@@ -30,6 +34,20 @@ class HealthMetric(MetricAccumulator):
             if batch.has_rows:
                 er.update(batch.rows(n))
             self.norms[n].update(batch.acts[n])
+
+    def shared(self) -> dict[str, Any]:
+        return {n: er.shift for n, er in self.eranks.items() if er.shift is not None}
+
+    def adopt(self, shared: Mapping[str, Any]) -> None:
+        for n, shift in shared.items():
+            self.eranks[n].preset_shift(shift)
+
+    def reduce(self) -> None:
+        counts = torch.tensor([[self.eranks[n].n, self.norms[n].n, self.norms[n].total] for n in self.eranks],
+                              dtype=torch.float64).reshape(-1, 3)
+        all_reduce_sum_([counts, *(t for er in self.eranks.values() for t in er.state())], "health sums")
+        for (n, er), (ne, nn, total) in zip(self.eranks.items(), counts.tolist()):
+            er.n, self.norms[n].n, self.norms[n].total = int(ne), int(nn), total
 
     def compute(self) -> dict[str, Any] | None:
         if not self.eranks:

@@ -26,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...engine.distributed import all_gather_objects, all_reduce_sum_
 from ..contribution import METRIC_KEYS, ContributionAccumulator, replicate_intervals
 from ..interaction import coalition_game, coalition_terms, game_terms
 from ..plan import stage_index
 from .base import BatchContext, MetricAccumulator, Needs, Pass, RunSpec
+from .contribution import reduce_coalition_scores
 
 __all__ = ["PurificationMetric", "gate_taps", "gates_open"]
 
@@ -162,6 +164,20 @@ class PurificationMetric(MetricAccumulator):
             opened = self.spec.model(p.inputs, missing=p.missing)
         self.acc["open"].add(key, opened, batch.targets, batch.weights)
         self.passes_seen += 1
+
+    # -- sharding over processes (base.MetricAccumulator.reduce) -------------------------------
+    def reduce(self) -> None:
+        arrays = [*self.keep.values(), *self.keep_cls.values(), *self.keep_reps.values(), *self.cls_reps.values()]
+        sums = [torch.from_numpy(a) for a in arrays]  # share memory: the sum lands in the arrays
+        sums.append(torch.tensor([float(self.passes_seen)], dtype=torch.float64))
+        for side in ("gated", "open"):
+            sums += reduce_coalition_scores(self.acc[side])
+        all_reduce_sum_(sums, "purification keep rates and coalition scores")
+        self.passes_seen = int(sums[len(arrays)])
+        # a process that saw no batch of a gate learns its granularity from the others
+        for named in all_gather_objects(self.granularity):
+            for n, g in named.items():
+                self.granularity.setdefault(n, g)
 
     # -- results ------------------------------------------------------------------------------
     def compute(self) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ...engine.distributed import all_reduce_sum_
 from ..cka import StreamingCKA
 from .base import BatchContext, MetricAccumulator, Needs, Pass, RunSpec
 from .blocks import BlockBootstrap, checked_interval, row_blocks
@@ -74,6 +75,17 @@ class RelianceMetric(MetricAccumulator):
         acc = self.accs[removed[0]]
         blocks = row_blocks(batch, self.boot.image_blocks(batch), next(iter(upd.values())).shape[0])
         acc.update(upd, blocks if acc.blocks > 1 else None)
+
+    def shared(self) -> dict[str, Any]:
+        return {m: acc.shifts() for m, acc in self.accs.items()}
+
+    def adopt(self, shared: Mapping[str, Any]) -> None:
+        for m, acc in self.accs.items():
+            acc.preset_shifts(shared[m])
+
+    def reduce(self) -> None:
+        self.boot.reduce()
+        all_reduce_sum_([t for acc in self.accs.values() for t in acc.state()], "reliance moments")
 
     def compute(self) -> dict[str, dict[str, float]] | None:
         if not self.accs or any(acc.num_examples < 4 for acc in self.accs.values()):

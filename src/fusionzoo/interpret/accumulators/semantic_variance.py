@@ -5,10 +5,12 @@ block-bootstrap intervals (:mod:`.blocks`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from ...engine.distributed import all_gather_objects, all_reduce_sum_
 from ..semantic_variance import WHITENED_RIDGE, SemanticVariance, box_masks
 from . import blocks as _blocks
 from .base import BatchContext, MetricAccumulator, Needs, RunSpec
@@ -35,8 +37,13 @@ class SemanticVarianceMetric(MetricAccumulator):
 
     def _start(self, batch: BatchContext) -> None:
         spec = self.spec
-        self.source = spec.sv_labels if spec.sv_labels != "auto" else (
-            "mask" if batch.mask is not None else "boxes" if batch.boxes() is not None else "none")
+        self._init(spec.sv_labels if spec.sv_labels != "auto" else (
+            "mask" if batch.mask is not None else "boxes" if batch.boxes() is not None else "none"))
+
+    def _init(self, source: str) -> None:
+        """The accumulators of label source ``source`` (decided on the first batch)."""
+        spec = self.spec
+        self.source = source
         n = spec.box_classes + 1 if self.source == "boxes" else spec.label_classes
         def state(whitened: bool) -> int:
             return sum(SemanticVariance.state_bytes(n, spec.info[t].channels, whitened) for t in spec.plan.spatial)
@@ -83,7 +90,24 @@ class SemanticVarianceMetric(MetricAccumulator):
         if labels is not None:
             blocks = self.boot.image_blocks(batch)
             for n, acc in self.accs.items():
-                acc.update(batch.acts[n], labels, blocks)
+                acc.update(batch.acts[n], labels, blocks, first_image=batch.first_image)
+
+    def shared(self) -> dict[str, Any]:
+        return {"source": self.source, "shifts": {n: acc.shift for n, acc in self.accs.items()
+                                                  if acc.shift is not None}}
+
+    def adopt(self, shared: Mapping[str, Any]) -> None:
+        if shared["source"] is not None:
+            self._init(shared["source"])
+            for n, shift in shared["shifts"].items():
+                self.accs[n].preset_shift(shift)
+
+    def reduce(self) -> None:
+        if not self.spec.plan.spatial:
+            return
+        self.skipped = next((s for s in all_gather_objects(self.skipped) if s is not None), None)
+        self.boot.reduce()
+        all_reduce_sum_([t for acc in self.accs.values() for t in acc.state()], "semantic variance sums")
 
     def compute(self) -> dict[str, Any] | None:
         if self.source == "none":
