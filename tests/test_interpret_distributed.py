@@ -70,8 +70,9 @@ def _tolerance(path: str) -> float:
 
 def test_two_process_interpret_equals_one_process(tmp_path):
     torch.manual_seed(0)
-    # ESANet's SE-add middle fusion on timm's 1.1 M-parameter test_resnet
-    model = fz.create_model("esanet", num_classes=5, encoder="test_resnet")
+    # MIM's purification gates with add fusion on timm's 1.1 M-parameter test_resnet: every
+    # accumulator of a middle-fusion model plus the gates and the purification section
+    model = fz.create_model("mim_add", num_classes=5, encoder="test_resnet")
     model.save_pretrained(tmp_path / "model")
     cli = ["interpret", str(tmp_path / "model"), *ARGS]
     threads = torch.get_num_threads()
@@ -91,7 +92,7 @@ def test_two_process_interpret_equals_one_process(tmp_path):
     b = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert b["num_images"] == a["num_images"] == 10
     assert b["settings"]["processes"] == 2
-    for key in ("cka", "semantic_variance", "health", "contribution", "reliance", "intervals"):
+    for key in ("cka", "semantic_variance", "health", "contribution", "reliance", "gates", "purification", "intervals"):
         assert a[key], key  # the section was measured (empty would compare equal trivially)
         na, nb = dict(_numbers(a[key])), dict(_numbers(b[key]))
         assert na.keys() == nb.keys(), (key, sorted(set(na) ^ set(nb))[:10])
