@@ -428,7 +428,7 @@ _HEAD_PAPERS = {
     "retinanet": "RetinaNet (Lin et al., ICCV 2017) head from torchvision",
 }
 _WBF = "weighted boxes fusion (Solovyev et al., Image and Vision Computing 2021)"
-_PROBEN = "ProbEn (Chen, Li, Kong, Ramanan, 'Multimodal Object Detection via Probabilistic Ensembling', ECCV 2022)"
+_PROBEN = "ProbEn (Chen, Shi, Ye, Mertz, Ramanan, Kong, 'Multimodal Object Detection via Probabilistic Ensembling', ECCV 2022)"
 
 for _head in HEADS:
     _hp = _HEAD_PAPERS[_head]

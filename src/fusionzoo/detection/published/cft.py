@@ -138,34 +138,18 @@ class GPT(nn.Module):
 class CFT(TwoStreamYOLOv5):
     """Two-stream YOLOv5 with a Cross-Modality Fusion Transformer after each fused stage.
 
-    Args: as :class:`~.yolov5.TwoStreamYOLOv5` (defaults: the paper's three fusion stages,
-    ``stage2..4``), plus ``gpt_kwargs`` for :class:`GPT` (heads, layers, pooled grid, dropout)
-    and ``replicate_x``: the second stream's input has one channel, repeated to the three its
-    stem takes (the authors read the thermal image as three equal channels, ``cv2.imread``), so
-    fusionzoo's 1-channel thermal loaders feed the authors' network and its released weights.
+    Args: as :class:`~.yolov5.TwoStreamYOLOv5` (``replicate_x`` among them; defaults: the paper's
+    three fusion stages, ``stage2..4``), plus ``gpt_kwargs`` for :class:`GPT` (heads, layers,
+    pooled grid, dropout).
 
     Taps: ``{m}.stage1..4`` (stream outputs before a stage's fusion), ``{m}.stage{2,3,4}.fused``
     (after the transformer's residual), ``fused.stage2..4`` (their sum: P3-P5), ``fpn.p3..p5``
     (neck outputs), ``head.p3..p5`` (raw head outputs, kind ``logits``).
     """
 
-    def __init__(self, *, gpt_kwargs: Mapping[str, Any] | None = None, replicate_x: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *, gpt_kwargs: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         self.gpt_kwargs = dict(gpt_kwargs or {})
-        self.replicate_x = replicate_x
-        if replicate_x:
-            if kwargs.get("in_chans"):
-                raise ValueError("pass replicate_x=True (a 1-channel second stream repeated to 3) or in_chans, not both")
-            super().__init__(**kwargs)
-            # the stems keep 3 input channels (the authors'); the input check now asks for 1
-            self.in_chans = {**self.in_chans, self.modalities[1]: 1}
-        else:
-            super().__init__(**kwargs)
-
-    def forward_features(self, xs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        if self.replicate_x:  # (B, 1, H, W) -> (B, 3, H, W), as the authors' loader
-            x = self.modalities[1]
-            xs = {**xs, x: xs[x].expand(-1, 3, -1, -1)}
-        return super().forward_features(xs)
+        super().__init__(**kwargs)
 
     def build_fusion(self, stage: str, channels: int) -> nn.Module:
         return GPT(channels, **self.gpt_kwargs)

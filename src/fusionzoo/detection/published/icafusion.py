@@ -265,15 +265,12 @@ class DMFF(nn.Module):
 class ICAFusion(TwoStreamYOLOv5):
     """Two-stream YOLOv5 v6.0 with a DMFF block per level producing P3, P4, P5.
 
-    Args: as :class:`~.yolov5.TwoStreamYOLOv5` (the backbone fixed to v6.0, fusion at
+    Args: as :class:`~.yolov5.TwoStreamYOLOv5` (``replicate_x`` among them; the backbone fixed to v6.0, fusion at
     ``stage2..4``), plus:
         fusion_grids: pooled token grid per level (the authors' 20x20, 16x16, 10x10, so inputs
             must be at least 320x320).
         heads, block_exp, n_layer, loops, attn_pdrop, resid_pdrop: :class:`DMFF`'s.
         loss: default ``YOLOv5LossConfig(sort_obj_iou=True)``, the authors' ``ComputeLoss``.
-        replicate_x: the second stream's input (thermal) has one channel, repeated to three before
-            its 3-channel stem: what the authors' loader does when it reads a gray thermal image as
-            RGB, so 1-channel data runs the authors' network and takes their released weights.
 
     Taps: ``{m}.stage1..4`` (each backbone's own stages, never mixed), ``{m}.stage{2,3,4}.fused``
     (a stream plus its upsampled cross-attention enhancement), ``fused.stage2..4`` (the DMFF
@@ -284,32 +281,20 @@ class ICAFusion(TwoStreamYOLOv5):
 
     def __init__(self, *, fusion_grids: Sequence[Sequence[int]] = FUSION_GRIDS, heads: int = 8, block_exp: int = 4,
                  n_layer: int = 1, loops: int = 1, attn_pdrop: float = 0.1, resid_pdrop: float = 0.1,
-                 loss: YOLOv5LossConfig = AUTHORS_LOSS, replicate_x: bool = False,
-                 **kwargs: Any) -> None:
+                 loss: YOLOv5LossConfig = AUTHORS_LOSS, **kwargs: Any) -> None:
         if len(fusion_grids) != len(NECK_STAGES) or any(len(g) != 2 or min(g) < 1 for g in fusion_grids):
             raise ValueError(f"fusion_grids: one (rows, columns) per level P3, P4, P5, each >= 1; got {fusion_grids}")
         self.fusion_grids = tuple((int(g[0]), int(g[1])) for g in fusion_grids)
         self.dmff_kwargs = {"h": heads, "block_exp": block_exp, "n_layer": n_layer, "loops": loops,
                             "attn_pdrop": attn_pdrop, "resid_pdrop": resid_pdrop}
-        if replicate_x and kwargs.get("in_chans"):
-            raise ValueError("pass replicate_x=True (a 1-channel second stream repeated to 3) or in_chans, not both")
         super().__init__(fusion_stages=NECK_STAGES, stem="conv", spp="sppf", repeats=V6_REPEATS, spp_last=True,
                          loss=loss, **kwargs)
-        self.replicate_x = replicate_x
-        if replicate_x:  # the input contract: one channel (the stem, built above, takes three)
-            self.in_chans = {**self.in_chans, self.modalities[1]: 1}
 
     @property
     def min_input_size(self) -> tuple[int, int]:
         """The smallest input ``(H, W)`` the fusion grids accept (the authors': 320 x 320)."""
         return (max(g[0] * s for g, s in zip(self.fusion_grids, STRIDES)),
                 max(g[1] * s for g, s in zip(self.fusion_grids, STRIDES)))
-
-    def forward_features(self, xs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        if self.replicate_x:
-            x = self.modalities[1]
-            xs = {**xs, x: xs[x].expand(-1, 3, -1, -1)}
-        return super().forward_features(xs)
 
     def build_fusion(self, stage: str, channels: int) -> nn.Module:
         level = NECK_STAGES.index(stage)

@@ -54,8 +54,8 @@ __all__ = [
     "Detect",
     "Focus",
     "TwoStreamYOLOv5",
-    "YOLOv5LossConfig",
     "YOLOv5Loss",
+    "YOLOv5LossConfig",
     "YOLOv5PAN",
     "YOLOv5Stream",
     "autopad",
@@ -602,6 +602,9 @@ class TwoStreamYOLOv5(DetectorMixin, FusionModel):
             multi-label, 300).
         loss: the loss gains (:class:`YOLOv5LossConfig`).
         stem, spp, repeats, spp_last: backbone variant (:class:`YOLOv5Stream`).
+        replicate_x: the second stream's input has one channel, repeated to the three its stem
+            takes (the authors read the thermal image as three equal channels, ``cv2.imread``), so
+            fusionzoo's 1-channel thermal loaders feed the authors' network and its released weights.
 
     Eval output: boxes clipped to the input, ``scores`` objectness x class probability,
     ``labels``. Training: ``{"box", "obj", "cls"}``, each times the batch size, as the authors'.
@@ -626,10 +629,13 @@ class TwoStreamYOLOv5(DetectorMixin, FusionModel):
         spp: str = "spp",
         repeats: Sequence[int] = (3, 9, 9, 3),
         spp_last: bool = False,
+        replicate_x: bool = False,
     ) -> None:
         modalities = tuple(modalities)
         if len(modalities) != 2:
             raise ValueError(f"{type(self).__name__} has exactly two streams (RGB plus one), got modalities={modalities}")
+        if replicate_x and in_chans:
+            raise ValueError("pass replicate_x=True (a 1-channel second stream repeated to 3) or in_chans, not both")
         chans = {m: 3 for m in modalities}
         chans.update(dict(in_chans or {}))
         super().__init__(modalities, num_classes, chans)
@@ -666,6 +672,9 @@ class TwoStreamYOLOv5(DetectorMixin, FusionModel):
         for level, s in zip(LEVELS, STRIDES):
             self.taps.declare(f"head.{level}", self.head.na * self.head.no, s, "logits", after_fusion=True)
         self.loss_config = loss
+        self.replicate_x = replicate_x
+        if replicate_x:  # the input check asks for one channel; the stem, built above, takes three
+            self.in_chans = {**self.in_chans, self.modalities[1]: 1}
         self.initialize_weights()
 
     fusion_feeds_streams = True  # the fused pair replaces the streams (CFT's Add2); False: it only feeds merge
@@ -693,7 +702,8 @@ class TwoStreamYOLOv5(DetectorMixin, FusionModel):
         """Checked, padded inputs -> the merged P3, P4, P5 ``(B, C_l, H/s, W/s)`` (passing the stream taps)."""
         ma, mb = self.modalities
         ea, eb = self.encoders[ma], self.encoders[mb]
-        a, b = ea.stem(xs[ma]), eb.stem(xs[mb])
+        xb = xs[mb].expand(-1, 3, -1, -1) if self.replicate_x else xs[mb]  # (B, 1, H, W) -> (B, 3, H, W)
+        a, b = ea.stem(xs[ma]), eb.stem(xb)
         merged = []
         for stage in STAGES:
             a = self.taps(f"{ma}.{stage}", getattr(ea, stage)(a))
