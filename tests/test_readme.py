@@ -1,8 +1,12 @@
-"""README starts with the two set-up commands, and CI runs the README's test command verbatim."""
+"""README starts with the two set-up commands, CI runs the README's test command verbatim, and the
+tour's listing of published detectors is the registry's."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
+
+import fusionzoo as fz
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,3 +27,11 @@ def test_ci_runs_the_readme_test_command() -> None:
     _, test = readme_commands()
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert test in ci_lines
+
+
+def test_tour_lists_the_published_detectors_the_registry_has() -> None:
+    text = (ROOT / "README.md").read_text()
+    call = 'fz.list_models(task="detection", published=True)'
+    after = text[text.index(call):].splitlines()[1:]
+    listed = "".join(line.lstrip("# ").strip() for line in after[:2])
+    assert ast.literal_eval(listed) == fz.list_models(task="detection", published=True)
