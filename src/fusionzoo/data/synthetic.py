@@ -122,6 +122,11 @@ class SyntheticConfig:
         height_range: Range of how far raised objects stand in front of the plane (metres).
         heat_range: Range of the temperature rise of warm objects (thermal in [0, 1]).
         thermal_noise: Range of thermal noise std.
+        impurity: Planted impurity (0 = off, the documented world): stripes of false signal in the
+            second modality over the visible pixels of the RGB-only class 1, this many metres
+            nearer (depth: the lift of a class-2 box face) or warmer (thermal); see
+            :meth:`SyntheticGenerator.plant_impurity`. The known answer of MIM's purification
+            gates (docs/mim.md): a gate that learns to drop it closes there and nowhere else.
     """
 
     second: str = "depth"
@@ -136,6 +141,7 @@ class SyntheticConfig:
     height_range: tuple[float, float] = (0.3, 0.9)
     heat_range: tuple[float, float] = (0.2, 0.4)
     thermal_noise: tuple[float, float] = (0.005, 0.02)
+    impurity: float = 0.0
 
     def __post_init__(self) -> None:
         if self.second not in _NAMES:
@@ -143,6 +149,8 @@ class SyntheticConfig:
         h, w = self.image_size
         if h < 16 or w < 16:
             raise ValueError(f"SyntheticConfig.image_size must be at least (16, 16), got {self.image_size}")
+        if not self.impurity >= 0:
+            raise ValueError(f"SyntheticConfig.impurity must be >= 0 (0 = off), got {self.impurity!r}")
         lo, hi = self.num_objects
         if not 0 <= lo <= hi:
             raise ValueError(
@@ -422,6 +430,9 @@ class SyntheticGenerator:
                 _put(invalid[win], 0, m)
                 self._shadow(invalid, m, y0, y1, x0, round(obj["shadow"] * shadow_scale))
 
+        if cfg.impurity > 0:
+            self.plant_impurity(second, mask, split, index)
+
         # --- sensor noise ------------------------------------------------------------------
         sigma_rgb = float(rng.uniform(*cfg.rgb_noise))
         noise = banks.crop(banks.gauss3, rng, h, w)
@@ -469,6 +480,28 @@ class SyntheticGenerator:
                 "dataset": f"synthetic_rgb{cfg.second[0]}",
             },
         }
+
+    def plant_impurity(self, second: np.ndarray, mask: np.ndarray, split: str, index: int) -> None:
+        """Add the planted impurity to ``second`` ``(H, W)`` in place: over the visible pixels of class 1
+        (``mask == 1``), stripes of random orientation, phase and period (1/8 to 1/4 of the image
+        height) that are ``impurity`` nearer (depth) or warmer (thermal) on every other band. A
+        poster then partly looks like a raised box face in depth, the cue of classes 2 and 4: false
+        signal in the modality that should carry nothing there. Its random draws come from a
+        stream of their own, so the scene is otherwise the same as without it."""
+        region = mask == 1
+        if not region.any():
+            return
+        rng = np.random.default_rng([self.seed, _split_code(split), int(index), 0x1A1])
+        h, w = mask.shape
+        theta, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+        period = rng.uniform(h / 8, h / 4)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        bands = np.sin(2 * np.pi * (xx * np.cos(theta) + yy * np.sin(theta)) / period + phase) > 0
+        lift = np.float32(self.config.impurity) * (bands & region)
+        if self.config.second == "thermal":
+            second += lift
+        else:
+            second -= lift
 
     def _class_indices(self, classes: Collection[int | str]) -> set[int]:
         names = self.config.class_names
@@ -597,6 +630,8 @@ class SyntheticDataset(Dataset):
         second: ``"depth"`` or ``"thermal"``.
         config: Full :class:`SyntheticConfig` (its ``image_size`` and ``second`` are replaced by
             the arguments above).
+        impurity: When given, replaces ``config.impurity`` (the planted impurity of MIM's known
+            answer; ``--dataset-kwargs "{impurity: 0.6}"`` in train.py).
     """
 
     ignore_index = 255
@@ -610,12 +645,15 @@ class SyntheticDataset(Dataset):
         seed: int = 0,
         second: str = "depth",
         config: SyntheticConfig | None = None,
+        impurity: float | None = None,
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         config = replace(
             config or SyntheticConfig(), image_size=tuple(int(v) for v in image_size), second=second
         )
+        if impurity is not None:
+            config = replace(config, impurity=float(impurity))
         self.config = config
         self.split = split
         self.num_samples = int(num_samples)
@@ -674,8 +712,9 @@ class SyntheticRGBD(SyntheticDataset):
         image_size: tuple[int, int] = (240, 320),
         seed: int = 0,
         config: SyntheticConfig | None = None,
+        impurity: float | None = None,
     ) -> None:
-        super().__init__(split, transforms, num_samples, image_size, seed, "depth", config)
+        super().__init__(split, transforms, num_samples, image_size, seed, "depth", config, impurity)
 
 
 @register_dataset(
@@ -698,5 +737,6 @@ class SyntheticRGBT(SyntheticDataset):
         image_size: tuple[int, int] = (240, 320),
         seed: int = 0,
         config: SyntheticConfig | None = None,
+        impurity: float | None = None,
     ) -> None:
-        super().__init__(split, transforms, num_samples, image_size, seed, "thermal", config)
+        super().__init__(split, transforms, num_samples, image_size, seed, "thermal", config, impurity)

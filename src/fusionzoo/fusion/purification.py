@@ -69,7 +69,7 @@ class HardConcrete(nn.Module):
         super().__init__()
         if not beta > 0:
             raise ValueError(f"HardConcrete: beta (temperature) must be > 0, got {beta}")
-        if not gamma < 0 < 1 <= zeta:
+        if not (gamma < 0 and zeta >= 1):
             raise ValueError(f"HardConcrete: needs gamma < 0 and zeta >= 1 (a stretch that reaches exact 0), "
                              f"got gamma={gamma}, zeta={zeta}")
         if not 0 < threshold < 1:
