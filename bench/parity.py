@@ -14,11 +14,21 @@ random labels, on logits at input size, plus on the side logits where both model
 forward + backward + optimizer step in train mode, an inference step one forward in eval mode
 under ``torch.inference_mode``. Reported: median seconds per step -> images/s, ours/theirs, and
 the median of the per-step ratios (robust to a load that drifts during the run).
+
+Two columns of ours: ``eager`` (the entry as ``fz.create_model`` builds it, float32) and
+``fastest`` (the same weights with the speed flags that ``train.py`` offers: ``--channels-last``,
+``--compile``, ``--amp bf16``). ``--fastest auto`` (the default) takes channels_last and compile
+everywhere and bf16 autocast where the device computes it natively (a CUDA GPU with bf16, or a
+CPU whose oneDNN has bf16 kernels: AVX512-BF16 / AMX; ``torch.backends.cpu.get_cpu_capability()``
+is printed); ``--fastest channels_last,bf16`` picks flags, ``--fastest off`` drops the column.
+The fastest model joins the same alternation (ours, ours fastest, theirs, ...); its compilation
+happens in the warmup steps, which are not timed (``--warmup`` >= 1 when compiling).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import statistics
 import sys
@@ -32,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusionzoo as fz
+from fusionzoo.benchmark import bf16_unsupported
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,9 +75,51 @@ def _train_step(forward: Callable[[], torch.Tensor], labels: torch.Tensor, opt: 
     for logits in (out, *sides()):
         if logits.shape[-2:] != labels.shape[-2:]:
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        loss = loss + F.cross_entropy(logits, labels, ignore_index=255)
+        loss = loss + F.cross_entropy(logits.float(), labels, ignore_index=255)  # bf16 side logits: upcast
     loss.backward()
     opt.step()
+
+
+FAST_FLAGS = ("channels_last", "compile", "bf16")
+
+
+def fast_flags(spec: str, device: torch.device) -> tuple[str, ...]:
+    """``--fastest`` -> the flags of the fastest column (``()`` = no column).
+
+    Raises:
+        ValueError: an unknown flag (names the known ones).
+    """
+    if spec == "off":
+        return ()
+    if spec == "auto":
+        return tuple(f for f in FAST_FLAGS if f != "bf16" or bf16_unsupported(device) is None)
+    flags = tuple(f.strip() for f in spec.split(",") if f.strip())
+    unknown = [f for f in flags if f not in FAST_FLAGS]
+    if unknown or not flags:
+        raise ValueError(f"--fastest {spec!r}: unknown flag(s) {unknown}; give auto, off or a comma list of {list(FAST_FLAGS)}")
+    return flags
+
+
+def fastest_variant(model: nn.Module, inputs: dict[str, torch.Tensor], flags: tuple[str, ...],
+                    device: torch.device) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
+    """``model`` prepared with ``flags`` (in place: channels_last) and its forward on ``inputs``,
+    as train.py runs it with ``--channels-last --compile --amp bf16``: the model and the inputs in
+    NHWC, the forward compiled, and run under bf16 autocast (logits returned in float32 for the
+    loss, as ``fusionzoo.losses`` upcasts them)."""
+    run = model
+    if "channels_last" in flags:
+        model.to(memory_format=torch.channels_last)
+        inputs = {m: x.contiguous(memory_format=torch.channels_last) for m, x in inputs.items()}
+    if "compile" in flags:
+        run = torch.compile(model)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if "bf16" in flags else contextlib.nullcontext
+
+    def forward() -> torch.Tensor:
+        with autocast():
+            out = run(inputs)
+        return out.float()
+
+    return model, forward
 
 
 def _timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -92,6 +145,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model and mode")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--fastest", default="auto",
+                        help="flags of the 'fastest' column of ours: auto (channels_last, compile, and bf16 where the "
+                             "device has it natively), off (no column), or a comma list of " + ", ".join(FAST_FLAGS))
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.batch < 1:
         parser.error("--steps and --batch must be >= 1, --warmup >= 0")
@@ -110,6 +166,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    try:
+        flags = fast_flags(args.fastest, device)
+    except ValueError as err:
+        parser.error(str(err))
+    if "compile" in flags and args.warmup < 1:
+        parser.error("--fastest with compile needs --warmup >= 1 (the first step compiles)")
 
     torch.manual_seed(0)
     ours = fz.create_model(name, num_classes=args.num_classes).to(device)
@@ -122,6 +184,11 @@ def main() -> None:
 
     models: dict[str, nn.Module] = {"ours": ours, "authors": theirs}
     forwards = {"ours": lambda: ours(inputs), "authors": lambda: theirs(*their_args)}
+    if flags:  # the same weights, run with the speed flags; alternates between ours and theirs
+        fast = fz.create_model(name, num_classes=args.num_classes).to(device)
+        fast.load_state_dict(ours.state_dict())
+        fast, forwards["fastest"] = fastest_variant(fast, inputs, flags, device)
+        models = {"ours": ours, "fastest": fast, "authors": theirs}
     # Side outputs that the reference's loss also uses (GeminiFusion's per-modality logits): when
     # both models expose `side_logits` (ours in training mode; the parity module's wrapper of
     # theirs), both steps add their cross-entropy, so both train the whole network.
@@ -135,6 +202,9 @@ def main() -> None:
         f"parameters ours {params['ours']:,} authors {params['authors']:,}",
         flush=True,
     )
+    if flags:
+        print(f"fastest = ours with {', '.join(flags)} (CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+              f"bf16: {bf16_unsupported(device) or 'native'})", flush=True)
 
     times: dict[tuple[str, str], list[float]] = {(k, mode): [] for k in models for mode in ("train", "infer")}
     for step in range(args.warmup + args.steps):
@@ -154,11 +224,17 @@ def main() -> None:
 
     # Two ratios: of the median speeds, and the median of per-step ratios (ours and theirs run
     # back to back, so each pair saw nearly the same load; robust when the load drifts).
-    print("\n| mode | ours img/s | authors img/s | ours / authors | median per-step ratio |\n|---|---:|---:|---:|---:|")
+    columns = [k for k in models if k != "authors"]
+    print("\n| mode | " + " | ".join(f"{k} img/s" for k in columns) + " | authors img/s | "
+          + " | ".join(f"{k} / authors | {k} median per-step ratio" for k in columns) + " |")
+    print("|---|" + "---:|" * (1 + 3 * len(columns)))
     for mode in ("train", "infer"):
         ips = {k: args.batch / statistics.median(times[(k, mode)]) for k in models}
-        paired = statistics.median(a / o for o, a in zip(times[("ours", mode)], times[("authors", mode)]))
-        print(f"| {mode} | {ips['ours']:.3f} | {ips['authors']:.3f} | {ips['ours'] / ips['authors']:.2f} | {paired:.2f} |")
+        cells = [f"{ips[k]:.3f}" for k in columns] + [f"{ips['authors']:.3f}"]
+        for k in columns:
+            paired = statistics.median(a / o for o, a in zip(times[(k, mode)], times[("authors", mode)]))
+            cells += [f"{ips[k] / ips['authors']:.2f}", f"{paired:.2f}"]
+        print(f"| {mode} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
