@@ -122,14 +122,17 @@ def fastest_variant(model: nn.Module, inputs: dict[str, torch.Tensor], flags: tu
     return model, forward
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
+def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """``(wall seconds, CPU seconds of this process)`` of one call. On a CPU shared with other
+    jobs the process's CPU time is the steadier measure: it does not count the time the
+    scheduler gives to others (with one torch thread it equals the wall time of an idle core)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> None:
@@ -207,33 +210,39 @@ def main() -> None:
               f"bf16: {bf16_unsupported(device) or 'native'})", flush=True)
 
     times: dict[tuple[str, str], list[float]] = {(k, mode): [] for k in models for mode in ("train", "infer")}
+    cpu_times: dict[tuple[str, str], list[float]] = {key: [] for key in times}
     for step in range(args.warmup + args.steps):
         for key, model in models.items():  # alternate: ours, theirs, ours, ...
             model.train()
-            dt = _timed(lambda m=key: _train_step(forwards[m], labels, opts[m], sides[m]), device)
+            dt, cpu = _timed(lambda m=key: _train_step(forwards[m], labels, opts[m], sides[m]), device)
             if step >= args.warmup:
                 times[(key, "train")].append(dt)
+                cpu_times[(key, "train")].append(cpu)
         for key, model in models.items():
             model.eval()
             with torch.inference_mode():
-                dt = _timed(forwards[key], device)
+                dt, cpu = _timed(forwards[key], device)
             if step >= args.warmup:
                 times[(key, "infer")].append(dt)
+                cpu_times[(key, "infer")].append(cpu)
         done = "warmup" if step < args.warmup else f"step {step - args.warmup + 1}/{args.steps}"
-        print(f"  {done}: " + ", ".join(f"{k} {m} {v[-1]:.2f}s" for (k, m), v in times.items() if v), flush=True)
+        print(f"  {done}: " + ", ".join(f"{k} {m} {v[-1]:.2f}s (cpu {cpu_times[(k, m)][-1]:.2f}s)"
+                                       for (k, m), v in times.items() if v), flush=True)
 
     # Two ratios: of the median speeds, and the median of per-step ratios (ours and theirs run
     # back to back, so each pair saw nearly the same load; robust when the load drifts).
     columns = [k for k in models if k != "authors"]
+    # A third: the same per-step ratio of CPU seconds (the steadier one on a shared machine).
     print("\n| mode | " + " | ".join(f"{k} img/s" for k in columns) + " | authors img/s | "
-          + " | ".join(f"{k} / authors | {k} median per-step ratio" for k in columns) + " |")
-    print("|---|" + "---:|" * (1 + 3 * len(columns)))
+          + " | ".join(f"{k} / authors | {k} median per-step ratio | {k} per-step CPU-time ratio" for k in columns) + " |")
+    print("|---|" + "---:|" * (1 + 4 * len(columns)))
     for mode in ("train", "infer"):
         ips = {k: args.batch / statistics.median(times[(k, mode)]) for k in models}
         cells = [f"{ips[k]:.3f}" for k in columns] + [f"{ips['authors']:.3f}"]
         for k in columns:
             paired = statistics.median(a / o for o, a in zip(times[(k, mode)], times[("authors", mode)]))
-            cells += [f"{ips[k] / ips['authors']:.2f}", f"{paired:.2f}"]
+            paired_cpu = statistics.median(a / o for o, a in zip(cpu_times[(k, mode)], cpu_times[("authors", mode)]))
+            cells += [f"{ips[k] / ips['authors']:.2f}", f"{paired:.2f}", f"{paired_cpu:.2f}"]
         print(f"| {mode} | " + " | ".join(cells) + " |")
 
 
