@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Our published entry against the authors' network, side by side: training and inference
-images/s, measured in one process with alternating steps (ours, theirs, ours, ...), so both see
+images/s, measured in one process with alternating steps (ours, theirs, then theirs, ours, ...), so both see
 the same machine load.
 
     python bench/parity.py --ref /path/to/RGBX_Semantic_Segmentation --method cmx --model cmx_mit_b2
@@ -21,7 +21,7 @@ Two columns of ours: ``eager`` (the entry as ``fz.create_model`` builds it, floa
 everywhere and bf16 autocast where the device computes it natively (a CUDA GPU with bf16, or a
 CPU whose oneDNN has bf16 kernels: AVX512-BF16 / AMX; ``torch.backends.cpu.get_cpu_capability()``
 is printed); ``--fastest channels_last,bf16`` picks flags, ``--fastest off`` drops the column.
-The fastest model joins the same alternation (ours, ours fastest, theirs, ...); its compilation
+The fastest model joins the same alternation (ours, fastest, theirs, then reversed); its compilation
 happens in the warmup steps, which are not timed (``--warmup`` >= 1 when compiling).
 """
 
@@ -212,13 +212,17 @@ def main() -> None:
     times: dict[tuple[str, str], list[float]] = {(k, mode): [] for k in models for mode in ("train", "infer")}
     cpu_times: dict[tuple[str, str], list[float]] = {key: [] for key in times}
     for step in range(args.warmup + args.steps):
-        for key, model in models.items():  # alternate: ours, theirs, ours, ...
+        # Alternate, and reverse the order every other step: the model that runs first after the
+        # others' step pays for the memory the process must grow into (on 2026-12-07, ACNet at
+        # 480x640: ours first, 16.7 s wall for 10.9 s CPU in its first timed step, then equal).
+        order = list(models.items())[:: -1 if step % 2 else 1]
+        for key, model in order:
             model.train()
             dt, cpu = _timed(lambda m=key: _train_step(forwards[m], labels, opts[m], sides[m]), device)
             if step >= args.warmup:
                 times[(key, "train")].append(dt)
                 cpu_times[(key, "train")].append(cpu)
-        for key, model in models.items():
+        for key, model in order:
             model.eval()
             with torch.inference_mode():
                 dt, cpu = _timed(forwards[key], device)
