@@ -13,7 +13,8 @@ random labels, on logits at input size, plus on the side logits where both model
 ``side_logits``, as GeminiFusion's loss) and the same optimizer (AdamW); a training step is
 forward + backward + optimizer step in train mode, an inference step one forward in eval mode
 under ``torch.inference_mode``. Reported: median seconds per step -> images/s, ours/theirs, and
-the median of the per-step ratios (robust to a load that drifts during the run).
+the median of the per-step ratios (robust to a load that drifts during the run), of wall time
+and of the process's CPU time (steadier on a machine shared with other jobs).
 
 Two columns of ours: ``eager`` (the entry as ``fz.create_model`` builds it, float32) and
 ``fastest`` (the same weights with the speed flags that ``train.py`` offers: ``--channels-last``,
