@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Our published entry against the authors' network, side by side: training and inference
-images/s, measured in one process with alternating steps (ours, theirs, ours, ...), so both see
+images/s, measured in one process with alternating steps (ours, theirs, then theirs, ours, ...), so both see
 the same machine load.
 
     python bench/parity.py --ref /path/to/RGBX_Semantic_Segmentation --method cmx --model cmx_mit_b2
@@ -13,17 +13,29 @@ random labels, on logits at input size, plus on the side logits where both model
 ``side_logits``, as GeminiFusion's loss) and the same optimizer (AdamW); a training step is
 forward + backward + optimizer step in train mode, an inference step one forward in eval mode
 under ``torch.inference_mode``. Reported: median seconds per step -> images/s, ours/theirs, and
-the median of the per-step ratios (robust to a load that drifts during the run).
+the median of the per-step ratios (robust to a load that drifts during the run), of wall time
+and of the process's CPU time (steadier on a machine shared with other jobs).
+
+Two columns of ours: ``eager`` (the entry as ``fz.create_model`` builds it, float32) and
+``fastest`` (the same weights with the speed flags that ``train.py`` offers: ``--channels-last``,
+``--compile``, ``--amp bf16``). ``--fastest auto`` (the default) takes channels_last and compile
+everywhere and bf16 autocast where the device computes it natively (a CUDA GPU with bf16, or a
+CPU whose oneDNN has bf16 kernels: AVX512-BF16 / AMX; ``torch.backends.cpu.get_cpu_capability()``
+is printed); ``--fastest channels_last,bf16`` picks flags, ``--fastest off`` drops the column.
+The fastest model joins the same alternation (ours, fastest, theirs, then reversed); its compilation
+happens in the warmup steps, which are not timed (``--warmup`` >= 1 when compiling).
 
 Detectors (``task="detection"``): both train on the same random boxes with their own loss, ours
 ``sum(model(inputs, targets).values())``, theirs ``reference_loss(model, output, targets)`` of the
 parity module; inference includes the box post-processing (ours in the forward, theirs through
-the module's ``reference_postprocess(output)`` when it has one).
+the module's ``reference_postprocess(output)`` when it has one); the fastest column is for segmentation
+entries (it times a forward that returns logits).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import statistics
 import sys
@@ -37,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusionzoo as fz
+from fusionzoo.benchmark import bf16_unsupported
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +82,7 @@ def _train_step(forward: Callable[[], torch.Tensor], labels: torch.Tensor, opt: 
     for logits in (out, *sides()):
         if logits.shape[-2:] != labels.shape[-2:]:
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        loss = loss + F.cross_entropy(logits, labels, ignore_index=255)
+        loss = loss + F.cross_entropy(logits.float(), labels, ignore_index=255)  # bf16 side logits: upcast
     loss.backward()
     opt.step()
 
@@ -93,14 +106,59 @@ def _detection_step(loss: Callable[[], torch.Tensor], opt: torch.optim.Optimizer
     opt.step()
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
+FAST_FLAGS = ("channels_last", "compile", "bf16")
+
+
+def fast_flags(spec: str, device: torch.device) -> tuple[str, ...]:
+    """``--fastest`` -> the flags of the fastest column (``()`` = no column).
+
+    Raises:
+        ValueError: an unknown flag (names the known ones).
+    """
+    if spec == "off":
+        return ()
+    if spec == "auto":
+        return tuple(f for f in FAST_FLAGS if f != "bf16" or bf16_unsupported(device) is None)
+    flags = tuple(f.strip() for f in spec.split(",") if f.strip())
+    unknown = [f for f in flags if f not in FAST_FLAGS]
+    if unknown or not flags:
+        raise ValueError(f"--fastest {spec!r}: unknown flag(s) {unknown}; give auto, off or a comma list of {list(FAST_FLAGS)}")
+    return flags
+
+
+def fastest_variant(model: nn.Module, inputs: dict[str, torch.Tensor], flags: tuple[str, ...],
+                    device: torch.device) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
+    """``model`` prepared with ``flags`` (in place: channels_last) and its forward on ``inputs``,
+    as train.py runs it with ``--channels-last --compile --amp bf16``: the model and the inputs in
+    NHWC, the forward compiled, and run under bf16 autocast (logits returned in float32 for the
+    loss, as ``fusionzoo.losses`` upcasts them)."""
+    run = model
+    if "channels_last" in flags:
+        model.to(memory_format=torch.channels_last)
+        inputs = {m: x.contiguous(memory_format=torch.channels_last) for m, x in inputs.items()}
+    if "compile" in flags:
+        run = torch.compile(model)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if "bf16" in flags else contextlib.nullcontext
+
+    def forward() -> torch.Tensor:
+        with autocast():
+            out = run(inputs)
+        return out.float()
+
+    return model, forward
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """``(wall seconds, CPU seconds of this process)`` of one call. On a CPU shared with other
+    jobs the process's CPU time is the steadier measure: it does not count the time the
+    scheduler gives to others (with one torch thread it equals the wall time of an idle core)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> None:
@@ -116,6 +174,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model and mode")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--fastest", default="auto",
+                        help="flags of the 'fastest' column of ours: auto (channels_last, compile, and bf16 where the "
+                             "device has it natively), off (no column), or a comma list of " + ", ".join(FAST_FLAGS))
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.batch < 1:
         parser.error("--steps and --batch must be >= 1, --warmup >= 0")
@@ -134,6 +195,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    try:
+        flags = fast_flags(args.fastest, device)
+    except ValueError as err:
+        parser.error(str(err))
+    if "compile" in flags and args.warmup < 1:
+        parser.error("--fastest with compile needs --warmup >= 1 (the first step compiles)")
 
     torch.manual_seed(0)
     ours = fz.create_model(name, num_classes=args.num_classes).to(device)
@@ -144,14 +211,23 @@ def main() -> None:
     labels = torch.randint(0, args.num_classes, (args.batch, h, w), generator=g).to(device)
     their_args = method.reference_inputs(inputs)
 
+    detection = entry.task == "detection"
+    if detection and flags:  # fastest_variant runs a segmentation forward (logits); detectors return boxes
+        print(f"note: --fastest {args.fastest} is ignored for the detector {name}: the fastest column times "
+              "segmentation entries only (pass --fastest off to silence this)", file=sys.stderr, flush=True)
+        flags = ()
     models: dict[str, nn.Module] = {"ours": ours, "authors": theirs}
     forwards = {"ours": lambda: ours(inputs), "authors": lambda: theirs(*their_args)}
+    if flags:  # the same weights, run with the speed flags; alternates between ours and theirs
+        fast = fz.create_model(name, num_classes=args.num_classes).to(device)
+        fast.load_state_dict(ours.state_dict())
+        fast, forwards["fastest"] = fastest_variant(fast, inputs, flags, device)
+        models = {"ours": ours, "fastest": fast, "authors": theirs}
     # Side outputs that the reference's loss also uses (GeminiFusion's per-modality logits): when
     # both models expose `side_logits` (ours in training mode; the parity module's wrapper of
     # theirs), both steps add their cross-entropy, so both train the whole network.
     with_sides = all(hasattr(m, "side_logits") for m in models.values())
     sides = {k: (lambda m=m: tuple(m.side_logits)) if with_sides else tuple for k, m in models.items()}
-    detection = entry.task == "detection"
     if detection:
         if not hasattr(method, "reference_loss"):
             parser.error(f"tools/parity/{args.method}.py has no reference_loss() for a detector (tools/parity/README.md)")
@@ -168,33 +244,52 @@ def main() -> None:
         f"parameters ours {params['ours']:,} authors {params['authors']:,}",
         flush=True,
     )
+    if flags:
+        print(f"fastest = ours with {', '.join(flags)} (CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+              f"bf16: {bf16_unsupported(device) or 'native'})", flush=True)
 
     times: dict[tuple[str, str], list[float]] = {(k, mode): [] for k in models for mode in ("train", "infer")}
+    cpu_times: dict[tuple[str, str], list[float]] = {key: [] for key in times}
     for step in range(args.warmup + args.steps):
-        for key, model in models.items():  # alternate: ours, theirs, ours, ...
+        # Alternate, and reverse the order every other step: the model that runs first after the
+        # others' step pays for the memory the process must grow into (on 2026-12-07, ACNet at
+        # 480x640: ours first, 16.7 s wall for 10.9 s CPU in its first timed step, then equal).
+        order = list(models.items())[:: -1 if step % 2 else 1]
+        for key, model in order:
             model.train()
             if detection:
-                dt = _timed(lambda m=key: _detection_step(losses[m], opts[m]), device)
+                dt, cpu = _timed(lambda m=key: _detection_step(losses[m], opts[m]), device)
             else:
-                dt = _timed(lambda m=key: _train_step(forwards[m], labels, opts[m], sides[m]), device)
+                dt, cpu = _timed(lambda m=key: _train_step(forwards[m], labels, opts[m], sides[m]), device)
             if step >= args.warmup:
                 times[(key, "train")].append(dt)
-        for key, model in models.items():
+                cpu_times[(key, "train")].append(cpu)
+        for key, model in order:
             model.eval()
             with torch.inference_mode():
-                dt = _timed(forwards[key], device)
+                dt, cpu = _timed(forwards[key], device)
             if step >= args.warmup:
                 times[(key, "infer")].append(dt)
+                cpu_times[(key, "infer")].append(cpu)
         done = "warmup" if step < args.warmup else f"step {step - args.warmup + 1}/{args.steps}"
-        print(f"  {done}: " + ", ".join(f"{k} {m} {v[-1]:.2f}s" for (k, m), v in times.items() if v), flush=True)
+        print(f"  {done}: " + ", ".join(f"{k} {m} {v[-1]:.2f}s (cpu {cpu_times[(k, m)][-1]:.2f}s)"
+                                       for (k, m), v in times.items() if v), flush=True)
 
     # Two ratios: of the median speeds, and the median of per-step ratios (ours and theirs run
     # back to back, so each pair saw nearly the same load; robust when the load drifts).
-    print("\n| mode | ours img/s | authors img/s | ours / authors | median per-step ratio |\n|---|---:|---:|---:|---:|")
+    columns = [k for k in models if k != "authors"]
+    # A third: the same per-step ratio of CPU seconds (the steadier one on a shared machine).
+    print("\n| mode | " + " | ".join(f"{k} img/s" for k in columns) + " | authors img/s | "
+          + " | ".join(f"{k} / authors | {k} median per-step ratio | {k} per-step CPU-time ratio" for k in columns) + " |")
+    print("|---|" + "---:|" * (1 + 4 * len(columns)))
     for mode in ("train", "infer"):
         ips = {k: args.batch / statistics.median(times[(k, mode)]) for k in models}
-        paired = statistics.median(a / o for o, a in zip(times[("ours", mode)], times[("authors", mode)]))
-        print(f"| {mode} | {ips['ours']:.3f} | {ips['authors']:.3f} | {ips['ours'] / ips['authors']:.2f} | {paired:.2f} |")
+        cells = [f"{ips[k]:.3f}" for k in columns] + [f"{ips['authors']:.3f}"]
+        for k in columns:
+            paired = statistics.median(a / o for o, a in zip(times[(k, mode)], times[("authors", mode)]))
+            paired_cpu = statistics.median(a / o for o, a in zip(cpu_times[(k, mode)], cpu_times[("authors", mode)]))
+            cells += [f"{ips[k] / ips['authors']:.2f}", f"{paired:.2f}", f"{paired_cpu:.2f}"]
+        print(f"| {mode} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -114,15 +114,16 @@ def _saved_run(tmp_path: Path, **kw) -> Path:
 def test_resume_counts_given_flags_even_at_their_default(tmp_path):
     from fusionzoo.engine.config import parse_command_line
 
-    run = _saved_run(tmp_path, epochs=2, lr=0.01)
-    parsed = parse_command_line(["--resume", str(run), "--epochs", "3"])  # 3 is the default
+    default = TrainConfig().epochs
+    run = _saved_run(tmp_path, epochs=default - 1, lr=0.01)
+    parsed = parse_command_line(["--resume", str(run), "--epochs", str(default)])  # the default value
     assert "epochs" in parsed.given
-    assert builders.config_for_resume(parsed.config, run, parsed.given).epochs == 3  # extends, not ignored
+    assert builders.config_for_resume(parsed.config, run, parsed.given).epochs == default  # extends, not ignored
     parsed = parse_command_line(["--resume", str(run), "--lr", "0.002"])  # 0.002 is the default
     with pytest.raises(ConfigError, match="cannot change lr: run has 0.01, given 0.002"):
         builders.config_for_resume(parsed.config, run, parsed.given)
     parsed = parse_command_line(["--resume", str(run)])
-    assert builders.config_for_resume(parsed.config, run, parsed.given).epochs == 2
+    assert builders.config_for_resume(parsed.config, run, parsed.given).epochs == default - 1
 
 
 # ------------------------------------------------------------------------------------------------

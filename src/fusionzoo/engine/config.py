@@ -124,7 +124,7 @@ class TrainConfig:
 
     batch_size: int = _key(8, "per process; the global batch is batch_size * world size", section="optimization")
     eval_batch_size: int | None = _key(None, "None = batch_size")
-    epochs: int = _key(3, "passes over the training set; on --resume a larger value extends the run")
+    epochs: int = _key(2, "passes over the training set; on --resume a larger value extends the run")
     max_steps_per_epoch: int | None = _key(None, "cap an epoch (smoke tests); None = full pass")
     optimizer: Literal["adamw", "sgd"] = _key("adamw", "AdamW (transformer recipes) or SGD with momentum")
     lr: float = _key(2e-3, "peak learning rate (after warm-up)")
