@@ -49,3 +49,29 @@ def test_fastest_variant_runs_the_same_weights():
             low = forward()
             assert low.dtype == torch.float32 and not torch.equal(low, out)  # computed in bf16, returned as float32
             assert (low - ref).abs().max() <= 0.1 * ref.abs().max()
+
+
+def _parity_module(method: str):
+    spec = importlib.util.spec_from_file_location(f"parity_{method}", ROOT / "tools" / "parity" / f"{method}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # imports the authors' code only when a reference_* function runs
+    return module
+
+
+def test_detector_targets_reach_the_authors_losses_as_their_loaders_make_them():
+    """bench/parity.py's boxes (xyxy pixels) as the rows YOLOv5's ComputeLoss reads (CFT, ICAFusion)
+    and as MLPD's KAISTPed yields them (placeholder box, code 3, ignore flags on the 640x512 frame)."""
+    seeded = _parity_module("seeded")
+    targets = [{"boxes": torch.tensor([[8.0, 16.0, 40.0, 48.0], [60.0, 0.0, 80.0, 8.0]]), "labels": torch.tensor([2, 0])},
+               {"boxes": torch.tensor([[0.0, 32.0, 20.0, 64.0]]), "labels": torch.tensor([1])}]
+    rows = seeded.yolo_target_rows(targets, 64, 80)  # H 64, W 80: x by 80, y by 64
+    torch.testing.assert_close(rows, torch.tensor([[0, 2, 0.3, 0.5, 0.4, 0.5], [0, 0, 0.875, 0.0625, 0.25, 0.125],
+                                                   [1, 1, 0.125, 0.75, 0.25, 0.5]]))
+    mlpd = _parity_module("mlpd")
+    # 256x320 input = half the frame: their 5-pixel margin is 2.5 px here, the 12-pixel height 6 px
+    boxes, labels = mlpd.loader_targets(
+        [{"boxes": torch.tensor([[40.0, 20.0, 80.0, 120.0], [2.0, 20.0, 40.0, 120.0], [100.0, 100.0, 140.0, 105.0],
+                                 [200.0, 200.0, 300.0, 254.0]]), "labels": torch.zeros(4, dtype=torch.long)}], 256, 320)
+    torch.testing.assert_close(labels[0], torch.tensor([-1.0, 3.0, -1.0, -1.0, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(boxes[0][0], torch.zeros(4, dtype=torch.float64))
+    torch.testing.assert_close(boxes[0][1], torch.tensor([0.125, 20 / 256, 0.25, 120 / 256], dtype=torch.float64))

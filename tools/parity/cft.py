@@ -35,7 +35,7 @@ import yaml
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seeded import calibrate_batchnorm, count_parameters, in_both_precisions, key_shapes, seeded_inputs, seeded_state_dict, write_fixture
+from seeded import calibrate_batchnorm, count_parameters, in_both_precisions, key_shapes, seeded_inputs, seeded_state_dict, write_fixture, yolo_target_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "cft"
@@ -99,14 +99,9 @@ def reference_loss(model: nn.Module, output: Any, targets: list[dict[str, torch.
     if not hasattr(model, "hyp"):
         model.hyp, model.gr, model.nc = scaled_hyp(Path(sys.modules["models.yolo_test"].__file__).parents[1],
                                                    detect.nl, detect.nc), 1.0, detect.nc
-    h, w = output[0].shape[2] * 8, output[0].shape[3] * 8
-    rows = []
-    for i, t in enumerate(targets):
-        b = t["boxes"].float()
-        xywh = torch.cat(((b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]), 1) / b.new_tensor([w, h, w, h])
-        rows.append(torch.cat((torch.full_like(b[:, :1], i), t["labels"].float()[:, None], xywh), 1))
+    rows = yolo_target_rows(targets, output[0].shape[2] * 8, output[0].shape[3] * 8)  # P3 is stride 8
     with old_clamp():
-        return ComputeLoss(model)(output, torch.cat(rows).to(output[0].device))[0].sum()
+        return ComputeLoss(model)(output, rows.to(output[0].device))[0].sum()
 
 
 def reference_postprocess(output: Any) -> list[torch.Tensor]:

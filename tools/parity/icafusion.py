@@ -30,8 +30,10 @@ What it writes (numbers only):
   ``ComputeLoss`` on fixed targets: ``train.loss`` (``loss * batch``, what ``train.py``
   backpropagates) and ``train.loss_items`` (box, obj, cls, ranking).
 
-The module also gives ``bench/parity.py`` the authors' model: :func:`reference_model` and
-:func:`reference_inputs`.
+The module also gives ``bench/parity.py`` the authors' model, loss and post-processing:
+:func:`reference_model`, :func:`reference_inputs`, :func:`reference_loss` (their ``ComputeLoss``
+with ``hyp.scratch.yaml`` scaled as above, on the zoo's boxes as their loader's rows) and
+:func:`reference_postprocess` (their test script's NMS).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from seeded import (
     seeded_state_dict,
     seeded_tensor,
     write_fixture,
+    yolo_target_rows,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,6 +124,26 @@ def reference_model(checkout: Path, variant: str = "yolov5l", num_classes: int =
 def reference_inputs(model_inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``Model.forward(rgb, ir)`` (both 3-channel, as their loader reads the thermal image)."""
     return model_inputs["rgb"], model_inputs["thermal"]
+
+
+def reference_loss(model: nn.Module, output: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Their ``ComputeLoss(model)(output, rows)[0]`` (``loss * batch``, what their train.py
+    backpropagates) of the train-mode ``output`` on the zoo's targets (per image ``boxes`` xyxy
+    pixels, ``labels``) as normalised rows, with :func:`loss_hyp` at the model's classes."""
+    detect = model.model[-1]
+    if not hasattr(model, "hyp"):  # once, as their train.py builds ComputeLoss once
+        checkout = Path(sys.modules[type(model).__module__].__file__).parents[1]
+        model.hyp, model.gr = loss_hyp(checkout / "data" / "hyp.scratch.yaml", detect.nc, detect.nl), 1.0
+        model.compute_loss = sys.modules["utils.loss"].ComputeLoss(model)
+    stride = int(detect.stride[0])  # P3's: the first raw map is (B, anchors, H / stride, W / stride, 5 + nc)
+    rows = yolo_target_rows(targets, output[0].shape[2] * stride, output[0].shape[3] * stride)
+    return model.compute_loss(output, rows.to(output[0]))[0].sum()
+
+
+def reference_postprocess(output: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """Their eval output's decoded predictions through their test script's NMS (per image ``(n, 6)``)."""
+    nms = sys.modules["utils.general"].non_max_suppression
+    return nms(output[0], CONF_THRES, IOU_THRES, multi_label=True)
 
 
 def input_shapes() -> dict[str, list[int]]:

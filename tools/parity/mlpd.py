@@ -28,9 +28,12 @@ Running their code on CPU at another size needs four interventions, none in the 
   its source is re-executed with this input's sizes. Their unchanged priors at 512x640 are
   recorded by count and sha256 of the float32 bytes (the test rebuilds ours bit for bit).
 
-``reference_model`` / ``reference_inputs`` follow tools/parity/README.md (their ``forward`` returns
-box offsets and class logits); ``bench/parity.py`` times segmentation networks (per-pixel
-cross-entropy) and does not run detectors.
+``reference_model`` / ``reference_inputs`` / ``reference_loss`` / ``reference_postprocess`` follow
+tools/parity/README.md for ``bench/parity.py`` (speed side by side): their ``forward`` returns box
+offsets and class logits; the model's priors follow the input size (a forward pre-hook re-executes
+``create_prior_boxes`` as above when the size is not 512x640); the loss is their ``MultiBoxLoss``
+on the targets their data loader would make of the boxes when every box is annotated in both
+modalities; the post-processing is ``detect_objects`` as ``val_epoch`` calls it.
 """
 
 from __future__ import annotations
@@ -71,6 +74,12 @@ TARGETS: list[list[tuple[tuple[int, int, int, int], int]]] = [
     [((20, 8, 60, 60), 2), ((2, 30, 18, 62), 3)],
 ]
 _DTYPE = {"value": torch.float64}  # the dtype _to_one_hot returns (the run's)
+_LAST_RUN: dict[str, nn.Module] = {}  # the reference_model network that ran last (its priors decode its output)
+FRAME_HEIGHT, FRAME_WIDTH = 512, 640  # KAIST frames, the size their priors assume
+# src/config.py's train load condition, in pixels of the frame: a box is ignored (label -1) when its
+# corner leaves [5, 635) (their y is checked against the x range too) or it is under 12 pixels tall.
+IGNORE_LOW, IGNORE_HIGH, IGNORE_MIN_HEIGHT = 5, 635, 12
+BOTH_MODALITIES = 3  # their label code of a pedestrian annotated in RGB and thermal
 
 
 def _import_reference(checkout: Path) -> ModuleType:
@@ -116,7 +125,57 @@ def reference_model(checkout: Path, variant: str = "vgg16", num_classes: int = N
     """The reference ``SSD300`` with ``1 + 2 * num_classes`` outputs (3: their pedestrian model)."""
     if variant != "vgg16":
         raise ValueError(f"MLPD has one variant here, 'vgg16'; got {variant!r}")
-    return _import_reference(checkout).SSD300(n_classes=1 + 2 * num_classes)
+    net = _import_reference(checkout).SSD300(n_classes=1 + 2 * num_classes)
+    net.register_forward_pre_hook(_priors_for_input)
+    return net
+
+
+def _priors_for_input(net: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+    """Forward pre-hook: ``net.priors_cxcy`` for this input's size (their own at 512x640)."""
+    height, width = args[0].shape[-2:]
+    if getattr(net, "priors_size", (FRAME_HEIGHT, FRAME_WIDTH)) != (height, width):
+        reference = sys.modules[type(net).__module__]
+        net.priors_cxcy = reference_priors(reference, level_sizes(height, width), height, width).to(args[0].device)
+        net.priors_size = (height, width)
+    _LAST_RUN["net"] = net
+
+
+def reference_loss(model: nn.Module, output: tuple[torch.Tensor, torch.Tensor], targets: list[dict[str, torch.Tensor]]
+                   ) -> torch.Tensor:
+    """Their ``MultiBoxLoss`` (total) of their train-mode ``output`` on the zoo's targets (per image
+    ``boxes`` xyxy pixels of the input, ``labels``), converted by :func:`loader_targets`."""
+    locs, scores = output
+    _DTYPE["value"] = scores.dtype
+    height, width = getattr(model, "priors_size", (FRAME_HEIGHT, FRAME_WIDTH))
+    reference = sys.modules[type(model).__module__]
+    boxes, labels = loader_targets(targets, height, width)
+    loss = reference.MultiBoxLoss(priors_cxcy=model.priors_cxcy)
+    return loss(locs, scores, [b.to(locs) for b in boxes], [c.to(scores) for c in labels])[0]
+
+
+def reference_postprocess(output: tuple[torch.Tensor, torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``detect_objects`` of the network that produced ``output`` (the last to run), with
+    ``val_epoch``'s settings: per image boxes, labels, scores and background scores."""
+    locs, scores = output
+    return _LAST_RUN["net"].detect_objects(locs, scores, min_score=MIN_SCORE, max_overlap=MAX_OVERLAP, top_k=TOP_K)
+
+
+def loader_targets(targets: list[dict[str, torch.Tensor]], height: int, width: int
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """What their ``KAISTPed`` yields for these boxes when each is annotated in both modalities
+    (paired): the boxes as fractions of the input, their leading ``[0, 0, 0, 0]`` placeholder
+    (label -1), label 3 (both modalities; the RGB and thermal copies merge into one row) and -1
+    where their train load condition ignores the box (measured on the 640x512 frame)."""
+    boxes, labels = [], []
+    frame = torch.tensor([FRAME_WIDTH, FRAME_HEIGHT, FRAME_WIDTH, FRAME_HEIGHT], dtype=torch.float64)
+    for t in targets:
+        b = t["boxes"].double().cpu() / torch.tensor([width, height, width, height], dtype=torch.float64)
+        x1, y1, x2, y2 = (b * frame).unbind(1)
+        ignored = (x1 < IGNORE_LOW) | (y1 < IGNORE_LOW) | (x2 > IGNORE_HIGH) | (y2 > IGNORE_HIGH) | (y2 - y1 < IGNORE_MIN_HEIGHT)
+        codes = torch.where(ignored, -1.0, float(BOTH_MODALITIES)).double()
+        boxes.append(torch.cat((b.new_zeros(1, 4), b)))
+        labels.append(torch.cat((codes.new_full((1,), -1.0), codes)))
+    return boxes, labels
 
 
 def reference_inputs(model_inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -160,6 +160,18 @@ def seeded_inputs(shapes: Mapping[str, Iterable[int]], seed: int) -> dict[str, t
     return {m: unit_uniform(shape, g).float() for m, shape in shapes.items()}
 
 
+def yolo_target_rows(targets: list[dict[str, torch.Tensor]], height: int, width: int) -> torch.Tensor:
+    """YOLOv5's training targets ``(n, 6)``: image index, class, centre x, centre y, width, height
+    normalised by the input size, from per-image ``boxes`` (xyxy pixels) and ``labels`` (the zoo's
+    detection targets, as ``bench/parity.py`` draws them)."""
+    rows = []
+    for i, t in enumerate(targets):
+        b = t["boxes"].float()
+        xywh = torch.cat(((b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]), 1) / b.new_tensor([width, height, width, height])
+        rows.append(torch.cat((torch.full_like(b[:, :1], i), t["labels"].float()[:, None], xywh), 1))
+    return torch.cat(rows)
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
