@@ -35,7 +35,16 @@ import yaml
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seeded import calibrate_batchnorm, count_parameters, in_both_precisions, key_shapes, seeded_inputs, seeded_state_dict, write_fixture, yolo_target_rows
+from seeded import (
+    calibrate_batchnorm,
+    count_parameters,
+    in_both_precisions,
+    key_shapes,
+    seeded_inputs,
+    seeded_state_dict,
+    write_fixture,
+    yolo_target_rows,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "cft"
@@ -61,7 +70,7 @@ def _import_reference(checkout: Path) -> Any:
     checkout = Path(checkout).resolve()
     if str(checkout) not in sys.path:
         sys.path.insert(0, str(checkout))
-    import models.yolo_test as yolo_test
+    from models import yolo_test
 
     return yolo_test
 
