@@ -20,7 +20,14 @@ from fusionzoo.models.convert import ConversionError, convert_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "parity"))
-from seeded import assert_parity, calibrate_batchnorm, read_fixture, relative_error, seeded_inputs, seeded_state_dict
+from seeded import (
+    assert_parity,
+    calibrate_batchnorm,
+    read_fixture,
+    relative_error,
+    seeded_inputs,
+    seeded_state_dict,
+)
 
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "cft"
 LEVELS = ("p3", "p4", "p5")
