@@ -521,8 +521,10 @@ class SemanticVariance:
         keep_all = grid != self.ignore_index  # (B, h, w)
         rows = []
         for i in range(b):  # one image at a time: an upsampled deep map is large
-            fi = resample_features(features[i : i + 1].detach(), (h, w))[0]  # (C, h, w)
-            rows.append(fi.permute(1, 2, 0)[keep_all[i]].to(torch.float64))
+            # float64 before resampling: the second moment of an upsampled tap is summed at the
+            # tap's own resolution in float64 (_add_second), and these sums must match it
+            fi = resample_features(features[i : i + 1].detach().to(torch.float64), (h, w))[0]  # (C, h, w)
+            rows.append(fi.permute(1, 2, 0)[keep_all[i]])
         f = torch.cat(rows) if rows else features.new_zeros(0, c, dtype=torch.float64)
         lab = grid[keep_all]
         per_image = keep_all.flatten(1).sum(1)
@@ -560,12 +562,44 @@ class SemanticVariance:
         self._half_sum.view(-1, c).index_add_(0, half * k + lab, z)
         if self._chan_sq is not None:
             self._chan_sq.index_add_(0, lab, z * z)
-        if self._second is not None and not self.whitened_blocks:
-            self._second[0].addmm_(z.T, z)
-        elif self._second is not None:
+        if self._second is not None:
+            self._add_second(features.detach(), keep_all, z, per_image, blocks, blk)
+
+    def _add_second(self, features: torch.Tensor, keep: torch.Tensor, z: torch.Tensor, per_image: torch.Tensor,
+                    blocks: torch.Tensor, blk: torch.Tensor) -> None:
+        """Add the kept cells' ``sum z z^T`` to the second moment (its block's, or the total).
+
+        ``z`` ``(N, C)`` are the kept grid cells' shifted features, image by image, ``per_image``
+        ``(B,)`` their count per image, ``keep`` ``(B, h, w)`` the kept cells, ``blocks`` ``(B,)``
+        and ``blk`` ``(N,)`` the block of each image and cell.
+
+        A tap coarser than the grid is upsampled by a linear map ``A`` (``h w x h0 w0``, bilinear,
+        ``align_corners=False``, whose rows sum to 1), so with ``D`` the 0/1 diagonal of kept
+        cells and ``z = D (A f - 1 shift^T)``: ``z^T z = (f - 1 shift^T)^T A^T z``, summed over the
+        tap's ``h0 w0`` cells instead of the grid's ``h w``. ``A^T z`` is the adjoint of the
+        upsampling (its backward kernel, ``O(h w C)``), so an image costs ``h0 w0 C^2`` instead of
+        ``h w C^2`` flops (1/256 of it for a stride-64 tap on the stride-4 grid)."""
+        b, c, h0, w0 = features.shape
+        h, w = keep.shape[-2:]
+        if h0 * w0 >= h * w or (h0 >= h and w0 >= w):
+            # on the grid or finer (area-averaged): the grid has the fewer cells
+            if not self.whitened_blocks:
+                self._second[0].addmm_(z.T, z)
+                return
             for g in blk.unique().tolist():
                 zg = z[blk == g]
                 self._second[g].addmm_(zg.T, zg)
+            return
+        starts = [0] + per_image.cumsum(0).tolist()
+        for i in range(b):
+            if starts[i + 1] == starts[i]:
+                continue
+            up = z.new_zeros(c, h * w)  # D (A f - 1 shift^T) on the grid, (C, h w)
+            up[:, keep[i].reshape(-1)] = z[starts[i] : starts[i + 1]].T
+            back = torch.ops.aten.upsample_bilinear2d_backward(up.view(1, c, h, w), [h, w], [1, c, h0, w0],
+                                                               False)  # A^T z, (1, C, h0, w0)
+            fi = features[i].to(torch.float64).reshape(c, -1) - self._shift[:, None]  # (C, h0 w0)
+            self._second[int(blocks[i]) if self.whitened_blocks else 0].addmm_(fi, back.view(c, -1).T)
 
     def compute(self) -> SemanticVarianceResult:
         """The statistics over everything seen so far."""
