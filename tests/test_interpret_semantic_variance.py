@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusionzoo.interpret.semantic_variance import SemanticVariance, labels_to_grid, semantic_variance
+from fusionzoo.interpret.semantic_variance import SemanticVariance, labels_to_grid, resample_features, semantic_variance
 
 
 def _gen(seed):
@@ -147,14 +147,16 @@ def test_common_grid_resamples_every_tap_onto_the_same_labelled_cells():
 
 
 
-class _GridSecondMoment(SemanticVariance):
-    """Reference: the second moment summed over every kept cell of the common grid (the path
-    before issue 23 part 3), ``O(h w C^2)`` per image whatever the tap's own resolution."""
+class _OnTheGrid(SemanticVariance):
+    """Reference: every sum over the kept cells of the common grid, the tap upsampled to it
+    first (the path before issue 23 part 3), ``O(h w C^2)`` per image whatever the tap's
+    resolution."""
 
-    def _add_second(self, features, keep, z, per_image, blocks, blk):
-        for g in blk.unique().tolist():
-            zg = z[blk == g]
-            self._second[g if self.whitened_blocks else 0].addmm_(zg.T, zg)
+    def update(self, features, mask, blocks=None, first_image=None):
+        h, w = -(-mask.shape[-2] // self.stride), -(-mask.shape[-1] // self.stride)
+        on_grid = resample_features(features.double(), (h, w))
+        assert on_grid.shape[-2:] == (h, w)
+        super().update(on_grid, mask, blocks, first_image)
 
 
 def _close(a, b, rel=1e-10, scale=None):
@@ -168,14 +170,14 @@ def _close(a, b, rel=1e-10, scale=None):
 
 @pytest.mark.parametrize("shape", [(16, 20), (8, 10), (4, 5), (2, 3), (1, 2), (3, 14), (5, 7)])
 def test_second_moment_at_tap_resolution_equals_the_grid_sum(shape):
-    # issue 23 part 3: a tap coarser than the stride-4 grid gets its C x C second moment (and so
-    # the whitened forms and their block replicates) as f^T A^T D A f on its own cells; equal to
-    # the sum over the grid's kept cells to float64 rounding, for every stride (16x20 = stride 2,
+    # issue 23 part 3: a tap coarser than the stride-4 grid gets every sum (class sums, squared
+    # norms, per-channel squares, the C x C second moment: so every value and block replicate)
+    # on its own cells (f^T A^T D_k A f); equal to the sums over the grid's kept cells to float64 rounding, for every stride (16x20 = stride 2,
     # area-averaged; 8x10 = the grid; 4x5 .. 1x2 = strides 8 .. 32; 3x14 and 5x7 = one dimension
     # finer or odd sizes), with ignored pixels, purity-dropped cells and an offset (the shift)
     k, g = 4, _gen(23)
     blocks = 4
-    new, ref = (cls(k, purity=0.6, stride=4, blocks=blocks) for cls in (SemanticVariance, _GridSecondMoment))
+    new, ref = (cls(k, purity=0.6, stride=4, blocks=blocks) for cls in (SemanticVariance, _OnTheGrid))
     for batch in range(3):
         mask = torch.randint(0, k, (3, 8, 10), generator=g).repeat_interleave(4, 1).repeat_interleave(4, 2)
         mask = torch.where(torch.rand(3, 32, 40, generator=g) < 0.3, torch.randint(0, k, (3, 32, 40), generator=g),
@@ -188,7 +190,8 @@ def test_second_moment_at_tap_resolution_equals_the_grid_sum(shape):
             acc.update(feats, mask, img_blocks)
     grid = labels_to_grid(mask, (8, 10), k, purity=0.6)
     assert (grid == 255).any() and (grid != 255).any()
-    assert _close(new._second, ref._second)
+    for got, want in zip(new.state(), ref.state()):
+        assert _close(got, want)
     a, b = new.compute(), ref.compute()
     for key in ("semantic_variance", "within_share", "sv_whitened_plugin", "s_total"):
         assert _close(getattr(a, key), getattr(b, key)), key
@@ -202,10 +205,11 @@ def test_second_moment_at_tap_resolution_equals_the_grid_sum(shape):
         scale = rb["sv_whitened_plugin"].abs().max() if key == "sv_whitened" else None
         assert _close(ra[key], rb[key], scale=scale), key
     # without block moments (one total second moment) as well
-    one_new, one_ref = (cls(k, stride=4, whitened_blocks=False) for cls in (SemanticVariance, _GridSecondMoment))
+    one_new, one_ref = (cls(k, stride=4, whitened_blocks=False) for cls in (SemanticVariance, _OnTheGrid))
     for acc in (one_new, one_ref):
         acc.update(feats, mask)
-    assert _close(one_new._second, one_ref._second)
+    for got, want in zip(one_new.state(), one_ref.state()):
+        assert _close(got, want)
     a, b = one_new.compute(), one_ref.compute()
     assert _close(a.sv_whitened_plugin, b.sv_whitened_plugin)
     assert _close(a.sv_whitened, b.sv_whitened, scale=b.sv_whitened_plugin)
