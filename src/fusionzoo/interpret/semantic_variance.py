@@ -93,7 +93,11 @@ names taps measured on fewer than ``MIN_CELLS`` labelled cells. The grid used is
 
 Streaming: per class the count, the sum of features and the sum of squares per channel are
 accumulated (``O(K * C)`` memory; ``O(C^2)`` more for the whitened form), which gives every
-quantity above exactly over any dataset size. With ``blocks = G`` the class statistics and the
+quantity above exactly over any dataset size. A tap coarser than the grid is not upsampled to
+accumulate: bilinear upsampling is a linear map ``A`` (rows summing to 1), so each grid sum is
+a form in the tap's own cells (``sum_{i in k} z_i z_i^T = f^T A^T D_k A f``, ``D_k`` the kept
+cells of class ``k``; ``A^T D_k A`` couples 3 x 3 neighbours), summed at the tap's resolution:
+``h0 w0 C^2`` flops an image instead of ``h w C^2`` (equal to float64 rounding, tested). With ``blocks = G`` the class statistics and the
 second moment are kept per block of images and :meth:`SemanticVariance.replicates` gives the
 exact values of any reweighting of the blocks (bootstrap intervals:
 :mod:`fusionzoo.interpret.accumulators.blocks`). Features are shifted by a fixed reference (the first batch's mean) before accumulating;
@@ -580,7 +584,7 @@ class SemanticVariance:
         keep_all = grid != self.ignore_index  # (B, h, w)
         h0, w0 = features.shape[-2:]
         # a tap coarser than the grid (bilinear upsampling, fewer cells): every sum at its own
-        # resolution (_coarse_sums); else on the grid's kept cells
+        # resolution (_add_coarse); else on the grid's kept cells
         coarse = h0 * w0 < h * w and not (h0 >= h and w0 >= w)
         lab = grid[keep_all]
         per_image = keep_all.flatten(1).sum(1)
@@ -598,7 +602,8 @@ class SemanticVariance:
             weights = [stencil.class_weights(grid[i], keep_all[i], k) for i in range(b)]  # (K, n_t), (K, n_t, 9)
         else:
             rows = []
-            for i in range(b):  # one image at a time: an upsampled deep map is large
+            for i in range(b):  # one image at a time: a resampled map is large
+                # float64 before resampling, as the coarse path sums in float64
                 fi = resample_features(features[i : i + 1].detach().to(torch.float64), (h, w))[0]  # (C, h, w)
                 rows.append(fi.permute(1, 2, 0)[keep_all[i]])
             f = torch.cat(rows) if rows else features.new_zeros(0, c, dtype=torch.float64)
