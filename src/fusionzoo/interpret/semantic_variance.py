@@ -108,6 +108,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -423,8 +424,8 @@ class _Stencil:
         # terms of the 4 corners: (2, 2, h, w) source cell and weight of each grid cell
         self.cell = (ry.T.view(2, 1, h, 1) * w0 + rx.T.view(1, 2, 1, w)).reshape(4, h * w)
         self.weight = (ly.T.view(2, 1, h, 1) * lx.T.view(1, 2, 1, w)).reshape(4, h * w)
-        # pairs of corners (16): the product of their weights, the first's cell and the offset
-        # (dy + 1) * 3 + (dx + 1) of the second from it
+        # pairs of corners (16): the product of their weights, and the offset d = (dy + 1) * 3 +
+        # (dx + 1) of the second from the first with the first's cell p, as index d * n_t + p
         dy = ry.T.view(2, 1, h) - ry.T.view(1, 2, h)  # (2, 2, h): second row minus first
         dx = rx.T.view(2, 1, w) - rx.T.view(1, 2, w)
         code = ((dy.view(2, 2, 1, 1, h, 1) * -1 + 1) * 3 + (dx.view(1, 1, 2, 2, 1, w) * -1 + 1))
@@ -433,7 +434,7 @@ class _Stencil:
         wprod = (ly.T.view(2, 1, 1, 1, h, 1) * ly.T.view(1, 2, 1, 1, h, 1)
                  * lx.T.view(1, 1, 2, 1, 1, w) * lx.T.view(1, 1, 1, 2, 1, w))
         shape = (2, 2, 2, 2, h, w)
-        self.pair_index = (first.expand(shape) * 9 + code.expand(shape)).reshape(16, h * w)
+        self.pair_index = (code.expand(shape) * (h0 * w0) + first.expand(shape)).reshape(16, h * w)
         self.pair_weight = wprod.expand(shape).reshape(16, h * w)
 
     @staticmethod
@@ -446,8 +447,9 @@ class _Stencil:
         return torch.stack([i0, i1], 1), torch.stack([1 - l1, l1], 1)
 
     def class_weights(self, labels: torch.Tensor, keep: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``A^T D_k 1`` ``(K, n_t)`` and ``A^T D_k A`` as a 3 x 3 stencil ``(K, n_t, 9)`` for one
-        image's grid labels ``(h, w)`` and kept cells ``(h, w)``."""
+        """``A^T D_k 1`` ``(K, n_t)`` and ``A^T D_k A`` as a 3 x 3 stencil ``(K, 9, n_t)`` (entry
+        ``[k, d, p]`` couples cell ``p`` with its neighbour at offset ``d``) for one image's grid
+        labels ``(h, w)`` and kept cells ``(h, w)``."""
         n_t = self.size[0] * self.size[1]
         kept = keep.reshape(-1)
         lab = labels.reshape(-1)[kept]
@@ -456,15 +458,16 @@ class _Stencil:
         wk = torch.zeros(k * n_t * 9, dtype=torch.float64, device=self.device)
         wk.index_add_(0, (lab * (n_t * 9) + self.pair_index[:, kept]).reshape(-1),
                       self.pair_weight[:, kept].reshape(-1))
-        return v.view(k, n_t), wk.view(k, n_t, 9)
+        return v.view(k, n_t), wk.view(k, 9, n_t)
 
-    def neighbours(self, fs: torch.Tensor) -> torch.Tensor:
-        """``(9, C, n_t)``: ``fs`` ``(C, n_t)`` at cell ``p + (dy, dx)`` for offset
-        ``(dy + 1) * 3 + (dx + 1)`` (zero outside the map, where the stencil's weight is 0)."""
+    def neighbours(self, fs: torch.Tensor) -> Iterator[torch.Tensor]:
+        """For each offset ``d = (dy + 1) * 3 + (dx + 1)`` in turn: ``fs`` ``(C, n_t)`` at each cell's
+        neighbour ``p + (dy, dx)``, ``(C, h0, w0)`` (zero outside the map, where the stencil is 0)."""
         h0, w0 = self.size
         pad = F.pad(fs.view(-1, h0, w0), (1, 1, 1, 1))
-        return torch.stack([pad[:, 1 + dy : 1 + dy + h0, 1 + dx : 1 + dx + w0].reshape(fs.shape)
-                            for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                yield pad[:, 1 + dy : 1 + dy + h0, 1 + dx : 1 + dx + w0]
 
 
 class SemanticVariance:
@@ -663,23 +666,28 @@ class SemanticVariance:
         for the shift ``s``) and ``D_k`` the 0/1 diagonal of the grid cells kept with class
         ``k``, the grid sums are ``sum_k = (A^T D_k 1)^T f'`` and ``sum_{i in k} z_i z_i^T =
         f'^T (A^T D_k A) f'`` with ``f' = f - 1 s^T``. ``A^T D_k A`` couples only neighbouring
-        tap cells (3 x 3), held as ``wk`` ``(K, n_t, 9)``; ``v = A^T D_k 1`` is ``(K, n_t)``. An
+        tap cells (3 x 3), held as ``wk`` ``(K, 9, n_t)``; ``v = A^T D_k 1`` is ``(K, n_t)``. An
         image costs ``O(n_t C^2 + 9 K n_t C)`` instead of ``O(h w C^2)``."""
         c = features.shape[0]
         fs = features.to(torch.float64).reshape(c, -1) - self._shift[:, None]  # f'^T, (C, n_t)
         sums = v @ fs.T  # (K, C)
-        nbrs = stencil.neighbours(fs)  # (9, C, n_t): f'^T at each cell's 3 x 3 neighbours
-        # sum_{i in k} z_ic^2 = sum_{p, d} wk[k, p, d] f'[p, c] f'[p + d, c]
-        chan = torch.einsum("kpd,dcp->kc", wk, nbrs * fs)
+        # sum_{i in k} z_ic^2 = sum_{d, p} wk[k, d, p] f'[p, c] f'[p + d, c], and
+        # (A^T D A) f' = sum_d (sum_k wk[k, d]) f'[. + d]
+        chan = fs.new_zeros(c, wk.shape[0])  # (C, K)
+        wf = fs.new_zeros(c, fs.shape[1])  # ((A^T D A) f')^T, (C, n_t)
+        w_all = wk.sum(0)  # (9, n_t)
+        for d, nb in enumerate(stencil.neighbours(fs)):
+            nb = nb.reshape(c, -1)
+            chan.addmm_(fs * nb, wk[:, d].T)
+            wf.addcmul_(nb, w_all[d])
+        chan = chan.T
         self._sum[block] += sums
         self._half_sum[half] += sums
         self._sqn[block] += chan.sum(1)
         if self._chan_sq is not None:
             self._chan_sq += chan
         if self._second is not None:
-            wf = torch.einsum("pd,dcp->cp", wk.sum(0), nbrs)  # ((A^T D A) f')^T, (C, n_t)
             self._second[block if self.whitened_blocks else 0].addmm_(fs, wf.T)
-
 
     def compute(self) -> SemanticVarianceResult:
         """The statistics over everything seen so far."""
