@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusionzoo.interpret.semantic_variance import SemanticVariance, labels_to_grid, resample_features, semantic_variance
+from fusionzoo.interpret.semantic_variance import (
+    SemanticVariance,
+    labels_to_grid,
+    resample_features,
+    semantic_variance,
+)
 
 
 def _gen(seed):
@@ -119,7 +124,6 @@ def test_empty_accumulator_is_nan():
 def test_common_grid_resamples_every_tap_onto_the_same_labelled_cells():
     # issue 11: deep stages of a small input have a few cells; on a common stride-4 grid every
     # tap is scored on the same cells, coarse taps upsampled bilinearly, fine ones area-averaged
-    from fusionzoo.interpret.semantic_variance import resample_features
 
     k, g = 3, _gen(9)
     mask = torch.randint(0, k, (2, 4, 4), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)  # 32x32
