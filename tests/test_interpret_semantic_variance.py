@@ -124,7 +124,6 @@ def test_empty_accumulator_is_nan():
 def test_common_grid_resamples_every_tap_onto_the_same_labelled_cells():
     # issue 11: deep stages of a small input have a few cells; on a common stride-4 grid every
     # tap is scored on the same cells, coarse taps upsampled bilinearly, fine ones area-averaged
-
     k, g = 3, _gen(9)
     mask = torch.randint(0, k, (2, 4, 4), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)  # 32x32
     coarse = torch.randn(2, 5, 2, 2, generator=g)      # stride 16
