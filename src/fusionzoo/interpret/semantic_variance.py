@@ -602,7 +602,6 @@ class SemanticVariance:
         if coarse:
             f = None
             stencil = _Stencil((h0, w0), (h, w), features.device)
-            weights = [stencil.class_weights(grid[i], keep_all[i], k) for i in range(b)]  # (K, n_t), (K, n_t, 9)
         else:
             rows = []
             for i in range(b):  # one image at a time: a resampled map is large
@@ -618,8 +617,8 @@ class SemanticVariance:
             elif n and f is not None:
                 self._shift = f.mean(0)
             elif n:  # the kept cells' mean: sum_i 1^T D A f_i / N
-                self._shift = sum(v.sum(0) @ features[i].detach().to(torch.float64).reshape(c, -1).T
-                                  for i, (v, _) in enumerate(weights)) / n
+                self._shift = sum(stencil.class_weights(grid[i], keep_all[i], k)[0].sum(0)
+                                  @ features[i].detach().to(torch.float64).reshape(c, -1).T for i in range(b)) / n
             else:
                 self._shift = torch.zeros(c, **kw)
             self._count = torch.zeros(self._cap, k, **kw)
@@ -641,7 +640,8 @@ class SemanticVariance:
         if coarse:
             for i in range(b):
                 if int(per_image[i]):
-                    self._add_coarse(features[i].detach(), stencil, *weights[i], int(blocks[i]), int(halves[i]))
+                    self._add_coarse(features[i].detach(), stencil, *stencil.class_weights(grid[i], keep_all[i], k),
+                                     int(blocks[i]), int(halves[i]))
             return
         z = f - self._shift
         cell = blk * k + lab  # (block, class) bin of each cell
