@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusionzoo.interpret.semantic_variance import SemanticVariance, labels_to_grid, semantic_variance
+from fusionzoo.interpret.semantic_variance import (
+    SemanticVariance,
+    labels_to_grid,
+    resample_features,
+    semantic_variance,
+)
 
 
 def _gen(seed):
@@ -119,8 +124,6 @@ def test_empty_accumulator_is_nan():
 def test_common_grid_resamples_every_tap_onto_the_same_labelled_cells():
     # issue 11: deep stages of a small input have a few cells; on a common stride-4 grid every
     # tap is scored on the same cells, coarse taps upsampled bilinearly, fine ones area-averaged
-    from fusionzoo.interpret.semantic_variance import resample_features
-
     k, g = 3, _gen(9)
     mask = torch.randint(0, k, (2, 4, 4), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)  # 32x32
     coarse = torch.randn(2, 5, 2, 2, generator=g)      # stride 16
@@ -130,7 +133,7 @@ def test_common_grid_resamples_every_tap_onto_the_same_labelled_cells():
     results = {}
     for name, f in (("coarse", coarse), ("native", native), ("fine", fine)):
         r = semantic_variance(f, mask, k, stride=4)
-        on_grid = resample_features(f, (8, 8))
+        on_grid = resample_features(f.double(), (8, 8))  # SemanticVariance resamples in float64
         s_b, s_w = _brute_force(on_grid, grid, k)
         assert r.s_between == pytest.approx(s_b, rel=1e-9) and r.s_within == pytest.approx(s_w, rel=1e-9), name
         assert r.grid == [8, 8] and r.stride == 4 and r.num_pixels == 128
@@ -145,3 +148,71 @@ def test_common_grid_resamples_every_tap_onto_the_same_labelled_cells():
         own = semantic_variance(coarse, mask, k)
     assert own.grid == [2, 2] and own.stride is None
 
+
+
+class _OnTheGrid(SemanticVariance):
+    """Reference: every sum over the kept cells of the common grid, the tap upsampled to it
+    first (the path before issue 23 part 3), ``O(h w C^2)`` per image whatever the tap's
+    resolution."""
+
+    def update(self, features, mask, blocks=None, first_image=None):
+        h, w = -(-mask.shape[-2] // self.stride), -(-mask.shape[-1] // self.stride)
+        on_grid = resample_features(features.double(), (h, w))
+        assert on_grid.shape[-2:] == (h, w)
+        super().update(on_grid, mask, blocks, first_image)
+
+
+def _close(a, b, rel=1e-10, scale=None):
+    """Equal within ``rel`` of ``scale`` (default: the largest ``|b|``), NaN where ``b`` is."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    if scale is None:
+        scale = b[~both_nan].abs().max().clamp(min=1e-300) if (~both_nan).any() else 1.0
+    return bool(((a - b).abs()[~both_nan] <= rel * scale).all()) and torch.equal(torch.isnan(a), torch.isnan(b))
+
+
+@pytest.mark.parametrize("shape", [(16, 20), (8, 10), (4, 5), (2, 3), (1, 2), (3, 14), (5, 7)])
+def test_second_moment_at_tap_resolution_equals_the_grid_sum(shape):
+    # issue 23 part 3: a tap coarser than the stride-4 grid gets every sum (class sums, squared
+    # norms, per-channel squares, the C x C second moment: so every value and block replicate)
+    # on its own cells (f^T A^T D_k A f); equal to the sums over the grid's kept cells to float64 rounding, for every stride (16x20 = stride 2,
+    # area-averaged; 8x10 = the grid; 4x5 .. 1x2 = strides 8 .. 32; 3x14 and 5x7 = one dimension
+    # finer or odd sizes), with ignored pixels, purity-dropped cells and an offset (the shift)
+    k, g = 4, _gen(23)
+    blocks = 4
+    new, ref = (cls(k, purity=0.6, stride=4, blocks=blocks) for cls in (SemanticVariance, _OnTheGrid))
+    for batch in range(3):
+        mask = torch.randint(0, k, (3, 8, 10), generator=g).repeat_interleave(4, 1).repeat_interleave(4, 2)
+        mask = torch.where(torch.rand(3, 32, 40, generator=g) < 0.3, torch.randint(0, k, (3, 32, 40), generator=g),
+                           mask)  # mixed cells, some below purity 0.6
+        mask[:, :5, :7] = 255
+        mask[1] = 255 if batch == 1 else mask[1]  # an image with no kept cell
+        feats = torch.randn(3, 6, *shape, generator=g) * torch.linspace(0.1, 10, 6)[:, None, None] + 50.0
+        img_blocks = torch.tensor([(3 * batch + i) % blocks for i in range(3)])
+        for acc in (new, ref):
+            acc.update(feats, mask, img_blocks)
+    grid = labels_to_grid(mask, (8, 10), k, purity=0.6)
+    assert (grid == 255).any() and (grid != 255).any()
+    for got, want in zip(new.state(), ref.state()):
+        assert _close(got, want)
+    a, b = new.compute(), ref.compute()
+    for key in ("semantic_variance", "within_share", "sv_whitened_plugin", "s_total"):
+        assert _close(getattr(a, key), getattr(b, key)), key
+    # the split-half form is a difference of terms of the plug-in's size and can be about 0:
+    # relative to the plug-in value
+    assert _close(a.sv_whitened, b.sv_whitened, scale=b.sv_whitened_plugin)
+    assert _close(a.class_between_share, b.class_between_share) and a.class_counts == b.class_counts
+    w = torch.poisson(torch.ones(5, blocks), generator=g)
+    ra, rb = new.replicates(w), ref.replicates(w)
+    for key in rb:
+        scale = rb["sv_whitened_plugin"].abs().max() if key == "sv_whitened" else None
+        assert _close(ra[key], rb[key], scale=scale), key
+    # without block moments (one total second moment) as well
+    one_new, one_ref = (cls(k, stride=4, whitened_blocks=False) for cls in (SemanticVariance, _OnTheGrid))
+    for acc in (one_new, one_ref):
+        acc.update(feats, mask)
+    for got, want in zip(one_new.state(), one_ref.state()):
+        assert _close(got, want)
+    a, b = one_new.compute(), one_ref.compute()
+    assert _close(a.sv_whitened_plugin, b.sv_whitened_plugin)
+    assert _close(a.sv_whitened, b.sv_whitened, scale=b.sv_whitened_plugin)

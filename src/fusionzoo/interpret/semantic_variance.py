@@ -93,7 +93,11 @@ names taps measured on fewer than ``MIN_CELLS`` labelled cells. The grid used is
 
 Streaming: per class the count, the sum of features and the sum of squares per channel are
 accumulated (``O(K * C)`` memory; ``O(C^2)`` more for the whitened form), which gives every
-quantity above exactly over any dataset size. With ``blocks = G`` the class statistics and the
+quantity above exactly over any dataset size. A tap coarser than the grid is not upsampled to
+accumulate: bilinear upsampling is a linear map ``A`` (rows summing to 1), so each grid sum is
+a form in the tap's own cells (``sum_{i in k} z_i z_i^T = f^T A^T D_k A f``, ``D_k`` the kept
+cells of class ``k``; ``A^T D_k A`` couples 3 x 3 neighbours), summed at the tap's resolution:
+``h0 w0 C^2`` flops an image instead of ``h w C^2`` (equal to float64 rounding, tested). With ``blocks = G`` the class statistics and the
 second moment are kept per block of images and :meth:`SemanticVariance.replicates` gives the
 exact values of any reweighting of the blocks (bootstrap intervals:
 :mod:`fusionzoo.interpret.accumulators.blocks`). Features are shifted by a fixed reference (the first batch's mean) before accumulating;
@@ -104,6 +108,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -404,6 +409,67 @@ def whitened_sv(cnt: torch.Tensor, s: torch.Tensor, second: torch.Tensor,
             torch.where(ok, plugin / dof.clamp(min=1), nan))
 
 
+class _Stencil:
+    """Bilinear upsampling (``align_corners=False``) of an ``(h0, w0)`` map to ``(h, w)`` as a
+    stencil: grid cell ``(i, j)`` is ``sum_{s, t in {0, 1}} ly[i, s] lx[j, t] f[ry[i, s], rx[j, t]]``
+    (the two source rows ``ry`` and columns ``rx`` of the cell and their weights, as in PyTorch's
+    ``upsample_bilinear2d``: source coordinate ``(i + 0.5) h0 / h - 0.5``, clamped at 0 and at
+    the last row)."""
+
+    def __init__(self, size: tuple[int, int], grid: tuple[int, int], device: torch.device) -> None:
+        (h0, w0), (h, w) = size, grid
+        self.size, self.device = (h0, w0), device
+        ry, ly = self._axis(h0, h, device)  # (h, 2)
+        rx, lx = self._axis(w0, w, device)  # (w, 2)
+        # terms of the 4 corners: (2, 2, h, w) source cell and weight of each grid cell
+        self.cell = (ry.T.view(2, 1, h, 1) * w0 + rx.T.view(1, 2, 1, w)).reshape(4, h * w)
+        self.weight = (ly.T.view(2, 1, h, 1) * lx.T.view(1, 2, 1, w)).reshape(4, h * w)
+        # pairs of corners (16): the product of their weights, and the offset d = (dy + 1) * 3 +
+        # (dx + 1) of the second from the first with the first's cell p, as index d * n_t + p
+        dy = ry.T.view(2, 1, h) - ry.T.view(1, 2, h)  # (2, 2, h): second row minus first
+        dx = rx.T.view(2, 1, w) - rx.T.view(1, 2, w)
+        code = ((dy.view(2, 2, 1, 1, h, 1) * -1 + 1) * 3 + (dx.view(1, 1, 2, 2, 1, w) * -1 + 1))
+        # code[s, s', t, t'] = (ry[s'] - ry[s] + 1) * 3 + (rx[t'] - rx[t] + 1)
+        first = ry.T.view(2, 1, 1, 1, h, 1) * w0 + rx.T.view(1, 1, 2, 1, 1, w)
+        wprod = (ly.T.view(2, 1, 1, 1, h, 1) * ly.T.view(1, 2, 1, 1, h, 1)
+                 * lx.T.view(1, 1, 2, 1, 1, w) * lx.T.view(1, 1, 1, 2, 1, w))
+        shape = (2, 2, 2, 2, h, w)
+        self.pair_index = (code.expand(shape) * (h0 * w0) + first.expand(shape)).reshape(16, h * w)
+        self.pair_weight = wprod.expand(shape).reshape(16, h * w)
+
+    @staticmethod
+    def _axis(n0: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Source indices ``(n, 2)`` and weights ``(n, 2)`` of 1-d linear upsampling ``n0 -> n``."""
+        src = ((torch.arange(n, device=device, dtype=torch.float64) + 0.5) * (n0 / n) - 0.5).clamp(min=0)
+        i0 = src.floor().long().clamp(max=n0 - 1)
+        i1 = (i0 + 1).clamp(max=n0 - 1)
+        l1 = src - i0
+        return torch.stack([i0, i1], 1), torch.stack([1 - l1, l1], 1)
+
+    def class_weights(self, labels: torch.Tensor, keep: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A^T D_k 1`` ``(K, n_t)`` and ``A^T D_k A`` as a 3 x 3 stencil ``(K, 9, n_t)`` (entry
+        ``[k, d, p]`` couples cell ``p`` with its neighbour at offset ``d``) for one image's grid
+        labels ``(h, w)`` and kept cells ``(h, w)``."""
+        n_t = self.size[0] * self.size[1]
+        kept = keep.reshape(-1)
+        lab = labels.reshape(-1)[kept]
+        v = torch.zeros(k * n_t, dtype=torch.float64, device=self.device)
+        v.index_add_(0, (lab * n_t + self.cell[:, kept]).reshape(-1), self.weight[:, kept].reshape(-1))
+        wk = torch.zeros(k * n_t * 9, dtype=torch.float64, device=self.device)
+        wk.index_add_(0, (lab * (n_t * 9) + self.pair_index[:, kept]).reshape(-1),
+                      self.pair_weight[:, kept].reshape(-1))
+        return v.view(k, n_t), wk.view(k, 9, n_t)
+
+    def neighbours(self, fs: torch.Tensor) -> Iterator[torch.Tensor]:
+        """For each offset ``d = (dy + 1) * 3 + (dx + 1)`` in turn: ``fs`` ``(C, n_t)`` at each cell's
+        neighbour ``p + (dy, dx)``, ``(C, h0, w0)`` (zero outside the map, where the stencil is 0)."""
+        h0, w0 = self.size
+        pad = F.pad(fs.view(-1, h0, w0), (1, 1, 1, 1))
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                yield pad[:, 1 + dy : 1 + dy + h0, 1 + dx : 1 + dx + w0]
+
+
 class SemanticVariance:
     """Streaming semantic variance of one tap (see the module docstring for the definition).
 
@@ -519,11 +585,10 @@ class SemanticVariance:
         self.grid = (h, w)
         grid = labels_to_grid(mask.to(features.device), (h, w), self.num_classes, self.ignore_index, self.purity)
         keep_all = grid != self.ignore_index  # (B, h, w)
-        rows = []
-        for i in range(b):  # one image at a time: an upsampled deep map is large
-            fi = resample_features(features[i : i + 1].detach(), (h, w))[0]  # (C, h, w)
-            rows.append(fi.permute(1, 2, 0)[keep_all[i]].to(torch.float64))
-        f = torch.cat(rows) if rows else features.new_zeros(0, c, dtype=torch.float64)
+        h0, w0 = features.shape[-2:]
+        # a tap coarser than the grid (bilinear upsampling, fewer cells): every sum at its own
+        # resolution (_add_coarse); else on the grid's kept cells
+        coarse = h0 * w0 < h * w and not (h0 >= h and w0 >= w)
         lab = grid[keep_all]
         per_image = keep_all.flatten(1).sum(1)
         blk = blocks.repeat_interleave(per_image)  # block of each kept cell
@@ -534,10 +599,28 @@ class SemanticVariance:
         self._images += b
         half = halves.repeat_interleave(per_image)
         k = self.num_classes
+        if coarse:
+            f = None
+            stencil = _Stencil((h0, w0), (h, w), features.device)
+        else:
+            rows = []
+            for i in range(b):  # one image at a time: a resampled map is large
+                # float64 before resampling, as the coarse path sums in float64
+                fi = resample_features(features[i : i + 1].detach().to(torch.float64), (h, w))[0]  # (C, h, w)
+                rows.append(fi.permute(1, 2, 0)[keep_all[i]])
+            f = torch.cat(rows) if rows else features.new_zeros(0, c, dtype=torch.float64)
         if self._shift is None:
             kw = {"dtype": torch.float64, "device": features.device}
-            self._shift = (self._preset.to(f) if self._preset is not None else
-                           f.mean(0) if f.shape[0] else torch.zeros(c, **kw))
+            n = int(per_image.sum())
+            if self._preset is not None:
+                self._shift = self._preset.to(**kw)
+            elif n and f is not None:
+                self._shift = f.mean(0)
+            elif n:  # the kept cells' mean: sum_i 1^T D A f_i / N
+                self._shift = sum(stencil.class_weights(grid[i], keep_all[i], k)[0].sum(0)
+                                  @ features[i].detach().to(torch.float64).reshape(c, -1).T for i in range(b)) / n
+            else:
+                self._shift = torch.zeros(c, **kw)
             self._count = torch.zeros(self._cap, k, **kw)
             self._sum = torch.zeros(self._cap, k, c, **kw)
             self._sqn = torch.zeros(self._cap, k, **kw)
@@ -549,14 +632,21 @@ class SemanticVariance:
             raise ValueError(f"features changed channel count: {c} vs {self._shift.numel()} before")
         if b and int(blocks.max()) >= self._cap:
             self._grow(min(self.blocks, max(int(blocks.max()) + 1, 2 * self._cap)))
-        if f.shape[0] == 0:
+        if lab.numel() == 0:
+            return
+        ones = torch.ones_like(lab, dtype=torch.float64)
+        self._count.view(-1).index_add_(0, blk * k + lab, ones)
+        self._half_count.view(-1).index_add_(0, half * k + lab, ones)
+        if coarse:
+            for i in range(b):
+                if int(per_image[i]):
+                    self._add_coarse(features[i].detach(), stencil, *stencil.class_weights(grid[i], keep_all[i], k),
+                                     int(blocks[i]), int(halves[i]))
             return
         z = f - self._shift
         cell = blk * k + lab  # (block, class) bin of each cell
-        self._count.view(-1).index_add_(0, cell, torch.ones_like(lab, dtype=torch.float64))
         self._sum.view(-1, c).index_add_(0, cell, z)
         self._sqn.view(-1).index_add_(0, cell, (z * z).sum(1))
-        self._half_count.view(-1).index_add_(0, half * k + lab, torch.ones_like(lab, dtype=torch.float64))
         self._half_sum.view(-1, c).index_add_(0, half * k + lab, z)
         if self._chan_sq is not None:
             self._chan_sq.index_add_(0, lab, z * z)
@@ -566,6 +656,38 @@ class SemanticVariance:
             for g in blk.unique().tolist():
                 zg = z[blk == g]
                 self._second[g].addmm_(zg.T, zg)
+
+    def _add_coarse(self, features: torch.Tensor, stencil: _Stencil, v: torch.Tensor, wk: torch.Tensor,
+                    block: int, half: int) -> None:
+        """Add one image of a tap coarser than the grid, every sum at the tap's resolution.
+
+        With ``f`` the image's ``(n_t, C)`` features (``n_t = h0 w0`` cells), ``A`` the bilinear
+        upsampling to the grid (``h w x n_t``, rows summing to 1, so ``A f - 1 s^T = A (f - 1 s^T)``
+        for the shift ``s``) and ``D_k`` the 0/1 diagonal of the grid cells kept with class
+        ``k``, the grid sums are ``sum_k = (A^T D_k 1)^T f'`` and ``sum_{i in k} z_i z_i^T =
+        f'^T (A^T D_k A) f'`` with ``f' = f - 1 s^T``. ``A^T D_k A`` couples only neighbouring
+        tap cells (3 x 3), held as ``wk`` ``(K, 9, n_t)``; ``v = A^T D_k 1`` is ``(K, n_t)``. An
+        image costs ``O(n_t C^2 + 9 K n_t C)`` instead of ``O(h w C^2)``."""
+        c = features.shape[0]
+        fs = features.to(torch.float64).reshape(c, -1) - self._shift[:, None]  # f'^T, (C, n_t)
+        sums = v @ fs.T  # (K, C)
+        # sum_{i in k} z_ic^2 = sum_{d, p} wk[k, d, p] f'[p, c] f'[p + d, c], and
+        # (A^T D A) f' = sum_d (sum_k wk[k, d]) f'[. + d]
+        chan = fs.new_zeros(c, wk.shape[0])  # (C, K)
+        wf = fs.new_zeros(c, fs.shape[1])  # ((A^T D A) f')^T, (C, n_t)
+        w_all = wk.sum(0)  # (9, n_t)
+        for d, nb in enumerate(stencil.neighbours(fs)):
+            nb = nb.reshape(c, -1)
+            chan.addmm_(fs * nb, wk[:, d].T)
+            wf.addcmul_(nb, w_all[d])
+        chan = chan.T
+        self._sum[block] += sums
+        self._half_sum[half] += sums
+        self._sqn[block] += chan.sum(1)
+        if self._chan_sq is not None:
+            self._chan_sq += chan
+        if self._second is not None:
+            self._second[block if self.whitened_blocks else 0].addmm_(fs, wf.T)
 
     def compute(self) -> SemanticVarianceResult:
         """The statistics over everything seen so far."""
