@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from process_helpers import free_port
 from torch import nn
 
 from fusionzoo.engine.sync_bn import AllReduceBatchNorm, convert_sync_batchnorm
@@ -19,12 +19,6 @@ def _data():
     x = torch.randn(4, 3, 5, 5, generator=g) * 2 + 1
     r = torch.randn(4, 3, 5, 5, generator=g)
     return x, r
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, queue) -> None:
@@ -55,7 +49,7 @@ def _worker(rank: int, port: int, queue) -> None:
 def test_two_ranks_equal_one_full_batch():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()

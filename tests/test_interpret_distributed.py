@@ -12,39 +12,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from process_helpers import check_completed, child_env, free_port
 
 import fusionzoo as fz
 from fusionzoo.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # 10 images in batches of 4: three batches (the last of 2), two in process 0 and one in process 1;
 # fewer images than bootstrap blocks (20), so the processes allocate different blocks.
 ARGS = ["--num-samples", "10", "--image-size", "32", "40", "--batch-size", "4", "--threads", "1", "--no-progress",
         "--device", "cpu"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-                HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-
-
-def _check(proc: subprocess.CompletedProcess) -> None:
-    if proc.returncode != 0:
-        raise AssertionError(f"failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
 
 
 def _numbers(tree, path=""):
@@ -83,9 +65,9 @@ def test_two_process_interpret_equals_one_process(tmp_path):
     cli = ["-m", "fusionzoo.cli", *cli]
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(_free_port()), *cli, "--out", str(tmp_path / "ddp")],
-        capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path, check=False)
-    _check(ddp)
+         "--master-port", str(free_port()), *cli, "--out", str(tmp_path / "ddp")],
+        capture_output=True, text=True, env=child_env(), timeout=600, cwd=tmp_path, check=False)
+    check_completed(ddp)
     assert ddp.stdout.count("wrote") == 1, ddp.stdout  # process 0 alone writes the report
 
     a = json.loads((tmp_path / "single" / "metrics.json").read_text())

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from process_helpers import check_completed, child_env, free_port
 
 from fusionzoo.weights import load_tensors
 
@@ -27,33 +27,17 @@ COMMON = ["--model", "esanet", "--image-size", "32,32", "--train-samples", "8", 
           "--model-kwargs", "{encoder: test_resnet, dropout: 0.0}", "--log-interval", "1", "--no-report"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-                HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-
-
-def _check(proc: subprocess.CompletedProcess) -> None:
-    if proc.returncode != 0:
-        raise AssertionError(f"failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
-
-
 def test_two_process_ddp_equals_single_process(tmp_path):
     single = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *COMMON, "--batch-size", "4", "--out-dir", str(tmp_path),
-         "--run-name", "single"], capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path, check=False)
-    _check(single)
+         "--run-name", "single"], capture_output=True, text=True, env=child_env(), timeout=600, cwd=tmp_path, check=False)
+    check_completed(single)
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(_free_port()), str(ROOT / "train.py"), *COMMON, "--batch-size", "2",
+         "--master-port", str(free_port()), str(ROOT / "train.py"), *COMMON, "--batch-size", "2",
          "--out-dir", str(tmp_path), "--run-name", "ddp"],
-        capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path, check=False)
-    _check(ddp)
+        capture_output=True, text=True, env=child_env(), timeout=600, cwd=tmp_path, check=False)
+    check_completed(ddp)
 
     a = load_tensors(tmp_path / "single" / "checkpoints" / "last" / "model.safetensors")
     b = load_tensors(tmp_path / "ddp" / "checkpoints" / "last" / "model.safetensors")
