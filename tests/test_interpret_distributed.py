@@ -14,14 +14,12 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 from process_helpers import check_completed, child_env, free_port
 
 import fusionzoo as fz
 from fusionzoo.cli import main
-
 
 # 10 images in batches of 4: three batches (the last of 2), two in process 0 and one in process 1;
 # fewer images than bootstrap blocks (20), so the processes allocate different blocks.
