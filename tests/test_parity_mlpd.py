@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import fusionzoo as fz
+from fusionzoo import encoders
 from fusionzoo.cli import main as cli_main
-from fusionzoo.detection.published import mlpd as mlpd_module
 from fusionzoo.detection.published.mlpd import mlpd_loss, mlpd_priors
 from fusionzoo.models.convert import convert_state_dict
 
@@ -249,7 +249,7 @@ def test_imagenet_initialisation_follows_the_reference(converted, small, monkeyp
             cin = cout
     stand_in = torch.nn.Module()
     stand_in.features = torch.nn.Sequential(*layers)
-    monkeypatch.setattr(mlpd_module.timm, "create_model", lambda name, pretrained: stand_in)
+    monkeypatch.setattr(encoders.timm, "create_model", lambda name, pretrained: stand_in)  # pretrained_timm_model
     model.load_imagenet()
     convs, norms = layers[0::3], layers[1::3]
     state = model.state_dict()

@@ -39,6 +39,19 @@ def _create_timm(name: str, in_chans: int, pretrained: bool, timm_kwargs: Mappin
         raise _weights_error(name, err) from err
 
 
+def pretrained_timm_model(name: str) -> nn.Module:
+    """timm's whole model ``name`` with its pretrained weights, for a published network that copies
+    them layer by layer (FuseNet's and MLPD's VGG-16).
+
+    Raises:
+        PretrainedWeightsError: the weights are not in the huggingface-hub cache and cannot be fetched.
+    """
+    try:
+        return timm.create_model(name, pretrained=True)
+    except Exception as err:  # hub errors: offline, no cache entry, HTTP, corrupt file
+        raise _weights_error(name, err) from err
+
+
 def _weights_error(name: str, err: Exception) -> PretrainedWeightsError:
     try:
         cfg = timm.get_pretrained_cfg(name)

@@ -46,14 +46,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import batched_nms
 
 from ..._registry import ReleasedWeights, register_weights
-from ...encoders import _weights_error
+from ...encoders import pretrained_timm_model
 from ...models.base import FusionModel
 from ...models.convert import ConversionError, published_entry, register_converter, rename_keys
 from ..boxes import Detections, check_targets
@@ -522,11 +521,7 @@ class MLPD(FusionModel):
         Raises:
             PretrainedWeightsError: the weights are not in the huggingface-hub cache and cannot be fetched.
         """
-        name = "vgg16_bn.tv_in1k"
-        try:
-            vgg = timm.create_model(name, pretrained=True)
-        except Exception as err:  # hub errors: offline, no cache entry, HTTP, corrupt file
-            raise _weights_error(name, err) from err
+        vgg = pretrained_timm_model("vgg16_bn.tv_in1k")
         convs = [m for m in vgg.features if isinstance(m, nn.Conv2d)]
         norms = [m for m in vgg.features if isinstance(m, nn.BatchNorm2d)]
         per_stream = sum(len(w) for w in STREAM_BLOCKS)  # 10: conv1_1 .. conv4_3

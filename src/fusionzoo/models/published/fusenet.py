@@ -23,12 +23,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 
-import timm
 import torch
 from torch import nn
 
 from ..._registry import ReleasedWeights, register_model, register_weights
-from ...encoders import _weights_error
+from ...encoders import pretrained_timm_model
 from ...fusion import SumFusion
 from ..base import FusionModel, entry_config
 from ..convert import build_or_load, register_converter, rename_keys
@@ -91,11 +90,7 @@ class VGG16BNEncoder(nn.Module):
         Raises:
             PretrainedWeightsError: the weights are not in the huggingface-hub cache and cannot be fetched.
         """
-        name = "vgg16.tv_in1k"
-        try:
-            vgg = timm.create_model(name, pretrained=True)
-        except Exception as err:  # hub errors: offline, no cache entry, HTTP, corrupt file
-            raise _weights_error(name, err) from err
+        vgg = pretrained_timm_model("vgg16.tv_in1k")
         source = [m for m in vgg.features if isinstance(m, nn.Conv2d)]
         target = [m for m in self.modules() if isinstance(m, nn.Conv2d)]
         with torch.no_grad():
