@@ -62,27 +62,49 @@ def batch():
 
 
 @pytest.mark.filterwarnings("ignore:semantic variance computed on only")  # 8x8 images: few cells, on purpose
-@pytest.mark.parametrize(("metrics", "forwards"), [
-    (["cka", "health", "semantic_variance"], 1),  # taps of the full-input pass only
-    (["reliance"], 1 + 2),                         # + one pass per removed modality
-    (["contribution"], 1 + 3 + 2),                 # + the other 3 coalitions + 2 permutations
-    (["contribution", "reliance"], 1 + 3 + 2),     # reliance rides on the one-removed coalitions
+@pytest.mark.parametrize(("metrics", "forwards", "images"), [
+    (["cka", "health", "semantic_variance"], 1, 4),  # taps of the full-input pass only
+    (["reliance"], 1 + 2, 4 * 3),                     # + one pass per removed modality
+    # + the other 3 coalitions + 2 permutations; the empty coalition (both modalities zero) is the
+    # same input for every image, so its forward is of one image
+    (["contribution"], 1 + 3 + 2, 4 * 5 + 1),
+    (["contribution", "reliance"], 1 + 3 + 2, 4 * 5 + 1),  # reliance rides on the one-removed coalitions
 ])
-def test_one_forward_per_batch_plus_the_planned_passes(batch, metrics, forwards):
+def test_one_forward_per_batch_plus_the_planned_passes(batch, metrics, forwards, images):
     model = Counting()
     res = interpret.run(model, [batch], metrics=metrics, samples_per_image=4, policies=(),  # the main policy only
                         pass_pixels=None)  # one forward per pass
-    assert len(model.calls) == forwards and model.images == 4 * forwards
+    assert len(model.calls) == forwards and model.images == images
     for name in metrics:
         assert getattr(res, name) is not None, name
-    # batched (the default): the removal passes run as one forward of their concatenated inputs
+    # batched (the default): the removal passes run as one forward of their concatenated inputs,
+    # apart from the one-image forward of the empty coalition
     batched = Counting()
     again = interpret.run(batched, [batch], metrics=metrics, samples_per_image=4, policies=())
-    assert batched.images == 4 * forwards
-    assert len(batched.calls) == min(forwards, 2)
+    assert batched.images == images
+    assert len(batched.calls) == min(forwards, 2 + ("contribution" in metrics))
     for name in metrics:
         assert _flat(again.to_json()[name]) == pytest.approx(_flat(res.to_json()[name]), rel=1e-6, abs=1e-9,
                                                              nan_ok=True)
+
+
+@pytest.mark.filterwarnings("ignore:semantic variance computed on only")
+def test_a_pass_with_the_same_input_for_every_image_runs_one_image(batch, monkeypatch):
+    """The empty coalition under ``zero`` and ``mean`` fills every modality with one constant: its
+    one-image forward, broadcast, gives the numbers of the whole batch's forward (eval mode)."""
+    kw = {"metrics": ["contribution", "reliance"], "samples_per_image": 4,
+          "policies": ("mean", "missing"), "pass_pixels": None}
+    fast = Counting()
+    res = interpret.run(fast, [batch], **kw)
+    monkeypatch.setattr(interpret.api, "_same_for_every_image", lambda inputs: False)
+    whole = Counting()
+    ref = interpret.run(whole, [batch], **kw)
+    # zero's and mean's empty coalitions (missing's is zero's): 3 images fewer each
+    assert whole.images - fast.images == 2 * 3 and len(whole.calls) == len(fast.calls)
+    for name in kw["metrics"]:
+        assert _flat(res.to_json()[name]) == pytest.approx(_flat(ref.to_json()[name]), rel=1e-6, abs=1e-9,
+                                                           nan_ok=True)
+    assert res.intervals == pytest.approx(ref.intervals, nan_ok=True)
 
 
 def test_batched_passes_keep_the_numbers_and_the_pixel_budget(batch):

@@ -288,13 +288,35 @@ def _chunks(passes: Sequence[Pass], pixels: int | None) -> list[list[Pass]]:
     return out
 
 
+def _same_for_every_image(inputs: Mapping[str, torch.Tensor]) -> bool:
+    """True when every image of the batch has the same inputs (``(B, ...)`` tensors, B > 1):
+    the empty coalition under the ``zero`` and ``mean`` policies, whose forward is then that of
+    one image."""
+    xs = list(inputs.values())
+    return bool(xs) and xs[0].shape[0] > 1 and all(torch.equal(x, x[:1].expand_as(x)) for x in xs)
+
+
+def _broadcast(output: Any, size: int) -> Any:
+    """One image's forward output made the output of ``size`` identical images (a view along
+    the batch for a tensor, the same entry repeated for a detector's per-image list); None for an
+    output of another shape."""
+    if isinstance(output, torch.Tensor) and output.shape[:1] == (1,):
+        return output.expand(size, *output.shape[1:])
+    if isinstance(output, list) and len(output) == 1:
+        return output * size
+    return None
+
+
 def _run_passes(ctx: BatchContext, accs: Sequence[MetricAccumulator], removal_taps: list[str]) -> None:
     """The removal passes of one batch, each given to every accumulator (in the planned order).
 
     Passes that differ only in their inputs run as one forward of their concatenated batches
     (``spec.pass_pixels`` input pixels at most; batch-norm layers are in eval mode, so an
     image's output does not depend on the others in its batch), and the full-input pass reuses
-    the forward that captured the taps. Passes with one modality removed capture the removal taps.
+    the forward that captured the taps. A pass whose inputs are the same for every image (the
+    empty coalition under ``zero`` or ``mean``: every modality filled with one constant) runs the
+    forward of one image and broadcasts it, so the ``2^M`` coalitions cost ``2^M - 1`` forwards
+    of the batch. Passes with one modality removed capture the removal taps.
     """
     spec = ctx.spec
     model, full = spec.model, frozenset(spec.modalities)
@@ -319,6 +341,13 @@ def _run_passes(ctx: BatchContext, accs: Sequence[MetricAccumulator], removal_ta
             p = todo.popleft()
             give(p, *ready.pop(id(p)))
 
+    flush()
+    for p in [p for p in todo if id(p) not in ready and _same_for_every_image(p.inputs)]:
+        size = next(iter(p.inputs.values())).shape[0]
+        with _capturing(model, removal_taps, captures(p)) as acts:
+            output = _broadcast(model({m: x[:1] for m, x in p.inputs.items()}, missing=p.missing), size)
+        if output is not None:  # else an output that is not per image: the pass runs whole below
+            ready[id(p)] = (output, {t: v.expand(size, *v.shape[1:]) for t, v in acts.items()})
     flush()
     for chunk in _chunks([p for p in todo if id(p) not in ready], spec.pass_pixels):
         sizes = [next(iter(p.inputs.values())).shape[0] for p in chunk]
