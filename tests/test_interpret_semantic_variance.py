@@ -1,6 +1,7 @@
 """Semantic variance: known answers, streaming == one shot, label reduction to the feature grid."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -216,3 +217,22 @@ def test_second_moment_at_tap_resolution_equals_the_grid_sum(shape):
     a, b = one_new.compute(), one_ref.compute()
     assert _close(a.sv_whitened_plugin, b.sv_whitened_plugin)
     assert _close(a.sv_whitened, b.sv_whitened, scale=b.sv_whitened_plugin)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (16, 16)])  # a tap on the stride-4 grid, and a finer (stride-2) one
+def test_cells_in_chunks_give_the_sums_of_one_chunk(size, monkeypatch):
+    """The grid path reads an image's kept cells in chunks of ``CHUNK_BYTES`` (and area-averages a
+    finer tap a few channels at a time): chunks of 3 rows and 1 channel give every sum of one chunk."""
+    g = _gen(11)
+    mask = torch.randint(0, 3, (3, 32, 32), generator=g)
+    mask[0, :9] = 255  # ignored cells inside and across chunks
+    feats = torch.randn(3, 6, *size, generator=g)
+    blocks = torch.tensor([0, 1, 0])
+    whole = SemanticVariance(3, stride=4, blocks=2)
+    whole.update(feats, mask, blocks)
+    monkeypatch.setattr(sys.modules["fusionzoo.interpret.semantic_variance"], "CHUNK_BYTES", 8 * 6 * 3)
+    chunked = SemanticVariance(3, stride=4, blocks=2)
+    chunked.update(feats, mask, blocks)
+    for a, b in zip(chunked.state(), whole.state(), strict=True):
+        assert _close(a, b), (a, b)
+    assert _close(chunked.shift, whole.shift)

@@ -110,6 +110,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +121,7 @@ __all__ = ["MIN_CELLS", "WHITENED_RIDGE", "SemanticVariance", "SemanticVarianceR
            "labels_to_grid", "resample_features", "semantic_variance", "whitened_sv"]
 
 MIN_CELLS = 100  # fewer labelled cells than this over a whole dataset: SV is reported with a warning
+CHUNK_BYTES = 4 << 20  # float64 rows of one tap's grid cells handled at a time (SemanticVariance.update)
 WHITENED_RIDGE = 1e-6  # added to the standardized total scatter (unit diagonal) before the whitened form's solve
 
 
@@ -557,7 +559,7 @@ class SemanticVariance:
                             self._half_sum) if t is not None]
 
     def update(self, features: torch.Tensor, mask: torch.Tensor, blocks: torch.Tensor | None = None,
-               first_image: int | None = None) -> None:
+               first_image: int | None = None, cache: dict[tuple, Any] | None = None) -> None:
         """Add a batch.
 
         Args:
@@ -567,6 +569,9 @@ class SemanticVariance:
             blocks: ``(B,)`` block of each image, in ``[0, G)``; None: block 0.
             first_image: index of the batch's first image in the dataset (a sharded dataset's
                 halves follow it); None: the images seen so far.
+            cache: a dict shared by the accumulators of one batch's taps (the same ``mask``): the
+                grid labels and the upsampling stencils are then computed once per grid and tap
+                size instead of once per tap.
         """
         if features.dim() != 4:
             raise ValueError(f"features must be (B, C, h, w), got shape {tuple(features.shape)}")
@@ -583,7 +588,12 @@ class SemanticVariance:
         if self.stride is not None:
             h, w = -(-mask.shape[-2] // self.stride), -(-mask.shape[-1] // self.stride)
         self.grid = (h, w)
-        grid = labels_to_grid(mask.to(features.device), (h, w), self.num_classes, self.ignore_index, self.purity)
+        cache = {} if cache is None else cache
+        key = ("grid", h, w, self.num_classes, self.ignore_index, self.purity)
+        if key not in cache:
+            cache[key] = labels_to_grid(mask.to(features.device), (h, w), self.num_classes, self.ignore_index,
+                                        self.purity)
+        grid = cache[key]
         keep_all = grid != self.ignore_index  # (B, h, w)
         h0, w0 = features.shape[-2:]
         # a tap coarser than the grid (bilinear upsampling, fewer cells): every sum at its own
@@ -600,25 +610,22 @@ class SemanticVariance:
         half = halves.repeat_interleave(per_image)
         k = self.num_classes
         if coarse:
-            f = None
-            stencil = _Stencil((h0, w0), (h, w), features.device)
-        else:
-            rows = []
-            for i in range(b):  # one image at a time: a resampled map is large
-                # float64 before resampling, as the coarse path sums in float64
-                fi = resample_features(features[i : i + 1].detach().to(torch.float64), (h, w))[0]  # (C, h, w)
-                rows.append(fi.permute(1, 2, 0)[keep_all[i]])
-            f = torch.cat(rows) if rows else features.new_zeros(0, c, dtype=torch.float64)
+            key = ("stencil", h0, w0, h, w, self.num_classes, self.ignore_index, self.purity)
+            if key not in cache:
+                st = _Stencil((h0, w0), (h, w), features.device)
+                cache[key] = (st, [st.class_weights(grid[i], keep_all[i], k) for i in range(b)])
+            stencil, weights = cache[key]
         if self._shift is None:
             kw = {"dtype": torch.float64, "device": features.device}
             n = int(per_image.sum())
             if self._preset is not None:
                 self._shift = self._preset.to(**kw)
-            elif n and f is not None:
-                self._shift = f.mean(0)
+            elif n and not coarse:  # the kept cells' mean
+                self._shift = sum(sum(z.sum(0) for z, _ in self._grid_rows(features[i].detach(), grid[i]))
+                                  for i in range(b)) / n
             elif n:  # the kept cells' mean: sum_i 1^T D A f_i / N
-                self._shift = sum(stencil.class_weights(grid[i], keep_all[i], k)[0].sum(0)
-                                  @ features[i].detach().to(torch.float64).reshape(c, -1).T for i in range(b)) / n
+                self._shift = sum(weights[i][0].sum(0) @ features[i].detach().to(torch.float64).reshape(c, -1).T
+                                  for i in range(b)) / n
             else:
                 self._shift = torch.zeros(c, **kw)
             self._count = torch.zeros(self._cap, k, **kw)
@@ -640,22 +647,46 @@ class SemanticVariance:
         if coarse:
             for i in range(b):
                 if int(per_image[i]):
-                    self._add_coarse(features[i].detach(), stencil, *stencil.class_weights(grid[i], keep_all[i], k),
-                                     int(blocks[i]), int(halves[i]))
+                    self._add_coarse(features[i].detach(), stencil, *weights[i], int(blocks[i]), int(halves[i]))
             return
-        z = f - self._shift
-        cell = blk * k + lab  # (block, class) bin of each cell
-        self._sum.view(-1, c).index_add_(0, cell, z)
-        self._sqn.view(-1).index_add_(0, cell, (z * z).sum(1))
-        self._half_sum.view(-1, c).index_add_(0, half * k + lab, z)
-        if self._chan_sq is not None:
-            self._chan_sq.index_add_(0, lab, z * z)
-        if self._second is not None and not self.whitened_blocks:
-            self._second[0].addmm_(z.T, z)
-        elif self._second is not None:
-            for g in blk.unique().tolist():
-                zg = z[blk == g]
-                self._second[g].addmm_(zg.T, zg)
+        for i in range(b):  # one image, and in it chunks of cells, at a time: no map-sized temporaries
+            sums = self._sum.new_zeros(k, c)  # per class: sum of z, sum of z * z by channel
+            squares = self._sum.new_zeros(k, c)
+            second = self._second[int(blocks[i]) if self.whitened_blocks else 0] if self._second is not None else None
+            for z, lab_i in self._grid_rows(features[i].detach(), grid[i]):
+                z -= self._shift
+                one_hot = F.one_hot(lab_i, k).to(z)  # (n, K): class sums as products, not scatters
+                sums.addmm_(one_hot.T, z)
+                squares.addmm_(one_hot.T, z * z)
+                if second is not None:
+                    second.addmm_(z.T, z)
+            self._sum[int(blocks[i])] += sums
+            self._half_sum[int(halves[i])] += sums
+            self._sqn[int(blocks[i])] += squares.sum(1)
+            if self._chan_sq is not None:
+                self._chan_sq += squares
+
+    def _grid_rows(self, features: torch.Tensor, labels: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One image's features ``(C, h0, w0)`` at the kept cells of its grid labels ``(h, w)``:
+        float64 rows ``(n, C)`` with their labels ``(n,)``, in chunks of ``CHUNK_BYTES`` (map-sized
+        float64 temporaries cost more in page faults than in arithmetic at 480x640). A tap on
+        the grid is read in place; a finer one (a stride-2 stem) is area-averaged onto it in
+        float64, a group of channels at a time."""
+        c = features.shape[0]
+        grid = tuple(labels.shape)
+        if tuple(features.shape[-2:]) == grid:
+            flat = features.reshape(c, -1)
+        else:
+            group = max(1, CHUNK_BYTES // (8 * features[0].numel()))
+            flat = torch.cat([resample_features(features[j:j + group].to(torch.float64)[None], grid)[0].reshape(
+                min(group, c - j), -1) for j in range(0, c, group)])
+        labels = labels.reshape(-1)
+        rows = max(1, CHUNK_BYTES // (8 * c))
+        for j in range(0, labels.numel(), rows):
+            lab = labels[j:j + rows]
+            keep = lab != self.ignore_index
+            if bool(keep.any()):
+                yield flat[:, j:j + rows].T.to(torch.float64)[keep], lab[keep]
 
     def _add_coarse(self, features: torch.Tensor, stencil: _Stencil, v: torch.Tensor, wk: torch.Tensor,
                     block: int, half: int) -> None:

@@ -89,8 +89,9 @@ class SemanticVarianceMetric(MetricAccumulator):
                             "semantic variance needs it in every batch")
         if labels is not None:
             blocks = self.boot.image_blocks(batch)
+            cache: dict[tuple, Any] = {}  # grid labels and stencils, shared by the taps of this batch
             for n, acc in self.accs.items():
-                acc.update(batch.acts[n], labels, blocks, first_image=batch.first_image)
+                acc.update(batch.acts[n], labels, blocks, first_image=batch.first_image, cache=cache)
 
     def shared(self) -> dict[str, Any]:
         return {"source": self.source, "shifts": {n: acc.shift for n, acc in self.accs.items()
