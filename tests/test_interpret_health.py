@@ -1,6 +1,7 @@
 """Effective rank, feature norms, Grad-CAM and gate maps on cases with known answers."""
 
 import math
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -42,6 +43,22 @@ def test_feature_norm():
     fn.update(torch.full((2, 4, 3, 3), 0.5))  # |(0.5, 0.5, 0.5, 0.5)| = 1 per pixel
     fn.update(torch.full((1, 4, 3, 3), 1.0))  # 2 per pixel
     assert fn.compute() == pytest.approx((18 * 1 + 9 * 2) / 27)
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 5, 3), (6, 7)])  # a map, and rows
+@pytest.mark.parametrize("group_bytes", [4 << 20, 8 * 15 * 2])  # every channel at once; 2 at a time
+def test_feature_norm_is_the_mean_pixel_norm_in_float64(shape, group_bytes, monkeypatch):
+    """Squares summed a few channels at a time give the float64 mean of the per-pixel norms."""
+    monkeypatch.setattr(sys.modules["fusionzoo.interpret.health"], "NORM_CHUNK_BYTES", group_bytes)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) + 3.0
+    rows = x.permute(0, 2, 3, 1).reshape(-1, 7) if x.dim() == 4 else x
+    fn = FeatureNorm()
+    fn.update(x)
+    fn.update(x[:1])
+    want = torch.cat([rows, rows[: len(rows) // shape[0]]]).double().norm(dim=1).mean()
+    assert fn.compute() == pytest.approx(float(want), rel=1e-12)
+    with pytest.raises(ValueError, match=r"\(B, C, h, w\) or \(B, C\)"):
+        FeatureNorm().update(torch.zeros(2, 3, 4))
 
 
 class TinyTapped(nn.Module):

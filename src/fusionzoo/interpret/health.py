@@ -20,6 +20,8 @@ import torch
 
 __all__ = ["EffectiveRank", "FeatureNorm", "effective_rank", "pixel_rows"]
 
+NORM_CHUNK_BYTES = 4 << 20  # float64 channels of one image's map squared at a time (FeatureNorm.update)
+
 
 def pixel_rows(features: torch.Tensor) -> torch.Tensor:
     """``(B, C, h, w)`` -> ``(B * h * w, C)`` rows (one per pixel); ``(B, C)`` unchanged."""
@@ -127,9 +129,21 @@ class FeatureNorm:
 
     def update(self, features: torch.Tensor) -> None:
         """Add ``(B, C, h, w)`` or ``(n, C)`` features."""
-        x = pixel_rows(features.detach()).double()
-        self.n += x.shape[0]
-        self.total += float(x.norm(dim=1).sum())
+        x = features.detach()
+        if x.dim() == 2:
+            x = x.T[None, :, :, None]  # (1, C, n, 1): the rows as pixels
+        elif x.dim() != 4:
+            raise ValueError(f"expected (B, C, h, w) or (B, C) features, got shape {tuple(x.shape)}")
+        b, c, h, w = x.shape
+        # squared norms summed in float64 over a few channels at a time: no float64 copy of the map
+        group = max(1, NORM_CHUNK_BYTES // (8 * h * w))
+        for i in range(b):
+            sq = torch.zeros(h, w, dtype=torch.float64, device=x.device)
+            for j in range(0, c, group):
+                y = x[i, j:j + group].double()
+                sq += (y * y).sum(0)
+            self.total += float(sq.sqrt_().sum())
+        self.n += b * h * w
 
     def compute(self) -> float:
         return self.total / self.n if self.n else math.nan
