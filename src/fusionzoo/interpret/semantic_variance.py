@@ -613,7 +613,8 @@ class SemanticVariance:
             key = ("stencil", h0, w0, h, w, self.num_classes, self.ignore_index, self.purity)
             if key not in cache:
                 st = _Stencil((h0, w0), (h, w), features.device)
-                cache[key] = (st, [st.class_weights(grid[i], keep_all[i], k) for i in range(b)])
+                per_image_weights = [st.class_weights(grid[i], keep_all[i], k) for i in range(b)]
+                cache[key] = (st, tuple(torch.stack(t) for t in zip(*per_image_weights)))  # (B, K, n_t), (B, K, 9, n_t)
             stencil, weights = cache[key]
         if self._shift is None:
             kw = {"dtype": torch.float64, "device": features.device}
@@ -624,7 +625,7 @@ class SemanticVariance:
                 self._shift = sum(sum(z.sum(0) for z, _ in self._grid_rows(features[i].detach(), grid[i]))
                                   for i in range(b)) / n
             elif n:  # the kept cells' mean: sum_i 1^T D A f_i / N
-                self._shift = sum(weights[i][0].sum(0) @ features[i].detach().to(torch.float64).reshape(c, -1).T
+                self._shift = sum(weights[0][i].sum(0) @ features[i].detach().to(torch.float64).reshape(c, -1).T
                                   for i in range(b)) / n
             else:
                 self._shift = torch.zeros(c, **kw)
@@ -644,10 +645,11 @@ class SemanticVariance:
         ones = torch.ones_like(lab, dtype=torch.float64)
         self._count.view(-1).index_add_(0, blk * k + lab, ones)
         self._half_count.view(-1).index_add_(0, half * k + lab, ones)
-        if coarse:
-            for i in range(b):
-                if int(per_image[i]):
-                    self._add_coarse(features[i].detach(), stencil, *weights[i], int(blocks[i]), int(halves[i]))
+        if coarse:  # images in groups of about CHUNK_BYTES of float64 features
+            step = max(1, CHUNK_BYTES // (8 * c * h0 * w0))
+            for i in range(0, b, step):
+                self._add_coarse(features[i:i + step].detach(), stencil, weights[0][i:i + step],
+                                 weights[1][i:i + step], blocks[i:i + step], halves[i:i + step])
             return
         for i in range(b):  # one image, and in it chunks of cells, at a time: no map-sized temporaries
             sums = self._sum.new_zeros(k, c)  # per class: sum of z, sum of z * z by channel
@@ -689,36 +691,44 @@ class SemanticVariance:
                 yield flat[:, j:j + rows].T.to(torch.float64)[keep], lab[keep]
 
     def _add_coarse(self, features: torch.Tensor, stencil: _Stencil, v: torch.Tensor, wk: torch.Tensor,
-                    block: int, half: int) -> None:
-        """Add one image of a tap coarser than the grid, every sum at the tap's resolution.
+                    blocks: torch.Tensor, halves: torch.Tensor) -> None:
+        """Add a group of ``g`` images of a tap coarser than the grid, every sum at the tap's
+        resolution.
 
-        With ``f`` the image's ``(n_t, C)`` features (``n_t = h0 w0`` cells), ``A`` the bilinear
+        With ``f`` an image's ``(n_t, C)`` features (``n_t = h0 w0`` cells), ``A`` the bilinear
         upsampling to the grid (``h w x n_t``, rows summing to 1, so ``A f - 1 s^T = A (f - 1 s^T)``
         for the shift ``s``) and ``D_k`` the 0/1 diagonal of the grid cells kept with class
         ``k``, the grid sums are ``sum_k = (A^T D_k 1)^T f'`` and ``sum_{i in k} z_i z_i^T =
         f'^T (A^T D_k A) f'`` with ``f' = f - 1 s^T``. ``A^T D_k A`` couples only neighbouring
-        tap cells (3 x 3), held as ``wk`` ``(K, 9, n_t)``; ``v = A^T D_k 1`` is ``(K, n_t)``. An
-        image costs ``O(n_t C^2 + 9 K n_t C)`` instead of ``O(h w C^2)``."""
-        c = features.shape[0]
-        fs = features.to(torch.float64).reshape(c, -1) - self._shift[:, None]  # f'^T, (C, n_t)
-        sums = v @ fs.T  # (K, C)
+        tap cells (3 x 3), held as ``wk`` ``(g, K, 9, n_t)``; ``v = A^T D_k 1`` is ``(g, K, n_t)``.
+        An image costs ``O(n_t C^2 + 9 K n_t C)`` instead of ``O(h w C^2)``; the group's images
+        go through each step together (batched products), ``blocks`` and ``halves`` ``(g,)``."""
+        g, c = features.shape[:2]
+        fs = features.to(torch.float64).reshape(g, c, -1) - self._shift[:, None]  # f'^T, (g, C, n_t)
+        sums = torch.bmm(v, fs.transpose(1, 2))  # (g, K, C)
         # sum_{i in k} z_ic^2 = sum_{d, p} wk[k, d, p] f'[p, c] f'[p + d, c], and
         # (A^T D A) f' = sum_d (sum_k wk[k, d]) f'[. + d]
-        chan = fs.new_zeros(c, wk.shape[0])  # (C, K)
-        wf = fs.new_zeros(c, fs.shape[1])  # ((A^T D A) f')^T, (C, n_t)
-        w_all = wk.sum(0)  # (9, n_t)
-        for d, nb in enumerate(stencil.neighbours(fs)):
-            nb = nb.reshape(c, -1)
-            chan.addmm_(fs * nb, wk[:, d].T)
-            wf.addcmul_(nb, w_all[d])
-        chan = chan.T
-        self._sum[block] += sums
-        self._half_sum[half] += sums
-        self._sqn[block] += chan.sum(1)
+        chan = fs.new_zeros(g, c, wk.shape[1])  # (g, C, K)
+        wf = torch.zeros_like(fs)  # ((A^T D A) f')^T, (g, C, n_t)
+        w_all = wk.sum(1)  # (g, 9, n_t)
+        for d, nb in enumerate(stencil.neighbours(fs.reshape(g * c, -1))):
+            nb = nb.reshape(g, c, -1)
+            chan.baddbmm_(fs * nb, wk[:, :, d].transpose(1, 2))
+            wf.addcmul_(nb, w_all[:, None, d])
+        chan = chan.transpose(1, 2)  # (g, K, C)
+        self._sum.index_add_(0, blocks, sums)
+        self._half_sum.index_add_(0, halves, sums)
+        self._sqn.index_add_(0, blocks, chan.sum(2))
         if self._chan_sq is not None:
-            self._chan_sq += chan
-        if self._second is not None:
-            self._second[block if self.whitened_blocks else 0].addmm_(fs, wf.T)
+            self._chan_sq += chan.sum(0)
+        if self._second is None:
+            return
+        if not self.whitened_blocks or bool((blocks == blocks[0]).all()):  # one C x C product for the group
+            self._second[int(blocks[0]) if self.whitened_blocks else 0].addmm_(
+                fs.transpose(0, 1).reshape(c, -1), wf.transpose(0, 1).reshape(c, -1).T)
+        else:
+            for j, blk in enumerate(blocks.tolist()):
+                self._second[blk].addmm_(fs[j], wf[j].T)
 
     def compute(self) -> SemanticVarianceResult:
         """The statistics over everything seen so far."""
