@@ -40,12 +40,15 @@ def _cka_data(n=48, seed=0):
 
 
 @pytest.mark.parametrize("debiased", [True, False])
-def test_cka_replicates_are_exact(debiased):
+# two images a batch: each in its own block, the blocks' sums batched; eight: blocks 0 and 1 twice
+# in a batch, rows sorted by block and summed block by block
+@pytest.mark.parametrize("images", [2, 8])
+def test_cka_replicates_are_exact(debiased, images):
     x, y = _cka_data()
     blk = torch.arange(x.shape[0]) // 4 % 6  # 4 rows per image, images in 6 blocks
     acc = StreamingCKA(pairs=[("x", "y")], blocks=6)
-    for i in range(0, x.shape[0], 8):  # two images a batch
-        acc.update({"x": x[i:i + 8], "y": y[i:i + 8]}, blk[i:i + 8])
+    for i in range(0, x.shape[0], 4 * images):
+        acc.update({"x": x[i:i + 4 * images], "y": y[i:i + 4 * images]}, blk[i:i + 4 * images])
     w = torch.tensor([[1.0] * 6, [2, 0, 1, 3, 1, 0], [0, 0, 0, 1, 1, 1]])
     reps = acc.replicates(w, debiased)[("x", "y")]
     assert reps[0] == pytest.approx(acc.cka("x", "y", debiased), rel=1e-10)
