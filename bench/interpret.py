@@ -8,6 +8,7 @@
     python bench/interpret.py --only sv_stages --run runs/<run>   # semantic variance per stage and stream
     python bench/interpret.py --only gradcam_zero --run runs/<run>  # how many Grad-CAM maps are all zero
     python bench/interpret.py --only cost --run runs/<run>   # interpret.run / one evaluation pass
+    python bench/interpret.py --only cost --model esanet_r34_nbt1d --image-size 480 640 --samples 16
 
 1. **Capture overhead**: forward pass of a model with no listener vs ``fz.capture(model)`` on
    every tap, interleaved in the same process (median of ``--reps`` each; ratio = with / without).
@@ -241,9 +242,9 @@ def bench_cka_offset(offsets: list[float]) -> None:
         print(f"| {off:g} | " + " | ".join(f"{e:.1e}" for e in errs) + " |", flush=True)
 
 
-def _model_and_data(run: str | None, samples: int, size: tuple[int, int] = (64, 80)):
-    """A trained run's best weights and validation set, or an untrained esanet_resnet18 on the
-    synthetic validation split: ``(model, dataset, description)``."""
+def _model_and_data(run: str | None, samples: int, size: tuple[int, int] = (64, 80), name: str = "esanet_resnet18"):
+    """A trained run's best weights and validation set, or the untrained entry ``name`` (5
+    classes) on the synthetic RGB-D validation split: ``(model, dataset, description)``."""
     import fusionzoo as fz
     from fusionzoo.data import create_dataset
 
@@ -253,9 +254,9 @@ def _model_and_data(run: str | None, samples: int, size: tuple[int, int] = (64, 
         model, ds, _ = load_run(run)
         return model, ds, f"run {Path(run).name}"
     torch.manual_seed(0)
-    model = fz.create_model("esanet_resnet18", num_classes=5)
+    model = fz.create_model(name, num_classes=5)
     ds = create_dataset("synthetic_rgbd", split="val", num_samples=samples, image_size=tuple(size))
-    return model, ds, f"untrained esanet_resnet18 at {size[0]}x{size[1]}"
+    return model, ds, f"untrained {name} at {size[0]}x{size[1]}"
 
 
 def bench_sv_stages(run: str | None, samples: int) -> None:
@@ -359,7 +360,7 @@ COST_VARIANTS = {  # label -> interpret.run options
 
 
 def bench_cost(run: str | None, samples: int, reps: int, variants: list[str] | None,
-               size: tuple[int, int] = (64, 80)) -> None:
+               size: tuple[int, int] = (64, 80), name: str = "esanet_resnet18") -> None:
     """``interpret.run`` against one evaluation pass (forward + confusion matrix over the same
     images, batch 8), alternated in this process; the ratio and the floor it is held to."""
     import warnings
@@ -371,7 +372,7 @@ def bench_cost(run: str | None, samples: int, reps: int, variants: list[str] | N
     from fusionzoo.interpret.contribution import ContributionAccumulator, task_for
     from fusionzoo.tasks import ConfusionMatrix
 
-    model, ds, what = _model_and_data(run, samples, size)
+    model, ds, what = _model_and_data(run, samples, size, name)
     model.eval()
     forwards = {"calls": 0, "images": 0}
 
@@ -438,6 +439,8 @@ def main() -> None:
                    action="append")
     p.add_argument("--image-size", type=int, nargs=2, default=(64, 80),
                    help="cost without --run: input size of the synthetic images (a published entry's: 480 640)")
+    p.add_argument("--model", default="esanet_resnet18",
+                   help="cost without --run: the registered entry, untrained (a published one: esanet_r34_nbt1d)")
     p.add_argument("--variants", nargs="+", default=None,
                    help="cost: only these interpret.run variants (their labels, as the table prints them)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = stable timings on shared CPUs)")
@@ -472,7 +475,8 @@ def main() -> None:
     if "sv_stages" in sections:
         bench_sv_stages(args.run, args.samples)
     if "cost" in sections:
-        bench_cost(args.run, args.samples, args.reps if args.reps != 15 else 1, args.variants, tuple(args.image_size))
+        bench_cost(args.run, args.samples, args.reps if args.reps != 15 else 1, args.variants, tuple(args.image_size),
+                   args.model)
     if "gradcam_zero" in sections:
         bench_gradcam_zero(args.run, args.samples, args.gradcam_images)
 
