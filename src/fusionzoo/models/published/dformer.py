@@ -68,6 +68,7 @@ from torch import nn
 
 from ..._registry import ReleasedWeights, register_weights
 from ...classes import NYU40_CLASSES
+from ...heads.segformer import upsampled_projection
 from ..base import FusionModel
 from ..convert import StateDict, published_entry, read_authors_checkpoint, register_converter, rename_keys
 
@@ -450,9 +451,13 @@ class DFormer(FusionModel):
             feats.append(self.taps(f"fused.stage{i + 1}", x))
             e = self.taps(f"{aux}.stage{i + 1}", e)
         dec = self.decoder
-        size = feats[1].shape[-2:]  # stride 8; stage 2 is already there
-        y = torch.cat([feats[1]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[2:]], dim=1)
-        y = self.taps("decoder.ham", dec.hamburger(dec.squeeze(y)))
+        # The squeeze (1x1 conv over stages 2-4 resized to stride 8 and concatenated) as each stage's
+        # slice of its weight applied at the stage's own resolution, then resized and summed: the
+        # same function, 0.15 instead of 0.59 GMAC forward for DFormer-B at 256x320.
+        squeeze = dec.squeeze
+        weights = squeeze.conv.weight.flatten(1).split([f.shape[1] for f in feats[1:]], dim=1)
+        y = squeeze.act(squeeze.bn(upsampled_projection(feats[1:], weights)))
+        y = self.taps("decoder.ham", dec.hamburger(y))
         y = self.taps("decoder.out", dec.align(y))
         return self.taps("head.logits", dec.classify(y))
 
