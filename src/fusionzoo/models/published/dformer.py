@@ -68,6 +68,7 @@ from torch import nn
 
 from ..._registry import ReleasedWeights, register_weights
 from ...classes import NYU40_CLASSES
+from ...fusion._common import DepthwiseConv2d
 from ...heads.segformer import upsampled_projection
 from ..base import FusionModel
 from ..convert import StateDict, published_entry, read_authors_checkpoint, register_converter, rename_keys
@@ -115,7 +116,7 @@ class DFormerMLP(nn.Module):
         hidden = dim * ratio
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.fc1 = nn.Linear(dim, hidden)
-        self.pos = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.pos = DepthwiseConv2d(hidden, hidden, 3, padding=1, groups=hidden)  # on a channels-last view
         self.fc2 = nn.Linear(hidden, dim)
         self.act = nn.GELU()
 
@@ -147,8 +148,8 @@ class DFormerAttention(nn.Module):
         self.q_cut = nn.Linear(dim, half)
         self.a = nn.Linear(dim, dim)
         self.l = nn.Linear(dim, dim)  # the authors' name, kept for the checkpoint keys
-        self.conv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
-        self.e_conv = nn.Conv2d(half, half, 7, padding=3, groups=half)
+        self.conv = DepthwiseConv2d(dim, dim, 7, padding=3, groups=dim)  # channels-last views, as pos
+        self.e_conv = DepthwiseConv2d(half, half, 7, padding=3, groups=half)
         self.e_fore = nn.Linear(half, half)
         self.e_back = nn.Linear(half, half)
         cat = dim * 2 if window else half * 3  # [x_local (C), GAA (C/2)?, LEA (C/2)]
