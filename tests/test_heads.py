@@ -86,7 +86,8 @@ def test_segformer_decoder_per_stage_equals_its_definition(fuse_bias: bool) -> N
 
 def test_depthwise_conv_on_a_token_layout_equals_conv2d_and_keeps_its_layout() -> None:
     """DepthwiseConv2d on a channels-last view (tokens (B, N, C) seen as (B, C, H, W)) computes
-    nn.Conv2d's output and gradients, in channels-last; an NCHW input takes the plain path."""
+    nn.Conv2d's output and gradients, in channels-last; an NCHW input takes the plain path;
+    ``plus_input`` adds the input through the centre tap."""
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
     dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
@@ -104,3 +105,8 @@ def test_depthwise_conv_on_a_token_layout_equals_conv2d_and_keeps_its_layout() -
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     nchw = torch.randn(2, 8, 5, 7)
     assert dw(nchw).is_contiguous() and torch.equal(dw(nchw), conv(nchw))
+    # plus_input: conv(x) + x as one convolution (DFormer's positional conv with its residual)
+    for inp in (x, nchw):
+        torch.testing.assert_close(dw(inp, plus_input=True), conv(inp) + inp, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="odd 'same' kernel"):
+        DepthwiseConv2d(8, 8, 2, groups=8)(nchw, plus_input=True)

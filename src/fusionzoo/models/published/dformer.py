@@ -122,7 +122,7 @@ class DFormerMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(self.norm(x)).permute(0, 3, 1, 2)  # (B, hidden, H, W)
-        x = self.pos(x) + x
+        x = self.pos(x, plus_input=True)  # pos(x) + x
         return self.fc2(self.act(x.permute(0, 2, 3, 1)))
 
 
