@@ -187,8 +187,9 @@ def main() -> None:
                         help="flags of the 'fastest' column of ours: auto (channels_last, compile, and bf16 where the "
                              "device has it natively), off (no column), or a comma list of " + ", ".join(FAST_FLAGS))
     parser.add_argument("--optimizer", choices=("recipe", "plain"), default="recipe",
-                        help="recipe: ours gets train.py's AdamW (fused kernel), the authors' torch.optim.AdamW with "
-                             "PyTorch's defaults, as their train.py builds it; plain: both the latter (the networks alone)")
+                        help="recipe: ours gets train.py's AdamW (fused kernel), the authors' "
+                             "torch.optim.AdamW with PyTorch's defaults, as their train.py builds it; "
+                             "plain: both the latter (the networks alone)")
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.batch < 1:
         parser.error("--steps and --batch must be >= 1, --warmup >= 0")

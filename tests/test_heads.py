@@ -50,7 +50,9 @@ def _segformer_by_definition(dec: SegFormerDecoder, feats: list[torch.Tensor]) -
     for f, lin in zip(feats, dec.linear):
         b, _, h, w = f.shape
         x = lin(f.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, -1, h, w)
-        outs.append(F.interpolate(x, size=size, mode="bilinear", align_corners=False) if x.shape[-2:] != size else x)
+        if x.shape[-2:] != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        outs.append(x)
     return dec.fuse(torch.cat(outs[::-1], dim=1))
 
 
@@ -66,7 +68,8 @@ def test_segformer_decoder_per_stage_equals_its_definition(fuse_bias: bool) -> N
         dec.fuse[1].bias.uniform_(-0.5, 0.5)
         dec.fuse[1].running_mean.uniform_(-0.1, 0.1)
     feats = [f.detach().double().requires_grad_() for f in _feats()]
-    params = [p for n, p in dec.named_parameters() if not n.startswith("classifier.")]  # classify() is separate
+    # classify() is a separate call: the classifier is not part of forward
+    params = [p for n, p in dec.named_parameters() if not n.startswith("classifier.")]
     for train in (True, False):
         dec.train(train)
         state = {k: v.clone() for k, v in dec.state_dict().items()}

@@ -29,12 +29,16 @@ class DepthwiseConv2d(nn.Conv2d):
         w = self.weight
         if plus_input:
             kh, kw = w.shape[-2:]
-            if kh % 2 == 0 or kw % 2 == 0 or self.stride != (1, 1) or self.padding != (kh // 2, kw // 2) or self.padding_mode != "zeros":
-                raise ValueError(f"DepthwiseConv2d(plus_input=True) needs an odd 'same' kernel at stride 1, got {self}")
+            same = self.stride == (1, 1) and self.padding == (kh // 2, kw // 2) and self.padding_mode == "zeros"
+            if kh % 2 == 0 or kw % 2 == 0 or not same:
+                raise ValueError(
+                    f"DepthwiseConv2d(plus_input=True) needs an odd 'same' kernel at stride 1, got {self}"
+                )
             centre = torch.zeros_like(w)
             centre[:, :, kh // 2, kw // 2] = 1
             w = w + centre
-        if w.shape[1] == 1 and x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        token_layout = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        if w.shape[1] == 1 and token_layout:
             kh, kw = w.shape[-2:]
             w = w.as_strided(w.shape, (kh * kw, 1, kw, 1))
         return self._conv_forward(x, w, self.bias)

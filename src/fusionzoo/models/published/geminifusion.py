@@ -302,7 +302,7 @@ class GeminiFusionMiT(FusionModel):
             self.taps.declare(f"fused.stage{k + 1}.gate", 2, 4 * 2**k, "gate", after_fusion=True)
             for m in modalities:
                 self.taps.declare(f"{m}.stage{k + 1}", width, 4 * 2**k, after_fusion=True)
-        use_channels_last_depthwise(self.stages)  # the MLPs' depthwise convs on their token layout (as cmx_mit_*)
+        use_channels_last_depthwise(self.stages)  # the MLPs' depthwise convs on their token layout
         self.decoder = SegFormerDecoder(widths, num_classes, channels=decoder_channels, dropout=dropout)
         for m in modalities:
             self.taps.declare(f"{m}.head", num_classes, 4, "logits", after_fusion=True)  # on mixed stage features
