@@ -157,6 +157,21 @@ def fastest_variant(model: nn.Module, inputs: dict[str, torch.Tensor], flags: tu
     return model, forward
 
 
+def make_optimizer(model: nn.Module, mode: str, authors: bool) -> torch.optim.Optimizer:
+    """The AdamW of one side (``--optimizer``): with ``mode="recipe"`` ours is ``train.py``'s
+    (``build_optimizer``: fused kernel, no decay below 2 dims), the authors' ``torch.optim.AdamW``
+    with PyTorch's defaults (their ``train.py``); with ``"plain"`` both are the latter.
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    if mode not in ("recipe", "plain"):
+        raise ValueError(f"--optimizer {mode!r}: choose 'recipe' or 'plain'")
+    if mode == "recipe" and not authors:
+        return build_optimizer(model, name="adamw", lr=LR, weight_decay=WEIGHT_DECAY)
+    return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+
+
 def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
     """``(wall seconds, CPU seconds of this process)`` of one call. On a CPU shared with other
     jobs the process's CPU time is the steadier measure: it does not count the time the
@@ -249,10 +264,7 @@ def main() -> None:
         losses = {"ours": lambda: sum(ours(inputs, targets).values()),
                   "authors": lambda: method.reference_loss(theirs, theirs(*their_args), targets)}
         forwards["authors"] = lambda: post(theirs(*their_args))
-    opts = {k: build_optimizer(m, name="adamw", lr=LR, weight_decay=WEIGHT_DECAY)
-            if k != "authors" and args.optimizer == "recipe"
-            else torch.optim.AdamW(m.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-            for k, m in models.items()}
+    opts = {k: make_optimizer(m, args.optimizer, authors=k == "authors") for k, m in models.items()}
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     print(
         f"{name} vs the authors' {variant} ({entry.reference_repo} @ {entry.reference_commit[:10]}), "
