@@ -10,11 +10,18 @@ The authors' model comes from ``tools/parity/<method>.py`` (``reference_model(ch
 num_classes)`` and ``reference_inputs(inputs)``; see tools/parity/README.md), so every published
 method plugs in. Both networks get the same inputs, the same loss (cross-entropy on the same
 random labels, on logits at input size, plus on the side logits where both models expose
-``side_logits``, as GeminiFusion's loss) and the same optimizer (AdamW); a training step is
+``side_logits``, as GeminiFusion's loss) and AdamW (lr 6e-5, weight decay 0.01); a training step is
 forward + backward + optimizer step in train mode, an inference step one forward in eval mode
 under ``torch.inference_mode``. Reported: median seconds per step -> images/s, ours/theirs, and
 the median of the per-step ratios (robust to a load that drifts during the run), of wall time
 and of the process's CPU time (steadier on a machine shared with other jobs).
+
+``--optimizer`` says whose AdamW each side gets. ``recipe`` (the default): each side the AdamW its
+own training script builds, ours ``fusionzoo.engine.optim.build_optimizer`` as ``train.py`` calls it
+(PyTorch's fused kernel, one pass over every tensor; no decay on tensors of fewer than 2 dims),
+the authors' ``torch.optim.AdamW(params, ...)`` with PyTorch's defaults, as CMX's and DFormer's
+``train.py`` construct it (on CPU the per-tensor loop). ``plain``: both the latter, so the ratio
+is the networks' alone.
 
 Two columns of ours: ``eager`` (the entry as ``fz.create_model`` builds it, float32) and
 ``fastest`` (the same weights with the speed flags that ``train.py`` offers: ``--channels-last``,
@@ -50,6 +57,7 @@ from torch import nn
 
 import fusionzoo as fz
 from fusionzoo.benchmark import bf16_unsupported
+from fusionzoo.engine.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,6 +115,7 @@ def _detection_step(loss: Callable[[], torch.Tensor], opt: torch.optim.Optimizer
 
 
 FAST_FLAGS = ("channels_last", "compile", "bf16")
+LR, WEIGHT_DECAY = 6e-5, 0.01  # AdamW of both sides (CMX's NYUDv2 learning rate)
 
 
 def fast_flags(spec: str, device: torch.device) -> tuple[str, ...]:
@@ -148,6 +157,21 @@ def fastest_variant(model: nn.Module, inputs: dict[str, torch.Tensor], flags: tu
     return model, forward
 
 
+def make_optimizer(model: nn.Module, mode: str, authors: bool) -> torch.optim.Optimizer:
+    """The AdamW of one side (``--optimizer``): with ``mode="recipe"`` ours is ``train.py``'s
+    (``build_optimizer``: fused kernel, no decay below 2 dims), the authors' ``torch.optim.AdamW``
+    with PyTorch's defaults (their ``train.py``); with ``"plain"`` both are the latter.
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    if mode not in ("recipe", "plain"):
+        raise ValueError(f"--optimizer {mode!r}: choose 'recipe' or 'plain'")
+    if mode == "recipe" and not authors:
+        return build_optimizer(model, name="adamw", lr=LR, weight_decay=WEIGHT_DECAY)
+    return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+
+
 def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
     """``(wall seconds, CPU seconds of this process)`` of one call. On a CPU shared with other
     jobs the process's CPU time is the steadier measure: it does not count the time the
@@ -177,6 +201,10 @@ def main() -> None:
     parser.add_argument("--fastest", default="auto",
                         help="flags of the 'fastest' column of ours: auto (channels_last, compile, and bf16 where the "
                              "device has it natively), off (no column), or a comma list of " + ", ".join(FAST_FLAGS))
+    parser.add_argument("--optimizer", choices=("recipe", "plain"), default="recipe",
+                        help="recipe: ours gets train.py's AdamW (fused kernel), the authors' "
+                             "torch.optim.AdamW with PyTorch's defaults, as their train.py builds it; "
+                             "plain: both the latter (the networks alone)")
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.batch < 1:
         parser.error("--steps and --batch must be >= 1, --warmup >= 0")
@@ -236,12 +264,13 @@ def main() -> None:
         losses = {"ours": lambda: sum(ours(inputs, targets).values()),
                   "authors": lambda: method.reference_loss(theirs, theirs(*their_args), targets)}
         forwards["authors"] = lambda: post(theirs(*their_args))
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=6e-5, weight_decay=0.01) for k, m in models.items()}
+    opts = {k: make_optimizer(m, args.optimizer, authors=k == "authors") for k, m in models.items()}
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     print(
         f"{name} vs the authors' {variant} ({entry.reference_repo} @ {entry.reference_commit[:10]}), "
         f"{args.batch}x{h}x{w}, {args.num_classes} classes, {device}, {torch.get_num_threads()} threads; "
-        f"parameters ours {params['ours']:,} authors {params['authors']:,}",
+        f"parameters ours {params['ours']:,} authors {params['authors']:,}; optimizer: {args.optimizer} "
+        f"(ours {'fused' if opts['ours'].defaults.get('fused') else 'per-tensor'} AdamW)",
         flush=True,
     )
     if flags:

@@ -1,6 +1,7 @@
 """bench/parity.py's 'fastest' column (issue 23): which flags ``--fastest`` selects, and that the
 fastest variant runs the same weights (channels_last keeps float32 outputs to rounding; bf16
-autocast is applied where asked and its logits come back in float32 for the loss)."""
+autocast is applied where asked and its logits come back in float32 for the loss); whose AdamW
+each side gets (``--optimizer``)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,19 @@ def test_fastest_variant_runs_the_same_weights():
             low = forward()
             assert low.dtype == torch.float32 and not torch.equal(low, out)  # computed in bf16, returned as float32
             assert (low - ref).abs().max() <= 0.1 * ref.abs().max()
+
+
+def test_optimizer_recipe_gives_ours_train_py_adamw_and_the_authors_pytorch_defaults():
+    model = fz.create_model("early_concat_resnet18", num_classes=3)
+    ours = parity.make_optimizer(model, "recipe", authors=False)
+    theirs = parity.make_optimizer(model, "recipe", authors=True)
+    plain = parity.make_optimizer(model, "plain", authors=False)
+    assert ours.defaults["fused"] and [g["weight_decay"] for g in ours.param_groups] == [parity.WEIGHT_DECAY, 0.0]
+    for opt in (theirs, plain):  # torch.optim.AdamW(params, lr, weight_decay) as CMX's and DFormer's train.py
+        assert not opt.defaults["fused"] and len(opt.param_groups) == 1
+        assert opt.param_groups[0]["weight_decay"] == parity.WEIGHT_DECAY and opt.param_groups[0]["lr"] == parity.LR
+    with pytest.raises(ValueError, match="'recipe' or 'plain'"):
+        parity.make_optimizer(model, "sgd", authors=False)
 
 
 def _parity_module(method: str):

@@ -241,7 +241,9 @@ class FeatureFusionModule(nn.Module):
         """``(B, C, h, w)`` twice in, fused ``(B, C, h, w)`` out."""
         b, c, h, w = x1.shape
         t1, t2 = self.cross(x1.flatten(2).transpose(1, 2), x2.flatten(2).transpose(1, 2))
-        merged = torch.cat([t1, t2], dim=-1).transpose(1, 2).reshape(b, 2 * c, h, w)
+        # Concatenated along channels as (B, 2C, N): the one copy is the concatenation itself, and it
+        # lands in NCHW, which ChannelEmbed's 1x1 convs would otherwise each copy a token-layout view to.
+        merged = torch.cat([t1.transpose(1, 2), t2.transpose(1, 2)], dim=1).view(b, 2 * c, h, w)
         return self.channel_emb(merged)
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from .fpn import FPNDecoder
-from .segformer import SegFormerDecoder
+from .segformer import SegFormerDecoder, upsampled_projection
 
 DECODERS: dict[str, type[nn.Module]] = {"segformer": SegFormerDecoder, "fpn": FPNDecoder}
 
@@ -27,4 +27,4 @@ def create_decoder(
     return DECODERS[name](list(in_channels), num_classes, dropout=dropout, **kwargs)
 
 
-__all__ = ["DECODERS", "FPNDecoder", "SegFormerDecoder", "create_decoder"]
+__all__ = ["DECODERS", "FPNDecoder", "SegFormerDecoder", "create_decoder", "upsampled_projection"]

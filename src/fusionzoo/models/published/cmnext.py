@@ -49,6 +49,7 @@ from torch import nn
 
 from ..._registry import ReleasedWeights, register_weights
 from ...encoders import Encoder
+from ...fusion._common import use_channels_last_depthwise
 from ...fusion.cmx import CMXFusion
 from ...heads.segformer import SegFormerDecoder
 from ..base import FusionModel
@@ -316,6 +317,7 @@ class CMNeXtMiT(FusionModel):
             if isinstance(module, nn.LayerNorm):
                 module.eps = RGB_LN_EPS
         _set_drop_path(rgb, rates)
+        use_channels_last_depthwise(rgb)  # the MLPs' depthwise convs on their token layout (as cmx_mit_*)
         self.encoders = nn.ModuleDict({"rgb": rgb})
         self.stage_names = rgb.stage_names
         if list(rgb.channels) != list(widths):

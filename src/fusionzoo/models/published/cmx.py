@@ -40,6 +40,7 @@ from torch import nn
 
 from ..._registry import ReleasedWeights, register_weights
 from ...encoders import Encoder
+from ...fusion._common import use_channels_last_depthwise
 from ...heads.segformer import SegFormerDecoder
 from ..cmx import CMXModel
 from ..convert import StateDict, published_entry, read_authors_checkpoint, register_converter, rename_keys
@@ -203,6 +204,7 @@ class CMXMiT(CMXModel):
         rgb_rates, x_rates = authors_drop_path_rates(MIT_DEPTHS[variant], drop_path_rate)
         _set_drop_path(self.encoders[self.modalities[0]], rgb_rates)
         _set_drop_path(self.encoders[self.modalities[1]], x_rates)
+        use_channels_last_depthwise(self.encoders)  # the MLPs' depthwise convs on their token layout
         self._attentions = [m for m in self.encoders.modules() if isinstance(m, PvtAttention)]
         self._fused_attn: bool | None = None
         if mit_weights is not None:

@@ -68,6 +68,8 @@ from torch import nn
 
 from ..._registry import ReleasedWeights, register_weights
 from ...classes import NYU40_CLASSES
+from ...fusion._common import DepthwiseConv2d
+from ...heads.segformer import upsampled_projection
 from ..base import FusionModel
 from ..convert import StateDict, published_entry, read_authors_checkpoint, register_converter, rename_keys
 
@@ -114,13 +116,13 @@ class DFormerMLP(nn.Module):
         hidden = dim * ratio
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.fc1 = nn.Linear(dim, hidden)
-        self.pos = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.pos = DepthwiseConv2d(hidden, hidden, 3, padding=1, groups=hidden)  # on a channels-last view
         self.fc2 = nn.Linear(hidden, dim)
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(self.norm(x)).permute(0, 3, 1, 2)  # (B, hidden, H, W)
-        x = self.pos(x) + x
+        x = self.pos(x, plus_input=True)  # pos(x) + x
         return self.fc2(self.act(x.permute(0, 2, 3, 1)))
 
 
@@ -146,8 +148,8 @@ class DFormerAttention(nn.Module):
         self.q_cut = nn.Linear(dim, half)
         self.a = nn.Linear(dim, dim)
         self.l = nn.Linear(dim, dim)  # the authors' name, kept for the checkpoint keys
-        self.conv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
-        self.e_conv = nn.Conv2d(half, half, 7, padding=3, groups=half)
+        self.conv = DepthwiseConv2d(dim, dim, 7, padding=3, groups=dim)  # channels-last views, as pos
+        self.e_conv = DepthwiseConv2d(half, half, 7, padding=3, groups=half)
         self.e_fore = nn.Linear(half, half)
         self.e_back = nn.Linear(half, half)
         cat = dim * 2 if window else half * 3  # [x_local (C), GAA (C/2)?, LEA (C/2)]
@@ -450,9 +452,13 @@ class DFormer(FusionModel):
             feats.append(self.taps(f"fused.stage{i + 1}", x))
             e = self.taps(f"{aux}.stage{i + 1}", e)
         dec = self.decoder
-        size = feats[1].shape[-2:]  # stride 8; stage 2 is already there
-        y = torch.cat([feats[1]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[2:]], dim=1)
-        y = self.taps("decoder.ham", dec.hamburger(dec.squeeze(y)))
+        # The squeeze (1x1 conv over stages 2-4 resized to stride 8 and concatenated) as each stage's
+        # slice of its weight applied at the stage's own resolution, then resized and summed: the
+        # same function, 0.15 instead of 0.59 GMAC forward for DFormer-B at 256x320.
+        squeeze = dec.squeeze
+        weights = squeeze.conv.weight.flatten(1).split([f.shape[1] for f in feats[1:]], dim=1)
+        y = squeeze.act(squeeze.bn(upsampled_projection(feats[1:], weights)))
+        y = self.taps("decoder.ham", dec.hamburger(y))
         y = self.taps("decoder.out", dec.align(y))
         return self.taps("head.logits", dec.classify(y))
 

@@ -57,6 +57,7 @@ from timm.models.pvt_v2 import MlpWithDepthwiseConv
 from torch import nn
 
 from ..._registry import ReleasedWeights, register_weights
+from ...fusion._common import use_channels_last_depthwise
 from ...heads.segformer import SegFormerDecoder
 from ..base import FusionModel
 from ..convert import StateDict, published_entry, register_converter
@@ -301,6 +302,7 @@ class GeminiFusionMiT(FusionModel):
             self.taps.declare(f"fused.stage{k + 1}.gate", 2, 4 * 2**k, "gate", after_fusion=True)
             for m in modalities:
                 self.taps.declare(f"{m}.stage{k + 1}", width, 4 * 2**k, after_fusion=True)
+        use_channels_last_depthwise(self.stages)  # the MLPs' depthwise convs on their token layout
         self.decoder = SegFormerDecoder(widths, num_classes, channels=decoder_channels, dropout=dropout)
         for m in modalities:
             self.taps.declare(f"{m}.head", num_classes, 4, "logits", after_fusion=True)  # on mixed stage features
