@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from meta_build import meta_device
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -103,7 +104,7 @@ def test_every_variant_is_covered() -> None:
 @pytest.mark.parametrize("heavy", HEAVY)
 def test_heavy_variant_on_meta_device(heavy: str) -> None:
     """Shapes, taps and gradient reach of a heavy variant, built and run on the meta device."""
-    with torch.device("meta"):
+    with meta_device():
         torch.manual_seed(0)
         model = fz.create_model(heavy, num_classes=NUM_CLASSES).train()
     inputs = {k: v.to("meta") for k, v in make_inputs(model.modalities, in_chans=model.in_chans).items()}
@@ -122,7 +123,7 @@ def test_heavy_variant_on_meta_device(heavy: str) -> None:
         model({k: v for k, v in inputs.items() if k != aux})
     with pytest.raises(ValueError, match=r"rgb.*\(2, 4, 64, 64\).*\(B, 3, H, W\)"):
         model({**inputs, "rgb": torch.randn(2, 4, SIZE, SIZE, device="meta")})
-    with torch.device("meta"):  # the config rebuilds the same architecture (the safetensors round trip's premise)
+    with meta_device():  # the config rebuilds the same architecture (the safetensors round trip's premise)
         clone = fz.create_model(**model.config)
     assert {k: v.shape for k, v in clone.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 
