@@ -40,9 +40,15 @@ def dataset():
     return create_dataset("synthetic_rgbt", split="val", num_samples=8, image_size=SIZE, seed=0)
 
 
-def _detector(name: str, **kwargs) -> nn.Module:
+def _detector(name: str, encoder: str = "resnet10t", **kwargs) -> nn.Module:
     torch.manual_seed(0)
-    return fz.create_model(name, encoder="resnet10t", num_classes=5, fpn_channels=64, **kwargs)
+    return fz.create_model(name, encoder=encoder, num_classes=5, fpn_channels=64, **kwargs)
+
+
+def _untrained(name: str, **kwargs) -> nn.Module:
+    """An untrained detector for the structural runs: timm's 1.1M-parameter test_resnet (CMX's
+    attention presets need ResNet stage widths: resnet10t)."""
+    return _detector(name, encoder="resnet10t" if name.endswith("cmx") else "test_resnet", score_thresh=0.0, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +308,7 @@ FAMILY_MODELS = {"early": "fcos_early", "middle": "fcos_cmx", "late": "fcos_late
 @pytest.mark.parametrize("family", list(FAMILY_MODELS))
 def test_run_on_every_detection_family(family, dataset):
     name = FAMILY_MODELS[family]
-    model = _detector(name, score_thresh=0.0)
+    model = _untrained(name)
     subset = [dataset[i] for i in range(4)]
     r = interpret.run(model, [collate(subset[:2]), collate(subset[2:])], gradcam_images=2,
                       class_names=dataset.classes, replicates=REPLICATES)
@@ -333,7 +339,7 @@ def test_run_without_masks_uses_box_masks_and_keeps_row_rules(dataset, tmp_path)
     """Real detection sets (LLVIP, ...) carry boxes but no masks."""
     samples = [{k: v for k, v in dataset[i].items() if k != "mask"} for i in range(4)]
     batches = [collate(samples[:2]), collate(samples[2:])]
-    model = _detector("fcos_late_nms", score_thresh=0.0)
+    model = _untrained("fcos_late_nms")
     metrics = ["cka", "semantic_variance", "health", "contribution"]
     r = interpret.run(model, batches, metrics=metrics, class_names=dataset.classes, replicates=REPLICATES)
     assert r.settings["sv_labels"] == "boxes" and r.settings["box_background"] == 5
@@ -375,7 +381,7 @@ def test_comparison_of_detectors_is_in_ap(dataset, tmp_path):
     from fusionzoo.interpret.report import write_comparison
 
     batches = [collate([dataset[i] for i in range(2)])]
-    results = [interpret.run(_detector(n, score_thresh=0.0), batches, metrics=["cka", "contribution"],
+    results = [interpret.run(_untrained(n), batches, metrics=["cka", "contribution"],
                              class_names=dataset.classes, replicates=REPLICATES) for n in ("fcos_early", "fcos_late_nms")]
     files = write_comparison(results, tmp_path)
     md = files["markdown"].read_text()
