@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from meta_build import meta_device
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -82,7 +83,7 @@ def test_detectors_register_through_register_family() -> None:
 def test_heavy_variant_builds_on_meta_with_its_siblings_taps(heavy: str) -> None:
     entry = fz.model_entry(heavy)
     sibling = heavy[: -len(entry.encoder)] + "resnet18"
-    with torch.device("meta"):
+    with meta_device():
         model = fz.create_model(heavy, num_classes=NUM_CLASSES)
         light = fz.create_model(sibling, num_classes=NUM_CLASSES)
     info, light_info = model.tap_info(), light.tap_info()

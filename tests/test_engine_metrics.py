@@ -1,15 +1,12 @@
-"""Confusion-matrix metrics against hand-computed values, and their reduction across ranks."""
+"""Confusion-matrix metrics against hand-computed values (their reduction across ranks:
+tests/test_engine_distributed.py)."""
 
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from process_helpers import free_port
 
 from fusionzoo.tasks import ConfusionMatrix
 
@@ -71,32 +68,3 @@ def test_empty_and_bad_inputs():
         cm.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="classes"):
         cm.update(torch.zeros(1, 5, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
-
-
-def _worker(rank: int, world: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        cm = ConfusionMatrix(3)
-        # rank 0 sees the first row of the image, rank 1 the second
-        cm.update(PRED[:, rank : rank + 1], TARGET[:, rank : rank + 1])
-        cm.all_reduce()
-        queue.put((rank, cm.matrix.tolist()))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_all_reduce_sums_ranks():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    single = ConfusionMatrix(3)
-    single.update(PRED, TARGET)
-    assert results[0] == results[1] == single.matrix.tolist()

@@ -13,6 +13,9 @@ from fusionzoo import interpret
 from fusionzoo.data import collate, create_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+# Bootstrap replicates of the sweeps below: every interval is still computed (and must serialize),
+# in a tenth of the default 200's time; the intervals' statistics are tested in test_interpret_intervals.py.
+REPLICATES = 20
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +109,9 @@ def _check_runs(model, batch):
     batch = _batch_for(model, batch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        r = interpret.run(model, [batch], samples_per_image=4, gradcam_images=1)
+        r = interpret.run(model, [batch], samples_per_image=4, gradcam_images=1, replicates=REPLICATES)
     info = model.tap_info()
-    assert r.num_images == 2
+    assert r.num_images == 2 and r.intervals  # every measured section with its bootstrap intervals
     assert set(r.semantic_variance) == {n for n, t in info.items() if t.kind in ("feature", "logits") and t.reduction > 0}
     # a tap's effective rank is finite, or undefined (constant features, e.g. a detector's 1x1 p7
     # logits at 32x32 input) and then named in a warning
@@ -133,12 +136,24 @@ def _check_runs(model, batch):
 FAMILIES = [n for n in fz.list_models() if not fz.model_entry(n).encoder_fixed]
 
 
+def _sweep_encoder(family: str) -> str:
+    """timm's 1.1M-parameter ``test_resnet`` (stage widths 32, 48, 192, 96), half resnet10t's sweep
+    time; CMX's attention presets need ResNet stage widths (64 * 2^k), so CMX methods take resnet10t."""
+    return "resnet10t" if family.split("_")[-1] == "cmx" else "test_resnet"
+
+
+def _small_head(name: str) -> dict[str, int]:
+    """Detectors' narrowest FPN (64 channels, not 256): their box heads were most of the sweep's
+    convolution time; every tap, pass and metric is the same."""
+    return {"fpn_channels": 64} if fz.model_entry(name).task == "detection" else {}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_metrics_run_on_every_fusion_method(family, tiny_batch):
-    """Every registered method (family entry) with the smallest encoder: fast, default tier."""
+    """Every registered method (family entry) with a tiny encoder: fast, default tier."""
     batch, k, _ = tiny_batch
     torch.manual_seed(0)
-    _check_runs(fz.create_model(family, encoder="resnet10t", num_classes=k), batch)
+    _check_runs(fz.create_model(family, encoder=_sweep_encoder(family), num_classes=k, **_small_head(family)), batch)
 
 
 @pytest.mark.slow
@@ -164,11 +179,11 @@ def test_every_metric_runs_on_detectors(name):
     ds = create_dataset("synthetic_rgbt", split="val", num_samples=2, image_size=(64, 64), seed=0)
     batch = collate([ds[0], ds[1]])
     torch.manual_seed(0)
-    model = fz.create_model(name, encoder="resnet10t", num_classes=ds.num_classes - 1)
-    r = interpret.run(model, ds, batch_size=2, samples_per_image=4)
+    model = fz.create_model(name, encoder="resnet10t", num_classes=ds.num_classes - 1, **_small_head(name))
+    r = interpret.run(model, ds, batch_size=2, samples_per_image=4, replicates=REPLICATES)
     assert r.settings["task"] == "detection"
     assert r.settings["skipped"] == {} and r.contribution["metric"] == "AP"
-    assert r.semantic_variance and r.health and r.reliance and r.cka_pairs()
+    assert r.semantic_variance and r.health and r.reliance and r.cka_pairs() and r.intervals
     assert batch["mask"].max() < ds.num_classes
     json.dumps(r.to_json(), allow_nan=False)
 

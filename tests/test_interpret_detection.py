@@ -26,6 +26,10 @@ pytest.importorskip("pycocotools")
 pytest.importorskip("fusionzoo.detection")
 
 SIZE = (64, 64)
+# Bootstrap replicates of interpret.run here: the intervals are computed (and serialized) as with the
+# default 200, in a tenth of the time (AP replicates re-run the COCO evaluation); the point values
+# tested below do not depend on them, the intervals' statistics are tested in test_interpret_intervals.py.
+REPLICATES = 20
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -36,9 +40,15 @@ def dataset():
     return create_dataset("synthetic_rgbt", split="val", num_samples=8, image_size=SIZE, seed=0)
 
 
-def _detector(name: str, **kwargs) -> nn.Module:
+def _detector(name: str, encoder: str = "resnet10t", **kwargs) -> nn.Module:
     torch.manual_seed(0)
-    return fz.create_model(name, encoder="resnet10t", num_classes=5, fpn_channels=64, **kwargs)
+    return fz.create_model(name, encoder=encoder, num_classes=5, fpn_channels=64, **kwargs)
+
+
+def _untrained(name: str, **kwargs) -> nn.Module:
+    """An untrained detector for the structural runs: timm's 1.1M-parameter test_resnet (CMX's
+    attention presets need ResNet stage widths: resnet10t)."""
+    return _detector(name, encoder="resnet10t" if name.endswith("cmx") else "test_resnet", score_thresh=0.0, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +219,7 @@ def test_contribution_of_a_known_detector():
 
 
 def test_shapley_efficiency_on_a_trained_detector(trained_sum, dataset):
-    r = interpret.run(trained_sum, dataset, metrics=["contribution"], batch_size=4)
+    r = interpret.run(trained_sum, dataset, metrics=["contribution"], batch_size=4, replicates=REPLICATES)
     c = r.contribution
     assert c["metric"] == "AP" and r.settings["skipped"] == {}
     co = c["coalitions"]
@@ -235,7 +245,7 @@ def test_ignored_thermal_has_zero_shapley(trained_sum, dataset):
     stem = next(m for m in model.encoders["thermal"].modules() if isinstance(m, nn.Conv2d))
     with torch.no_grad():
         stem.weight.zero_()
-    c = interpret.run(model, dataset, metrics=["contribution"], batch_size=4).contribution
+    c = interpret.run(model, dataset, metrics=["contribution"], batch_size=4, replicates=REPLICATES).contribution
     assert c["shapley"]["thermal"] == 0.0
     assert c["drop"]["thermal"] == 0.0
     assert c["perceptual"]["thermal"]["drop"] == 0.0
@@ -298,10 +308,10 @@ FAMILY_MODELS = {"early": "fcos_early", "middle": "fcos_cmx", "late": "fcos_late
 @pytest.mark.parametrize("family", list(FAMILY_MODELS))
 def test_run_on_every_detection_family(family, dataset):
     name = FAMILY_MODELS[family]
-    model = _detector(name, score_thresh=0.0)
+    model = _untrained(name)
     subset = [dataset[i] for i in range(4)]
     r = interpret.run(model, [collate(subset[:2]), collate(subset[2:])], gradcam_images=2,
-                      class_names=dataset.classes)
+                      class_names=dataset.classes, replicates=REPLICATES)
     assert r.fusion == family and r.settings["task"] == "detection"
     assert r.settings["skipped"] == {}
     assert r.settings["rows"] == "object" and r.settings["sv_labels"] == "mask"
@@ -312,7 +322,7 @@ def test_run_on_every_detection_family(family, dataset):
     assert sum(c["shapley"].values()) == pytest.approx(c["coalitions"]["rgb+thermal"]["ap"] - c["coalitions"]["none"]["ap"])
     assert r.semantic_variance and all(0.0 <= v["semantic_variance"] <= 1.0 for v in r.semantic_variance.values()
                                        if v["semantic_variance"] is not None and not math.isnan(v["semantic_variance"]))
-    assert r.cka_pairs()
+    assert r.cka_pairs() and r.intervals
     n_boxes = sum(len(s["boxes"]) for s in subset)
     assert r.cka["num_rows"] == n_boxes  # one row per ground-truth object
     assert r.reliance and r.health["effective_rank"]
@@ -329,9 +339,9 @@ def test_run_without_masks_uses_box_masks_and_keeps_row_rules(dataset, tmp_path)
     """Real detection sets (LLVIP, ...) carry boxes but no masks."""
     samples = [{k: v for k, v in dataset[i].items() if k != "mask"} for i in range(4)]
     batches = [collate(samples[:2]), collate(samples[2:])]
-    model = _detector("fcos_late_nms", score_thresh=0.0)
+    model = _untrained("fcos_late_nms")
     metrics = ["cka", "semantic_variance", "health", "contribution"]
-    r = interpret.run(model, batches, metrics=metrics, class_names=dataset.classes)
+    r = interpret.run(model, batches, metrics=metrics, class_names=dataset.classes, replicates=REPLICATES)
     assert r.settings["sv_labels"] == "boxes" and r.settings["box_background"] == 5
     assert r.settings["skipped"] == {}
     sv = r.semantic_variance["rgb.stage1"]
@@ -358,7 +368,7 @@ def test_run_errors_on_detection_data():
     with pytest.raises(KeyError, match="rows='object' needs ground-truth boxes"):
         interpret.run(model, [no_boxes], metrics=["cka"])
     # without boxes the contribution cannot be scored: said so, not silently empty
-    r = interpret.run(model, [no_boxes], metrics=["cka", "contribution"], rows="pool")
+    r = interpret.run(model, [no_boxes], metrics=["cka", "contribution"], rows="pool", replicates=REPLICATES)
     assert r.contribution is None and "contribution" in r.settings["skipped"]
     bad = dict(batch, labels=[torch.tensor([7] * len(b)) for b in batch["boxes"]])
     with pytest.raises(ValueError, match="outside"):
@@ -371,8 +381,8 @@ def test_comparison_of_detectors_is_in_ap(dataset, tmp_path):
     from fusionzoo.interpret.report import write_comparison
 
     batches = [collate([dataset[i] for i in range(2)])]
-    results = [interpret.run(_detector(n, score_thresh=0.0), batches, metrics=["cka", "contribution"],
-                             class_names=dataset.classes) for n in ("fcos_early", "fcos_late_nms")]
+    results = [interpret.run(_untrained(n), batches, metrics=["cka", "contribution"],
+                             class_names=dataset.classes, replicates=REPLICATES) for n in ("fcos_early", "fcos_late_nms")]
     files = write_comparison(results, tmp_path)
     md = files["markdown"].read_text()
     assert "| model | fusion | AP (%) |" in md and "mIoU" not in md

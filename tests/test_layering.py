@@ -10,6 +10,7 @@ entry in the same commit that fixes the file).
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -134,7 +135,11 @@ def _imports(name: str, path: Path) -> list[Import]:
     return out
 
 
-IMPORTS = [imp for name, path in MODULES.items() for imp in _imports(name, path)]
+@functools.cache
+def _all_imports() -> tuple[Import, ...]:
+    """Every import statement of the package, parsed when a test first asks (not at collection, which
+    every pytest-xdist worker does: ~0.7 s of parsing each)."""
+    return tuple(imp for name, path in MODULES.items() for imp in _imports(name, path))
 
 
 def _under(module: str, prefixes: tuple[str, ...]) -> bool:
@@ -143,7 +148,7 @@ def _under(module: str, prefixes: tuple[str, ...]) -> bool:
 
 def _never(importers: tuple[str, ...], forbidden: tuple[str, ...], allowed: tuple[str, ...] = ()) -> list[Import]:
     return [
-        imp for imp in IMPORTS
+        imp for imp in _all_imports()
         if _under(imp.importer, importers) and _under(imp.target, forbidden) and not _under(imp.importer, allowed)
     ]
 
@@ -156,7 +161,7 @@ def _cycles() -> list[Import]:
     Function-level imports count; ``if TYPE_CHECKING:`` imports do not (they never run).
     """
     edges: dict[str, list[Import]] = {m: [] for m in MODULES}
-    for imp in IMPORTS:
+    for imp in _all_imports():
         if imp.type_checking or not _under(imp.target, (PACKAGE,)):
             continue
         own = {".".join(imp.importer.split(".")[:i]) for i in range(1, imp.importer.count(".") + 2)}
@@ -207,7 +212,7 @@ def _cycles() -> list[Import]:
 
 def _function_level() -> list[Import]:
     return [
-        imp for imp in IMPORTS
+        imp for imp in _all_imports()
         if imp.in_function and not imp.type_checking and not _under(imp.target, tuple(OPTIONAL_DEPENDENCIES))
     ]
 
@@ -277,4 +282,4 @@ def test_optional_dependencies_are_not_required() -> None:
 def test_the_parser_sees_the_package() -> None:
     # Guards the rules against a wrong path (no modules -> no violations -> every rule "passes").
     assert {"fusionzoo.cli", "fusionzoo.hub", "fusionzoo.models.base", "fusionzoo.engine.checkpoint"} <= set(MODULES)
-    assert any(imp.importer == "fusionzoo.models.base" and imp.target == "fusionzoo.hub" for imp in IMPORTS)
+    assert any(imp.importer == "fusionzoo.models.base" and imp.target == "fusionzoo.hub" for imp in _all_imports())

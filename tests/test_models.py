@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from meta_build import MetaKernelCache, meta_device
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -103,17 +104,18 @@ def test_every_variant_is_covered() -> None:
 @pytest.mark.parametrize("heavy", HEAVY)
 def test_heavy_variant_on_meta_device(heavy: str) -> None:
     """Shapes, taps and gradient reach of a heavy variant, built and run on the meta device."""
-    with torch.device("meta"):
+    with meta_device():
         torch.manual_seed(0)
         model = fz.create_model(heavy, num_classes=NUM_CLASSES).train()
     inputs = {k: v.to("meta") for k, v in make_inputs(model.modalities, in_chans=model.in_chans).items()}
     info = model.tap_info()
-    with fz.capture(model) as acts:
+    with MetaKernelCache(), fz.capture(model) as acts:  # each distinct op signature's meta kernel runs once
         out = model(inputs)
     assert out.shape == (2, NUM_CLASSES, SIZE, SIZE)
     check_taps_observed(info, acts)
     assert info["head.logits"].kind == "logits"
-    training_loss(model, out).backward()
+    with MetaKernelCache():
+        training_loss(model, out).backward()
     dead = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not dead, f"parameters without gradient (a dead branch?): {dead[:10]}"
     assert not any(m._forward_hooks for m in model.modules())
@@ -122,7 +124,7 @@ def test_heavy_variant_on_meta_device(heavy: str) -> None:
         model({k: v for k, v in inputs.items() if k != aux})
     with pytest.raises(ValueError, match=r"rgb.*\(2, 4, 64, 64\).*\(B, 3, H, W\)"):
         model({**inputs, "rgb": torch.randn(2, 4, SIZE, SIZE, device="meta")})
-    with torch.device("meta"):  # the config rebuilds the same architecture (the safetensors round trip's premise)
+    with meta_device():  # the config rebuilds the same architecture (the safetensors round trip's premise)
         clone = fz.create_model(**model.config)
     assert {k: v.shape for k, v in clone.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 

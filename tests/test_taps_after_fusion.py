@@ -19,6 +19,7 @@ import time
 
 import pytest
 import torch
+from meta_build import meta_device
 from torch import nn
 
 import fusionzoo as fz
@@ -64,7 +65,7 @@ def build(name: str) -> nn.Module:
     # Detectors: no score passes, so post-processing (not under test) costs nothing on random weights.
     entry = fz.model_entry(name)
     kwargs = {"score_thresh": 1.0} if entry.task == "detection" and "score_thresh" in (entry.accepts or ()) else {}
-    with torch.device("meta"):
+    with meta_device():
         model = fz.create_model(name, num_classes=NUM_CLASSES, **kwargs)
     # Buffers that are constants of the architecture (YOLO's anchors) keep the values a real build gives.
     stats = ("running_mean", "running_var", "num_batches_tracked")

@@ -1,4 +1,8 @@
-"""torchrun with 2 CPU processes (gloo) equals one process with the same global batch."""
+"""torchrun with 2 CPU processes (gloo) equals one process with the same global batch.
+
+The one-process reference trains in this process (train.py's main): a subprocess would only add
+the imports of a new interpreter; the two torchrun processes are the subject of the test.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from process_helpers import check_completed, child_env, free_port
+import pytest
+from process_helpers import check_completed, child_env, free_port, train_script
 
 from fusionzoo.weights import load_tensors
 
@@ -26,12 +31,11 @@ COMMON = ["--model", "esanet", "--image-size", "32,32", "--train-samples", "8", 
           "--epochs", "2", "--threads", "1", "--no-progress", "--seed", "1", "--optimizer", "sgd", "--lr", "0.05",
           "--model-kwargs", "{encoder: test_resnet, dropout: 0.0}", "--log-interval", "1", "--no-report"]
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # train.py's --threads 1 sets the torch threads of this process
+
 
 def test_two_process_ddp_equals_single_process(tmp_path):
-    single = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *COMMON, "--batch-size", "4", "--out-dir", str(tmp_path),
-         "--run-name", "single"], capture_output=True, text=True, env=child_env(), timeout=600, cwd=tmp_path, check=False)
-    check_completed(single)
+    train_script().main([*COMMON, "--batch-size", "4", "--out-dir", str(tmp_path), "--run-name", "single"])
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
          "--master-port", str(free_port()), str(ROOT / "train.py"), *COMMON, "--batch-size", "2",

@@ -36,7 +36,7 @@ def test_train_writes_interpretability_report(tmp_path: Path) -> None:
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
     train.main([
-        "--model", "late_mean_resnet18", "--image-size", "64,64", "--train-samples", "8", "--val-samples", "4",
+        "--model", "late_mean_resnet18", "--image-size", "32,32", "--train-samples", "4", "--val-samples", "4",
         "--batch-size", "4", "--epochs", "1", "--threads", "1", "--no-progress",
         "--out-dir", str(tmp_path), "--run-name", "run",
     ])
