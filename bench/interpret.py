@@ -388,7 +388,7 @@ def bench_cost(run: str | None, samples: int, reps: int, variants: list[str] | N
         t, c = time.perf_counter(), time.process_time()
         with torch.no_grad():
             for b in DataLoader(ds, batch_size=8, collate_fn=collate):
-                cm.update(model({m: b[m] for m in model.modalities}).argmax(1), b["mask"])
+                cm.update(model({m: b[m] for m in model.modalities}), b["mask"])  # logits: class_map, as every evaluator
         return time.perf_counter() - t, time.process_time() - c
 
     chosen = {k: v for k, v in COST_VARIANTS.items() if not variants or k in variants}

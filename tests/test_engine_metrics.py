@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fusionzoo.tasks import ConfusionMatrix
+from fusionzoo.tasks import ConfusionMatrix, class_map
 
 TARGET = torch.tensor([[[0, 0, 1], [1, 2, 255]]])
 PRED = torch.tensor([[[0, 1, 1], [1, 0, 2]]])
@@ -68,3 +68,15 @@ def test_empty_and_bad_inputs():
         cm.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="classes"):
         cm.update(torch.zeros(1, 5, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
+
+
+def test_class_map_is_argmax_with_its_ties():
+    """``class_map`` (``max(1).indices``, the fast CPU path) gives ``argmax(1)``'s ids, the first
+    maximal class on ties, for few and many classes."""
+    g = torch.Generator().manual_seed(0)
+    for k in (2, 5, 40):
+        logits = torch.randn(3, k, 7, 9, generator=g)
+        logits[:, k - 1] = logits[:, 0]  # ties between the first and the last class everywhere
+        logits[0, :, 0, 0] = 1.0  # an all-equal pixel: class 0
+        assert torch.equal(class_map(logits), logits.argmax(1))
+        assert int(class_map(logits)[0, 0, 0]) == 0

@@ -42,6 +42,7 @@ from .._registry import model_entry
 from ..data import collate
 from ..engine.distributed import DistInfo, all_reduce_sum_, broadcast_object, dist_info
 from ..taps import capture
+from ..tasks import class_map
 from .accumulators import ACCUMULATORS, BatchContext, MetricAccumulator, Pass, RunSpec
 from .contribution import (
     REMOVAL_POLICIES,
@@ -209,7 +210,7 @@ def _display(x: torch.Tensor) -> torch.Tensor:
 
 
 def _segmentation_display(ctx: BatchContext, n: int) -> dict[str, Any]:
-    return {"predictions": ctx.output[:n].argmax(1).cpu()}
+    return {"predictions": class_map(ctx.output[:n]).cpu()}
 
 
 def _detection_display(ctx: BatchContext, n: int) -> dict[str, Any]:

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from ..detection.metrics import weighted_coco_ap
-from ..tasks import ConfusionMatrix, Evaluator, Task, get_task
+from ..tasks import ConfusionMatrix, Evaluator, Task, class_map, get_task
 from .intervals import percentile_interval
 
 __all__ = [
@@ -419,7 +419,7 @@ class WeightedConfusion:
     def update(self, output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> None:
         """Add logits ``(B, K, H, W)`` (or class ids ``(B, H, W)``) against ``target``
         ``(B, H, W)`` with image weights ``(R, B)``."""
-        pred = output.argmax(1) if output.dim() == target.dim() + 1 else output
+        pred = class_map(output) if output.dim() == target.dim() + 1 else output
         if pred.shape != target.shape or weights.shape[1] != target.shape[0]:
             raise ValueError(f"prediction {tuple(pred.shape)}, target {tuple(target.shape)} and weights "
                              f"{tuple(weights.shape)} disagree; expected (B, H, W), (B, H, W) and (R, B)")
@@ -830,12 +830,12 @@ def perceptual_score(
     try:
         for batch in batches:
             inputs, mask = split_batch(task, batch, mods, device)
-            base.update(model(inputs).argmax(1), mask)
+            base.update(class_map(model(inputs)), mask)
             for m in mods:
                 for cm in perm[m]:
                     x = dict(inputs)
                     x[m] = inputs[m][derangement(mask.shape[0], gen).to(device)]
-                    cm.update(model(x).argmax(1), mask)
+                    cm.update(class_map(model(x)), mask)
     finally:
         model.train(was_training)
     full = base.compute()["miou"]

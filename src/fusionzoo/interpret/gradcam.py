@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..taps import TapInfo, _taps_of, capture, select_taps
+from ..tasks import class_map
 from .detection import DetectionScore
 
 __all__ = ["GRADCAM_TASKS", "MIN_GRID_CELLS", "default_gradcam_taps", "gate_maps", "gate_streams", "grad_cam",
@@ -121,14 +122,14 @@ def segmentation_score(logits: torch.Tensor, target_class: int | None = None,
         raise ValueError(f"segmentation_score takes (B, K, H, W) logits, got {got}")
     b, k, h, w = logits.shape
     if target_class is None:
-        sel = F.one_hot(logits.argmax(1), k).permute(0, 3, 1, 2).to(logits.dtype)
+        sel = F.one_hot(class_map(logits), k).permute(0, 3, 1, 2).to(logits.dtype)
         keep = torch.ones(b, h, w, dtype=torch.bool, device=logits.device)
     else:
         if not 0 <= target_class < k:
             raise ValueError(f"target_class {target_class} is outside [0, {k})")
         sel = torch.zeros_like(logits)
         sel[:, target_class] = 1
-        keep = logits.argmax(1) == target_class
+        keep = class_map(logits) == target_class
     if region is not None:
         if region.shape != (b, h, w):
             raise ValueError(f"region must be (B, H, W) = {(b, h, w)}, got {tuple(region.shape)}")

@@ -135,13 +135,15 @@ class FeatureNorm:
         elif x.dim() != 4:
             raise ValueError(f"expected (B, C, h, w) or (B, C) features, got shape {tuple(x.shape)}")
         b, c, h, w = x.shape
-        # squared norms summed in float64 over a few channels at a time: no float64 copy of the map
-        group = max(1, NORM_CHUNK_BYTES // (8 * h * w))
-        for i in range(b):
-            sq = torch.zeros(h, w, dtype=torch.float64, device=x.device)
+        # squared norms summed in float64 over about NORM_CHUNK_BYTES at a time (several images
+        # when they are small, a few channels of one when it is large): no float64 copy of the map
+        images = max(1, NORM_CHUNK_BYTES // (8 * c * h * w))
+        group = c if images > 1 else max(1, NORM_CHUNK_BYTES // (8 * h * w))
+        for i in range(0, b, images):
+            sq = torch.zeros(min(images, b - i), h, w, dtype=torch.float64, device=x.device)
             for j in range(0, c, group):
-                y = x[i, j:j + group].double()
-                sq += (y * y).sum(0)
+                y = x[i:i + images, j:j + group].double()
+                sq += (y * y).sum(1)
             self.total += float(sq.sqrt_().sum())
         self.n += b * h * w
 

@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..tasks import class_map
+
 __all__ = ["PID_KEYS", "REPLICATE_BUDGET", "TERMS", "PredictionJoint", "broja_pid", "dominant_term", "mutual_information", "pid_tables"]
 
 TERMS = ("redundancy", "unique_1", "unique_2", "synergy")
@@ -217,7 +219,7 @@ class PredictionJoint:
             self._cache = {}  # a new batch starts with its full pass
         if len(subset) not in (1, len(self.modalities)):
             return
-        self._cache[frozenset(subset)] = logits.argmax(1).detach()
+        self._cache[frozenset(subset)] = class_map(logits).detach()
         full = frozenset(self.modalities)
         if full in self._cache and all(frozenset([m]) in self._cache for m in self.modalities):
             valid = mask != self.ignore_index

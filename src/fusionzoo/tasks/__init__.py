@@ -6,7 +6,7 @@
 
 from .base import Evaluator, Task, get_task, register_task, task_names
 from .detection import DetectionEvaluator, DetectionTask, detection_targets
-from .segmentation import ConfusionMatrix, SegmentationEvaluator, SegmentationTask, predict
+from .segmentation import ConfusionMatrix, SegmentationEvaluator, SegmentationTask, class_map, predict
 
 __all__ = [
     "ConfusionMatrix",
@@ -16,6 +16,7 @@ __all__ = [
     "SegmentationEvaluator",
     "SegmentationTask",
     "Task",
+    "class_map",
     "detection_targets",
     "get_task",
     "predict",

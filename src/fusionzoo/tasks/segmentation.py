@@ -24,7 +24,15 @@ from ..losses import segmentation_loss
 from ..weights import unwrap_model
 from .base import Evaluator, Task, gate_penalty_term, register_task
 
-__all__ = ["ConfusionMatrix", "SegmentationEvaluator", "SegmentationTask", "predict"]
+__all__ = ["ConfusionMatrix", "SegmentationEvaluator", "SegmentationTask", "class_map", "predict"]
+
+
+def class_map(logits: torch.Tensor) -> torch.Tensor:
+    """``(B, K, H, W)`` logits -> ``(B, H, W)`` class ids, the first maximal class as ``argmax(1)``
+    gives. ``max(1).indices``: on a CPU ``argmax(1)`` reduces the strided class dimension one
+    element at a time, 7x slower at K = 5 (5.2 against 0.7 ms at 8 x 64 x 80), and the
+    interpretation passes take it several times per pass."""
+    return logits.max(1).indices
 
 
 class ConfusionMatrix:
@@ -66,7 +74,7 @@ class ConfusionMatrix:
         if pred.dim() == target.dim() + 1:
             if pred.shape[1] != self.num_classes:
                 raise ValueError(f"logits have {pred.shape[1]} classes, the metric expects {self.num_classes}")
-            pred = pred.argmax(1)
+            pred = class_map(pred)
         if pred.shape != target.shape:
             raise ValueError(f"prediction shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}")
         pred = pred.reshape(-1).to(torch.int64)
@@ -198,7 +206,7 @@ class SegmentationEvaluator(Evaluator):
             self.loss_sum += F.cross_entropy(outputs.float(), targets, ignore_index=self.ignore_index,
                                              reduction="sum").double().cpu()
             self.loss_pixels += int((targets != self.ignore_index).sum())
-        self.matrix.update(outputs.argmax(1).cpu(), targets.cpu())
+        self.matrix.update(class_map(outputs).cpu(), targets.cpu())
 
     def all_reduce(self) -> None:
         self.matrix.all_reduce()

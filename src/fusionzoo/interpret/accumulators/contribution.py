@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ...engine.distributed import all_gather_objects, all_reduce_sum_
-from ...tasks import ConfusionMatrix
+from ...tasks import ConfusionMatrix, class_map
 from ..contribution import (
     REPLICATE_SCORES,
     ContributionAccumulator,
@@ -111,7 +111,7 @@ class ContributionMetric(MetricAccumulator):
             for m, t in self.heads.items():
                 up = F.interpolate(batch.acts[t].float(), size=batch.mask.shape[-2:], mode="bilinear",
                                    align_corners=False)
-                self.head_cms[m].update(up.argmax(1), batch.mask)
+                self.head_cms[m].update(class_map(up), batch.mask)
                 if self.head_reps:
                     self.head_reps[m].update(up, batch.mask, batch.weights)
 

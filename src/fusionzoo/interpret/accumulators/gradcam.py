@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...tasks import class_map
 from ..detection import DetectionScore
 from ..gradcam import MIN_GRID_CELLS, default_gradcam_taps, grad_cam, object_class_region
 from ..plan import TapPlan
@@ -22,7 +23,7 @@ __all__ = ["EXPLAIN", "GradCamMetric", "gradcam_taps"]
 def _explain_segmentation(model: nn.Module, inputs: Mapping[str, torch.Tensor], taps: Sequence[str],
                           output: torch.Tensor) -> dict[str, Any]:
     # per image its second most frequent predicted class (object_class_region)
-    region, explained = object_class_region(output.argmax(1))
+    region, explained = object_class_region(class_map(output))
     return {"gradcam": grad_cam(model, inputs, taps, region=region), "gradcam_classes": explained}
 
 
