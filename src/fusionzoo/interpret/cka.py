@@ -53,6 +53,7 @@ centred cross-covariance ``X^T Y - s_x s_y^T / n``, which is shift invariant as 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -92,6 +93,14 @@ def sample_positions(num_samples: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(num_samples, 2, generator=g, dtype=torch.float64)
 
 
+@functools.lru_cache(maxsize=256)
+def _sample_cells(h: int, w: int, num_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cells ``(rows, cols)``, ``(k,)`` each, of :func:`sample_positions` on an ``h x w`` map
+    (cached: every tap of every batch asks again, and the generator is most of the cost)."""
+    pos = sample_positions(num_samples, seed)
+    return (pos[:, 0] * h).long().clamp_(max=h - 1), (pos[:, 1] * w).long().clamp_(max=w - 1)
+
+
 def reduce_spatial(
     features: torch.Tensor, mode: str = "pool", num_samples: int = 16, seed: int = 0
 ) -> torch.Tensor:
@@ -119,10 +128,8 @@ def reduce_spatial(
     if mode == "pool":
         return features.mean(dim=(2, 3))
     if mode == "sample":
-        pos = sample_positions(num_samples, seed)
-        rows = (pos[:, 0] * h).long().clamp_(max=h - 1).to(features.device)
-        cols = (pos[:, 1] * w).long().clamp_(max=w - 1).to(features.device)
-        picked = features[:, :, rows, cols]  # (B, C, k)
+        rows, cols = _sample_cells(h, w, num_samples, seed)
+        picked = features[:, :, rows.to(features.device), cols.to(features.device)]  # (B, C, k)
         return picked.permute(0, 2, 1).reshape(b * num_samples, c)
     raise ValueError(f"reduce_spatial mode must be 'pool' or 'sample', got {mode!r}")
 
