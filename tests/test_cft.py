@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from process_helpers import train_script
 
 import fusionzoo as fz
 from fusionzoo import interpret
@@ -240,9 +241,7 @@ def test_convert_llvip_tag_and_create_model_pretrained(tmp_path, monkeypatch):
 @pytest.mark.slow  # cft_yolov5s at full size, two steps and an evaluation
 def test_train_py_trains_cft_with_the_authors_loss(tmp_path):
     """train.py on synthetic RGB-T boxes: the YOLOv5 loss dict, COCO AP, the report, reload."""
-    spec = importlib.util.spec_from_file_location("fz_train_script_cft", ROOT / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = train_script()
     summary = train.main([
         "--model", "cft_yolov5s", "--dataset", "synthetic_rgbt", "--image-size", "64,64", "--train-samples", "4",
         "--val-samples", "2", "--batch-size", "2", "--epochs", "1", "--threads", "1", "--no-progress",

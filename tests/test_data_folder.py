@@ -6,7 +6,6 @@ file; ``train.py --dataset folder`` trains on them and on a folder made from the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from process_helpers import train_script
 
 from fusionzoo.cli import main as cli_main
 from fusionzoo.data import DataError, FolderSpecError, create_dataset, dataset_entry, load_folder_spec
@@ -232,13 +232,6 @@ def test_train_config_errors_are_one_line_config_errors(tmp_path):
 # --- train.py and interpret ------------------------------------------------------------------
 
 
-def _train_module():
-    spec = importlib.util.spec_from_file_location("fz_train_script_folder", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 SEG_MODEL = ["--model", "early_concat", "--model-kwargs", "{encoder: test_resnet}"]  # timm's 0.7M-parameter test net
 DET_MODEL = ["--model", "fcos_early", "--model-kwargs", "{encoder: test_resnet, fpn_channels: 64}"]
 TINY = ["--image-size", "32,40", "--batch-size", "2", "--epochs", "1", "--threads", "1", "--no-progress",
@@ -247,7 +240,7 @@ TINY = ["--image-size", "32,40", "--batch-size", "2", "--epochs", "1", "--thread
 
 def test_train_py_segmentation_on_a_folder(tmp_path):
     root = _seg_folder(tmp_path / "data")
-    summary = _train_module().main(["--dataset", "folder", "--data-root", str(root), *SEG_MODEL, *TINY, "--out-dir", str(tmp_path / "runs"),
+    summary = train_script().main(["--dataset", "folder", "--data-root", str(root), *SEG_MODEL, *TINY, "--out-dir", str(tmp_path / "runs"),
                                     "--run-name", "seg"])
     run = tmp_path / "runs" / "seg"
     assert summary["class_names"] == ["background", "red", "green"] and summary["steps"] == 1
@@ -262,7 +255,7 @@ def test_train_py_refuses_a_model_of_the_other_task_in_one_line(tmp_path, capsys
     root = _det_folder(tmp_path / "data")
     with pytest.raises(ConfigError, match="early_concat is a segmentation model but dataset 'folder' provides "
                                           "detection targets"):
-        _train_module().main(["--dataset", "folder", "--data-root", str(root), *SEG_MODEL, *TINY,
+        train_script().main(["--dataset", "folder", "--data-root", str(root), *SEG_MODEL, *TINY,
                               "--out-dir", str(tmp_path / "runs")])
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
@@ -312,7 +305,7 @@ def test_train_py_trains_on_a_folder_made_from_shared_llvip(tmp_path, shared_dat
     raw = ds.raw(0)
     assert raw["rgb"].shape == (1024, 1280, 3) and raw["thermal"].shape == (1024, 1280)
     assert raw["boxes"].tolist() == [[1018, 330, 1137, 588], [1204, 304, 1280, 531]]  # 190001, as documented
-    summary = _train_module().main(["--dataset", "folder", "--data-root", str(root), *DET_MODEL, *TINY,
+    summary = train_script().main(["--dataset", "folder", "--data-root", str(root), *DET_MODEL, *TINY,
                                     "--image-size", "64,80", "--max-steps-per-epoch", "1",
                                     "--out-dir", str(tmp_path / "runs"), "--run-name", "llvip"])
     assert summary["task"] == "detection" and summary["steps"] == 1 and 0 <= summary["best_value"] <= 1

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.util
 import json
 import re
 import shutil
@@ -30,6 +29,7 @@ import yaml
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from huggingface_hub.utils._http import default_client_factory
 from PIL import Image
+from process_helpers import train_script
 
 import fusionzoo as fz
 from fusionzoo.cli import main
@@ -38,7 +38,6 @@ from fusionzoo.hub import from_pretrained
 from fusionzoo.hub_push import push_to_hub, write_hub_folder
 from fusionzoo.weights import CheckpointError
 
-ROOT = Path(__file__).resolve().parents[1]
 NAME = "early_concat_resnet18"  # smallest registered model: one ResNet-18
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,9 +46,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def run_dir(tmp_path_factory) -> Path:
     """A finished train.py run (2 epochs on 8 synthetic images) with two report plots."""
     out = tmp_path_factory.mktemp("runs")
-    spec = importlib.util.spec_from_file_location("fz_train_script_push", ROOT / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = train_script()
     train.main(["--model", NAME, "--image-size", "32,32", "--train-samples", "8", "--val-samples", "4",
                 "--batch-size", "4", "--epochs", "2", "--threads", "1", "--no-progress", "--no-report",
                 "--out-dir", str(out), "--run-name", "run"])

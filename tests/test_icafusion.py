@@ -11,13 +11,13 @@ the authors' code is ``tests/test_parity_icafusion.py``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from process_helpers import train_script
 from test_taps_after_fusion import observed_after_fusion, observed_dependence
 from torch import nn
 from torch.utils.data import DataLoader
@@ -32,7 +32,6 @@ from fusionzoo.models.export import check_export, export_model
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "parity"))
 from seeded import calibrate_batchnorm
 
-ROOT = Path(__file__).resolve().parents[1]
 NAME = "icafusion_yolov5n"
 SIZE = 64
 SMALL_GRIDS = ((2, 2), (2, 2), (2, 2))  # P3 8x8, P4 4x4, P5 2x2 at 64 px (one token would make cross-attention constant)
@@ -190,9 +189,7 @@ def test_interpretation_of_a_detector(model) -> None:
 
 @pytest.mark.slow  # train.py end to end with its report: ~10 s on 2 idle cores, 25 s loaded
 def test_train_script_trains_evaluates_and_interprets(tmp_path) -> None:
-    spec = importlib.util.spec_from_file_location("fz_train_script", ROOT / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = train_script()
     summary = train.main([
         "--model", NAME, "--dataset", "synthetic_rgbt", "--model-kwargs",
         "{fusion_grids: [[2, 2], [2, 2], [2, 2]], replicate_x: true}", "--image-size", "64,64",

@@ -4,13 +4,12 @@ training_history and the report's figures."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from process_helpers import train_script
 from torch import nn
 
 import fusionzoo as fz
@@ -30,7 +29,6 @@ from fusionzoo.interpret.training_report import training_figures
 from fusionzoo.models.base import FusionModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class TinySum(FusionModel):
@@ -182,15 +180,8 @@ def test_shared_parameters_exclude_what_modalities_own():
     assert shared_parameters(model) and not any(id(p) in owned for _, p in shared_parameters(model))
 
 
-def _train_module():
-    spec = importlib.util.spec_from_file_location("fz_train_script_coop", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_train_py_records_reach_metrics_history_and_report(tmp_path):
-    train = _train_module()
+    train = train_script()
     train.main(["--model", "hybrid_gate", "--model-kwargs", "{encoder: resnet10t}", "--image-size", "32,32",
                 "--train-samples", "4", "--val-samples", "2", "--batch-size", "2", "--epochs", "2", "--threads", "1",
                 "--no-progress", "--no-report", "--out-dir", str(tmp_path), "--run-name", "coop",

@@ -3,16 +3,15 @@ authors' expression, the loss terms and their gradients against a hand-written v
 gated model, the no-gate and early-fusion paths, and the path from train.py (heads trained,
 records in metrics.jsonl, refusal before the run folder exists)."""
 
-import importlib.util
 import json
 import math
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from gated_toy import GatedToy
+from process_helpers import train_script
 
 import fusionzoo as fz
 from fusionzoo.engine.builders import build_callbacks
@@ -21,7 +20,6 @@ from fusionzoo.engine.loop import CallbackList, EpochState, train_one_epoch
 from fusionzoo.engine.optim import build_optimizer
 from fusionzoo.interpret.kgs import KGSCallback, dominance_weights
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "esanet", "--model-kwargs", "{encoder: test_resnet}", "--image-size", "32,32",
         "--train-samples", "4", "--val-samples", "2", "--batch-size", "2", "--epochs", "2", "--threads", "1",
         "--no-progress", "--no-report", "--log-interval", "1"]
@@ -177,13 +175,6 @@ def test_the_loop_refuses_callback_parameters_the_optimizer_lacks():
                         state=EpochState(), num_batches=1, callbacks=CallbackList([cb]))
 
 
-def _train_module():
-    spec = importlib.util.spec_from_file_location("fz_train_script_kgs", ROOT / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 class _Snapshot(KGSCallback):
     def on_train_start(self, model):
         self.initial = {k: v.clone() for k, v in self.heads.state_dict().items()}
@@ -191,7 +182,7 @@ class _Snapshot(KGSCallback):
 
 
 def test_train_py_trains_the_heads_and_logs_kgs_records(tmp_path):
-    train = _train_module()
+    train = train_script()
     cb = _Snapshot(log_every=1)
     with pytest.warns(UserWarning, match="only inter-modal guidance"):
         train.main([*TINY, "--out-dir", str(tmp_path), "--run-name", "k", "--callbacks="], callbacks=[cb])
@@ -207,7 +198,7 @@ def test_train_py_trains_the_heads_and_logs_kgs_records(tmp_path):
 
 
 def test_train_py_refuses_early_fusion_before_the_run_folder_exists(tmp_path):
-    train = _train_module()
+    train = train_script()
     argv = [*TINY, "--model", "early_concat", "--out-dir", str(tmp_path), "--run-name", "e", "--callbacks", "kgs"]
     with pytest.raises(ConfigError, match="early_concat.*early fusion") as err:
         train.main(argv)

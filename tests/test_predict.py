@@ -8,7 +8,6 @@ tmp_path, and the real LLVIP / KAIST frames of ../shared/data where present.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from process_helpers import train_script
 
 import fusionzoo as fz
 from fusionzoo.cli import main
@@ -25,16 +25,13 @@ from fusionzoo.detection.kaist import evaluate_files
 from fusionzoo.engine.predict import pair_files
 from fusionzoo.hub import save_pretrained
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A train.py run: early_concat_resnet18 on synthetic_rgbt at 64x80, one epoch, no report."""
-    spec = importlib.util.spec_from_file_location("fz_train_script_predict", ROOT / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = train_script()
     out = tmp_path_factory.mktemp("runs")
     train.main(["--model", "early_concat_resnet18", "--dataset", "synthetic_rgbt", "--image-size", "64,80",
                 "--train-samples", "8", "--val-samples", "4", "--batch-size", "4", "--epochs", "1",

@@ -12,7 +12,6 @@ Fault tests run train.py as a subprocess (as tests/test_train_resume.py does); t
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import signal
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from process_helpers import train_script
 from torch import nn
 
 from fusionzoo.cli import main
@@ -43,13 +43,6 @@ TINY = ["--model", "early_concat", "--model-kwargs", "{encoder: test_resnet}", "
         "--no-progress", "--no-report", "--callbacks=", "--log-interval", "1"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
-def _train_module():
-    spec = importlib.util.spec_from_file_location("fz_train_script_silent", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _subprocess(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
@@ -198,7 +191,7 @@ def interrupted(tmp_path_factory):
     (run / "best" / ".model.safetensors.zz9.tmp").write_bytes(b"x")
     old = os.umask(0o022)
     try:
-        summary = _train_module().main(["--resume", str(run), "--epochs", "3"])
+        summary = train_script().main(["--resume", str(run), "--epochs", "3"])
     finally:
         os.umask(old)
     return proc, position, run, summary
@@ -253,7 +246,7 @@ def test_first_checkpoint_by_time(tmp_path):
 
     argv = [*TINY, "--epochs", "1", "--train-samples", "6", "--out-dir", str(tmp_path), "--run-name", "t",
             "--checkpoint-minutes", "1e-9"]
-    _train_module().main(argv, callbacks=[Probe()])
+    train_script().main(argv, callbacks=[Probe()])
     assert seen == [None, 1, 2]  # saved after every step (time limit ~0), long before the epoch end
 
 
@@ -285,7 +278,7 @@ FAILED_STARTS = [
 @pytest.mark.parametrize("argv", FAILED_STARTS)
 def test_failed_start_leaves_no_run_folder(tmp_path, argv):
     with pytest.raises(Exception):  # noqa: B017  (before issue 14 these were KeyError/FileNotFoundError/TypeError)
-        _train_module().main([*TINY, *argv, "--out-dir", str(tmp_path / "runs")])
+        train_script().main([*TINY, *argv, "--out-dir", str(tmp_path / "runs")])
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
@@ -293,7 +286,7 @@ def test_failed_start_leaves_no_run_folder(tmp_path, argv):
 def test_train_user_errors_are_one_line_with_status_2(tmp_path, argv, capsys):
     from fusionzoo.cli import run_command
 
-    train = _train_module()
+    train = train_script()
     assert run_command(train.main, [*TINY, *argv, "--out-dir", str(tmp_path)], prog="train.py") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("train.py: error: ")

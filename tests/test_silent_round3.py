@@ -3,7 +3,6 @@ key; protocol details that only a data-dependent known answer used to catch get 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -15,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from process_helpers import train_script
 from torch import nn
 
 import fusionzoo as fz
@@ -325,17 +325,9 @@ def test_train_model_kwargs_tag_trains_the_right_head(toy_release, tmp_path):
 
 # -- train.py: checks before the run starts, and the folder of a run that failed at once (6, 7, 10)
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "early_concat", "--model-kwargs", "{encoder: test_resnet}", "--image-size", "32,32",
         "--train-samples", "4", "--val-samples", "2", "--batch-size", "2", "--epochs", "1", "--threads", "1",
         "--no-progress", "--no-report", "--callbacks=", "--log-interval", "1"]
-
-
-def _train_module():
-    spec = importlib.util.spec_from_file_location("fz_train_script_silent3", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _folders(root: Path) -> list[Path]:
@@ -358,7 +350,7 @@ def _folders(root: Path) -> list[Path]:
     ids=["sagate-batch1", "esanet-batch1", "cmx-1ch-depth"],
 )
 def test_train_refuses_before_the_run_folder(tmp_path, capsys, argv, expected):
-    train = _train_module()
+    train = train_script()
     runs = tmp_path / "runs"
     assert run_command(train.main, [*TINY, *argv, "--out-dir", str(runs)], prog="train.py") == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -395,7 +387,7 @@ class _Boom(Callback):
 
 
 def test_first_step_crash_removes_the_run_folder_later_crash_keeps_it(tmp_path, capsys):
-    train = _train_module()
+    train = train_script()
     runs = tmp_path / "runs"
     with pytest.raises(RuntimeError, match="boom"):
         train.main([*TINY, "--out-dir", str(runs)], callbacks=[_Boom(0)])

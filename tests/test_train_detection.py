@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
+from process_helpers import train_script
 
 from fusionzoo.hub import from_pretrained
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _train_module():
-    spec = importlib.util.spec_from_file_location("fz_train_script", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_detector_trains_and_reports_ap(tmp_path):
-    train = _train_module()
+    train = train_script()
     summary = train.main([
         "--model", "fcos_early_resnet18", "--image-size", "64,64", "--train-samples", "8", "--val-samples", "4",
         "--batch-size", "4", "--epochs", "2", "--threads", "1", "--no-progress", "--eval-missing", "depth",
