@@ -50,7 +50,23 @@ def _ratios(values: Mapping[str, float], order: list[str]) -> dict[str, float]:
     return out
 
 
-class ModalityBalanceCallback:
+class HookOwner:
+    """The forward hooks an object registered (``self._handles``): :meth:`close` removes them, and a
+    callback does so at the end of training."""
+
+    _handles: list[Any]
+
+    def on_train_end(self, model: nn.Module | None = None) -> None:
+        """Remove the hooks."""
+        self.close()
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class ModalityBalanceCallback(HookOwner):
     """Per-modality gradient norms and unimodal confidence over training.
 
     Args:
@@ -145,15 +161,6 @@ class ModalityBalanceCallback:
         if logs:
             entry["logs"] = {k: to_json(v, unknown="str") for k, v in logs.items()}
         self.epochs.append(entry)
-
-    def on_train_end(self, model: nn.Module | None = None) -> None:
-        """Remove the hooks."""
-        self.close()
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -310,7 +317,7 @@ def probe_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-class _FirstForward:
+class _FirstForward(HookOwner):
     """Keeps the first training-mode output of each ``{m}.head`` tap after :meth:`arm`.
 
     Other callbacks run probe forwards inside ``on_after_backward``; only the training step's own
@@ -333,11 +340,6 @@ class _FirstForward:
     def take(self) -> dict[str, torch.Tensor]:
         out, self.outputs, self.armed = self.outputs, {}, False
         return out
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
     def _hook(self, modality: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:

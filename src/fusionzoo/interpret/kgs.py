@@ -53,7 +53,7 @@ from torch import nn
 
 from .._json import to_json
 from ..weights import unwrap_model
-from .callbacks import check_segmentation
+from .callbacks import HookOwner, check_segmentation
 from .plan import model_name, stage_index
 
 __all__ = ["KGSCallback", "dominance_weights", "kgs_taps"]
@@ -134,7 +134,7 @@ def _decode(d: Mapping[str, Any]) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=torch.float32).reshape(d["shape"]).clone()
 
 
-class KGSCallback:
+class KGSCallback(HookOwner):
     """MIM's Knowledge Guidance Scheme as a training remedy (module docstring).
 
     Every step it reads, from the training forward itself, each modality's stage feature
@@ -342,15 +342,6 @@ class KGSCallback:
         """Records since the last call (``kind: "kgs"``; the loop writes them to metrics.jsonl)."""
         out, self._records = self._records, []
         return out
-
-    def on_train_end(self, model: nn.Module | None = None) -> None:
-        """Remove the tap hooks."""
-        self.close()
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
