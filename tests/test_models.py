@@ -5,6 +5,8 @@ Ids are model names, so ``pytest -k cmx`` selects one method.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from meta_build import MetaKernelCache, meta_device
@@ -12,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fusionzoo as fz
+from fusionzoo.models.stream_memo import reusing_streams
 
 SIZE = 64
 NUM_CLASSES = 3
@@ -306,3 +309,35 @@ def test_decision_gates_are_weights_and_drop_missing_modalities(gated: str) -> N
     depth_index = gate.shape[1] - 1  # predictions are ordered [fused?] + modalities; depth is last
     assert torch.equal(gate_missing[:, depth_index], torch.zeros_like(gate_missing[:, depth_index]))
     assert torch.allclose(gate_missing.sum(dim=1), torch.ones_like(gate[:, 0]), atol=1e-5)
+
+
+def test_stream_reuse_equals_plain_forwards(name: str, built: nn.Module) -> None:
+    """Interpretation's passes over one batch under ``reusing_streams`` (the full input, the first
+    modality permuted, the second one zeroed, then both passes as one concatenated batch) give the
+    outputs of plain forwards (float64), and a stream that runs on its own modality alone is not
+    run again on an image it has seen: the second modality's encoder sees 3 images, then none,
+    then one (the zero image), then none."""
+    model = copy.deepcopy(built).double().eval()
+    x = {m: v.double() for m, v in make_inputs(model.modalities, batch=3, in_chans=model.in_chans).items()}
+    first, aux = model.modalities[0], model.modalities[1]
+    permuted = {**x, first: x[first][torch.tensor([2, 0, 1])]}
+    removed = {**x, aux: torch.zeros_like(x[aux])}
+    passes = [x, permuted, removed, {m: torch.cat([permuted[m], removed[m]]) for m in model.modalities}]
+    encoder = model.encoders[aux] if hasattr(model, "encoders") and aux in model.encoders else None
+    entry = encoder.segments[0] if getattr(encoder, "stagewise", False) else encoder
+    seen = []
+    hook = entry.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0])) if entry is not None else None
+    try:
+        with torch.no_grad():
+            plain = [model(p) for p in passes]
+            plain_seen, seen[:] = list(seen), []
+            with reusing_streams(model):
+                reused = [model(p) for p in passes]
+    finally:
+        if hook is not None:
+            hook.remove()
+    for i, (a, b) in enumerate(zip(plain, reused)):
+        assert torch.allclose(b, a, rtol=1e-9, atol=1e-9 * float(a.abs().max())), f"pass {i}"
+    if entry is not None and hasattr(model, "stream_memo"):  # middle and late fusion (not early, not own forwards)
+        assert plain_seen == [3, 3, 3, 6]
+        assert seen == [3, 1], f"the {aux} encoder ran on {seen} images under reusing_streams"

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from .._json import to_json
 from .._registry import model_entry
 from ..data import collate
+from ..models.stream_memo import reusing_streams
 from ..engine.distributed import DistInfo, all_reduce_sum_, broadcast_object, dist_info
 from ..taps import capture
 from ..tasks import class_map
@@ -463,14 +464,16 @@ def _stream(spec: RunSpec, accs: Sequence[MetricAccumulator], data: Any, batches
                     ctx.weights = poisson_weights(spec.seed, range(first, first + ctx.batch_size),
                                                   spec.replicates, spec.device)
                 num_images += ctx.batch_size
-                with capture(model, *full_taps) if full_taps else contextlib.nullcontext({}) as acts:
-                    ctx.output = model(ctx.inputs)
-                ctx.acts = acts
-                for a in accs:
-                    a.update(ctx)
-                if bi == 0:
-                    artifacts.update(_first_batch_artifacts(ctx))
-                _run_passes(ctx, accs, removal_taps)
+                # the batch's passes see its images again: streams reuse their outputs (stream_memo)
+                with reusing_streams(model):
+                    with capture(model, *full_taps) if full_taps else contextlib.nullcontext({}) as acts:
+                        ctx.output = model(ctx.inputs)
+                    ctx.acts = acts
+                    for a in accs:
+                        a.update(ctx)
+                    if bi == 0:
+                        artifacts.update(_first_batch_artifacts(ctx))
+                    _run_passes(ctx, accs, removal_taps)
                 if not handed:  # process 0, after the first batch
                     _hand_over(accs, info)
                     handed = True

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..encoders import Encoder
 from .base import FusionModel, register_family
+from .stream_memo import StreamMemo, stream_rows
 
 LATE_RULES = ("mean", "weighted", "gate")
 
@@ -51,6 +52,9 @@ class LateFusionModel(FusionModel):
 
     Taps: ``{m}.stage1..4`` and ``{m}.head`` for every modality, ``[head.gate,] head.logits``.
     """
+
+    # set by fusionzoo.models.stream_memo.reusing_streams for interpretation's passes over a batch
+    stream_memo: StreamMemo | None = None
 
     def __init__(
         self,
@@ -95,10 +99,17 @@ class LateFusionModel(FusionModel):
     def forward_logits(self, xs: dict[str, torch.Tensor], missing: tuple[str, ...]) -> torch.Tensor:
         logits, embeddings = [], []
         for m in self.modalities:
-            feats = [self.taps(f"{m}.{s}", f) for s, f in zip(self.encoders[m].stage_names, self.encoders[m](xs[m]))]
-            embedding = self.decoders[m](feats)
+            # stages 0..S-1 the encoder's, S the decoder's embedding, S + 1 the logits; under
+            # reusing_streams (interpretation's passes) each computed only for images not seen before
+            enc, dec = self.encoders[m], self.decoders[m]
+            rows, count = stream_rows(self, m, xs[m]), enc.num_stages
+            raw = rows.stages(enc, xs[m], count)
+            feats = [self.taps(f"{m}.{s}", f) for s, f in zip(enc.stage_names, raw)]
+            if any(t is not f for t, f in zip(feats, raw)):  # a tap listener replaced a feature
+                rows.stop()
+            embedding = rows.stage(count, dec, feats)
+            logits.append(self.taps(f"{m}.head", rows.stage(count + 1, dec.classify, embedding)))
             embeddings.append(embedding)
-            logits.append(self.taps(f"{m}.head", self.decoders[m].classify(embedding)))
         present = [m not in missing for m in self.modalities]
         if self.rule == "mean":
             weights = decision_weights(logits[0].new_zeros(len(logits), 1, 1, 1), present)

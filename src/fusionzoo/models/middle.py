@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ from ..encoders import Encoder
 from ..fusion import FUSION_OPS
 from ..fusion.base import FusionResult
 from .base import FusionModel, register_family
+from .stream_memo import StreamMemo, stream_rows
 
 
 class MiddleFusionModel(FusionModel):
@@ -35,6 +37,9 @@ class MiddleFusionModel(FusionModel):
     ``fused.{stage}`` and the operator's internals ``fused.{stage}.{detail}``; then
     ``decoder.out`` and ``head.logits``.
     """
+
+    # set by fusionzoo.models.stream_memo.reusing_streams for interpretation's passes over a batch
+    stream_memo: StreamMemo | None = None
 
     def __init__(
         self,
@@ -177,17 +182,25 @@ class MiddleFusionModel(FusionModel):
             encoder outputs at those stages (before fusion).
         """
         streams = [xs[m] for m in self.modalities]
+        # Under reusing_streams (interpretation's repeated passes over a batch): each stream's
+        # stage outputs for images it has already seen, while it runs on its own modality alone
+        reuse = [stream_rows(self, m, xs[m]) for m in self.modalities]
         if not self.stagewise:  # no feedback: run each encoder whole, then fuse stage by stage
-            per_modality = [self.encoders[m](xs[m]) for m in self.modalities]
+            per_modality = [r.stages(self.encoders[m], xs[m], len(self.stage_names)) for m, r in zip(self.modalities, reuse)]
         fused_feats: list[torch.Tensor] = []
         own: dict[str, list[torch.Tensor]] = {m: [] for m in self.modalities}
         previous = None
         for k, stage in enumerate(self.stage_names):
             if self.stagewise:
-                feats = [self.encoders[m].forward_stage(k, s) for m, s in zip(self.modalities, streams)]
+                feats = [r.stage(k, functools.partial(self.encoders[m].forward_stage, k), s)
+                         for m, s, r in zip(self.modalities, streams, reuse)]
             else:
                 feats = [f[k] for f in per_modality]
-            feats = [self.taps(f"{m}.{stage}", f) for m, f in zip(self.modalities, feats)]
+            tapped = [self.taps(f"{m}.{stage}", f) for m, f in zip(self.modalities, feats)]
+            for r, f, t in zip(reuse, feats, tapped):
+                if t is not f:  # a tap listener replaced the feature the stream goes on with
+                    r.stop()
+            feats = tapped
             if stage not in self.fusions:  # unfused stage (see fuses_stage): streams go on as they are
                 streams = feats
                 if stage != "stem":
@@ -199,6 +212,9 @@ class MiddleFusionModel(FusionModel):
             for detail in self._detail_names[stage]:
                 self.taps(f"fused.{stage}.{detail}", result.details[detail])
             streams = result.streams if self.feedback and result.streams is not None else feats
+            for r, s, f in zip(reuse, streams, feats):
+                if s is not f:  # the operator fed other modalities into this stream
+                    r.stop()
             previous = fused
             if stage == "stem" and include_stem:
                 fused_feats.append(fused)
