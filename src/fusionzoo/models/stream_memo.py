@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 from torch import nn
@@ -37,7 +36,7 @@ __all__ = ["StreamMemo", "StreamRows", "reusing_streams", "stream_rows"]
 # integer view of each float element size: an exact, batch-independent fingerprint of an image
 # (an integer sum of its bit patterns), checked by torch.equal before an image is reused
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-Batch = Union[torch.Tensor, Sequence[torch.Tensor]]  # a stage's input: a map, or a decoder's maps
+Batch = torch.Tensor | Sequence[torch.Tensor]  # a stage's input: a map, or a decoder's maps
 
 
 @dataclass
