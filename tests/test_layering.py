@@ -26,6 +26,7 @@ PACKAGE = "fusionzoo"
 MODEL_LAYER = (
     "fusionzoo.models", "fusionzoo.fusion", "fusionzoo.heads", "fusionzoo.encoders", "fusionzoo.taps",
     "fusionzoo._registry", "fusionzoo.modalities", "fusionzoo.hub", "fusionzoo.weights", "fusionzoo.files",
+    "fusionzoo.stream_memo",
     "fusionzoo.detection.models", "fusionzoo.detection.heads", "fusionzoo.detection.boxes",
     "fusionzoo.detection.published",
 )

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fusionzoo as fz
-from fusionzoo.models.stream_memo import reusing_streams
+from fusionzoo.stream_memo import reusing_streams
 
 SIZE = 64
 NUM_CLASSES = 3

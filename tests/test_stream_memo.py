@@ -1,4 +1,4 @@
-"""fusionzoo.models.stream_memo: a stream's stage outputs reused across the forwards of one batch
+"""fusionzoo.stream_memo: a stream's stage outputs reused across the forwards of one batch
 (interpretation's passes) only where they are exactly what a forward would compute.
 
 The registry-wide check (every middle and late fusion model, plain forwards against reused ones
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fusionzoo as fz
-from fusionzoo.models.stream_memo import StreamMemo, reusing_streams
+from fusionzoo.stream_memo import StreamMemo, reusing_streams
 
 
 def counting(fn, seen: list[int]):

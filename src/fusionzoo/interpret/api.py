@@ -41,7 +41,7 @@ from .._json import to_json
 from .._registry import model_entry
 from ..data import collate
 from ..engine.distributed import DistInfo, all_reduce_sum_, broadcast_object, dist_info
-from ..models.stream_memo import reusing_streams
+from ..stream_memo import reusing_streams
 from ..taps import capture
 from ..tasks import class_map
 from .accumulators import ACCUMULATORS, BatchContext, MetricAccumulator, Pass, RunSpec

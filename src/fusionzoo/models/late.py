@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from ..encoders import Encoder
+from ..stream_memo import StreamMemo, stream_rows
 from .base import FusionModel, register_family
-from .stream_memo import StreamMemo, stream_rows
 
 LATE_RULES = ("mean", "weighted", "gate")
 
@@ -53,7 +53,7 @@ class LateFusionModel(FusionModel):
     Taps: ``{m}.stage1..4`` and ``{m}.head`` for every modality, ``[head.gate,] head.logits``.
     """
 
-    # set by fusionzoo.models.stream_memo.reusing_streams for interpretation's passes over a batch
+    # set by fusionzoo.stream_memo.reusing_streams for interpretation's passes over a batch
     stream_memo: StreamMemo | None = None
 
     def __init__(

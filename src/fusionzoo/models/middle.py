@@ -13,8 +13,8 @@ from torch import nn
 from ..encoders import Encoder
 from ..fusion import FUSION_OPS
 from ..fusion.base import FusionResult
+from ..stream_memo import StreamMemo, stream_rows
 from .base import FusionModel, register_family
-from .stream_memo import StreamMemo, stream_rows
 
 
 class MiddleFusionModel(FusionModel):
@@ -38,7 +38,7 @@ class MiddleFusionModel(FusionModel):
     ``decoder.out`` and ``head.logits``.
     """
 
-    # set by fusionzoo.models.stream_memo.reusing_streams for interpretation's passes over a batch
+    # set by fusionzoo.stream_memo.reusing_streams for interpretation's passes over a batch
     stream_memo: StreamMemo | None = None
 
     def __init__(
