@@ -32,14 +32,26 @@ def test_list_filters(capsys):
 def test_interpret_model_name(tmp_path, capsys):
     out = tmp_path / "rep"
     assert main(["interpret", "early_concat_resnet18", "--out", str(out), "--metrics",
-                 "cka,semantic_variance,contribution", *TINY]) == 0
+                 "cka,semantic_variance,contribution", "--replicates", "30", "--level", "0.9", *TINY]) == 0
     data = json.loads((out / "metrics.json").read_text())
     assert data["model"] == "early_concat_resnet18" and data["num_images"] == 4
+    assert data["settings"]["intervals"]["replicates"] == 30 and data["settings"]["intervals"]["level"] == 0.9
     kinds = {p["kind"] for p in data["cka"]["pairs"]}
     assert kinds == {"within", "to_final"}  # one stream (early fusion): stages vs stages and vs decoder.out
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<script" not in html  # self-contained, static
     assert (out / "semantic_variance.png").is_file() and (out / "contribution.png").is_file()
+
+
+@pytest.mark.parametrize(("flag", "value", "expected"), [
+    ("--replicates", "-1", "0 or more replicates"), ("--replicates", "many", "whole number"),
+    ("--level", "95", "strictly between 0 and 1"), ("--level", "x", "between 0 and 1")])
+def test_interval_flags_reject_bad_values_naming_the_flag(tmp_path, capsys, flag, value, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["interpret", "early_concat_resnet18", "--out", str(tmp_path / "rep"), flag, value, *TINY])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and flag in err and expected in err
+    assert not (tmp_path / "rep").exists()
 
 
 def test_interpret_run_folder_uses_run_weights_data_and_history(tmp_path):

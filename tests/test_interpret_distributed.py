@@ -23,8 +23,9 @@ from fusionzoo.cli import main
 
 # 10 images in batches of 4: three batches (the last of 2), two in process 0 and one in process 1;
 # fewer images than bootstrap blocks (20), so the processes allocate different blocks.
+# 50 replicates: every interval is still compared, at a quarter of the default's bootstrap cost.
 ARGS = ["--num-samples", "10", "--image-size", "32", "40", "--batch-size", "4", "--threads", "1", "--no-progress",
-        "--device", "cpu"]
+        "--device", "cpu", "--replicates", "50"]
 
 
 def _numbers(tree, path=""):

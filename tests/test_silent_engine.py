@@ -363,7 +363,9 @@ def test_cli_help_imports_no_torch(tmp_path):
 
 
 def test_cli_literal_choices_match_the_library():
-    from fusionzoo.cli import ROW_RULES
+    from fusionzoo.cli import DEFAULT_LEVEL, DEFAULT_REPLICATES, ROW_RULES
+    from fusionzoo.interpret import intervals
     from fusionzoo.interpret.api import ROW_RULES as library
 
     assert ROW_RULES == library
+    assert (DEFAULT_REPLICATES, DEFAULT_LEVEL) == (intervals.DEFAULT_REPLICATES, intervals.DEFAULT_LEVEL)

@@ -51,6 +51,9 @@ __all__ = ["UsageError", "main", "run_command"]
 # Literal copy of fusionzoo.interpret.api.ROW_RULES (importing it would import torch for --help);
 # tests/test_silent_engine.py checks that the two agree.
 ROW_RULES = ("sample", "pool", "object")
+# Literal copies of fusionzoo.interpret.intervals.DEFAULT_REPLICATES / DEFAULT_LEVEL (same test).
+DEFAULT_REPLICATES = 200
+DEFAULT_LEVEL = 0.95
 
 
 # Library errors that mean "the user's input is wrong", as (module, class): checked through
@@ -115,6 +118,28 @@ def _policy_list(text: str) -> list[str]:
     return names
 
 
+def _replicates(text: str) -> int:
+    """``--replicates R``: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of replicates (0 or more), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more replicates, got {value}")
+    return value
+
+
+def _level(text: str) -> float:
+    """``--level L``: a coverage strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a coverage between 0 and 1 (e.g. 0.95), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a coverage strictly between 0 and 1 (e.g. 0.95), got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fusionzoo", description="RGB-D / RGB-T fusion model zoo with uniform interpretation.",
                                 epilog="--debug: print the full traceback of an error instead of one line.")
@@ -153,8 +178,15 @@ def _parser() -> argparse.ArgumentParser:
                              "side (zero, mean, noise, missing; mean uses exact dataset statistics from a pre-pass). "
                              "Default: zero,mean,missing, missing only where the model has its own missing path; "
                              "'' for --policy alone")
+        sp.add_argument("--replicates", type=_replicates, default=DEFAULT_REPLICATES, metavar="R",
+                        help=f"bootstrap replicates over images behind every interval (default {DEFAULT_REPLICATES}); "
+                             "fewer are faster and their interval ends noisier; 0 computes none: the report then says "
+                             "so and marks each finding 'point values, no interval'")
+        sp.add_argument("--level", type=_level, default=DEFAULT_LEVEL, metavar="L",
+                        help=f"coverage of the intervals (default {DEFAULT_LEVEL})")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--seed", type=int, default=0, help="seed of the removal noise, permutations, sampled CKA "
+                                                            "pixels and bootstrap weights (and of synthetic data)")
         sp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
         sp.add_argument("--no-progress", action="store_true")
 

@@ -221,7 +221,7 @@ def _measure(target: str, args: argparse.Namespace, device: torch.device,
     result = interpret_model(t.model, t.dataset, metrics=metrics, taps=args.taps, batch_size=args.batch_size,
                              max_batches=args.max_batches, rows=args.rows, samples_per_image=args.samples_per_image,
                              policy=args.policy, policies=args.policies, seed=args.seed,
-                             progress=not args.no_progress)
+                             replicates=args.replicates, level=args.level, progress=not args.no_progress)
     if t.history is not None:
         result.training = t.history
     record_run(result, t.run_dir, t.run_cfg)
