@@ -35,8 +35,8 @@ happens in the warmup steps, which are not timed (``--warmup`` >= 1 when compili
 Detectors (``task="detection"``): both train on the same random boxes with their own loss, ours
 ``sum(model(inputs, targets).values())``, theirs ``reference_loss(model, output, targets)`` of the
 parity module; inference includes the box post-processing (ours in the forward, theirs through
-the module's ``reference_postprocess(output)`` when it has one); the fastest column is for segmentation
-entries (it times a forward that returns logits).
+the module's ``reference_postprocess(output)`` when it has one); their fastest column trains on the
+sum of the loss terms computed under the flags (upcast to float32) and infers boxes under them.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -136,11 +137,12 @@ def fast_flags(spec: str, device: torch.device) -> tuple[str, ...]:
 
 
 def fastest_variant(model: nn.Module, inputs: dict[str, torch.Tensor], flags: tuple[str, ...],
-                    device: torch.device) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
-    """``model`` prepared with ``flags`` (in place: channels_last) and its forward on ``inputs``,
-    as train.py runs it with ``--channels-last --compile --amp bf16``: the model and the inputs in
-    NHWC, the forward compiled, and run under bf16 autocast (logits returned in float32 for the
-    loss, as ``fusionzoo.losses`` upcasts them)."""
+                    device: torch.device) -> tuple[nn.Module, Callable[..., Any]]:
+    """``model`` prepared with ``flags`` (in place: channels_last) and ``call(*extra)``, its
+    forward on ``inputs`` (plus ``extra`` arguments: a detector's targets in training) as train.py
+    runs it with ``--channels-last --compile --amp bf16``: the model and the inputs in NHWC, the
+    forward compiled, and run under bf16 autocast. The caller upcasts what its loss reads
+    (``fusionzoo.losses`` computes in float32)."""
     run = model
     if "channels_last" in flags:
         model.to(memory_format=torch.channels_last)
@@ -149,12 +151,11 @@ def fastest_variant(model: nn.Module, inputs: dict[str, torch.Tensor], flags: tu
         run = torch.compile(model)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if "bf16" in flags else contextlib.nullcontext
 
-    def forward() -> torch.Tensor:
+    def call(*extra: Any) -> Any:
         with autocast():
-            out = run(inputs)
-        return out.float()
+            return run(inputs, *extra)
 
-    return model, forward
+    return model, call
 
 
 def make_optimizer(model: nn.Module, mode: str, authors: bool) -> torch.optim.Optimizer:
@@ -240,16 +241,15 @@ def main() -> None:
     their_args = method.reference_inputs(inputs)
 
     detection = entry.task == "detection"
-    if detection and flags:  # fastest_variant runs a segmentation forward (logits); detectors return boxes
-        print(f"note: --fastest {args.fastest} is ignored for the detector {name}: the fastest column times "
-              "segmentation entries only (pass --fastest off to silence this)", file=sys.stderr, flush=True)
-        flags = ()
     models: dict[str, nn.Module] = {"ours": ours, "authors": theirs}
     forwards = {"ours": lambda: ours(inputs), "authors": lambda: theirs(*their_args)}
+    fast_call: Callable[..., Any] | None = None
     if flags:  # the same weights, run with the speed flags; alternates between ours and theirs
         fast = fz.create_model(name, num_classes=args.num_classes).to(device)
         fast.load_state_dict(ours.state_dict())
-        fast, forwards["fastest"] = fastest_variant(fast, inputs, flags, device)
+        fast, fast_call = fastest_variant(fast, inputs, flags, device)
+        # a segmentation forward's logits in float32 for the loss; a detector's boxes as they come
+        forwards["fastest"] = fast_call if detection else (lambda: fast_call().float())
         models = {"ours": ours, "fastest": fast, "authors": theirs}
     # Side outputs that the reference's loss also uses (GeminiFusion's per-modality logits): when
     # both models expose `side_logits` (ours in training mode; the parity module's wrapper of
@@ -263,6 +263,8 @@ def main() -> None:
         post = getattr(method, "reference_postprocess", lambda out: out)
         losses = {"ours": lambda: sum(ours(inputs, targets).values()),
                   "authors": lambda: method.reference_loss(theirs, theirs(*their_args), targets)}
+        if fast_call is not None:  # the loss terms upcast, as train.py's bf16 autocast step sums them
+            losses["fastest"] = lambda: sum(v.float() for v in fast_call(targets).values())
         forwards["authors"] = lambda: post(theirs(*their_args))
     opts = {k: make_optimizer(m, args.optimizer, authors=k == "authors") for k, m in models.items()}
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
