@@ -322,7 +322,7 @@ def test_stream_reuse_equals_plain_forwards(name: str, built: nn.Module) -> None
     if not hasattr(built, "stream_memo") or aux not in encoders:
         pytest.skip(f"{name}: no per-modality stream that stream reuse serves (early fusion, or a published network's own forward)")
     model = copy.deepcopy(built).double().eval()
-    x = {m: v.double() for m, v in make_inputs(model.modalities, batch=3, in_chans=model.in_chans).items()}
+    x = {m: v.double() for m, v in make_inputs(model.modalities, batch=3, size=32, in_chans=model.in_chans).items()}
     permuted = {**x, first: x[first][torch.tensor([2, 0, 1])]}
     removed = {**x, aux: torch.zeros_like(x[aux])}
     passes = [x, permuted, removed, {m: torch.cat([permuted[m], removed[m]]) for m in model.modalities}]
