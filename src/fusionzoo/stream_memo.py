@@ -3,7 +3,8 @@
 Interpretation runs every batch several times (Chen et al. 2023, Sec. 3; :func:`fusionzoo.interpret.run`):
 the full input, each coalition with modalities removed (under ``zero`` and ``mean`` a removed
 modality is one constant image), and each modality permuted across the batch (the perceptual
-score). A middle-fusion stream that has not yet taken in another modality's features computes,
+score). A middle-fusion stream that has not yet taken in another modality's features (or a
+late-fusion model's whole per-modality network) computes,
 for each image, a function of that image's own input alone (in eval mode and without autograd,
 batch norm uses its running statistics). So when the same input image comes again in the same
 batch's passes, its stage outputs are those computed before: :class:`StreamMemo` keeps them per
