@@ -71,6 +71,12 @@ class StreamRows:
         """The stream has taken in something other than its own input: compute from here on."""
         self.active = False
 
+    def goes_on_with(self, own: torch.Tensor, used: torch.Tensor) -> None:
+        """:meth:`stop` unless what the stream goes on with, ``used``, is its own output ``own``
+        (not a fusion operator's mixed stream fed back, nor a tap listener's replacement)."""
+        if used is not own:
+            self.stop()
+
     def _covered(self, k: int) -> bool:
         have = self.stream.stages.get(k)
         if have is None:
@@ -141,20 +147,10 @@ class StreamMemo:
                           known, whole)
 
 
-class _Computed(StreamRows):
-    """Every stage computed on the whole batch (no memo open, training, or autograd on)."""
-
-    def __init__(self) -> None:
-        self.active = False
-
-    def stage(self, k: int, fn: Callable[[Batch], torch.Tensor], x: Batch) -> torch.Tensor:
-        return fn(x)
-
-    def stages(self, fn: Callable[[torch.Tensor], list[torch.Tensor]], x: torch.Tensor, count: int) -> list[torch.Tensor]:
-        return fn(x)
-
-
-_COMPUTED = _Computed()
+# every stage computed on the whole batch (no memo open, training, or autograd on): an inactive
+# view, which stage() and stages() answer by running the stage (stop() leaves it inactive)
+_COMPUTED = StreamRows(_Stream(), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), 0, False)
+_COMPUTED.active = False
 
 
 def stream_rows(module: nn.Module, name: str, x: torch.Tensor) -> StreamRows:

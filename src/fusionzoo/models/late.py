@@ -105,8 +105,8 @@ class LateFusionModel(FusionModel):
             rows, count = stream_rows(self, m, xs[m]), enc.num_stages
             raw = rows.stages(enc, xs[m], count)
             feats = [self.taps(f"{m}.{s}", f) for s, f in zip(enc.stage_names, raw)]
-            if any(t is not f for t, f in zip(feats, raw)):  # a tap listener replaced a feature
-                rows.stop()
+            for f, t in zip(raw, feats):  # a tap listener may replace a feature
+                rows.goes_on_with(f, t)
             embedding = rows.stage(count, dec, feats)
             logits.append(self.taps(f"{m}.head", rows.stage(count + 1, dec.classify, embedding)))
             embeddings.append(embedding)

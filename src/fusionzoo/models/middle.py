@@ -197,9 +197,8 @@ class MiddleFusionModel(FusionModel):
             else:
                 feats = [f[k] for f in per_modality]
             tapped = [self.taps(f"{m}.{stage}", f) for m, f in zip(self.modalities, feats)]
-            for r, f, t in zip(reuse, feats, tapped):
-                if t is not f:  # a tap listener replaced the feature the stream goes on with
-                    r.stop()
+            for r, f, t in zip(reuse, feats, tapped):  # a tap listener may replace the feature
+                r.goes_on_with(f, t)
             feats = tapped
             if stage not in self.fusions:  # unfused stage (see fuses_stage): streams go on as they are
                 streams = feats
@@ -212,9 +211,8 @@ class MiddleFusionModel(FusionModel):
             for detail in self._detail_names[stage]:
                 self.taps(f"fused.{stage}.{detail}", result.details[detail])
             streams = result.streams if self.feedback and result.streams is not None else feats
-            for r, s, f in zip(reuse, streams, feats):
-                if s is not f:  # the operator fed other modalities into this stream
-                    r.stop()
+            for r, s, f in zip(reuse, streams, feats):  # the operator may feed other modalities in
+                r.goes_on_with(f, s)
             previous = fused
             if stage == "stem" and include_stem:
                 fused_feats.append(fused)
