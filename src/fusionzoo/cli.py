@@ -118,26 +118,25 @@ def _policy_list(text: str) -> list[str]:
     return names
 
 
-def _replicates(text: str) -> int:
-    """``--replicates R``: a whole number >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of replicates (0 or more), got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more replicates, got {value}")
-    return value
+def _number(parse: Callable[[str], Any], ok: Callable[[Any], bool], unreadable: str,
+            out_of_range: str) -> Callable[[str], Any]:
+    """An argparse ``type``: ``parse(text)``, which must satisfy ``ok``; otherwise a one-line
+    error, ``expected <unreadable>`` / ``expected <out_of_range>``, with what was given."""
+    def check(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {unreadable}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {out_of_range}, got {value}")
+        return value
+    return check
 
 
-def _level(text: str) -> float:
-    """``--level L``: a coverage strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a coverage between 0 and 1 (e.g. 0.95), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a coverage strictly between 0 and 1 (e.g. 0.95), got {value}")
-    return value
+# --replicates R: a whole number >= 0; --level L: a coverage strictly between 0 and 1
+_replicates = _number(int, lambda v: v >= 0, "a whole number of replicates (0 or more)", "0 or more replicates")
+_level = _number(float, lambda v: 0.0 < v < 1.0, "a coverage between 0 and 1 (e.g. 0.95)",
+                 "a coverage strictly between 0 and 1 (e.g. 0.95)")
 
 
 def _parser() -> argparse.ArgumentParser:
